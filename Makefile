@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`.
+# Both create (or reuse) .venv and install the project with pinned dev constraints.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install benchmark clean
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel; an unpinned resolve would pull CUDA builds.
+	$(PY) -m pip install -q -c constraints-dev.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/axial-deeplab demo
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15
+
+benchmark: $(STAMP)
+	$(VENV)/bin/axial-deeplab benchmark --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

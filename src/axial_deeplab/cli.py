@@ -1,0 +1,62 @@
+"""The ``axial-deeplab`` command. Each subcommand lives in ``axial_deeplab.commands.<name>``
+and exposes ``register(subparsers)``, which adds its parser and sets ``func``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "train",
+    "evaluate",
+    "predict",
+    "demo",
+    "info",
+    "classify_demo",
+    "pq",
+    "benchmark",
+]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one clear line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="axial-deeplab",
+        description="Axial-DeepLab: position-sensitive axial attention, Axial-ResNets and panoptic segmentation.",
+    )
+    parser.add_argument("--version", action="version", version=f"axial-deeplab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"axial_deeplab.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"axial_deeplab.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        print(f"axial-deeplab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Attention layers: the position-sensitive axial layer, its reference math and fast paths."""
+from .axial_attention import (  # noqa: F401
+    PositionSensitiveAxialAttention,
+    available_attention_impls,
+    register_attention_impl,
+)
+from .reference import axial_attention_reference  # noqa: F401
