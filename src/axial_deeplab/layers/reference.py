@@ -65,15 +65,18 @@ def from_sequences(s: torch.Tensor, axis: str, batch: int, height: int, width: i
 
 
 def apply_stride(y: torch.Tensor, layer) -> torch.Tensor:
-    """Stride after the layer, on its own axis (or 2-D for the port's avgpool2d)."""
+    """Stride after the layer, on its own axis (or 2-D for the port's avgpool2d).
+
+    Every mode keeps ceil(L / s) positions, like a strided conv shortcut does on odd lengths
+    (pooling windows cut by the border average the positions they hold)."""
     s = layer.stride
     if s == 1:
         return y
     if layer.stride_mode == "avgpool2d":
-        return F.avg_pool2d(y, s, s)
+        return F.avg_pool2d(y, s, s, ceil_mode=True)
     if layer.stride_mode == "avgpool":
         k = (s, 1) if layer.axis == "height" else (1, s)
-        return F.avg_pool2d(y, k, k)
+        return F.avg_pool2d(y, k, k, ceil_mode=True)
     return y[:, :, ::s, :] if layer.axis == "height" else y[:, :, :, ::s]
 
 

@@ -17,6 +17,7 @@ def register_model(fn: Callable) -> Callable:
 
 
 def list_models(pattern: str = "*") -> List[str]:
+    _import_builtin_models()
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 

@@ -1,0 +1,300 @@
+"""Axial-ResNet: ResNet-50's layout with every 3x3 conv replaced by an axial-attention pair.
+
+Families registered here (timm style, ``create_model(name, ...)``):
+
+* ``axial_resnet_{s,m,l,xl}``: Inception stem (three 3x3 convs) + max-pool, widths 0.5/0.75/1/2,
+  as the Axial-DeepLab backbone. ``axial_resnet_*_conv`` use the 7x7 conv stem
+  ("Conv-Stem + Axial"), ``axial_resnet_*_full`` the full-axial stem.
+* ``resnet50``: the convolutional baseline in the same code.
+* ``axial26s``, ``axial50s``, ``axial50m``, ``axial50l``: the PyTorch ImageNet port's variants,
+  able to load that port's state dicts (see ``weights.convert_port_state_dict``).
+
+Stage filters F = 64, 128, 256, 512 (x width): an axial block is 1x1 conv to 2F, height then
+width attention (key depth F, value depth 2F, 8 heads), 1x1 conv to 4F whose BN gamma starts at 0.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..layers.axial_attention import PositionSensitiveAxialAttention
+from .registry import register_model
+
+__all__ = ["AxialResNet", "AxialBlock", "ConvBottleneck", "FeatureInfo", "DropPath"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on the residual branch (per sample)."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, x):
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f"rate={self.rate}"
+
+
+class FeatureInfo(list):
+    """timm-like feature info: a list of dicts with ``num_chs``, ``reduction``, ``module``."""
+
+    def channels(self) -> List[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> List[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> List[str]:
+        return [f["module"] for f in self]
+
+
+def _shortcut(in_ch, out_ch, stride, bn_kw):
+    if stride == 1 and in_ch == out_ch:
+        return None
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch, **bn_kw))
+
+
+class AxialBlock(nn.Module):
+    """Bottleneck with the 3x3 conv replaced by height- then width-axis attention."""
+
+    def __init__(self, in_channels, width, out_channels, stride=1, num_heads=8, key_channels=None,
+                 span=None, stride_mode="subsample", max_relative_distance=None, drop_path=0.0,
+                 bn_kw=None, attention_kw=None):
+        super().__init__()
+        bn_kw = bn_kw or {}
+        att = dict(num_heads=num_heads, key_channels=key_channels, span=span,
+                   max_relative_distance=max_relative_distance,
+                   bn_eps=bn_kw.get("eps", 1e-5), bn_momentum=bn_kw.get("momentum", 0.1))
+        att.update(attention_kw or {})
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, **bn_kw)
+        if stride_mode == "avgpool2d":  # the port: 2-D pooling after the width layer only
+            h_stride, w_stride = 1, stride
+        else:
+            h_stride = w_stride = stride
+        self.attn_h = PositionSensitiveAxialAttention(width, width, axis="height", stride=h_stride,
+                                                      stride_mode=stride_mode, **att)
+        self.attn_w = PositionSensitiveAxialAttention(width, width, axis="width", stride=w_stride,
+                                                      stride_mode=stride_mode, **att)
+        self.conv2 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels, **bn_kw)
+        nn.init.zeros_(self.bn2.weight)
+        self.downsample = _shortcut(in_channels, out_channels, stride, bn_kw)
+        self.drop_path = DropPath(drop_path)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.attn_w(self.attn_h(out)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.drop_path(out) + identity)
+
+
+class ConvBottleneck(nn.Module):
+    """ResNet-50 bottleneck (1x1, 3x3, 1x1), the convolutional baseline."""
+
+    def __init__(self, in_channels, width, out_channels, stride=1, drop_path=0.0, bn_kw=None, **_unused):
+        super().__init__()
+        bn_kw = bn_kw or {}
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, **bn_kw)
+        self.conv3x3 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn3x3 = nn.BatchNorm2d(width, **bn_kw)
+        self.conv2 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels, **bn_kw)
+        nn.init.zeros_(self.bn2.weight)
+        self.downsample = _shortcut(in_channels, out_channels, stride, bn_kw)
+        self.drop_path = DropPath(drop_path)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn3x3(self.conv3x3(out)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.drop_path(out) + identity)
+
+
+def _conv_bn_relu(cin, cout, k, stride, bn_kw):
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout, **bn_kw), nn.ReLU(inplace=True)]
+
+
+def build_stem(kind: str, width: float, bn_kw, stem_span=15, num_heads=8):
+    """Returns (stem module, output channels). All stems end at stride 4."""
+    if kind == "conv":  # 7x7 stride-2 conv + max-pool
+        c = int(64 * width)
+        layers = _conv_bn_relu(3, c, 7, 2, bn_kw)
+    elif kind == "inception":  # three 3x3 convs (first strided) + max-pool
+        c1, c3 = int(64 * width), int(128 * width)
+        layers = _conv_bn_relu(3, c1, 3, 2, bn_kw) + _conv_bn_relu(c1, c1, 3, 1, bn_kw) + _conv_bn_relu(c1, c3, 3, 1, bn_kw)
+        c = c3
+    elif kind == "axial":
+        # Full axial stem (our reading of the paper: no spatial conv at all): a 1x1 conv lifts
+        # RGB to features, then axial blocks with local span 15; the first one strides by 2.
+        c0, c = int(32 * width), int(64 * width)
+        layers = _conv_bn_relu(3, c0, 1, 1, bn_kw) + [
+            AxialBlock(c0, c0, c, stride=2, span=stem_span, num_heads=num_heads, bn_kw=bn_kw),
+            AxialBlock(c, c0, c, span=stem_span, num_heads=num_heads, bn_kw=bn_kw),
+        ]
+        for blk in layers[-2:]:
+            nn.init.ones_(blk.bn2.weight)  # the stem has no identity path to fall back on
+    else:
+        raise ValueError(f"unknown stem {kind!r}; choose conv, inception or axial")
+    layers.append(nn.MaxPool2d(3, 2, 1))
+    return nn.Sequential(*layers), c
+
+
+class AxialResNet(nn.Module):
+    """ResNet-style backbone made of axial (or conv) bottlenecks.
+
+    Args:
+        layers: blocks per stage, e.g. (3, 4, 6, 3).
+        width: channel multiplier (S 0.5, M 0.75, L 1, XL 2).
+        block: ``"axial"`` or ``"conv"``.
+        stem: ``"inception"``, ``"conv"`` or ``"axial"``.
+        output_stride: 32, or 16 (the last stage keeps its resolution).
+        span: ``None`` (global) or local span m of every axial layer in the stages.
+        width_factor / out_factor: bottleneck and output width as multiples of F
+            (axial: 2F and 4F; ResNet-50: F and 4F).
+        features_only: forward returns [res2, res3, res4, res5] instead of logits.
+    """
+
+    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000, width: float = 1.0,
+                 block: str = "axial", stem: str = "inception", output_stride: int = 32,
+                 span: Optional[int] = None, num_heads: int = 8, stage_filters=(64, 128, 256, 512),
+                 width_factor: Optional[float] = None, out_factor: float = 4.0,
+                 stem_width: Optional[float] = None, drop_path_rate: float = 0.0,
+                 stride_mode: str = "subsample", max_relative_distance=None,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1, features_only: bool = False,
+                 attention_kw: Optional[dict] = None, in_chans: int = 3):
+        super().__init__()
+        if output_stride not in (16, 32):
+            raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+        if in_chans != 3:
+            raise ValueError("only 3-channel (RGB) input is supported")
+        bn_kw = dict(eps=bn_eps, momentum=bn_momentum)
+        width_factor = (2.0 if block == "axial" else 1.0) if width_factor is None else width_factor
+        self.stem, in_ch = build_stem(stem, width if stem_width is None else stem_width, bn_kw, num_heads=num_heads)
+        block_cls = AxialBlock if block == "axial" else ConvBottleneck
+        total = sum(layers)
+        index = 0
+        self.feature_info = FeatureInfo()
+        reduction = 4
+        for s, (n, f) in enumerate(zip(layers, stage_filters)):
+            f = int(f * width)
+            stride = 1 if s == 0 or (s == 3 and output_stride == 16) else 2
+            blocks = []
+            for b in range(n):
+                dp = drop_path_rate * index / max(total - 1, 1)
+                blocks.append(block_cls(in_ch, int(f * width_factor), int(f * out_factor),
+                                        stride=stride if b == 0 else 1, num_heads=num_heads,
+                                        span=span,
+                                        stride_mode=stride_mode,
+                                        max_relative_distance=_per_block(max_relative_distance, s, b),
+                                        drop_path=dp, bn_kw=bn_kw, attention_kw=attention_kw))
+                in_ch = int(f * out_factor)
+                index += 1
+            self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
+            reduction *= stride
+            self.feature_info.append(dict(num_chs=in_ch, reduction=reduction, module=f"layer{s + 1}"))
+        self.num_features = in_ch
+        self.features_only = features_only
+        self.output_stride = output_stride
+        self.num_classes = num_classes
+        if not features_only:
+            self.global_pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x) -> List[torch.Tensor]:
+        x = self.stem(x)
+        feats = []
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+            feats.append(x)
+        return feats
+
+    def forward(self, x):
+        feats = self.forward_features(x)
+        if self.features_only:
+            return feats
+        return self.fc(torch.flatten(self.global_pool(feats[-1]), 1))
+
+
+def _per_block(value, stage, block):
+    """``value`` may be one number or a per-stage list of per-block numbers."""
+    if isinstance(value, (list, tuple)):
+        return value[stage][block]
+    return value
+
+
+_WIDTHS = {"s": 0.5, "m": 0.75, "l": 1.0, "xl": 2.0}
+
+
+def _make_sized(size: str, stem: str):
+    def builder(**kwargs):
+        kwargs.setdefault("stem", stem)
+        kwargs.setdefault("stem_width", 1.0)  # deeplab2 keeps the stem at full width for every size
+        return AxialResNet(layers=(3, 4, 6, 3), width=_WIDTHS[size], block="axial", **kwargs)
+
+    builder.__name__ = f"axial_resnet_{size}" + {"inception": "", "conv": "_conv", "axial": "_full"}[stem]
+    builder.__doc__ = f"Axial-ResNet-{size.upper()} ({stem} stem)."
+    return builder
+
+
+for _size in _WIDTHS:
+    for _stem in ("inception", "conv", "axial"):
+        register_model(_make_sized(_size, _stem))
+
+
+@register_model
+def resnet50(**kwargs):
+    """ResNet-50, the convolutional baseline (7x7 stem by default)."""
+    kwargs.setdefault("stem", "conv")
+    return AxialResNet(layers=(3, 4, 6, 3), width=1.0, block="conv", **kwargs)
+
+
+# The PyTorch ImageNet port (csrhddlam/axial-deeplab): 7x7 stem, bottleneck width = output/2,
+# global span with tables sized for a 224x224 input, 2x2 average pooling after the width layer.
+def _port(layers, s, image_size=224, **kwargs):
+    kwargs.setdefault("stem", "conv")
+    kwargs.setdefault("stride_mode", "avgpool2d")
+    if kwargs.get("max_relative_distance") is None and kwargs.get("span") is None:
+        # The port sizes each table 2K-1 for the block's input length K at 224x224
+        # (56, 56, 28, 14; K halves after a stage's first, strided block); beyond, we clip.
+        kwargs["max_relative_distance"] = [
+            [k - 1 if b == 0 else (k if i == 0 else k // 2) - 1 for b in range(n)]
+            for i, (n, k) in enumerate(zip(layers, (image_size // 4, image_size // 4, image_size // 8, image_size // 16)))
+        ]
+    return AxialResNet(layers=layers, width=s, block="axial", stage_filters=(128, 256, 512, 1024),
+                       width_factor=1.0, out_factor=2.0, stem_width=s, **kwargs)
+
+
+@register_model
+def axial26s(**kwargs):
+    """The port's axial26s: layers (1, 2, 4, 1), width 0.5 (5.9M params). ``image_size`` sizes the
+    relative tables as the port did for its training resolution (224)."""
+    return _port((1, 2, 4, 1), 0.5, **kwargs)
+
+
+@register_model
+def axial50s(**kwargs):
+    return _port((3, 4, 6, 3), 0.5, **kwargs)
+
+
+@register_model
+def axial50m(**kwargs):
+    return _port((3, 4, 6, 3), 0.75, **kwargs)
+
+
+@register_model
+def axial50l(**kwargs):
+    return _port((3, 4, 6, 3), 1.0, **kwargs)

@@ -1,0 +1,111 @@
+"""Loading weights from local files only (safetensors, or torch.load with weights_only=True).
+
+Also converts state dicts saved by the PyTorch ImageNet port (csrhddlam/axial-deeplab: keys such as
+``layer1.0.hight_block.qkv_transform.weight``, ``...hight_block.relative``) into our layout.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (tensors only, never arbitrary pickles).
+
+    Torch files may hold the state dict itself or wrap it under ``state_dict`` / ``model``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report which file and why
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({e})") from e
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def is_port_state_dict(sd: Dict[str, torch.Tensor]) -> bool:
+    return any(".hight_block." in k or ".width_block." in k for k in sd)
+
+
+_PORT_RENAMES = [
+    (r"^conv1\.", "stem.0."),
+    (r"^bn1\.", "stem.1."),
+    (r"\.conv_down\.", ".conv1."),
+    (r"\.conv_up\.", ".conv2."),
+    (r"\.hight_block\.", ".attn_h."),
+    (r"\.width_block\.", ".attn_w."),
+    (r"\.qkv_transform\.", ".qkv."),
+]
+
+
+def convert_port_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map the PyTorch port's keys and tensor layouts onto ours.
+
+    * ``qkv_transform`` is a Conv1d (C, Cin, 1): ours is a 1x1 Conv2d.
+    * ``relative`` (2*d_v, 2K-1) stacks the q (d_v/2), k (d_v/2) and v (d_v) tables. The port
+      indexes its q and v tables by (o - p) and its k table by (p - o); ours always use p - o,
+      so the q and v tables are reversed along the offset axis.
+    """
+    out = {}
+    for key, value in sd.items():
+        new = key
+        for pattern, repl in _PORT_RENAMES:
+            new = re.sub(pattern, repl, new)
+        if new.endswith(".qkv.weight") and value.dim() == 3:
+            value = value.unsqueeze(-1)
+        if new.endswith(".relative"):
+            prefix = new[: -len("relative")]
+            dv = value.shape[0] // 2
+            q, k, v = value.split([dv // 2, dv // 2, dv], dim=0)
+            out[prefix + "query_table"] = q.flip(-1).contiguous()
+            out[prefix + "key_table"] = k.contiguous()
+            out[prefix + "value_table"] = v.flip(-1).contiguous()
+            continue
+        if new.endswith("flatten_index"):
+            continue  # a buffer derived from the input size; we compute indices on the fly
+        out[new] = value
+    return out
+
+
+def load_state_dict_strict(model: nn.Module, sd: Dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Load, raising an error that lists missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in sd if k in own and sd[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
+        def fmt(title, items):
+            if not items:
+                return ""
+            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+            return f"\n  {title} ({len(items)}):\n    {shown}"
+        raise CheckpointError(
+            f"{source} does not match {type(model).__name__}:"
+            + fmt("missing keys", missing) + fmt("unexpected keys", unexpected) + fmt("shape mismatches", mismatched)
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def load_pretrained(model: nn.Module, path: str) -> nn.Module:
+    sd = read_state_dict(path)
+    if is_port_state_dict(sd):
+        sd = convert_port_state_dict(sd)
+    load_state_dict_strict(model, sd, source=path)
+    return model
