@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..layers.attention2d import GlobalSelfAttention2d, LocalSelfAttention2d
 from ..layers.axial_attention import PositionSensitiveAxialAttention
 from .registry import register_model
 
@@ -100,14 +101,25 @@ class AxialBlock(nn.Module):
 
 
 class ConvBottleneck(nn.Module):
-    """ResNet-50 bottleneck (1x1, 3x3, 1x1), the convolutional baseline."""
+    """ResNet-50 bottleneck (1x1, 3x3, 1x1), the convolutional baseline. ``spatial`` swaps the 3x3
+    conv for a 2-D attention baseline ("local": m x m stand-alone attention, "global")."""
 
-    def __init__(self, in_channels, width, out_channels, stride=1, drop_path=0.0, bn_kw=None, **_unused):
+    def __init__(self, in_channels, width, out_channels, stride=1, drop_path=0.0, bn_kw=None,
+                 spatial="conv", num_heads=8, span=None, position_sensitive=True, **_unused):
         super().__init__()
         bn_kw = bn_kw or {}
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width, **bn_kw)
-        self.conv3x3 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        if spatial == "conv":
+            self.conv3x3 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        elif spatial == "local":
+            self.conv3x3 = LocalSelfAttention2d(width, width, kernel_size=span or 7, num_heads=num_heads,
+                                                position_sensitive=position_sensitive, stride=stride)
+        elif spatial == "global":
+            self.conv3x3 = GlobalSelfAttention2d(width, width, num_heads=num_heads,
+                                                 position_sensitive=position_sensitive, stride=stride)
+        else:
+            raise ValueError(f"unknown spatial layer {spatial!r}")
         self.bn3x3 = nn.BatchNorm2d(width, **bn_kw)
         self.conv2 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels, **bn_kw)
@@ -159,7 +171,9 @@ class AxialResNet(nn.Module):
     Args:
         layers: blocks per stage, e.g. (3, 4, 6, 3).
         width: channel multiplier (S 0.5, M 0.75, L 1, XL 2).
-        block: ``"axial"`` or ``"conv"``.
+        block: ``"axial"``, ``"conv"``, or the 2-D attention baselines ``"local"`` (m x m with
+            m = ``span``, default 7) and ``"global"``; ``position_sensitive`` switches the latter's
+            k.r^k and r^v terms.
         stem: ``"inception"``, ``"conv"`` or ``"axial"``.
         output_stride: 32, or 16 (the last stage keeps its resolution).
         span: ``None`` (global) or local span m of every axial layer in the stages.
@@ -175,16 +189,19 @@ class AxialResNet(nn.Module):
                  stem_width: Optional[float] = None, drop_path_rate: float = 0.0,
                  stride_mode: str = "subsample", max_relative_distance=None,
                  bn_eps: float = 1e-5, bn_momentum: float = 0.1, features_only: bool = False,
-                 attention_kw: Optional[dict] = None, in_chans: int = 3):
+                 attention_kw: Optional[dict] = None, in_chans: int = 3, position_sensitive: bool = True):
         super().__init__()
         if output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
         if in_chans != 3:
             raise ValueError("only 3-channel (RGB) input is supported")
         bn_kw = dict(eps=bn_eps, momentum=bn_momentum)
-        width_factor = (2.0 if block == "axial" else 1.0) if width_factor is None else width_factor
+        if block not in ("axial", "conv", "local", "global"):
+            raise ValueError(f"unknown block {block!r}; choose axial, conv, local or global")
+        width_factor = (1.0 if block == "conv" else 2.0) if width_factor is None else width_factor
         self.stem, in_ch = build_stem(stem, width if stem_width is None else stem_width, bn_kw, num_heads=num_heads)
         block_cls = AxialBlock if block == "axial" else ConvBottleneck
+        extra = {} if block == "axial" else dict(spatial=block, position_sensitive=position_sensitive)
         total = sum(layers)
         index = 0
         self.feature_info = FeatureInfo()
@@ -200,7 +217,7 @@ class AxialResNet(nn.Module):
                                         span=span,
                                         stride_mode=stride_mode,
                                         max_relative_distance=_per_block(max_relative_distance, s, b),
-                                        drop_path=dp, bn_kw=bn_kw, attention_kw=attention_kw))
+                                        drop_path=dp, bn_kw=bn_kw, attention_kw=attention_kw, **extra))
                 in_ch = int(f * out_factor)
                 index += 1
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
@@ -257,9 +274,12 @@ for _size in _WIDTHS:
 
 @register_model
 def resnet50(**kwargs):
-    """ResNet-50, the convolutional baseline (7x7 stem by default)."""
+    """ResNet-50, the convolutional baseline (7x7 stem by default). ``block="local"`` or
+    ``"global"`` swaps its 3x3 convs for the 2-D attention baselines."""
     kwargs.setdefault("stem", "conv")
-    return AxialResNet(layers=(3, 4, 6, 3), width=1.0, block="conv", **kwargs)
+    kwargs.setdefault("block", "conv")
+    kwargs.setdefault("width", 1.0)
+    return AxialResNet(layers=(3, 4, 6, 3), **kwargs)
 
 
 # The PyTorch ImageNet port (csrhddlam/axial-deeplab): 7x7 stem, bottleneck width = output/2,
@@ -298,3 +318,14 @@ def axial50m(**kwargs):
 @register_model
 def axial50l(**kwargs):
     return _port((3, 4, 6, 3), 1.0, **kwargs)
+
+
+@register_model
+def axial_resnet_tiny(**kwargs):
+    """A tiny Axial-ResNet for small images and CPU demos: one axial block per stage, width 0.25,
+    4 heads, and a stride-2 conv stem without max-pool (``stem='conv'`` with stride 4 is too coarse
+    for 32x32 inputs)."""
+    kwargs.setdefault("stem", "conv")
+    kwargs.setdefault("num_heads", 4)
+    kwargs.setdefault("stem_width", 0.25)
+    return AxialResNet(layers=kwargs.pop("layers", (1, 1, 1, 1)), width=kwargs.pop("width", 0.25), block="axial", **kwargs)
