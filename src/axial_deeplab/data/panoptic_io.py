@@ -1,0 +1,441 @@
+"""COCO-panoptic files: PNG id maps (id = R + 256 G + 256^2 B, 0 = void) plus a JSON of segments.
+
+This is the exchange format of the official tools (panopticapi, cityscapesscripts), so our
+datasets read it, our predictions are written in it, and the ``pq`` command scores it. Every
+failure names the file and what is wrong with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .meta import PanopticMetadata
+
+VOID_ID = 0
+MAX_SEGMENT_ID = 256**3 - 1
+
+
+class PanopticFormatError(ValueError):
+    """A COCO-panoptic file (JSON, PNG or image) is malformed; the message names it."""
+
+
+# -------------------------------------------------------------------------------------------
+# Encoding of ids in RGB
+# -------------------------------------------------------------------------------------------
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) int64 ids."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb_to_id: expected an (H, W, 3) array, got shape {rgb.shape}")
+    if rgb.dtype != np.uint8:
+        rgb = rgb.astype(np.int64)
+        return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    # little-endian view of (R, G, B, 0) bytes as one uint32: R + 256 G + 256^2 B
+    rgba = np.zeros(rgb.shape[:2] + (4,), np.uint8)
+    rgba[..., :3] = rgb
+    return rgba.view("<u4")[..., 0].astype(np.int64)
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """(H, W) integer ids in [0, 2^24) -> (H, W, 3) uint8."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
+        raise ValueError(f"id_to_rgb: ids must lie in [0, {MAX_SEGMENT_ID}], got [{ids.min()}, {ids.max()}]")
+    ids = ids.astype(np.int64)
+    return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
+
+
+# -------------------------------------------------------------------------------------------
+# Files
+# -------------------------------------------------------------------------------------------
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8; errors name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise PanopticFormatError(f"{path}: cannot read image ({e})") from e
+
+
+def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
+    """A COCO-panoptic PNG as (H, W) int64 segment ids."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: panoptic PNG not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("RGB", "RGBA"):
+                raise PanopticFormatError(
+                    f"{path}: panoptic PNG must be RGB (id = R + 256*G + 256^2*B), got mode {im.mode}"
+                )
+            arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise PanopticFormatError(f"{path}: cannot read panoptic PNG ({e})") from e
+    return rgb_to_id(arr)
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 image atomically; the format follows the suffix (PNG is lossless)."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported image suffix (use .png or .jpg)")
+    im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    _atomic_write_bytes(path, lambda f: im.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+
+
+def write_panoptic_png(path: str | os.PathLike, ids: np.ndarray) -> None:
+    if Path(path).suffix.lower() != ".png":
+        raise ValueError(f"{path}: a panoptic id map must be written as .png")
+    write_image(path, id_to_rgb(ids))
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    data = json.dumps(obj, indent=indent, default=_json_default).encode("utf-8")
+    _atomic_write_bytes(Path(path), lambda f: f.write(data))
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PanopticFormatError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_panoptic_json(path: str | os.PathLike, require_categories: bool = True) -> dict:
+    """Load and check the structure of a COCO-panoptic JSON (annotations, segments, categories)."""
+    path = Path(path)
+    d = load_json(path, "panoptic JSON")
+    if not isinstance(d, dict):
+        raise PanopticFormatError(f"{path}: top level must be an object")
+    if "annotations" not in d or not isinstance(d["annotations"], list):
+        raise PanopticFormatError(f"{path}: missing 'annotations' list")
+    if require_categories and not isinstance(d.get("categories"), list):
+        raise PanopticFormatError(f"{path}: missing 'categories' list")
+    for i, cat in enumerate(d.get("categories") or []):
+        for key in ("id", "name"):
+            if key not in cat:
+                raise PanopticFormatError(f"{path}: categories[{i}] has no {key!r}")
+    for i, ann in enumerate(d["annotations"]):
+        for key in ("image_id", "file_name", "segments_info"):
+            if key not in ann:
+                raise PanopticFormatError(f"{path}: annotations[{i}] has no {key!r}")
+        seen = set()
+        for j, seg in enumerate(ann["segments_info"]):
+            for key in ("id", "category_id"):
+                if key not in seg:
+                    raise PanopticFormatError(
+                        f"{path}: annotations[{i}] (image_id {ann['image_id']!r}) segments_info[{j}] has no {key!r}"
+                    )
+            sid = int(seg["id"])
+            if not 0 < sid <= MAX_SEGMENT_ID:
+                raise PanopticFormatError(
+                    f"{path}: image_id {ann['image_id']!r}: segment id {sid} outside 1..{MAX_SEGMENT_ID}"
+                )
+            if sid in seen:
+                raise PanopticFormatError(f"{path}: image_id {ann['image_id']!r}: duplicate segment id {sid}")
+            seen.add(sid)
+    return d
+
+
+# -------------------------------------------------------------------------------------------
+# Label maps <-> id maps + segments_info
+# -------------------------------------------------------------------------------------------
+def compact_ids(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map integer keys (>= 0; negative = void) to 0 (void) and 1..S in key order.
+
+    Returns (compact ids of keys' shape, the S distinct keys). Small key ranges use a lookup
+    table (linear time), others a sort.
+    """
+    top = int(keys.max()) if keys.size else -1
+    if top < 0:
+        return np.zeros(keys.shape, np.int64), np.zeros(0, np.int64)
+    if top < 4 * keys.size + 4096:
+        shifted = np.maximum(keys, -1) + 1  # void -> 0
+        present = np.bincount(shifted.ravel(), minlength=top + 2) > 0
+        present[0] = False
+        lut = np.cumsum(present) * present
+        return lut[shifted], np.flatnonzero(present[1:])
+    valid = keys >= 0
+    uniq, inverse = np.unique(keys[valid], return_inverse=True)
+    out = np.zeros(keys.shape, np.int64)
+    out[valid] = inverse.reshape(-1) + 1
+    return out, uniq
+
+
+def _boxes(ids: np.ndarray, n: int) -> np.ndarray:
+    """COCO boxes [x, y, w, h] of segments 1..n of a compact id map, as an (n, 4) array."""
+    h, w = ids.shape
+    rows = np.bincount((np.arange(h)[:, None] * (n + 1) + ids).ravel(), minlength=h * (n + 1)).reshape(h, n + 1)
+    cols = np.bincount((np.arange(w)[None, :] * (n + 1) + ids).ravel(), minlength=w * (n + 1)).reshape(w, n + 1)
+    out = np.zeros((n, 4), np.int64)
+    for axis_counts, lo, size in ((cols, 0, 2), (rows, 1, 3)):
+        present = axis_counts[:, 1:] > 0  # (length, n)
+        first = present.argmax(0)
+        last = present.shape[0] - 1 - present[::-1].argmax(0)
+        out[:, lo] = first
+        out[:, size] = last - first + 1
+    return out
+
+
+def _segments_from_keys(keys: np.ndarray, describe, metadata: PanopticMetadata, crowd: np.ndarray | None = None):
+    """Number the distinct non-negative keys 1..S and describe them as COCO segments;
+    ``describe(key)`` gives the segment's class and extra fields."""
+    ids, uniq = compact_ids(keys)
+    n = uniq.size
+    if n > MAX_SEGMENT_ID:
+        raise ValueError(f"too many segments ({n}) for a panoptic PNG")
+    areas = np.bincount(ids.ravel(), minlength=n + 1)
+    crowd_px = np.bincount(ids.ravel(), weights=crowd.ravel(), minlength=n + 1) if crowd is not None else None
+    boxes = _boxes(ids, n) if n else np.zeros((0, 4), np.int64)
+    segments = []
+    for k, key in enumerate(uniq.tolist()):
+        info = describe(key)
+        seg = {
+            "id": k + 1,
+            "category_id": metadata.category_id(info["class"]),
+            "iscrowd": int(crowd_px is not None and crowd_px[k + 1] > 0),
+            "area": int(areas[k + 1]),
+            "bbox": [int(v) for v in boxes[k]],
+        }
+        for extra in ("score", "isthing"):
+            if extra in info:
+                seg[extra] = info[extra]
+        segments.append(seg)
+    return ids, segments
+
+
+def encode_panoptic(
+    semantic: np.ndarray, instance: np.ndarray, crowd: np.ndarray | None, metadata: PanopticMetadata
+) -> tuple[np.ndarray, list[dict]]:
+    """Ground-truth label maps -> (id map, segments_info). Void (ignore_label) becomes id 0.
+
+    Stuff classes form one segment per class; each (thing class, instance id) pair is a segment;
+    a segment with any crowd pixel is written with ``iscrowd`` 1.
+    """
+    semantic = to_numpy(semantic).astype(np.int64)
+    instance = to_numpy(instance).astype(np.int64)
+    crowd = np.zeros(semantic.shape, bool) if crowd is None else to_numpy(crowd).astype(bool)
+    if semantic.shape != instance.shape or semantic.shape != crowd.shape:
+        raise ValueError(f"encode_panoptic: shapes differ {semantic.shape} {instance.shape} {crowd.shape}")
+    void = semantic == metadata.ignore_label
+    bad = ~void & ((semantic < 0) | (semantic >= metadata.num_classes))
+    if bad.any():
+        raise ValueError(f"encode_panoptic: semantic values {np.unique(semantic[bad])[:5].tolist()} are not classes")
+    is_thing = np.zeros(metadata.num_classes, bool)
+    is_thing[metadata.thing_ids] = True
+    inst = np.where(is_thing[np.where(void, 0, semantic)], instance, 0)
+    span = int(inst.max()) + 1 if inst.size else 1
+    keys = np.where(void, -1, semantic * span + inst)
+    return _segments_from_keys(keys, lambda key: {"class": key // span}, metadata, crowd)
+
+
+def encode_prediction(
+    panoptic: np.ndarray, metadata: PanopticMetadata, scores: Mapping[int, float] | None = None
+) -> tuple[np.ndarray, list[dict]]:
+    """A predicted panoptic map (class * label_divisor + instance, negative = void) -> (id map,
+    segments_info). ``scores`` optionally maps a panoptic value to its segment score."""
+    pan = to_numpy(panoptic).astype(np.int64)
+    valid = pan >= 0
+    if pan.size and pan.max() // metadata.label_divisor >= metadata.num_classes:
+        classes = np.unique(pan[valid] // metadata.label_divisor)
+        bad = classes[classes >= metadata.num_classes]
+        raise ValueError(
+            f"encode_prediction: panoptic values decode to classes {bad[:5].tolist()} outside 0..{metadata.num_classes - 1}"
+        )
+
+    def describe(key):
+        c = key // metadata.label_divisor
+        info = {"class": c, "isthing": int(metadata.is_thing(c))}
+        if scores is not None and key in scores:
+            info["score"] = float(scores[key])
+        return info
+
+    return _segments_from_keys(np.where(valid, pan, -1), describe, metadata)
+
+
+def decode_panoptic(
+    ids: np.ndarray,
+    segments_info: Sequence[Mapping[str, Any]],
+    metadata: PanopticMetadata,
+    source: str = "panoptic PNG",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(id map, segments_info) -> (semantic int64, instance int64, crowd bool).
+
+    Thing segments get instance ids 1..K in ``segments_info`` order (crowd ones too); stuff and
+    void get 0; void pixels get ``metadata.ignore_label``. Ids in the PNG that ``segments_info``
+    does not list, or unknown categories, raise :class:`PanopticFormatError` naming ``source``.
+    """
+    cat_to_class = metadata.contiguous_id_map()
+    n = len(segments_info)
+    seg_ids = np.empty(n, np.int64)
+    seg_class = np.empty(n, np.int64)
+    seg_inst = np.zeros(n, np.int64)
+    seg_crowd = np.zeros(n, bool)
+    next_inst = 1
+    for k, seg in enumerate(segments_info):
+        cat = int(seg["category_id"])
+        if cat not in cat_to_class:
+            raise PanopticFormatError(
+                f"{source}: segment {seg['id']} has unknown category_id {cat} "
+                f"(known: {sorted(cat_to_class)[:10]}{'...' if len(cat_to_class) > 10 else ''})"
+            )
+        c = cat_to_class[cat]
+        seg_ids[k] = int(seg["id"])
+        seg_class[k] = c
+        seg_crowd[k] = bool(seg.get("iscrowd", 0))
+        if metadata.is_thing(c):
+            seg_inst[k] = next_inst
+            next_inst += 1
+    order = np.argsort(seg_ids, kind="stable")
+    seg_ids, seg_class, seg_inst, seg_crowd = seg_ids[order], seg_class[order], seg_inst[order], seg_crowd[order]
+    if n > 1 and np.any(seg_ids[1:] == seg_ids[:-1]):
+        raise PanopticFormatError(f"{source}: duplicate segment ids in segments_info")
+
+    ids = to_numpy(ids).astype(np.int64, copy=False)
+    labelled = ids != VOID_ID
+    if n == 0:
+        if labelled.any():
+            missing = np.unique(ids[labelled])[:5].tolist()
+            raise PanopticFormatError(f"{source}: segment ids {missing} in the PNG are absent from the JSON")
+        shape = ids.shape
+        return (
+            np.full(shape, metadata.ignore_label, np.int64),
+            np.zeros(shape, np.int64),
+            np.zeros(shape, bool),
+        )
+    idx = np.clip(np.searchsorted(seg_ids, ids), 0, n - 1)
+    unknown = labelled & (seg_ids[idx] != ids)
+    if unknown.any():
+        missing = np.unique(ids[unknown])[:5].tolist()
+        raise PanopticFormatError(f"{source}: segment ids {missing} in the PNG are absent from the JSON")
+    semantic = np.where(labelled, seg_class[idx], metadata.ignore_label)
+    instance = np.where(labelled, seg_inst[idx], 0)
+    crowd = labelled & seg_crowd[idx]
+    return semantic, instance, crowd
+
+
+# -------------------------------------------------------------------------------------------
+# Writer
+# -------------------------------------------------------------------------------------------
+class PanopticWriter:
+    """Collects PNGs and segments_info, then writes the COCO-panoptic JSON atomically.
+
+    >>> with PanopticWriter("pred.json", "pred/", metadata) as w:
+    ...     w.add_prediction("img1", panoptic_map)
+    """
+
+    def __init__(
+        self,
+        json_path: str | os.PathLike,
+        png_dir: str | os.PathLike,
+        metadata: PanopticMetadata,
+        extra: Mapping[str, Any] | None = None,
+    ):
+        self.json_path = Path(json_path)
+        self.png_dir = Path(png_dir)
+        self.metadata = metadata
+        self.extra = dict(extra or {})
+        self.annotations: list[dict] = []
+        self.images: list[dict] = []
+        self._ids: set = set()
+        self.png_dir.mkdir(parents=True, exist_ok=True)
+
+    def add(
+        self,
+        image_id: str | int,
+        ids: np.ndarray,
+        segments_info: list[dict],
+        image_file_name: str | None = None,
+        png_name: str | None = None,
+    ) -> None:
+        if image_id in self._ids:
+            raise ValueError(f"PanopticWriter: image_id {image_id!r} added twice")
+        self._ids.add(image_id)
+        png_name = png_name or f"{image_id}.png"
+        write_panoptic_png(self.png_dir / png_name, ids)
+        self.annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments_info})
+        h, w = np.asarray(ids).shape[:2]
+        self.images.append(
+            {"id": image_id, "file_name": image_file_name or f"{image_id}.png", "height": int(h), "width": int(w)}
+        )
+
+    def add_ground_truth(self, image_id, semantic, instance, crowd=None, **kw) -> None:
+        ids, segs = encode_panoptic(semantic, instance, crowd, self.metadata)
+        self.add(image_id, ids, segs, **kw)
+
+    def add_prediction(self, image_id, panoptic, scores: Mapping[int, float] | None = None, **kw) -> None:
+        ids, segs = encode_prediction(panoptic, self.metadata, scores)
+        self.add(image_id, ids, segs, **kw)
+
+    def close(self) -> None:
+        obj = dict(self.extra)
+        obj.update(
+            {"images": self.images, "annotations": self.annotations, "categories": self.metadata.coco_categories()}
+        )
+        write_json(self.json_path, obj)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        return False
+
+
+def image_to_tensor(rgb: np.ndarray):
+    """(H, W, 3) uint8 -> torch.float32 (3, H, W) in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0))
+
+
+def to_numpy(x) -> np.ndarray:
+    """A tensor or array-like as a numpy array (no copy for numpy input)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
