@@ -1,0 +1,336 @@
+"""Panoptic-DeepLab meta-architecture with any registry backbone (SPEC section 3).
+
+Backbone features [res2, res3, res4, res5] (strides 4, 8, 16, 16 at output
+stride 16) feed two decoders of the same shape: a 1x1 projection of res5
+(real ASPP on request), then two fusions, each a 1x1 conv-BN-ReLU projection
+of the low-level feature (res3, then res2), bilinear upsampling of the running
+feature, concatenation and a 5x5 depthwise-separable conv. Semantic decoder:
+256 channels, projections 64 / 32; instance decoder: 128 channels, projections
+32 / 16 (both projections of res5 have 256 channels). Heads: a 5x5
+depthwise-separable conv and a 1x1 conv with bias; semantic 256 -> C, center
+32 -> 1, offset 32 -> 2 in (dy, dx) order. Outputs are upsampled to the input
+size (align_corners, as deeplab2) and offsets are multiplied by the resize
+factor, so they are in input pixels.
+
+Train mode returns the raw outputs; eval mode returns the merged panoptic
+result per image (see :meth:`PanopticDeepLab.forward`). Class metadata are
+constructor arguments (or a ``PanopticMetadata``), never dataset constants.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import create_model, register_model
+
+__all__ = ["PanopticDeepLab", "ASPP", "SingleDecoder", "PanopticHead", "DepthwiseSeparableConv",
+           "resize_outputs"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _bn(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel: int = 1, dilation: int = 1, groups: int = 1,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        padding = dilation * (kernel - 1) // 2
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, groups=groups, bias=False),
+            _bn(cout, bn_eps, bn_momentum),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DepthwiseSeparableConv(nn.Sequential):
+    """k x k depthwise conv + BN + ReLU, then 1x1 pointwise conv + BN + ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 5, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__(
+            ConvBNReLU(cin, cin, kernel, groups=cin, bn_eps=bn_eps, bn_momentum=bn_momentum),
+            ConvBNReLU(cin, cout, 1, bn_eps=bn_eps, bn_momentum=bn_momentum),
+        )
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (1x1, three 3x3 atrous, image pooling -> 1x1 projection).
+
+    With ``only_1x1=True`` it degenerates to one 1x1 conv-BN-ReLU projection, the paper's choice
+    (deeplab2's ``aspp_use_only_1x1_proj_conv``).
+    """
+
+    def __init__(self, cin: int, cout: int = 256, atrous_rates: Sequence[int] = (6, 12, 18),
+                 only_1x1: bool = True, dropout: float = 0.1, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__()
+        bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
+        self.only_1x1 = only_1x1
+        if only_1x1:
+            self.project = ConvBNReLU(cin, cout, 1, **bn)
+            return
+        if len(atrous_rates) != 3:
+            raise ValueError(f"ASPP needs three atrous rates, got {list(atrous_rates)}")
+        self.branches = nn.ModuleList(
+            [ConvBNReLU(cin, cout, 1, **bn)] + [ConvBNReLU(cin, cout, 3, dilation=r, **bn) for r in atrous_rates])
+        self.pool_branch = ConvBNReLU(cin, cout, 1, **bn)
+        self.project = nn.Sequential(ConvBNReLU(5 * cout, cout, 1, **bn), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.only_1x1:
+            return self.project(x)
+        pooled = self.pool_branch(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, x.shape[-2], x.shape[-1])
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class SingleDecoder(nn.Module):
+    """res5 projection, then fusion with res3 and res2 (1x1 projection, upsample, concat, 5x5 dw-sep)."""
+
+    def __init__(self, high_channels: int, low_channels: Sequence[int], low_projections: Sequence[int],
+                 decoder_channels: int, aspp_channels: int = 256, use_aspp: bool = False,
+                 atrous_rates: Sequence[int] = (6, 12, 18), bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__()
+        if len(low_channels) != len(low_projections):
+            raise ValueError(f"{len(low_channels)} low-level features but {len(low_projections)} projections")
+        bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
+        self.aspp = ASPP(high_channels, aspp_channels, atrous_rates, only_1x1=not use_aspp, **bn)
+        self.projections = nn.ModuleList(ConvBNReLU(c, p, 1, **bn) for c, p in zip(low_channels, low_projections))
+        fuse_in = [aspp_channels] + [decoder_channels] * (len(low_channels) - 1)
+        self.fusions = nn.ModuleList(DepthwiseSeparableConv(f + p, decoder_channels, 5, **bn)
+                                     for f, p in zip(fuse_in, low_projections))
+
+    def forward(self, high: torch.Tensor, lows: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.aspp(high)
+        for low, project, fuse in zip(lows, self.projections, self.fusions):
+            low = project(low)
+            x = fuse(torch.cat([_resize(x, low.shape[-2:]), low], dim=1))
+        return x
+
+
+class PanopticHead(nn.Sequential):
+    """5x5 depthwise-separable conv, then a 1x1 conv with bias."""
+
+    def __init__(self, cin: int, head_channels: int, cout: int, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        final = nn.Conv2d(head_channels, cout, 1, bias=True)
+        nn.init.trunc_normal_(final.weight, std=0.01)  # deeplab2's initializer for the last conv
+        nn.init.zeros_(final.bias)
+        super().__init__(DepthwiseSeparableConv(cin, head_channels, 5, bn_eps, bn_momentum), final)
+
+
+def resize_outputs(outputs: Dict[str, torch.Tensor], size) -> Dict[str, torch.Tensor]:
+    """Bilinear (align_corners) resize of raw outputs; offsets scaled by (out - 1) / (in - 1) per axis."""
+    out = dict(outputs)
+    for key in ("semantic_logits", "center_heatmap"):
+        if key in out:
+            out[key] = _resize(out[key], size)
+    if "offset_map" in out:
+        offsets = out["offset_map"]
+        h_in, w_in = offsets.shape[-2:]
+        h_out, w_out = size
+        scale_y = (h_out - 1) / (h_in - 1) if h_in > 1 else h_out / h_in
+        scale_x = (w_out - 1) / (w_in - 1) if w_in > 1 else w_out / w_in
+        offsets = _resize(offsets, size)
+        scale = offsets.new_tensor([scale_y, scale_x]).view(1, 2, 1, 1)
+        out["offset_map"] = offsets * scale
+    return out
+
+
+class PanopticDeepLab(nn.Module):
+    """Panoptic-DeepLab on a ``features_only`` backbone.
+
+    Args:
+        backbone: module returning [res2, res3, res4, res5] with ``feature_info.channels()``.
+        num_classes, thing_ids, label_divisor, ignore_label: dataset metadata.
+        use_aspp: real ASPP (rates ``atrous_rates``) instead of the 1x1 projection.
+        Channel arguments default to SPEC section 3.
+        stuff_area, center_threshold, nms_kernel, top_k: post-processing used by eval ``forward``.
+        bn_eps, bn_momentum: BatchNorm of the decoders and heads.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 19,
+        thing_ids: Sequence[int] = (),
+        label_divisor: int = 1000,
+        ignore_label: int = 255,
+        class_names: Optional[Sequence[str]] = None,
+        use_aspp: bool = False,
+        atrous_rates: Sequence[int] = (6, 12, 18),
+        aspp_channels: int = 256,
+        semantic_decoder_channels: int = 256,
+        semantic_low_level_channels: Sequence[int] = (64, 32),
+        semantic_head_channels: int = 256,
+        instance_decoder_channels: int = 128,
+        instance_low_level_channels: Sequence[int] = (32, 16),
+        instance_head_channels: int = 32,
+        stuff_area: int = 2048,
+        center_threshold: float = 0.1,
+        nms_kernel: int = 13,
+        top_k: int = 200,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        thing_ids = sorted(int(t) for t in thing_ids)
+        if thing_ids and (thing_ids[0] < 0 or thing_ids[-1] >= num_classes):
+            raise ValueError(f"thing_ids {thing_ids} outside 0..{num_classes - 1}")
+        info = getattr(backbone, "feature_info", None)
+        if info is None or not hasattr(info, "channels"):
+            raise ValueError(f"backbone {type(backbone).__name__} has no feature_info.channels(); "
+                             "build it with features_only=True")
+        channels = list(info.channels())
+        if len(channels) < 3:
+            raise ValueError(f"backbone must return [res2, res3, ..., res5] features, got {len(channels)} levels")
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.thing_ids = thing_ids
+        self.label_divisor = int(label_divisor)
+        self.ignore_label = int(ignore_label)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.stuff_area = int(stuff_area)
+        self.center_threshold = float(center_threshold)
+        self.nms_kernel = int(nms_kernel)
+        self.top_k = int(top_k)
+        bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
+        high, lows = channels[-1], [channels[1], channels[0]]  # res5; res3 then res2
+        self.semantic_decoder = SingleDecoder(high, lows, semantic_low_level_channels, semantic_decoder_channels,
+                                              aspp_channels, use_aspp, atrous_rates, **bn)
+        self.instance_decoder = SingleDecoder(high, lows, instance_low_level_channels, instance_decoder_channels,
+                                              aspp_channels, use_aspp, atrous_rates, **bn)
+        self.semantic_head = PanopticHead(semantic_decoder_channels, semantic_head_channels, num_classes, **bn)
+        self.center_head = PanopticHead(instance_decoder_channels, instance_head_channels, 1, **bn)
+        self.offset_head = PanopticHead(instance_decoder_channels, instance_head_channels, 2, **bn)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def predict_raw(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Raw outputs at input resolution, in any mode: ``semantic_logits`` (B, C, H, W),
+        ``center_heatmap`` (B, 1, H, W), ``offset_map`` (B, 2, H, W) as (dy, dx) in input pixels."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) RGB in [0, 1], got shape {tuple(images.shape)}")
+        x = (images - self.pixel_mean) / self.pixel_std
+        features = self.backbone(x)
+        high, lows = features[-1], [features[1], features[0]]
+        semantic = self.semantic_decoder(high, lows)
+        instance = self.instance_decoder(high, lows)
+        outputs = {
+            "semantic_logits": self.semantic_head(semantic),
+            "center_heatmap": self.center_head(instance),
+            "offset_map": self.offset_head(instance),
+        }
+        return resize_outputs(outputs, images.shape[-2:])
+
+    def forward(self, images: torch.Tensor, return_instance_masks: bool = False):
+        """Train mode: :meth:`predict_raw`. Eval mode: a list with, per image, ``sem_seg`` (C, H, W)
+        probabilities, ``panoptic_seg`` = (H x W int64 map, id = class * label_divisor + instance,
+        void -1; segments_info) and ``instances`` (``ids``, ``classes``, ``scores`` = mean class
+        probability x center score, ``areas``, ``centers``; ``masks`` (N, H, W) bool on request)."""
+        raw = self.predict_raw(images)
+        if self.training:
+            return raw
+        return self.postprocess(raw, return_instance_masks=return_instance_masks)
+
+    @torch.no_grad()
+    def postprocess(self, raw: Dict[str, torch.Tensor], return_instance_masks: bool = False,
+                    **overrides) -> List[Dict]:
+        """Merge raw outputs (``predict_raw`` or ``tta.tta_raw_outputs``; ``semantic_probs`` is used
+        when present) into per-image results as :meth:`forward` returns them in eval mode.
+        ``overrides`` replace the stored ``stuff_area``, ``threshold``, ``nms_kernel``, ``top_k``."""
+        from ..postprocess import instance_masks, panoptic_inference
+
+        probs = raw.get("semantic_probs")  # test-time augmentation averages probabilities
+        if probs is None:
+            probs = raw["semantic_logits"].float().softmax(dim=1)
+        results = panoptic_inference(
+            probs, raw["center_heatmap"], raw["offset_map"], self.thing_ids,
+            label_divisor=self.label_divisor,
+            stuff_area=overrides.pop("stuff_area", self.stuff_area),
+            threshold=overrides.pop("threshold", self.center_threshold),
+            nms_kernel=overrides.pop("nms_kernel", self.nms_kernel),
+            top_k=overrides.pop("top_k", self.top_k),
+            void_label=-1, semantic_is_probs=True, **overrides)
+        outputs = []
+        for b, r in enumerate(results):
+            instances = dict(r["instances"])
+            if return_instance_masks:
+                instances["masks"] = instance_masks(r)
+            outputs.append({"sem_seg": probs[b], "panoptic_seg": (r["panoptic"], r["segments_info"]),
+                            "instances": instances, "semantic": r["semantic"]})
+        return outputs
+
+
+# --------------------------------------------------------------------------- registry
+_MODEL_ARGS = set(inspect.signature(PanopticDeepLab.__init__).parameters) - {"self", "backbone"}
+
+
+def _build(default_backbone: str, backbone: Optional[str] = None, metadata=None, output_stride: int = 16,
+           pretrained_backbone: Optional[str] = None, backbone_kwargs: Optional[dict] = None,
+           default_backbone_kwargs: Optional[dict] = None, **kwargs) -> PanopticDeepLab:
+    """Split ``kwargs`` between the meta-architecture (its constructor's arguments) and the backbone
+    (everything else, e.g. ``span``, ``drop_path_rate``), build both."""
+    if metadata is not None:
+        kwargs.setdefault("num_classes", metadata.num_classes)
+        kwargs.setdefault("thing_ids", list(metadata.thing_ids))
+        kwargs.setdefault("label_divisor", metadata.label_divisor)
+        kwargs.setdefault("ignore_label", metadata.ignore_label)
+        kwargs.setdefault("class_names", list(metadata.class_names))
+    model_kwargs = {k: v for k, v in kwargs.items() if k in _MODEL_ARGS}
+    bb_kwargs = dict(default_backbone_kwargs or {}) if backbone is None else {}
+    bb_kwargs.update({k: v for k, v in kwargs.items() if k not in _MODEL_ARGS})
+    bb_kwargs.update(backbone_kwargs or {})
+    for key in ("bn_eps", "bn_momentum"):  # one BatchNorm setting for the whole network when given
+        if key in model_kwargs:
+            bb_kwargs.setdefault(key, model_kwargs[key])
+    bb_kwargs.pop("features_only", None)
+    net = create_model(backbone or default_backbone, features_only=True, output_stride=output_stride, **bb_kwargs)
+    if pretrained_backbone:
+        _load_backbone(net, pretrained_backbone)
+    return PanopticDeepLab(net, **model_kwargs)
+
+
+def _load_backbone(net: nn.Module, path: str) -> None:
+    """Backbone weights from a classification (ImageNet) checkpoint: the classifier is dropped."""
+    from .weights import convert_port_state_dict, is_port_state_dict, load_state_dict_strict, read_state_dict
+
+    sd = read_state_dict(path)
+    if is_port_state_dict(sd):
+        sd = convert_port_state_dict(sd)
+    if any(k.startswith("backbone.") for k in sd):  # a whole panoptic checkpoint: take its backbone
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    load_state_dict_strict(net, sd, source=path)
+
+
+def _axial_deeplab(size: str):
+    def builder(**kwargs):
+        # The paper's Cityscapes models use local span 65 in every axial layer (span=None: global).
+        return _build(f"axial_resnet_{size}", default_backbone_kwargs={"span": 65}, **kwargs)
+
+    builder.__name__ = f"axial_deeplab_{size}"
+    builder.__doc__ = (f"Axial-DeepLab-{size.upper()}: Panoptic-DeepLab on Axial-ResNet-{size.upper()} "
+                       "(Inception stem, output stride 16, span 65, 1x1 projection instead of ASPP).")
+    return builder
+
+
+for _size in ("s", "m", "l", "xl"):
+    register_model(_axial_deeplab(_size))
+
+
+@register_model
+def panoptic_deeplab_r50(**kwargs):
+    """Panoptic-DeepLab on ResNet-50 (output stride 16), the paper's convolutional baseline."""
+    return _build("resnet50", **kwargs)

@@ -1,0 +1,516 @@
+"""Panoptic-DeepLab post-processing: semantic + center heatmap + offsets -> panoptic map.
+
+Steps (SPEC section 3): semantic argmax; centers = heatmap peaks above
+``threshold`` that survive max-pool NMS, best ``top_k`` kept (exactly K, ties
+broken by raster order through a stable sort); every thing pixel joins the
+center nearest to its coordinate + predicted offset; every instance takes the
+majority semantic class of its pixels and an id counted from 1 per class;
+panoptic id = class * label_divisor + instance; stuff segments smaller than
+``stuff_area`` become void.
+
+Why it is fast and memory-bounded: everything is tensor code on the inputs'
+device, batched where shapes allow. The nearest-center search never builds a
+K x H x W tensor: centers are bucketed on a coarse grid over the pointed-to
+positions, each cell keeps only the centers that can be nearest to some point
+inside it (a center whose distance to the cell's box exceeds the smallest
+farthest-corner distance cannot win), and pixels are processed in chunks of at
+most ``max_elements`` (pixel, candidate) pairs. Majority votes, per-class ids
+and scores are ``bincount``/``cumsum`` over (instance, class) pairs.
+
+:func:`panoptic_inference_reference` is the plain per-center / per-instance
+loop version of the same rules; tests compare the two and
+``benchmarks/bench_postprocess.py`` times them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "panoptic_inference",
+    "panoptic_inference_reference",
+    "find_instance_centers",
+    "max_filter2d",
+    "semantic_argmax",
+    "nearest_center",
+    "nearest_center_reference",
+    "instance_masks",
+    "DEFAULT_MAX_ELEMENTS",
+]
+
+# Largest number of (pixel, candidate center) pairs held at once (~4 MB per float32 tensor).
+DEFAULT_MAX_ELEMENTS = 1 << 20
+# Below this many centers, comparing against all of them beats building the grid.
+_GRID_MIN_CENTERS = 16
+
+
+# --------------------------------------------------------------------------- centers
+def _check_center_args(threshold: float, nms_kernel: int, top_k: Optional[int]) -> None:
+    if not isinstance(nms_kernel, int) or nms_kernel < 1 or nms_kernel % 2 == 0:
+        raise ValueError(f"nms_kernel must be a positive odd integer, got {nms_kernel!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold!r}")
+
+
+def max_filter2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max over the ``kernel`` x ``kernel`` window centred on each pixel of ``x`` (..., H, W).
+
+    Equals ``F.max_pool2d(x, kernel, stride=1, padding=kernel // 2)`` but is separable and
+    builds each 1-D window by doubling (``ceil(log2 kernel)`` element-wise maxima per axis)
+    instead of scanning ``kernel**2`` values per pixel.
+    """
+    if kernel == 1:
+        return x
+    radius = kernel // 2
+    out = F.pad(x, (radius, radius), value=float("-inf"))
+    out = _sliding_max(out, kernel, dim=-1)
+    out = F.pad(out, (0, 0, radius, radius), value=float("-inf"))
+    return _sliding_max(out, kernel, dim=-2)
+
+
+def _sliding_max(x: torch.Tensor, window: int, dim: int) -> torch.Tensor:
+    """``out[i] = max(x[i : i + window])`` along ``dim`` (output shorter by ``window - 1``)."""
+    span = 1
+    while span * 2 <= window:
+        n = x.shape[dim] - span
+        x = torch.maximum(x.narrow(dim, 0, n), x.narrow(dim, span, n))
+        span *= 2
+    if span < window:
+        n = x.shape[dim] - (window - span)
+        x = torch.maximum(x.narrow(dim, 0, n), x.narrow(dim, window - span, n))
+    return x
+
+
+def find_instance_centers(
+    center_heatmap: torch.Tensor,
+    threshold: float = 0.1,
+    nms_kernel: int = 13,
+    top_k: Optional[int] = 200,
+    max_filter=max_filter2d,
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Heatmap peaks of a batch: ``center_heatmap`` (B, 1, H, W).
+
+    Returns, per image, ``(centers, scores)``: ``centers`` (K, 2) int64 (y, x) and ``scores`` (K,),
+    sorted by decreasing score (equal scores in raster order). A peak is a pixel above ``threshold``
+    equal to the maximum of its ``nms_kernel`` x ``nms_kernel`` neighbourhood; at most ``top_k``
+    (exactly ``top_k`` when more qualify) are kept. ``max_filter(x, kernel)`` computes the
+    neighbourhood maxima (the reference passes plain ``max_pool2d``).
+    """
+    _check_center_args(threshold, nms_kernel, top_k)
+    if center_heatmap.dim() != 4 or center_heatmap.shape[1] != 1:
+        raise ValueError(f"center_heatmap must be (B, 1, H, W), got shape {tuple(center_heatmap.shape)}")
+    heat = center_heatmap.detach()
+    peaks = (heat > threshold) & (heat >= max_filter(heat, nms_kernel))  # >=: equal to the window max
+    width = heat.shape[-1]
+    results = []
+    for b in range(heat.shape[0]):
+        flat_heat = heat[b, 0].reshape(-1)
+        index = torch.nonzero(peaks[b, 0].reshape(-1)).squeeze(1)  # raster order
+        scores = flat_heat[index]
+        order = torch.sort(scores, descending=True, stable=True).indices
+        if top_k is not None:
+            order = order[:top_k]
+        index, scores = index[order], scores[order]
+        centers = torch.stack([torch.div(index, width, rounding_mode="floor"), index % width], dim=1)
+        results.append((centers, scores))
+    return results
+
+
+def _max_pool_filter(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    return F.max_pool2d(x, kernel, stride=1, padding=kernel // 2)
+
+
+# --------------------------------------------------------------------------- grouping
+def _squared_distance(py: torch.Tensor, px: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+    # One formula shared by every path, so fast and reference paths produce identical values.
+    dy = py - cy
+    dx = px - cx
+    dy.mul_(dy)
+    dx.mul_(dx)
+    return dy.add_(dx)
+
+
+def nearest_center_reference(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest center for each point, one center at a time (lowest index wins ties)."""
+    best = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    best_d = torch.full((points.shape[0],), float("inf"), dtype=points.dtype, device=points.device)
+    for k in range(centers.shape[0]):
+        d = _squared_distance(points[:, 0], points[:, 1], centers[k, 0], centers[k, 1])
+        closer = d < best_d
+        best[closer] = k
+        best_d = torch.where(closer, d, best_d)
+    return best
+
+
+def nearest_center(
+    points: torch.Tensor,
+    centers: torch.Tensor,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    cell_size: Optional[float] = None,
+) -> torch.Tensor:
+    """Index of the nearest of ``centers`` (K, 2) for each of ``points`` (N, 2), both (y, x).
+
+    Same result as :func:`nearest_center_reference` (lowest index wins exact ties), with at most
+    ``max_elements`` (point, center) pairs alive at a time. ``cell_size`` (pixels) of the
+    pruning grid defaults to a third of the mean center spacing.
+    """
+    if centers.shape[0] == 0:
+        raise ValueError("nearest_center needs at least one center")
+    points = points.to(torch.float32)
+    centers = centers.to(device=points.device, dtype=torch.float32)
+    return _nearest_center_yx(points[:, 0].contiguous(), points[:, 1].contiguous(),
+                              centers[:, 0].contiguous(), centers[:, 1].contiguous(), max_elements, cell_size)
+
+
+def _nearest_center_yx(py, px, cy, cx, max_elements=DEFAULT_MAX_ELEMENTS, cell_size=None):
+    n, k = py.shape[0], cy.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.long, device=py.device)
+    if k < _GRID_MIN_CENTERS:
+        out = torch.empty(n, dtype=torch.long, device=py.device)
+        chunk = max(1, max_elements // k)
+        for s in range(0, n, chunk):
+            d = _squared_distance(py[s:s + chunk, None], px[s:s + chunk, None], cy[None], cx[None])
+            out[s:s + chunk] = d.argmin(dim=1)
+        return out
+
+    table, counts, cell_of_point = _candidate_table(py, px, cy, cx, max_elements, cell_size)
+    # Points whose cell has a single candidate need no distance at all (-1 marks the others).
+    out = torch.where(counts == 1, table[:, 0], -1).index_select(0, cell_of_point)
+    undecided = torch.nonzero(out < 0).squeeze(1)
+    m = table.shape[1]
+    chunk = max(1, max_elements // m)
+    for s in range(0, undecided.numel(), chunk):
+        which = undecided[s:s + chunk]
+        candidates = table.index_select(0, cell_of_point.index_select(0, which))  # (chunk, M), ascending
+        flat = candidates.reshape(-1)
+        d = _squared_distance(py.index_select(0, which)[:, None], px.index_select(0, which)[:, None],
+                              cy.index_select(0, flat).view_as(candidates),
+                              cx.index_select(0, flat).view_as(candidates))
+        out.index_copy_(0, which, candidates.gather(1, d.argmin(dim=1, keepdim=True)).squeeze(1))
+    return out
+
+
+def _candidate_table(py, px, cy, cx, max_elements, cell_size, max_cells=1 << 16):
+    """Grid cells over the points' bounding box; per cell the (ascending) indices of the centers
+    that can be nearest to a point of the cell, padded with the cell's first candidate.
+    Returns (table (cells, M), candidates per cell (cells,), cell of each point (N,))."""
+    k = cy.shape[0]
+    lo_y, lo_x = math.floor(float(py.min())), math.floor(float(px.min()))
+    ext_y, ext_x = max(float(py.max()) - lo_y, 1.0), max(float(px.max()) - lo_x, 1.0)
+    if cell_size is None:  # a third of the mean spacing: most cells then see a single center
+        cell_size = max(8.0, math.sqrt(ext_y * ext_x / k) / 3)
+    size = max(float(cell_size), math.sqrt(ext_y * ext_x / max_cells))
+    ny, nx = int(ext_y // size) + 1, int(ext_x // size) + 1
+    while ny * nx > max_cells:
+        size *= 1.25
+        ny, nx = int(ext_y // size) + 1, int(ext_x // size) + 1
+
+    def axis_bounds(count, origin, c):
+        low = origin + torch.arange(count, device=c.device, dtype=c.dtype) * size - 0.5
+        high = low + size + 1.0  # half a pixel of slack on both sides against rounding
+        near = (low[:, None] - c[None]).clamp_min(0) + (c[None] - high[:, None]).clamp_min(0)
+        far = torch.maximum((c[None] - low[:, None]).abs(), (c[None] - high[:, None]).abs())
+        return near.square(), far.square()  # (count, K)
+
+    near_y, far_y = axis_bounds(ny, lo_y, cy)
+    near_x, far_x = axis_bounds(nx, lo_x, cx)
+    # A center can be nearest to some point of a cell only if its distance to the cell's box is at
+    # most the smallest distance any center has to the box's farthest corner. Rows of cells are
+    # processed in blocks of at most max_elements (cell, center) pairs.
+    rows_per_block = max(1, max_elements // (nx * k))
+    orders, counts = [], []
+    for r in range(0, ny, rows_per_block):
+        near = (near_y[r:r + rows_per_block, None, :] + near_x[None]).reshape(-1, k)
+        far = (far_y[r:r + rows_per_block, None, :] + far_x[None]).reshape(-1, k)
+        candidate = near <= far.min(dim=1, keepdim=True).values * (1 + 1e-5) + 1e-3
+        count = candidate.sum(dim=1)
+        orders.append(torch.argsort((~candidate).to(torch.int8), dim=1, stable=True)[:, :int(count.max())])
+        counts.append(count)
+    m = max(o.shape[1] for o in orders)
+    order = torch.cat([F.pad(o, (0, m - o.shape[1])) for o in orders])
+    counts = torch.cat(counts)
+    table = torch.where(torch.arange(m, device=cy.device)[None] < counts[:, None], order, order[:, :1])
+    # Cell of each point, in float (exact: cell counts stay far below 2**24), one conversion.
+    gy = ((py - lo_y) / size).floor_().clamp_(0, ny - 1)
+    gx = ((px - lo_x) / size).floor_().clamp_(0, nx - 1)
+    return table, counts, gy.mul_(nx).add_(gx).long()
+
+
+# --------------------------------------------------------------------------- merge
+def semantic_argmax(probs: torch.Tensor, chunk: int = 1 << 15) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``probs.max(dim=0)`` for (C, H, W): (max value, first class reaching it).
+
+    On the CPU ``max(dim=0)`` with indices is several times slower than ``amax``; there the
+    index is recovered from the maxima chunk by chunk: each class equal to the maximum writes a
+    code ``C - c`` and the largest code marks the first such class.
+    """
+    num_classes = probs.shape[0]
+    if probs.device.type != "cpu" or num_classes == 1 or num_classes > 255:
+        return probs.max(dim=0)
+    flat = probs.reshape(num_classes, -1)
+    best = torch.empty(flat.shape[1], dtype=probs.dtype)
+    code = torch.empty(flat.shape[1], dtype=torch.uint8)
+    codes = torch.arange(num_classes, 0, -1, dtype=torch.uint8).view(num_classes, 1)
+    for s in range(0, flat.shape[1], chunk):
+        block = flat[:, s:s + chunk]
+        block_best = torch.amax(block, dim=0, out=best[s:s + chunk])
+        # block <= block_best everywhere, so >= marks the maxima (and runs faster than ==).
+        torch.amax((block >= block_best) * codes, dim=0, out=code[s:s + chunk])
+    index = num_classes - code.clamp_min_(1).long()  # code 0 only on NaN pixels: last class
+    return best.reshape(probs.shape[1:]), index.reshape(probs.shape[1:])
+
+
+def _thing_lookup(thing_ids: Iterable[int], num_classes: int, device) -> torch.Tensor:
+    ids = sorted(set(int(t) for t in thing_ids))
+    if ids and (ids[0] < 0 or ids[-1] >= num_classes):
+        raise ValueError(f"thing_ids {ids} out of range for {num_classes} classes")
+    lut = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    if ids:
+        lut[torch.tensor(ids, device=device)] = True
+    return lut
+
+
+def _looks_like_probabilities(semantic: torch.Tensor) -> bool:
+    if semantic.numel() == 0:
+        return True
+    if float(semantic.min()) < 0 or float(semantic.max()) > 1:
+        return False
+    return bool(((semantic.sum(dim=-3) - 1).abs() <= 1e-3).all())
+
+
+def _segments_info(ids, classes, is_thing, scores, areas) -> List[Dict]:
+    return [
+        {"id": int(i), "category_id": int(c), "isthing": bool(t), "score": float(s), "area": int(a)}
+        for i, c, t, s, a in zip(ids.tolist(), classes.tolist(), is_thing, scores.tolist(), areas.tolist())
+    ]
+
+
+def _merge_one(probs, offsets, centers, center_scores, thing_lut, label_divisor, stuff_area,
+               void_label, max_elements) -> Dict:
+    """Vectorised merge of one image: probs (C, H, W), offsets (2, H, W), centers (K, 2)."""
+    num_classes, height, width = probs.shape
+    device = probs.device
+    sem_prob, semantic = semantic_argmax(probs)
+    semantic_flat = semantic.reshape(-1)
+    thing = thing_lut.index_select(0, semantic_flat)
+
+    # Stuff: one segment per class (thing-ness is per class, so class areas are segment areas).
+    class_area = torch.bincount(semantic_flat, minlength=num_classes)
+    class_prob_sum = torch.bincount(semantic_flat, weights=sem_prob.reshape(-1), minlength=num_classes)
+    kept_stuff = (class_area >= max(stuff_area, 1)) & ~thing_lut
+    class_label = torch.where(kept_stuff, torch.arange(num_classes, device=device) * label_divisor,
+                              torch.full_like(class_area, void_label))
+    panoptic = class_label.index_select(0, semantic_flat)  # stuff labels; thing and small-stuff pixels void for now
+    stuff_classes = torch.nonzero(kept_stuff).squeeze(1)
+    stuff_areas = class_area[stuff_classes]
+    stuff_scores = (class_prob_sum[stuff_classes] / stuff_areas.clamp_min(1)).float()
+
+    # Things: pixel -> nearest center of (coordinate + offset), then per-instance statistics.
+    k = centers.shape[0]
+    empty_long = torch.zeros(0, dtype=torch.long, device=device)
+    instances = {"ids": empty_long, "classes": empty_long, "scores": torch.zeros(0, device=device),
+                 "areas": empty_long, "centers": empty_long.reshape(0, 2),
+                 "center_scores": torch.zeros(0, device=device)}
+    thing_index = torch.nonzero(thing).squeeze(1) if k else empty_long
+    if thing_index.numel():
+        # Pointed-to positions (coordinate + offset); whole-map adds beat integer div/mod per pixel.
+        offsets = offsets.float()
+        rows = torch.arange(height, device=device, dtype=torch.float32).view(height, 1)
+        cols = torch.arange(width, device=device, dtype=torch.float32).view(1, width)
+        py = (offsets[0] + rows).reshape(-1).index_select(0, thing_index)
+        px = (offsets[1] + cols).reshape(-1).index_select(0, thing_index)
+        centers_f = centers.float()
+        assign = _nearest_center_yx(py, px, centers_f[:, 0].contiguous(), centers_f[:, 1].contiguous(),
+                                    max_elements)
+        del py, px
+        pixel_semantic = semantic_flat.index_select(0, thing_index)
+        votes = torch.bincount(assign * num_classes + pixel_semantic,
+                               minlength=k * num_classes).reshape(k, num_classes)
+        areas = votes.sum(dim=1)
+        classes = votes.argmax(dim=1)  # majority class, lowest id on ties
+        present = areas > 0
+        per_class_rank = torch.cumsum(F.one_hot(classes, num_classes) * present[:, None], dim=0)
+        instance_ids = per_class_rank.gather(1, classes[:, None]).squeeze(1)
+        panoptic_ids = classes * label_divisor + instance_ids
+        panoptic.index_copy_(0, thing_index, panoptic_ids.index_select(0, assign))
+        # Probability of the instance's class: the pixel's max unless it was outvoted.
+        class_prob = sem_prob.reshape(-1).index_select(0, thing_index)
+        pixel_class = classes.index_select(0, assign)
+        outvoted = torch.nonzero(pixel_class != pixel_semantic).squeeze(1)
+        if outvoted.numel():
+            where = pixel_class.index_select(0, outvoted) * (height * width) + thing_index.index_select(0, outvoted)
+            class_prob.index_copy_(0, outvoted, probs.reshape(-1).index_select(0, where))
+        mean_prob = torch.bincount(assign, weights=class_prob, minlength=k) / areas.clamp_min(1)
+        scores = mean_prob.float() * center_scores.float()
+        instances = {"ids": panoptic_ids[present], "classes": classes[present], "scores": scores[present],
+                     "areas": areas[present], "centers": centers[present],
+                     "center_scores": center_scores[present]}
+
+    segments = _segments_info(instances["ids"], instances["classes"], [True] * len(instances["ids"]),
+                              instances["scores"], instances["areas"])
+    segments += _segments_info(stuff_classes * label_divisor, stuff_classes, [False] * len(stuff_classes),
+                               stuff_scores, stuff_areas)
+    return {
+        "panoptic": panoptic.reshape(height, width),
+        "semantic": semantic,
+        "segments_info": segments,
+        "instances": instances,
+        "centers": centers,
+        "center_scores": center_scores,
+    }
+
+
+def _prepare(semantic, center_heatmap, offset_map, semantic_is_probs):
+    batched = semantic.dim() == 4
+    if not batched:
+        semantic, center_heatmap, offset_map = semantic[None], center_heatmap[None], offset_map[None]
+    if semantic.dim() != 4:
+        raise ValueError(f"semantic must be (B, C, H, W) or (C, H, W), got shape {tuple(semantic.shape)}")
+    b, _, h, w = semantic.shape
+    if tuple(center_heatmap.shape) != (b, 1, h, w):
+        raise ValueError(f"center_heatmap has shape {tuple(center_heatmap.shape)}, expected {(b, 1, h, w)}")
+    if tuple(offset_map.shape) != (b, 2, h, w):
+        raise ValueError(f"offset_map has shape {tuple(offset_map.shape)}, expected {(b, 2, h, w)}")
+    if not bool(torch.isfinite(offset_map).all()):
+        raise ValueError("offset_map has NaN or infinite values; cannot group pixels")
+    semantic = semantic.detach()
+    if semantic_is_probs is None:
+        semantic_is_probs = _looks_like_probabilities(semantic)
+    probs = semantic if semantic_is_probs else semantic.float().softmax(dim=1)
+    return batched, probs, center_heatmap.detach(), offset_map.detach()
+
+
+def panoptic_inference(
+    semantic: torch.Tensor,
+    center_heatmap: torch.Tensor,
+    offset_map: torch.Tensor,
+    thing_ids: Sequence[int],
+    label_divisor: int = 1000,
+    stuff_area: int = 2048,
+    threshold: float = 0.1,
+    nms_kernel: int = 13,
+    top_k: Optional[int] = 200,
+    void_label: int = -1,
+    semantic_is_probs: Optional[bool] = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+):
+    """Panoptic segmentation from Panoptic-DeepLab outputs, on the inputs' device.
+
+    Args:
+        semantic: (B, C, H, W) class probabilities or logits (or (C, H, W) for one image).
+        center_heatmap: (B, 1, H, W). offset_map: (B, 2, H, W), (dy, dx) towards the center.
+        thing_ids: contiguous ids of thing classes.
+        label_divisor: panoptic id = class * label_divisor + instance (instance from 1 per class).
+        stuff_area: stuff segments with fewer pixels become void.
+        threshold, nms_kernel, top_k: center selection (see :func:`find_instance_centers`).
+        void_label: panoptic value of void pixels.
+        semantic_is_probs: ``True`` for probabilities, ``False`` for logits, ``None`` to detect.
+        max_elements: bound on (pixel, center) pairs held at once while grouping.
+
+    Returns:
+        Per image (a list when batched, else one) a dict with ``panoptic`` (H, W) int64,
+        ``semantic`` (H, W) int64 argmax, ``segments_info`` (list of {id, category_id, isthing,
+        score, area}), ``instances`` (dict of ``ids``, ``classes``, ``scores`` = mean class
+        probability over the mask x center score, ``areas``, ``centers``, ``center_scores``, one
+        row per non-empty instance) and all selected ``centers`` / ``center_scores``.
+    """
+    if label_divisor < 1:
+        raise ValueError(f"label_divisor must be positive, got {label_divisor}")
+    batched, probs, heat, offsets = _prepare(semantic, center_heatmap, offset_map, semantic_is_probs)
+    if top_k is not None and top_k >= label_divisor:
+        raise ValueError(f"top_k={top_k} instances need label_divisor > top_k (got {label_divisor})")
+    thing_lut = _thing_lookup(thing_ids, probs.shape[1], probs.device)
+    found = find_instance_centers(heat, threshold=threshold, nms_kernel=nms_kernel, top_k=top_k)
+    results = []
+    for b, (centers, scores) in enumerate(found):
+        if centers.shape[0] >= label_divisor:
+            raise ValueError(f"{centers.shape[0]} centers need label_divisor > {centers.shape[0]} "
+                             f"(got {label_divisor}); lower top_k")
+        results.append(_merge_one(probs[b], offsets[b], centers, scores, thing_lut,
+                                  label_divisor, stuff_area, void_label, max_elements))
+    return results if batched else results[0]
+
+
+def panoptic_inference_reference(
+    semantic_probs: torch.Tensor,
+    center_heatmap: torch.Tensor,
+    offset_map: torch.Tensor,
+    thing_ids: Sequence[int],
+    label_divisor: int = 1000,
+    stuff_area: int = 2048,
+    threshold: float = 0.1,
+    nms_kernel: int = 13,
+    top_k: Optional[int] = 200,
+    void_label: int = -1,
+) -> Dict:
+    """Plain loop version of :func:`panoptic_inference` for one image (probabilities (C, H, W)).
+
+    One pass over the pixels per center, one full-image mask per instance and per stuff class:
+    the readable oracle for the tests and the comparison in ``benchmarks/bench_postprocess.py``.
+    """
+    num_classes, height, width = semantic_probs.shape
+    (centers, center_scores), = find_instance_centers(center_heatmap[None], threshold, nms_kernel, top_k,
+                                                      max_filter=_max_pool_filter)
+    sem_prob, semantic = semantic_probs.max(dim=0)
+    thing_classes = sorted(set(int(t) for t in thing_ids))
+    thing = torch.zeros_like(semantic, dtype=torch.bool)
+    for c in thing_classes:
+        thing |= semantic == c
+    panoptic = torch.full((height, width), void_label, dtype=torch.long)
+    segments, inst = [], {"ids": [], "classes": [], "scores": [], "areas": [], "centers": [], "center_scores": []}
+
+    # Group: every thing pixel joins the nearest center of (coordinate + offset).
+    assignment = torch.full((height, width), -1, dtype=torch.long)
+    if centers.shape[0] and thing.any():
+        ys, xs = torch.nonzero(thing, as_tuple=True)
+        points = torch.stack([ys + offset_map[0][ys, xs], xs + offset_map[1][ys, xs]], dim=1).float()
+        assignment[ys, xs] = nearest_center_reference(points, centers.float())
+
+    next_id = {}
+    for k in range(centers.shape[0]):
+        mask = assignment == k
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        counts = torch.bincount(semantic[mask], minlength=num_classes)
+        cls = int(counts.argmax())
+        next_id[cls] = next_id.get(cls, 0) + 1
+        pid = cls * label_divisor + next_id[cls]
+        panoptic[mask] = pid
+        score = float(semantic_probs[cls][mask].double().mean()) * float(center_scores[k])
+        for key, value in (("ids", pid), ("classes", cls), ("scores", score), ("areas", area),
+                           ("centers", centers[k].tolist()), ("center_scores", float(center_scores[k]))):
+            inst[key].append(value)
+        segments.append({"id": pid, "category_id": cls, "isthing": True, "score": score, "area": area})
+
+    for c in range(num_classes):
+        if c in thing_classes:
+            continue
+        mask = semantic == c
+        area = int(mask.sum())
+        if area == 0 or area < stuff_area:
+            continue
+        panoptic[mask] = c * label_divisor
+        score = float(sem_prob[mask].double().mean())
+        segments.append({"id": c * label_divisor, "category_id": c, "isthing": False, "score": score, "area": area})
+
+    instances = {key: torch.tensor(value, dtype=torch.float32 if "score" in key else torch.long)
+                 for key, value in inst.items()}
+    instances["centers"] = instances["centers"].reshape(-1, 2)
+    return {"panoptic": panoptic, "semantic": semantic, "segments_info": segments, "instances": instances,
+            "centers": centers, "center_scores": center_scores}
+
+
+def instance_masks(result: Dict) -> torch.Tensor:
+    """Boolean masks (N, H, W) of the instances of one :func:`panoptic_inference` result.
+
+    Materialises N x H x W booleans: meant for evaluation (e.g. mask AP), not for the merge.
+    """
+    ids = result["instances"]["ids"]
+    return result["panoptic"][None] == ids.to(result["panoptic"].device)[:, None, None]
