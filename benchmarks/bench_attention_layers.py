@@ -1,0 +1,51 @@
+"""Time axial-attention layer pairs (height + width) against a 3x3 conv of the same width.
+
+Same measurements as ``axial-deeplab benchmark --only layers``, with the shapes, modes and
+implementations chosen on the command line, e.g.::
+
+    .venv/bin/python benchmarks/bench_attention_layers.py --shapes 2x64x56x56 1x128x65x129 \\
+        --modes eval --impls reference fast --threads 1 --clock cpu
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from axial_deeplab.commands.benchmark import LAYER_SHAPES, bench_layers, format_table, write_json_atomic
+
+
+def _shape(text: str):
+    try:
+        b, c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 2x64x56x56, got {text!r}")
+    return b, c, h, w
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", type=_shape, default=LAYER_SHAPES, help="BxCxHxW inputs")
+    p.add_argument("--modes", nargs="+", choices=["eval", "train"], default=["eval", "train"])
+    p.add_argument("--impls", nargs="+", default=None, help="attention implementations (default: all)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = bench_layers(torch.device(args.device), args.shapes, args.modes, args.impls, args.repeats,
+                        with_memory=not args.no_memory, clock=args.clock)
+    print(format_table(rows))
+    if args.json:
+        from dataclasses import asdict
+
+        write_json_atomic(args.json, [asdict(r) for r in rows])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""``axial-deeplab benchmark``: axial attention against the plain equation and a 3x3 conv.
+
+The paper's weak point is speed: axial attention has about the multiply-adds of the
+3x3 convolution it replaces but ran much slower "due to the lack of specialized
+kernels". This suite times, in one process and on the same inputs, the reference
+implementation (the plain equation), every registered fast path and a 3x3 conv of
+the same width, for height+width layer pairs (eval forward and train
+forward+backward), whole models, and the panoptic post-processing. It prints median
+wall times, ratios to the conv and to the reference, and peak memory; ``--json``
+writes everything with the machine it ran on.
+
+Peak memory on CPU is the high-water mark of bytes allocated through PyTorch's CPU
+allocator during one run, relative to the start (read from ``torch.profiler``'s
+memory events); on CUDA it is ``torch.cuda.max_memory_allocated`` over the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+LAYER_SHAPES = [(2, 64, 56, 56), (2, 128, 28, 28), (1, 128, 65, 129), (1, 256, 65, 129)]
+QUICK_LAYER_SHAPES = LAYER_SHAPES
+MODEL_CASES = [
+    # (model name, input (C, H, W), runs the reference too when not --quick)
+    ("axial_resnet_s", (3, 224, 224), True),
+    ("axial_deeplab_s", (3, 1025, 2049), False),
+    ("axial_deeplab_l", (3, 1025, 2049), False),
+]
+QUICK_MODEL_CASES = [("axial_resnet_s", (3, 224, 224), True), ("axial_deeplab_s", (3, 1025, 2049), False)]
+
+
+@dataclass
+class Result:
+    group: str  # "layer pair", "model", "post-processing"
+    case: str  # shape or model name
+    mode: str  # "eval" or "train"
+    impl: str
+    median_ms: Optional[float] = None
+    cpu_ms: Optional[float] = None  # median process CPU time (steadier on a shared machine)
+    runs: int = 0
+    peak_mib: Optional[float] = None
+    vs_conv: Optional[float] = None
+    vs_reference: Optional[float] = None
+    note: str = ""
+    times_ms: List[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1):
+    """Median wall and process-CPU milliseconds of ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        _sync(device)
+        walls.append((time.perf_counter() - t0) * 1e3)
+        cpus.append((time.process_time() - c0) * 1e3)
+    return statistics.median(walls), statistics.median(cpus), walls
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """High-water mark of memory allocated during one call of ``fn`` (see module doc)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+# --------------------------------------------------------------------------- building blocks
+def set_attention_impl(module: nn.Module, impl: str) -> int:
+    """Point every axial-attention layer of ``module`` at ``impl``; returns how many."""
+    from ..layers import PositionSensitiveAxialAttention
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, PositionSensitiveAxialAttention):
+            m.impl = impl
+            count += 1
+    return count
+
+
+def layer_pair(channels: int, impl: str = "auto", **kwargs) -> nn.Sequential:
+    """Height then width axial attention of the same width (the pair inside an axial block)."""
+    from ..layers import PositionSensitiveAxialAttention
+
+    return nn.Sequential(
+        PositionSensitiveAxialAttention(channels, channels, axis="height", impl=impl, **kwargs),
+        PositionSensitiveAxialAttention(channels, channels, axis="width", impl=impl, **kwargs),
+    )
+
+
+def attention_impls(device: torch.device) -> List[str]:
+    """The reference and every registered fast path usable on ``device``."""
+    from ..layers import available_attention_impls
+
+    names = ["reference"] + [n for n in available_attention_impls() if n != "reference"]
+    usable = []
+    for name in names:
+        if name.startswith("triton") and device.type != "cuda":
+            continue
+        usable.append(name)
+    return usable
+
+
+def _step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
+    if mode == "eval":
+        def run():
+            with torch.no_grad():
+                return module(x)
+    else:
+        def run():
+            xg = x.detach().requires_grad_(True)
+            module(xg).sum().backward()
+            module.zero_grad(set_to_none=True)
+    return run
+
+
+def _measure(group, case, mode, impl, fn, repeats, device, with_memory=True, warmup=1) -> Result:
+    res = Result(group, case, mode, impl)
+    try:
+        res.median_ms, res.cpu_ms, res.times_ms = time_runs(fn, repeats, device, warmup=warmup)
+        res.runs = repeats
+        if with_memory:
+            res.peak_mib = peak_memory_bytes(fn, device) / 2 ** 20
+    except Exception as e:  # e.g. out of memory at a large shape: report it, run the other cases
+        res.note = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:70]}"
+    return res
+
+
+def _fill_ratios(rows: List[Result], clock: str = "wall") -> None:
+    """Ratios from the median wall times, or the median process-CPU times (``clock="cpu"``:
+    steadier when other processes share the cores)."""
+    def t(r):
+        return r.median_ms if clock == "wall" else r.cpu_ms
+
+    by_key: Dict[tuple, Dict[str, Result]] = {}
+    for r in rows:
+        by_key.setdefault((r.group, r.case, r.mode), {})[r.impl] = r
+    for impls in by_key.values():
+        conv, ref = impls.get("conv3x3"), impls.get("reference")
+        for r in impls.values():
+            if t(r) is None:
+                continue
+            if conv is not None and t(conv):
+                r.vs_conv = t(r) / t(conv)
+            if ref is not None and t(ref):
+                r.vs_reference = t(ref) / t(r)
+
+
+# --------------------------------------------------------------------------- suites
+def bench_layers(device: torch.device, shapes=LAYER_SHAPES, modes=("eval", "train"),
+                 impls: Optional[Sequence[str]] = None, repeats: int = 5, with_memory: bool = True,
+                 log=print, clock: str = "wall") -> List[Result]:
+    impls = list(impls) if impls is not None else attention_impls(device)
+    rows: List[Result] = []
+    for shape in shapes:
+        b, c, h, w = shape
+        case = "x".join(map(str, shape))
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=gen).to(device)
+        torch.manual_seed(0)
+        pair = layer_pair(c).to(device)
+        conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
+        for mode in modes:
+            pair.train(mode == "train")
+            conv.train(mode == "train")
+            rows.append(_measure("layer pair", case, mode, "conv3x3", _step(conv, x, mode), repeats, device,
+                                 with_memory))
+            log(_progress(rows[-1]))
+            for impl in impls:
+                if impl == "memory_efficient" and mode == "eval":
+                    continue  # same forward as "fast"; it differs only in the backward
+                set_attention_impl(pair, impl)
+                rows.append(_measure("layer pair", case, mode, impl, _step(pair, x, mode), repeats, device,
+                                     with_memory))
+                log(_progress(rows[-1]))
+    _fill_ratios(rows, clock)
+    return rows
+
+
+def bench_models(device: torch.device, cases=MODEL_CASES, impls: Optional[Sequence[str]] = None,
+                 repeats: int = 3, with_memory: bool = True, log=print, clock: str = "wall") -> List[Result]:
+    """Whole-model inference. Models come from ``axial_deeplab.create_model``; a model that
+    is not registered (yet) is reported as skipped."""
+    from .. import create_model, list_models
+
+    impls = [i for i in (impls if impls is not None else attention_impls(device)) if i != "memory_efficient"]
+    rows: List[Result] = []
+    available = set(list_models())
+    for name, (c, h, w), with_reference in cases:
+        case = f"{name} {h}x{w}"
+        if name not in available:
+            rows.append(Result("model", case, "eval", "-", note=f"skipped: model {name!r} is not registered"))
+            log(_progress(rows[-1]))
+            continue
+        torch.manual_seed(0)
+        model = create_model(name).to(device).eval()
+        x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+        for impl in impls:
+            if impl == "reference" and not with_reference:
+                rows.append(Result("model", case, "eval", impl,
+                                   note="skipped: the reference's L x L tensors at this size take minutes"))
+                log(_progress(rows[-1]))
+                continue
+            set_attention_impl(model, impl)
+            big = h * w > 512 * 512
+            rows.append(_measure("model", case, "eval", impl, _step(model, x, "eval"),
+                                 1 if big else repeats, device, with_memory and not big,
+                                 warmup=0 if big else 1))
+            log(_progress(rows[-1]))
+        del model
+    _fill_ratios(rows, clock)
+    return rows
+
+
+def bench_postprocess(device: torch.device, height: int = 1025, width: int = 2049, centers: int = 200,
+                      repeats: int = 3, with_loop: bool = True, log=print, clock: str = "wall") -> List[Result]:
+    """Panoptic post-processing alone (vectorised, and the per-instance loop version)."""
+    try:
+        from ..postprocess import panoptic_inference, panoptic_inference_reference
+    except ImportError as e:
+        row = Result("post-processing", f"{height}x{width}", "eval", "-", note=f"skipped: {e}")
+        log(_progress(row))
+        return [row]
+    probs, heat, offsets, thing_ids = synthetic_panoptic_outputs(height, width, centers)
+    probs, heat, offsets = probs.to(device), heat.to(device), offsets.to(device)
+    case = f"{height}x{width}, {centers} centers"
+    rows = [_measure("post-processing", case, "eval", "vectorised",
+                     lambda: panoptic_inference(probs, heat, offsets, thing_ids, top_k=centers),
+                     repeats, device)]
+    log(_progress(rows[-1]))
+    if with_loop:
+        rows.append(_measure("post-processing", case, "eval", "reference",
+                             lambda: panoptic_inference_reference(probs[0].cpu(), heat[0].cpu(), offsets[0].cpu(),
+                                                                  thing_ids, top_k=centers),
+                             1, device, with_memory=False, warmup=0))
+        log(_progress(rows[-1]))
+    _fill_ratios(rows, clock)
+    return rows
+
+
+def synthetic_panoptic_outputs(height: int, width: int, centers: int, num_classes: int = 19, seed: int = 0):
+    """Network-like outputs: class probabilities with thing boxes, a heatmap with one
+    Gaussian peak per box and offsets pointing at the box centers."""
+    gen = torch.Generator().manual_seed(seed)
+    thing_ids = list(range(11, 19))
+    labels = torch.full((height, width), 0, dtype=torch.long)
+    labels[: height // 3] = 10
+    heat = torch.zeros(height, width)
+    offsets = torch.zeros(2, height, width)
+    cols = max(1, int(round((centers * width / height) ** 0.5)))
+    rows = -(-centers // cols)
+    cell_h, cell_w = height // rows, width // cols
+    yy = torch.arange(height, dtype=torch.float32)[:, None]
+    xx = torch.arange(width, dtype=torch.float32)[None, :]
+    for i in range(centers):
+        r, c = divmod(i, cols)
+        y0, x0 = r * cell_h + cell_h // 4, c * cell_w + cell_w // 4
+        y1, x1 = y0 + cell_h // 2, x0 + cell_w // 2
+        cls = thing_ids[i % len(thing_ids)]
+        labels[y0:y1, x0:x1] = cls
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        ys, xs = slice(max(0, int(cy) - 24), int(cy) + 25), slice(max(0, int(cx) - 24), int(cx) + 25)
+        heat[ys, xs] = torch.maximum(heat[ys, xs], torch.exp(-((yy[ys] - cy) ** 2 + (xx[:, xs] - cx) ** 2) / 128))
+        offsets[0, y0:y1, x0:x1] = cy - yy[y0:y1]
+        offsets[1, y0:y1, x0:x1] = cx - xx[:, x0:x1]
+    logits = torch.nn.functional.one_hot(labels, num_classes).permute(2, 0, 1).float() * 4
+    logits += torch.randn(logits.shape, generator=gen)
+    return logits.softmax(0)[None], heat[None, None], offsets[None], thing_ids
+
+
+# --------------------------------------------------------------------------- reporting
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _progress(r: Result) -> str:
+    if r.median_ms is None:
+        return f"  {r.group:15s} {r.case:28s} {r.mode:5s} {r.impl:17s} {r.note}"
+    return (f"  {r.group:15s} {r.case:28s} {r.mode:5s} {r.impl:17s} {r.median_ms:10.1f} ms"
+            f"  peak {_fmt(r.peak_mib, '.0f')} MiB")
+
+
+def format_table(rows: List[Result]) -> str:
+    head = (f"{'group':15s} {'case':28s} {'mode':5s} {'impl':17s} {'median ms':>10s} {'cpu ms':>9s} "
+            f"{'x conv':>7s} {'ref/this':>8s} {'peak MiB':>9s}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.group:15s} {r.case:28s} {r.mode:5s} {r.impl:17s} {_fmt(r.median_ms, '10.1f'):>10s} "
+                     f"{_fmt(r.cpu_ms, '9.1f'):>9s} {_fmt(r.vs_conv, '7.2f'):>7s} "
+                     f"{_fmt(r.vs_reference, '8.2f'):>8s} {_fmt(r.peak_mib, '9.1f'):>9s}  {r.note}")
+    return "\n".join(lines)
+
+
+def machine_info(device: torch.device) -> Dict[str, object]:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_json_atomic(path: str, payload) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".benchmark-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- CLI
+SECTIONS = ("layers", "models", "postprocess")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "benchmark",
+        help="time axial attention (reference, fast paths) against a 3x3 conv, models and post-processing",
+        description=(
+            "Times, in one process and on the same inputs, the reference axial attention, every fast path "
+            "and a 3x3 conv of the same width (height+width layer pairs, eval forward and train "
+            "forward+backward), whole models (Axial-ResNet-S 224, Axial-DeepLab-S/-L 1025x2049 inference) "
+            "and the panoptic post-processing. Prints medians, ratios and peak memory."
+        ),
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats, skip Axial-DeepLab-L and the slow reference/loop baselines of the "
+                        "big cases (about 2 minutes on 2 CPU cores)")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10, --quick 3)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    p.add_argument("--impls", nargs="+", default=None,
+                   help="attention implementations to time (default: reference and every registered fast path)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time the ratios use: median wall time, or median process CPU time (steadier when "
+                        "other processes share the cores; with --threads 1 it is the single-core time)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from ..layers import available_attention_impls
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to PyTorch")
+    if args.repeats is not None and args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.impls:
+        unknown = sorted(set(args.impls) - set(available_attention_impls()))
+        if unknown:
+            raise UserError(f"--impls: unknown implementation(s) {unknown}; available: {available_attention_impls()}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = args.repeats or (3 if args.quick else 10)
+    info = machine_info(device)
+    print(f"axial-deeplab benchmark on {info['cpu']} ({info['torch_threads']} threads), torch {info['torch']}, "
+          f"device {device}{' (quick)' if args.quick else ''}", flush=True)
+    start = time.perf_counter()
+    rows: List[Result] = []
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if "layers" in args.only:
+        rows += bench_layers(device, QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES, impls=args.impls,
+                             repeats=repeats, with_memory=not args.no_memory, log=log, clock=args.clock)
+    if "models" in args.only:
+        rows += bench_models(device, QUICK_MODEL_CASES if args.quick else MODEL_CASES, impls=args.impls,
+                             repeats=max(1, repeats // 3) if args.quick else repeats,
+                             with_memory=not args.no_memory, log=log, clock=args.clock)
+    if "postprocess" in args.only:
+        rows += bench_postprocess(device, repeats=repeats, with_loop=not args.quick, log=log, clock=args.clock)
+    elapsed = time.perf_counter() - start
+    print()
+    print(format_table(rows))
+    print(f"\n{len(rows)} cases in {elapsed:.0f} s. Ratios from median {args.clock} times: 'x conv' = this / "
+          "conv3x3 on the same input; 'ref/this' = reference / this.")
+    if args.json_out:
+        write_json_atomic(args.json_out, {"machine": info, "quick": bool(args.quick), "clock": args.clock,
+                                          "seconds": elapsed,
+                                          "results": [asdict(r) for r in rows]})
+        print(f"wrote {args.json_out}")
+    return 0

@@ -1,0 +1,82 @@
+"""``axial-deeplab evaluate --checkpoint CKPT``: score a trained model on a dataset split and
+print the PQ/SQ/RQ (All/Things/Stuff), mIoU and AP summary."""
+from __future__ import annotations
+
+EPILOG = """examples:
+  axial-deeplab evaluate --checkpoint runs/cityscapes_axial_deeplab_l data.root=/data/cityscapes
+  axial-deeplab evaluate --checkpoint runs/x/checkpoints/best --per-class eval.scales=[0.75,1.0,1.25] eval.flip=true
+  torchrun --nproc-per-node 4 -m axial_deeplab.cli evaluate --checkpoint runs/x --config configs/x.yaml
+"""
+
+
+def register(subparsers):
+    import argparse
+
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate a checkpoint (PQ/SQ/RQ, mIoU, AP or top-1/top-5)",
+        description="Evaluate a checkpoint on the config's eval split. The config saved with the checkpoint is "
+                    "used unless --config is given; KEY=VALUE overrides apply on top (e.g. data.root=..., "
+                    "eval.compute_ap=true, eval.scales=[0.5,1.0,1.5] eval.flip=true for test-time augmentation).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, its model.safetensors, or a run folder (uses best/, else newest)")
+    p.add_argument("--config", "-c", default=None, help="config file (default: the one saved with the checkpoint)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides with dotted keys")
+    p.add_argument("--split", default=None, help="dataset split (default: data.eval_split)")
+    p.add_argument("--per-class", action="store_true", help="also print PQ and IoU per class")
+    p.add_argument("--ap", action="store_true", help="also compute COCO mask AP (same as eval.compute_ap=true)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
+    p.add_argument("--overlays", default=None, metavar="DIR", help="write input/prediction/ground-truth pictures")
+    p.add_argument("--num-overlays", type=int, default=8, help="how many pictures for --overlays (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    from ..engine.builders import build_dataset
+    from ..engine.checkpoint import atomic_write_json
+    from ..engine.distributed import cleanup_distributed, is_main_process
+    from ..engine.evaluate import evaluate_model, format_results
+    from ..engine.predict import load_checkpoint_model
+    from ..engine.train import setup_runtime
+
+    overrides = list(args.overrides)
+    if args.ap:
+        overrides.append("eval.compute_ap=true")
+    from ..engine.checkpoint import checkpoint_config_path, resolve_checkpoint
+    from ..engine.config import load_config
+
+    cfg_path = args.config or checkpoint_config_path(resolve_checkpoint(args.checkpoint))
+    pre = load_config(cfg_path, overrides) if cfg_path else None
+    env, device = setup_runtime(pre) if pre is not None else (None, None)
+    if device is None:
+        import torch
+
+        device = torch.device("cpu")
+    try:
+        model, cfg, metadata = load_checkpoint_model(args.checkpoint, device, args.config, overrides)
+        split = args.split or cfg.data.eval_split
+        dataset = build_dataset(cfg, split)
+        kw = {}
+        if cfg.experiment.task == "panoptic" and args.overlays:
+            kw = {"overlay_dir": args.overlays, "num_overlays": args.num_overlays}
+        metrics = evaluate_model(model, dataset, cfg, device, metadata=metadata,
+                                 progress=not args.no_progress and is_main_process(), desc=f"evaluate {split}",
+                                 max_images=args.max_images, **kw)
+        if is_main_process():
+            print(f"{cfg.model.name} on {cfg.data.dataset}/{split}:")
+            print(format_results(metrics, metadata, per_class=args.per_class or cfg.eval.per_class))
+            if args.json:
+                clean = {k: v for k, v in metrics.items() if not k.startswith("_")}
+                if "_pq_results" in metrics:
+                    clean["panoptic"] = metrics["_pq_results"]
+                atomic_write_json(args.json, json.loads(json.dumps(clean, default=float)))
+                print(f"metrics written to {args.json}")
+            if args.overlays:
+                print(f"pictures written to {args.overlays}")
+    finally:
+        cleanup_distributed()
+    return 0

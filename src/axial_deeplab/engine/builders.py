@@ -1,0 +1,171 @@
+"""From a :class:`~axial_deeplab.engine.config.Config` to the objects a run needs: datasets
+in their official layouts, transform pipelines, the model, and the loss. The only place
+where config keys meet the data and model packages, so the loops stay generic.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Optional
+
+from .config import Config, ConfigError
+
+__all__ = [
+    "DATASETS",
+    "build_dataset",
+    "dataset_metadata",
+    "build_train_transform",
+    "build_eval_transform",
+    "build_model",
+    "build_loss",
+    "model_kwargs_for",
+    "INPUT_DIVISOR",
+]
+
+DATASETS = ("synthetic", "cityscapes", "coco", "mapillary", "coco_panoptic", "imagenet")
+
+# Evaluation inputs are padded to a multiple of this (the backbone's largest stride).
+INPUT_DIVISOR = 32
+
+
+def _need_root(cfg: Config) -> str:
+    root = cfg.data.root
+    if not root:
+        raise ConfigError(f"data.root: the {cfg.data.dataset!r} dataset needs its root folder (data.root=PATH)")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root: folder not found: {root}")
+    return root
+
+
+def build_dataset(cfg: Config, split: str, transform: Optional[Callable] = None):
+    """The raw dataset of ``split`` (transforms are applied by the engine's wrapper unless
+    ``transform`` is given here)."""
+    name = cfg.data.dataset
+    opts: Dict[str, Any] = dict(cfg.data.options)
+    if name == "synthetic":
+        from ..data.synthetic import SyntheticPanoptic
+
+        split_opts = opts.pop(split, {}) if isinstance(opts.get(split), dict) else {}
+        for other in ("train", "val"):
+            if isinstance(opts.get(other), dict):
+                opts.pop(other)
+        opts.update(split_opts)
+        return SyntheticPanoptic(split=split, transform=transform, **opts)
+    if name == "cityscapes":
+        from ..data.cityscapes import CityscapesPanoptic
+
+        return CityscapesPanoptic(_need_root(cfg), split=split, transform=transform, **opts)
+    if name == "coco":
+        from ..data.coco import CocoPanoptic
+
+        return CocoPanoptic(_need_root(cfg), split=split, transform=transform, **opts)
+    if name == "mapillary":
+        from ..data.mapillary import MapillaryVistasPanoptic
+
+        return MapillaryVistasPanoptic(_need_root(cfg), split=split, transform=transform, **opts)
+    if name == "coco_panoptic":
+        from ..data.coco import CocoPanopticDataset
+
+        spec = opts.get(split)
+        if not isinstance(spec, dict) or not {"image_dir", "json_path", "png_dir"} <= set(spec):
+            raise ConfigError(
+                f"data.options.{split}: a custom COCO-panoptic dataset needs image_dir, json_path and png_dir "
+                f"for split {split!r} (paths relative to data.root if set)"
+            )
+        root = cfg.data.root or ""
+        kw = {k: v for k, v in spec.items() if k not in ("image_dir", "json_path", "png_dir")}
+        for k in ("label_divisor", "ignore_label", "name"):
+            if k in opts and k not in kw:
+                kw[k] = opts[k]
+        return CocoPanopticDataset(os.path.join(root, spec["image_dir"]), os.path.join(root, spec["json_path"]),
+                                   os.path.join(root, spec["png_dir"]), transform=transform, **kw)
+    if name == "imagenet":
+        from ..data.image_folder import ImageFolderDataset
+
+        folder = os.path.join(_need_root(cfg), split)
+        return ImageFolderDataset(folder, transform=transform, **opts)
+    raise ConfigError(f"data.dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def dataset_metadata(dataset):
+    md = getattr(dataset, "metadata", None)
+    if md is None:
+        raise ValueError(f"{type(dataset).__name__} has no .metadata")
+    return md
+
+
+def _target_generator(cfg: Config, metadata):
+    from ..data.targets import PanopticTargetGenerator
+
+    t = cfg.targets
+    return PanopticTargetGenerator(
+        metadata.thing_ids,
+        ignore_label=metadata.ignore_label,
+        sigma=t.sigma,
+        small_instance_area=t.small_instance_area,
+        small_instance_weight=t.small_instance_weight,
+        ignore_crowd_in_semantic=t.ignore_crowd_in_semantic,
+    )
+
+
+def build_train_transform(cfg: Config, metadata=None) -> Callable:
+    d = cfg.data
+    if cfg.experiment.task == "classification":
+        from ..data.transforms import build_classification_transforms
+
+        return build_classification_transforms(d.crop_size[0], train=True)
+    from ..data.transforms import Compose, Resize, build_train_transforms
+
+    pipeline = build_train_transforms(
+        d.crop_size, min_scale=d.min_scale, max_scale=d.max_scale, scale_step=d.scale_step, flip=d.flip,
+        jitter=d.photometric, ignore_label=metadata.ignore_label, extra=[_target_generator(cfg, metadata)],
+    )
+    if d.resize_long_side:
+        pipeline = Compose([Resize(long_side=d.resize_long_side)] + list(pipeline.transforms))
+    return pipeline
+
+
+def build_eval_transform(cfg: Config, metadata=None, with_targets: bool = False) -> Callable:
+    d = cfg.data
+    if cfg.experiment.task == "classification":
+        from ..data.transforms import build_classification_transforms
+
+        return build_classification_transforms(d.crop_size[0], train=False)
+    from ..data.transforms import build_eval_transforms
+
+    extra = [_target_generator(cfg, metadata)] if with_targets else []
+    # A fixed evaluation size (e.g. Cityscapes 1025x2049) is used as is; otherwise pad to the stride.
+    divisor = None if d.eval_size else INPUT_DIVISOR
+    return build_eval_transforms(long_side=d.resize_long_side, pad_to=d.eval_size, divisor=divisor,
+                                 ignore_label=metadata.ignore_label, extra=extra)
+
+
+def model_kwargs_for(cfg: Config, metadata=None, num_classes: Optional[int] = None) -> Dict[str, Any]:
+    kw = dict(cfg.model.kwargs)
+    if cfg.experiment.task == "panoptic":
+        kw.setdefault("metadata", metadata)
+    elif num_classes is not None:
+        kw.setdefault("num_classes", num_classes)
+    return kw
+
+
+def build_model(cfg: Config, metadata=None, num_classes: Optional[int] = None):
+    from ..models import create_model
+
+    kwargs = model_kwargs_for(cfg, metadata, num_classes)
+    try:
+        return create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs: {cfg.model.name} does not accept these arguments ({e})") from None
+
+
+def build_loss(cfg: Config, metadata=None):
+    if cfg.experiment.task == "classification":
+        import torch
+
+        return torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
+    from ..losses import PanopticDeepLabLoss
+
+    l = cfg.loss
+    return PanopticDeepLabLoss(ignore_label=metadata.ignore_label, top_k_fraction=l.semantic_top_k,
+                               semantic_weight=l.semantic_weight, center_weight=l.center_weight,
+                               offset_weight=l.offset_weight)

@@ -1,0 +1,285 @@
+"""Distributed training under ``torchrun``: environment detection, process-group set-up
+(NCCL on GPU, gloo on CPU), synchronised BatchNorm, and helpers for rank-0-only writes
+and for reducing metric statistics across processes.
+
+PyTorch's ``nn.SyncBatchNorm`` only runs on accelerators, so on CPU (gloo) the models get
+:class:`GlobalBatchNorm`, which all-reduces the per-channel statistics with autograd-aware
+collectives. Either way a batch of B images split over N processes normalises exactly like
+one process seeing all B.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistEnv",
+    "detect_env",
+    "init_distributed",
+    "cleanup_distributed",
+    "is_dist",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "barrier",
+    "broadcast_object",
+    "all_gather_objects",
+    "all_reduce_tensor",
+    "reduce_evaluator_states",
+    "GlobalBatchNorm",
+    "convert_sync_batchnorm",
+    "wrap_ddp",
+    "split_batch_size",
+]
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_env() -> DistEnv:
+    """Read torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
+    def _int(name, default):
+        v = os.environ.get(name)
+        return int(v) if v not in (None, "") else default
+
+    world = _int("WORLD_SIZE", 1)
+    return DistEnv(rank=_int("RANK", 0), world_size=world, local_rank=_int("LOCAL_RANK", 0),
+                   local_world_size=_int("LOCAL_WORLD_SIZE", world))
+
+
+def init_distributed(device_kind: str = "auto", timeout_s: float = 1800.0) -> tuple:
+    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1).
+
+    Returns ``(env, device)``. GPU processes use NCCL and ``cuda:LOCAL_RANK``; CPU processes
+    use gloo. Safe to call in a single process (no group is created).
+    """
+    env = detect_env()
+    use_cuda = torch.cuda.is_available() if device_kind == "auto" else device_kind.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("experiment.device asks for CUDA but no GPU is available")
+    if use_cuda:
+        if device_kind.startswith("cuda:"):
+            device = torch.device(device_kind)
+        else:
+            device = torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {}
+        if device.type == "cuda":
+            kwargs["device_id"] = device
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        except TypeError:  # older torch without device_id
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return env, device
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    if not is_dist():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_tensor(t: torch.Tensor, op=None, average: bool = False) -> torch.Tensor:
+    """Sum (or average) a tensor over processes; returns the input unchanged when alone."""
+    if not is_dist():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    if average:
+        t = t / dist.get_world_size()
+    return t
+
+
+def reduce_evaluator_states(evaluator) -> None:
+    """Merge every process's evaluator statistics into every process's evaluator.
+
+    Uses the evaluator's ``state()`` / ``merge(state)`` (sums of counts), so the result
+    equals one process evaluating the whole dataset.
+    """
+    if not is_dist():
+        return
+    states = all_gather_objects(evaluator.state())
+    me = get_rank()
+    for r, st in enumerate(states):
+        if r != me:
+            evaluator.merge(st)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose gradient is again the sum over processes (every process's
+    loss depends on the summed value)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(t)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the batch of all processes.
+
+    Mean and variance come from all-reduced per-channel sums (two passes: the mean, then
+    the squared deviations), through a differentiable all-reduce so gradients
+    flow across processes exactly as in single-process BatchNorm on the whole batch.
+    Running statistics use the unbiased global variance, like ``nn.BatchNorm``. Outside a
+    process group, or in eval mode, it is plain BatchNorm.
+    """
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm: expected at least 2-D input, got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not (self.training and is_dist()):
+            return super().forward(x)
+        ar = differentiable_all_reduce
+        c = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, c] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count_local = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+        total = ar(torch.cat([xf.sum(dims), count_local]))
+        n = total[-1]
+        mean = total[:c] / n
+        centered = xf - mean.view(shape)
+        var = ar(centered.pow(2).sum(dims)) / n
+        y = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    m = 1.0 / float(self.num_batches_tracked)
+                else:
+                    m = self.momentum
+                unbiased = var.detach() * (n.detach() / torch.clamp(n.detach() - 1, min=1))
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm with the synchronised kind for ``device``: PyTorch's
+    SyncBatchNorm on GPU, :class:`GlobalBatchNorm` on CPU. Parameters, buffers and
+    hyper-parameters are carried over."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert_cpu(model)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        if module.track_running_stats:
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+    for name, child in module.named_children():
+        out.add_module(name, _convert_cpu(child))
+    return out
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel when in a process group, the model itself otherwise."""
+    if not is_dist():
+        return model
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index,
+                                                   find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+
+
+def split_batch_size(global_batch: int, world_size: int, what: str = "solver.batch_size") -> int:
+    """Per-process batch for a global batch; the global batch must divide evenly."""
+    if global_batch % world_size:
+        raise ValueError(f"{what}={global_batch} is the global batch and must be divisible by the number of "
+                         f"processes ({world_size})")
+    return global_batch // world_size
+
+
+def run_on_main(fn: Callable, *args, **kwargs) -> Optional[Any]:
+    """Call ``fn`` on rank 0 only (file writes), then wait for everyone."""
+    result = fn(*args, **kwargs) if is_main_process() else None
+    barrier()
+    return result

@@ -1,0 +1,266 @@
+"""Evaluation over a dataset: the model's raw outputs (optionally with test-time
+augmentation), the panoptic merge, and streaming PQ / mIoU / mask AP (panoptic) or
+top-1 / top-5 (classification). Every process scores its own shard and the statistics
+are summed across processes, so N processes report what one would.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from .builders import build_eval_transform, dataset_metadata
+from .config import Config
+from .distributed import get_rank, get_world_size, is_main_process, reduce_evaluator_states
+from .sampling import SeededDataset, ShardSampler
+
+__all__ = [
+    "raw_outputs",
+    "postprocess_outputs",
+    "evaluate_model",
+    "evaluate_panoptic",
+    "evaluate_classification",
+    "format_results",
+    "write_overlay",
+]
+
+
+def raw_outputs(model, images: torch.Tensor, cfg: Config) -> Dict[str, torch.Tensor]:
+    """Train-style outputs (semantic_logits, center_heatmap, offset_map) in eval mode, with
+    multi-scale / flip test-time augmentation when ``eval.scales`` / ``eval.flip`` ask for it."""
+    scales = [float(s) for s in cfg.eval.scales]
+    if scales == [1.0] and not cfg.eval.flip:
+        return model.predict_raw(images)
+    from ..tta import tta_raw_outputs
+
+    return tta_raw_outputs(model, images, scales=scales, flip=cfg.eval.flip)
+
+
+def postprocess_outputs(raw: Dict[str, torch.Tensor], metadata, cfg: Config, full: bool = False) -> List[Any]:
+    """Panoptic maps (or the full merge dicts with ``full``) for a batch of raw outputs."""
+    from ..postprocess import panoptic_inference
+
+    e = cfg.eval
+    results = panoptic_inference(
+        raw["semantic_logits"], raw["center_heatmap"], raw["offset_map"], metadata.thing_ids,
+        label_divisor=metadata.label_divisor, stuff_area=e.stuff_area, threshold=e.threshold,
+        nms_kernel=e.nms_kernel, top_k=e.top_k, void_label=-1, semantic_is_probs=False,
+    )
+    return results if full else [r["panoptic"] for r in results]
+
+
+def _instances_for_ap(result: Dict[str, Any], h: int, w: int) -> Dict[str, Any]:
+    pan = result["panoptic"][:h, :w]
+    inst = result["instances"]
+    ids = torch.as_tensor(inst["ids"]).to(pan.device)
+    masks = pan[None] == ids.view(-1, 1, 1) if ids.numel() else torch.zeros((0, h, w), dtype=torch.bool)
+    return {"masks": masks.cpu(), "classes": torch.as_tensor(inst["classes"]).cpu(),
+            "scores": torch.as_tensor(inst["scores"]).float().cpu()}
+
+
+def write_overlay(path: str, image, panoptic, gt_sample: Optional[Dict[str, Any]], metadata) -> str:
+    """Input | prediction overlay | ground-truth overlay (when labels are given) as one PNG."""
+    from .visualize import make_panel, overlay_panoptic, panoptic_from_labels, save_png
+
+    pal, div, things = metadata.palette(), metadata.label_divisor, metadata.thing_ids
+    pics = [image, overlay_panoptic(image, panoptic, pal, div, things)]
+    titles = ["input", "prediction"]
+    if gt_sample is not None:
+        gt = panoptic_from_labels(gt_sample["semantic"], gt_sample["instance"], div, metadata.ignore_label)
+        pics.append(overlay_panoptic(image, gt, pal, div, things))
+        titles.append("ground truth")
+    return save_png(path, make_panel(pics, titles))
+
+
+class _KeepOriginalLabels:
+    """Runs the evaluation transform but keeps the untransformed label maps, so a model fed
+    resized images (data.resize_long_side) is still scored at the dataset's resolution."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, sample):
+        out = self.transform(sample)
+        for key in ("semantic", "instance", "crowd"):
+            out[f"orig_{key}"] = sample[key]
+        return out
+
+
+def resize_nearest(label: torch.Tensor, size) -> torch.Tensor:
+    """(H, W) map -> ``size`` with nearest neighbour (half-pixel centres)."""
+    h, w = int(size[0]), int(size[1])
+    if tuple(label.shape[-2:]) == (h, w):
+        return label
+    iy = torch.floor((torch.arange(h, dtype=torch.float64) + 0.5) * (label.shape[-2] / h)).long()
+    ix = torch.floor((torch.arange(w, dtype=torch.float64) + 0.5) * (label.shape[-1] / w)).long()
+    return label[iy.clamp_(0, label.shape[-2] - 1)][:, ix.clamp_(0, label.shape[-1] - 1)]
+
+
+def _valid_hw(batch, i: int, full_hw):
+    vs = batch.get("valid_size")
+    if vs is not None:
+        v = vs[i]
+        return int(v[0]), int(v[1])
+    return full_hw
+
+
+def _samples_of(batch) -> List[int]:
+    img = batch["image"]
+    return list(range(len(img)))
+
+
+@torch.no_grad()
+def evaluate_panoptic(model, dataset, cfg: Config, device, metadata=None, progress: bool = True,
+                      desc: str = "eval", overlay_dir: Optional[str] = None, num_overlays: int = 0,
+                      max_images: Optional[int] = None) -> Dict[str, Any]:
+    """PQ/SQ/RQ (All, Things, Stuff, per class), mIoU and optionally mask AP, in percent."""
+    from tqdm.auto import tqdm
+
+    from ..data.collate import collate_panoptic
+    from ..evaluation import InstanceAP, PanopticQuality, SemanticIoU
+
+    metadata = metadata or dataset_metadata(dataset)
+    model.eval()
+    transform = build_eval_transform(cfg, metadata)
+    at_original_size = bool(cfg.data.resize_long_side)
+    if at_original_size:
+        transform = _KeepOriginalLabels(transform)
+    wrapped = SeededDataset(dataset, transform)
+    limit = max_images if max_images is not None else cfg.eval.max_images
+    sampler = ShardSampler(len(dataset), get_rank(), get_world_size(), limit=limit)
+    workers = cfg.data.eval_num_workers if cfg.data.eval_num_workers is not None else cfg.data.num_workers
+    loader = DataLoader(wrapped, batch_size=cfg.eval.batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_panoptic, generator=torch.Generator(),
+                        pin_memory=device.type == "cuda")
+    pq = PanopticQuality(metadata)
+    miou = SemanticIoU(metadata.num_classes, metadata.ignore_label, metadata.class_names)
+    ap = InstanceAP(metadata) if cfg.eval.compute_ap else None
+    written = 0
+    n_images = 0
+    for batch in tqdm(loader, desc=desc, unit="img" if cfg.eval.batch_size == 1 else "batch",
+                      disable=not progress, dynamic_ncols=True, leave=False):
+        images = batch["image"]
+        if isinstance(images, list):  # different sizes: one at a time
+            groups = [(img[None], [i]) for i, img in enumerate(images)]
+        else:
+            groups = [(images, _samples_of(batch))]
+        for imgs, idxs in groups:
+            raw = raw_outputs(model, imgs.to(device, non_blocking=True), cfg)
+            results = postprocess_outputs(raw, metadata, cfg, full=True)
+            for r, i in zip(results, idxs):
+                h, w = _valid_hw(batch, i, tuple(imgs.shape[-2:]))
+                pan = r["panoptic"][:h, :w].cpu()
+                sem_pred = r["semantic"][:h, :w].cpu()
+                image = batch["image"][i][:, :h, :w]
+                if at_original_size:
+                    sem_gt, inst_gt, crowd_gt = (batch[f"orig_{k}"][i] for k in ("semantic", "instance", "crowd"))
+                    size = tuple(sem_gt.shape[-2:])
+                    pan, sem_pred = resize_nearest(pan, size), resize_nearest(sem_pred, size)
+                    r = dict(r, panoptic=pan)
+                    image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear",
+                                                            align_corners=False)[0]
+                    h, w = size
+                else:
+                    sem_gt = batch["semantic"][i][:h, :w]
+                    inst_gt = batch["instance"][i][:h, :w]
+                    crowd_gt = batch["crowd"][i][:h, :w]
+                pq.update(pan, sem_gt, inst_gt, crowd_gt)
+                miou.update(sem_pred, sem_gt)
+                if ap is not None:
+                    ap.update(_instances_for_ap(r, h, w), {"semantic": sem_gt, "instance": inst_gt,
+                                                          "crowd": crowd_gt})
+                if overlay_dir and written < num_overlays and is_main_process():
+                    name = str(batch["image_id"][i])
+                    write_overlay(os.path.join(overlay_dir, f"{name}.png"), image.clamp(0, 1), pan,
+                                  {"semantic": sem_gt, "instance": inst_gt}, metadata)
+                    written += 1
+                n_images += 1
+    for ev in (pq, miou) + ((ap,) if ap is not None else ()):
+        reduce_evaluator_states(ev)
+    n_total = torch.tensor([n_images], dtype=torch.float64)
+    from .distributed import all_reduce_tensor
+
+    n_total = int(all_reduce_tensor(n_total).item())
+    pq_res = pq.compute()
+    miou_res = miou.compute()
+    out: Dict[str, Any] = {"num_images": n_total}
+    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        for k in ("pq", "sq", "rq"):
+            out[f"{k.upper()}{suffix}"] = 100.0 * pq_res[group][k]
+    out["mIoU"] = 100.0 * miou_res["miou"]
+    out["pixel_accuracy"] = 100.0 * miou_res["pixel_accuracy"]
+    if ap is not None:
+        ap_res = ap.compute()
+        for k, v in ap_res.items():
+            if isinstance(v, float) and k.startswith("ap"):
+                out["AP" + k[2:]] = 100.0 * v  # ap -> AP, ap50 -> AP50, ap_small -> AP_small
+    out["_pq_results"] = pq_res
+    out["_miou_results"] = miou_res
+    return out
+
+
+@torch.no_grad()
+def evaluate_classification(model, dataset, cfg: Config, device, progress: bool = True,
+                            desc: str = "eval", max_images: Optional[int] = None) -> Dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from ..evaluation import ClassificationAccuracy
+    from .builders import build_eval_transform as _bet
+
+    model.eval()
+    tf = _bet(cfg)
+    wrapped = SeededDataset(dataset, lambda item: (tf(item[0]), item[1]))
+    limit = max_images if max_images is not None else cfg.eval.max_images
+    sampler = ShardSampler(len(dataset), get_rank(), get_world_size(), limit=limit)
+    workers = cfg.data.eval_num_workers if cfg.data.eval_num_workers is not None else cfg.data.num_workers
+    loader = DataLoader(wrapped, batch_size=max(cfg.eval.batch_size, 1), sampler=sampler, num_workers=workers,
+                        generator=torch.Generator())
+    acc = ClassificationAccuracy(topk=(1, 5))
+    for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        logits = model(images.to(device))
+        acc.update(logits.float().cpu(), labels)
+    reduce_evaluator_states(acc)
+    res = acc.compute()
+    out = {}
+    for k, v in res.items():
+        if k.startswith("top"):
+            out[k] = 100.0 * float(v)
+        elif isinstance(v, (int, float)):
+            out[k] = v
+    return out
+
+
+def evaluate_model(model, dataset, cfg: Config, device, metadata=None, progress: bool = True,
+                   desc: str = "eval", **kw) -> Dict[str, Any]:
+    if cfg.experiment.task == "classification":
+        return evaluate_classification(model, dataset, cfg, device, progress=progress, desc=desc,
+                                       max_images=kw.get("max_images"))
+    return evaluate_panoptic(model, dataset, cfg, device, metadata=metadata, progress=progress, desc=desc, **kw)
+
+
+def format_results(metrics: Dict[str, Any], metadata=None, per_class: bool = False) -> str:
+    """The one-screen summary: PQ/SQ/RQ for All/Things/Stuff (per class on request), mIoU, AP."""
+    lines = []
+    if "_pq_results" in metrics:
+        from ..evaluation import format_pq_table
+
+        names = None
+        if per_class:
+            names = {k: k for k in metrics["_pq_results"]["per_class"]}
+        lines.append(format_pq_table(metrics["_pq_results"], names))
+        extra = [f"mIoU {metrics['mIoU']:.1f}"]
+        if "pixel_accuracy" in metrics:
+            extra.append(f"pixel accuracy {metrics['pixel_accuracy']:.1f}")
+        for k in ("AP", "AP50", "AP75"):
+            if k in metrics:
+                extra.append(f"{k} {metrics[k]:.1f}")
+        lines.append("   ".join(extra) + f"   ({metrics.get('num_images', '?')} images)")
+        if per_class and "_miou_results" in metrics:
+            iou = metrics["_miou_results"].get("per_class", {})
+            lines.append("per-class IoU: " + ", ".join(
+                f"{k} {100 * v:.1f}" for k, v in iou.items() if v == v))
+    else:
+        lines.append("   ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+    return "\n".join(lines)

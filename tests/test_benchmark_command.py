@@ -1,0 +1,57 @@
+"""The benchmark suite's building blocks on tiny inputs, and its command-line checks."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from axial_deeplab.cli import main
+from axial_deeplab.commands import benchmark as bench
+
+
+def test_layer_rows_compare_every_impl_with_conv_and_reference():
+    rows = bench.bench_layers(torch.device("cpu"), shapes=[(1, 16, 6, 5)], repeats=1, log=lambda s: None)
+    got = {(r.mode, r.impl): r for r in rows}
+    assert {impl for (mode, impl) in got if mode == "eval"} == {"conv3x3", "reference", "fast"}
+    assert {impl for (mode, impl) in got if mode == "train"} == {"conv3x3", "reference", "fast", "memory_efficient"}
+    for r in rows:
+        assert r.median_ms > 0 and r.runs == 1 and r.note == ""
+        assert r.peak_mib is not None and r.peak_mib >= 0
+        assert abs(r.vs_conv - r.median_ms / got[(r.mode, "conv3x3")].median_ms) < 1e-9
+        assert abs(r.vs_reference - got[(r.mode, "reference")].median_ms / r.median_ms) < 1e-9
+    assert got[("train", "reference")].peak_mib > 0
+    table = bench.format_table(rows)
+    assert "conv3x3" in table and "memory_efficient" in table
+
+
+def test_peak_memory_sees_a_large_temporary():
+    def make():
+        t = torch.ones(1 << 20)  # 4 MiB, freed when the function returns
+        return float(t.sum())
+
+    assert bench.peak_memory_bytes(make, torch.device("cpu")) >= 4 << 20
+
+
+def test_unregistered_model_is_reported_as_skipped():
+    rows = bench.bench_models(torch.device("cpu"), cases=[("no_such_model", (3, 8, 8), True)], log=lambda s: None)
+    assert len(rows) == 1 and rows[0].note.startswith("skipped") and "no_such_model" in rows[0].note
+
+
+def test_set_attention_impl_reaches_every_layer():
+    pair = bench.layer_pair(16, impl="reference")
+    assert bench.set_attention_impl(pair, "fast") == 2
+    assert all(m.impl == "fast" for m in pair)
+
+
+def test_json_is_written_atomically(tmp_path):
+    path = tmp_path / "sub" / "out.json"
+    bench.write_json_atomic(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert main(["benchmark", "--repeats", "0"]) == 2
+    assert "--repeats" in capsys.readouterr().err
+    assert main(["benchmark", "--impls", "no_such_impl"]) == 2
+    assert "no_such_impl" in capsys.readouterr().err
