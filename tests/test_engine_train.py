@@ -97,10 +97,24 @@ DDP_WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_processes_match_one_process(reference, tmp_path):
+FAST_LOCAL = {"span": 5, "attention_kw": {"impl": "auto"}}  # the default CPU fast path, local span
+
+
+@pytest.mark.parametrize("variant", ["reference-global", "fast-local"])
+def test_two_processes_match_one_process(reference, tmp_path, variant):
+    """DDP over 2 processes equals one process on the global batch. The ``fast-local`` variant
+    checks the similarity-BN statistics the attention math forms itself (in closed form, over
+    in-span pairs) are summed over processes too."""
     from safetensors.torch import load_file
 
-    cfg = _config(tmp_path / "ddp")
+    model_kwargs = dict(TINY["model"]["kwargs"], **(FAST_LOCAL if variant == "fast-local" else {}))
+    if variant == "fast-local":
+        run_dir = tmp_path / "single"
+        single_cfg = _config(run_dir, model={"name": TINY["model"]["name"], "kwargs": model_kwargs})
+        result = train(single_cfg)
+        reference = {"cfg": single_cfg, "run_dir": run_dir, "losses": _losses(run_dir),
+                     "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()}}
+    cfg = _config(tmp_path / "ddp", model={"name": TINY["model"]["name"], "kwargs": model_kwargs})
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

@@ -139,3 +139,9 @@ def test_pretrained_refuses_pickled_objects(tmp_path):
 def test_missing_checkpoint_file():
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         axial_deeplab.create_model("axial26s", pretrained="nope.pt")
+
+
+def test_sized_models_accept_layer_and_width_overrides():
+    model = build_on_meta("axial_resnet_s", layers=(1, 1, 1, 1), width=0.25, features_only=True)
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert model.feature_info.channels() == [64, 128, 256, 512]

@@ -16,6 +16,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from ..layers.sync import differentiable_all_reduce  # noqa: F401  (re-exported)
 from torch import nn
 
 __all__ = [
@@ -166,25 +168,7 @@ def reduce_evaluator_states(evaluator) -> None:
 
 # ----------------------------------------------------------------------------- BatchNorm
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes whose gradient is again the sum over processes (every process's
-    loss depends on the summed value)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
-
-
-def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
-    return _AllReduceSum.apply(t)
+# The differentiable all-reduce lives with the attention layers, which need it too.
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -236,6 +220,11 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Replace every BatchNorm with the synchronised kind for ``device``: PyTorch's
     SyncBatchNorm on GPU, :class:`GlobalBatchNorm` on CPU. Parameters, buffers and
     hyper-parameters are carried over."""
+    from ..layers.axial_attention import PositionSensitiveAxialAttention
+
+    for m in model.modules():  # statistics the attention math forms itself
+        if isinstance(m, PositionSensitiveAxialAttention):
+            m.sync_statistics = True
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return _convert_cpu(model)

@@ -127,6 +127,9 @@ class PositionSensitiveAxialAttention(nn.Module):
         self.use_key_rpe = use_key_rpe
         self.use_value_rpe = use_value_rpe
         self.impl = impl
+        # Set by engine.distributed.convert_sync_batchnorm: sum the similarity-BN statistics,
+        # which the attention math forms itself, over processes (see layers.sync).
+        self.sync_statistics = False
 
         # Per head the projection's channels are laid out [q (d_q), k (d_q), v (d_v)].
         self.qkv = nn.Conv2d(in_channels, 2 * key_channels + out_channels, 1, bias=False)

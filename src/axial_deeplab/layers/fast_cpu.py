@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from . import cpu_kernel
 from .reference import apply_stride, from_sequences, to_sequences
+from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
 __all__ = [
     "axial_attention_fast",
@@ -221,6 +222,10 @@ def similarity_scales(layer, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     heads = layer.num_heads
     if bn.training or bn.running_mean is None:
         sums, sumsq, count = similarity_moments(layer, q, k)
+        if should_sync(layer):  # DDP: statistics of the global batch
+            sums = differentiable_all_reduce(sums)
+            sumsq = differentiable_all_reduce(sumsq)
+            count = all_reduce_count(count)
         mean = sums / count
         var = (sumsq / count - mean * mean).clamp(min=0.0)  # biased, as BN normalises with
         if bn.training and bn.track_running_stats and bn.running_mean is not None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .axial_attention import register_attention_impl
+from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
 
 def relative_index(length: int, max_distance: int, device=None) -> torch.Tensor:
@@ -26,17 +27,24 @@ def span_mask(length: int, span, device=None) -> torch.Tensor:
     return (pos[None, :] - pos[:, None]).abs() <= (span - 1) // 2
 
 
-def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, bn: nn.BatchNorm2d, sync: bool = False) -> torch.Tensor:
     """BatchNorm2d over (N, C, L, L) whose statistics use only entries where ``mask`` (L, L)
-    is true, with nn.BatchNorm2d's running-statistics semantics."""
-    if bool(mask.all()):
-        return bn(x)
+    is true, with nn.BatchNorm2d's running-statistics semantics. ``sync``: sum the statistics
+    over processes (DDP; see ``layers.sync``)."""
+    if bool(mask.all()) and not sync:
+        return bn(x)  # a SyncBatchNorm here synchronises itself
     shape = (1, -1, 1, 1)
     if bn.training:
         m = mask.to(x.dtype)
         count = m.sum() * x.shape[0]
-        mean = (x * m).sum(dim=(0, 2, 3)) / count
-        var = (((x - mean.view(shape)) ** 2) * m).sum(dim=(0, 2, 3)) / count
+        total = (x * m).sum(dim=(0, 2, 3))
+        if sync:
+            total, count = differentiable_all_reduce(total), all_reduce_count(count)
+        mean = total / count
+        squares = (((x - mean.view(shape)) ** 2) * m).sum(dim=(0, 2, 3))
+        if sync:
+            squares = differentiable_all_reduce(squares)
+        var = squares / count
         if bn.track_running_stats:
             with torch.no_grad():
                 bn.num_batches_tracked += 1
@@ -104,7 +112,8 @@ def axial_attention_reference(layer, x: torch.Tensor) -> torch.Tensor:
     else:
         kr = zeros
     stacked = torch.cat([qk, qr, kr], dim=1)  # (N, 3*heads, L, L)
-    stacked = masked_batch_norm(stacked, mask, layer.bn_similarity).reshape(N, 3, heads, L, L)
+    stacked = masked_batch_norm(stacked, mask, layer.bn_similarity, sync=should_sync(layer))
+    stacked = stacked.reshape(N, 3, heads, L, L)
     on = [layer.use_qk, layer.use_query_rpe, layer.use_key_rpe]
     logits = sum(stacked[:, t] for t in range(3) if on[t])
     logits = logits.masked_fill(~mask, float("-inf"))

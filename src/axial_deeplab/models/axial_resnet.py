@@ -260,7 +260,10 @@ def _make_sized(size: str, stem: str):
     def builder(**kwargs):
         kwargs.setdefault("stem", stem)
         kwargs.setdefault("stem_width", 1.0)  # deeplab2 keeps the stem at full width for every size
-        return AxialResNet(layers=(3, 4, 6, 3), width=_WIDTHS[size], block="axial", **kwargs)
+        kwargs.setdefault("layers", (3, 4, 6, 3))
+        kwargs.setdefault("width", _WIDTHS[size])
+        kwargs.setdefault("block", "axial")
+        return AxialResNet(**kwargs)
 
     builder.__name__ = f"axial_resnet_{size}" + {"inception": "", "conv": "_conv", "axial": "_full"}[stem]
     builder.__doc__ = f"Axial-ResNet-{size.upper()} ({stem} stem)."

@@ -1,0 +1,47 @@
+"""Cross-process sums for BatchNorm statistics the attention layer computes itself.
+
+The similarity BatchNorm's statistics are formed inside the attention math (over in-span
+pairs, or in closed form by the fast paths), so SyncBatchNorm cannot synchronise them. A layer
+whose ``sync_statistics`` flag is set (``engine.distributed.convert_sync_batchnorm`` sets it)
+sums them over processes with a differentiable all-reduce instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose gradient is again the sum over processes (every process's
+    loss depends on the summed value)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(t)
+
+
+def should_sync(layer) -> bool:
+    return bool(getattr(layer, "sync_statistics", False)) and is_distributed()
+
+
+def all_reduce_count(count):
+    """Sum a number (python or tensor) over processes; returns the same kind."""
+    t = torch.as_tensor(count, dtype=torch.float64).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t if isinstance(count, torch.Tensor) else type(count)(t.item())
