@@ -63,7 +63,30 @@ def _shortcut(in_ch, out_ch, stride, bn_kw):
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch, **bn_kw))
 
 
-class AxialBlock(nn.Module):
+class _Bottleneck(nn.Module):
+    """1x1 conv-BN-ReLU -> ``spatial`` -> 1x1 conv-BN (gamma 0) -> + shortcut -> ReLU."""
+
+    def _build_pointwise(self, in_channels, width, out_channels, stride, drop_path, bn_kw):
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, **bn_kw)
+        self.conv2 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels, **bn_kw)
+        nn.init.zeros_(self.bn2.weight)
+        self.downsample = _shortcut(in_channels, out_channels, stride, bn_kw)
+        self.drop_path = DropPath(drop_path)
+        self.relu = nn.ReLU(inplace=True)
+
+    def spatial(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(self.spatial(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.drop_path(out) + identity)
+
+
+class AxialBlock(_Bottleneck):
     """Bottleneck with the 3x3 conv replaced by height- then width-axis attention."""
 
     def __init__(self, in_channels, width, out_channels, stride=1, num_heads=8, key_channels=None,
@@ -75,8 +98,7 @@ class AxialBlock(nn.Module):
                    max_relative_distance=max_relative_distance,
                    bn_eps=bn_kw.get("eps", 1e-5), bn_momentum=bn_kw.get("momentum", 0.1))
         att.update(attention_kw or {})
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width, **bn_kw)
+        self._build_pointwise(in_channels, width, out_channels, stride, drop_path, bn_kw)
         if stride_mode == "avgpool2d":  # the port: 2-D pooling after the width layer only
             h_stride, w_stride = 1, stride
         else:
@@ -85,22 +107,12 @@ class AxialBlock(nn.Module):
                                                       stride_mode=stride_mode, **att)
         self.attn_w = PositionSensitiveAxialAttention(width, width, axis="width", stride=w_stride,
                                                       stride_mode=stride_mode, **att)
-        self.conv2 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels, **bn_kw)
-        nn.init.zeros_(self.bn2.weight)
-        self.downsample = _shortcut(in_channels, out_channels, stride, bn_kw)
-        self.drop_path = DropPath(drop_path)
-        self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.attn_w(self.attn_h(out)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.drop_path(out) + identity)
+    def spatial(self, x):
+        return self.relu(self.attn_w(self.attn_h(x)))
 
 
-class ConvBottleneck(nn.Module):
+class ConvBottleneck(_Bottleneck):
     """ResNet-50 bottleneck (1x1, 3x3, 1x1), the convolutional baseline. ``spatial`` swaps the 3x3
     conv for a 2-D attention baseline ("local": m x m stand-alone attention, "global")."""
 
@@ -108,8 +120,7 @@ class ConvBottleneck(nn.Module):
                  spatial="conv", num_heads=8, span=None, position_sensitive=True, **_unused):
         super().__init__()
         bn_kw = bn_kw or {}
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width, **bn_kw)
+        self._build_pointwise(in_channels, width, out_channels, stride, drop_path, bn_kw)
         if spatial == "conv":
             self.conv3x3 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
         elif spatial == "local":
@@ -121,19 +132,9 @@ class ConvBottleneck(nn.Module):
         else:
             raise ValueError(f"unknown spatial layer {spatial!r}")
         self.bn3x3 = nn.BatchNorm2d(width, **bn_kw)
-        self.conv2 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels, **bn_kw)
-        nn.init.zeros_(self.bn2.weight)
-        self.downsample = _shortcut(in_channels, out_channels, stride, bn_kw)
-        self.drop_path = DropPath(drop_path)
-        self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn3x3(self.conv3x3(out)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.drop_path(out) + identity)
+    def spatial(self, x):
+        return self.relu(self.bn3x3(self.conv3x3(x)))
 
 
 def _conv_bn_relu(cin, cout, k, stride, bn_kw):
