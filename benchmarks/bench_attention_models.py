@@ -12,7 +12,8 @@ import argparse
 
 import torch
 
-from axial_deeplab.commands.benchmark import bench_models, format_table, write_json_atomic
+from axial_deeplab.commands.benchmark import bench_models, format_table
+from axial_deeplab.fileio import atomic_write_json
 
 
 def _case(text: str):
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     if args.json:
         from dataclasses import asdict
 
-        write_json_atomic(args.json, [asdict(r) for r in rows])
+        atomic_write_json(args.json, [asdict(r) for r in rows])
     return 0
 
 

@@ -45,7 +45,7 @@ def test_set_attention_impl_reaches_every_layer():
 
 def test_json_is_written_atomically(tmp_path):
     path = tmp_path / "sub" / "out.json"
-    bench.write_json_atomic(str(path), {"a": 1})
+    bench.atomic_write_json(str(path), {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in path.parent.iterdir()] == ["out.json"]
 

@@ -16,17 +16,6 @@ PAPER_PARAMS_M = {"axial_deeplab_s": 12.1, "axial_deeplab_m": 25.9, "axial_deepl
                   "axial_deeplab_xl": 173.0}
 
 
-@pytest.fixture
-def quick_init(monkeypatch):
-    """Truncated-normal init via erfinv takes seconds for the 170M-parameter XL; a clamped normal
-    has the same shapes and scale, which is all a forward/backward smoke test needs."""
-    def trunc_normal(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
-        with torch.no_grad():
-            return tensor.normal_(mean, std).clamp_(a, b)
-
-    monkeypatch.setattr(nn.init, "trunc_normal_", trunc_normal)
-
-
 def test_all_panoptic_models_are_registered():
     assert set(PANOPTIC_MODELS) <= set(list_models())
 

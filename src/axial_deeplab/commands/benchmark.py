@@ -16,17 +16,17 @@ memory events); on CUDA it is ``torch.cuda.max_memory_allocated`` over the run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from ..fileio import atomic_write_json
 
 LAYER_SHAPES = [(2, 64, 56, 56), (2, 128, 28, 28), (1, 128, 65, 129), (1, 256, 65, 129)]
 QUICK_LAYER_SHAPES = LAYER_SHAPES
@@ -350,20 +350,6 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def write_json_atomic(path: str, payload) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".benchmark-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------- CLI
 SECTIONS = ("layers", "models", "postprocess")
 
@@ -435,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{len(rows)} cases in {elapsed:.0f} s. Ratios from median {args.clock} times: 'x conv' = this / "
           "conv3x3 on the same input; 'ref/this' = reference / this.")
     if args.json_out:
-        write_json_atomic(args.json_out, {"machine": info, "quick": bool(args.quick), "clock": args.clock,
+        atomic_write_json(args.json_out, {"machine": info, "quick": bool(args.quick), "clock": args.clock,
                                           "seconds": elapsed,
                                           "results": [asdict(r) for r in rows]})
         print(f"wrote {args.json_out}")

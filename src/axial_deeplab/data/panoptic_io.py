@@ -6,14 +6,15 @@ failure names the file and what is wrong with it.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write_bytes, atomic_write_json
 from .meta import PanopticMetadata
 
 VOID_ID = 0
@@ -87,19 +88,6 @@ def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     return rgb_to_id(arr)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 image atomically; the format follows the suffix (PNG is lossless)."""
     from PIL import Image
@@ -109,7 +97,9 @@ def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
     if fmt is None:
         raise ValueError(f"{path}: unsupported image suffix (use .png or .jpg)")
     im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
-    _atomic_write_bytes(path, lambda f: im.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    atomic_write_bytes(path, buf.getvalue(), fsync=False)
 
 
 def write_panoptic_png(path: str | os.PathLike, ids: np.ndarray) -> None:
@@ -119,18 +109,7 @@ def write_panoptic_png(path: str | os.PathLike, ids: np.ndarray) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
-    data = json.dumps(obj, indent=indent, default=_json_default).encode("utf-8")
-    _atomic_write_bytes(Path(path), lambda f: f.write(data))
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    atomic_write_json(path, obj, indent=indent, fsync=False)
 
 
 def load_json(path: str | os.PathLike, what: str = "JSON file") -> Any:

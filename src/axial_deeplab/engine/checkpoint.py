@@ -27,6 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fileio import (  # noqa: F401  (re-exported: engine code imports them from here)
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    current_umask,
+    json_default,
+)
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
@@ -69,50 +77,6 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -195,7 +159,7 @@ def save_checkpoint(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         save_file(_model_tensors(model), os.path.join(tmp, MODEL_FILE), metadata={"step": str(int(step))})
         state: Dict[str, Any] = {
             "step": int(step),
@@ -216,7 +180,7 @@ def save_checkpoint(
         meta = {"step": int(step)}
         meta.update(info or {})
         with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, default=_json_default)
+            json.dump(meta, f, indent=2, default=json_default)
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())

@@ -1,0 +1,60 @@
+"""Atomic file writes: a temporary file in the target folder, then one ``os.replace``, so a
+reader (or an interrupted run) sees either the old file or the whole new one, never a torn one."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path``. ``fsync=False`` skips flushing to disk (for many small
+    outputs where a crash may lose the newest file but never leaves a partial one)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; use the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def json_default(o):
+    """JSON encoding of the NumPy / torch values our results carry."""
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    if type(o).__module__.startswith("torch") and hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: Optional[int] = 2, fsync: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default) + "\n", fsync=fsync)
