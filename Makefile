@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Optional extras on top of dev; CI adds triton so the Triton kernels' interpreter tests run.
+EXTRAS ?= dev
+STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: demo test install benchmark clean
 
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel; an unpinned resolve would pull CUDA builds.
 	$(PY) -m pip install -q -c constraints-dev.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -55,3 +55,31 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "--repeats" in capsys.readouterr().err
     assert main(["benchmark", "--impls", "no_such_impl"]) == 2
     assert "no_such_impl" in capsys.readouterr().err
+
+
+def test_core_rows_report_bandwidth_fraction_and_mac_rate():
+    rows = bench.bench_core(torch.device("cpu"), shapes=[(1, 16, 6, 5)], repeats=1, log=lambda s: None,
+                            bandwidth=1e9)
+    assert [(r.case, r.impl) for r in rows] == [("1x16x6x5 height", "fast"), ("1x16x6x5 width", "fast")]
+    for r in rows:
+        assert r.median_ms > 0 and r.group == "attention core"
+        # qkv (nh, 2dk+dv, L) in and two (nh, dv, L) retrievals out, over the given 1 GB/s yardstick.
+        length = 6 if r.case.endswith("height") else 5
+        nh = 8 * (30 // length)
+        dk, dv = 1, 2  # 16 channels, 8 heads, key channels half the value channels
+        moved = 4 * nh * length * ((2 * dk + dv) + 2 * dv)
+        assert abs(r.gb_per_s - moved / (r.median_ms / 1e3) / 1e9) < 1e-9 * max(1.0, r.gb_per_s)
+        assert abs(r.bandwidth_fraction - r.gb_per_s) < 1e-9 * max(1.0, r.gb_per_s)
+        assert r.gmac_per_s > 0 and "GB/s" in r.note and "GMAC/s" in r.note
+
+
+def test_copy_bandwidth_is_positive():
+    assert bench.copy_bandwidth(torch.device("cpu"), mib=4, repeats=1) > 0
+
+
+def test_profiler_lines_are_silenced_and_stderr_restored(capfd):
+    bench.peak_memory_bytes(lambda: torch.ones(10), torch.device("cpu"))
+    assert "profiler" not in capfd.readouterr().err
+    import os
+    os.write(2, b"still here\n")
+    assert "still here" in capfd.readouterr().err

@@ -16,7 +16,9 @@ memory events); on CUDA it is ``torch.cuda.max_memory_allocated`` over the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 import platform
 import statistics
 import time
@@ -30,6 +32,8 @@ from ..fileio import atomic_write_json
 
 LAYER_SHAPES = [(2, 64, 56, 56), (2, 128, 28, 28), (1, 128, 65, 129), (1, 256, 65, 129)]
 QUICK_LAYER_SHAPES = LAYER_SHAPES
+# On a GPU also the issue's kernel target: a batch of 8 Cityscapes OS16 crops at 256 channels.
+GPU_LAYER_SHAPES = LAYER_SHAPES + [(8, 256, 65, 129)]
 MODEL_CASES = [
     # (model name, input (C, H, W), runs the reference too when not --quick)
     ("axial_resnet_s", (3, 224, 224), True),
@@ -52,6 +56,9 @@ class Result:
     vs_conv: Optional[float] = None
     vs_reference: Optional[float] = None
     note: str = ""
+    gb_per_s: Optional[float] = None  # attention core: bytes it must move per second
+    bandwidth_fraction: Optional[float] = None  # ... over the device's copy bandwidth
+    gmac_per_s: Optional[float] = None  # attention core: multiply-adds of the L x L work per second
     times_ms: List[float] = field(default_factory=list)
 
 
@@ -87,7 +94,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
@@ -96,6 +103,35 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         current += nbytes
         peak = max(peak, current)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler back end's start/stop lines, which it writes to file descriptor 2
+    from C++ (Python exceptions still propagate and print after the descriptor is restored)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (e.g. an embedding host)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy (read + write): the memory bandwidth this
+    device reaches in practice, the yardstick of the attention core's bandwidth fraction."""
+    n = mib * 2 ** 20 // 4
+    src = torch.empty(n, device=device).uniform_()
+    dst = torch.empty_like(src)
+    median, _, _ = time_runs(lambda: dst.copy_(src), repeats, device)
+    return 2 * n * 4 / (median / 1e3)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -207,6 +243,60 @@ def bench_layers(device: torch.device, shapes=LAYER_SHAPES, modes=("eval", "trai
                                      with_memory))
                 log(_progress(rows[-1]))
     _fill_ratios(rows, clock)
+    return rows
+
+
+def core_functions(device: torch.device) -> Dict[str, Callable]:
+    """The attention core (qkv -> both retrievals, no projection, no BN) of each fast path:
+    ``fn(layer, qkv, scales)``. On CPU "fast" is the compiled C kernel (PyTorch without a
+    compiler); on CUDA "fast" is the chunked PyTorch path and "triton" the fused kernel."""
+    from ..layers import fast_cpu
+
+    fns: Dict[str, Callable] = {"fast": lambda layer, qkv, scales: fast_cpu.attend(layer, qkv, scales)}
+    if device.type == "cuda":
+        from ..layers.triton_kernels import attend_triton, triton_available
+
+        if triton_available():
+            fns["triton"] = lambda layer, qkv, scales: attend_triton(layer, qkv, scales)
+    return fns
+
+
+def bench_core(device: torch.device, shapes=LAYER_SHAPES, repeats: int = 5, log=print,
+               bandwidth: Optional[float] = None) -> List[Result]:
+    """The attention core alone, per axis, in inference: median time, the bytes it must move
+    (qkv in, the two retrievals out), their rate as a fraction of the copy bandwidth, and
+    the multiply-add rate of the L x L work."""
+    from ..layers import PositionSensitiveAxialAttention
+
+    bandwidth = bandwidth or copy_bandwidth(device)
+    rows: List[Result] = []
+    for shape in shapes:
+        b, c, h, w = shape
+        for axis, length, other in (("height", h, w), ("width", w, h)):
+            torch.manual_seed(0)
+            layer = PositionSensitiveAxialAttention(c, c, axis=axis).to(device).eval()
+            heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+            nh = b * other * heads
+            gen = torch.Generator().manual_seed(0)
+            qkv = torch.randn(nh, 2 * dk + dv, length, generator=gen).to(device)
+            scales = torch.rand(3, heads, generator=gen).add_(0.5).to(device)
+            moved = 4 * (qkv.numel() + 2 * nh * dv * length)
+            macs = nh * length * length * (3 * dk + 2 * dv)
+            case = f"{'x'.join(map(str, shape))} {axis}"
+            for impl, fn in core_functions(device).items():
+                def step(fn=fn):
+                    with torch.no_grad():
+                        return fn(layer, qkv, scales)
+                r = _measure("attention core", case, "eval", impl, step, repeats, device, with_memory=False)
+                if r.median_ms:
+                    seconds = r.median_ms / 1e3
+                    r.gb_per_s = moved / seconds / 1e9
+                    r.bandwidth_fraction = moved / seconds / bandwidth
+                    r.gmac_per_s = macs / seconds / 1e9
+                    r.note = (f"{r.gb_per_s:.1f} GB/s = {100 * r.bandwidth_fraction:.0f}% of copy; "
+                              f"{r.gmac_per_s:.1f} GMAC/s")
+                rows.append(r)
+                log(_progress(rows[-1]) + "  " + r.note)
     return rows
 
 
@@ -351,7 +441,7 @@ def _cpu_name() -> str:
 
 
 # --------------------------------------------------------------------------- CLI
-SECTIONS = ("layers", "models", "postprocess")
+SECTIONS = ("layers", "core", "models", "postprocess")
 
 
 def register(subparsers) -> None:
@@ -407,8 +497,15 @@ def run(args: argparse.Namespace) -> int:
     rows: List[Result] = []
     log = lambda s: print(s, flush=True)  # noqa: E731
     if "layers" in args.only:
-        rows += bench_layers(device, QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES, impls=args.impls,
+        shapes = (QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES) if device.type == "cpu" else GPU_LAYER_SHAPES
+        rows += bench_layers(device, shapes, impls=args.impls,
                              repeats=repeats, with_memory=not args.no_memory, log=log, clock=args.clock)
+    if "core" in args.only:
+        bandwidth = copy_bandwidth(device)
+        print(f"copy bandwidth on {device}: {bandwidth / 1e9:.1f} GB/s", flush=True)
+        rows += bench_core(device, (QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES)
+                           if device.type == "cpu" else GPU_LAYER_SHAPES, repeats=repeats, log=log,
+                           bandwidth=bandwidth)
     if "models" in args.only:
         rows += bench_models(device, QUICK_MODEL_CASES if args.quick else MODEL_CASES, impls=args.impls,
                              repeats=max(1, repeats // 3) if args.quick else repeats,
