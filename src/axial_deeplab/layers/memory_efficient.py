@@ -41,16 +41,20 @@ class AxialAttentionFunction(torch.autograd.Function):
     """(qkv, scales) -> (sv, sve) with recomputation in the backward.
 
     ``qkv``: (nh, 2dk+dv, L) float tensor; ``scales``: (3, heads) per-term BN multipliers;
-    the relative tables are passed so autograd routes their gradients."""
+    the relative tables are passed so autograd routes their gradients. ``attend_fn`` and
+    ``backward_fn`` (same contract as :func:`_backward`, the default) let a device kernel
+    supply both halves (the Triton path)."""
 
     @staticmethod
-    def forward(ctx, qkv, scales, query_table, key_table, value_table, layer, query_step, attend_fn=attend):
+    def forward(ctx, qkv, scales, query_table, key_table, value_table, layer, query_step, attend_fn=attend,
+                backward_fn=None):
         with torch.no_grad():
             sv, sve, lse = attend_fn(layer, qkv, scales, query_step, return_lse=True)
         if sve is None:
             sve = sv.new_zeros(0)
         ctx.layer = layer
         ctx.query_step = query_step
+        ctx.backward_fn = _backward if backward_fn is None else backward_fn
         ctx.save_for_backward(qkv, scales, sv, sve, lse)
         return sv, sve
 
@@ -59,9 +63,9 @@ class AxialAttentionFunction(torch.autograd.Function):
         qkv, scales, sv, sve, lse = ctx.saved_tensors
         layer, step = ctx.layer, ctx.query_step
         with torch.no_grad():
-            grads = _backward(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve)
+            grads = ctx.backward_fn(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve)
         g_qkv, g_scales, g_rq, g_rk, g_rv = grads
-        return g_qkv, g_scales, g_rq, g_rk, g_rv, None, None, None
+        return g_qkv, g_scales, g_rq, g_rk, g_rv, None, None, None, None
 
 
 def _backward(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve):
@@ -180,9 +184,10 @@ def _backward_torch(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve):
     return g_qkv, g_scales, g_rq, g_rk, g_rv
 
 
-def memory_efficient_core(layer, qkv, scales, step, attend_fn=attend):
+def memory_efficient_core(layer, qkv, scales, step, attend_fn=attend, backward_fn=None):
     """``attend_fn(layer, qkv, scales, step)`` (default :func:`.fast_cpu.attend`) with the
-    recompute-in-backward function around it when gradients are needed."""
+    recompute-in-backward function around it when gradients are needed (its backward
+    ``backward_fn``, default :func:`_backward`)."""
     needs_grad = torch.is_grad_enabled() and (
         qkv.requires_grad or scales.requires_grad
         or any(t is not None and t.requires_grad
@@ -190,7 +195,8 @@ def memory_efficient_core(layer, qkv, scales, step, attend_fn=attend):
     if not needs_grad:
         return attend_fn(layer, qkv, scales, step)
     sv, sve = AxialAttentionFunction.apply(
-        qkv, scales, layer.query_table, layer.key_table, layer.value_table, layer, step, attend_fn)
+        qkv, scales, layer.query_table, layer.key_table, layer.value_table, layer, step, attend_fn,
+        backward_fn)
     return sv, (sve if layer.use_value_rpe else None)
 
 

@@ -1,0 +1,240 @@
+"""The Triton kernels of ``impl="triton"`` (fused forward and fused backward) equal the
+reference implementation: outputs, input gradient, every parameter gradient (the three
+tables and the BN weights included) and the BN running statistics, in train and eval
+mode, for global and local spans, a query stride, each term switched off, lengths that
+are not powers of two, and several query blocks per sequence (the atomic k/v path).
+The backward kernel is also held directly to the chunked PyTorch backward
+(``memory_efficient._backward_torch``) on random inputs.
+
+Without a GPU the kernels run through Triton's interpreter, which must be switched on
+before triton is imported: every interpreter check runs in one fresh subprocess (tiny
+shapes) and reports per check. The CUDA test runs the same comparison on a GPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the optional package triton is not installed (pip install triton)")
+
+from axial_deeplab.layers import PositionSensitiveAxialAttention  # noqa: E402
+from axial_deeplab.layers import memory_efficient as ME  # noqa: E402
+from axial_deeplab.layers import triton_kernels as TK  # noqa: E402
+
+
+# --------------------------------------------------------------------------- helpers
+def make_layer(kwargs, channels=6, out_channels=8, heads=2, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    kwargs = dict(kwargs)
+    if kwargs.get("span") is None:
+        kwargs.setdefault("max_relative_distance", 3)
+    layer = PositionSensitiveAxialAttention(channels, out_channels, num_heads=heads, **kwargs).to(dtype)
+    with torch.no_grad():  # BN statistics and affine parameters away from their defaults
+        for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output):
+            bn.running_mean.normal_(0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.3)
+    return layer
+
+
+def run_layer(layer, impl, x, mode):
+    """Forward + backward of a copy of ``layer``; mode 'train', 'eval' or
+    'frozen-output-bn' (training with bn_output in eval: the kernels then compute only
+    the subsampled query rows, with gradients)."""
+    layer = copy.deepcopy(layer)
+    layer.impl = impl
+    layer.train(mode != "eval")
+    if mode == "frozen-output-bn":
+        layer.bn_output.eval()
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(5)).to(y.device)
+    (y * g).sum().backward()
+    grads = {"input": x.grad}
+    grads.update({n: p.grad for n, p in layer.named_parameters()})
+    buffers = {n: b.clone() for n, b in layer.named_buffers()}
+    return y.detach(), grads, buffers
+
+
+def assert_close_scaled(a, b, tol, what):
+    assert a is not None and b is not None, f"{what}: missing"
+    scale = max(1.0, float(b.abs().max()))
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def assert_equal_runs(got, want, tol, what):
+    y, grads, buffers = got
+    y_ref, grads_ref, buffers_ref = want
+    assert_close_scaled(y, y_ref, tol, f"{what}: output")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert_close_scaled(grads[name], grads_ref[name], tol, f"{what}: grad {name}")
+    for name in buffers_ref:
+        assert_close_scaled(buffers[name].double(), buffers_ref[name].double(), tol, f"{what}: buffer {name}")
+
+
+def compare_layer(kwargs, hw, modes, tol=1e-5, device="cpu", **layer_kw):
+    layer = make_layer(kwargs, **layer_kw).to(device)
+    x = torch.randn(2, layer.in_channels, *hw, generator=torch.Generator().manual_seed(1)).to(device)
+    for mode in modes:
+        assert_equal_runs(run_layer(layer, "triton", x, mode), run_layer(layer, "reference", x, mode),
+                          tol, f"triton {kwargs} {hw} {mode}")
+
+
+def random_core_inputs(kwargs, length, step, dk, dv, heads=2, sequences=2, device="cpu", seed=3):
+    """A layer (for its tables and switches) and random qkv / scales / incoming gradients."""
+    layer = make_layer(dict(kwargs, key_channels=heads * dk), channels=4, out_channels=heads * dv,
+                       heads=heads, seed=seed).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    nh = sequences * heads
+    qkv = (0.7 * torch.randn(nh, 2 * dk + dv, length, generator=gen)).to(device)
+    scales = torch.empty(3, heads).uniform_(0.3, 1.2, generator=gen).to(device)
+    lq = len(range(0, length, step))
+    g_sv = torch.randn(nh, dv, lq, generator=gen).to(device)
+    g_sve = torch.randn(nh, dv, lq, generator=gen).to(device) if layer.use_value_rpe else None
+    return layer, qkv, scales, g_sv, g_sve
+
+
+def compare_backward(kwargs, length, step, dk, dv, tol=1e-5, device="cpu", **kw):
+    """attention_backward_triton against the chunked PyTorch backward on the same forward."""
+    layer, qkv, scales, g_sv, g_sve = random_core_inputs(kwargs, length, step, dk, dv, device=device, **kw)
+    with torch.no_grad():
+        sv, sve, lse = TK.attend_triton(layer, qkv, scales, step, return_lse=True)
+        sve_saved = sve if sve is not None else sv.new_zeros(0)
+        got = TK.attention_backward_triton(layer, step, qkv, scales, sv, sve_saved, lse, g_sv, g_sve)
+        want = ME._backward_torch(layer, step, qkv, scales, sv, sve_saved, lse, g_sv, g_sve)
+    names = ["qkv", "scales", "query_table", "key_table", "value_table"]
+    assert sum(t is not None for t in got) == sum(t is not None for t in want)
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None, f"{name}: gradient of a switched-off table"
+            continue
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        assert_close_scaled(a, b, tol, f"backward {kwargs} L={length} step={step}: {name}")
+    # The backward must see real gradients (a nonzero table gradient, q, k and v).
+    assert float(got[0].abs().max()) > 0
+
+
+# --------------------------------------------------------------------------- interpreter checks
+MODES = ("train", "eval")
+LAYER_CHECKS = {
+    # id: (layer kwargs, (H, W), modes, BACKWARD_BLOCK_Q). Global tables reach D = 3.
+    "global-L7-above-reach": (dict(axis="height"), (7, 2), MODES, None),
+    "local-L9-above-span": (dict(axis="width", span=5), (2, 9), MODES, None),
+    "global-L3-below-reach": (dict(axis="width"), (2, 3), MODES, None),
+    "global-stride2-subsample": (dict(axis="height", stride=2), (7, 2), ("train",), None),
+    "local-stride2-query-step": (dict(axis="width", span=5, stride=2), (2, 10), ("frozen-output-bn",), None),
+    "global-stride2-query-step": (dict(axis="height", stride=2), (7, 1), ("frozen-output-bn",), None),
+    "global-no-qk": (dict(axis="height", use_qk=False), (6, 2), MODES, None),
+    "local-no-query_rpe": (dict(axis="width", span=3, use_query_rpe=False), (2, 7), MODES, None),
+    "global-no-key_rpe": (dict(axis="width", use_key_rpe=False), (2, 6), MODES, None),
+    "local-no-value_rpe": (dict(axis="height", span=3, use_value_rpe=False), (7, 2), MODES, None),
+    "global-L7-query-blocks": (dict(axis="height"), (7, 2), ("train",), 2),
+    "local-L9-query-blocks": (dict(axis="width", span=5), (2, 9), ("train",), 2),
+    "local-stride2-query-step-blocks": (dict(axis="width", span=5, stride=2), (1, 10), ("frozen-output-bn",), 2),
+}
+BACKWARD_CHECKS = {
+    # id: (kwargs, L, query step, dk, dv, BACKWARD_BLOCK_Q)
+    "backward-global-clipped": (dict(max_relative_distance=4), 11, 1, 3, 5, None),
+    "backward-local": (dict(span=5), 11, 1, 3, 5, None),
+    "backward-global-step2": (dict(max_relative_distance=4), 11, 2, 2, 3, None),
+    "backward-local-step3-blocks": (dict(span=5), 13, 3, 2, 3, 2),
+    "backward-global-blocks": (dict(max_relative_distance=20), 12, 1, 2, 2, 4),
+    "backward-no-qk-no-rv": (dict(span=7, use_qk=False, use_value_rpe=False), 10, 1, 2, 3, None),
+    "backward-only-qk-depth1": (dict(use_query_rpe=False, use_key_rpe=False, use_value_rpe=False), 9, 1, 1, 1, None),
+}
+
+
+def _interpreter_main():
+    """Runs in the subprocess (TRITON_INTERPRET=1): every check, one JSON line of results.
+    The PyTorch backward of the memory-efficient function is made to fail, so a layer check
+    passes only if the Triton backward ran."""
+    import traceback
+
+    calls = {"n": 0}
+    triton_backward = TK.attention_backward_triton
+
+    def counting_backward(*args, **kwargs):
+        calls["n"] += 1
+        return triton_backward(*args, **kwargs)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the triton path fell back to the PyTorch backward")
+
+    results = {}
+    for name, (kwargs, hw, modes, block_q) in LAYER_CHECKS.items():
+        TK.BACKWARD_BLOCK_Q = block_q
+        TK.attention_backward_triton, ME._backward = counting_backward, no_fallback
+        calls["n"] = 0
+        try:
+            compare_layer(kwargs, hw, modes)
+            assert calls["n"] == len(modes), f"triton backward ran {calls['n']} times for {len(modes)} backward passes"
+            results[name] = "ok"
+        except Exception:  # reported per check by the parent
+            results[name] = traceback.format_exc()[-3000:]
+        finally:
+            TK.attention_backward_triton = triton_backward
+    for name, (kwargs, length, step, dk, dv, block_q) in BACKWARD_CHECKS.items():
+        TK.BACKWARD_BLOCK_Q = block_q
+        try:
+            compare_backward(kwargs, length, step, dk, dv)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()[-3000:]
+    print("RESULTS " + json.dumps(results))
+
+
+_SUBPROCESS = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, {tests!r})
+import test_triton_kernels
+test_triton_kernels._interpreter_main()
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    code = _SUBPROCESS.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("check", list(LAYER_CHECKS) + list(BACKWARD_CHECKS))
+def test_triton_through_the_interpreter(interpreter_results, check):
+    assert interpreter_results.get(check) == "ok", interpreter_results.get(check, "check did not run")
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")
+@pytest.mark.parametrize("kwargs", [dict(axis="height", max_relative_distance=20),
+                                    dict(axis="width", span=7),
+                                    dict(axis="height", span=9, stride=2)],
+                         ids=["global-height", "local-width", "local-stride2"])
+def test_triton_equals_reference_on_gpu(kwargs, monkeypatch):
+    # Full fp32 on both sides (cuDNN's TF32 convolutions would differ by ~1e-3).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    modes = ("train", "eval", "frozen-output-bn") if kwargs.get("stride", 1) > 1 else ("train", "eval")
+    layer_kw = dict(channels=32, out_channels=32, heads=4)
+    compare_layer(kwargs, (33, 17), modes, tol=1e-4, device="cuda", **layer_kw)
+    monkeypatch.setattr(TK, "BACKWARD_BLOCK_Q", 4)  # several query blocks: atomic k/v path
+    compare_layer(kwargs, (33, 17), ("train",), tol=1e-4, device="cuda", **layer_kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")
+@pytest.mark.parametrize("block_q", [None, 8])
+def test_triton_backward_equals_torch_backward_on_gpu(block_q, monkeypatch):
+    monkeypatch.setattr(TK, "BACKWARD_BLOCK_Q", block_q)
+    compare_backward(dict(max_relative_distance=40), 129, 1, 16, 32, tol=1e-4, device="cuda", sequences=8)
+    compare_backward(dict(span=33), 65, 2, 16, 32, tol=1e-4, device="cuda", sequences=8)
