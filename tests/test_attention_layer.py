@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, available_attention_impls
+from attention_testing import randomize_batch_norms
 
 
 # --------------------------------------------------------------------------- the loop oracle
@@ -160,12 +161,7 @@ def make_layer(dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("num_heads", 2)
     layer = PositionSensitiveAxialAttention(4, kw.pop("out", 8), **kw).to(dtype)
-    with torch.no_grad():
-        for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output):
-            bn.running_mean.normal_(0, 0.3)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.3)
+    randomize_batch_norms(layer)
     return layer
 
 

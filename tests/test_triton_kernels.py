@@ -26,6 +26,7 @@ pytest.importorskip("triton", reason="the optional package triton is not install
 from axial_deeplab.layers import PositionSensitiveAxialAttention  # noqa: E402
 from axial_deeplab.layers import memory_efficient as ME  # noqa: E402
 from axial_deeplab.layers import triton_kernels as TK  # noqa: E402
+from attention_testing import randomize_batch_norms
 
 
 # --------------------------------------------------------------------------- helpers
@@ -35,12 +36,7 @@ def make_layer(kwargs, channels=6, out_channels=8, heads=2, dtype=torch.float32,
     if kwargs.get("span") is None:
         kwargs.setdefault("max_relative_distance", 3)
     layer = PositionSensitiveAxialAttention(channels, out_channels, num_heads=heads, **kwargs).to(dtype)
-    with torch.no_grad():  # BN statistics and affine parameters away from their defaults
-        for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output):
-            bn.running_mean.normal_(0, 0.3)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.3)
+    randomize_batch_norms(layer)
     return layer
 
 

@@ -2,14 +2,17 @@
 
 Why: in PyTorch eager every pass over a chunk's L x L logits is a separate operator
 (batched products, a transposed add, exp, sums), so the layer stays memory- and
-dispatch-bound however it is chunked. This kernel computes, per query row, the three
-similarity terms from the compact tables, the softmax (exp2 with log2(e) folded into the
-term scales) and both retrievals while the row sits in L1 cache; four rows share each
-load of the keys and values. Two entry points: :func:`forward_eval`, the whole layer in
-inference (BN folded into the projection, one matrix product into a position-major
-buffer the kernel reads directly, output BN folded into the kernel's store), and
-:func:`attend_eval`, the contract of :func:`.fast_cpu.attend`, used by the forward of
-the memory-efficient training function (it also returns each row's log-sum-exp).
+dispatch-bound however it is chunked. This kernel computes, for a block of four query
+rows, the three similarity terms from the compact tables, the softmax (exp2 with log2(e)
+folded into the term scales) and both retrievals while the rows sit in L1 cache. It works
+in offset ("skewed") coordinates u = p - o: the four rows share every load of the offset
+tables and read the keys and values at a per-row shift. Two entry points:
+:func:`forward_eval`, the whole layer in inference (BN folded into the projection, one
+matrix product in the input's own memory layout whose result the kernel reads through
+strides, output BN folded into the values, the value table and the kernel's store, output
+written channels_last), and :func:`attend_eval`, the contract of :func:`.fast_cpu.attend`,
+used by the forward of the memory-efficient training function (it also returns each
+row's log-sum-exp).
 
 The C source below is compiled once per machine with the system C compiler (``$CC``,
 else ``cc``/``gcc``/``clang``) into a cache directory (``$AXIAL_DEEPLAB_CACHE``, else
@@ -40,13 +43,14 @@ __all__ = ["available", "attend_eval", "forward_eval", "attention_backward", "EN
 # Tests switch this off to exercise the PyTorch implementation.
 ENABLED = os.environ.get("AXIAL_DEEPLAB_NO_C_KERNEL", "") in ("", "0")
 MAX_KEY_DEPTH = 256
-_PAD = 8  # floats of zero padding after key rows and table rows (one vector)
+_PAD = 8  # floats of zero padding after each offset-table row (one vector)
 _LOG2E = 1.4426950408889634
 
 _SOURCE = r"""
-/* Position-sensitive axial attention, eval forward, fused per query row (float32).
+/* Position-sensitive axial attention, eval forward, fused per block of query rows (float32).
    For query row o of sequence-head (n, h), in log2 units (scales folded by the caller):
-     z_p = qqk_o . k_p + qqr_o . rq[p-o] + kkr_p . rk[p-o]   for p in the span of o
+     z_p = qqk_o . k_p + qqr_o . rq[p-o] + k_p . rk_h[p-o]   for p in the span of o
+         = k_p . (qqk_o + rk_h[p-o]) + qqr_o . rq[p-o]
      a_p = 2^(z_p - max z) / sum
      sv  = sum_p a_p v_p,   sve = sum_p a_p rv[p-o]
    Tables are pre-gathered over offsets -(L-1)..(L-1) (clipped to the reach by the caller). */
@@ -55,6 +59,7 @@ _SOURCE = r"""
 
 typedef float v8sf __attribute__((vector_size(32)));
 typedef int32_t v8si __attribute__((vector_size(32)));
+typedef uint32_t v8su __attribute__((vector_size(32)));
 
 static inline v8sf load8(const float* p) { v8sf r; memcpy(&r, p, 32); return r; }
 static inline void store8(float* p, v8sf v) { memcpy(p, &v, 32); }
@@ -66,7 +71,11 @@ static inline v8sf splat8(float x) { return (v8sf){x, x, x, x, x, x, x, x}; }
 static inline v8sf select8(v8si mask, v8sf a, v8sf b) {
     return (v8sf)(((v8si)a & mask) | ((v8si)b & ~mask));
 }
+#if defined(__AVX__)
+static inline v8sf max8(v8sf a, v8sf b) { return __builtin_ia32_maxps256(a, b); }
+#else
 static inline v8sf max8(v8sf a, v8sf b) { return select8(a > b, a, b); }
+#endif
 static inline float hmax8(v8sf v) {
     float m = v[0];
     for (int i = 1; i < 8; i++) m = v[i] > m ? v[i] : m;
@@ -75,12 +84,13 @@ static inline float hmax8(v8sf v) {
 static inline float hsum8(v8sf v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
-/* 2^x lane-wise (Cephes exp2f polynomial, about 2 ulp); lanes below -126 give 2^-126. */
-static inline v8sf exp2_8(v8sf x) {
-    const v8sf magic = splat8(12582912.0f); /* 1.5 * 2^23: rounds to the nearest integer */
-    x = max8(x, splat8(-126.0f));
-    const v8sf xi = (x + magic) - magic;
-    const v8sf f = x - xi;
+/* 2^x lane-wise for x <= 0 (Cephes exp2f polynomial, about 2 ulp); lanes that round to -127
+   or below (masked-out keys at -1e30 among them) give exactly 0: the exponent field is then 0. */
+static inline v8sf exp2_8z(v8sf x) {
+    const v8sf magic = splat8(12582912.0f);
+    x = max8(x, splat8(-127.0f));
+    const v8sf t = x + magic;
+    const v8sf f = x - (t - magic);
     v8sf p = splat8(1.535336188319500e-4f);
     p = p * f + splat8(1.339887440266574e-3f);
     p = p * f + splat8(9.618437357674640e-3f);
@@ -88,166 +98,526 @@ static inline v8sf exp2_8(v8sf x) {
     p = p * f + splat8(2.402264791363012e-1f);
     p = p * f + splat8(6.931472028550421e-1f);
     p = p * f + splat8(1.0f);
-    const v8si e = __builtin_convertvector(xi, v8si);
-    return p * (v8sf)((e + 127) << 23);
+    /* bits(t) = bits(magic) + round(x): shifted into the exponent field (mod 2^32) with
+       (127 - bits(magic)) << 23 added, they give the bits of 2^round(x) */
+    const v8su e = ((v8su)t << 23) + ((127u - 0x4B400000u) << 23);
+    return p * (v8sf)e;
 }
 
+/* Forward, in skewed coordinates: a block of R query rows o_j shares the offset range
+   u = p - o in [U0, U1), so the offset tables rq, rk, rv are loaded once per block and only
+   the keys (and values) are read at a per-row shift. Scratch per sequence-head: keys as
+   zero-padded rows (dk, Lk), values as zero-padded position-major rows (Lk, dvp), queries
+   (dk, L). */
 typedef struct {
     int64_t Lq, L, qstep, radius, dk, dv, heads;
-    const float* qkv;        /* (n, h, channel, position) at qkv[n*s_n + h*s_h + ch*s_c + p*s_p];      */
-    int64_t s_n, s_h, s_c, s_p; /* channels per head: q 0..dk-1, k dk..2dk-1, v 2dk..; v needs s_c == 1 */
-                             /* and 8 readable floats past each value row                             */
-    const float* scale;      /* (3, heads) log2-unit multipliers of q.k, q.r^q, k.r^k                  */
-    int64_t use_qk, use_qr, use_kr;
-    const float *rqe, *rke;  /* (dk, Jp) tables over offsets -(L-1)..L-1 (clipped), zero-padded; NULL if off */
+    int64_t nseq, n_inner;   /* sequence n = nb * n_inner + ni                                        */
+    const float* qkv;        /* element (n, h, ch, p) at qkv[nb*s_b + ni*s_n + h*s_h + ch*s_c + p*s_p];  */
+    int64_t s_b, s_n, s_h, s_c, s_p; /* channels per head: q 0..dk-1, k dk..2dk-1, v 2dk..; with     */
+                             /* s_c == 1, 8 floats readable past a head's q and k channels          */
+    const float* scale;      /* (2, heads) log2-unit multipliers of q.k and q.r^q (0 for a term off)     */
+    const float* rqe;        /* (dk, Jp) q.r^q table over offsets -(L-1)..L-1, zero-padded              */
+    const float* rke;        /* (heads, dk, Jp) k.r^k table, pre-multiplied by the head's scale         */
     int64_t Jp;
-    const float* rvt;        /* (2L-1, dvp), dvp = dv rounded up to 8, or NULL (r^v off)               */
-    float *out, *out2;       /* out[n*o_ns + h*o_hs + i*o_rs + c]; out2 = sve with the same strides     */
-    int64_t o_ns, o_hs, o_rs;
-    const float *alpha_v, *alpha_r, *beta; /* (heads*dv): fused out = a_v*sv + a_r*sve + beta, or NULL */
-    float* lse;              /* (n*heads, Lq) log2-sum-exp2 of each row, or NULL                        */
+    const float* rvt;        /* (2L-1, dvp) per head at rvt + h*rv_hs (rv_hs may be 0); zeros if off     */
+    int64_t rv_hs;
+    float *out, *out2;       /* element (n, h, i, c) at out[nb*o_bs + ni*o_ns + h*o_hs + i*o_rs + c];   */
+    int64_t o_bs, o_ns, o_hs, o_rs; /* out2 NULL: out = sv + sve (+ beta); else sv -> out, sve -> out2 */
+    const float* beta;       /* (heads, dvp) added to out, or NULL                                      */
+    float* lse;              /* (nseq*heads, Lq) log2-sum-exp2 of each row, or NULL                     */
 } AxialArgs;
 
 #define MAXDK 256
+#define MAXR 4
+#ifdef AXIAL_PROFILE /* cycle counts per phase: loads, logits, softmax, retrievals */
+#include <x86intrin.h>
+uint64_t axial_profile[4];
+#define PROF_START(t) const uint64_t t = __rdtsc()
+#define PROF_ADD(k, t) axial_profile[k] += __rdtsc() - t
+#else
+#define PROF_START(t)
+#define PROF_ADD(k, t)
+#endif
+#define AI static inline __attribute__((always_inline))
+#if defined(__GNUC__) && defined(__AVX__)
+/* keeps a reused table vector in a register instead of re-reading it as a memory operand */
+#define KEEP_IN_REGISTER(x) __asm__("" : "+v"(x))
+#else
+#define KEEP_IN_REGISTER(x) (void)0
+#endif
+#if defined(__AVX512VL__) /* 32 vector registers: 4x4 register blocks; else 4x2 */
+#define WIDE 4
+#else
+#define WIDE 2
+#endif
 
-/* Keys of one sequence-head as zero-padded rows (dk, Lp): plain and scaled for k.r^k. */
-static void load_keys(const AxialArgs* a, int64_t n, int64_t h, int64_t Lp, float* kt, float* kkt) {
-    const float* base = a->qkv + n * a->s_n + h * a->s_h + a->dk * a->s_c;
-    const float sk = a->scale[2 * a->heads + h];
+typedef struct {
+    int64_t L, Lk, pad, Zs, dvp, rad, slot, group;
+    const float *kt, *vt, *q, *rke, *rvt, *beta; /* q: the sequence's queries, (dk, L) */
+    float *out, *out2;
+    int64_t n, h;
+} Seq;
+
+static int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+#define GROUP 8 /* sequences loaded together when adjacent in memory (s_n == 1) */
+
+static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+/* Scratch layout (floats, sections 64-byte aligned when the scratch is): MAXR logit rows of
+   Zs, then per loaded sequence a slot of keys (dk, Lk), values (Lk, dvp) and queries (dk, L). */
+static void geometry(const AxialArgs* a, Seq* s) {
+    s->L = a->L;
+    s->pad = (MAXR - 1) * a->qstep;
+    s->Lk = round16(a->L + 2 * s->pad + 8);
+    s->Zs = round16(a->L + s->pad + 8);
+    s->dvp = (a->dv + 7) & ~(int64_t)7;
+    s->slot = a->dk * s->Lk + s->Lk * s->dvp + round16(a->dk * a->L);
+    s->group = (a->s_n == 1 && a->s_c != 1) ? GROUP : 1;
+    s->rad = a->radius < 0 ? a->L - 1 : imin(a->radius, a->L - 1);
+}
+
+int64_t axial_attention_scratch_floats(const AxialArgs* a) {
+    Seq s;
+    geometry(a, &s);
+    return MAXR * s.Zs + s.group * s.slot;
+}
+
+static void zero_padding(const AxialArgs* a, const Seq* s, float* slot) {
+    const int64_t L = a->L, Lk = s->Lk, pad = s->pad, dvp = s->dvp;
+    float* kt = slot;
+    float* vt = slot + a->dk * Lk;
     for (int64_t c = 0; c < a->dk; c++) {
-        float* row = kt + c * Lp;
-        float* row2 = kkt + c * Lp;
-        for (int64_t p = 0; p < a->L; p++) {
-            const float v = base[c * a->s_c + p * a->s_p];
-            row[p] = v;
-            row2[p] = v * sk;
-        }
-        for (int64_t p = a->L; p < Lp; p++) row[p] = row2[p] = 0.0f;
+        memset(kt + c * Lk, 0, sizeof(float) * pad);
+        memset(kt + c * Lk + pad + L, 0, sizeof(float) * (Lk - pad - L));
+    }
+    memset(vt, 0, sizeof(float) * pad * dvp);
+    memset(vt + (pad + L) * dvp, 0, sizeof(float) * (Lk - pad - L) * dvp);
+    if (dvp > a->dv)
+        for (int64_t p = 0; p < L; p++)
+            for (int64_t c = a->dv; c < dvp; c++) vt[(pad + p) * dvp + c] = 0.0f;
+}
+
+/* Asks for the lines of sequence-head data at base (read later) while the current one is
+   processed: a sequence-head's channels are strided, so the hardware prefetchers miss them. */
+static void prefetch_sequence(const AxialArgs* a, const float* base) {
+    const int64_t c2h = 2 * a->dk + a->dv;
+    if (a->s_c == 1) {
+        for (int64_t p = 0; p < a->L; p++)
+            for (int64_t c = 0; c < c2h; c += 16) __builtin_prefetch(base + p * a->s_p + c);
+    } else if (a->s_p == 1) {
+        for (int64_t c = 0; c < c2h; c++)
+            for (int64_t p = 0; p < a->L; p += 16) __builtin_prefetch(base + c * a->s_c + p);
     }
 }
 
-#define DEFINE_ROWS(R)                                                                      \
-static void rows_##R(const AxialArgs* a, int64_t nh, int64_t i0, float* z,                 \
-                     const float* kt, const float* kkt, int64_t Lp) {                      \
-    const int64_t L = a->L, Jp = a->Jp, dk = a->dk, dv = a->dv, Lq = a->Lq;                 \
-    const int64_t n = nh / a->heads, h = nh % a->heads;                                     \
-    int64_t o[R], p0[R], p1[R], toff[R];                                                    \
-    for (int j = 0; j < R; j++) {                                                           \
-        o[j] = (i0 + j) * a->qstep;                                                         \
-        p0[j] = 0; p1[j] = L;                                                               \
-        if (a->radius >= 0) {                                                               \
-            p0[j] = o[j] - a->radius < 0 ? 0 : o[j] - a->radius;                            \
-            p1[j] = o[j] + a->radius + 1 > L ? L : o[j] + a->radius + 1;                    \
-        }                                                                                   \
-    }                                                                                       \
-    const int64_t P0 = p0[0], P1 = p1[R - 1], W = P1 - P0, W8 = (W + 7) & ~(int64_t)7;      \
-    for (int j = 0; j < R; j++) toff[j] = P0 - o[j] + L - 1;                                \
-    float qa[R][MAXDK], qb[R][MAXDK];                                                       \
-    {                                                                                       \
-        const float* qbase = a->qkv + n * a->s_n + h * a->s_h;                              \
-        const float s0 = a->scale[h], s1 = a->scale[a->heads + h];                          \
-        for (int64_t c = 0; c < dk; c++)                                                    \
-            for (int j = 0; j < R; j++) {                                                   \
-                const float qv = qbase[c * a->s_c + o[j] * a->s_p];                         \
-                qa[j][c] = qv * s0;                                                         \
-                qb[j][c] = qv * s1;                                                         \
-            }                                                                               \
-    }                                                                                       \
-    const float* kn = kt + P0;                                                              \
-    const float* kkn = kkt + P0;                                                            \
-    for (int64_t pb = 0; pb < W8; pb += 8) {                                                \
-        v8sf acc[R];                                                                        \
-        for (int j = 0; j < R; j++) acc[j] = splat8(0.0f);                                  \
-        for (int64_t c = 0; c < dk; c++) {                                                  \
-            if (a->use_qk) {                                                                \
-                const v8sf kv = load8(kn + c * Lp + pb);                                    \
-                for (int j = 0; j < R; j++) acc[j] += splat8(qa[j][c]) * kv;                \
-            }                                                                               \
-            if (a->use_qr) {                                                                \
-                const float* t = a->rqe + c * Jp + pb;                                      \
-                for (int j = 0; j < R; j++) acc[j] += splat8(qb[j][c]) * load8(t + toff[j]); \
-            }                                                                               \
-            if (a->use_kr) {                                                                \
-                const v8sf kv = load8(kkn + c * Lp + pb);                                   \
-                const float* t = a->rke + c * Jp + pb;                                      \
-                for (int j = 0; j < R; j++) acc[j] += kv * load8(t + toff[j]);              \
-            }                                                                               \
-        }                                                                                   \
-        for (int j = 0; j < R; j++) store8(z + j * Lp + pb, acc[j]);                        \
-    }                                                                                       \
-    float inv[R];                                                                           \
-    for (int j = 0; j < R; j++) {                                                           \
-        float* zj = z + j * Lp;                                                             \
-        for (int64_t p = 0; p < p0[j] - P0; p++) zj[p] = -1e30f;                            \
-        for (int64_t p = p1[j] - P0; p < W8; p++) zj[p] = -1e30f;                           \
-        v8sf mv = load8(zj);                                                                \
-        for (int64_t p = 8; p < W8; p += 8) mv = max8(mv, load8(zj + p));                   \
-        const float m = hmax8(mv);                                                          \
-        v8sf sum = splat8(0.0f);                                                            \
-        for (int64_t p = 0; p < W8; p += 8) {                                               \
-            const v8sf e = exp2_8(load8(zj + p) - splat8(m));                               \
-            store8(zj + p, e);                                                              \
-            sum += e;                                                                       \
-        }                                                                                   \
-        for (int64_t p = 0; p < p0[j] - P0; p++) zj[p] = 0.0f;                              \
-        for (int64_t p = p1[j] - P0; p < W8; p++) zj[p] = 0.0f;                             \
-        const float s = hsum8(sum);                                                         \
-        inv[j] = 1.0f / s;                                                                  \
-        if (a->lse) a->lse[nh * Lq + i0 + j] = m + __builtin_log2f(s);                      \
-    }                                                                                       \
-    const float* vn = a->qkv + n * a->s_n + h * a->s_h + 2 * dk * a->s_c + P0 * a->s_p;     \
-    const int64_t dvp = (dv + 7) & ~(int64_t)7;                                             \
-    for (int64_t c8 = 0; c8 < dv; c8 += 8) {                                                \
-        v8sf acc[R], acc2[R];                                                               \
-        for (int j = 0; j < R; j++) acc[j] = acc2[j] = splat8(0.0f);                        \
-        for (int64_t p = 0; p < W; p++) {                                                   \
-            const v8sf vv = load8(vn + p * a->s_p + c8);                                    \
-            for (int j = 0; j < R; j++) acc[j] += splat8(z[j * Lp + p]) * vv;               \
-        }                                                                                   \
-        if (a->rvt) {                                                                       \
-            for (int64_t p = 0; p < W; p++)                                                 \
-                for (int j = 0; j < R; j++)                                                 \
-                    acc2[j] += splat8(z[j * Lp + p]) * load8(a->rvt + (toff[j] + p) * dvp + c8); \
-        }                                                                                   \
-        const int64_t width = dv - c8;                                                      \
-        for (int j = 0; j < R; j++) {                                                       \
-            float* dst = a->out + n * a->o_ns + h * a->o_hs + (i0 + j) * a->o_rs + c8;      \
-            const v8sf sv = acc[j] * splat8(inv[j]), sve = acc2[j] * splat8(inv[j]);        \
-            if (a->alpha_v) {                                                               \
-                const int64_t hc = h * dv + c8;                                             \
-                v8sf av = splat8(0.0f), ar = splat8(0.0f), b = splat8(0.0f);                \
-                for (int64_t i = 0; i < 8 && i < width; i++) {                              \
-                    av[i] = a->alpha_v[hc + i];                                             \
-                    ar[i] = a->alpha_r ? a->alpha_r[hc + i] : 0.0f;                         \
-                    b[i] = a->beta[hc + i];                                                 \
-                }                                                                           \
-                store_n(dst, av * sv + ar * sve + b, width);                                \
-            } else {                                                                        \
-                store_n(dst, sv, width);                                                    \
-                if (a->out2) store_n(a->out2 + (dst - a->out), sve, width);                 \
-            }                                                                               \
-        }                                                                                   \
-    }                                                                                       \
+#if defined(__clang__)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8si){__VA_ARGS__})
+#endif
+
+/* In place: r[i][g] -> r[g][i]. */
+static inline void transpose8(v8sf* r) {
+    v8sf t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = SHUF(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 1] = SHUF(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[i + 2] = SHUF(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 3] = SHUF(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        r[i + 4] = SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
 }
 
-DEFINE_ROWS(4)
-DEFINE_ROWS(1)
+/* x[i * xs + g] for i < n, g < ng (n, ng <= 8) -> dst[g][i]: whole 8x8 blocks by transposes
+   in registers. Reads 8 floats at each x + i * xs (so the caller leaves 8 - ng readable after
+   them); next: lines to prefetch at the same offsets, or NULL. */
+static inline void scatter8(const float* x, int64_t xs, int n, int ng, float* const* dst, const float* next) {
+    if (n == 8 && ng == 8) {
+        v8sf r[8];
+        for (int i = 0; i < 8; i++) {
+            r[i] = load8(x + i * xs);
+            if (next) __builtin_prefetch(next + i * xs);
+        }
+        transpose8(r);
+        for (int g = 0; g < 8; g++) store8(dst[g], r[g]);
+    } else {
+        for (int i = 0; i < n; i++) {
+            const v8sf v = load8(x + i * xs);
+            if (next) __builtin_prefetch(next + i * xs);
+            for (int g = 0; g < ng; g++) dst[g][i] = v[g];
+        }
+    }
+}
 
-/* Rows [r0, r1) of the flattened (sequence-head, query) grid.
-   scratch: (4 + 2 * dk) * (L + 8) floats. */
+/* Copies sequence-head (n, h) into a slot: keys (dk, Lk), values (Lk, dvp), queries (dk, L),
+   zero-padded; each loop reads the source along its unit stride. */
+static void load_one(const AxialArgs* a, const Seq* s, const float* base, float* slot) {
+    const int64_t L = a->L, dk = a->dk, dv = a->dv, Lk = s->Lk, pad = s->pad, dvp = s->dvp;
+    const int64_t sc = a->s_c, sp = a->s_p;
+    float* kt = slot;
+    float* vt = kt + dk * Lk;
+    float* qs = vt + Lk * dvp;
+    zero_padding(a, s, slot);
+    if (sc == 1) {  /* position-major: one head's channels are contiguous at each position */
+        for (int64_t p = 0; p < L; p += 8) {
+            const int n = L - p < 8 ? (int)(L - p) : 8;
+            for (int64_t c = 0; c < 2 * dk; c += 8) {  /* q and k channels, 8 at a time */
+                const int ng = 2 * dk - c < 8 ? (int)(2 * dk - c) : 8;
+                float* dst[8];
+                for (int g = 0; g < ng; g++)
+                    dst[g] = c + g < dk ? qs + (c + g) * L + p : kt + (c + g - dk) * Lk + pad + p;
+                scatter8(base + p * sp + c, sp, n, ng, dst, 0);
+            }
+            for (int i = 0; i < n; i++) {
+                const float* src = base + (p + i) * sp + 2 * dk;
+                float* row = vt + (pad + p + i) * dvp;
+                int64_t c = 0;
+                for (; c + 8 <= dv; c += 8) store8(row + c, load8(src + c));
+                for (; c < dv; c++) row[c] = src[c];
+            }
+        }
+    } else if (sp == 1) {  /* channel-major along the sequence: rows of L positions */
+        for (int64_t c = 0; c < dk; c++) {
+            memcpy(qs + c * L, base + c * sc, sizeof(float) * L);
+            memcpy(kt + c * Lk + pad, base + (dk + c) * sc, sizeof(float) * L);
+        }
+        const int64_t L8 = L & ~(int64_t)7;  /* whole blocks only: nothing is read past a row */
+        for (int64_t c = 0; c < dv; c += 8) {
+            const int n = dv - c < 8 ? (int)(dv - c) : 8;
+            for (int64_t p = 0; p < L8; p += 8) {
+                float* dst[8];
+                for (int g = 0; g < 8; g++) dst[g] = vt + (pad + p + g) * dvp + c;
+                scatter8(base + (2 * dk + c) * sc + p, sc, n, 8, dst, 0);
+            }
+            for (int i = 0; i < n; i++)
+                for (int64_t p = L8; p < L; p++) vt[(pad + p) * dvp + c + i] = base[(2 * dk + c + i) * sc + p];
+        }
+    } else {
+        for (int64_t c = 0; c < dk; c++)
+            for (int64_t p = 0; p < L; p++) {
+                qs[c * L + p] = base[c * sc + p * sp];
+                kt[c * Lk + pad + p] = base[(dk + c) * sc + p * sp];
+            }
+        for (int64_t c = 0; c < dv; c++)
+            for (int64_t p = 0; p < L; p++) vt[(pad + p) * dvp + c] = base[(2 * dk + c) * sc + p * sp];
+    }
+}
+
+/* GROUP sequences n..n+GROUP-1 adjacent in memory (s_n == 1, channel-major height): vector
+   loads across the sequences, transposed in registers. */
+static void load_group(const AxialArgs* a, const Seq* s, const float* base, float* slots) {
+    const int64_t L = a->L, dk = a->dk, dv = a->dv, Lk = s->Lk, pad = s->pad, dvp = s->dvp;
+    const int64_t sc = a->s_c, sp = a->s_p, slot = s->slot;
+    float* vt = slots + dk * Lk;
+    float* qs = vt + Lk * dvp;
+    float* dst[GROUP];
+    for (int g = 0; g < GROUP; g++) zero_padding(a, s, slots + g * slot);
+    /* the group after next reads the next cache line of the same rows (16 floats on) */
+    for (int64_t c = 0; c < 2 * dk; c++)  /* q and k channels */
+        for (int64_t p = 0; p < L; p += 8) {
+            const int n = L - p < 8 ? (int)(L - p) : 8;
+            const float* x = base + c * sc + p * sp;
+            for (int g = 0; g < GROUP; g++)
+                dst[g] = c < dk ? qs + g * slot + c * L + p : slots + g * slot + (c - dk) * Lk + pad + p;
+            scatter8(x, sp, n, GROUP, dst, x + 16);
+        }
+    for (int64_t c = 0; c < dv; c += 8)
+        for (int64_t p = 0; p < L; p++) {
+            const float* x = base + (2 * dk + c) * sc + p * sp;
+            for (int g = 0; g < GROUP; g++) dst[g] = vt + g * slot + (pad + p) * dvp + c;
+            scatter8(x, sc, dv - c < 8 ? (int)(dv - c) : 8, GROUP, dst, x + 16);
+        }
+}
+
+/* Points s at sequence-head (n, h), whose copy is in slot. */
+static void use_sequence(const AxialArgs* a, Seq* s, int64_t n, int64_t h, const float* slot) {
+    const int64_t nb = n / a->n_inner, ni = n % a->n_inner;
+    s->n = n;
+    s->h = h;
+    s->kt = slot;
+    s->vt = slot + a->dk * s->Lk;
+    s->q = s->vt + s->Lk * s->dvp;
+    s->rke = a->rke + h * a->dk * a->Jp;
+    s->rvt = a->rvt + h * a->rv_hs;
+    s->beta = a->beta ? a->beta + h * s->dvp : 0;
+    s->out = a->out + nb * a->o_bs + ni * a->o_ns + h * a->o_hs;
+    s->out2 = a->out2 ? a->out2 + nb * a->o_bs + ni * a->o_ns + h * a->o_hs : 0;
+}
+
+/* z[j][m] for m in [m0, m0 + 8*NK): similarity of row j with offset U0 + m. */
+AI void logits(const int R, const int NK, int64_t dk, int64_t Jp, int64_t Lk, const float* rq,
+               const float* rk, const float* const* kb, float qa[][MAXDK], float qb[][MAXDK],
+               float* z, int64_t Zs, int64_t m0) {
+    v8sf acc[MAXR][4];
+    for (int j = 0; j < R; j++)
+        for (int v = 0; v < NK; v++) acc[j][v] = splat8(0.0f);
+    for (int64_t c = 0; c < dk; c++) {
+        v8sf tq[4], tk[4];
+        for (int v = 0; v < NK; v++) {
+            tq[v] = load8(rq + c * Jp + m0 + 8 * v);
+            tk[v] = load8(rk + c * Jp + m0 + 8 * v);
+            KEEP_IN_REGISTER(tq[v]);
+            KEEP_IN_REGISTER(tk[v]);
+        }
+        for (int j = 0; j < R; j++) {
+            const v8sf sa = splat8(qa[j][c]), sb = splat8(qb[j][c]);
+            for (int v = 0; v < NK; v++) {
+                acc[j][v] += load8(kb[j] + c * Lk + m0 + 8 * v) * (sa + tk[v]);
+                acc[j][v] += sb * tq[v];
+            }
+        }
+    }
+    for (int j = 0; j < R; j++)
+        for (int v = 0; v < NK; v++) store8(z + j * Zs + m0 + 8 * v, acc[j][v]);
+}
+
+/* Channels [c8, c8 + 8*NV) of sum_m z[j][m] (v[o_j + U0 + m] + rv[U0 + m]) (fused) or of the
+   two sums apart, normalised by inv[j] and stored. */
+AI void retrieve(const int R, const int NV, const int fused, const Seq* s, const float* const* vb,
+                 const float* rb, const float* z, int64_t W, const float* inv, int64_t i0, int64_t o_rs,
+                 int64_t dv, int64_t c8) {
+    const int64_t dvp = s->dvp, Zs = s->Zs;
+    v8sf acc[MAXR][4], acc2[MAXR][4];
+    for (int j = 0; j < R; j++)
+        for (int v = 0; v < NV; v++) acc[j][v] = acc2[j][v] = splat8(0.0f);
+    for (int64_t m = 0; m < W; m++) {
+        v8sf tr[4];
+        for (int v = 0; v < NV; v++) {
+            tr[v] = load8(rb + m * dvp + c8 + 8 * v);
+            KEEP_IN_REGISTER(tr[v]);
+        }
+        for (int j = 0; j < R; j++) {
+            const v8sf w = splat8(z[j * Zs + m]);
+            for (int v = 0; v < NV; v++) {
+                const v8sf vv = load8(vb[j] + m * dvp + c8 + 8 * v);
+                if (fused) acc[j][v] += w * (vv + tr[v]);
+                else { acc[j][v] += w * vv; acc2[j][v] += w * tr[v]; }
+            }
+        }
+    }
+    for (int j = 0; j < R; j++) {
+        float* dst = s->out + (i0 + j) * o_rs + c8;
+        for (int v = 0; v < NV; v++) {
+            const int64_t width = dv - c8 - 8 * v;
+            if (width <= 0) break;
+            v8sf r = acc[j][v] * splat8(inv[j]);
+            if (s->beta) r += load8(s->beta + c8 + 8 * v);
+            store_n(dst + 8 * v, r, width);
+            if (!fused) store_n(s->out2 + (i0 + j) * o_rs + c8 + 8 * v, acc2[j][v] * splat8(inv[j]), width);
+        }
+    }
+}
+
+/* One offset m of the fused retrieval for four rows whose value rows are r0..r3. */
+AI void window_step(const int NV, v8sf (*acc)[4], const v8sf* r0, const v8sf* r1, const v8sf* r2,
+                    const v8sf* r3, const float* rb, const float* z, int64_t Zs, int64_t m) {
+    const v8sf w0 = splat8(z[m]), w1 = splat8(z[Zs + m]), w2 = splat8(z[2 * Zs + m]), w3 = splat8(z[3 * Zs + m]);
+    for (int v = 0; v < NV; v++) {
+        v8sf t = load8(rb + 8 * v);
+        KEEP_IN_REGISTER(t);
+        acc[0][v] += w0 * (r0[v] + t);
+        acc[1][v] += w1 * (r1[v] + t);
+        acc[2][v] += w2 * (r2[v] + t);
+        acc[3][v] += w3 * (r3[v] + t);
+    }
+}
+
+/* Fused retrieval of channels [c8, c8 + 8*NV) for four consecutive query rows at query step 1:
+   row j at offset m reads value row m + j of vb0, so each offset loads one new value row and
+   a window of four rows rotates through registers. */
+AI void retrieve_window(const int NV, const Seq* s, const float* vb0, const float* rb, const float* z,
+                        int64_t W, const float* inv, int64_t i0, int64_t o_rs, int64_t dv, int64_t c8) {
+    const int64_t dvp = s->dvp, Zs = s->Zs;
+    v8sf acc[MAXR][4], A[2], B[2], C[2], D[2];
+    const float* vr = vb0 + c8;
+    const float* tb = rb + c8;
+    for (int j = 0; j < 4; j++)
+        for (int v = 0; v < NV; v++) acc[j][v] = splat8(0.0f);
+    for (int v = 0; v < NV; v++) {
+        A[v] = load8(vr + 8 * v);
+        B[v] = load8(vr + dvp + 8 * v);
+        C[v] = load8(vr + 2 * dvp + 8 * v);
+    }
+    int64_t m = 0;
+    for (; m + 4 <= W; m += 4) {
+        for (int v = 0; v < NV; v++) D[v] = load8(vr + (m + 3) * dvp + 8 * v);
+        window_step(NV, acc, A, B, C, D, tb + m * dvp, z, Zs, m);
+        for (int v = 0; v < NV; v++) A[v] = load8(vr + (m + 4) * dvp + 8 * v);
+        window_step(NV, acc, B, C, D, A, tb + (m + 1) * dvp, z, Zs, m + 1);
+        for (int v = 0; v < NV; v++) B[v] = load8(vr + (m + 5) * dvp + 8 * v);
+        window_step(NV, acc, C, D, A, B, tb + (m + 2) * dvp, z, Zs, m + 2);
+        for (int v = 0; v < NV; v++) C[v] = load8(vr + (m + 6) * dvp + 8 * v);
+        window_step(NV, acc, D, A, B, C, tb + (m + 3) * dvp, z, Zs, m + 3);
+    }
+    for (; m < W; m++)
+        for (int j = 0; j < 4; j++) {
+            const v8sf w = splat8(z[j * Zs + m]);
+            for (int v = 0; v < NV; v++)
+                acc[j][v] += w * (load8(vr + (m + j) * dvp + 8 * v) + load8(tb + m * dvp + 8 * v));
+        }
+    for (int j = 0; j < 4; j++) {
+        float* dst = s->out + (i0 + j) * o_rs + c8;
+        for (int v = 0; v < NV; v++) {
+            const int64_t width = dv - c8 - 8 * v;
+            if (width <= 0) break;
+            v8sf r = acc[j][v] * splat8(inv[j]);
+            if (s->beta) r += load8(s->beta + c8 + 8 * v);
+            store_n(dst + 8 * v, r, width);
+        }
+    }
+}
+
+AI void rows_block(const int R, const AxialArgs* a, const Seq* s, int64_t i0, float* z) {
+    const int64_t L = a->L, dk = a->dk, Jp = a->Jp, Zs = s->Zs, dvp = s->dvp, rad = s->rad;
+    int64_t o[MAXR], lo[MAXR], hi[MAXR];
+    for (int j = 0; j < R; j++) {
+        o[j] = (i0 + j) * a->qstep;
+        lo[j] = imax(-o[j], -rad);
+        hi[j] = imin(L - o[j], rad + 1);
+    }
+    const int64_t U0 = lo[R - 1], W = hi[0] - U0, W8 = (W + 7) & ~(int64_t)7;
+    float qa[MAXR][MAXDK], qb[MAXR][MAXDK];
+    {
+        const float s0 = a->scale[s->h], s1 = a->scale[a->heads + s->h];
+        for (int64_t c = 0; c < dk; c++)
+            for (int j = 0; j < R; j++) {
+                const float qv = s->q[c * a->L + o[j]];
+                qa[j][c] = qv * s0;
+                qb[j][c] = qv * s1;
+            }
+    }
+    const float* kb[MAXR];
+    const float* vb[MAXR];
+    for (int j = 0; j < R; j++) {
+        kb[j] = s->kt + s->pad + o[j] + U0;
+        vb[j] = s->vt + (s->pad + o[j] + U0) * dvp;
+    }
+    const float* rq = a->rqe + (L - 1 + U0);
+    const float* rk = s->rke + (L - 1 + U0);
+    PROF_START(t1);
+    int64_t m = 0;
+    if (WIDE == 4)
+        for (; m + 32 <= W8; m += 32) logits(R, WIDE, dk, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, m);
+    for (; m + 16 <= W8; m += 16) logits(R, 2, dk, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, m);
+    if (m < W8) logits(R, 1, dk, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, m);
+    PROF_ADD(1, t1);
+    PROF_START(t2);
+    float inv[MAXR];
+    {
+        /* offsets outside row j's span, [0, lo_j - U0) and [hi_j - U0, W8): -1e30 before the
+           max, so exactly 0 after exp2 */
+        const v8si lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        v8sf mv[MAXR], sum[MAXR];
+        for (int j = 0; j < R; j++) {
+            float* zj = z + j * Zs;
+            const int64_t first = lo[j] - U0, end = hi[j] - U0;
+            for (int64_t p = 0; p < first; p += 8) {
+                const v8si idx = lane + (int32_t)p;
+                store8(zj + p, select8(idx >= (int32_t)first, load8(zj + p), splat8(-1e30f)));
+            }
+            for (int64_t p = end & ~(int64_t)7; p < W8; p += 8) {
+                const v8si idx = lane + (int32_t)p;
+                store8(zj + p, select8(idx < (int32_t)end, load8(zj + p), splat8(-1e30f)));
+            }
+            mv[j] = load8(zj);
+            sum[j] = splat8(0.0f);
+        }
+        for (int64_t p = 8; p < W8; p += 8)
+            for (int j = 0; j < R; j++) mv[j] = max8(mv[j], load8(z + j * Zs + p));
+        for (int j = 0; j < R; j++) mv[j] = splat8(hmax8(mv[j]));
+        for (int64_t p = 0; p < W8; p += 8)
+            for (int j = 0; j < R; j++) {
+                const v8sf e = exp2_8z(load8(z + j * Zs + p) - mv[j]);
+                store8(z + j * Zs + p, e);
+                sum[j] += e;
+            }
+        for (int j = 0; j < R; j++) {
+            const float tot = hsum8(sum[j]);
+            inv[j] = 1.0f / tot;
+            if (a->lse) a->lse[(s->n * a->heads + s->h) * a->Lq + i0 + j] = mv[j][0] + __builtin_log2f(tot);
+        }
+    }
+    PROF_ADD(2, t2);
+    PROF_START(t3);
+    const float* rb = s->rvt + (L - 1 + U0) * dvp;
+    const int64_t dv = a->dv;
+    if (R == 4 && a->qstep == 1 && !s->out2) {
+        int64_t c8 = 0;
+        for (; c8 + 16 <= dvp; c8 += 16) retrieve_window(2, s, vb[0], rb, z, W, inv, i0, a->o_rs, dv, c8);
+        if (c8 < dvp) retrieve_window(1, s, vb[0], rb, z, W, inv, i0, a->o_rs, dv, c8);
+    } else
+    for (int64_t c8 = 0; c8 < dvp;) {
+        const int64_t left = (dvp - c8) / 8;
+        if (WIDE == 4 && left >= 4) {
+            if (s->out2) retrieve(R, WIDE, 0, s, vb, rb, z, W, inv, i0, a->o_rs, dv, c8);
+            else retrieve(R, WIDE, 1, s, vb, rb, z, W, inv, i0, a->o_rs, dv, c8);
+            c8 += 32;
+        } else if (left >= 2) {
+            if (s->out2) retrieve(R, 2, 0, s, vb, rb, z, W, inv, i0, a->o_rs, dv, c8);
+            else retrieve(R, 2, 1, s, vb, rb, z, W, inv, i0, a->o_rs, dv, c8);
+            c8 += 16;
+        } else {
+            if (s->out2) retrieve(R, 1, 0, s, vb, rb, z, W, inv, i0, a->o_rs, dv, c8);
+            else retrieve(R, 1, 1, s, vb, rb, z, W, inv, i0, a->o_rs, dv, c8);
+            c8 += 8;
+        }
+    }
+    PROF_ADD(3, t3);
+}
+
+static void rows_4(const AxialArgs* a, const Seq* s, int64_t i0, float* z) { rows_block(4, a, s, i0, z); }
+static void rows_1(const AxialArgs* a, const Seq* s, int64_t i0, float* z) { rows_block(1, a, s, i0, z); }
+
+/* Rows [r0, r1) of the flattened (sequence, head, query) grid; (head, sequence, query) when
+   sequences are loaded in groups, so that consecutive groups share cache lines.
+   scratch: axial_attention_scratch_floats(a) floats. */
 int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* scratch) {
-    if (a->dk > MAXDK || a->Jp < 2 * a->L + 7 || a->s_c != 1) return 1;
-    const int64_t Lp = a->L + 8;
+    if (a->dk > MAXDK || a->Jp < 2 * a->L + 7) return 1;
+    Seq s;
+    geometry(a, &s);
     float* z = scratch;
-    float* kt = scratch + 4 * Lp;
-    float* kkt = kt + a->dk * Lp;
-    int64_t loaded = -1;
+    float* slots = z + MAXR * s.Zs;
+    memset(z, 0, sizeof(float) * MAXR * s.Zs);
+    int64_t g_h = -1, g_n0 = 0, g_count = 0, current = -1;
     int64_t r = r0;
     while (r < r1) {
-        const int64_t nh = r / a->Lq, i = r % a->Lq;
-        if (nh != loaded) { load_keys(a, nh / a->heads, nh % a->heads, Lp, kt, kkt); loaded = nh; }
-        if (i + 4 <= a->Lq && r + 4 <= r1) { rows_4(a, nh, i, z, kt, kkt, Lp); r += 4; }
-        else { rows_1(a, nh, i, z, kt, kkt, Lp); r += 1; }
+        const int64_t hn = r / a->Lq, i = r % a->Lq;
+        if (hn != current) {
+            const int64_t h = s.group > 1 ? hn / a->nseq : hn % a->heads;
+            const int64_t n = s.group > 1 ? hn % a->nseq : hn / a->heads;
+            if (h != g_h || n < g_n0 || n >= g_n0 + g_count) {
+                PROF_START(t0);
+                const int64_t nb = n / a->n_inner, ni = n % a->n_inner;
+                const float* base = a->qkv + nb * a->s_b + ni * a->s_n + h * a->s_h;
+                g_h = h;
+                g_n0 = n;
+                g_count = 1;
+                if (s.group == GROUP && ni + GROUP <= a->n_inner) {
+                    load_group(a, &s, base, slots);
+                    g_count = GROUP;
+                } else {
+                    load_one(a, &s, base, slots);
+                    if (n + 1 < a->nseq) {  /* the same head of the next sequence */
+                        const int64_t nb1 = (n + 1) / a->n_inner, ni1 = (n + 1) % a->n_inner;
+                        prefetch_sequence(a, a->qkv + nb1 * a->s_b + ni1 * a->s_n + h * a->s_h);
+                    }
+                }
+                PROF_ADD(0, t0);
+            }
+            use_sequence(a, &s, n, h, slots + (n - g_n0) * s.slot);
+            current = hn;
+        }
+        if (i + 4 <= a->Lq && r + 4 <= r1) { rows_4(a, &s, i, z); r += 4; }
+        else { rows_1(a, &s, i, z); r += 1; }
     }
     return 0;
 }
@@ -327,7 +697,7 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
                     if (a->use_kr) t_kr += kv * load8(a->rke + c * Jp + toff + pb);
                 }
                 const v8sf z = splat8(LOG2E) * (splat8(aqk) * t_qk + splat8(aqr) * t_qr + splat8(akr) * t_kr);
-                v8sf p = exp2_8(z - splat8(lse));
+                v8sf p = exp2_8z(z - splat8(lse));
                 p = select8(lanes + splat8((float)pb) < splat8((float)W), p, splat8(0.0f));
                 v8sf dp = splat8(0.0f);
                 for (int64_t c = 0; c < dv; c++) {
@@ -392,12 +762,11 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 class _Args(ctypes.Structure):
-    _fields_ = ([(n, _I64) for n in ("Lq", "L", "qstep", "radius", "dk", "dv", "heads")]
-                + [("qkv", _PTR)] + [(n, _I64) for n in ("s_n", "s_h", "s_c", "s_p")]
-                + [("scale", _PTR)] + [(n, _I64) for n in ("use_qk", "use_qr", "use_kr")]
-                + [("rqe", _PTR), ("rke", _PTR), ("Jp", _I64), ("rvt", _PTR), ("out", _PTR),
-                   ("out2", _PTR), ("o_ns", _I64), ("o_hs", _I64), ("o_rs", _I64), ("alpha_v", _PTR),
-                   ("alpha_r", _PTR), ("beta", _PTR), ("lse", _PTR)])
+    _fields_ = ([(n, _I64) for n in ("Lq", "L", "qstep", "radius", "dk", "dv", "heads", "nseq", "n_inner")]
+                + [("qkv", _PTR)] + [(n, _I64) for n in ("s_b", "s_n", "s_h", "s_c", "s_p")]
+                + [("scale", _PTR), ("rqe", _PTR), ("rke", _PTR), ("Jp", _I64), ("rvt", _PTR), ("rv_hs", _I64),
+                   ("out", _PTR), ("out2", _PTR)] + [(n, _I64) for n in ("o_bs", "o_ns", "o_hs", "o_rs")]
+                + [("beta", _PTR), ("lse", _PTR)])
 
 
 class _BackArgs(ctypes.Structure):
@@ -469,6 +838,9 @@ def _compile() -> Optional[ctypes.CDLL]:
         fn = lib.axial_attention_rows_f32
         fn.argtypes = [ctypes.POINTER(_Args), _I64, _I64, _PTR]
         fn.restype = ctypes.c_int
+        fn = lib.axial_attention_scratch_floats
+        fn.argtypes = [ctypes.POINTER(_Args)]
+        fn.restype = _I64
         fn = lib.axial_attention_backward_f32
         fn.argtypes = [ctypes.POINTER(_BackArgs), _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR]
         fn.restype = ctypes.c_int
@@ -513,11 +885,13 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def _run_rows(lib, args: _Args, rows: int, length: int, dk: int) -> bool:
+def _run_rows(lib, args: _Args, rows: int) -> bool:
     """Split the rows over one thread per torch thread; ctypes releases the GIL."""
+    if rows == 0:
+        return True
     workers = max(1, min(torch.get_num_threads(), rows // 64 or 1))
     fn = lib.axial_attention_rows_f32
-    scratch_size = (4 + 2 * dk) * (length + _PAD)
+    scratch_size = lib.axial_attention_scratch_floats(ctypes.byref(args))
 
     def share(i):
         r0, r1 = rows * i // workers, rows * (i + 1) // workers
@@ -528,10 +902,15 @@ def _run_rows(lib, args: _Args, rows: int, length: int, dk: int) -> bool:
     return not any(status)
 
 
+def _offsets(layer, length: int) -> torch.Tensor:
+    """Table rows of the offsets -(L-1)..L-1, clipped to the reach."""
+    d = layer.max_relative_distance
+    return torch.arange(-(length - 1), length).clamp(-d, d) + d
+
+
 def _tables(layer, length: int):
     """Relative tables gathered over offsets -(L-1)..L-1 (clipped to the reach), zero-padded."""
-    d = layer.max_relative_distance
-    offsets = torch.arange(-(length - 1), length).clamp(-d, d) + d
+    offsets = _offsets(layer, length)
     rqe = rke = rvt = None
     if layer.use_query_rpe:
         rqe = F.pad(layer.query_table.detach().float()[:, offsets], (0, _PAD)).contiguous()
@@ -547,22 +926,48 @@ def _supported(layer, t: torch.Tensor) -> bool:
             and _library() is not None)
 
 
-def _run(layer, qkv_pm: torch.Tensor, n: int, length: int, scales: torch.Tensor, step: int,
-         out: torch.Tensor, o_strides, out2=None, alpha=None, lse=None) -> bool:
-    """qkv_pm: position-major (n, L, heads, 2dk+dv) with 8 readable floats after it."""
-    lib = _library()
+def _operands(layer, length: int, scales: torch.Tensor, alpha_r=None, beta=None):
+    """The kernel's per-layer operands for sequences of ``length``: similarity scales
+    (2, heads) in log2 units, q.r^q table (dk, Jp), per-head k.r^k tables (heads, dk, Jp)
+    pre-scaled, value table (2L-1, dvp) or per head (scaled by ``alpha_r``) with its head
+    stride, and ``beta`` padded to (heads, dvp). ``scales``: (3, heads) natural-unit
+    multipliers of the similarity terms."""
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
-    c2h = 2 * dk + dv
-    lq = len(range(0, length, step))
-    scale = (scales.detach().float() * _LOG2E).contiguous()
+    dvp = -(-dv // 8) * 8
+    s = scales.detach().float() * _LOG2E
     rqe, rke, rvt = _tables(layer, length)
-    alpha_v, alpha_r, beta = alpha if alpha is not None else (None, None, None)
-    args = _Args(lq, length, step, _radius(layer), dk, dv, heads,
-                 qkv_pm.data_ptr(), length * heads * c2h, c2h, 1, heads * c2h,
-                 scale.data_ptr(), int(layer.use_qk), int(layer.use_query_rpe), int(layer.use_key_rpe),
-                 _ptr(rqe), _ptr(rke), 2 * length - 1 + _PAD, _ptr(rvt),
-                 out.data_ptr(), _ptr(out2), *o_strides, _ptr(alpha_v), _ptr(alpha_r), _ptr(beta), _ptr(lse))
-    return _run_rows(lib, args, n * heads * lq, length, dk)
+    jp = 2 * length - 1 + _PAD
+    scale = torch.stack([s[0] * float(layer.use_qk), s[1]]).contiguous()
+    rqe = rqe if rqe is not None else torch.zeros(dk, jp)
+    rke = (rke[None] * s[2][:, None, None]).contiguous() if rke is not None else torch.zeros(heads, dk, jp)
+    rv_hs = 0
+    if rvt is None:
+        rvt = torch.zeros(2 * length - 1, dvp)
+    elif alpha_r is not None:
+        rvt = rvt[None].repeat(heads, 1, 1)
+        rvt[:, :, :dv] *= alpha_r.float().view(heads, 1, dv)
+        rv_hs = (2 * length - 1) * dvp
+    if beta is not None:
+        beta = F.pad(beta.float().view(heads, dv), (0, dvp - dv)).contiguous()
+    return scale, rqe, rke, jp, rvt, rv_hs, beta
+
+
+def _run(layer, qkv: torch.Tensor, q_strides, nseq: int, n_inner: int, length: int, step: int,
+         operands, out: torch.Tensor, o_strides, out2=None, lse=None) -> bool:
+    """Run the kernel over every (sequence, head, query) row.
+
+    qkv element (n, h, ch, p) of sequence n = nb * n_inner + ni sits at
+    ``nb*s_b + ni*s_n + h*s_h + ch*s_c + p*s_p`` (``q_strides``), output element (n, h, i, c)
+    at ``nb*o_bs + ni*o_ns + h*o_hs + i*o_rs + c`` (``o_strides``) of ``out``, and of
+    ``out2`` for sve when given; without ``out2`` the kernel stores sv + sve (+ beta).
+    ``operands``: from :func:`_operands`."""
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    lq = len(range(0, length, step))
+    scale, rqe, rke, jp, rvt, rv_hs, beta = operands
+    args = _Args(lq, length, step, _radius(layer), dk, dv, heads, nseq, max(1, n_inner),
+                 qkv.data_ptr(), *q_strides, scale.data_ptr(), rqe.data_ptr(), rke.data_ptr(), jp,
+                 rvt.data_ptr(), rv_hs, out.data_ptr(), _ptr(out2), *o_strides, _ptr(beta), _ptr(lse))
+    return _run_rows(_library(), args, nseq * heads * lq)
 
 
 def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1,
@@ -573,17 +978,15 @@ def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int 
         return None
     heads, dv = layer.num_heads, layer.value_depth
     with torch.no_grad():
+        qkv = qkv.contiguous()
         nh, c2h, length = qkv.shape
         n = nh // heads
-        buf = torch.empty(nh * c2h * length + _PAD)
-        qkv_pm = buf[: nh * c2h * length].view(n, length, heads, c2h)
-        qkv_pm.copy_(qkv.view(n, heads, c2h, length).permute(0, 3, 1, 2))
         lq = len(range(0, length, query_step))
         sv = torch.empty(nh, lq, dv)
         sve = torch.empty(nh, lq, dv) if layer.use_value_rpe else None
         lse = torch.empty(nh, lq) if return_lse else None
-        if not _run(layer, buf, n, length, scales, query_step, sv, (heads * lq * dv, lq * dv, dv),
-                    out2=sve, lse=lse):
+        if not _run(layer, qkv, (0, heads * c2h * length, c2h * length, length, 1), n, n, length, query_step,
+                    _operands(layer, length, scales), sv, (0, heads * lq * dv, lq * dv, dv), out2=sve, lse=lse):
             return None
         sv = sv.transpose(1, 2)
         sve = sve.transpose(1, 2) if sve is not None else None
@@ -600,49 +1003,117 @@ def _eval_bn(bn) -> bool:
     return not bn.training and bn.running_mean is not None
 
 
+def _bn_affine(bn):
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _eval_cache(layer) -> dict:
+    """A dict for constants derived from the layer's parameters and BN statistics, emptied
+    whenever one of them changes: replaced, updated in place (tensor version) or given new
+    data (``.data =``, as ``module.to`` does: storage address). A fresh, unkept dict for
+    parameters made in ``torch.inference_mode``, which have no version counters."""
+    tensors = [layer.qkv.weight, layer.query_table, layer.key_table, layer.value_table]
+    for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output):
+        tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    tensors = [t for t in tensors if t is not None]
+    if any(t.is_inference() for t in tensors):  # no version counters (made in inference_mode)
+        return {}
+    key = [(t, t._version, t.data_ptr()) for t in tensors]
+    key += [bn.eps for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output)]
+    key += [layer.use_qk, layer.use_query_rpe, layer.use_key_rpe, layer.use_value_rpe,
+            layer.max_relative_distance]
+    cached = layer.__dict__.get("_cpu_kernel_eval_cache")
+    if cached is None or len(cached[0]) != len(key) or not all(
+            (a[0] is b[0] and a[1:] == b[1:]) if isinstance(a, tuple) else a == b
+            for a, b in zip(cached[0], key)):
+        cached = (key, {})
+        layer.__dict__["_cpu_kernel_eval_cache"] = cached  # a plain attribute: not state, not a buffer
+    return cached[1]
+
+
+def _folded_projection(layer):
+    """(weight (c2, C_in), bias (c2)) of the projection with bn_qkv and the output BN's scale of
+    a.v folded in (sum_p a_p (s v_p) = s sum_p a_p v_p), the output BN's per-channel scale of
+    a.r^v, its shift, and the similarity BN's scales (3, heads)."""
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    c2h = 2 * dk + dv
+    scale, shift = _bn_affine(layer.bn_qkv)
+    oscale, oshift = (t.view(heads * dv, 2) for t in _bn_affine(layer.bn_output))
+    mult = torch.ones(heads, c2h)
+    mult[:, 2 * dk:] = oscale[:, 0].view(heads, dv)
+    scale, shift = scale * mult.view(-1), shift * mult.view(-1)
+    w = (layer.qkv.weight.flatten(1) * scale[:, None]).contiguous()
+    alpha_r = oscale[:, 1] if layer.use_value_rpe else None
+    beta = oshift[:, 0] + oshift[:, 1] if layer.use_value_rpe else oshift[:, 0]
+    sim_scales = _bn_affine(layer.bn_similarity)[0].view(3, heads)
+    return w, shift.contiguous(), alpha_r, beta, sim_scales
+
+
 def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The whole layer in inference (all BNs in eval, no autograd, float32, no autocast):
-    folded projection as one matrix product into a position-major (sequence, position,
-    channel) buffer the kernel reads directly, the kernel with the output BN folded in,
-    and a permuted view back to (B, C, H, W). None when not applicable."""
+    """The whole layer in inference (all BNs in eval, no autograd, float32, no autocast), or
+    None when not applicable.
+
+    The projection (BN and the output BN's value scale folded into its weights) is one
+    matrix product over the input's own memory layout: (C_out, C_in) x (C_in, HW) per image
+    for NCHW input gives channel-major qkv, (HW, C_in) x (C_in, C_out) for channels_last
+    input gives position-major qkv; the kernel reads either through strides. The kernel
+    writes a channels_last buffer, returned as an NCHW-shaped tensor in
+    ``torch.channels_last`` memory format, so the next layer of a pair reads it in place.
+    Constants folded from the parameters are kept until a parameter or statistic changes."""
     if (torch.is_grad_enabled() or not _supported(layer, x) or torch.is_autocast_enabled("cpu")
             or not all(_eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output))):
         return None
-    heads, dv = layer.num_heads, layer.value_depth
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     batch, cin, height, width = x.shape
-    if layer.axis == "height":
-        length, other = height, width
-        xs = x.permute(0, 3, 2, 1)  # (B, W, H, C): sequences along H
+    hw, c2h = height * width, 2 * dk + dv
+    c2 = heads * c2h
+    if x.is_contiguous():
+        channel_major = True
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        channel_major = False
     else:
-        length, other = width, height
-        xs = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-    n = batch * other
-    c2 = 2 * layer.key_channels + layer.out_channels
-    bn = layer.bn_qkv
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    w = layer.qkv.weight.flatten(1) * scale[:, None]
-    b = bn.bias - bn.running_mean * scale
-    buf = torch.empty(n * length * c2 + _PAD)  # 8 readable floats past the last value row
-    torch.addmm(b, xs.reshape(n * length, cin), w.t(), out=buf[: n * length * c2].view(n * length, c2))
-    bs = layer.bn_similarity
-    scales = (bs.weight * torch.rsqrt(bs.running_var + bs.eps)).view(3, heads)
+        x, channel_major = x.contiguous(), True
+
+    cache = _eval_cache(layer)
+    if "projection" not in cache:
+        cache["projection"] = _folded_projection(layer)
+    w, shift, alpha_r, beta, sim_scales = cache["projection"]
+
+    if channel_major:  # qkv (B, c2, H, W), channel rows padded to 16 floats (BLAS is slow on odd ones)
+        row = -(-hw // 16) * 16
+        qkv = torch.empty(batch, c2, row)
+        xm = x.view(batch, cin, hw)
+        for b in range(batch):
+            torch.addmm(shift[:, None], w, xm[b], out=qkv[b, :, :hw])
+        s_b, s_h, s_c = c2 * row, c2h * row, row
+        s_w, s_hgt = 1, width  # strides of one step along W and along H
+    else:  # qkv (B, H, W, c2); the kernel reads whole vectors of 8 channels: 8 floats to spare
+        qkv = torch.empty(batch * hw * c2 + 8)[: batch * hw * c2].view(batch * hw, c2)
+        torch.addmm(shift, x.permute(0, 2, 3, 1).reshape(batch * hw, cin), w.t(), out=qkv)
+        s_b, s_h, s_c = hw * c2, c2h, 1
+        s_w, s_hgt = c2, width * c2
+
     step = layer.stride if layer.stride > 1 and layer.stride_mode == "subsample" else 1
-    lq = len(range(0, length, step))
-    bo = layer.bn_output
-    oscale = bo.weight * torch.rsqrt(bo.running_var + bo.eps)
-    oshift = (bo.bias - bo.running_mean * oscale).view(heads * dv, 2)
-    oscale = oscale.view(heads * dv, 2)
-    alpha_v = oscale[:, 0].contiguous()
-    alpha_r = oscale[:, 1].contiguous() if layer.use_value_rpe else None
-    beta = (oshift[:, 0] + oshift[:, 1] if layer.use_value_rpe else oshift[:, 0]).contiguous()
     c = heads * dv
-    out = torch.empty(n, lq, c)
-    if not _run(layer, buf, n, length, scales, step, out, (lq * c, dv, c), alpha=(alpha_v, alpha_r, beta)):
+    if layer.axis == "height":  # sequences along H, one per column
+        length, n_inner = height, width
+        lq = len(range(0, length, step))
+        out = torch.empty(batch, lq, width, c)
+        q_strides = (s_b, s_w, s_h, s_c, s_hgt)
+        o_strides = (lq * width * c, c, dv, width * c)
+    else:  # sequences along W, one per row
+        length, n_inner = width, height
+        lq = len(range(0, length, step))
+        out = torch.empty(batch, height, lq, c)
+        q_strides = (s_b, s_hgt, s_h, s_c, s_w)
+        o_strides = (height * lq * c, lq * c, dv, c)
+    key = ("operands", length)
+    if key not in cache:
+        cache[key] = _operands(layer, length, sim_scales, alpha_r=alpha_r, beta=beta)
+    if not _run(layer, qkv, q_strides, batch * n_inner, n_inner, length, step, cache[key], out, o_strides):
         return None
-    if layer.axis == "height":
-        y = out.view(batch, other, lq, c).permute(0, 3, 2, 1)
-    else:
-        y = out.view(batch, other, lq, c).permute(0, 3, 1, 2)
+    y = out.permute(0, 3, 1, 2)
     if step == 1 and layer.stride > 1:
         from .reference import apply_stride
 
