@@ -83,3 +83,13 @@ def test_profiler_lines_are_silenced_and_stderr_restored(capfd):
     import os
     os.write(2, b"still here\n")
     assert "still here" in capfd.readouterr().err
+
+
+def test_python_dash_m_runs_the_command_and_its_errors():
+    # benchmarks/gpu_check.sh uses `python -m axial_deeplab` on machines where the script is not installed.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "axial_deeplab", "benchmark", "--repeats", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--repeats must be at least 1" in proc.stderr
