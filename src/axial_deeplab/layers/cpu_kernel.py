@@ -12,7 +12,9 @@ matrix product in the input's own memory layout whose result the kernel reads th
 strides, output BN folded into the values, the value table and the kernel's store, output
 written channels_last), and :func:`attend_eval`, the contract of :func:`.fast_cpu.attend`,
 used by the forward of the memory-efficient training function (it also returns each
-row's log-sum-exp).
+row's log-sum-exp). The training backward (:func:`attention_backward`, and
+:func:`backward_strided` for operands in any strided layout) recomputes each row's
+attention from that log-sum-exp.
 
 The C source below is compiled once per machine with the system C compiler (``$CC``,
 else ``cc``/``gcc``/``clang``) into a cache directory (``$AXIAL_DEEPLAB_CACHE``, else
@@ -38,7 +40,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "attend_eval", "forward_eval", "attention_backward", "ENABLED"]
+__all__ = ["available", "attend_eval", "forward_eval", "attention_backward", "backward_strided", "ENABLED"]
 
 # Tests switch this off to exercise the PyTorch implementation.
 ENABLED = os.environ.get("AXIAL_DEEPLAB_NO_C_KERNEL", "") in ("", "0")
@@ -633,82 +635,178 @@ typedef struct {
     int64_t Jp;
     const float* rvT;                 /* (dv, Jp) value table over offsets, zero-padded, or NULL */
     const float *lse, *delta;         /* (n*heads, L): forward log2-sum-exp2, sum_p P dP */
-    const float *gsv, *gsve;          /* incoming gradients, element (nh, c, o) at g[nh*g_nh + c*g_c + o*g_o] */
-    int64_t g_nh, g_c, g_o;
+    const float *gsv, *gsve;          /* incoming gradients, element (n, h, c, o) at g[n*g_n + h*g_h + c*g_c + o*g_o] */
+    int64_t g_n, g_h, g_c, g_o;
     float* gqkv;                      /* gradient of qkv, same strides as qkv (every slot written) */
+    const float *osv, *osve;          /* with delta NULL: the forward's sv, sve (strides of g), delta from them */
 } AxialBackArgs;
 
-/* Sequence-heads [nh0, nh1). scratch: (dk*2 + dv*2 + 5) * (L + 8) + 16 * dk floats.
-   g_rqe, g_rke: (dk, Jp), g_rvT: (dv, Jp), g_scale: (3, heads), accumulated (+=). */
+#define BROWS 4 /* query rows whose gradient passes share every load and store of the accumulators */
+
+/* Pass 1 of query row o (keys p0..p0+W-1, table offset toff of key p0): the row's inputs into
+   q, gs, gse, and the attention P and natural-logit gradient dY of its keys into pr, dy (W8 lanes,
+   zeros after them for 16 more); the term-scale gradients accumulate into ga. kT, vT: row starts. */
+static inline void back_pass1(const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, int64_t p0, int64_t W,
+                              int64_t toff, const float* kT, const float* vT, int64_t Lp, float aqk, float aqr,
+                              float akr, float* q, float* gs, float* gse, float* dy, float* pr, v8sf* ga) {
+    const int64_t L = a->L, Jp = a->Jp, dk = a->dk, dv = a->dv, nh = n * a->heads + h;
+    const int64_t W8 = (W + 7) & ~(int64_t)7;
+    const float* base = a->qkv + n * a->s_n + h * a->s_h;
+    const float LOG2E = 1.4426950408889634f;
+    const v8sf lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int64_t c = 0; c < dk; c++) q[c] = base[c * a->s_c + o * a->s_p];
+    for (int64_t c = 0; c < dv; c++) {
+        const int64_t gi = n * a->g_n + h * a->g_h + c * a->g_c + o * a->g_o;
+        gs[c] = a->gsv[gi];
+        gse[c] = a->use_rv ? a->gsve[gi] : 0.0f;
+    }
+    const float lse = a->lse[nh * L + o];
+    float delta = 0.0f;
+    if (a->delta) delta = a->delta[nh * L + o];
+    else
+        for (int64_t c = 0; c < dv; c++) {
+            const int64_t gi = n * a->g_n + h * a->g_h + c * a->g_c + o * a->g_o;
+            delta += gs[c] * a->osv[gi] + (a->use_rv ? gse[c] * a->osve[gi] : 0.0f);
+        }
+    for (int64_t pb = 0; pb < W8; pb += 8) {
+        v8sf t_qk = splat8(0.0f), t_qr = splat8(0.0f), t_kr = splat8(0.0f);
+        for (int64_t c = 0; c < dk; c++) {
+            const v8sf kv = load8(kT + c * Lp + p0 + pb);
+            if (a->use_qk) t_qk += splat8(q[c]) * kv;
+            if (a->use_qr) t_qr += splat8(q[c]) * load8(a->rqe + c * Jp + toff + pb);
+            if (a->use_kr) t_kr += kv * load8(a->rke + c * Jp + toff + pb);
+        }
+        const v8sf z = splat8(LOG2E) * (splat8(aqk) * t_qk + splat8(aqr) * t_qr + splat8(akr) * t_kr);
+        v8sf p = exp2_8z(z - splat8(lse));
+        p = select8(lanes + splat8((float)pb) < splat8((float)W), p, splat8(0.0f));
+        v8sf dp = splat8(0.0f);
+        for (int64_t c = 0; c < dv; c++) {
+            dp += splat8(gs[c]) * load8(vT + c * Lp + p0 + pb);
+            if (a->use_rv) dp += splat8(gse[c]) * load8(a->rvT + c * Jp + toff + pb);
+        }
+        const v8sf d = p * (dp - splat8(delta));
+        store8(dy + pb, d);
+        store8(pr + pb, p);
+        ga[0] += d * t_qk; ga[1] += d * t_qr; ga[2] += d * t_kr;
+    }
+    memset(dy + W8, 0, sizeof(float) * 16);
+    memset(pr + W8, 0, sizeof(float) * 16);
+}
+
+/* Sequence-heads [nh0, nh1). scratch: (dk*2 + dv*2 + 2*BROWS) * (L + 32) + 8 floats.
+   g_rqe, g_rke: (dk, Jp), g_rvT: (dv, Jp), g_scale: (3, heads), accumulated (+=).
+   Rows that see every key (global span, or a local span reaching the whole axis) go BROWS at a
+   time: in offset coordinates u = p - o their table-gradient updates line up at a shift of one
+   per row, and in key coordinates their key and value gradients coincide, so the accumulators
+   (more than L1 holds at large depths) are read and written once per BROWS rows. */
 int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh1, float* scratch,
                                  float* g_rqe, float* g_rke, float* g_rvT, float* g_scale) {
-    const int64_t L = a->L, Lp = L + 8, Jp = a->Jp, dk = a->dk, dv = a->dv, H = a->heads;
+    const int64_t L = a->L, Lp = L + 32, Jp = a->Jp, dk = a->dk, dv = a->dv, H = a->heads;
     if (dk > MAXDK || dv > 4 * MAXDK || Jp < 2 * L + 7) return 1;
-    float* kT = scratch;               /* (dk, Lp) keys */
+    /* every row of Lp floats holds its data from offset 8: 8 zeros before, 24 after L */
+    float* kT = scratch + 8;           /* (dk, Lp) keys */
     float* vT = kT + dk * Lp;          /* (dv, Lp) values */
     float* gkT = vT + dv * Lp;         /* (dk, Lp) key gradient */
     float* gvT = gkT + dk * Lp;        /* (dv, Lp) value gradient */
-    float* sqk = gvT + dv * Lp;        /* unscaled terms of the current row */
-    float* sqr = sqk + Lp;
-    float* skr = sqr + Lp;
-    float* dyb = skr + Lp;             /* dY of the current row */
-    float* pb_ = dyb + Lp;             /* P of the current row */
-    const float LOG2E = 1.4426950408889634f;
-    const v8sf lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+    float* dyb = gvT + dv * Lp;        /* (BROWS, Lp) dY of the current rows */
+    float* pbb = dyb + BROWS * Lp;     /* (BROWS, Lp) P of the current rows */
+    memset(scratch, 0, sizeof(float) * ((2 * dk + 2 * dv + 2 * BROWS) * Lp + 8));
+    float q[BROWS][MAXDK], gs[BROWS][4 * MAXDK], gse[BROWS][4 * MAXDK];
     for (int64_t nh = nh0; nh < nh1; nh++) {
         const int64_t n = nh / H, h = nh % H;
         const float* base = a->qkv + n * a->s_n + h * a->s_h;
         float* gbase = a->gqkv + n * a->s_n + h * a->s_h;
-        for (int64_t c = 0; c < dk; c++) {
+        for (int64_t c = 0; c < dk; c++)
             for (int64_t p = 0; p < L; p++) kT[c * Lp + p] = base[(dk + c) * a->s_c + p * a->s_p];
-            for (int64_t p = L; p < Lp; p++) kT[c * Lp + p] = 0.0f;
-        }
-        for (int64_t c = 0; c < dv; c++) {
+        for (int64_t c = 0; c < dv; c++)
             for (int64_t p = 0; p < L; p++) vT[c * Lp + p] = base[(2 * dk + c) * a->s_c + p * a->s_p];
-            for (int64_t p = L; p < Lp; p++) vT[c * Lp + p] = 0.0f;
-        }
-        memset(gkT, 0, sizeof(float) * dk * Lp);
-        memset(gvT, 0, sizeof(float) * dv * Lp);
+        for (int64_t c = 0; c < dk; c++) memset(gkT + c * Lp, 0, sizeof(float) * L);
+        for (int64_t c = 0; c < dv; c++) memset(gvT + c * Lp, 0, sizeof(float) * L);
         const float aqk = a->use_qk ? a->scale[h] : 0.0f;
         const float aqr = a->use_qr ? a->scale[H + h] : 0.0f;
         const float akr = a->use_kr ? a->scale[2 * H + h] : 0.0f;
-        v8sf ga_qk = splat8(0.0f), ga_qr = splat8(0.0f), ga_kr = splat8(0.0f);
-        for (int64_t o = 0; o < L; o++) {
+        const v8sf ck = splat8(akr);
+        v8sf ga[3] = {splat8(0.0f), splat8(0.0f), splat8(0.0f)};
+        int64_t o = 0;
+        while (o < L) {
+            const int full = o + BROWS <= L && (a->radius < 0 || (o + BROWS - 1 - a->radius <= 0 && o + a->radius >= L - 1));
+            if (full) {  /* BROWS rows o..o+BROWS-1, every key: W = L, p0 = 0, toff_j = L-1-(o+j) */
+                const int64_t W8 = (L + 7) & ~(int64_t)7, M8 = (L + BROWS - 1 + 7) & ~(int64_t)7;
+                const int64_t tlast = L - 1 - (o + BROWS - 1);
+                for (int j = 0; j < BROWS; j++)
+                    back_pass1(a, n, h, o + j, 0, L, L - 1 - (o + j), kT, vT, Lp, aqk, aqr, akr,
+                               q[j], gs[j], gse[j], dyb + j * Lp, pbb + j * Lp, ga);
+                for (int64_t c = 0; c < dk; c++) {
+                    const float* kr = kT + c * Lp;
+                    const float* tq = a->use_qr ? a->rqe + c * Jp : 0;
+                    const float* tk = a->use_kr ? a->rke + c * Jp : 0;
+                    float* gk = gkT + c * Lp;
+                    v8sf acc_k[BROWS], acc_r[BROWS], cqk[BROWS], cqr[BROWS];
+                    for (int j = 0; j < BROWS; j++) {
+                        acc_k[j] = acc_r[j] = splat8(0.0f);
+                        cqk[j] = splat8(aqk * q[j][c]);
+                        cqr[j] = splat8(aqr * q[j][c]);
+                    }
+                    for (int64_t pb = 0; pb < W8; pb += 8) {
+                        const v8sf kv = load8(kr + pb);
+                        v8sf g = load8(gk + pb);
+                        for (int j = 0; j < BROWS; j++) {
+                            const v8sf d = load8(dyb + j * Lp + pb);
+                            const int64_t toff = L - 1 - (o + j);
+                            acc_k[j] += d * kv;
+                            g += cqk[j] * d;
+                            if (tq) acc_r[j] += d * load8(tq + toff + pb);
+                            if (tk) g += ck * d * load8(tk + toff + pb);
+                        }
+                        store8(gk + pb, g);
+                    }
+                    for (int j = 0; j < BROWS; j++)
+                        gbase[c * a->s_c + (o + j) * a->s_p] = aqk * hsum8(acc_k[j]) + aqr * hsum8(acc_r[j]);
+                    float* grq = (g_rqe && tq) ? g_rqe + c * Jp + tlast : 0;
+                    float* grk = (g_rke && tk) ? g_rke + c * Jp + tlast : 0;
+                    if (grq || grk)
+                        for (int64_t m = 0; m < M8; m += 8) {  /* offset u = tlast + m */
+                            v8sf sr = splat8(0.0f), sk = splat8(0.0f);
+                            for (int j = 0; j < BROWS; j++) {
+                                const int64_t at = m - (BROWS - 1 - j);  /* key of row j at that offset */
+                                const v8sf d = load8(dyb + j * Lp + at);
+                                sr += cqr[j] * d;
+                                sk += d * load8(kr + at);
+                            }
+                            if (grq) store8(grq + m, load8(grq + m) + sr);
+                            if (grk) store8(grk + m, load8(grk + m) + ck * sk);
+                        }
+                }
+                for (int64_t c = 0; c < dv; c++) {
+                    float* gv = gvT + c * Lp;
+                    v8sf g1[BROWS], g2[BROWS];
+                    for (int j = 0; j < BROWS; j++) { g1[j] = splat8(gs[j][c]); g2[j] = splat8(gse[j][c]); }
+                    for (int64_t pb = 0; pb < W8; pb += 8) {
+                        v8sf g = load8(gv + pb);
+                        for (int j = 0; j < BROWS; j++) g += g1[j] * load8(pbb + j * Lp + pb);
+                        store8(gv + pb, g);
+                    }
+                    if (a->use_rv && g_rvT) {
+                        float* grv = g_rvT + c * Jp + tlast;
+                        for (int64_t m = 0; m < M8; m += 8) {
+                            v8sf sv = splat8(0.0f);
+                            for (int j = 0; j < BROWS; j++) sv += g2[j] * load8(pbb + j * Lp + m - (BROWS - 1 - j));
+                            store8(grv + m, load8(grv + m) + sv);
+                        }
+                    }
+                }
+                o += BROWS;
+                continue;
+            }
             int64_t p0 = 0, p1 = L;
             if (a->radius >= 0) {
                 p0 = o - a->radius < 0 ? 0 : o - a->radius;
                 p1 = o + a->radius + 1 > L ? L : o + a->radius + 1;
             }
             const int64_t W = p1 - p0, W8 = (W + 7) & ~(int64_t)7, toff = p0 - o + L - 1;
-            float q[MAXDK], gs[4 * MAXDK], gse[4 * MAXDK];
-            for (int64_t c = 0; c < dk; c++) q[c] = base[c * a->s_c + o * a->s_p];
-            for (int64_t c = 0; c < dv; c++) {
-                gs[c] = a->gsv[nh * a->g_nh + c * a->g_c + o * a->g_o];
-                gse[c] = a->use_rv ? a->gsve[nh * a->g_nh + c * a->g_c + o * a->g_o] : 0.0f;
-            }
-            const float lse = a->lse[nh * L + o], delta = a->delta[nh * L + o];
-            /* pass 1: terms, P, dP, dY */
-            for (int64_t pb = 0; pb < W8; pb += 8) {
-                v8sf t_qk = splat8(0.0f), t_qr = splat8(0.0f), t_kr = splat8(0.0f);
-                for (int64_t c = 0; c < dk; c++) {
-                    const v8sf kv = load8(kT + c * Lp + p0 + pb);
-                    if (a->use_qk) t_qk += splat8(q[c]) * kv;
-                    if (a->use_qr) t_qr += splat8(q[c]) * load8(a->rqe + c * Jp + toff + pb);
-                    if (a->use_kr) t_kr += kv * load8(a->rke + c * Jp + toff + pb);
-                }
-                const v8sf z = splat8(LOG2E) * (splat8(aqk) * t_qk + splat8(aqr) * t_qr + splat8(akr) * t_kr);
-                v8sf p = exp2_8z(z - splat8(lse));
-                p = select8(lanes + splat8((float)pb) < splat8((float)W), p, splat8(0.0f));
-                v8sf dp = splat8(0.0f);
-                for (int64_t c = 0; c < dv; c++) {
-                    dp += splat8(gs[c]) * load8(vT + c * Lp + p0 + pb);
-                    if (a->use_rv) dp += splat8(gse[c]) * load8(a->rvT + c * Jp + toff + pb);
-                }
-                const v8sf dy = p * (dp - splat8(delta));
-                store8(sqk + pb, t_qk); store8(sqr + pb, t_qr); store8(skr + pb, t_kr);
-                store8(dyb + pb, dy); store8(pb_ + pb, p);
-                ga_qk += dy * t_qk; ga_qr += dy * t_qr; ga_kr += dy * t_kr;
-            }
+            float* dy = dyb;
+            float* pr = pbb;
+            back_pass1(a, n, h, o, p0, W, toff, kT, vT, Lp, aqk, aqr, akr, q[0], gs[0], gse[0], dy, pr, ga);
             /* pass 2: gradients of q (this row), k, v (rows of this sequence-head), tables */
             for (int64_t c = 0; c < dk; c++) {
                 v8sf acc_k = splat8(0.0f), acc_r = splat8(0.0f);
@@ -718,18 +816,18 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
                 float* gk = gkT + c * Lp + p0;
                 float* grq = g_rqe ? g_rqe + c * Jp + toff : 0;
                 float* grk = g_rke ? g_rke + c * Jp + toff : 0;
-                const v8sf cq_k = splat8(aqk * q[c]), cq_r = splat8(aqr * q[c]), ck = splat8(akr);
+                const v8sf cq_k = splat8(aqk * q[0][c]), cq_r = splat8(aqr * q[0][c]);
                 for (int64_t pb = 0; pb < W8; pb += 8) {
-                    const v8sf dy = load8(dyb + pb), kv = load8(kr + pb);
-                    acc_k += dy * kv;
-                    v8sf g = load8(gk + pb) + cq_k * dy;
+                    const v8sf d = load8(dy + pb), kv = load8(kr + pb);
+                    acc_k += d * kv;
+                    v8sf g = load8(gk + pb) + cq_k * d;
                     if (tq) {
-                        acc_r += dy * load8(tq + pb);
-                        store8(grq + pb, load8(grq + pb) + cq_r * dy);
+                        acc_r += d * load8(tq + pb);
+                        store8(grq + pb, load8(grq + pb) + cq_r * d);
                     }
                     if (tk) {
-                        g += ck * dy * load8(tk + pb);
-                        store8(grk + pb, load8(grk + pb) + ck * dy * kv);
+                        g += ck * d * load8(tk + pb);
+                        store8(grk + pb, load8(grk + pb) + ck * d * kv);
                     }
                     store8(gk + pb, g);
                 }
@@ -738,21 +836,22 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
             for (int64_t c = 0; c < dv; c++) {
                 float* gv = gvT + c * Lp + p0;
                 float* grv = (a->use_rv && g_rvT) ? g_rvT + c * Jp + toff : 0;
-                const v8sf g1 = splat8(gs[c]), g2 = splat8(gse[c]);
+                const v8sf g1 = splat8(gs[0][c]), g2 = splat8(gse[0][c]);
                 for (int64_t pb = 0; pb < W8; pb += 8) {
-                    const v8sf p = load8(pb_ + pb);
+                    const v8sf p = load8(pr + pb);
                     store8(gv + pb, load8(gv + pb) + g1 * p);
                     if (grv) store8(grv + pb, load8(grv + pb) + g2 * p);
                 }
             }
+            o += 1;
         }
         for (int64_t c = 0; c < dk; c++)
             for (int64_t p = 0; p < L; p++) gbase[(dk + c) * a->s_c + p * a->s_p] = gkT[c * Lp + p];
         for (int64_t c = 0; c < dv; c++)
             for (int64_t p = 0; p < L; p++) gbase[(2 * dk + c) * a->s_c + p * a->s_p] = gvT[c * Lp + p];
-        g_scale[h] += hsum8(ga_qk);
-        g_scale[H + h] += hsum8(ga_qr);
-        g_scale[2 * H + h] += hsum8(ga_kr);
+        g_scale[h] += hsum8(ga[0]);
+        g_scale[H + h] += hsum8(ga[1]);
+        g_scale[2 * H + h] += hsum8(ga[2]);
     }
     return 0;
 }
@@ -774,7 +873,8 @@ class _BackArgs(ctypes.Structure):
                 + [("qkv", _PTR)] + [(n, _I64) for n in ("s_n", "s_h", "s_c", "s_p")]
                 + [("scale", _PTR)] + [(n, _I64) for n in ("use_qk", "use_qr", "use_kr", "use_rv")]
                 + [("rqe", _PTR), ("rke", _PTR), ("Jp", _I64), ("rvT", _PTR), ("lse", _PTR), ("delta", _PTR),
-                   ("gsv", _PTR), ("gsve", _PTR), ("g_nh", _I64), ("g_c", _I64), ("g_o", _I64), ("gqkv", _PTR)])
+                   ("gsv", _PTR), ("gsve", _PTR), ("g_n", _I64), ("g_h", _I64), ("g_c", _I64), ("g_o", _I64),
+                   ("gqkv", _PTR), ("osv", _PTR), ("osve", _PTR)])
 
 
 _lock = threading.Lock()
@@ -1125,53 +1225,77 @@ def attention_backward(layer, qkv: torch.Tensor, scales: torch.Tensor, lse: torc
                        g_sv: torch.Tensor, g_sve: Optional[torch.Tensor]):
     """Backward of :func:`attend_eval` (query step 1) by recomputation, one thread per share
     of the sequence-heads. qkv (nh, 2dk+dv, L); lse, delta (nh, L) with delta_o = sum_c
-    g_sv*sv + g_sve*sve; g_sv, g_sve (nh, dv, L). Returns (g_qkv, g_scales (3, heads),
-    g_query_table, g_key_table, g_value_table) or None when the kernel cannot take it."""
+    g_sv*sv + g_sve*sve; g_sv, g_sve (nh, dv, L), read through their strides. Returns
+    (g_qkv, g_scales (3, heads), g_query_table, g_key_table, g_value_table) or None when the
+    kernel cannot take it."""
     if not _supported(layer, qkv):
         return None
-    lib = _library()
-    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    heads = layer.num_heads
     with torch.no_grad():
         qkv = qkv.contiguous()
         nh, c2h, length = qkv.shape
-        jp = 2 * length - 1 + _PAD
-        rqe, rke, _ = _tables(layer, length)
-        rvT = None
-        d = layer.max_relative_distance
-        offsets = torch.arange(-(length - 1), length).clamp(-d, d) + d
-        if layer.use_value_rpe:
-            rvT = F.pad(layer.value_table.detach().float()[:, offsets], (0, _PAD)).contiguous()
-        g_sv = g_sv.contiguous()
-        g_sve = g_sve.contiguous() if layer.use_value_rpe else None
-        scale = scales.detach().float().contiguous()
-        lse, delta = lse.contiguous(), delta.contiguous()
+        if g_sve is not None and g_sve.stride() != g_sv.stride():
+            g_sv, g_sve = g_sv.contiguous(), g_sve.contiguous()
         g_qkv = torch.empty_like(qkv)
-        args = _BackArgs(length, _radius(layer), dk, dv, heads,
-                         qkv.data_ptr(), heads * c2h * length, c2h * length, length, 1,
-                         scale.data_ptr(), int(layer.use_qk), int(layer.use_query_rpe), int(layer.use_key_rpe),
-                         int(layer.use_value_rpe), _ptr(rqe), _ptr(rke), jp, _ptr(rvT), lse.data_ptr(),
-                         delta.data_ptr(), g_sv.data_ptr(), _ptr(g_sve), dv * length, length, 1, g_qkv.data_ptr())
-        workers = max(1, min(torch.get_num_threads(), nh))
-        fn = lib.axial_attention_backward_f32
-        scratch_size = (2 * dk + 2 * dv + 5) * (length + _PAD)
-        buffers = [(torch.zeros(dk, jp), torch.zeros(dk, jp), torch.zeros(dv, jp), torch.zeros(3, heads))
-                   for _ in range(workers)]
+        q_strides = (heads * c2h * length, c2h * length, length, 1)
+        g_strides = (heads * g_sv.stride(0), g_sv.stride(0), g_sv.stride(1), g_sv.stride(2))
+        grads = backward_strided(layer, qkv, q_strides, nh // heads, length, scales, lse, delta,
+                                 g_sv, g_sve, g_strides, g_qkv)
+    return None if grads is None else (g_qkv, *grads)
 
-        def share(i):
-            g_rq, g_rk, g_rv, g_s = buffers[i]
-            scratch = torch.empty(scratch_size)
-            return fn(ctypes.byref(args), nh * i // workers, nh * (i + 1) // workers, scratch.data_ptr(),
-                      g_rq.data_ptr(), g_rk.data_ptr(), g_rv.data_ptr(), g_s.data_ptr())
 
-        status = [share(0)] if workers == 1 else list(_pool(workers).map(share, range(workers)))
-        if any(status):
-            return None
-        g_rqe = sum(b[0] for b in buffers)[:, : 2 * length - 1]
-        g_rke = sum(b[1] for b in buffers)[:, : 2 * length - 1]
-        g_rvT = sum(b[2] for b in buffers)[:, : 2 * length - 1]
-        g_scales = sum(b[3] for b in buffers)
-        rows = layer.table_rows
-        g_rq = torch.zeros(dk, rows).index_add_(1, offsets, g_rqe) if layer.use_query_rpe else None
-        g_rk = torch.zeros(dk, rows).index_add_(1, offsets, g_rke) if layer.use_key_rpe else None
-        g_rv = torch.zeros(dv, rows).index_add_(1, offsets, g_rvT) if layer.use_value_rpe else None
-    return g_qkv, g_scales, g_rq, g_rk, g_rv
+def backward_strided(layer, qkv: torch.Tensor, q_strides, nseq: int, length: int, scales: torch.Tensor,
+                     lse: torch.Tensor, delta: Optional[torch.Tensor], g_sv: torch.Tensor,
+                     g_sve: Optional[torch.Tensor], g_strides, g_qkv: torch.Tensor, sv=None, sve=None):
+    """The backward kernel on operands where they lie: qkv element (n, h, ch, p) at
+    ``n*s_n + h*s_h + ch*s_c + p*s_p`` (``q_strides``) of ``qkv``; its gradient is written
+    with the same strides into ``g_qkv`` (every element of the (n, h, ch, p) grid); the
+    incoming gradients' element (n, h, c, o) at ``n*g_n + h*g_h + c*g_c + o*g_o``
+    (``g_strides``, shared by ``g_sv`` and ``g_sve``); lse, delta contiguous (nseq*heads, L).
+    With ``delta`` None the kernel forms delta_o = sum_c g_sv*sv + g_sve*sve itself from the
+    forward's ``sv``, ``sve`` (same strides as the incoming gradients).
+    Returns (g_scales (3, heads), g_query_table, g_key_table, g_value_table), or None."""
+    lib = _library()
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    nh = nseq * heads
+    jp = 2 * length - 1 + _PAD
+    rqe, rke, _ = _tables(layer, length)
+    rvT = None
+    offsets = _offsets(layer, length)
+    if layer.use_value_rpe:
+        rvT = F.pad(layer.value_table.detach().float()[:, offsets], (0, _PAD)).contiguous()
+    scale = scales.detach().float().contiguous()
+    lse = lse.contiguous()
+    if delta is not None:
+        delta = delta.contiguous()
+    elif sv is None or (layer.use_value_rpe and sve is None):
+        raise ValueError("backward_strided needs delta, or sv (and sve) to form it")
+    args = _BackArgs(length, _radius(layer), dk, dv, heads, qkv.data_ptr(), *q_strides,
+                     scale.data_ptr(), int(layer.use_qk), int(layer.use_query_rpe), int(layer.use_key_rpe),
+                     int(layer.use_value_rpe), _ptr(rqe), _ptr(rke), jp, _ptr(rvT), lse.data_ptr(),
+                     _ptr(delta), g_sv.data_ptr(), _ptr(g_sve if layer.use_value_rpe else None), *g_strides,
+                     g_qkv.data_ptr(), _ptr(sv), _ptr(sve if layer.use_value_rpe else None))
+    workers = max(1, min(torch.get_num_threads(), nh))
+    fn = lib.axial_attention_backward_f32
+    scratch_size = (2 * dk + 2 * dv + 8) * (length + 32) + 8  # axial_attention_backward_f32's layout
+    buffers = [(torch.zeros(dk, jp), torch.zeros(dk, jp), torch.zeros(dv, jp), torch.zeros(3, heads))
+               for _ in range(workers)]
+
+    def share(i):
+        g_rq, g_rk, g_rv, g_s = buffers[i]
+        scratch = torch.empty(scratch_size)
+        return fn(ctypes.byref(args), nh * i // workers, nh * (i + 1) // workers, scratch.data_ptr(),
+                  g_rq.data_ptr(), g_rk.data_ptr(), g_rv.data_ptr(), g_s.data_ptr())
+
+    status = [share(0)] if workers == 1 else list(_pool(workers).map(share, range(workers)))
+    if any(status):
+        return None
+    g_rqe = sum(b[0] for b in buffers)[:, : 2 * length - 1]
+    g_rke = sum(b[1] for b in buffers)[:, : 2 * length - 1]
+    g_rvT = sum(b[2] for b in buffers)[:, : 2 * length - 1]
+    g_scales = sum(b[3] for b in buffers)
+    rows = layer.table_rows
+    g_rq = torch.zeros(dk, rows).index_add_(1, offsets, g_rqe) if layer.use_query_rpe else None
+    g_rk = torch.zeros(dk, rows).index_add_(1, offsets, g_rke) if layer.use_key_rpe else None
+    g_rv = torch.zeros(dv, rows).index_add_(1, offsets, g_rvT) if layer.use_value_rpe else None
+    return g_scales, g_rq, g_rk, g_rv

@@ -51,6 +51,7 @@ __all__ = [
     "project_sequences",
     "similarity_moments",
     "similarity_scales",
+    "similarity_moments_rows",
     "plan_blocks",
     "gather_tables",
     "attend",
@@ -213,15 +214,141 @@ def _gram_chunk(qc, kc, lo, hi):
     return torch.einsum("nhco,nhcdo,nhdo->h", qc, win, qc)
 
 
-def similarity_scales(layer, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _table_counts(layer, length: int, device):
+    """(L, rows) counts of how often each table row meets each query / each key among
+    the pairs of a global span."""
+    pos = torch.arange(length, device=device)
+    idx = _relative_index(pos, pos, layer.max_relative_distance)
+    ones = torch.ones(length, length, dtype=torch.float64, device=device)
+    zeros = torch.zeros(length, layer.table_rows, dtype=torch.float64, device=device)
+    return zeros.scatter_add(1, idx, ones), zeros.scatter_add(1, idx.t(), ones)
+
+
+class RowMoments(torch.autograd.Function):
+    """:func:`similarity_moments` of a global span for the position-major projection
+    ``y`` (N*L, heads*(2dk+dv)) (q and k read from it), with a closed-form backward that
+    writes the gradient of ``y`` in its own layout. Returns (sums, sumsq) (3, heads) float64.
+
+    Per head, with Gx_n = sum_o x_no x_no^T (Gram matrices over positions, one batched
+    product over (n, h)), X_o = sum_n x_no x_no^T (over sequences, batched over (o, h)),
+    R_o = sum_j counts[o, j] t_j and T_o = sum_j counts[o, j] t_j t_j^T:
+    sum(q.k) = sum_n (sum_o q_no) . (sum_p k_np), sumsq(q.k) = sum_n <Gq_n, Gk_n>,
+    sum(x.r) = sum_o (sum_n x_no) . R_o, sumsq(x.r) = sum_o <X_o, T_o>;
+    the derivatives follow term by term (d sumsq(q.k) / d q_no = 2 Gk_n q_no, etc.)."""
+
+    @staticmethod
+    def forward(ctx, y, query_table, key_table, layer, nseq, length):
+        heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+        y4 = y.view(nseq, length, heads, 2 * dk + dv)
+        f64, d2 = torch.float64, 2 * dk
+        zero = y.new_zeros(heads, dtype=f64)
+        sums, sumsq = [zero, zero, zero], [zero, zero, zero]
+        on_table = (layer.use_query_rpe and query_table is not None, layer.use_key_rpe and key_table is not None)
+        saved = {}
+        qk = y4[..., :d2]  # q and k channels together: one copy and one product for both
+        if layer.use_qk:  # (N, h, 2d, L): Grams batched over (n, h)
+            xt32 = torch.empty(nseq, heads, d2, length, dtype=y.dtype).copy_(qk.permute(0, 2, 3, 1))
+            xt = xt32.to(f64)
+            gram = torch.bmm(xt.view(-1, d2, length), xt.view(-1, d2, length).transpose(1, 2))
+            gram = gram.view(nseq, heads, d2, d2)
+            xs = xt.sum(-1)  # (N, h, 2d)
+            sums[0] = (xs[..., :dk] * xs[..., dk:]).sum((0, 2))
+            sumsq[0] = (gram[..., :dk, :dk] * gram[..., dk:, dk:]).sum((0, 2, 3))
+            saved["seq"] = (xt32, xs, gram)  # the backward is float32: its products are 10x faster
+        if any(on_table):  # (L, h, 2d, N): Grams batched over (o, h)
+            counts = _table_counts(layer, length, y.device)
+            xl32 = torch.empty(length, heads, d2, nseq, dtype=y.dtype).copy_(qk.permute(1, 2, 3, 0))
+            xl = xl32.to(f64)
+            xx = torch.bmm(xl.view(-1, d2, nseq), xl.view(-1, d2, nseq).transpose(1, 2)).view(length, heads, d2, d2)
+            xsum = xl.sum(-1)  # (L, h, 2d)
+            saved["pos"] = (xl32, xsum, xx, counts)
+            for t, table in ((1, query_table), (2, key_table)):
+                if not on_table[t - 1]:
+                    continue
+                c = slice(0, dk) if t == 1 else slice(dk, d2)
+                tab = table.detach().to(f64)
+                row_sum = counts[t - 1] @ tab.t()  # (L, d)
+                outer = (tab.t()[:, :, None] * tab.t()[:, None, :]).reshape(-1, dk * dk)
+                tgram = (counts[t - 1] @ outer).view(length, 1, dk, dk)  # (L, 1, d, d)
+                sums[t] = (xsum[..., c] * row_sum[:, None, :]).sum((0, 2))
+                sumsq[t] = (xx[..., c, c] * tgram).sum((0, 2, 3))
+                saved[t] = (tab, row_sum, tgram)
+        ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.y_dtype = layer, nseq, length, saved, y.dtype
+        return torch.stack(sums), torch.stack(sumsq)
+
+    @staticmethod
+    def backward(ctx, g_sums, g_sumsq):
+        layer, nseq, length, saved = ctx.layer, ctx.nseq, ctx.length, ctx.saved
+        heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+        f64, d2 = torch.float64, 2 * dk
+        g_sums = torch.zeros(3, heads, dtype=f64) if g_sums is None else g_sums.to(f64)
+        g_sumsq = torch.zeros(3, heads, dtype=f64) if g_sumsq is None else g_sumsq.to(f64)
+        g = None
+        if "seq" in saved:  # d/dq_no = a K_n + 2 b Gk_n q_no, d/dk_np = a Q_n + 2 b Gq_n k_np
+            xt, xs, gram = saved["seq"]
+            a, b = g_sums[0].view(1, heads, 1), 2 * g_sumsq[0].view(1, heads, 1, 1)
+            w = torch.zeros_like(gram)
+            w[..., :dk, :dk] = gram[..., dk:, dk:] * b
+            w[..., dk:, dk:] = gram[..., :dk, :dk] * b
+            gt = torch.bmm(w.view(-1, d2, d2).to(xt.dtype), xt.view(-1, d2, length)).view(xt.shape)
+            gt += (xs.roll(dk, -1) * a).unsqueeze(-1).to(xt.dtype)
+            g = gt.permute(0, 3, 1, 2)  # (N, L, h, 2d) view
+        g_tables = [None, None]
+        if "pos" in saved:  # d/dx_no = a R_o + 2 b T_o x_no
+            xl, xsum, xx, counts = saved["pos"]
+            w = xx.new_zeros(length, heads, d2, d2)
+            shift = xx.new_zeros(length, heads, d2)
+            for t in (1, 2):
+                if t not in saved:
+                    continue
+                c = slice(0, dk) if t == 1 else slice(dk, d2)
+                tab, row_sum, tgram = saved[t]
+                a, b = g_sums[t], 2 * g_sumsq[t]
+                w[..., c, c] = tgram * b.view(1, heads, 1, 1)
+                shift[..., c] = row_sum[:, None, :] * a.view(1, heads, 1)
+                # d/dt_j = sum_o counts[o, j] (sum_h a_h xsum_oh + 2 sum_h b_h X_oh t_j)
+                cnt = counts[t - 1]
+                g_tab = (cnt.t() @ (xsum[..., c] * a.view(1, heads, 1)).sum(1)).t()  # (d, rows)
+                xb = (xx[..., c, c] * b.view(1, heads, 1, 1)).sum(1).reshape(length, -1)
+                m = (cnt.t() @ xb).view(-1, dk, dk)
+                g_tab = g_tab + torch.bmm(m, tab.t().unsqueeze(-1)).squeeze(-1).t()
+                g_tables[t - 1] = g_tab.to(ctx.y_dtype)
+            gl = torch.bmm(w.view(-1, d2, d2).to(xl.dtype), xl.view(-1, d2, nseq)).view(xl.shape)
+            gl += shift.unsqueeze(-1).to(xl.dtype)
+            gl = gl.permute(3, 0, 1, 2)  # (N, L, h, 2d) view
+            g = gl if g is None else g + gl
+        g_y = torch.zeros(nseq, length, heads, 2 * dk + dv, dtype=ctx.y_dtype)
+        if g is not None:
+            g_y[..., :d2] = g
+        g_rq = g_tables[0] if ctx.needs_input_grad[1] else None
+        g_rk = g_tables[1] if ctx.needs_input_grad[2] else None
+        return g_y.view(nseq * length, -1), g_rq, g_rk, None, None, None
+
+
+def similarity_moments_rows(layer, y: torch.Tensor, nseq: int, length: int):
+    """:func:`similarity_moments` for the position-major projection ``y`` (N*L, C2):
+    the closed-form-backward :class:`RowMoments` for a global span, else the general
+    function on strided views."""
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    if _span_radius(layer, length) is None:
+        sums, sumsq = RowMoments.apply(y, layer.query_table, layer.key_table, layer, nseq, length)
+        return sums, sumsq, nseq * length * length
+    qkv4 = y.view(nseq, length, heads, 2 * dk + dv).permute(0, 2, 3, 1)  # (N, heads, c2h, L) view
+    return similarity_moments(layer, qkv4[:, :, :dk], qkv4[:, :, dk:2 * dk])
+
+
+def similarity_scales(layer, q: Optional[torch.Tensor], k: Optional[torch.Tensor], moments=None) -> torch.Tensor:
     """Per (term, head) multipliers a_t = gamma_t / sqrt(var_t + eps) of the similarity
     BN, shape (3, heads); the BN shifts cancel in the softmax. In training the batch
     variance over in-span pairs is used and the running statistics are updated exactly
-    as :func:`.reference.masked_batch_norm` does (switched-off terms see zeros)."""
+    as :func:`.reference.masked_batch_norm` does (switched-off terms see zeros).
+    ``moments``: a callable giving (sums, sumsq, count) in place of
+    ``similarity_moments(layer, q, k)``."""
     bn = layer.bn_similarity
     heads = layer.num_heads
+    dtype = layer.bn_similarity.weight.dtype if q is None else q.dtype
     if bn.training or bn.running_mean is None:
-        sums, sumsq, count = similarity_moments(layer, q, k)
+        sums, sumsq, count = similarity_moments(layer, q, k) if moments is None else moments()
         if should_sync(layer):  # DDP: statistics of the global batch
             sums = differentiable_all_reduce(sums)
             sumsq = differentiable_all_reduce(sumsq)
@@ -236,13 +363,13 @@ def similarity_scales(layer, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
                 v = (var.detach() * count / max(count - 1, 1)).reshape(-1).to(bn.running_var.dtype)
                 bn.running_mean.mul_(1 - f).add_(f * m)
                 bn.running_var.mul_(1 - f).add_(f * v)
-        var = var.to(q.dtype).reshape(3, heads)
+        var = var.to(dtype).reshape(3, heads)
     else:
-        var = bn.running_var.reshape(3, heads).to(q.dtype)
-    scales = bn.weight.reshape(3, heads).to(q.dtype) * torch.rsqrt(var + bn.eps)
+        var = bn.running_var.reshape(3, heads).to(dtype)
+    scales = bn.weight.reshape(3, heads).to(dtype) * torch.rsqrt(var + bn.eps)
     # The BN bias cancels in the softmax; keep it in the graph so it gets an exact zero
     # gradient (as in the reference) rather than None, which optimisers treat differently.
-    return scales + 0.0 * bn.bias.reshape(3, heads).to(q.dtype)
+    return scales + 0.0 * bn.bias.reshape(3, heads).to(dtype)
 
 
 # --------------------------------------------------------------------------- blocks

@@ -9,6 +9,11 @@ The similarity BN batch statistics are exact and come from the closed form of
 :func:`.fast_cpu.similarity_moments` (ordinary autograd, no logits), so no L x L tensor
 of any term is ever kept for the backward; the live L x L memory is one chunk's.
 
+On CPU in float32 with the compiled kernel, :func:`run_layer_position_major` runs the whole
+layer in position-major layout (rows of channels) instead: no sequence-layout copies, both
+BatchNorms on rows, the kernels reading the projection and the gradients where they lie, the
+similarity moments of a global span with a closed-form backward (:class:`.fast_cpu.RowMoments`).
+
 Backward of one chunk, with P the attention, Y = sum_t a_t S_t its natural logits,
 g_sv / g_sve the incoming gradients of sum_p P v_p and sum_p P r^v_{p-o}:
 
@@ -19,11 +24,18 @@ g_sv / g_sve the incoming gradients of sum_p P v_p and sum_p P r^v_{p-o}:
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import cpu_kernel
+from .reference import apply_stride
+from .sync import should_sync
 from .fast_cpu import (
     _span_radius,
+    _subsampled_queries,
     attend,
     block_logits,
     chunk_size_for,
@@ -31,10 +43,13 @@ from .fast_cpu import (
     plan_blocks,
     prepare_operands,
     run_layer,
+    similarity_moments_rows,
+    similarity_scales,
     split_operands,
 )
 
-__all__ = ["axial_attention_memory_efficient", "AxialAttentionFunction", "memory_efficient_core"]
+__all__ = ["axial_attention_memory_efficient", "AxialAttentionFunction", "memory_efficient_core",
+           "PositionMajorAttention", "run_layer_position_major"]
 
 
 class AxialAttentionFunction(torch.autograd.Function):
@@ -200,9 +215,134 @@ def memory_efficient_core(layer, qkv, scales, step, attend_fn=attend, backward_f
     return sv, (sve if layer.use_value_rpe else None)
 
 
+# --------------------------------------------------------------------------- position-major CPU path
+# With the compiled kernel, training runs in position-major layout end to end: the input is
+# read as rows of channels (one copy at most, none for channels_last input along the width),
+# the projection is one matrix product, both BatchNorms normalise rows of channels (several
+# times faster on CPU than the (N, C, L) layout), and the forward and backward kernels read the
+# projection and the incoming gradients where they lie and write the output and the qkv
+# gradient in the same layout, so no sequence-layout tensor is ever built.
+class PositionMajorAttention(torch.autograd.Function):
+    """(qkv rows (N*L, C2), scales) -> (N*L, 2C) rows [sv channels | sve channels] (C = heads*dv),
+    with the compiled kernels; backward by recomputation as :class:`AxialAttentionFunction`."""
+
+    @staticmethod
+    def forward(ctx, qkv, scales, query_table, key_table, value_table, layer, nseq, length):
+        heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+        c2, c = qkv.shape[1], heads * dv
+        out = torch.empty(nseq * length, 2 * c)
+        lse = torch.empty(nseq * heads, length)
+        q_strides = (0, length * c2, 2 * dk + dv, 1, c2)
+        o_strides = (0, length * 2 * c, dv, 2 * c)
+        ok = cpu_kernel._run(layer, qkv, q_strides, nseq, nseq, length, 1, cpu_kernel._operands(layer, length, scales),
+                             out, o_strides, out2=out[:, c:], lse=lse)
+        if not ok:
+            raise RuntimeError("axial attention kernel refused its operands")
+        ctx.layer, ctx.nseq, ctx.length = layer, nseq, length
+        ctx.save_for_backward(qkv, scales, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        qkv, scales, out, lse = ctx.saved_tensors
+        layer, nseq, length = ctx.layer, ctx.nseq, ctx.length
+        heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+        c2, c = qkv.shape[1], heads * dv
+        with torch.no_grad():
+            g_out = g_out.contiguous()
+            g_qkv = torch.empty_like(qkv)
+            grads = cpu_kernel.backward_strided(  # delta = sum_c g_sv*sv + g_sve*sve in the kernel
+                layer, qkv, (length * c2, 2 * dk + dv, 1, c2), nseq, length, scales, lse, None,
+                g_out, g_out[:, c:], (length * 2 * c, dv, 1, 2 * c), g_qkv, sv=out, sve=out[:, c:])
+        if grads is None:
+            raise RuntimeError("axial attention backward kernel refused its operands")
+        g_scales, g_rq, g_rk, g_rv = grads
+        return g_qkv, g_scales, g_rq, g_rk, g_rv, None, None, None
+
+
+class _SumHalves(torch.autograd.Function):
+    """(M, 2C) -> (M, C): the two halves of each row added; the backward is one copy of the
+    gradient into both halves (slicing would zero-fill a full-size gradient per half)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        c = t.shape[1] // 2
+        return t[:, :c] + t[:, c:]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.repeat(1, 2)
+
+
+def _batch_norm_rows(bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``bn`` (BatchNorm1d/2d, same semantics) on rows (M, C) of channels, channel j of ``y``
+    being the module's channel ``perm[j]`` when given."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    mean = bn.running_mean if keep else None
+    var = bn.running_var if keep else None
+    weight, bias = bn.weight, bn.bias
+    if perm is not None:
+        weight = weight[perm] if weight is not None else None
+        bias = bias[perm] if bias is not None else None
+        mean_p = mean[perm] if mean is not None else None
+        var_p = var[perm] if var is not None else None
+        out = F.batch_norm(y, mean_p, var_p, weight, bias, use_batch, factor, bn.eps)
+        if use_batch and mean is not None:
+            with torch.no_grad():
+                mean.index_copy_(0, perm, mean_p)
+                var.index_copy_(0, perm, var_p)
+        return out
+    return F.batch_norm(y, mean, var, weight, bias, use_batch, factor, bn.eps)
+
+
+def _position_major_applies(layer, x: torch.Tensor) -> bool:
+    dk, dv = layer.key_depth, layer.value_depth
+    plain_bn = (nn.BatchNorm1d, nn.BatchNorm2d)
+    return (x.dim() == 4 and cpu_kernel._supported(layer, x) and layer.qkv.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and type(layer.bn_qkv) in plain_bn and type(layer.bn_output) in plain_bn
+            and not should_sync(layer) and _subsampled_queries(layer) == 1
+            # the kernel reads q and k channels 8 at a time: the rest must stay inside the rows
+            and (-2 * dk) % 8 <= dv and dv <= 4 * cpu_kernel.MAX_KEY_DEPTH)
+
+
+def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer (training or not, float32 CPU, compiled kernel) in position-major layout."""
+    batch, cin, height, width = x.shape
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    c = heads * dv
+    if layer.axis == "height":  # sequences (b, w) along h
+        rows_in = x.permute(0, 3, 2, 1)
+        nseq, length = batch * width, height
+    else:  # sequences (b, h) along w
+        rows_in = x.permute(0, 2, 3, 1)
+        nseq, length = batch * height, width
+    y = rows_in.reshape(nseq * length, cin) @ layer.qkv.weight.flatten(1).t()  # (N*L, C2)
+    y = _batch_norm_rows(layer.bn_qkv, y)
+    scales = similarity_scales(layer, None, None, moments=lambda: similarity_moments_rows(layer, y, nseq, length))
+    out = PositionMajorAttention.apply(y, scales, layer.query_table, layer.key_table, layer.value_table,
+                                       layer, nseq, length)
+    # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
+    perm = torch.arange(2 * c).view(c, 2).t().reshape(-1)
+    out = _batch_norm_rows(layer.bn_output, out, perm)
+    out = _SumHalves.apply(out) if layer.use_value_rpe else out[:, :c]
+    if layer.axis == "height":
+        y4 = out.reshape(batch, width, height, c).permute(0, 3, 2, 1)
+    else:
+        y4 = out.reshape(batch, height, width, c).permute(0, 3, 1, 2)  # channels_last
+    return apply_stride(y4, layer)
+
+
 def axial_attention_memory_efficient(layer, x: torch.Tensor) -> torch.Tensor:
     """``impl="memory_efficient"``: recompute-in-backward training path."""
     y = cpu_kernel.forward_eval(layer, x)  # inference: same as the fast path
     if y is not None:
         return y
+    if _position_major_applies(layer, x):
+        return run_layer_position_major(layer, x)
     return run_layer(layer, x, memory_efficient_core)
