@@ -49,29 +49,30 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _axial_forward_kernel(
-        qkv, rqe, rke, rve, scale, sv, sve, lse,
-        L, LQ, QSTEP, RADIUS, HEADS, C2H,
-        DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-        USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr, USE_RV: tl.constexpr,
-    ):
-        nh = tl.program_id(0)
-        qb = tl.program_id(1)
-        h = nh % HEADS
+    def _tile(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Geometry of one program's tile: query indices and positions, key positions, their
+        masks, the offset-table column rel = p - o + L - 1, and which pairs are in the span."""
         iq = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)  # output (query) index
         o = iq * QSTEP  # query position
         p = tl.arange(0, BLOCK_K)  # key position
         mq = iq < LQ
         mk = p < L
-        rel = p[None, :] - o[:, None] + L - 1  # column of the offset-indexed tables
+        rel = p[None, :] - o[:, None] + L - 1
         inside = mq[:, None] & mk[None, :]
         if RADIUS >= 0:
             inside = inside & (p[None, :] - o[:, None] <= RADIUS) & (o[:, None] - p[None, :] <= RADIUS)
+        return iq, o, p, mq, mk, rel, inside
+
+    @triton.jit
+    def _tile_logits(base, rqe, rke, scale, h, o, p, mq, mk, rel, inside, L, HEADS,
+                     DK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                     USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr):
+        """Logits of the tile in log2 units (scales already times log2 e), -inf outside the
+        span: the forward and the backward's recomputation share this one code."""
         s_qk = tl.load(scale + h)
         s_qr = tl.load(scale + HEADS + h)
         s_kr = tl.load(scale + 2 * HEADS + h)
         J = 2 * L - 1
-        base = qkv + nh * C2H * L
         z = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
         for c in tl.static_range(DK):
             qc = tl.load(base + c * L + o, mask=mq, other=0.0)
@@ -84,7 +85,23 @@ if triton is not None:
             if USE_KR:
                 t = tl.load(rke + c * J + rel, mask=inside, other=0.0)
                 z += (kc * s_kr)[None, :] * t
-        z = tl.where(inside, z, float("-inf"))
+        return tl.where(inside, z, float("-inf"))
+
+    @triton.jit
+    def _axial_forward_kernel(
+        qkv, rqe, rke, rve, scale, sv, sve, lse,
+        L, LQ, QSTEP, RADIUS, HEADS, C2H,
+        DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+        USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr, USE_RV: tl.constexpr,
+    ):
+        nh = tl.program_id(0)
+        qb = tl.program_id(1)
+        h = nh % HEADS
+        J = 2 * L - 1
+        base = qkv + nh * C2H * L
+        iq, o, p, mq, mk, rel, inside = _tile(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K)
+        z = _tile_logits(base, rqe, rke, scale, h, o, p, mq, mk, rel, inside, L, HEADS,
+                         DK, BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
         m = tl.max(z, axis=1)
         m = tl.where(mq, m, 0.0)
         e = tl.exp2(z - m[:, None])
@@ -117,19 +134,8 @@ if triton is not None:
         prog = nh * tl.num_programs(1) + qb
         slot = prog % SLOTS
         h = nh % HEADS
-        iq = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)  # output (query) index
-        o = iq * QSTEP  # query position
-        p = tl.arange(0, BLOCK_K)  # key position
-        mq = iq < LQ
-        mk = p < L
-        rel = p[None, :] - o[:, None] + L - 1
-        inside = mq[:, None] & mk[None, :]
-        if RADIUS >= 0:
-            inside = inside & (p[None, :] - o[:, None] <= RADIUS) & (o[:, None] - p[None, :] <= RADIUS)
-        # log2-unit scales for the logits (as the forward), natural ones for the gradients
-        s_qk = tl.load(scale + h)
-        s_qr = tl.load(scale + HEADS + h)
-        s_kr = tl.load(scale + 2 * HEADS + h)
+        iq, o, p, mq, mk, rel, inside = _tile(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K)
+        # natural-unit scales for the gradients (the logits use the log2-unit ones, as the forward)
         a_qk = tl.load(nscale + h)
         a_qr = tl.load(nscale + HEADS + h)
         a_kr = tl.load(nscale + 2 * HEADS + h)
@@ -137,20 +143,9 @@ if triton is not None:
         base = qkv + nh * C2H * L
         gbase = gqkv + nh * C2H * L
 
-        # Logits exactly as the forward computes them, then P from the saved lse.
-        z = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
-        for c in tl.static_range(DK):
-            qc = tl.load(base + c * L + o, mask=mq, other=0.0)
-            kc = tl.load(base + (DK + c) * L + p, mask=mk, other=0.0)
-            if USE_QK:
-                z += (qc * s_qk)[:, None] * kc[None, :]
-            if USE_QR:
-                t = tl.load(rqe + c * J + rel, mask=inside, other=0.0)
-                z += (qc * s_qr)[:, None] * t
-            if USE_KR:
-                t = tl.load(rke + c * J + rel, mask=inside, other=0.0)
-                z += (kc * s_kr)[None, :] * t
-        z = tl.where(inside, z, float("-inf"))
+        # Logits by the forward's own code, then P from the saved lse.
+        z = _tile_logits(base, rqe, rke, scale, h, o, p, mq, mk, rel, inside, L, HEADS,
+                         DK, BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
         row_lse = tl.load(lse + nh * LQ + iq, mask=mq, other=0.0)
         pr = tl.where(inside, tl.exp2(z - row_lse[:, None]), 0.0)
 
