@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
-from axial_deeplab.commands.benchmark import LAYER_SHAPES, bench_layers, format_table
-from axial_deeplab.fileio import atomic_write_json
+from axial_deeplab.commands.benchmark import (
+    LAYER_SHAPES, add_script_arguments, apply_script_threads, bench_layers, report_script_rows)
 
 
 def _shape(text: str):
@@ -28,23 +28,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", type=_shape, default=LAYER_SHAPES, help="BxCxHxW inputs")
     p.add_argument("--modes", nargs="+", choices=["eval", "train"], default=["eval", "train"])
-    p.add_argument("--impls", nargs="+", default=None, help="attention implementations (default: all)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--json", default=None)
+    add_script_arguments(p, repeats=5)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_script_threads(args)
     rows = bench_layers(torch.device(args.device), args.shapes, args.modes, args.impls, args.repeats,
                         with_memory=not args.no_memory, clock=args.clock)
-    print(format_table(rows))
-    if args.json:
-        from dataclasses import asdict
-
-        atomic_write_json(args.json, [asdict(r) for r in rows])
+    report_script_rows(rows, args.json)
     return 0
 
 

@@ -93,3 +93,12 @@ def test_python_dash_m_runs_the_command_and_its_errors():
     proc = subprocess.run([sys.executable, "-m", "axial_deeplab", "benchmark", "--repeats", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--repeats must be at least 1" in proc.stderr
+
+
+def test_script_report_prints_the_table_and_writes_every_row(tmp_path, capsys):
+    rows = [bench.Result("layer pair", "1x16x6x5", "eval", "fast", median_ms=1.5, runs=1)]
+    path = tmp_path / "rows.json"
+    bench.report_script_rows(rows, str(path))
+    assert "1x16x6x5" in capsys.readouterr().out
+    saved = json.loads(path.read_text())
+    assert [(r["case"], r["impl"], r["median_ms"]) for r in saved] == [("1x16x6x5", "fast", 1.5)]
