@@ -1,14 +1,33 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 6, for a machine with a CUDA GPU where PyTorch and Triton are already
 # installed (no install step: the package is used from src/). From the repository root:
-#     bash benchmarks/gpu_check.sh            # figures go to $OUT, else the current directory
-# 1. the CUDA tests: Triton forward+backward against the reference on the GPU, CUDA post-processing;
-# 2. the benchmark on the GPU: layer pairs incl. 8x256x65x129 against cuDNN's 3x3 conv, the
-#    attention core's fraction of copy bandwidth, models, post-processing; saved as JSON.
+#     bash benchmarks/gpu_check.sh [tests] [bench] [bench-fp32] [sweep]   # default: tests bench
+# Figures go to $OUT if set, else the current directory.
+#   tests:      the CUDA tests: Triton forward+backward against the reference on the GPU (TF32 off and
+#               on, the autotuned launch), CUDA post-processing;
+#   bench:      the benchmark's layers and core sections on the GPU (PyTorch's default: TF32 on for
+#               cuDNN's convs and the Triton dots): layer pairs incl. 8x256x65x129 against cuDNN's 3x3
+#               conv, the attention core's fraction of copy bandwidth; the autotuner's choices;
+#   bench-fp32: the same with TF32 off on both sides (cuDNN fp32 conv, 3xTF32 Triton dots);
+#   models:     the models and post-processing sections;
+#   sweep:      every tile configuration of the kernels at 8x256x65x129, one by one (times per config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 out="${OUT:-.}"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests bench)
 python3 -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_triton_kernels.py tests/test_postprocess.py
-python3 -m axial_deeplab benchmark --device cuda --json "$out/benchmark_cuda.json"
+for stage in "${stages[@]}"; do
+    echo "=== $stage"
+    case "$stage" in
+        tests) python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_triton_kernels.py tests/test_postprocess.py ;;
+        bench) python3 -m axial_deeplab benchmark --device cuda --only layers core --json "$out/benchmark_cuda.json" ;;
+        bench-fp32) python3 -m axial_deeplab benchmark --device cuda --only layers core --no-tf32 \
+                        --json "$out/benchmark_cuda_fp32.json" ;;
+        models) python3 -m axial_deeplab benchmark --device cuda --only models postprocess \
+                    --json "$out/benchmark_cuda_models.json" ;;
+        sweep) python3 benchmarks/triton_tile_sweep.py --json "$out/triton_tile_sweep.json" ;;
+        *) echo "unknown stage $stage (tests, bench, bench-fp32, models, sweep)"; exit 2 ;;
+    esac
+done

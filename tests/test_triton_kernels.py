@@ -121,7 +121,8 @@ def compare_backward(kwargs, length, step, dk, dv, tol=1e-5, device="cpu", **kw)
 # --------------------------------------------------------------------------- interpreter checks
 MODES = ("train", "eval")
 LAYER_CHECKS = {
-    # id: (layer kwargs, (H, W), modes, BACKWARD_BLOCK_Q). Global tables reach D = 3.
+    # id: (layer kwargs, (H, W), modes, BLOCK_SIZES (query rows, keys) of a tile, None: the
+    # default). Global tables reach D = 3 unless given.
     "global-L7-above-reach": (dict(axis="height"), (7, 2), MODES, None),
     "local-L9-above-span": (dict(axis="width", span=5), (2, 9), MODES, None),
     "global-L3-below-reach": (dict(axis="width"), (2, 3), MODES, None),
@@ -132,17 +133,20 @@ LAYER_CHECKS = {
     "local-no-query_rpe": (dict(axis="width", span=3, use_query_rpe=False), (2, 7), MODES, None),
     "global-no-key_rpe": (dict(axis="width", use_key_rpe=False), (2, 6), MODES, None),
     "local-no-value_rpe": (dict(axis="height", span=3, use_value_rpe=False), (7, 2), MODES, None),
-    "global-L7-query-blocks": (dict(axis="height"), (7, 2), ("train",), 2),
-    "local-L9-query-blocks": (dict(axis="width", span=5), (2, 9), ("train",), 2),
-    "local-stride2-query-step-blocks": (dict(axis="width", span=5, stride=2), (1, 10), ("frozen-output-bn",), 2),
+    # several query and key blocks (atomic k/v path); a local span skips key blocks
+    "global-L20-blocks": (dict(axis="width", max_relative_distance=12), (2, 20), ("train",), (16, 16)),
+    "local-L40-blocks": (dict(axis="width", span=5), (1, 40), ("train",), (16, 16)),
+    "local-stride2-blocks": (dict(axis="width", span=5, stride=2), (1, 40), ("frozen-output-bn",), (16, 16)),
+    "global-L40-default-blocks": (dict(axis="height", max_relative_distance=50), (40, 1), MODES, None),
 }
 BACKWARD_CHECKS = {
-    # id: (kwargs, L, query step, dk, dv, BACKWARD_BLOCK_Q)
+    # id: (kwargs, L, query step, dk, dv, BLOCK_SIZES)
     "backward-global-clipped": (dict(max_relative_distance=4), 11, 1, 3, 5, None),
     "backward-local": (dict(span=5), 11, 1, 3, 5, None),
     "backward-global-step2": (dict(max_relative_distance=4), 11, 2, 2, 3, None),
-    "backward-local-step3-blocks": (dict(span=5), 13, 3, 2, 3, 2),
-    "backward-global-blocks": (dict(max_relative_distance=20), 12, 1, 2, 2, 4),
+    "backward-local-step3-blocks": (dict(span=5), 50, 3, 2, 3, (16, 16)),
+    "backward-global-blocks": (dict(max_relative_distance=20), 40, 1, 2, 2, (16, 16)),
+    "backward-global-deep-blocks": (dict(max_relative_distance=9), 35, 1, 17, 20, (16, 32)),
     "backward-no-qk-no-rv": (dict(span=7, use_qk=False, use_value_rpe=False), 10, 1, 2, 3, None),
     "backward-only-qk-depth1": (dict(use_query_rpe=False, use_key_rpe=False, use_value_rpe=False), 9, 1, 1, 1, None),
 }
@@ -166,7 +170,7 @@ def _interpreter_main():
 
     results = {}
     for name, (kwargs, hw, modes, block_q) in LAYER_CHECKS.items():
-        TK.BACKWARD_BLOCK_Q = block_q
+        TK.BLOCK_SIZES = block_q
         TK.attention_backward_triton, ME._backward = counting_backward, no_fallback
         calls["n"] = 0
         try:
@@ -178,13 +182,36 @@ def _interpreter_main():
         finally:
             TK.attention_backward_triton = triton_backward
     for name, (kwargs, length, step, dk, dv, block_q) in BACKWARD_CHECKS.items():
-        TK.BACKWARD_BLOCK_Q = block_q
+        TK.BLOCK_SIZES = block_q
         try:
             compare_backward(kwargs, length, step, dk, dv)
             results[name] = "ok"
         except Exception:
             results[name] = traceback.format_exc()[-3000:]
+    results["autotuned-launch"] = _check_autotuned_launch(traceback)
     print("RESULTS " + json.dumps(results))
+
+
+def _check_autotuned_launch(traceback):
+    """The GPU's launch path (triton.autotune over CONFIGS, tiles from the chosen config,
+    the pruning of tiles larger than the sequence) with one config left after pruning, so
+    the interpreter needs no timing; the table of chosen configs records it."""
+    saved = TK._autotuning, TK.CONFIGS, TK.BLOCK_SIZES
+    TK._autotuning = lambda device: True
+    TK.CONFIGS = [(16, 16, 4, 1), (64, 64, 8, 1), (32, 64, 4, 1)]  # L = 7 keeps the first only
+    TK.BLOCK_SIZES = None
+    TK._forward_tuned = TK._backward_tuned = None
+    try:
+        compare_layer(dict(axis="height"), (7, 2), MODES)
+        chosen = TK.tuned_configs()
+        assert set(chosen) == {"forward", "backward"}, chosen
+        assert all("BLOCK_Q: 16, BLOCK_K: 16" in c for k in chosen.values() for c in k.values()), chosen
+        return "ok"
+    except Exception:
+        return traceback.format_exc()[-3000:]
+    finally:
+        TK._autotuning, TK.CONFIGS, TK.BLOCK_SIZES = saved
+        TK._forward_tuned = TK._backward_tuned = None
 
 
 _SUBPROCESS = """
@@ -206,7 +233,7 @@ def interpreter_results():
     return json.loads(lines[-1][len("RESULTS "):])
 
 
-@pytest.mark.parametrize("check", list(LAYER_CHECKS) + list(BACKWARD_CHECKS))
+@pytest.mark.parametrize("check", list(LAYER_CHECKS) + list(BACKWARD_CHECKS) + ["autotuned-launch"])
 def test_triton_through_the_interpreter(interpreter_results, check):
     assert interpreter_results.get(check) == "ok", interpreter_results.get(check, "check did not run")
 
@@ -218,19 +245,33 @@ def test_triton_through_the_interpreter(interpreter_results, check):
                                     dict(axis="height", span=9, stride=2)],
                          ids=["global-height", "local-width", "local-stride2"])
 def test_triton_equals_reference_on_gpu(kwargs, monkeypatch):
-    # Full fp32 on both sides (cuDNN's TF32 convolutions would differ by ~1e-3).
+    # Full fp32 on both sides (cuDNN's TF32 convolutions would differ by ~1e-3); the kernels
+    # then use 3xTF32 products.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     modes = ("train", "eval", "frozen-output-bn") if kwargs.get("stride", 1) > 1 else ("train", "eval")
     layer_kw = dict(channels=32, out_channels=32, heads=4)
     compare_layer(kwargs, (33, 17), modes, tol=1e-4, device="cuda", **layer_kw)
-    monkeypatch.setattr(TK, "BACKWARD_BLOCK_Q", 4)  # several query blocks: atomic k/v path
+    monkeypatch.setattr(TK, "BLOCK_SIZES", (16, 16))  # several query blocks: atomic k/v path
     compare_layer(kwargs, (33, 17), ("train",), tol=1e-4, device="cuda", **layer_kw)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")
-@pytest.mark.parametrize("block_q", [None, 8])
+def test_triton_with_tf32_products_on_gpu(monkeypatch):
+    """PyTorch's default (cuDNN TF32 on): the kernels' products are TF32, the reference's
+    matmuls float32; they agree to TF32's precision (a wrong term would be off by O(1))."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert TK.dot_precision() == "tf32"
+    compare_layer(dict(axis="width", span=9), (17, 33), ("train", "eval"), tol=2e-2, device="cuda",
+                  channels=32, out_channels=32, heads=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")
+@pytest.mark.parametrize("block_q", [None, (16, 32)])
 def test_triton_backward_equals_torch_backward_on_gpu(block_q, monkeypatch):
-    monkeypatch.setattr(TK, "BACKWARD_BLOCK_Q", block_q)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # 3xTF32 products: float32 accuracy
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(TK, "BLOCK_SIZES", block_q)
     compare_backward(dict(max_relative_distance=40), 129, 1, 16, 32, tol=1e-4, device="cuda", sequences=8)
     compare_backward(dict(span=33), 65, 2, 16, 32, tol=1e-4, device="cuda", sequences=8)

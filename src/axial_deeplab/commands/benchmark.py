@@ -426,6 +426,12 @@ def machine_info(device: torch.device) -> Dict[str, object]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["matmul_precision"] = torch.get_float32_matmul_precision()
+        info["cudnn_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        from ..layers.triton_kernels import dot_precision, triton_available
+
+        if triton_available():
+            info["triton_dot"] = dot_precision()
     return info
 
 
@@ -493,6 +499,9 @@ def register(subparsers) -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time the ratios use: median wall time, or median process CPU time (steadier when "
                         "other processes share the cores; with --threads 1 it is the single-core time)")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="on a GPU, turn TF32 off for cuDNN's convolutions and the Triton kernels (full "
+                        "float32 accuracy; by default both use TF32 tensor cores, as PyTorch's convolutions do)")
     p.set_defaults(func=run)
 
 
@@ -512,11 +521,17 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
     info = machine_info(device)
     print(f"axial-deeplab benchmark on {info['cpu']} ({info['torch_threads']} threads), torch {info['torch']}, "
           f"device {device}{' (quick)' if args.quick else ''}", flush=True)
+    if device.type == "cuda":
+        print(f"GPU {info['gpu']}; cuDNN TF32 {'on' if info['cudnn_tf32'] else 'off'}, Triton dots "
+              f"{info.get('triton_dot', '(no triton)')}, float32 matmul precision {info['matmul_precision']}",
+              flush=True)
     start = time.perf_counter()
     rows: List[Result] = []
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -541,9 +556,18 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print(f"\n{len(rows)} cases in {elapsed:.0f} s. Ratios from median {args.clock} times: 'x conv' = this / "
           "conv3x3 on the same input; 'ref/this' = reference / this.")
+    tuned = {}
+    if device.type == "cuda":
+        from ..layers.triton_kernels import tuned_configs
+
+        tuned = tuned_configs()
+        for kernel, chosen in tuned.items():
+            print(f"Triton {kernel} tiles chosen by the autotuner (key: L, Lq, step, radius, dk, dv, dots, terms):")
+            for key, config in chosen.items():
+                print(f"  {key}: {config}")
     if args.json_out:
         atomic_write_json(args.json_out, {"machine": info, "quick": bool(args.quick), "clock": args.clock,
-                                          "seconds": elapsed,
+                                          "seconds": elapsed, "triton_configs": tuned,
                                           "results": [asdict(r) for r in rows]})
         print(f"wrote {args.json_out}")
     return 0

@@ -1,27 +1,40 @@
 """Triton kernels for position-sensitive axial attention (``impl="triton"``).
 
-Forward: one program per (sequence-head, block of query rows): the three similarity terms
-from the compact tables, the softmax (exp2, log2(e) folded into the BN term scales) and
-both retrievals stay in registers; only q, k, v, the tables and the small outputs touch
-memory. The same kernel serves inference (BN folded, ``fast_cpu.run_layer`` around it)
-and the forward of training, where it also stores each row's log-sum-exp.
+The layer's core is flash attention with three relative terms. One program owns a
+(sequence-head, block of query rows) and walks the key blocks its span reaches (a local
+span skips the others), keeping everything L x L in registers. Every contraction is a
+``tl.dot`` (tensor cores): q k^T, and the relative terms through the skew trick --
+for a tile of queries o and keys p the offsets p - o fill one window of the compact
+offset table, so ``q @ R_window^T`` (queries x offsets) holds every q.r^q_{p-o} and one
+``tl.gather`` per row moves it to key coordinates (likewise k.r^k along columns, and
+P -> offset coordinates for P @ r^v). Softmax is online (exp2, log2 e folded into the
+term scales) and the forward stores each row's log-sum-exp for training.
 
 Backward (training): the same programs recompute the logits and P = exp2(z - lse), then
-dP, dY = P (dP - delta) and every gradient of the layer's core in one pass: q rows
-(plain stores), k / v columns (stores, atomics when a sequence-head has several query
-blocks), the three tables (diagonal sums in skewed coordinates, added into a few partial
-slots) and the per-head BN term scales (per-program partial sums). The math is the one of
-:mod:`.memory_efficient`; :class:`.memory_efficient.AxialAttentionFunction` runs both
-kernels, so no L x L tensor exists outside registers.
+dP, dY = P (dP - delta) and, again by ``tl.dot`` on skewed tiles, the gradients of q
+(accumulated over key blocks), k and v (stores, atomics when several query blocks share
+a key block), the three tables (added into a few partial slots) and the per-head BN
+term scales (per-program partial sums). The math is the one of :mod:`.memory_efficient`;
+:class:`.memory_efficient.AxialAttentionFunction` runs both kernels.
 
-Triton is optional: without it this module registers nothing. On a CPU it runs only
-through Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use on tiny
-shapes; speed figures need a GPU.
+The layer stands in for a convolution, so its products follow PyTorch's switch for
+convolutions, ``torch.backends.cudnn.allow_tf32`` (on by default): TF32 tensor-core
+products like cuDNN's, or with it off "tf32x3" (three TF32 products: float32 accuracy,
+still on tensor cores; Triton's exact "ieee" dot fails to compile with these gathers in
+Triton 3.9, and would run on the CUDA cores).
+
+Tile sizes, warps and pipeline stages are tuned on the GPU by ``triton.autotune`` at the
+first call of each shape (:data:`CONFIGS`); :data:`BLOCK_SIZES` fixes them instead (tests,
+the interpreter). Triton is optional: without it this module registers nothing. On a CPU
+it runs only through Triton's interpreter (``TRITON_INTERPRET=1``, tests on tiny shapes);
+speed figures need a GPU, and :func:`compile_for_gpu` compiles the kernels for a GPU
+architecture without one (registers, spills, shared memory).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,12 +45,13 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 __all__ = ["triton_available", "attend_triton", "attention_backward_triton", "axial_attention_triton",
-           "BACKWARD_BLOCK_Q", "TABLE_GRAD_SLOTS"]
+           "block_sizes", "dot_precision", "compile_for_gpu", "tuned_configs", "BLOCK_SIZES", "CONFIGS", "TABLE_GRAD_SLOTS"]
 
 _LOG2E = 1.0 / math.log(2.0)
-# Query rows per backward program; None picks them from the length (one block per
-# sequence-head up to L = 64). Tests set a small value to run the atomic k/v path.
-BACKWARD_BLOCK_Q: Optional[int] = None
+# (query rows, keys) per tile for both kernels, optionally with (num_warps, num_stages);
+# None: the autotuner picks on a GPU, :func:`block_sizes` elsewhere. Tests set small
+# values to run several blocks; benchmarks/triton_tile_sweep.py times each config.
+BLOCK_SIZES: Optional[Tuple[int, ...]] = None
 # Partial buffers of the table gradients: programs add into slot (program id mod this).
 TABLE_GRAD_SLOTS = 32
 
@@ -46,52 +60,103 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def dot_precision() -> str:
+    """``tl.dot`` input precision: "tf32" where PyTorch lets cuDNN's float32 convolutions use
+    TF32 (its default), else "tf32x3" (float32 accuracy)."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def block_sizes(length: int, query_step: int = 1) -> Tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_K, JB): query rows and keys of a tile (at least 16 each, as
+    ``tl.dot`` needs), and the width of its offset window (a power of two >= the
+    BLOCK_K + (BLOCK_Q - 1) * step offsets the tile's pairs take)."""
+    if BLOCK_SIZES is not None:
+        block_q, block_k = (_pow2(b) for b in BLOCK_SIZES[:2])
+    else:
+        block_k = 16 if length <= 16 else 32
+        block_q = max(16, block_k // max(1, query_step))
+    lq = len(range(0, length, query_step))
+    block_q = max(16, min(block_q, _pow2(lq)))
+    block_k = max(16, min(block_k, _pow2(length)))
+    return block_q, block_k, _pow2(block_k + (block_q - 1) * query_step)
+
+
 if triton is not None:
 
     @triton.jit
-    def _tile(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Geometry of one program's tile: query indices and positions, key positions, their
-        masks, the offset-table column rel = p - o + L - 1, and which pairs are in the span."""
-        iq = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)  # output (query) index
-        o = iq * QSTEP  # query position
-        p = tl.arange(0, BLOCK_K)  # key position
+    def _key_range(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+        """First key block and end of the keys a query block's span reaches."""
+        o_first = qb * BLOCK_Q * QSTEP
+        o_last = tl.minimum(qb * BLOCK_Q + BLOCK_Q - 1, LQ - 1) * QSTEP
+        lo = 0
+        hi = L
+        if RADIUS >= 0:
+            lo = tl.maximum(o_first - RADIUS, 0)
+            hi = tl.minimum(o_last + RADIUS + 1, L)
+        return (lo // BLOCK_K) * BLOCK_K, hi
+
+    @triton.jit
+    def _tile(qb, kb0, L, LQ, QSTEP, RADIUS,
+              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, JB: tl.constexpr):
+        """Geometry of one tile. Offsets p - o of the tile lie in a window of the offset
+        table starting at column r0; pair (i, j) sits at window column u = shift_i + j with
+        shift_i = (BLOCK_Q - 1 - i) * QSTEP. Returns query indices, key positions, masks, the
+        pairs in the span, the window's columns and their mask, and the gather index u."""
+        i = tl.arange(0, BLOCK_Q)
+        j = tl.arange(0, BLOCK_K)
+        iq = qb * BLOCK_Q + i
+        o = iq * QSTEP
+        p = kb0 + j
         mq = iq < LQ
         mk = p < L
-        rel = p[None, :] - o[:, None] + L - 1
         inside = mq[:, None] & mk[None, :]
         if RADIUS >= 0:
             inside = inside & (p[None, :] - o[:, None] <= RADIUS) & (o[:, None] - p[None, :] <= RADIUS)
-        return iq, o, p, mq, mk, rel, inside
+        shift = (BLOCK_Q - 1 - i) * QSTEP
+        r0 = kb0 - (qb * BLOCK_Q + BLOCK_Q - 1) * QSTEP + L - 1
+        col = r0 + tl.arange(0, JB)
+        mcol = (col >= 0) & (col < 2 * L - 1)
+        u = shift[:, None] + j[None, :]
+        return iq, o, p, mq, mk, inside, shift, col, mcol, u
 
     @triton.jit
-    def _tile_logits(base, rqe, rke, scale, h, o, p, mq, mk, rel, inside, L, HEADS,
-                     DK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _load_rows(ptr, rows, mrows, cols, mcols, stride):
+        """Tile t[r, c] = ptr[c * stride + rows[r]] (channels strided, positions contiguous)."""
+        return tl.load(ptr + cols[None, :] * stride + rows[:, None], mask=mrows[:, None] & mcols[None, :], other=0.0)
+
+    @triton.jit
+    def _to_offsets(x, shift, BLOCK_K: tl.constexpr, JB: tl.constexpr):
+        """Row i of x (queries x keys) moved to offset coordinates: out[i, u] = x[i, u - shift_i]."""
+        src = tl.arange(0, JB)[None, :] - shift[:, None]
+        ok = (src >= 0) & (src < BLOCK_K)
+        return tl.where(ok, tl.gather(x, tl.where(ok, src, 0), 1), 0.0)
+
+    @triton.jit
+    def _tile_logits(q, kt, rq, rk, s_qk, s_qr, s_kr, u, inside, DOT: tl.constexpr,
+                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                      USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr):
-        """Logits of the tile in log2 units (scales already times log2 e), -inf outside the
-        span: the forward and the backward's recomputation share this one code."""
-        s_qk = tl.load(scale + h)
-        s_qr = tl.load(scale + HEADS + h)
-        s_kr = tl.load(scale + 2 * HEADS + h)
-        J = 2 * L - 1
+        """Logits of a tile in log2 units (the scales carry log2 e), -inf outside the span;
+        q: (BLOCK_Q, DKP), kt: (DKP, BLOCK_K), rq / rk: offset windows (JB, DKP). The forward
+        and the backward's recomputation share this one code."""
         z = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
-        for c in tl.static_range(DK):
-            qc = tl.load(base + c * L + o, mask=mq, other=0.0)
-            kc = tl.load(base + (DK + c) * L + p, mask=mk, other=0.0)
-            if USE_QK:
-                z += (qc * s_qk)[:, None] * kc[None, :]
-            if USE_QR:
-                t = tl.load(rqe + c * J + rel, mask=inside, other=0.0)
-                z += (qc * s_qr)[:, None] * t
-            if USE_KR:
-                t = tl.load(rke + c * J + rel, mask=inside, other=0.0)
-                z += (kc * s_kr)[None, :] * t
+        if USE_QK:
+            z += tl.dot(q * s_qk, kt, input_precision=DOT)
+        if USE_QR:  # queries x offsets, then each row to its keys
+            z += tl.gather(tl.dot(q * s_qr, tl.trans(rq), input_precision=DOT), u, 1)
+        if USE_KR:  # offsets x keys, then each column to its queries
+            z += tl.gather(tl.dot(rk, kt * s_kr, input_precision=DOT), u, 0)
         return tl.where(inside, z, float("-inf"))
 
     @triton.jit
     def _axial_forward_kernel(
         qkv, rqe, rke, rve, scale, sv, sve, lse,
         L, LQ, QSTEP, RADIUS, HEADS, C2H,
-        DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+        DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, JB: tl.constexpr, DOT: tl.constexpr,
         USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr, USE_RV: tl.constexpr,
     ):
         nh = tl.program_id(0)
@@ -99,34 +164,58 @@ if triton is not None:
         h = nh % HEADS
         J = 2 * L - 1
         base = qkv + nh * C2H * L
-        iq, o, p, mq, mk, rel, inside = _tile(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K)
-        z = _tile_logits(base, rqe, rke, scale, h, o, p, mq, mk, rel, inside, L, HEADS,
-                         DK, BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
-        m = tl.max(z, axis=1)
-        m = tl.where(mq, m, 0.0)
-        e = tl.exp2(z - m[:, None])
-        e = tl.where(inside, e, 0.0)
-        s = tl.sum(e, axis=1)
-        s = tl.where(mq, s, 1.0)
-        inv = 1.0 / s
-        for c in tl.static_range(DV):
-            vc = tl.load(base + (2 * DK + c) * L + p, mask=mk, other=0.0)
-            out = tl.sum(e * vc[None, :], axis=1) * inv
-            tl.store(sv + (nh * DV + c) * LQ + iq, out, mask=mq)
-            if USE_RV:
-                t = tl.load(rve + c * J + rel, mask=inside, other=0.0)
-                out2 = tl.sum(e * t, axis=1) * inv
-                tl.store(sve + (nh * DV + c) * LQ + iq, out2, mask=mq)
-        tl.store(lse + nh * LQ + iq, m + tl.log2(s), mask=mq)
+        ck = tl.arange(0, DKP)
+        cv = tl.arange(0, DVP)
+        mck = ck < DK
+        mcv = cv < DV
+        s_qk = tl.load(scale + h)
+        s_qr = tl.load(scale + HEADS + h)
+        s_kr = tl.load(scale + 2 * HEADS + h)
+        iq = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        mq = iq < LQ
+        q = _load_rows(base, iq * QSTEP, mq, ck, mck, L)  # (BLOCK_Q, DKP)
 
+        m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_Q, DVP), dtype=tl.float32)
+        acc_e = tl.zeros((BLOCK_Q, DVP), dtype=tl.float32)
+        k_start, k_end = _key_range(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K)
+        for kb0 in range(k_start, k_end, BLOCK_K):
+            iq, o, p, mq, mk, inside, shift, col, mcol, u = _tile(
+                qb, kb0, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K, JB)
+            kt = tl.trans(_load_rows(base + DK * L, p, mk, ck, mck, L))  # (DKP, BLOCK_K)
+            rq = _load_rows(rqe, col, mcol, ck, mck & USE_QR, J)  # (JB, DKP)
+            rk = _load_rows(rke, col, mcol, ck, mck & USE_KR, J)
+            z = _tile_logits(q, kt, rq, rk, s_qk, s_qr, s_kr, u, inside, DOT,
+                             BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            e = tl.exp2(z - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(e, axis=1)
+            v = _load_rows(base + 2 * DK * L, p, mk, cv, mcv, L)  # (BLOCK_K, DVP)
+            acc = acc * alpha[:, None] + tl.dot(e, v, input_precision=DOT)
+            if USE_RV:
+                rv = _load_rows(rve, col, mcol, cv, mcv, J)  # (JB, DVP)
+                acc_e = acc_e * alpha[:, None] + tl.dot(_to_offsets(e, shift, BLOCK_K, JB), rv,
+                                                         input_precision=DOT)
+            m_i = m_new
+        l_safe = tl.where(mq, l_i, 1.0)
+        out_mask = mq[:, None] & mcv[None, :]
+        out_at = (nh * DV + cv[None, :]) * LQ + iq[:, None]
+        tl.store(sv + out_at, acc / l_safe[:, None], mask=out_mask)
+        if USE_RV:
+            tl.store(sve + out_at, acc_e / l_safe[:, None], mask=out_mask)
+        tl.store(lse + nh * LQ + iq, tl.where(mq, m_i, 0.0) + tl.log2(l_safe), mask=mq)
 
     @triton.jit
     def _axial_backward_kernel(
         qkv, rqe, rke, rve, scale, nscale, lse, delta, gsv, gsve,
         gqkv, grq_part, grk_part, grv_part, gscale_part,
         L, LQ, QSTEP, RADIUS, HEADS, C2H, SLOTS,
-        DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-        JB: tl.constexpr, ATOMIC_KV: tl.constexpr,
+        DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, JB: tl.constexpr, DOT: tl.constexpr,
+        ATOMIC_KV: tl.constexpr,
         USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr, USE_RV: tl.constexpr,
     ):
         nh = tl.program_id(0)
@@ -134,102 +223,157 @@ if triton is not None:
         prog = nh * tl.num_programs(1) + qb
         slot = prog % SLOTS
         h = nh % HEADS
-        iq, o, p, mq, mk, rel, inside = _tile(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K)
-        # natural-unit scales for the gradients (the logits use the log2-unit ones, as the forward)
-        a_qk = tl.load(nscale + h)
-        a_qr = tl.load(nscale + HEADS + h)
-        a_kr = tl.load(nscale + 2 * HEADS + h)
         J = 2 * L - 1
         base = qkv + nh * C2H * L
         gbase = gqkv + nh * C2H * L
-
-        # Logits by the forward's own code, then P from the saved lse.
-        z = _tile_logits(base, rqe, rke, scale, h, o, p, mq, mk, rel, inside, L, HEADS,
-                         DK, BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
+        ck = tl.arange(0, DKP)
+        cv = tl.arange(0, DVP)
+        mck = ck < DK
+        mcv = cv < DV
+        s_qk = tl.load(scale + h)  # log2 units, for the recomputation
+        s_qr = tl.load(scale + HEADS + h)
+        s_kr = tl.load(scale + 2 * HEADS + h)
+        a_qk = tl.load(nscale + h)  # natural units, for the gradients
+        a_qr = tl.load(nscale + HEADS + h)
+        a_kr = tl.load(nscale + 2 * HEADS + h)
+        iq = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        mq = iq < LQ
+        q = _load_rows(base, iq * QSTEP, mq, ck, mck, L)  # (BLOCK_Q, DKP)
+        g1 = _load_rows(gsv + nh * DV * LQ, iq, mq, cv, mcv, LQ)  # (BLOCK_Q, DVP)
+        g2 = _load_rows(gsve + nh * DV * LQ, iq, mq, cv, mcv & USE_RV, LQ)
         row_lse = tl.load(lse + nh * LQ + iq, mask=mq, other=0.0)
-        pr = tl.where(inside, tl.exp2(z - row_lse[:, None]), 0.0)
-
-        # dP = g_sv . v_p + g_sve . r^v_{p-o}; dv_p = sum_o P g_sv_o
-        dp = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
-        for c in tl.static_range(DV):
-            g1 = tl.load(gsv + (nh * DV + c) * LQ + iq, mask=mq, other=0.0)
-            vc = tl.load(base + (2 * DK + c) * L + p, mask=mk, other=0.0)
-            dp += g1[:, None] * vc[None, :]
-            gv = tl.sum(pr * g1[:, None], axis=0)
-            if ATOMIC_KV:
-                tl.atomic_add(gbase + (2 * DK + c) * L + p, gv, mask=mk)
-            else:
-                tl.store(gbase + (2 * DK + c) * L + p, gv, mask=mk)
-            if USE_RV:
-                g2 = tl.load(gsve + (nh * DV + c) * LQ + iq, mask=mq, other=0.0)
-                t = tl.load(rve + c * J + rel, mask=inside, other=0.0)
-                dp += g2[:, None] * t
         row_delta = tl.load(delta + nh * LQ + iq, mask=mq, other=0.0)
-        dy = pr * (dp - row_delta[:, None])  # gradient of the natural logits
 
-        # q rows, k columns and the term-scale gradients (sum dY * S_t).
-        ga_q = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # q.k and q.r^q terms
-        ga_qr = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        ga_kr = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for c in tl.static_range(DK):
-            qc = tl.load(base + c * L + o, mask=mq, other=0.0)
-            kc = tl.load(base + (DK + c) * L + p, mask=mk, other=0.0)
-            gq = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-            gk = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        dq = tl.zeros((BLOCK_Q, DKP), dtype=tl.float32)
+        ga_qk = tl.zeros((BLOCK_Q, DKP), dtype=tl.float32)  # elementwise partials of sum dY * S_t
+        ga_qr = tl.zeros((BLOCK_Q, DKP), dtype=tl.float32)
+        ga_kr = tl.zeros((BLOCK_K, DKP), dtype=tl.float32)
+        k_start, k_end = _key_range(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K)
+        for kb0 in range(k_start, k_end, BLOCK_K):
+            iq, o, p, mq, mk, inside, shift, col, mcol, u = _tile(
+                qb, kb0, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K, JB)
+            k = _load_rows(base + DK * L, p, mk, ck, mck, L)  # (BLOCK_K, DKP)
+            kt = tl.trans(k)
+            v = _load_rows(base + 2 * DK * L, p, mk, cv, mcv, L)  # (BLOCK_K, DVP)
+            rq = _load_rows(rqe, col, mcol, ck, mck & USE_QR, J)  # (JB, DKP)
+            rk = _load_rows(rke, col, mcol, ck, mck & USE_KR, J)
+            z = _tile_logits(q, kt, rq, rk, s_qk, s_qr, s_kr, u, inside, DOT,
+                             BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
+            pr = tl.where(inside, tl.exp2(z - row_lse[:, None]), 0.0)
+
+            # dP = g_sv . v_p + g_sve . r^v_{p-o}; dY, the gradient of the natural logits
+            dp = tl.dot(g1, tl.trans(v), input_precision=DOT)
+            if USE_RV:
+                rv = _load_rows(rve, col, mcol, cv, mcv, J)  # (JB, DVP)
+                dp += tl.gather(tl.dot(g2, tl.trans(rv), input_precision=DOT), u, 1)
+            dy = pr * (dp - row_delta[:, None])
+
+            gv = tl.dot(tl.trans(pr), g1, input_precision=DOT)  # (BLOCK_K, DVP)
+            gk = tl.zeros((BLOCK_K, DKP), dtype=tl.float32)
             if USE_QK:
-                r = tl.sum(dy * kc[None, :], axis=1)
-                ga_q += qc * r
-                gq += a_qk * r
-                gk += a_qk * tl.sum(dy * qc[:, None], axis=0)
+                t = tl.dot(dy, k, input_precision=DOT)  # sum_p dY k_p
+                dq += a_qk * t
+                ga_qk += q * t
+                gk += a_qk * tl.dot(tl.trans(dy), q, input_precision=DOT)
             if USE_QR:
-                t = tl.load(rqe + c * J + rel, mask=inside, other=0.0)
-                r = tl.sum(dy * t, axis=1)
-                ga_qr += qc * r
-                gq += a_qr * r
+                sdy = _to_offsets(dy, shift, BLOCK_K, JB)  # (BLOCK_Q, JB)
+                t = tl.dot(sdy, rq, input_precision=DOT)  # sum_p dY r^q_{p-o}
+                dq += a_qr * t
+                ga_qr += q * t
+                g = a_qr * tl.dot(tl.trans(sdy), q, input_precision=DOT)  # (JB, DKP)
+                tl.atomic_add(grq_part + slot * DK * J + ck[None, :] * J + col[:, None], g,
+                              mask=mcol[:, None] & mck[None, :])
             if USE_KR:
-                t = tl.load(rke + c * J + rel, mask=inside, other=0.0)
-                r = tl.sum(dy * t, axis=0)
-                ga_kr += kc * r
-                gk += a_kr * r
-            tl.store(gbase + c * L + o, gq, mask=mq)
-            if USE_QK or USE_KR:
-                if ATOMIC_KV:
-                    tl.atomic_add(gbase + (DK + c) * L + p, gk, mask=mk)
-                else:
-                    tl.store(gbase + (DK + c) * L + p, gk, mask=mk)
-        tl.store(gscale_part + prog * 3, tl.sum(ga_q))
-        tl.store(gscale_part + prog * 3 + 1, tl.sum(ga_qr))
-        tl.store(gscale_part + prog * 3 + 2, tl.sum(ga_kr))
+                # column j of dY to offset coordinates: T[w, j] = dY[i, j] where shift_i = w - j
+                w = tl.arange(0, JB)[:, None] - tl.arange(0, BLOCK_K)[None, :]
+                i_of = (BLOCK_Q - 1) - w // QSTEP
+                ok = (w >= 0) & (w % QSTEP == 0) & (i_of >= 0)
+                tdy = tl.where(ok, tl.gather(dy, tl.where(ok, i_of, 0), 0), 0.0)  # (JB, BLOCK_K)
+                t = tl.dot(tl.trans(tdy), rk, input_precision=DOT)  # (BLOCK_K, DKP): sum_o dY r^k_{p-o}
+                gk += a_kr * t
+                ga_kr += k * t
+                g = a_kr * tl.dot(tdy, k, input_precision=DOT)  # (JB, DKP)
+                tl.atomic_add(grk_part + slot * DK * J + ck[None, :] * J + col[:, None], g,
+                              mask=mcol[:, None] & mck[None, :])
+            if USE_RV:
+                g = tl.dot(tl.trans(_to_offsets(pr, shift, BLOCK_K, JB)), g2, input_precision=DOT)  # (JB, DVP)
+                tl.atomic_add(grv_part + slot * DV * J + cv[None, :] * J + col[:, None], g,
+                              mask=mcol[:, None] & mcv[None, :])
+            k_at = gbase + (DK + ck[None, :]) * L + p[:, None]
+            v_at = gbase + (2 * DK + cv[None, :]) * L + p[:, None]
+            mk_k = mk[:, None] & mck[None, :]
+            mk_v = mk[:, None] & mcv[None, :]
+            if ATOMIC_KV:
+                tl.atomic_add(v_at, gv, mask=mk_v)
+                if USE_QK or USE_KR:
+                    tl.atomic_add(k_at, gk, mask=mk_k)
+            else:
+                tl.store(v_at, gv, mask=mk_v)
+                if USE_QK or USE_KR:
+                    tl.store(k_at, gk, mask=mk_k)
+        tl.store(gbase + ck[None, :] * L + (iq * QSTEP)[:, None], dq, mask=mq[:, None] & mck[None, :])
+        tl.store(gscale_part + prog * 3, tl.sum(tl.sum(ga_qk, axis=1), axis=0))
+        tl.store(gscale_part + prog * 3 + 1, tl.sum(tl.sum(ga_qr, axis=1), axis=0))
+        tl.store(gscale_part + prog * 3 + 2, tl.sum(tl.sum(ga_kr, axis=1), axis=0))
 
-        # Table gradients are sums along the diagonals p - o = const. Skew the tile:
-        # row i, column jj holds key p = jj + (i - (BLOCK_Q - 1)) * QSTEP, so each column
-        # is one offset, rel = jj - (BLOCK_Q - 1) * QSTEP - o0 + L - 1.
-        if USE_QR or USE_KR or USE_RV:
-            i = tl.arange(0, BLOCK_Q)
-            jj = tl.arange(0, JB)
-            src = jj[None, :] + (i[:, None] - (BLOCK_Q - 1)) * QSTEP
-            valid = (src >= 0) & (src < BLOCK_K)
-            idx = tl.where(valid, src, 0)
-            relj = jj - (BLOCK_Q - 1) * QSTEP - qb * BLOCK_Q * QSTEP + L - 1
-            mj = (relj >= 0) & (relj < J)
-            if USE_QR or USE_KR:
-                sdy = tl.where(valid, tl.gather(dy, idx, 1), 0.0)
-            if USE_QR:  # g_rq[c, j] = a_qr sum_{p - o = j} dY q_c[o]
-                for c in tl.static_range(DK):
-                    qc = tl.load(base + c * L + o, mask=mq, other=0.0)
-                    g = tl.sum(sdy * (qc * a_qr)[:, None], axis=0)
-                    tl.atomic_add(grq_part + (slot * DK + c) * J + relj, g, mask=mj)
-            if USE_KR:  # g_rk[c, j] = a_kr sum_{p - o = j} dY k_c[p]
-                for c in tl.static_range(DK):
-                    ks = tl.load(base + (DK + c) * L + src, mask=valid & (src < L), other=0.0)
-                    g = tl.sum(sdy * ks, axis=0) * a_kr
-                    tl.atomic_add(grk_part + (slot * DK + c) * J + relj, g, mask=mj)
-            if USE_RV:  # g_rv[c, j] = sum_{p - o = j} P g_sve_c[o]
-                spr = tl.where(valid, tl.gather(pr, idx, 1), 0.0)
-                for c in tl.static_range(DV):
-                    g2 = tl.load(gsve + (nh * DV + c) * LQ + iq, mask=mq, other=0.0)
-                    g = tl.sum(spr * g2[:, None], axis=0)
-                    tl.atomic_add(grv_part + (slot * DV + c) * J + relj, g, mask=mj)
+
+    def _tile_rows(args) -> int:  # offset-window width of a tile (see :func:`block_sizes`)
+        return _pow2(args["BLOCK_K"] + (args["BLOCK_Q"] - 1) * args["QSTEP"])
+
+    def _prune(configs, named_args, **kwargs):
+        """Drop tiles larger than the sequence needs (keep the smallest when all are)."""
+        length, lq = named_args["L"], named_args["LQ"]
+        fit = [c for c in configs if c.kwargs["BLOCK_K"] <= max(16, _pow2(length))
+               and c.kwargs["BLOCK_Q"] <= max(16, _pow2(lq))]
+        return fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_Q"] * c.kwargs["BLOCK_K"], c.num_warps))]
+
+    _TUNE_KEY = ["L", "LQ", "QSTEP", "RADIUS", "DK", "DV", "DOT", "USE_QK", "USE_QR", "USE_KR", "USE_RV"]
+
+_forward_tuned = None  # built on first use on a GPU (:func:`_tuned_kernels`)
+_backward_tuned = None
+
+
+# (BLOCK_Q, BLOCK_K, num_warps, num_stages) the autotuner times on a GPU.
+CONFIGS = [(16, 16, 2, 1), (16, 16, 4, 1), (16, 16, 4, 2), (16, 32, 4, 1), (32, 16, 4, 1),
+           (32, 32, 4, 1), (32, 32, 8, 1), (32, 32, 4, 2), (64, 32, 8, 1), (64, 64, 8, 1)]
+
+
+def _tuned_kernels():
+    """The autotuned kernels (built once, from :data:`CONFIGS`)."""
+    global _forward_tuned, _backward_tuned
+    if _forward_tuned is None:
+        configs = [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                   for bq, bk, w, s in CONFIGS]
+        prune = {"early_config_prune": _prune}
+        _forward_tuned = triton.autotune(configs, key=_TUNE_KEY, prune_configs_by=prune)(
+            triton.heuristics({"JB": _tile_rows})(_axial_forward_kernel))
+        _backward_tuned = triton.autotune(
+            configs, key=_TUNE_KEY, prune_configs_by=prune,
+            reset_to_zero=["gqkv", "grq_part", "grk_part", "grv_part"])(
+            triton.heuristics({"JB": _tile_rows,
+                               "ATOMIC_KV": lambda a: triton.cdiv(a["LQ"], a["BLOCK_Q"]) > 1})(_axial_backward_kernel))
+    return _forward_tuned, _backward_tuned
+
+
+def tuned_configs() -> dict:
+    """What the autotuner chose so far: {kernel: {tuning key: config}} (for the benchmark)."""
+    chosen = {}
+    for name, tuned in (("forward", _forward_tuned), ("backward", _backward_tuned)):
+        if tuned is not None and tuned.cache:
+            chosen[name] = {str(key): str(config) for key, config in tuned.cache.items()}
+    return chosen
+
+
+def _launch_options() -> dict:
+    """num_warps / num_stages of a fixed (untuned) launch, when :data:`BLOCK_SIZES` gives them."""
+    if BLOCK_SIZES is not None and len(BLOCK_SIZES) == 4:
+        return {"num_warps": int(BLOCK_SIZES[2]), "num_stages": int(BLOCK_SIZES[3])}
+    return {}
+
+
+def _autotuning(device: torch.device) -> bool:
+    return (BLOCK_SIZES is None and device.type == "cuda"
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
 def _table_offsets(layer, length: int, device) -> torch.Tensor:
@@ -241,49 +385,59 @@ def _table_offsets(layer, length: int, device) -> torch.Tensor:
 def _offset_tables(layer, length: int, dtype, device):
     """Tables gathered over offsets -(L-1)..L-1, clipped to the reach: (d, 2L-1) each."""
     offsets = _table_offsets(layer, length, device)
+
     def gather(t):
         return None if t is None else t.detach().to(dtype)[:, offsets].contiguous()
     return gather(layer.query_table), gather(layer.key_table), gather(layer.value_table)
+
+
+def _constants(layer) -> dict:
+    """The compile-time constants both kernels take, tiles aside (depths padded for ``tl.dot``)."""
+    dk, dv = layer.key_depth, layer.value_depth
+    return dict(DK=dk, DV=dv, DKP=max(16, _pow2(dk)), DVP=max(16, _pow2(dv)), DOT=dot_precision(),
+                USE_QK=bool(layer.use_qk), USE_QR=bool(layer.use_query_rpe),
+                USE_KR=bool(layer.use_key_rpe), USE_RV=bool(layer.use_value_rpe))
+
+
+def _radius(layer) -> int:
+    return -1 if layer.span is None else (layer.span - 1) // 2
+
+
+def _require_triton():
+    if triton is None:
+        raise RuntimeError("impl='triton' needs the optional package triton (pip install triton)")
+
+
+def _placeholder(t: Optional[torch.Tensor], device) -> torch.Tensor:
+    """A switched-off operand: a one-element tensor of its own (never read or written)."""
+    return torch.zeros(1, device=device) if t is None else t
 
 
 def attend_triton(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1,
                   return_lse: bool = False):
     """Same contract as :func:`.fast_cpu.attend`, computed by the Triton kernel (no autograd;
     :class:`.memory_efficient.AxialAttentionFunction` provides the backward)."""
-    if triton is None:
-        raise RuntimeError("impl='triton' needs the optional package triton (pip install triton)")
+    _require_triton()
     nh, c2h, length = qkv.shape
-    dk, dv = layer.key_depth, layer.value_depth
+    dv, device = layer.value_depth, qkv.device
     qkv = qkv.detach().float().contiguous()
     lq = len(range(0, length, query_step))
-    rqe, rke, rve = _offset_tables(layer, length, torch.float32, qkv.device)
+    rqe, rke, rve = _offset_tables(layer, length, torch.float32, device)
     scale = (scales.detach().float() * _LOG2E).contiguous()
-    sv = torch.empty(nh, dv, lq, device=qkv.device)
-    sve = torch.empty(nh, dv, lq, device=qkv.device) if layer.use_value_rpe else sv
-    lse = torch.empty(nh, lq, device=qkv.device)
-    block_k = max(16, triton.next_power_of_2(length))
-    block_q = max(1, min(triton.next_power_of_2(lq), max(16, 4096 // block_k)))
-    dummy = scale
-    radius = -1 if layer.span is None else (layer.span - 1) // 2
-    grid = (nh, triton.cdiv(lq, block_q))
-    _axial_forward_kernel[grid](
-        qkv, rqe if rqe is not None else dummy, rke if rke is not None else dummy,
-        rve if rve is not None else dummy, scale, sv, sve, lse,
-        length, lq, query_step, radius, layer.num_heads, c2h,
-        DK=dk, DV=dv, BLOCK_Q=block_q, BLOCK_K=block_k,
-        USE_QK=layer.use_qk, USE_QR=layer.use_query_rpe, USE_KR=layer.use_key_rpe,
-        USE_RV=layer.use_value_rpe,
-    )
-    out_sve = sve if layer.use_value_rpe else None
+    sv = torch.empty(nh, dv, lq, device=device)
+    sve = torch.empty(nh, dv, lq, device=device) if layer.use_value_rpe else None
+    lse = torch.empty(nh, lq, device=device)
+    args = (qkv, _placeholder(rqe, device), _placeholder(rke, device), _placeholder(rve, device), scale,
+            sv, _placeholder(sve, device), lse, length, lq, query_step, _radius(layer), layer.num_heads, c2h)
+    if _autotuning(device):
+        _tuned_kernels()[0][lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](*args, **_constants(layer))
+    else:
+        block_q, block_k, jb = block_sizes(length, query_step)
+        _axial_forward_kernel[(nh, triton.cdiv(lq, block_q))](
+            *args, BLOCK_Q=block_q, BLOCK_K=block_k, JB=jb, **_constants(layer), **_launch_options())
     if return_lse:
-        return sv, out_sve, lse
-    return sv, out_sve
-
-
-def _backward_block_q(lq: int, block_k: int) -> int:
-    if BACKWARD_BLOCK_Q is not None:
-        return max(1, min(triton.next_power_of_2(lq), triton.next_power_of_2(BACKWARD_BLOCK_Q)))
-    return max(1, min(triton.next_power_of_2(lq), max(16, 4096 // block_k)))
+        return sv, sve, lse
+    return sv, sve
 
 
 def attention_backward_triton(layer, query_step: int, qkv: torch.Tensor, scales: torch.Tensor,
@@ -293,8 +447,7 @@ def attention_backward_triton(layer, query_step: int, qkv: torch.Tensor, scales:
     ``backward_fn`` of :class:`.memory_efficient.AxialAttentionFunction` (same contract
     as its ``_backward``). Returns ``(g_qkv, g_scales (3, heads), g_query_table,
     g_key_table, g_value_table)`` (a switched-off table's gradient is None)."""
-    if triton is None:
-        raise RuntimeError("impl='triton' needs the optional package triton (pip install triton)")
+    _require_triton()
     nh, c2h, length = qkv.shape
     dk, dv, heads = layer.key_depth, layer.value_depth, layer.num_heads
     use_rv = layer.use_value_rpe
@@ -307,42 +460,43 @@ def attention_backward_triton(layer, query_step: int, qkv: torch.Tensor, scales:
     if use_rv:
         g_sve = torch.zeros_like(sv) if g_sve is None or g_sve.numel() == 0 else g_sve.detach().to(f32).contiguous()
         delta = delta + (g_sve * sve.detach().to(f32)).sum(1)
+    else:
+        g_sve = None
     delta = delta.contiguous()
 
     x = qkv.detach().to(f32).contiguous()
     rqe, rke, rve = _offset_tables(layer, length, f32, device)
     nscale = scales.detach().to(f32).contiguous()
     scale = (scales.detach().float() * _LOG2E).contiguous()  # as attend_triton computes it
-    block_k = max(16, triton.next_power_of_2(length))
-    block_q = _backward_block_q(lq, block_k)
-    num_qb = triton.cdiv(lq, block_q)
-    jb = triton.next_power_of_2(block_k + (block_q - 1) * query_step)
-    programs = nh * num_qb
-    slots = max(1, min(TABLE_GRAD_SLOTS, programs))
+    slots = max(1, min(TABLE_GRAD_SLOTS, nh))
     span = 2 * length - 1
+    most_programs = nh * triton.cdiv(lq, 16)  # tiles have at least 16 query rows
 
     g_qkv = torch.zeros(nh, c2h, length, dtype=f32, device=device)
-    g_scale_part = torch.empty(programs, 3, dtype=f32, device=device)
+    g_scale_part = torch.zeros(most_programs, 3, dtype=f32, device=device)
     g_rq_part = torch.zeros(slots, dk, span, dtype=f32, device=device) if layer.use_query_rpe else None
     g_rk_part = torch.zeros(slots, dk, span, dtype=f32, device=device) if layer.use_key_rpe else None
     g_rv_part = torch.zeros(slots, dv, span, dtype=f32, device=device) if use_rv else None
-    dummy = nscale
-    radius = -1 if layer.span is None else (layer.span - 1) // 2
 
     def ptr(t):
-        return dummy if t is None else t
+        return _placeholder(t, device)
 
-    _axial_backward_kernel[(nh, num_qb)](
-        x, ptr(rqe), ptr(rke), ptr(rve), scale, nscale, lse.detach().to(f32).contiguous(), delta,
-        g_sv, g_sve if use_rv else dummy,
-        g_qkv, ptr(g_rq_part), ptr(g_rk_part), ptr(g_rv_part), g_scale_part,
-        length, lq, query_step, radius, heads, c2h, slots,
-        DK=dk, DV=dv, BLOCK_Q=block_q, BLOCK_K=block_k, JB=jb, ATOMIC_KV=num_qb > 1,
-        USE_QK=layer.use_qk, USE_QR=layer.use_query_rpe, USE_KR=layer.use_key_rpe, USE_RV=use_rv,
-    )
+    args = (x, ptr(rqe), ptr(rke), ptr(rve), scale, nscale, lse.detach().to(f32).contiguous(), delta,
+            g_sv, ptr(g_sve), g_qkv, ptr(g_rq_part), ptr(g_rk_part), ptr(g_rv_part), g_scale_part,
+            length, lq, query_step, _radius(layer), heads, c2h, slots)
+    if _autotuning(device):
+        tuned = _tuned_kernels()[1]
+        tuned[lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](*args, **_constants(layer))
+        block_q = tuned.best_config.kwargs["BLOCK_Q"]
+    else:
+        block_q, block_k, jb = block_sizes(length, query_step)
+        _axial_backward_kernel[(nh, triton.cdiv(lq, block_q))](
+            *args, BLOCK_Q=block_q, BLOCK_K=block_k, JB=jb, ATOMIC_KV=triton.cdiv(lq, block_q) > 1,
+            **_constants(layer), **_launch_options())
+    num_qb = triton.cdiv(lq, block_q)
 
     # Deterministic reductions of the partial sums, back to the parameters' rows.
-    g_scales = g_scale_part.view(nh // heads, heads, num_qb, 3).sum((0, 2)).t()
+    g_scales = g_scale_part[: nh * num_qb].view(nh // heads, heads, num_qb, 3).sum((0, 2)).t()
     offsets = _table_offsets(layer, length, device)
 
     def to_rows(part, table):
@@ -370,3 +524,50 @@ def axial_attention_triton(layer, x: torch.Tensor) -> torch.Tensor:
                                      backward_fn=attention_backward_triton)
 
     return run_layer(layer, x, core)
+
+
+# --------------------------------------------------------------------------- without a GPU
+_FORWARD_POINTERS = ("qkv", "rqe", "rke", "rve", "scale", "sv", "sve", "lse")
+_BACKWARD_POINTERS = ("qkv", "rqe", "rke", "rve", "scale", "nscale", "lse", "delta", "gsv", "gsve",
+                      "gqkv", "grq_part", "grk_part", "grv_part", "gscale_part")
+
+
+def compile_for_gpu(kernel: str, *, key_depth: int = 16, value_depth: int = 32, block_q: int = 32,
+                    block_k: int = 32, query_step: int = 1, num_warps: int = 4, num_stages: int = 1,
+                    precision: str = "tf32", terms=(True, True, True, True), arch: int = 90) -> dict:
+    """Compile ``kernel`` ("forward" or "backward") for an NVIDIA GPU of compute capability
+    ``arch`` (90: Hopper) on any machine, with Triton's bundled ptxas, and read the machine
+    code's resource use: ``{"registers", "spill_bytes" (the stack frame), "shared_bytes"}``.
+    Catches compile failures and register spills before a GPU session."""
+    _require_triton()
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, pointers = ((_axial_forward_kernel, _FORWARD_POINTERS) if kernel == "forward"
+                    else (_axial_backward_kernel, _BACKWARD_POINTERS))
+    constexprs = {fn.arg_names[i] for i in fn.constexprs}
+    ints = [n for n in fn.arg_names if n not in pointers and n not in constexprs]
+    use_qk, use_qr, use_kr, use_rv = terms
+    const = dict(DK=key_depth, DV=value_depth, DKP=max(16, _pow2(key_depth)), DVP=max(16, _pow2(value_depth)),
+                 BLOCK_Q=block_q, BLOCK_K=block_k, JB=_pow2(block_k + (block_q - 1) * query_step), DOT=precision,
+                 USE_QK=use_qk, USE_QR=use_qr, USE_KR=use_kr, USE_RV=use_rv)
+    if kernel != "forward":
+        const["ATOMIC_KV"] = True
+    signature = {n: "*fp32" for n in pointers}
+    signature.update({n: "i32" for n in ints})
+    signature.update({n: "constexpr" for n in const})
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line
+                  for item in line.split() if ":" in item)
+    return {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]),
+            "shared_bytes": int(compiled.metadata.shared)}
