@@ -53,39 +53,33 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------------------------
 # Files
 # -------------------------------------------------------------------------------------------
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB image as (H, W, 3) uint8; errors name the file."""
+def _read_rgb(path: str | os.PathLike, what: str, modes=None) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of an image file; errors name the file and say what it was
+    meant to be (``what``); ``modes``: the PIL modes accepted before conversion to RGB."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: image file not found")
+        raise FileNotFoundError(f"{path}: {what} not found")
     try:
         with Image.open(path) as im:
             im.load()
+            if modes is not None and im.mode not in modes:
+                raise PanopticFormatError(
+                    f"{path}: {what} must be RGB (id = R + 256*G + 256^2*B), got mode {im.mode}")
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise PanopticFormatError(f"{path}: cannot read image ({e})") from e
+        raise PanopticFormatError(f"{path}: cannot read {what} ({e})") from e
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8; errors name the file."""
+    return _read_rgb(path, "image file")
 
 
 def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     """A COCO-panoptic PNG as (H, W) int64 segment ids."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: panoptic PNG not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("RGB", "RGBA"):
-                raise PanopticFormatError(
-                    f"{path}: panoptic PNG must be RGB (id = R + 256*G + 256^2*B), got mode {im.mode}"
-                )
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise PanopticFormatError(f"{path}: cannot read panoptic PNG ({e})") from e
-    return rgb_to_id(arr)
+    return rgb_to_id(_read_rgb(path, "panoptic PNG", modes=("RGB", "RGBA")))
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
