@@ -13,7 +13,7 @@
 #   sweep:      every tile configuration of the kernels at 8x256x65x129, one by one (times per config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-.}"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench)

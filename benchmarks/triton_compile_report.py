@@ -8,12 +8,9 @@ GPU kernel slow, so this is the hint available without a GPU; times need one::
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-from axial_deeplab.layers import triton_kernels as TK  # noqa: E402
+from axial_deeplab.layers import triton_kernels as TK
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ MAX_REGISTERS = 255
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "triton-cache"))
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def check_usage(usage, what):

@@ -365,10 +365,12 @@ def tuned_configs() -> dict:
 
 
 def _launch_options() -> dict:
-    """num_warps / num_stages of a fixed (untuned) launch, when :data:`BLOCK_SIZES` gives them."""
+    """Options of every launch: fused multiply-adds on (Triton 3.9 warns that its default will
+    turn them off), and num_warps / num_stages where :data:`BLOCK_SIZES` gives them."""
+    options = {"enable_fp_fusion": True}
     if BLOCK_SIZES is not None and len(BLOCK_SIZES) == 4:
-        return {"num_warps": int(BLOCK_SIZES[2]), "num_stages": int(BLOCK_SIZES[3])}
-    return {}
+        options.update(num_warps=int(BLOCK_SIZES[2]), num_stages=int(BLOCK_SIZES[3]))
+    return options
 
 
 def _autotuning(device: torch.device) -> bool:
@@ -430,7 +432,8 @@ def attend_triton(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: in
     args = (qkv, _placeholder(rqe, device), _placeholder(rke, device), _placeholder(rve, device), scale,
             sv, _placeholder(sve, device), lse, length, lq, query_step, _radius(layer), layer.num_heads, c2h)
     if _autotuning(device):
-        _tuned_kernels()[0][lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](*args, **_constants(layer))
+        _tuned_kernels()[0][lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](
+            *args, **_constants(layer), **_launch_options())
     else:
         block_q, block_k, jb = block_sizes(length, query_step)
         _axial_forward_kernel[(nh, triton.cdiv(lq, block_q))](
@@ -486,7 +489,7 @@ def attention_backward_triton(layer, query_step: int, qkv: torch.Tensor, scales:
             length, lq, query_step, _radius(layer), heads, c2h, slots)
     if _autotuning(device):
         tuned = _tuned_kernels()[1]
-        tuned[lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](*args, **_constants(layer))
+        tuned[lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](*args, **_constants(layer), **_launch_options())
         block_q = tuned.best_config.kwargs["BLOCK_Q"]
     else:
         block_q, block_k, jb = block_sizes(length, query_step)
@@ -560,7 +563,7 @@ def compile_for_gpu(kernel: str, *, key_depth: int = 16, value_depth: int = 32, 
     signature.update({n: "i32" for n in ints})
     signature.update({n: "constexpr" for n in const})
     compiled = triton.compile(ASTSource(fn, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
