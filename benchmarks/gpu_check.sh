@@ -18,16 +18,26 @@ out="${OUT:-.}"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench)
 python3 -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-for stage in "${stages[@]}"; do
-    echo "=== $stage"
+failed=()
+run_stage() {  # one stage; a failing stage does not stop the others (one GPU session, few minutes)
+    local stage=$1
     case "$stage" in
-        tests) python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_triton_kernels.py tests/test_postprocess.py ;;
+        tests) python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" tests/test_triton_kernels.py tests/test_postprocess.py ;;
         bench) python3 -m axial_deeplab benchmark --device cuda --only layers core --json "$out/benchmark_cuda.json" ;;
         bench-fp32) python3 -m axial_deeplab benchmark --device cuda --only layers core --no-tf32 \
                         --json "$out/benchmark_cuda_fp32.json" ;;
         models) python3 -m axial_deeplab benchmark --device cuda --only models postprocess \
                     --json "$out/benchmark_cuda_models.json" ;;
         sweep) python3 benchmarks/triton_tile_sweep.py --json "$out/triton_tile_sweep.json" ;;
-        *) echo "unknown stage $stage (tests, bench, bench-fp32, models, sweep)"; exit 2 ;;
+        *) echo "unknown stage $stage (tests, bench, bench-fp32, models, sweep)"; return 2 ;;
     esac
+}
+for stage in "${stages[@]}"; do
+    echo "=== $stage"
+    run_stage "$stage" || failed+=("$stage")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED stages: ${failed[*]}"
+    exit 1
+fi
+echo "all stages passed: ${stages[*]}"
