@@ -1,6 +1,9 @@
-"""Shared by the attention tests: BatchNorm state away from PyTorch's defaults, so a path
-that ignored a running statistic or an affine parameter would show."""
+"""Shared by the attention tests: BatchNorm state away from PyTorch's defaults (so a path
+that ignored a running statistic or an affine parameter would show), one training step of
+a layer copy, and a tolerance scaled to the size of the expected values."""
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -12,3 +15,24 @@ def randomize_batch_norms(layer) -> None:
             bn.running_var.uniform_(0.5, 2.0)
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_(0, 0.3)
+
+
+def train_step(layer, impl, x, seed=5):
+    """Forward + backward (of a fixed random projection of the output) of a training-mode copy
+    of ``layer`` with ``impl``: (output, {"input" and parameter name: gradient}, buffers, copy)."""
+    layer = copy.deepcopy(layer)
+    layer.impl = impl
+    layer.train()
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    (y * g).sum().backward()
+    grads = {"input": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    return y.detach(), grads, {n: b.clone() for n, b in layer.named_buffers()}, layer
+
+
+def close_scaled(a, b, tol, what) -> None:
+    """a == b up to ``tol`` relative, and ``tol`` times the largest |b| absolute."""
+    assert a is not None and b is not None, f"{what} missing"
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
+                               msg=lambda m: f"{what}: {m}")

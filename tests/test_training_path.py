@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, fast_cpu, memory_efficient
-from attention_testing import randomize_batch_norms
+from attention_testing import close_scaled, randomize_batch_norms, train_step
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernel.available(),
@@ -30,33 +30,16 @@ def make_layer(seed=0, in_ch=6, out_ch=8, heads=2, key_ch=None, **kwargs):
     return layer
 
 
-def train_step(layer, impl, x, seed=5):
-    layer = copy.deepcopy(layer)
-    layer.impl = impl
-    layer.train()
-    x = x.detach().clone().requires_grad_(True)
-    y = layer(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
-    (y * g).sum().backward()
-    grads = {"input": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-    return y.detach(), grads, {n: b.clone() for n, b in layer.named_buffers()}, layer
-
-
 def assert_matches_reference(layer, x, tol=1e-5):
     y, grads, buffers, _ = train_step(layer, "memory_efficient", x)
     y_ref, grads_ref, buffers_ref, _ = train_step(layer, "reference", x.contiguous())
 
-    def close(a, b, what):
-        assert a is not None and b is not None, f"{what} missing"
-        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
-                                   msg=lambda m: f"{what}: {m}")
-
-    close(y, y_ref, "output")
+    close_scaled(y, y_ref, tol, "output")
     assert grads.keys() == grads_ref.keys()
     for name in grads_ref:
-        close(grads[name], grads_ref[name], f"grad {name}")
+        close_scaled(grads[name], grads_ref[name], tol, f"grad {name}")
     for name in buffers_ref:
-        close(buffers[name], buffers_ref[name], f"buffer {name}")
+        close_scaled(buffers[name], buffers_ref[name], tol, f"buffer {name}")
 
 
 def count_position_major_runs(monkeypatch):

@@ -134,9 +134,12 @@ typedef struct {
 #ifdef AXIAL_PROFILE /* cycle counts per phase: loads, logits, softmax, retrievals */
 #include <x86intrin.h>
 uint64_t axial_profile[4];
+uint64_t axial_bprofile[6]; /* backward: row inputs, pass 1, key pass 2, value pass 2, sequence-head in, out */
 #define PROF_START(t) const uint64_t t = __rdtsc()
 #define PROF_ADD(k, t) axial_profile[k] += __rdtsc() - t
+#define PROF_ADD_B(k, t) axial_bprofile[k] += __rdtsc() - t
 #else
+#define PROF_ADD_B(k, t)
 #define PROF_START(t)
 #define PROF_ADD(k, t)
 #endif
@@ -631,9 +634,9 @@ typedef struct {
     int64_t s_n, s_h, s_c, s_p;
     const float* scale;               /* (3, heads) natural-unit multipliers a_t */
     int64_t use_qk, use_qr, use_kr, use_rv;
-    const float *rqe, *rke;           /* (dk, Jp) as in the forward, or NULL */
+    const float *rqe, *rke;           /* (dk, Jp) as in the forward; zeros for a term off */
     int64_t Jp;
-    const float* rvT;                 /* (dv, Jp) value table over offsets, zero-padded, or NULL */
+    const float* rvT;                 /* (dv, Jp) value table over offsets, zero-padded; zeros if off */
     const float *lse, *delta;         /* (n*heads, L): forward log2-sum-exp2, sum_p P dP */
     const float *gsv, *gsve;          /* incoming gradients, element (n, h, c, o) at g[n*g_n + h*g_h + c*g_c + o*g_o] */
     int64_t g_n, g_h, g_c, g_o;
@@ -641,217 +644,470 @@ typedef struct {
     const float *osv, *osve;          /* with delta NULL: the forward's sv, sve (strides of g), delta from them */
 } AxialBackArgs;
 
-#define BROWS 4 /* query rows whose gradient passes share every load and store of the accumulators */
+#define BROWS 4 /* query rows whose passes share every load of keys, values, tables and accumulators */
+#define BPAD 8  /* zeros before each row of the P and dY buffers (shifted reads start up to 3 early) */
 
-/* Pass 1 of query row o (keys p0..p0+W-1, table offset toff of key p0): the row's inputs into
-   q, gs, gse, and the attention P and natural-logit gradient dY of its keys into pr, dy (W8 lanes,
-   zeros after them for 16 more); the term-scale gradients accumulate into ga. kT, vT: row starts. */
-static inline void back_pass1(const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, int64_t p0, int64_t W,
-                              int64_t toff, const float* kT, const float* vT, int64_t Lp, float aqk, float aqr,
-                              float akr, float* q, float* gs, float* gse, float* dy, float* pr, v8sf* ga) {
-    const int64_t L = a->L, Jp = a->Jp, dk = a->dk, dv = a->dv, nh = n * a->heads + h;
-    const int64_t W8 = (W + 7) & ~(int64_t)7;
-    const float* base = a->qkv + n * a->s_n + h * a->s_h;
-    const float LOG2E = 1.4426950408889634f;
-    const v8sf lanes = {0, 1, 2, 3, 4, 5, 6, 7};
-    for (int64_t c = 0; c < dk; c++) q[c] = base[c * a->s_c + o * a->s_p];
-    for (int64_t c = 0; c < dv; c++) {
-        const int64_t gi = n * a->g_n + h * a->g_h + c * a->g_c + o * a->g_o;
-        gs[c] = a->gsv[gi];
-        gse[c] = a->use_rv ? a->gsve[gi] : 0.0f;
-    }
-    const float lse = a->lse[nh * L + o];
-    float delta = 0.0f;
-    if (a->delta) delta = a->delta[nh * L + o];
-    else
-        for (int64_t c = 0; c < dv; c++) {
-            const int64_t gi = n * a->g_n + h * a->g_h + c * a->g_c + o * a->g_o;
-            delta += gs[c] * a->osv[gi] + (a->use_rv ? gse[c] * a->osve[gi] : 0.0f);
-        }
-    for (int64_t pb = 0; pb < W8; pb += 8) {
-        v8sf t_qk = splat8(0.0f), t_qr = splat8(0.0f), t_kr = splat8(0.0f);
-        for (int64_t c = 0; c < dk; c++) {
-            const v8sf kv = load8(kT + c * Lp + p0 + pb);
-            if (a->use_qk) t_qk += splat8(q[c]) * kv;
-            if (a->use_qr) t_qr += splat8(q[c]) * load8(a->rqe + c * Jp + toff + pb);
-            if (a->use_kr) t_kr += kv * load8(a->rke + c * Jp + toff + pb);
-        }
-        const v8sf z = splat8(LOG2E) * (splat8(aqk) * t_qk + splat8(aqr) * t_qr + splat8(akr) * t_kr);
-        v8sf p = exp2_8z(z - splat8(lse));
-        p = select8(lanes + splat8((float)pb) < splat8((float)W), p, splat8(0.0f));
-        v8sf dp = splat8(0.0f);
-        for (int64_t c = 0; c < dv; c++) {
-            dp += splat8(gs[c]) * load8(vT + c * Lp + p0 + pb);
-            if (a->use_rv) dp += splat8(gse[c]) * load8(a->rvT + c * Jp + toff + pb);
-        }
-        const v8sf d = p * (dp - splat8(delta));
-        store8(dy + pb, d);
-        store8(pr + pb, p);
-        ga[0] += d * t_qk; ga[1] += d * t_qr; ga[2] += d * t_kr;
-    }
-    memset(dy + W8, 0, sizeof(float) * 16);
-    memset(pr + W8, 0, sizeof(float) * 16);
+/* Per-row inputs of a block of rows, scaled for the passes. */
+typedef struct {
+    float qa[BROWS][MAXDK], qb[BROWS][MAXDK];        /* log2-unit a_qk q, a_qr q (logits)            */
+    float cqk[BROWS][MAXDK], cqr[BROWS][MAXDK];      /* natural-unit a_qk q, a_qr q (gradients)      */
+    float q[BROWS][MAXDK];                           /* raw queries (term-scale gradients)           */
+    float gs[BROWS][4 * MAXDK], gse[BROWS][4 * MAXDK];
+    float lse[BROWS], delta[BROWS];
+    const float *qL, *gsL, *gseL, *dL; /* the sequence-head's queries (L, dk), incoming gradients (L, dv)
+                                          of sv and sve, and delta (L), gathered before its rows */
+} BackRows;
+
+static int64_t back_row_floats(int64_t L) { return round16(L + 48); }
+
+int64_t axial_attention_backward_scratch_floats(const AxialBackArgs* a) {
+    const int64_t Lp = a->L + 32;
+    return 8 + (2 * a->dk + 2 * a->dv) * Lp + BPAD + 2 * BROWS * back_row_floats(a->L) + 16
+           + a->heads * a->L * (a->dk + 2 * a->dv + 1);
 }
 
-/* Sequence-heads [nh0, nh1). scratch: (dk*2 + dv*2 + 2*BROWS) * (L + 32) + 8 floats.
+/* Pass 1a over offsets [m0, m0 + 8*NK) of the block (offset u = U0 + m): logits of every row
+   from the shared table loads and the row's keys at its own shift (as the forward), and
+   P = 2^(z - lse) (0 outside row j's offsets [mlo_j, mhi_j)) into pr (rows Zs apart). */
+AI void back_logits(const int R, const int NK, int64_t dk, int64_t Jp, int64_t Lp, const float* rq,
+                    const float* rk, const float* const* kb, const BackRows* w, v8sf ckz, const int64_t* mlo,
+                    const int64_t* mhi, float* pr, int64_t Zs, int64_t m0) {
+    v8sf z[BROWS][4];
+    for (int j = 0; j < R; j++)
+        for (int v = 0; v < NK; v++) z[j][v] = splat8(0.0f);
+    for (int64_t c = 0; c < dk; c++) {
+        v8sf tq[4], tk[4];
+        for (int v = 0; v < NK; v++) {
+            tq[v] = load8(rq + c * Jp + m0 + 8 * v);
+            tk[v] = ckz * load8(rk + c * Jp + m0 + 8 * v);
+            KEEP_IN_REGISTER(tq[v]);
+            KEEP_IN_REGISTER(tk[v]);
+        }
+        for (int j = 0; j < R; j++) {
+            const v8sf sa = splat8(w->qa[j][c]), sb = splat8(w->qb[j][c]);
+            for (int v = 0; v < NK; v++) {
+                z[j][v] += load8(kb[j] + c * Lp + m0 + 8 * v) * (sa + tk[v]);
+                z[j][v] += sb * tq[v];
+            }
+        }
+    }
+    const v8si lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int j = 0; j < R; j++)
+        for (int v = 0; v < NK; v++) {
+            const v8si idx = lane + (int32_t)(m0 + 8 * v);
+            const v8si in = (idx >= (int32_t)mlo[j]) & (idx < (int32_t)mhi[j]);
+            store8(pr + j * Zs + m0 + 8 * v, select8(in, exp2_8z(z[j][v] - splat8(w->lse[j])), splat8(0.0f)));
+        }
+}
+
+/* Pass 1b over offsets [m0, m0 + 8*NK): dP from the rows' values at their shift and the shared
+   value-table loads, and dY = P (dP - delta) into dy. */
+AI void back_dy(const int R, const int NK, int64_t dv, int64_t Jp, int64_t Lp, const float* rv,
+                const float* const* vb, const BackRows* w, const float* pr, float* dy, int64_t Zs, int64_t m0) {
+    v8sf dp[BROWS][4];
+    for (int j = 0; j < R; j++)
+        for (int v = 0; v < NK; v++) dp[j][v] = splat8(0.0f);
+    for (int64_t c = 0; c < dv; c++) {
+        v8sf tr[4];
+        for (int v = 0; v < NK; v++) {
+            tr[v] = load8(rv + c * Jp + m0 + 8 * v);
+            KEEP_IN_REGISTER(tr[v]);
+        }
+        for (int j = 0; j < R; j++) {
+            const v8sf g1 = splat8(w->gs[j][c]), g2 = splat8(w->gse[j][c]);
+            for (int v = 0; v < NK; v++) {
+                dp[j][v] += g1 * load8(vb[j] + c * Lp + m0 + 8 * v);
+                dp[j][v] += g2 * tr[v];
+            }
+        }
+    }
+    for (int j = 0; j < R; j++)
+        for (int v = 0; v < NK; v++) {
+            const int64_t at = j * Zs + m0 + 8 * v;
+            store8(dy + at, load8(pr + at) * (dp[j][v] - splat8(w->delta[j])));
+        }
+}
+
+/* Where a block of rows lies: keys [K0, K0 + K8) in key coordinates (row j's P and dY of key
+   K0 + pb at sh0 - j + pb of its buffer row), offsets [U0, U0 + M8) at table column t0. */
+typedef struct { int64_t L, Lp, Zs, Jp, o, U0, M8, K0, K8, sh0, t0; } BackGeom;
+
+/* out[cc][j] = sum of the lanes of acc[cc][j]; eight of them at once by a transpose. */
+AI void row_sums(const int R, const int CK, v8sf (*acc)[BROWS], float (*out)[BROWS]) {
+    if (R == 4 && CK == 2 && BROWS == 4) {
+        v8sf t[8];
+        for (int cc = 0; cc < 2; cc++)
+            for (int j = 0; j < 4; j++) t[cc * 4 + j] = acc[cc][j];
+        transpose8(t);
+        store8(&out[0][0], ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])));
+    } else
+        for (int cc = 0; cc < CK; cc++)
+            for (int j = 0; j < R; j++) out[cc][j] = hsum8(acc[cc][j]);
+}
+
+/* Pass 2 for key channels [c, c + CK): key gradients in key coordinates (the dY of the R rows
+   loaded once for the CK channels), the rows' query gradients, the query- and key-table
+   gradients in offset coordinates (table vectors loaded once for the R rows), and the term-scale
+   gradients: gq[0] += sum_p dY q.k_p, gq[1] += sum_p dY q.r^q, g2v += dY k_p.r^k (lanes). */
+AI void back_keys(const int R, const int CK, const AxialBackArgs* a, const BackGeom* G, int64_t c,
+                  const float* kT, const float* const* kb, float* gkT, const float* dyb, const BackRows* w,
+                  float aqk, float aqr, float akr, float* gbase, float* g_rqe, float* g_rke, double* gq, v8sf* g2v) {
+    const int64_t Lp = G->Lp, Zs = G->Zs, Jp = G->Jp, o = G->o;
+    const v8sf ck = splat8(akr);
+    v8sf acc[2][BROWS], cq[2][BROWS];
+    for (int cc = 0; cc < CK; cc++)
+        for (int j = 0; j < R; j++) {
+            acc[cc][j] = splat8(0.0f);
+            cq[cc][j] = splat8(w->cqk[j][c + cc]);
+        }
+    for (int64_t pb = 0; pb < G->K8; pb += 8) {
+        const int64_t p = G->K0 + pb;
+        v8sf d[BROWS];
+        for (int j = 0; j < R; j++) d[j] = load8(dyb + j * Zs + G->sh0 - j + pb);
+        for (int cc = 0; cc < CK; cc++) {
+            const float* tk = a->rke + (c + cc) * Jp + (G->L - 1) + p - o;
+            const v8sf kv = load8(kT + (c + cc) * Lp + p);
+            float* gk = gkT + (c + cc) * Lp + p;
+            v8sf g = load8(gk);
+            for (int j = 0; j < R; j++) {
+                acc[cc][j] += d[j] * kv;
+                g += d[j] * (cq[cc][j] + ck * load8(tk - j));
+            }
+            store8(gk, g);
+        }
+    }
+    float sk[2][BROWS], sr[2][BROWS];
+    row_sums(R, CK, acc, sk);
+    for (int cc = 0; cc < CK; cc++)
+        for (int j = 0; j < R; j++) {
+            acc[cc][j] = splat8(0.0f);
+            cq[cc][j] = splat8(w->cqr[j][c + cc]);
+        }
+    v8sf g2 = *g2v;
+    for (int64_t m = 0; m < G->M8; m += 8) {
+        v8sf d[BROWS];
+        for (int j = 0; j < R; j++) d[j] = load8(dyb + j * Zs + m);
+        for (int cc = 0; cc < CK; cc++) {
+            const int64_t col = (c + cc) * Jp + G->t0 + m;
+            const v8sf tq = load8(a->rqe + col), tk = load8(a->rke + col);
+            v8sf sr = splat8(0.0f), sk2 = splat8(0.0f);
+            for (int j = 0; j < R; j++) {
+                acc[cc][j] += d[j] * tq;
+                sr += cq[cc][j] * d[j];
+                sk2 += d[j] * load8(kb[j] + (c + cc) * Lp + m);
+            }
+            store8(g_rqe + col, load8(g_rqe + col) + sr);
+            store8(g_rke + col, load8(g_rke + col) + ck * sk2);
+            g2 += sk2 * tk;
+        }
+    }
+    *g2v = g2;
+    row_sums(R, CK, acc, sr);
+    float g0 = 0.0f, g1 = 0.0f;
+    for (int cc = 0; cc < CK; cc++)
+        for (int j = 0; j < R; j++) {
+            gbase[(c + cc) * a->s_c + (o + j) * a->s_p] = aqk * sk[cc][j] + aqr * sr[cc][j];
+            g0 += w->q[j][c + cc] * sk[cc][j];
+            g1 += w->q[j][c + cc] * sr[cc][j];
+        }
+    gq[0] += g0;
+    gq[1] += g1;
+}
+
+/* Pass 2 for value channels [c, c + CV): value gradients in key coordinates and value-table
+   gradients in offset coordinates, each P vector of the R rows loaded once for the CV channels. */
+AI void back_values(const int R, const int CV, const AxialBackArgs* a, const BackGeom* G, int64_t c,
+                    float* gvT, const float* pbb, const BackRows* w, float* g_rvT) {
+    const int64_t Lp = G->Lp, Zs = G->Zs;
+    v8sf s[4][BROWS];
+    for (int cc = 0; cc < CV; cc++)
+        for (int j = 0; j < R; j++) s[cc][j] = splat8(w->gs[j][c + cc]);
+    for (int64_t pb = 0; pb < G->K8; pb += 8) {
+        v8sf pv[BROWS];
+        for (int j = 0; j < R; j++) pv[j] = load8(pbb + j * Zs + G->sh0 - j + pb);
+        for (int cc = 0; cc < CV; cc++) {
+            float* gv = gvT + (c + cc) * Lp + G->K0 + pb;
+            v8sf g = load8(gv);
+            for (int j = 0; j < R; j++) g += s[cc][j] * pv[j];
+            store8(gv, g);
+        }
+    }
+    if (!a->use_rv) return;
+    for (int cc = 0; cc < CV; cc++)
+        for (int j = 0; j < R; j++) s[cc][j] = splat8(w->gse[j][c + cc]);
+    for (int64_t m = 0; m < G->M8; m += 8) {
+        v8sf pv[BROWS];
+        for (int j = 0; j < R; j++) pv[j] = load8(pbb + j * Zs + m);
+        for (int cc = 0; cc < CV; cc++) {
+            float* grv = g_rvT + (c + cc) * G->Jp + G->t0 + m;
+            v8sf g = load8(grv);
+            for (int j = 0; j < R; j++) g += s[cc][j] * pv[j];
+            store8(grv, g);
+        }
+    }
+}
+
+/* Rows o..o+R-1 of sequence-head (n, h). In offset coordinates u = p - o_j the rows share one
+   window [U0, U1) (the union of their offsets): pass 1 and the table gradients load each table
+   vector once for the R rows and read keys, values, P and dY at a shift of one per row. In key
+   coordinates the key and value gradients of the R rows coincide: each accumulator vector is
+   read and written once per R rows, P and dY read at the row's shift. ga: (3) scale gradients. */
+AI void back_rows(const int R, const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, const float* kT,
+                  const float* vT, float* gkT, float* gvT, float* dyb, float* pbb, BackRows* w,
+                  float* g_rqe, float* g_rke, float* g_rvT, double* ga) {
+    const int64_t L = a->L, Lp = L + 32, Zs = back_row_floats(L), Jp = a->Jp, dk = a->dk, dv = a->dv;
+    const int64_t H = a->heads, nh = n * H + h;
+    const int64_t rad = a->radius < 0 ? L - 1 : imin(a->radius, L - 1);
+    const float LOG2E = 1.4426950408889634f;
+    const float aqk = a->use_qk ? a->scale[h] : 0.0f;
+    const float aqr = a->use_qr ? a->scale[H + h] : 0.0f;
+    const float akr = a->use_kr ? a->scale[2 * H + h] : 0.0f;
+    float* gbase = a->gqkv + n * a->s_n + h * a->s_h;
+    int64_t lo[BROWS], hi[BROWS];
+    PROF_START(b0);
+    for (int j = 0; j < R; j++) {
+        const int64_t oj = o + j;
+        lo[j] = imax(-oj, -rad);
+        hi[j] = imin(L - oj, rad + 1);
+        const float* qr = w->qL + oj * dk;
+        for (int64_t c = 0; c < dk; c++) {
+            const float qv = qr[c];
+            w->qa[j][c] = LOG2E * aqk * qv;
+            w->qb[j][c] = LOG2E * aqr * qv;
+            w->cqk[j][c] = aqk * qv;
+            w->cqr[j][c] = aqr * qv;
+            w->q[j][c] = qv;
+        }
+        memcpy(w->gs[j], w->gsL + oj * dv, sizeof(float) * dv);
+        memcpy(w->gse[j], w->gseL + oj * dv, sizeof(float) * dv);
+        w->delta[j] = w->dL[oj];
+        w->lse[j] = a->lse[nh * L + oj];
+    }
+    const int64_t U0 = lo[R - 1], M = hi[0] - U0, M8 = (M + 7) & ~(int64_t)7;
+    int64_t mlo[BROWS], mhi[BROWS];
+    const float* kb[BROWS];
+    const float* vb[BROWS];
+    for (int j = 0; j < R; j++) {
+        mlo[j] = lo[j] - U0;
+        mhi[j] = hi[j] - U0;
+        kb[j] = kT + o + j + U0;
+        vb[j] = vT + o + j + U0;
+    }
+    const int64_t t0 = L - 1 + U0; /* table column of offset U0 */
+    const float *rq = a->rqe + t0, *rk = a->rke + t0, *rv = a->rvT + t0;
+    const v8sf ckz = splat8(LOG2E * akr);
+
+    PROF_ADD_B(0, b0);
+    PROF_START(b1);
+    /* pass 1: P and dY of the R rows over the window, then zeros after it for the shifted reads */
+    {
+        int64_t m = 0;
+        if (WIDE == 4)
+            for (; m + 32 <= M8; m += 32) back_logits(R, WIDE, dk, Jp, Lp, rq, rk, kb, w, ckz, mlo, mhi, pbb, Zs, m);
+        for (; m + 16 <= M8; m += 16) back_logits(R, 2, dk, Jp, Lp, rq, rk, kb, w, ckz, mlo, mhi, pbb, Zs, m);
+        if (m < M8) back_logits(R, 1, dk, Jp, Lp, rq, rk, kb, w, ckz, mlo, mhi, pbb, Zs, m);
+        m = 0;
+        if (WIDE == 4)
+            for (; m + 32 <= M8; m += 32) back_dy(R, WIDE, dv, Jp, Lp, rv, vb, w, pbb, dyb, Zs, m);
+        for (; m + 16 <= M8; m += 16) back_dy(R, 2, dv, Jp, Lp, rv, vb, w, pbb, dyb, Zs, m);
+        if (m < M8) back_dy(R, 1, dv, Jp, Lp, rv, vb, w, pbb, dyb, Zs, m);
+        for (int j = 0; j < R; j++) {
+            memset(dyb + j * Zs + M8, 0, sizeof(float) * 24);
+            memset(pbb + j * Zs + M8, 0, sizeof(float) * 24);
+        }
+    }
+
+    /* keys [K0, K0 + K8) cover every row's span; row j's P and dY at key p sit at m = p - o - j - U0 */
+    const int64_t K0 = o + lo[0], K8 = ((o + R - 1 + hi[R - 1] - K0) + 7) & ~(int64_t)7;
+    const int64_t sh0 = K0 - o - U0; /* m of key K0 in row 0; row j: sh0 - j */
+    PROF_ADD_B(1, b1);
+    PROF_START(b2);
+    const BackGeom G = {L, Lp, Zs, Jp, o, U0, M8, K0, K8, sh0, t0};
+    double gq[2] = {0.0, 0.0};
+    v8sf g2v = splat8(0.0f);
+    int64_t c = 0;
+    if (WIDE == 4)
+        for (; c + 2 <= dk; c += 2) back_keys(R, 2, a, &G, c, kT, kb, gkT, dyb, w, aqk, aqr, akr, gbase, g_rqe, g_rke, gq, &g2v);
+    for (; c < dk; c++) back_keys(R, 1, a, &G, c, kT, kb, gkT, dyb, w, aqk, aqr, akr, gbase, g_rqe, g_rke, gq, &g2v);
+    PROF_ADD_B(2, b2);
+    PROF_START(b3);
+    c = 0;
+    for (; c + WIDE <= dv; c += WIDE) back_values(R, WIDE, a, &G, c, gvT, pbb, w, g_rvT);
+    for (; c < dv; c++) back_values(R, 1, a, &G, c, gvT, pbb, w, g_rvT);
+    PROF_ADD_B(3, b3);
+    ga[0] += gq[0];
+    ga[1] += gq[1];
+    ga[2] += hsum8(g2v);
+}
+
+static void back_rows_4(const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, const float* kT, const float* vT,
+                        float* gkT, float* gvT, float* dyb, float* pbb, BackRows* w, float* g_rqe, float* g_rke,
+                        float* g_rvT, double* ga) {
+    back_rows(4, a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, w, g_rqe, g_rke, g_rvT, ga);
+}
+static void back_rows_1(const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, const float* kT, const float* vT,
+                        float* gkT, float* gvT, float* dyb, float* pbb, BackRows* w, float* g_rqe, float* g_rke,
+                        float* g_rvT, double* ga) {
+    back_rows(1, a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, w, g_rqe, g_rke, g_rvT, ga);
+}
+
+/* Position-major sequence-head data (position p, channel ch at x[p * xs + ch], ch < nch) <->
+   channel rows (rows[ch][p]): whole 8x8 blocks by transposes in registers, the rest one by one.
+   to_rows: copy into the rows, else out of them. */
+static void transpose_rows(float* x, int64_t xs, int64_t L, int64_t nch, float* const* rows, int to_rows) {
+    const int64_t L8 = L & ~(int64_t)7, n8 = nch & ~(int64_t)7;
+    for (int64_t p = 0; p < L8; p += 8)
+        for (int64_t ch = 0; ch < n8; ch += 8) {
+            v8sf r[8];
+            if (to_rows) {
+                for (int i = 0; i < 8; i++) r[i] = load8(x + (p + i) * xs + ch);
+                transpose8(r);
+                for (int g = 0; g < 8; g++) store8(rows[ch + g] + p, r[g]);
+            } else {
+                for (int g = 0; g < 8; g++) r[g] = load8(rows[ch + g] + p);
+                transpose8(r);
+                for (int i = 0; i < 8; i++) store8(x + (p + i) * xs + ch, r[i]);
+            }
+        }
+    for (int64_t p = 0; p < L; p++)
+        for (int64_t ch = p < L8 ? n8 : 0; ch < nch; ch++) {
+            if (to_rows) rows[ch][p] = x[p * xs + ch];
+            else x[p * xs + ch] = rows[ch][p];
+        }
+}
+
+/* Position-major layout (s_c == g_c == 1): queries, incoming gradients and delta of every head
+   of sequence n into rows_in (per head: (L, dk), (L, dv), (L, dv), (L)), reading each position's
+   rows of qkv, the gradients and the forward's outputs front to back, once for all heads. */
+static void sweep_sequence(const AxialBackArgs* a, int64_t n, float* rows_in) {
+    const int64_t L = a->L, dk = a->dk, dv = a->dv, H = a->heads, head_floats = L * (dk + 2 * dv + 1);
+    for (int64_t p = 0; p < L; p++)
+        for (int64_t h = 0; h < H; h++) {
+            float* qL = rows_in + h * head_floats;
+            float* gl = qL + L * dk + p * dv;
+            float* el = gl + L * dv;
+            float* dL = qL + L * (dk + 2 * dv);
+            const float* qp = a->qkv + n * a->s_n + h * a->s_h + p * a->s_p;
+            const int64_t g = n * a->g_n + h * a->g_h + p * a->g_o;
+            for (int64_t c = 0; c < dk; c++) qL[p * dk + c] = qp[c];
+            for (int64_t c = 0; c < dv; c++) gl[c] = a->gsv[g + c];
+            if (a->use_rv)
+                for (int64_t c = 0; c < dv; c++) el[c] = a->gsve[g + c];
+            if (a->delta) {
+                dL[p] = a->delta[(n * H + h) * L + p];
+                continue;
+            }
+            /* delta_o = sum_c g_sv sv + g_sve sve, 8 channels at a time */
+            const float* sp = a->osv + g;
+            const float* ep = a->use_rv ? a->osve + g : 0;
+            v8sf acc = splat8(0.0f);
+            int64_t c = 0;
+            for (; c + 8 <= dv; c += 8) {
+                acc += load8(gl + c) * load8(sp + c);
+                if (ep) acc += load8(el + c) * load8(ep + c);
+            }
+            float t = hsum8(acc);
+            for (; c < dv; c++) t += gl[c] * sp[c] + (ep ? el[c] * ep[c] : 0.0f);
+            dL[p] = t;
+        }
+}
+
+/* Sequence-heads [nh0, nh1). scratch: axial_attention_backward_scratch_floats(a) floats.
    g_rqe, g_rke: (dk, Jp), g_rvT: (dv, Jp), g_scale: (3, heads), accumulated (+=).
-   Rows that see every key (global span, or a local span reaching the whole axis) go BROWS at a
-   time: in offset coordinates u = p - o their table-gradient updates line up at a shift of one
-   per row, and in key coordinates their key and value gradients coincide, so the accumulators
-   (more than L1 holds at large depths) are read and written once per BROWS rows. */
+   Query rows go BROWS at a time (the last L mod BROWS one by one), global and local spans alike. */
 int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh1, float* scratch,
                                  float* g_rqe, float* g_rke, float* g_rvT, float* g_scale) {
     const int64_t L = a->L, Lp = L + 32, Jp = a->Jp, dk = a->dk, dv = a->dv, H = a->heads;
-    if (dk > MAXDK || dv > 4 * MAXDK || Jp < 2 * L + 7) return 1;
+    if (dk > MAXDK || dv > 4 * MAXDK || Jp < 2 * L + 7 || !a->rqe || !a->rke || !a->rvT) return 1;
     /* every row of Lp floats holds its data from offset 8: 8 zeros before, 24 after L */
     float* kT = scratch + 8;           /* (dk, Lp) keys */
     float* vT = kT + dk * Lp;          /* (dv, Lp) values */
     float* gkT = vT + dv * Lp;         /* (dk, Lp) key gradient */
     float* gvT = gkT + dk * Lp;        /* (dv, Lp) value gradient */
-    float* dyb = gvT + dv * Lp;        /* (BROWS, Lp) dY of the current rows */
-    float* pbb = dyb + BROWS * Lp;     /* (BROWS, Lp) P of the current rows */
-    memset(scratch, 0, sizeof(float) * ((2 * dk + 2 * dv + 2 * BROWS) * Lp + 8));
-    float q[BROWS][MAXDK], gs[BROWS][4 * MAXDK], gse[BROWS][4 * MAXDK];
+    float* dyb = gvT + dv * Lp + BPAD; /* (BROWS, Zs) dY of the current rows over their window */
+    float* pbb = dyb + BROWS * back_row_floats(L); /* (BROWS, Zs) P */
+    /* per head (of the current sequence, or only the current head in the channel-major layout):
+       queries (L, dk), incoming gradients of sv and sve (L, dv) (zeros without the value term),
+       delta (L) */
+    float* const rows_in = pbb + BROWS * back_row_floats(L) + 16;
+    const int64_t head_floats = L * (dk + 2 * dv + 1);
+    const int position_major = a->s_c == 1 && a->g_c == 1;
+    int64_t swept = -1; /* the sequence whose heads' rows are in rows_in (position-major) */
+    float *qL = rows_in, *gsL, *gseL, *dL;
+    memset(scratch, 0, sizeof(float) * axial_attention_backward_scratch_floats(a));
+    BackRows w;
+    float* rows[5 * MAXDK];  /* channel rows of keys then values, and of their gradients */
+    float* grows[5 * MAXDK];
+    for (int64_t c = 0; c < dk + dv; c++) {
+        rows[c] = c < dk ? kT + c * Lp : vT + (c - dk) * Lp;
+        grows[c] = c < dk ? gkT + c * Lp : gvT + (c - dk) * Lp;
+    }
     for (int64_t nh = nh0; nh < nh1; nh++) {
         const int64_t n = nh / H, h = nh % H;
+        PROF_START(b4);
         const float* base = a->qkv + n * a->s_n + h * a->s_h;
         float* gbase = a->gqkv + n * a->s_n + h * a->s_h;
-        for (int64_t c = 0; c < dk; c++)
-            for (int64_t p = 0; p < L; p++) kT[c * Lp + p] = base[(dk + c) * a->s_c + p * a->s_p];
-        for (int64_t c = 0; c < dv; c++)
-            for (int64_t p = 0; p < L; p++) vT[c * Lp + p] = base[(2 * dk + c) * a->s_c + p * a->s_p];
+        if (a->s_c == 1) {  /* position-major: each position's channels are contiguous */
+            transpose_rows((float*)base + dk, a->s_p, L, dk + dv, rows, 1);
+        } else {
+            for (int64_t c = 0; c < dk; c++)
+                for (int64_t p = 0; p < L; p++) kT[c * Lp + p] = base[(dk + c) * a->s_c + p * a->s_p];
+            for (int64_t c = 0; c < dv; c++)
+                for (int64_t p = 0; p < L; p++) vT[c * Lp + p] = base[(2 * dk + c) * a->s_c + p * a->s_p];
+        }
+        if (position_major && n != swept) {  /* every head's rows of sequence n in one sweep */
+            sweep_sequence(a, n, rows_in);
+            swept = n;
+        }
+        qL = rows_in + (position_major ? h * head_floats : 0);
+        gsL = qL + L * dk;
+        gseL = gsL + L * dv;
+        dL = gseL + L * dv;
+        if (!position_major) {
+            const int64_t g0 = n * a->g_n + h * a->g_h, gc = a->g_c, go = a->g_o;
+            const float *gsv = a->gsv + g0, *gsve = a->use_rv ? a->gsve + g0 : 0;
+            const float *osv = a->delta ? 0 : a->osv + g0, *osve = a->delta || !a->use_rv ? 0 : a->osve + g0;
+            for (int64_t c = 0; c < dk; c++)
+                for (int64_t p = 0; p < L; p++) qL[p * dk + c] = base[c * a->s_c + p * a->s_p];
+            for (int64_t c = 0; c < dv; c++)
+                for (int64_t p = 0; p < L; p++) {
+                    gsL[p * dv + c] = gsv[c * gc + p * go];
+                    if (gsve) gseL[p * dv + c] = gsve[c * gc + p * go];
+                }
+            if (osv) {  /* delta_o = sum_c g_sv sv + g_sve sve */
+                for (int64_t p = 0; p < L; p++) dL[p] = 0.0f;
+                for (int64_t c = 0; c < dv; c++)
+                    for (int64_t p = 0; p < L; p++) {
+                        const int64_t at = c * gc + p * go;
+                        dL[p] += gsL[p * dv + c] * osv[at] + (osve ? gseL[p * dv + c] * osve[at] : 0.0f);
+                    }
+            } else
+                memcpy(dL, a->delta + nh * L, sizeof(float) * L);
+        }
+        w.qL = qL;
+        w.gsL = gsL;
+        w.gseL = gseL;
+        w.dL = dL;
         for (int64_t c = 0; c < dk; c++) memset(gkT + c * Lp, 0, sizeof(float) * L);
         for (int64_t c = 0; c < dv; c++) memset(gvT + c * Lp, 0, sizeof(float) * L);
-        const float aqk = a->use_qk ? a->scale[h] : 0.0f;
-        const float aqr = a->use_qr ? a->scale[H + h] : 0.0f;
-        const float akr = a->use_kr ? a->scale[2 * H + h] : 0.0f;
-        const v8sf ck = splat8(akr);
-        v8sf ga[3] = {splat8(0.0f), splat8(0.0f), splat8(0.0f)};
+        PROF_ADD_B(4, b4);
+        double ga[3] = {0.0, 0.0, 0.0};
         int64_t o = 0;
-        while (o < L) {
-            const int full = o + BROWS <= L && (a->radius < 0 || (o + BROWS - 1 - a->radius <= 0 && o + a->radius >= L - 1));
-            if (full) {  /* BROWS rows o..o+BROWS-1, every key: W = L, p0 = 0, toff_j = L-1-(o+j) */
-                const int64_t W8 = (L + 7) & ~(int64_t)7, M8 = (L + BROWS - 1 + 7) & ~(int64_t)7;
-                const int64_t tlast = L - 1 - (o + BROWS - 1);
-                for (int j = 0; j < BROWS; j++)
-                    back_pass1(a, n, h, o + j, 0, L, L - 1 - (o + j), kT, vT, Lp, aqk, aqr, akr,
-                               q[j], gs[j], gse[j], dyb + j * Lp, pbb + j * Lp, ga);
-                for (int64_t c = 0; c < dk; c++) {
-                    const float* kr = kT + c * Lp;
-                    const float* tq = a->use_qr ? a->rqe + c * Jp : 0;
-                    const float* tk = a->use_kr ? a->rke + c * Jp : 0;
-                    float* gk = gkT + c * Lp;
-                    v8sf acc_k[BROWS], acc_r[BROWS], cqk[BROWS], cqr[BROWS];
-                    for (int j = 0; j < BROWS; j++) {
-                        acc_k[j] = acc_r[j] = splat8(0.0f);
-                        cqk[j] = splat8(aqk * q[j][c]);
-                        cqr[j] = splat8(aqr * q[j][c]);
-                    }
-                    for (int64_t pb = 0; pb < W8; pb += 8) {
-                        const v8sf kv = load8(kr + pb);
-                        v8sf g = load8(gk + pb);
-                        for (int j = 0; j < BROWS; j++) {
-                            const v8sf d = load8(dyb + j * Lp + pb);
-                            const int64_t toff = L - 1 - (o + j);
-                            acc_k[j] += d * kv;
-                            g += cqk[j] * d;
-                            if (tq) acc_r[j] += d * load8(tq + toff + pb);
-                            if (tk) g += ck * d * load8(tk + toff + pb);
-                        }
-                        store8(gk + pb, g);
-                    }
-                    for (int j = 0; j < BROWS; j++)
-                        gbase[c * a->s_c + (o + j) * a->s_p] = aqk * hsum8(acc_k[j]) + aqr * hsum8(acc_r[j]);
-                    float* grq = (g_rqe && tq) ? g_rqe + c * Jp + tlast : 0;
-                    float* grk = (g_rke && tk) ? g_rke + c * Jp + tlast : 0;
-                    if (grq || grk)
-                        for (int64_t m = 0; m < M8; m += 8) {  /* offset u = tlast + m */
-                            v8sf sr = splat8(0.0f), sk = splat8(0.0f);
-                            for (int j = 0; j < BROWS; j++) {
-                                const int64_t at = m - (BROWS - 1 - j);  /* key of row j at that offset */
-                                const v8sf d = load8(dyb + j * Lp + at);
-                                sr += cqr[j] * d;
-                                sk += d * load8(kr + at);
-                            }
-                            if (grq) store8(grq + m, load8(grq + m) + sr);
-                            if (grk) store8(grk + m, load8(grk + m) + ck * sk);
-                        }
-                }
-                for (int64_t c = 0; c < dv; c++) {
-                    float* gv = gvT + c * Lp;
-                    v8sf g1[BROWS], g2[BROWS];
-                    for (int j = 0; j < BROWS; j++) { g1[j] = splat8(gs[j][c]); g2[j] = splat8(gse[j][c]); }
-                    for (int64_t pb = 0; pb < W8; pb += 8) {
-                        v8sf g = load8(gv + pb);
-                        for (int j = 0; j < BROWS; j++) g += g1[j] * load8(pbb + j * Lp + pb);
-                        store8(gv + pb, g);
-                    }
-                    if (a->use_rv && g_rvT) {
-                        float* grv = g_rvT + c * Jp + tlast;
-                        for (int64_t m = 0; m < M8; m += 8) {
-                            v8sf sv = splat8(0.0f);
-                            for (int j = 0; j < BROWS; j++) sv += g2[j] * load8(pbb + j * Lp + m - (BROWS - 1 - j));
-                            store8(grv + m, load8(grv + m) + sv);
-                        }
-                    }
-                }
-                o += BROWS;
-                continue;
-            }
-            int64_t p0 = 0, p1 = L;
-            if (a->radius >= 0) {
-                p0 = o - a->radius < 0 ? 0 : o - a->radius;
-                p1 = o + a->radius + 1 > L ? L : o + a->radius + 1;
-            }
-            const int64_t W = p1 - p0, W8 = (W + 7) & ~(int64_t)7, toff = p0 - o + L - 1;
-            float* dy = dyb;
-            float* pr = pbb;
-            back_pass1(a, n, h, o, p0, W, toff, kT, vT, Lp, aqk, aqr, akr, q[0], gs[0], gse[0], dy, pr, ga);
-            /* pass 2: gradients of q (this row), k, v (rows of this sequence-head), tables */
-            for (int64_t c = 0; c < dk; c++) {
-                v8sf acc_k = splat8(0.0f), acc_r = splat8(0.0f);
-                const float* kr = kT + c * Lp + p0;
-                const float* tq = a->use_qr ? a->rqe + c * Jp + toff : 0;
-                const float* tk = a->use_kr ? a->rke + c * Jp + toff : 0;
-                float* gk = gkT + c * Lp + p0;
-                float* grq = g_rqe ? g_rqe + c * Jp + toff : 0;
-                float* grk = g_rke ? g_rke + c * Jp + toff : 0;
-                const v8sf cq_k = splat8(aqk * q[0][c]), cq_r = splat8(aqr * q[0][c]);
-                for (int64_t pb = 0; pb < W8; pb += 8) {
-                    const v8sf d = load8(dy + pb), kv = load8(kr + pb);
-                    acc_k += d * kv;
-                    v8sf g = load8(gk + pb) + cq_k * d;
-                    if (tq) {
-                        acc_r += d * load8(tq + pb);
-                        store8(grq + pb, load8(grq + pb) + cq_r * d);
-                    }
-                    if (tk) {
-                        g += ck * d * load8(tk + pb);
-                        store8(grk + pb, load8(grk + pb) + ck * d * kv);
-                    }
-                    store8(gk + pb, g);
-                }
-                gbase[c * a->s_c + o * a->s_p] = aqk * hsum8(acc_k) + aqr * hsum8(acc_r);
-            }
-            for (int64_t c = 0; c < dv; c++) {
-                float* gv = gvT + c * Lp + p0;
-                float* grv = (a->use_rv && g_rvT) ? g_rvT + c * Jp + toff : 0;
-                const v8sf g1 = splat8(gs[0][c]), g2 = splat8(gse[0][c]);
-                for (int64_t pb = 0; pb < W8; pb += 8) {
-                    const v8sf p = load8(pr + pb);
-                    store8(gv + pb, load8(gv + pb) + g1 * p);
-                    if (grv) store8(grv + pb, load8(grv + pb) + g2 * p);
-                }
-            }
-            o += 1;
+        for (; o + BROWS <= L; o += BROWS) back_rows_4(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
+        for (; o < L; o++) back_rows_1(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
+        PROF_START(b5);
+        if (a->s_c == 1) {
+            transpose_rows(gbase + dk, a->s_p, L, dk + dv, grows, 0);
+        } else {
+            for (int64_t c = 0; c < dk; c++)
+                for (int64_t p = 0; p < L; p++) gbase[(dk + c) * a->s_c + p * a->s_p] = gkT[c * Lp + p];
+            for (int64_t c = 0; c < dv; c++)
+                for (int64_t p = 0; p < L; p++) gbase[(2 * dk + c) * a->s_c + p * a->s_p] = gvT[c * Lp + p];
         }
-        for (int64_t c = 0; c < dk; c++)
-            for (int64_t p = 0; p < L; p++) gbase[(dk + c) * a->s_c + p * a->s_p] = gkT[c * Lp + p];
-        for (int64_t c = 0; c < dv; c++)
-            for (int64_t p = 0; p < L; p++) gbase[(2 * dk + c) * a->s_c + p * a->s_p] = gvT[c * Lp + p];
-        g_scale[h] += hsum8(ga[0]);
-        g_scale[H + h] += hsum8(ga[1]);
-        g_scale[2 * H + h] += hsum8(ga[2]);
+        PROF_ADD_B(5, b5);
+        g_scale[h] += a->use_qk ? (float)ga[0] : 0.0f;
+        g_scale[H + h] += a->use_qr ? (float)ga[1] : 0.0f;
+        g_scale[2 * H + h] += a->use_kr ? (float)ga[2] : 0.0f;
     }
     return 0;
 }
@@ -940,6 +1196,9 @@ def _compile() -> Optional[ctypes.CDLL]:
         fn.restype = ctypes.c_int
         fn = lib.axial_attention_scratch_floats
         fn.argtypes = [ctypes.POINTER(_Args)]
+        fn.restype = _I64
+        fn = lib.axial_attention_backward_scratch_floats
+        fn.argtypes = [ctypes.POINTER(_BackArgs)]
         fn.restype = _I64
         fn = lib.axial_attention_backward_f32
         fn.argtypes = [ctypes.POINTER(_BackArgs), _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR]
@@ -1260,10 +1519,14 @@ def backward_strided(layer, qkv: torch.Tensor, q_strides, nseq: int, length: int
     nh = nseq * heads
     jp = 2 * length - 1 + _PAD
     rqe, rke, _ = _tables(layer, length)
-    rvT = None
     offsets = _offsets(layer, length)
     if layer.use_value_rpe:
         rvT = F.pad(layer.value_table.detach().float()[:, offsets], (0, _PAD)).contiguous()
+    else:
+        rvT = torch.zeros(dv, jp)
+    # a term switched off reads a zero table (its scale is 0 too): no test in the kernel's loops
+    rqe = rqe if rqe is not None else torch.zeros(dk, jp)
+    rke = rke if rke is not None else torch.zeros(dk, jp)
     scale = scales.detach().float().contiguous()
     lse = lse.contiguous()
     if delta is not None:
@@ -1277,7 +1540,7 @@ def backward_strided(layer, qkv: torch.Tensor, q_strides, nseq: int, length: int
                      g_qkv.data_ptr(), _ptr(sv), _ptr(sve if layer.use_value_rpe else None))
     workers = max(1, min(torch.get_num_threads(), nh))
     fn = lib.axial_attention_backward_f32
-    scratch_size = (2 * dk + 2 * dv + 8) * (length + 32) + 8  # axial_attention_backward_f32's layout
+    scratch_size = lib.axial_attention_backward_scratch_floats(ctypes.byref(args))
     buffers = [(torch.zeros(dk, jp), torch.zeros(dk, jp), torch.zeros(dv, jp), torch.zeros(3, heads))
                for _ in range(workers)]
 
