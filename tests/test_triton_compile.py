@@ -61,3 +61,9 @@ def test_compile_report_reads_the_machine_code():
     assert (large["shared_bytes"], large["registers"] + large["spill_bytes"]) != \
         (small["shared_bytes"], small["registers"] + small["spill_bytes"])
     assert large["shared_bytes"] > small["shared_bytes"]
+    # the key-block loop was found, with its tensor-core products and the gathers' shared-memory traffic
+    for usage in (small, large):
+        assert usage["loop_per_logit"] > usage["tensor_per_logit"] > 0, usage
+        assert usage["shared_per_logit"] > 0, usage
+    qk_only = TK.compile_for_gpu("forward", block_q=16, block_k=16, num_warps=4, terms=(True, False, False, False))
+    assert qk_only["loop_per_logit"] < small["loop_per_logit"], (qk_only, small)  # no relative terms: less work

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -334,7 +335,7 @@ _backward_tuned = None
 
 
 # (BLOCK_Q, BLOCK_K, num_warps, num_stages) the autotuner times on a GPU.
-CONFIGS = [(16, 16, 2, 1), (16, 16, 4, 1), (16, 16, 4, 2), (16, 32, 4, 1), (32, 16, 4, 1),
+CONFIGS = [(16, 16, 2, 1), (16, 16, 4, 1), (16, 16, 4, 2), (16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 2, 1),
            (32, 32, 4, 1), (32, 32, 8, 1), (32, 32, 4, 2), (64, 32, 8, 1), (64, 64, 8, 1)]
 
 
@@ -570,7 +571,32 @@ def compile_for_gpu(kernel: str, *, key_depth: int = 16, value_depth: int = 32, 
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
     fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line
                   for item in line.split() if ":" in item)
-    return {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]),
-            "shared_bytes": int(compiled.metadata.shared)}
+    result = {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]),
+              "shared_bytes": int(compiled.metadata.shared)}
+    result.update(_key_loop_counts(sass, num_warps * 32 / (block_q * block_k)))
+    return result
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9_]+)[^;]*?(?:0x([0-9a-f]+))?\s*;")
+_SASS_GROUPS = {"shared": ("LDS", "STS", "LDSM", "STSM"), "barriers": ("BAR",), "shuffles": ("SHFL",),
+                "tensor": ("HMMA", "HGMMA"), "local": ("LDL", "STL")}
+
+
+def _key_loop_counts(sass: str, lanes_per_logit: float) -> dict:
+    """Machine instructions of the key-block loop (the longest backward branch of the SASS),
+    per logit of a tile: all of them, and those touching shared memory, barriers, shuffles,
+    tensor-core products and spilled registers. Counts lanes (a warp instruction is 32), the
+    issue budget a GPU must spend on each of the L x L pairs."""
+    body = []
+    lines = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_SASS_LINE.search, sass.splitlines()) if m]
+    loops = [(int(target, 16), at) for at, op, target in lines if op == "BRA" and target and int(target, 16) < at]
+    if loops:
+        start, end = max(loops, key=lambda t: t[1] - t[0])
+        body = [op for at, op, _ in lines if start <= at <= end]
+    counts = {"loop_per_logit": len(body) * lanes_per_logit}
+    for name, ops in _SASS_GROUPS.items():
+        counts[f"{name}_per_logit"] = sum(op in ops for op in body) * lanes_per_logit
+    return counts
