@@ -36,3 +36,21 @@ def close_scaled(a, b, tol, what) -> None:
     assert a is not None and b is not None, f"{what} missing"
     torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
                                msg=lambda m: f"{what}: {m}")
+
+
+def reference_eval(layer, x):
+    """Inference output of a copy of ``layer`` with the plain equation (contiguous input)."""
+    ref = copy.deepcopy(layer)
+    ref.impl = "reference"
+    with torch.no_grad():
+        return ref(x.contiguous())
+
+
+def kernel_eval(layer, x):
+    """Inference output of the compiled CPU kernel, which must take this input."""
+    from axial_deeplab.layers import cpu_kernel
+
+    with torch.no_grad():
+        y = cpu_kernel.forward_eval(layer, x)
+    assert y is not None, "the compiled kernel did not take this input"
+    return y

@@ -6,13 +6,12 @@ over threads, and the cache of folded constants following parameter changes. Eve
 compared with the reference implementation (the plain equation)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel
-from attention_testing import randomize_batch_norms
+from attention_testing import kernel_eval, randomize_batch_norms, reference_eval
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernel.available(),
@@ -26,20 +25,6 @@ def make_layer(in_ch=10, out_ch=12, heads=2, key_ch=None, seed=0, **kwargs):
     layer = PositionSensitiveAxialAttention(in_ch, out_ch, num_heads=heads, key_channels=key_ch, **kwargs)
     randomize_batch_norms(layer)
     return layer.eval()
-
-
-def reference(layer, x):
-    ref = copy.deepcopy(layer)
-    ref.impl = "reference"
-    with torch.no_grad():
-        return ref(x.contiguous())
-
-
-def kernel(layer, x):
-    with torch.no_grad():
-        y = cpu_kernel.forward_eval(layer, x)
-    assert y is not None, "the compiled kernel did not take this input"
-    return y
 
 
 def assert_close(y, want):
@@ -74,8 +59,8 @@ def test_both_layouts_equal_reference(layout, axis, case_id, kwargs, bhw, widths
     x = torch.randn(b, in_ch, h, w, generator=torch.Generator().manual_seed(1))
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    y = kernel(layer, x)
-    assert_close(y, reference(layer, x))
+    y = kernel_eval(layer, x)
+    assert_close(y, reference_eval(layer, x))
     if layer.stride == 1 or layer.stride_mode == "subsample":
         assert y.is_contiguous(memory_format=torch.channels_last)
 
@@ -86,17 +71,17 @@ def test_pair_reads_the_channels_last_output_in_place():
     height = make_layer(10, 12, 2, axis="height", seed=1)
     width = make_layer(12, 12, 2, axis="width", seed=2)
     x = torch.randn(2, 10, 9, 11, generator=torch.Generator().manual_seed(3))
-    y1 = kernel(height, x)
+    y1 = kernel_eval(height, x)
     assert y1.is_contiguous(memory_format=torch.channels_last) and not y1.is_contiguous()
-    y2 = kernel(width, y1)
-    assert_close(y2, reference(width, reference(height, x)))
+    y2 = kernel_eval(width, y1)
+    assert_close(y2, reference_eval(width, reference_eval(height, x)))
 
 
 def test_non_contiguous_input():
     layer = make_layer(axis="height")
     x = torch.randn(2, 7, 10, 9, generator=torch.Generator().manual_seed(4)).permute(0, 2, 1, 3)  # (2, 10, 7, 9)
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    assert_close(kernel(layer, x), reference(layer, x))
+    assert_close(kernel_eval(layer, x), reference_eval(layer, x))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -110,33 +95,33 @@ def test_rows_split_over_threads(layout):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = kernel(layer, x)
+        one = kernel_eval(layer, x)
         torch.set_num_threads(3)
-        three = kernel(layer, x)
+        three = kernel_eval(layer, x)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(three, one, rtol=1e-6, atol=1e-6)
-    assert_close(three, reference(layer, x))
+    assert_close(three, reference_eval(layer, x))
 
 
 def test_folded_constants_follow_parameter_changes():
     layer = make_layer(axis="width", use_value_rpe=True)
     x = torch.randn(2, 10, 5, 9, generator=torch.Generator().manual_seed(6))
-    assert_close(kernel(layer, x), reference(layer, x))
+    assert_close(kernel_eval(layer, x), reference_eval(layer, x))
     with torch.no_grad():
         layer.qkv.weight.mul_(1.5)  # in place
-    assert_close(kernel(layer, x), reference(layer, x))
+    assert_close(kernel_eval(layer, x), reference_eval(layer, x))
     layer.bn_similarity.running_var.data = torch.full_like(layer.bn_similarity.running_var, 0.25)  # new data
-    assert_close(kernel(layer, x), reference(layer, x))
+    assert_close(kernel_eval(layer, x), reference_eval(layer, x))
     layer.value_table = torch.nn.Parameter(torch.randn_like(layer.value_table))  # replaced
-    assert_close(kernel(layer, x), reference(layer, x))
+    assert_close(kernel_eval(layer, x), reference_eval(layer, x))
     layer.bn_output.eps = 0.5
-    assert_close(kernel(layer, x), reference(layer, x))
+    assert_close(kernel_eval(layer, x), reference_eval(layer, x))
     # and a training step in between (running statistics move)
     layer.train()
     layer(x).sum().backward()
     layer.eval()
-    assert_close(kernel(layer, x), reference(layer, x))
+    assert_close(kernel_eval(layer, x), reference_eval(layer, x))
 
 
 def test_inference_mode():
@@ -148,6 +133,6 @@ def test_inference_mode():
     made_outside = make_layer(axis="height")
     with torch.inference_mode():
         y_outside = [made_outside(x) for _ in range(2)]
-    want = reference(made_outside, x)
+    want = reference_eval(made_outside, x)
     for y in [y_inside] + y_outside:
         assert_close(y.clone(), want)

@@ -78,33 +78,45 @@ static inline v8sf max8(v8sf a, v8sf b) { return __builtin_ia32_maxps256(a, b); 
 #else
 static inline v8sf max8(v8sf a, v8sf b) { return select8(a > b, a, b); }
 #endif
-static inline float hmax8(v8sf v) {
-    float m = v[0];
-    for (int i = 1; i < 8; i++) m = v[i] > m ? v[i] : m;
-    return m;
-}
 static inline float hsum8(v8sf v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
-/* 2^x lane-wise for x <= 0 (Cephes exp2f polynomial, about 2 ulp); lanes that round to -127
-   or below (masked-out keys at -1e30 among them) give exactly 0: the exponent field is then 0. */
+/* 2^x lane-wise for x <= 0, about 2 ulp; lanes far below -127 (masked-out keys at -1e30 among
+   them) give exactly 0. */
+#if defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+/* 2^floor(x) * P(x - floor(x)), P of degree 5 fitted to 2^f on [0, 1) (relative error 1.6e-7):
+   the fraction and the scaling are one instruction each (vreduceps, vscalefps) */
+static inline v8sf exp2_8z(v8sf x) {
+    const v8sf f = (v8sf)_mm256_reduce_ps((__m256)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    v8sf p = splat8(1.867130515165627e-3f);
+    p = p * f + splat8(9.017028845846653e-3f);
+    p = p * f + splat8(5.579991266131401e-2f);
+    p = p * f + splat8(2.401644438505173e-1f);
+    p = p * f + splat8(6.931512951850891e-1f);
+    p = p * f + splat8(1.0f);
+    return (v8sf)_mm256_scalef_ps((__m256)p, (__m256)x);
+}
+#else
+/* 2^round(x) * P(x - round(x)), P of degree 5 fitted to 2^f on [-1/2, 1/2] (relative error
+   1.9e-7) */
 static inline v8sf exp2_8z(v8sf x) {
     const v8sf magic = splat8(12582912.0f);
     x = max8(x, splat8(-127.0f));
     const v8sf t = x + magic;
     const v8sf f = x - (t - magic);
-    v8sf p = splat8(1.535336188319500e-4f);
-    p = p * f + splat8(1.339887440266574e-3f);
-    p = p * f + splat8(9.618437357674640e-3f);
-    p = p * f + splat8(5.550332471162809e-2f);
-    p = p * f + splat8(2.402264791363012e-1f);
-    p = p * f + splat8(6.931472028550421e-1f);
+    v8sf p = splat8(1.326472731307149e-3f);
+    p = p * f + splat8(9.671512991189957e-3f);
+    p = p * f + splat8(5.550733581185341e-2f);
+    p = p * f + splat8(2.402224242687225e-1f);
+    p = p * f + splat8(6.931470036506653e-1f);
     p = p * f + splat8(1.0f);
     /* bits(t) = bits(magic) + round(x): shifted into the exponent field (mod 2^32) with
-       (127 - bits(magic)) << 23 added, they give the bits of 2^round(x) */
+       (127 - bits(magic)) << 23 added, they give the bits of 2^round(x) (0 at -127) */
     const v8su e = ((v8su)t << 23) + ((127u - 0x4B400000u) << 23);
     return p * (v8sf)e;
 }
+#endif
 
 /* Forward, in skewed coordinates: a block of R query rows o_j shares the offset range
    u = p - o in [U0, U1), so the offset tables rq, rk, rv are loaded once per block and only
@@ -157,7 +169,7 @@ uint64_t axial_bprofile[6]; /* backward: row inputs, pass 1, key pass 2, value p
 #endif
 
 typedef struct {
-    int64_t L, Lk, pad, Zs, dvp, rad, slot, group;
+    int64_t L, Lk, pad, Zs, dvp, rad, slot, group, head_group;
     const float *kt, *vt, *q, *rke, *rvt, *beta; /* q: the sequence's queries, (dk, L) */
     float *out, *out2;
     int64_t n, h;
@@ -167,6 +179,7 @@ static int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
 #define GROUP 8 /* sequences loaded together when adjacent in memory (s_n == 1) */
+#define HEAD_GROUP_FLOATS (96 * 1024)
 
 static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
@@ -180,28 +193,16 @@ static void geometry(const AxialArgs* a, Seq* s) {
     s->dvp = (a->dv + 7) & ~(int64_t)7;
     s->slot = a->dk * s->Lk + s->Lk * s->dvp + round16(a->dk * a->L);
     s->group = (a->s_n == 1 && a->s_c != 1) ? GROUP : 1;
+    /* position-major: every head of a sequence loaded in one pass over its positions, when their
+       slots fit in half of a typical L2 */
+    s->head_group = (a->s_c == 1 && a->heads > 1 && a->heads * s->slot <= HEAD_GROUP_FLOATS) ? a->heads : 1;
     s->rad = a->radius < 0 ? a->L - 1 : imin(a->radius, a->L - 1);
 }
 
 int64_t axial_attention_scratch_floats(const AxialArgs* a) {
     Seq s;
     geometry(a, &s);
-    return MAXR * s.Zs + s.group * s.slot;
-}
-
-static void zero_padding(const AxialArgs* a, const Seq* s, float* slot) {
-    const int64_t L = a->L, Lk = s->Lk, pad = s->pad, dvp = s->dvp;
-    float* kt = slot;
-    float* vt = slot + a->dk * Lk;
-    for (int64_t c = 0; c < a->dk; c++) {
-        memset(kt + c * Lk, 0, sizeof(float) * pad);
-        memset(kt + c * Lk + pad + L, 0, sizeof(float) * (Lk - pad - L));
-    }
-    memset(vt, 0, sizeof(float) * pad * dvp);
-    memset(vt + (pad + L) * dvp, 0, sizeof(float) * (Lk - pad - L) * dvp);
-    if (dvp > a->dv)
-        for (int64_t p = 0; p < L; p++)
-            for (int64_t c = a->dv; c < dvp; c++) vt[(pad + p) * dvp + c] = 0.0f;
+    return MAXR * s.Zs + imax(s.group, s.head_group) * s.slot;
 }
 
 /* Asks for the lines of sequence-head data at base (read later) while the current one is
@@ -222,6 +223,13 @@ static void prefetch_sequence(const AxialArgs* a, const float* base) {
 #else
 #define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8si){__VA_ARGS__})
 #endif
+
+/* The maximum of v's lanes in every lane. */
+static inline v8sf allmax8(v8sf v) {
+    v = max8(v, SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = max8(v, SHUF(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+    return max8(v, SHUF(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+}
 
 /* In place: r[i][g] -> r[g][i]. */
 static inline void transpose8(v8sf* r) {
@@ -263,33 +271,47 @@ static inline void scatter8(const float* x, int64_t xs, int n, int ng, float* co
     }
 }
 
-/* Copies sequence-head (n, h) into a slot: keys (dk, Lk), values (Lk, dvp), queries (dk, L),
-   zero-padded; each loop reads the source along its unit stride. */
+/* Position-major layout (s_c == 1): positions [p, p + 8) of one sequence-head into its slot. */
+static void load_positions(const AxialArgs* a, const Seq* s, const float* base, float* slot, int64_t p) {
+    const int64_t L = a->L, dk = a->dk, dv = a->dv, Lk = s->Lk, pad = s->pad, dvp = s->dvp, sp = a->s_p;
+    float* kt = slot;
+    float* vt = kt + dk * Lk;
+    float* qs = vt + Lk * dvp;
+    const int n = L - p < 8 ? (int)(L - p) : 8;
+    for (int64_t c = 0; c < 2 * dk; c += 8) {  /* q and k channels, 8 at a time */
+        const int ng = 2 * dk - c < 8 ? (int)(2 * dk - c) : 8;
+        float* dst[8];
+        for (int g = 0; g < ng; g++)
+            dst[g] = c + g < dk ? qs + (c + g) * L + p : kt + (c + g - dk) * Lk + pad + p;
+        scatter8(base + p * sp + c, sp, n, ng, dst, 0);
+    }
+    for (int i = 0; i < n; i++) {
+        const float* src = base + (p + i) * sp + 2 * dk;
+        float* row = vt + (pad + p + i) * dvp;
+        int64_t c = 0;
+        for (; c + 8 <= dv; c += 8) store8(row + c, load8(src + c));
+        for (; c < dv; c++) row[c] = src[c];
+    }
+}
+
+/* Every head of the sequence at base (position-major) into slots h = 0..heads-1: each block of
+   eight positions is read once for all heads while it sits in L1. */
+static void load_heads(const AxialArgs* a, const Seq* s, const float* base, float* slots) {
+    for (int64_t p = 0; p < a->L; p += 8)
+        for (int64_t h = 0; h < a->heads; h++) load_positions(a, s, base + h * a->s_h, slots + h * s->slot, p);
+}
+
+/* Copies sequence-head (n, h) into a slot: keys (dk, Lk), values (Lk, dvp), queries (dk, L);
+   each loop reads the source along its unit stride. Only the positions [pad, pad + L) and the
+   channels below dv are written: the padding stays as zeroed once per call. */
 static void load_one(const AxialArgs* a, const Seq* s, const float* base, float* slot) {
     const int64_t L = a->L, dk = a->dk, dv = a->dv, Lk = s->Lk, pad = s->pad, dvp = s->dvp;
     const int64_t sc = a->s_c, sp = a->s_p;
     float* kt = slot;
     float* vt = kt + dk * Lk;
     float* qs = vt + Lk * dvp;
-    zero_padding(a, s, slot);
     if (sc == 1) {  /* position-major: one head's channels are contiguous at each position */
-        for (int64_t p = 0; p < L; p += 8) {
-            const int n = L - p < 8 ? (int)(L - p) : 8;
-            for (int64_t c = 0; c < 2 * dk; c += 8) {  /* q and k channels, 8 at a time */
-                const int ng = 2 * dk - c < 8 ? (int)(2 * dk - c) : 8;
-                float* dst[8];
-                for (int g = 0; g < ng; g++)
-                    dst[g] = c + g < dk ? qs + (c + g) * L + p : kt + (c + g - dk) * Lk + pad + p;
-                scatter8(base + p * sp + c, sp, n, ng, dst, 0);
-            }
-            for (int i = 0; i < n; i++) {
-                const float* src = base + (p + i) * sp + 2 * dk;
-                float* row = vt + (pad + p + i) * dvp;
-                int64_t c = 0;
-                for (; c + 8 <= dv; c += 8) store8(row + c, load8(src + c));
-                for (; c < dv; c++) row[c] = src[c];
-            }
-        }
+        for (int64_t p = 0; p < L; p += 8) load_positions(a, s, base, slot, p);
     } else if (sp == 1) {  /* channel-major along the sequence: rows of L positions */
         for (int64_t c = 0; c < dk; c++) {
             memcpy(qs + c * L, base + c * sc, sizeof(float) * L);
@@ -325,7 +347,6 @@ static void load_group(const AxialArgs* a, const Seq* s, const float* base, floa
     float* vt = slots + dk * Lk;
     float* qs = vt + Lk * dvp;
     float* dst[GROUP];
-    for (int g = 0; g < GROUP; g++) zero_padding(a, s, slots + g * slot);
     /* the group after next reads the next cache line of the same rows (16 floats on) */
     for (int64_t c = 0; c < 2 * dk; c++)  /* q and k channels */
         for (int64_t p = 0; p < L; p += 8) {
@@ -358,10 +379,13 @@ static void use_sequence(const AxialArgs* a, Seq* s, int64_t n, int64_t h, const
     s->out2 = a->out2 ? a->out2 + nb * a->o_bs + ni * a->o_ns + h * a->o_hs : 0;
 }
 
-/* z[j][m] for m in [m0, m0 + 8*NK): similarity of row j with offset U0 + m. */
+/* z[j][m] for m in [m0, m0 + 8*NK): similarity of row j with offset U0 + m, -1e30 outside the
+   row's offsets [first_j, end_j) (so exactly 0 after exp2), and the lane-wise running maximum
+   mv[j]. Only vectors that reach below max_j first_j or above min_j end_j are masked. */
 AI void logits(const int R, const int NK, int64_t dk, int64_t Jp, int64_t Lk, const float* rq,
                const float* rk, const float* const* kb, float qa[][MAXDK], float qb[][MAXDK],
-               float* z, int64_t Zs, int64_t m0) {
+               float* z, int64_t Zs, int64_t m0, const int64_t* first, const int64_t* end,
+               int64_t first_max, int64_t end_min, v8sf* mv) {
     v8sf acc[MAXR][4];
     for (int j = 0; j < R; j++)
         for (int v = 0; v < NK; v++) acc[j][v] = splat8(0.0f);
@@ -381,8 +405,33 @@ AI void logits(const int R, const int NK, int64_t dk, int64_t Jp, int64_t Lk, co
             }
         }
     }
-    for (int j = 0; j < R; j++)
-        for (int v = 0; v < NK; v++) store8(z + j * Zs + m0 + 8 * v, acc[j][v]);
+    const v8si lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int v = 0; v < NK; v++) {
+        const int64_t at = m0 + 8 * v;
+        if (at < first_max || at + 8 > end_min) {
+            const v8si idx = lane + (int32_t)at;
+            for (int j = 0; j < R; j++)
+                acc[j][v] = select8((idx >= (int32_t)first[j]) & (idx < (int32_t)end[j]), acc[j][v], splat8(-1e30f));
+        }
+        for (int j = 0; j < R; j++) {
+            store8(z + j * Zs + at, acc[j][v]);
+            mv[j] = max8(mv[j], acc[j][v]);
+        }
+    }
+}
+
+/* Logits of the block over the window [0, W8), in chunks of 8*NK offsets. */
+AI void all_logits(const int R, const int64_t dk, int64_t Jp, int64_t Lk, const float* rq, const float* rk,
+                   const float* const* kb, float qa[][MAXDK], float qb[][MAXDK], float* z, int64_t Zs,
+                   int64_t W8, const int64_t* first, const int64_t* end, int64_t first_max, int64_t end_min,
+                   v8sf* mv) {
+    int64_t m = 0;
+    if (WIDE == 4)
+        for (; m + 32 <= W8; m += 32)
+            logits(R, WIDE, dk, Jp, Lk, rq, rk, kb, qa, qb, z, Zs, m, first, end, first_max, end_min, mv);
+    for (; m + 16 <= W8; m += 16)
+        logits(R, 2, dk, Jp, Lk, rq, rk, kb, qa, qb, z, Zs, m, first, end, first_max, end_min, mv);
+    if (m < W8) logits(R, 1, dk, Jp, Lk, rq, rk, kb, qa, qb, z, Zs, m, first, end, first_max, end_min, mv);
 }
 
 /* Channels [c8, c8 + 8*NV) of sum_m z[j][m] (v[o_j + U0 + m] + rv[U0 + m]) (fused) or of the
@@ -442,11 +491,14 @@ AI void window_step(const int NV, v8sf (*acc)[4], const v8sf* r0, const v8sf* r1
 AI void retrieve_window(const int NV, const Seq* s, const float* vb0, const float* rb, const float* z,
                         int64_t W, const float* inv, int64_t i0, int64_t o_rs, int64_t dv, int64_t c8) {
     const int64_t dvp = s->dvp, Zs = s->Zs;
-    v8sf acc[MAXR][4], A[2], B[2], C[2], D[2];
+    /* with one vector of channels the four rows' chains of dependent multiply-adds are too few
+       to hide their latency: odd offsets go to a second set of accumulators */
+    v8sf acc[MAXR][4], acc_odd[MAXR][4], A[2], B[2], C[2], D[2];
+    v8sf (*const odd)[4] = NV == 1 ? acc_odd : acc;
     const float* vr = vb0 + c8;
     const float* tb = rb + c8;
     for (int j = 0; j < 4; j++)
-        for (int v = 0; v < NV; v++) acc[j][v] = splat8(0.0f);
+        for (int v = 0; v < NV; v++) acc[j][v] = acc_odd[j][v] = splat8(0.0f);
     for (int v = 0; v < NV; v++) {
         A[v] = load8(vr + 8 * v);
         B[v] = load8(vr + dvp + 8 * v);
@@ -457,12 +509,14 @@ AI void retrieve_window(const int NV, const Seq* s, const float* vb0, const floa
         for (int v = 0; v < NV; v++) D[v] = load8(vr + (m + 3) * dvp + 8 * v);
         window_step(NV, acc, A, B, C, D, tb + m * dvp, z, Zs, m);
         for (int v = 0; v < NV; v++) A[v] = load8(vr + (m + 4) * dvp + 8 * v);
-        window_step(NV, acc, B, C, D, A, tb + (m + 1) * dvp, z, Zs, m + 1);
+        window_step(NV, odd, B, C, D, A, tb + (m + 1) * dvp, z, Zs, m + 1);
         for (int v = 0; v < NV; v++) B[v] = load8(vr + (m + 5) * dvp + 8 * v);
         window_step(NV, acc, C, D, A, B, tb + (m + 2) * dvp, z, Zs, m + 2);
         for (int v = 0; v < NV; v++) C[v] = load8(vr + (m + 6) * dvp + 8 * v);
-        window_step(NV, acc, D, A, B, C, tb + (m + 3) * dvp, z, Zs, m + 3);
+        window_step(NV, odd, D, A, B, C, tb + (m + 3) * dvp, z, Zs, m + 3);
     }
+    if (NV == 1)
+        for (int j = 0; j < 4; j++) acc[j][0] += acc_odd[j][0];
     for (; m < W; m++)
         for (int j = 0; j < 4; j++) {
             const v8sf w = splat8(z[j * Zs + m]);
@@ -509,36 +563,26 @@ AI void rows_block(const int R, const AxialArgs* a, const Seq* s, int64_t i0, fl
     const float* rq = a->rqe + (L - 1 + U0);
     const float* rk = s->rke + (L - 1 + U0);
     PROF_START(t1);
-    int64_t m = 0;
-    if (WIDE == 4)
-        for (; m + 32 <= W8; m += 32) logits(R, WIDE, dk, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, m);
-    for (; m + 16 <= W8; m += 16) logits(R, 2, dk, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, m);
-    if (m < W8) logits(R, 1, dk, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, m);
+    /* row j's offsets are [first_j, end_j) of the window [0, W8) */
+    int64_t first[MAXR], end[MAXR], first_max = 0, end_min = W8;
+    v8sf mv[MAXR], sum[MAXR];
+    for (int j = 0; j < R; j++) {
+        first[j] = lo[j] - U0;
+        end[j] = hi[j] - U0;
+        first_max = imax(first_max, first[j]);
+        end_min = imin(end_min, end[j]);
+        mv[j] = splat8(-1e30f);
+        sum[j] = splat8(0.0f);
+    }
+    /* the small depths of Axial-ResNets' first stages as constants: loops over channels unrolled */
+    if (dk == 4) all_logits(R, 4, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, W8, first, end, first_max, end_min, mv);
+    else if (dk == 8) all_logits(R, 8, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, W8, first, end, first_max, end_min, mv);
+    else all_logits(R, dk, Jp, s->Lk, rq, rk, kb, qa, qb, z, Zs, W8, first, end, first_max, end_min, mv);
     PROF_ADD(1, t1);
     PROF_START(t2);
     float inv[MAXR];
     {
-        /* offsets outside row j's span, [0, lo_j - U0) and [hi_j - U0, W8): -1e30 before the
-           max, so exactly 0 after exp2 */
-        const v8si lane = {0, 1, 2, 3, 4, 5, 6, 7};
-        v8sf mv[MAXR], sum[MAXR];
-        for (int j = 0; j < R; j++) {
-            float* zj = z + j * Zs;
-            const int64_t first = lo[j] - U0, end = hi[j] - U0;
-            for (int64_t p = 0; p < first; p += 8) {
-                const v8si idx = lane + (int32_t)p;
-                store8(zj + p, select8(idx >= (int32_t)first, load8(zj + p), splat8(-1e30f)));
-            }
-            for (int64_t p = end & ~(int64_t)7; p < W8; p += 8) {
-                const v8si idx = lane + (int32_t)p;
-                store8(zj + p, select8(idx < (int32_t)end, load8(zj + p), splat8(-1e30f)));
-            }
-            mv[j] = load8(zj);
-            sum[j] = splat8(0.0f);
-        }
-        for (int64_t p = 8; p < W8; p += 8)
-            for (int j = 0; j < R; j++) mv[j] = max8(mv[j], load8(z + j * Zs + p));
-        for (int j = 0; j < R; j++) mv[j] = splat8(hmax8(mv[j]));
+        for (int j = 0; j < R; j++) mv[j] = allmax8(mv[j]);
         for (int64_t p = 0; p < W8; p += 8)
             for (int j = 0; j < R; j++) {
                 const v8sf e = exp2_8z(load8(z + j * Zs + p) - mv[j]);
@@ -591,7 +635,9 @@ int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* 
     geometry(a, &s);
     float* z = scratch;
     float* slots = z + MAXR * s.Zs;
-    memset(z, 0, sizeof(float) * MAXR * s.Zs);
+    /* logit rows, and the slots' zero padding (keys and values before and after the sequence,
+       value channels dv..dvp-1), which no copy writes: zeroed once for every sequence-head */
+    memset(z, 0, sizeof(float) * axial_attention_scratch_floats(a));
     int64_t g_h = -1, g_n0 = 0, g_count = 0, current = -1;
     int64_t r = r0;
     while (r < r1) {
@@ -599,26 +645,38 @@ int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* 
         if (hn != current) {
             const int64_t h = s.group > 1 ? hn / a->nseq : hn % a->heads;
             const int64_t n = s.group > 1 ? hn % a->nseq : hn / a->heads;
-            if (h != g_h || n < g_n0 || n >= g_n0 + g_count) {
-                PROF_START(t0);
-                const int64_t nb = n / a->n_inner, ni = n % a->n_inner;
-                const float* base = a->qkv + nb * a->s_b + ni * a->s_n + h * a->s_h;
-                g_h = h;
-                g_n0 = n;
-                g_count = 1;
-                if (s.group == GROUP && ni + GROUP <= a->n_inner) {
-                    load_group(a, &s, base, slots);
-                    g_count = GROUP;
-                } else {
-                    load_one(a, &s, base, slots);
-                    if (n + 1 < a->nseq) {  /* the same head of the next sequence */
-                        const int64_t nb1 = (n + 1) / a->n_inner, ni1 = (n + 1) % a->n_inner;
-                        prefetch_sequence(a, a->qkv + nb1 * a->s_b + ni1 * a->s_n + h * a->s_h);
-                    }
+            if (s.head_group > 1) {
+                if (n != g_n0 || g_count == 0) {
+                    PROF_START(t0);
+                    const int64_t nb = n / a->n_inner, ni = n % a->n_inner;
+                    load_heads(a, &s, a->qkv + nb * a->s_b + ni * a->s_n, slots);
+                    g_n0 = n;
+                    g_count = 1;
+                    PROF_ADD(0, t0);
                 }
-                PROF_ADD(0, t0);
+                use_sequence(a, &s, n, h, slots + h * s.slot);
+            } else {
+                if (h != g_h || n < g_n0 || n >= g_n0 + g_count) {
+                    PROF_START(t0);
+                    const int64_t nb = n / a->n_inner, ni = n % a->n_inner;
+                    const float* base = a->qkv + nb * a->s_b + ni * a->s_n + h * a->s_h;
+                    g_h = h;
+                    g_n0 = n;
+                    g_count = 1;
+                    if (s.group == GROUP && ni + GROUP <= a->n_inner) {
+                        load_group(a, &s, base, slots);
+                        g_count = GROUP;
+                    } else {
+                        load_one(a, &s, base, slots);
+                        if (n + 1 < a->nseq) {  /* the same head of the next sequence */
+                            const int64_t nb1 = (n + 1) / a->n_inner, ni1 = (n + 1) % a->n_inner;
+                            prefetch_sequence(a, a->qkv + nb1 * a->s_b + ni1 * a->s_n + h * a->s_h);
+                        }
+                    }
+                    PROF_ADD(0, t0);
+                }
+                use_sequence(a, &s, n, h, slots + (n - g_n0) * s.slot);
             }
-            use_sequence(a, &s, n, h, slots + (n - g_n0) * s.slot);
             current = hn;
         }
         if (i + 4 <= a->Lq && r + 4 <= r1) { rows_4(a, &s, i, z); r += 4; }
