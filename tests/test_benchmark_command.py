@@ -102,3 +102,14 @@ def test_script_report_prints_the_table_and_writes_every_row(tmp_path, capsys):
     assert "1x16x6x5" in capsys.readouterr().out
     saved = json.loads(path.read_text())
     assert [(r["case"], r["impl"], r["median_ms"]) for r in saved] == [("1x16x6x5", "fast", 1.5)]
+
+
+def test_no_tf32_turns_tf32_off_for_the_run_and_json_keeps_the_machine(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # restored after the test
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--quick", "--only", "postprocess", "--repeats", "1", "--no-tf32",
+                 "--json", str(out)]) == 0
+    assert torch.backends.cudnn.allow_tf32 is False
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["device"] == "cpu" and saved["triton_configs"] == {}
+    assert [r["group"] for r in saved["results"]] == ["post-processing"]
