@@ -379,6 +379,33 @@ static void use_sequence(const AxialArgs* a, Seq* s, int64_t n, int64_t h, const
     s->out2 = a->out2 ? a->out2 + nb * a->o_bs + ni * a->o_ns + h * a->o_hs : 0;
 }
 
+/* acc[j][v] = sum_c k_j[c][m0 + 8v + .] (qa[j][c] + ck rk[c][.]) + qb[j][c] rq[c][.]: the logits of
+   R rows over 8*NK offsets (key row j read at its own shift kb[j], rows ks apart; qa, qb rows MAXDK
+   apart), each table vector loaded once for all the rows. The forward's logits and the backward's
+   recomputation share it. */
+AI void logit_sums(const int R, const int NK, int64_t dk, int64_t Jp, int64_t ks, const float* rq,
+                   const float* rk, v8sf ck, const float* const* kb, const float* qa, const float* qb,
+                   int64_t m0, v8sf acc[][4]) {
+    for (int j = 0; j < R; j++)
+        for (int v = 0; v < NK; v++) acc[j][v] = splat8(0.0f);
+    for (int64_t c = 0; c < dk; c++) {
+        v8sf tq[4], tk[4];
+        for (int v = 0; v < NK; v++) {
+            tq[v] = load8(rq + c * Jp + m0 + 8 * v);
+            tk[v] = ck * load8(rk + c * Jp + m0 + 8 * v);
+            KEEP_IN_REGISTER(tq[v]);
+            KEEP_IN_REGISTER(tk[v]);
+        }
+        for (int j = 0; j < R; j++) {
+            const v8sf sa = splat8(qa[j * MAXDK + c]), sb = splat8(qb[j * MAXDK + c]);
+            for (int v = 0; v < NK; v++) {
+                acc[j][v] += load8(kb[j] + c * ks + m0 + 8 * v) * (sa + tk[v]);
+                acc[j][v] += sb * tq[v];
+            }
+        }
+    }
+}
+
 /* z[j][m] for m in [m0, m0 + 8*NK): similarity of row j with offset U0 + m, -1e30 outside the
    row's offsets [first_j, end_j) (so exactly 0 after exp2), and the lane-wise running maximum
    mv[j]. Only vectors that reach below max_j first_j or above min_j end_j are masked. */
@@ -387,24 +414,7 @@ AI void logits(const int R, const int NK, int64_t dk, int64_t Jp, int64_t Lk, co
                float* z, int64_t Zs, int64_t m0, const int64_t* first, const int64_t* end,
                int64_t first_max, int64_t end_min, v8sf* mv) {
     v8sf acc[MAXR][4];
-    for (int j = 0; j < R; j++)
-        for (int v = 0; v < NK; v++) acc[j][v] = splat8(0.0f);
-    for (int64_t c = 0; c < dk; c++) {
-        v8sf tq[4], tk[4];
-        for (int v = 0; v < NK; v++) {
-            tq[v] = load8(rq + c * Jp + m0 + 8 * v);
-            tk[v] = load8(rk + c * Jp + m0 + 8 * v);
-            KEEP_IN_REGISTER(tq[v]);
-            KEEP_IN_REGISTER(tk[v]);
-        }
-        for (int j = 0; j < R; j++) {
-            const v8sf sa = splat8(qa[j][c]), sb = splat8(qb[j][c]);
-            for (int v = 0; v < NK; v++) {
-                acc[j][v] += load8(kb[j] + c * Lk + m0 + 8 * v) * (sa + tk[v]);
-                acc[j][v] += sb * tq[v];
-            }
-        }
-    }
+    logit_sums(R, NK, dk, Jp, Lk, rq, rk, splat8(1.0f), kb, qa[0], qb[0], m0, acc);
     const v8si lane = {0, 1, 2, 3, 4, 5, 6, 7};
     for (int v = 0; v < NK; v++) {
         const int64_t at = m0 + 8 * v;
@@ -731,24 +741,7 @@ AI void back_logits(const int R, const int NK, int64_t dk, int64_t Jp, int64_t L
                     const float* rk, const float* const* kb, const BackRows* w, v8sf ckz, const int64_t* mlo,
                     const int64_t* mhi, float* pr, int64_t Zs, int64_t m0) {
     v8sf z[BROWS][4];
-    for (int j = 0; j < R; j++)
-        for (int v = 0; v < NK; v++) z[j][v] = splat8(0.0f);
-    for (int64_t c = 0; c < dk; c++) {
-        v8sf tq[4], tk[4];
-        for (int v = 0; v < NK; v++) {
-            tq[v] = load8(rq + c * Jp + m0 + 8 * v);
-            tk[v] = ckz * load8(rk + c * Jp + m0 + 8 * v);
-            KEEP_IN_REGISTER(tq[v]);
-            KEEP_IN_REGISTER(tk[v]);
-        }
-        for (int j = 0; j < R; j++) {
-            const v8sf sa = splat8(w->qa[j][c]), sb = splat8(w->qb[j][c]);
-            for (int v = 0; v < NK; v++) {
-                z[j][v] += load8(kb[j] + c * Lp + m0 + 8 * v) * (sa + tk[v]);
-                z[j][v] += sb * tq[v];
-            }
-        }
-    }
+    logit_sums(R, NK, dk, Jp, Lp, rq, rk, ckz, kb, w->qa[0], w->qb[0], m0, z);
     const v8si lane = {0, 1, 2, 3, 4, 5, 6, 7};
     for (int j = 0; j < R; j++)
         for (int v = 0; v < NK; v++) {
