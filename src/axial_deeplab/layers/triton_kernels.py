@@ -46,7 +46,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 __all__ = ["triton_available", "attend_triton", "attention_backward_triton", "axial_attention_triton",
-           "block_sizes", "dot_precision", "compile_for_gpu", "tuned_configs", "BLOCK_SIZES", "CONFIGS", "TABLE_GRAD_SLOTS"]
+           "block_sizes", "offset_window", "dot_precision", "compile_for_gpu", "tuned_configs",
+           "BLOCK_SIZES", "CONFIGS", "TABLE_GRAD_SLOTS"]
 
 _LOG2E = 1.0 / math.log(2.0)
 # (query rows, keys) per tile for both kernels, optionally with (num_warps, num_stages);
@@ -71,10 +72,20 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def offset_window(block_q: int, block_k: int, query_step: int = 1) -> int:
+    """JB: width of a tile's offset window, a power of two >= the BLOCK_K + (BLOCK_Q - 1) * step
+    offsets p - o its pairs take."""
+    return _pow2(block_k + (block_q - 1) * query_step)
+
+
+def _atomic_kv(lq: int, block_q: int) -> bool:
+    """k / v gradients need atomics when several query blocks add into the same key block."""
+    return -(-lq // block_q) > 1
+
+
 def block_sizes(length: int, query_step: int = 1) -> Tuple[int, int, int]:
     """(BLOCK_Q, BLOCK_K, JB): query rows and keys of a tile (at least 16 each, as
-    ``tl.dot`` needs), and the width of its offset window (a power of two >= the
-    BLOCK_K + (BLOCK_Q - 1) * step offsets the tile's pairs take)."""
+    ``tl.dot`` needs), and the width of its offset window (:func:`offset_window`)."""
     if BLOCK_SIZES is not None:
         block_q, block_k = (_pow2(b) for b in BLOCK_SIZES[:2])
     else:
@@ -83,7 +94,7 @@ def block_sizes(length: int, query_step: int = 1) -> Tuple[int, int, int]:
     lq = len(range(0, length, query_step))
     block_q = max(16, min(block_q, _pow2(lq)))
     block_k = max(16, min(block_k, _pow2(length)))
-    return block_q, block_k, _pow2(block_k + (block_q - 1) * query_step)
+    return block_q, block_k, offset_window(block_q, block_k, query_step)
 
 
 if triton is not None:
@@ -318,8 +329,8 @@ if triton is not None:
         tl.store(gscale_part + prog * 3 + 2, tl.sum(tl.sum(ga_kr, axis=1), axis=0))
 
 
-    def _tile_rows(args) -> int:  # offset-window width of a tile (see :func:`block_sizes`)
-        return _pow2(args["BLOCK_K"] + (args["BLOCK_Q"] - 1) * args["QSTEP"])
+    def _tile_rows(args) -> int:
+        return offset_window(args["BLOCK_Q"], args["BLOCK_K"], args["QSTEP"])
 
     def _prune(configs, named_args, **kwargs):
         """Drop tiles larger than the sequence needs (keep the smallest when all are)."""
@@ -352,7 +363,7 @@ def _tuned_kernels():
             configs, key=_TUNE_KEY, prune_configs_by=prune,
             reset_to_zero=["gqkv", "grq_part", "grk_part", "grv_part"])(
             triton.heuristics({"JB": _tile_rows,
-                               "ATOMIC_KV": lambda a: triton.cdiv(a["LQ"], a["BLOCK_Q"]) > 1})(_axial_backward_kernel))
+                               "ATOMIC_KV": lambda a: _atomic_kv(a["LQ"], a["BLOCK_Q"])})(_axial_backward_kernel))
     return _forward_tuned, _backward_tuned
 
 
@@ -379,6 +390,23 @@ def _autotuning(device: torch.device) -> bool:
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
+def _launch(backward: bool, args: tuple, layer, length: int, lq: int, query_step: int) -> int:
+    """One program per (sequence-head, query block): the autotuned kernel on a GPU, else tiles
+    from :func:`block_sizes`. Returns the BLOCK_Q that ran (the backward's partial sums need it)."""
+    nh, device = args[0].shape[0], args[0].device
+    options = {**_constants(layer), **_launch_options()}
+    if _autotuning(device):
+        tuned = _tuned_kernels()[int(backward)]
+        tuned[lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](*args, **options)
+        return tuned.best_config.kwargs["BLOCK_Q"]
+    block_q, block_k, jb = block_sizes(length, query_step)
+    kernel = _axial_backward_kernel if backward else _axial_forward_kernel
+    if backward:
+        options["ATOMIC_KV"] = _atomic_kv(lq, block_q)
+    kernel[(nh, triton.cdiv(lq, block_q))](*args, BLOCK_Q=block_q, BLOCK_K=block_k, JB=jb, **options)
+    return block_q
+
+
 def _table_offsets(layer, length: int, device) -> torch.Tensor:
     """Table row of each offset -(L-1)..L-1 (clipped to the reach D)."""
     d = layer.max_relative_distance
@@ -394,12 +422,17 @@ def _offset_tables(layer, length: int, dtype, device):
     return gather(layer.query_table), gather(layer.key_table), gather(layer.value_table)
 
 
+def _kernel_constants(dk: int, dv: int, terms, precision: str) -> dict:
+    """The compile-time constants both kernels take, tiles aside (depths padded for ``tl.dot``);
+    terms: (q.k, q.r^q, k.r^k, r^v) switched on."""
+    use_qk, use_qr, use_kr, use_rv = (bool(t) for t in terms)
+    return dict(DK=dk, DV=dv, DKP=max(16, _pow2(dk)), DVP=max(16, _pow2(dv)), DOT=precision,
+                USE_QK=use_qk, USE_QR=use_qr, USE_KR=use_kr, USE_RV=use_rv)
+
+
 def _constants(layer) -> dict:
-    """The compile-time constants both kernels take, tiles aside (depths padded for ``tl.dot``)."""
-    dk, dv = layer.key_depth, layer.value_depth
-    return dict(DK=dk, DV=dv, DKP=max(16, _pow2(dk)), DVP=max(16, _pow2(dv)), DOT=dot_precision(),
-                USE_QK=bool(layer.use_qk), USE_QR=bool(layer.use_query_rpe),
-                USE_KR=bool(layer.use_key_rpe), USE_RV=bool(layer.use_value_rpe))
+    terms = (layer.use_qk, layer.use_query_rpe, layer.use_key_rpe, layer.use_value_rpe)
+    return _kernel_constants(layer.key_depth, layer.value_depth, terms, dot_precision())
 
 
 def _radius(layer) -> int:
@@ -432,13 +465,7 @@ def attend_triton(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: in
     lse = torch.empty(nh, lq, device=device)
     args = (qkv, _placeholder(rqe, device), _placeholder(rke, device), _placeholder(rve, device), scale,
             sv, _placeholder(sve, device), lse, length, lq, query_step, _radius(layer), layer.num_heads, c2h)
-    if _autotuning(device):
-        _tuned_kernels()[0][lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](
-            *args, **_constants(layer), **_launch_options())
-    else:
-        block_q, block_k, jb = block_sizes(length, query_step)
-        _axial_forward_kernel[(nh, triton.cdiv(lq, block_q))](
-            *args, BLOCK_Q=block_q, BLOCK_K=block_k, JB=jb, **_constants(layer), **_launch_options())
+    _launch(False, args, layer, length, lq, query_step)
     if return_lse:
         return sv, sve, lse
     return sv, sve
@@ -488,16 +515,7 @@ def attention_backward_triton(layer, query_step: int, qkv: torch.Tensor, scales:
     args = (x, ptr(rqe), ptr(rke), ptr(rve), scale, nscale, lse.detach().to(f32).contiguous(), delta,
             g_sv, ptr(g_sve), g_qkv, ptr(g_rq_part), ptr(g_rk_part), ptr(g_rv_part), g_scale_part,
             length, lq, query_step, _radius(layer), heads, c2h, slots)
-    if _autotuning(device):
-        tuned = _tuned_kernels()[1]
-        tuned[lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](*args, **_constants(layer), **_launch_options())
-        block_q = tuned.best_config.kwargs["BLOCK_Q"]
-    else:
-        block_q, block_k, jb = block_sizes(length, query_step)
-        _axial_backward_kernel[(nh, triton.cdiv(lq, block_q))](
-            *args, BLOCK_Q=block_q, BLOCK_K=block_k, JB=jb, ATOMIC_KV=triton.cdiv(lq, block_q) > 1,
-            **_constants(layer), **_launch_options())
-    num_qb = triton.cdiv(lq, block_q)
+    num_qb = triton.cdiv(lq, _launch(True, args, layer, length, lq, query_step))
 
     # Deterministic reductions of the partial sums, back to the parameters' rows.
     g_scales = g_scale_part[: nh * num_qb].view(nh // heads, heads, num_qb, 3).sum((0, 2)).t()
@@ -554,10 +572,8 @@ def compile_for_gpu(kernel: str, *, key_depth: int = 16, value_depth: int = 32, 
                     else (_axial_backward_kernel, _BACKWARD_POINTERS))
     constexprs = {fn.arg_names[i] for i in fn.constexprs}
     ints = [n for n in fn.arg_names if n not in pointers and n not in constexprs]
-    use_qk, use_qr, use_kr, use_rv = terms
-    const = dict(DK=key_depth, DV=value_depth, DKP=max(16, _pow2(key_depth)), DVP=max(16, _pow2(value_depth)),
-                 BLOCK_Q=block_q, BLOCK_K=block_k, JB=_pow2(block_k + (block_q - 1) * query_step), DOT=precision,
-                 USE_QK=use_qk, USE_QR=use_qr, USE_KR=use_kr, USE_RV=use_rv)
+    const = dict(_kernel_constants(key_depth, value_depth, terms, precision),
+                 BLOCK_Q=block_q, BLOCK_K=block_k, JB=offset_window(block_q, block_k, query_step))
     if kernel != "forward":
         const["ATOMIC_KV"] = True
     signature = {n: "*fp32" for n in pointers}
