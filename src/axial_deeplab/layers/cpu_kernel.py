@@ -1009,12 +1009,12 @@ static void transpose_rows(float* x, int64_t xs, int64_t L, int64_t nch, float* 
     const int64_t L8 = L & ~(int64_t)7, n8 = nch & ~(int64_t)7;
     for (int64_t p = 0; p < L8; p += 8)
         for (int64_t ch = 0; ch < n8; ch += 8) {
-            v8sf r[8];
             if (to_rows) {
-                for (int i = 0; i < 8; i++) r[i] = load8(x + (p + i) * xs + ch);
-                transpose8(r);
-                for (int g = 0; g < 8; g++) store8(rows[ch + g] + p, r[g]);
+                float* dst[8];
+                for (int g = 0; g < 8; g++) dst[g] = rows[ch + g] + p;
+                scatter8(x + p * xs + ch, xs, 8, 8, dst, 0);
             } else {
+                v8sf r[8];
                 for (int g = 0; g < 8; g++) r[g] = load8(rows[ch + g] + p);
                 transpose8(r);
                 for (int i = 0; i < 8; i++) store8(x + (p + i) * xs + ch, r[i]);
