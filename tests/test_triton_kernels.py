@@ -26,7 +26,7 @@ pytest.importorskip("triton", reason="the optional package triton is not install
 from axial_deeplab.layers import PositionSensitiveAxialAttention  # noqa: E402
 from axial_deeplab.layers import memory_efficient as ME  # noqa: E402
 from axial_deeplab.layers import triton_kernels as TK  # noqa: E402
-from attention_testing import randomize_batch_norms
+from attention_testing import close_scaled, randomize_batch_norms
 
 
 # --------------------------------------------------------------------------- helpers
@@ -59,21 +59,15 @@ def run_layer(layer, impl, x, mode):
     return y.detach(), grads, buffers
 
 
-def assert_close_scaled(a, b, tol, what):
-    assert a is not None and b is not None, f"{what}: missing"
-    scale = max(1.0, float(b.abs().max()))
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
-
-
 def assert_equal_runs(got, want, tol, what):
     y, grads, buffers = got
     y_ref, grads_ref, buffers_ref = want
-    assert_close_scaled(y, y_ref, tol, f"{what}: output")
+    close_scaled(y, y_ref, tol, f"{what}: output")
     assert grads.keys() == grads_ref.keys()
     for name in grads_ref:
-        assert_close_scaled(grads[name], grads_ref[name], tol, f"{what}: grad {name}")
+        close_scaled(grads[name], grads_ref[name], tol, f"{what}: grad {name}")
     for name in buffers_ref:
-        assert_close_scaled(buffers[name].double(), buffers_ref[name].double(), tol, f"{what}: buffer {name}")
+        close_scaled(buffers[name].double(), buffers_ref[name].double(), tol, f"{what}: buffer {name}")
 
 
 def compare_layer(kwargs, hw, modes, tol=1e-5, device="cpu", **layer_kw):
@@ -113,7 +107,7 @@ def compare_backward(kwargs, length, step, dk, dv, tol=1e-5, device="cpu", **kw)
             assert a is None, f"{name}: gradient of a switched-off table"
             continue
         assert a.shape == b.shape, (name, a.shape, b.shape)
-        assert_close_scaled(a, b, tol, f"backward {kwargs} L={length} step={step}: {name}")
+        close_scaled(a, b, tol, f"backward {kwargs} L={length} step={step}: {name}")
     # The backward must see real gradients (a nonzero table gradient, q, k and v).
     assert float(got[0].abs().max()) > 0
 
