@@ -183,6 +183,12 @@ def _interpreter_main():
         except Exception:
             results[name] = traceback.format_exc()[-3000:]
     results["autotuned-launch"] = _check_autotuned_launch(traceback)
+    for name, check in SELF_CHECKS.items():
+        try:
+            check()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()[-3000:]
     print("RESULTS " + json.dumps(results))
 
 
@@ -208,6 +214,87 @@ def _check_autotuned_launch(traceback):
         TK._forward_tuned = TK._backward_tuned = None
 
 
+def _perturbed(fn, which):
+    """``fn`` with one value of its result ``which`` (an index into the returned tuple) moved."""
+    def wrong(*args, **kwargs):
+        out = list(fn(*args, **kwargs))
+        out[which] = out[which].clone()
+        out[which].view(-1)[3] += 0.5
+        return tuple(out)
+    return wrong
+
+
+def _check_self_check_passes():
+    TK.BLOCK_SIZES = None
+    assert TK.self_check(torch.device("cpu")) is None
+    assert TK.BLOCK_SIZES is None, "the self-check must restore the tiles"
+
+
+def _check_self_check_catches(target, which, expect):
+    """A planted error in the forward's output or the backward's gradients fails the check,
+    and the reason names what differed."""
+    saved = getattr(TK, target)
+    setattr(TK, target, _perturbed(saved, which))
+    try:
+        reason = TK.self_check(torch.device("cpu"))
+    finally:
+        setattr(TK, target, saved)
+    assert reason is not None and expect in reason, reason
+
+
+def _check_untrusted_device_falls_back():
+    """impl="triton" on a device whose self-check fails warns once and gives the reference's
+    results (the PyTorch path ran); on a device that passes, the kernels run."""
+    import warnings
+
+    saved = TK.SELF_CHECK_DEVICE_TYPES, TK.attend_triton, dict(TK._TRUST), TK.self_check
+    calls = {"n": 0}
+    checks = []
+
+    def failing_check(device):  # what self_check returns for a wrong kernel (tested above)
+        checks.append(device)
+        return "planted failure"
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return saved[1](*args, **kwargs)
+
+    try:
+        TK.SELF_CHECK_DEVICE_TYPES = ("cpu",)
+        layer = make_layer(dict(axis="width", span=5))
+        x = torch.randn(2, layer.in_channels, 2, 9, generator=torch.Generator().manual_seed(2))
+        TK._TRUST.clear()
+        TK.attend_triton, TK.self_check = _perturbed(counting, 0), failing_check
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = run_layer(layer, "triton", x, "train")
+            run_layer(layer, "triton", x, "train")
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(checks) == 1, "the self-check must run once per device"
+        assert len(messages) == 1 and "planted failure" in messages[0], messages
+        assert calls["n"] == 0, "the untrusted kernels ran after the failed check"
+        assert_equal_runs(got, run_layer(layer, "reference", x, "train"), 1e-5, "fallback")
+        TK._TRUST.clear()
+        TK.attend_triton, TK.self_check = counting, lambda device: None
+        got = run_layer(layer, "triton", x, "train")
+        assert calls["n"] > 0, "the kernels did not run on a device that passed"
+        assert_equal_runs(got, run_layer(layer, "reference", x, "train"), 1e-5, "trusted")
+    finally:
+        TK.SELF_CHECK_DEVICE_TYPES, TK.attend_triton = saved[:2]
+        TK.self_check = saved[3]
+        TK._TRUST.clear()
+        TK._TRUST.update(saved[2])
+
+
+SELF_CHECKS = {
+    "self-check-passes": _check_self_check_passes,
+    "self-check-catches-forward-error": lambda: _check_self_check_catches("attend_triton", 0, "output"),
+    "self-check-catches-backward-error": lambda: _check_self_check_catches(
+        "attention_backward_triton", 2, "gradient of query_table"),
+    "untrusted-device-falls-back": _check_untrusted_device_falls_back,
+}
+
+
 _SUBPROCESS = """
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"
@@ -227,12 +314,27 @@ def interpreter_results():
     return json.loads(lines[-1][len("RESULTS "):])
 
 
-@pytest.mark.parametrize("check", list(LAYER_CHECKS) + list(BACKWARD_CHECKS) + ["autotuned-launch"])
+@pytest.mark.parametrize("check", list(LAYER_CHECKS) + list(BACKWARD_CHECKS) + ["autotuned-launch"]
+                         + list(SELF_CHECKS))
 def test_triton_through_the_interpreter(interpreter_results, check):
     assert interpreter_results.get(check) == "ok", interpreter_results.get(check, "check did not run")
 
 
 # --------------------------------------------------------------------------- GPU
+@pytest.fixture(autouse=True)
+def _no_fallback_on_gpu(monkeypatch):
+    """The GPU comparisons must run the kernels: no self-check that could swap in the PyTorch
+    path (and so pass by comparing the reference with itself)."""
+    monkeypatch.setattr(TK, "SELF_CHECK_DEVICE_TYPES", ())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "3xtf32"])
+def test_triton_self_check_passes_on_gpu(tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    assert TK.self_check(torch.device("cuda")) is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")
 @pytest.mark.parametrize("kwargs", [dict(axis="height", max_relative_distance=20),
                                     dict(axis="width", span=7),

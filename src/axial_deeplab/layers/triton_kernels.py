@@ -23,6 +23,10 @@ products like cuDNN's, or with it off "tf32x3" (three TF32 products: float32 acc
 still on tensor cores; Triton's exact "ieee" dot fails to compile with these gathers in
 Triton 3.9, and would run on the CUDA cores).
 
+The first layer on each GPU runs :func:`self_check` (a tiny layer against the reference
+on that GPU): should the kernels ever compute wrong on a GPU / Triton they were not tested
+on, the layer warns and runs the PyTorch memory-efficient path instead.
+
 Tile sizes, warps and pipeline stages are tuned on the GPU by ``triton.autotune`` at the
 first call of each shape (:data:`CONFIGS`); :data:`BLOCK_SIZES` fixes them instead (tests,
 the interpreter). Triton is optional: without it this module registers nothing. On a CPU
@@ -32,6 +36,7 @@ architecture without one (registers, spills, shared memory).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -47,7 +52,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = ["triton_available", "attend_triton", "attention_backward_triton", "axial_attention_triton",
            "block_sizes", "offset_window", "dot_precision", "compile_for_gpu", "tuned_configs",
-           "BLOCK_SIZES", "CONFIGS", "TABLE_GRAD_SLOTS"]
+           "self_check", "trusted", "BLOCK_SIZES", "CONFIGS", "TABLE_GRAD_SLOTS"]
 
 _LOG2E = 1.0 / math.log(2.0)
 # (query rows, keys) per tile for both kernels, optionally with (num_warps, num_stages);
@@ -537,7 +542,16 @@ def attention_backward_triton(layer, query_step: int, qkv: torch.Tensor, scales:
 def axial_attention_triton(layer, x: torch.Tensor) -> torch.Tensor:
     """``impl="triton"``: the Triton forward; in training, the memory-efficient autograd
     function with the Triton backward (both kernels fused, nothing kept but the inputs,
-    the small outputs and one log-sum-exp per row)."""
+    the small outputs and one log-sum-exp per row). On a device where the kernels failed
+    :func:`self_check`, the PyTorch memory-efficient path instead (after one warning)."""
+    if not trusted(x.device):
+        from .memory_efficient import axial_attention_memory_efficient
+
+        return axial_attention_memory_efficient(layer, x)
+    return _triton_layer(layer, x)
+
+
+def _triton_layer(layer, x: torch.Tensor) -> torch.Tensor:
     from .fast_cpu import run_layer
     from .memory_efficient import memory_efficient_core
 
@@ -546,6 +560,87 @@ def axial_attention_triton(layer, x: torch.Tensor) -> torch.Tensor:
                                      backward_fn=attention_backward_triton)
 
     return run_layer(layer, x, core)
+
+
+# --------------------------------------------------------------------------- self-check
+# Device types whose first Triton layer runs :func:`self_check` (tests add "cpu", where the
+# kernels run through the interpreter). AXIAL_DEEPLAB_TRITON_SELF_CHECK=0 skips the check.
+SELF_CHECK_DEVICE_TYPES = ("cuda",)
+_TRUST: dict = {}  # (device, dot precision) -> passed
+
+
+def trusted(device: torch.device) -> bool:
+    """Whether the Triton kernels may run on ``device``: :func:`self_check` once per process,
+    device and product precision; a failure warns once, naming the reason."""
+    if (device.type not in SELF_CHECK_DEVICE_TYPES
+            or os.environ.get("AXIAL_DEEPLAB_TRITON_SELF_CHECK", "1") in ("0", "false", "no")):
+        return True
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dot_precision())
+    if key not in _TRUST:
+        reason = self_check(device)
+        _TRUST[key] = reason is None
+        if reason is not None:
+            import warnings
+
+            warnings.warn(
+                f"impl='triton': the Triton kernels failed their self-check on {device} ({reason}); "
+                f"this process runs the PyTorch memory-efficient path there instead (same results, "
+                f"slower). Please report it with the output of `axial-deeplab info`.", RuntimeWarning)
+    return _TRUST[key]
+
+
+def self_check(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot be trusted on ``device``, or None when they pass.
+
+    Why: a kernel that compiles can still compute wrong on a GPU, Triton or driver it was
+    never tested on, and the layer must not give a silent wrong answer. A tiny layer (L = 37
+    in tiles of 16: several query and key blocks, the atomic k/v path, tables clipped
+    beyond their reach, and a local span that skips key blocks) runs forward and backward
+    in training, and forward in eval, through the kernels and through the reference
+    equation on the same device; outputs and every gradient must agree (TF32 products:
+    within 3e-2 of the largest value, else 1e-3). Fixed tiles keep it to two compiles."""
+    from .axial_attention import PositionSensitiveAxialAttention
+    from .reference import axial_attention_reference
+
+    global BLOCK_SIZES
+    tol = 3e-2 if dot_precision() == "tf32" else 1e-3
+    saved = BLOCK_SIZES
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
+                torch.autocast(device.type, enabled=False):
+            torch.manual_seed(0)
+            BLOCK_SIZES = (16, 16, 4, 1)
+            gen = torch.Generator().manual_seed(1)
+            x = torch.randn(1, 8, 2, 37, generator=gen).to(device)
+            g = torch.randn(1, 16, 2, 37, generator=gen).to(device)
+            for span in (None, 7):
+                layer = PositionSensitiveAxialAttention(8, 16, axis="width", num_heads=2, span=span,
+                                                        max_relative_distance=20).to(device)
+                runs = {}
+                for name, fn in (("triton", _triton_layer), ("reference", axial_attention_reference)):
+                    probe = copy.deepcopy(layer)
+                    xi = x.clone().requires_grad_(True)
+                    y = fn(probe, xi)
+                    (y * g).sum().backward()
+                    probe.eval()
+                    with torch.no_grad():
+                        y_eval = fn(probe, x)
+                    runs[name] = {"output": y.detach(), "eval output": y_eval, "input gradient": xi.grad,
+                                  **{f"gradient of {n}": p.grad for n, p in probe.named_parameters()}}
+                for what, want in runs["reference"].items():
+                    got = runs["triton"][what]
+                    bound = tol * max(1.0, float(want.abs().max()))
+                    err = float((got - want).abs().max()) if got is not None else float("inf")
+                    if not err <= bound:
+                        span_name = "global span" if span is None else f"span {span}"
+                        return f"{what}, {span_name}: max difference {err:.3g} > {bound:.3g}"
+    except Exception as exc:  # a compile or launch failure is a failed check, not a crash
+        return f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        BLOCK_SIZES = saved
+    return None
 
 
 # --------------------------------------------------------------------------- without a GPU
