@@ -584,10 +584,12 @@ def trusted(device: torch.device) -> bool:
         if reason is not None:
             import warnings
 
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
             warnings.warn(
                 f"impl='triton': the Triton kernels failed their self-check on {device} ({reason}); "
                 f"this process runs the PyTorch memory-efficient path there instead (same results, "
-                f"slower). Please report it with the output of `axial-deeplab info`.", RuntimeWarning)
+                f"slower). Please report it, with these versions: {name}, torch {torch.__version__}, "
+                f"triton {triton.__version__}.", RuntimeWarning)
     return _TRUST[key]
 
 
