@@ -17,6 +17,19 @@ def randomize_batch_norms(layer) -> None:
             bn.bias.normal_(0, 0.3)
 
 
+def eval_layer(in_ch, out_ch, heads, key_ch=None, seed=0, reach=5, **kwargs):
+    """A seeded eval-mode layer with BN state away from the defaults; global tables reach
+    ``reach`` unless given."""
+    from axial_deeplab.layers import PositionSensitiveAxialAttention
+
+    torch.manual_seed(seed)
+    if kwargs.get("span") is None:
+        kwargs.setdefault("max_relative_distance", reach)
+    layer = PositionSensitiveAxialAttention(in_ch, out_ch, num_heads=heads, key_channels=key_ch, **kwargs)
+    randomize_batch_norms(layer)
+    return layer.eval()
+
+
 def train_step(layer, impl, x, seed=5):
     """Forward + backward (of a fixed random projection of the output) of a training-mode copy
     of ``layer`` with ``impl``: (output, {"input" and parameter name: gradient}, buffers, copy)."""

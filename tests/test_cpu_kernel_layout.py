@@ -1,6 +1,6 @@
 """The compiled eval kernel reads the projection in the input's own memory layout and writes
 channels_last: NCHW and channels_last inputs on both axes, batches > 1 (two sequence
-strides), sequences loaded in groups of 8 with a partial group after them, key and value
+strides), position-major loading of every head of a sequence, key and value
 depths that are not multiples of 8, local spans, strides, non-contiguous input, rows split
 over threads, and the cache of folded constants following parameter changes. Every case is
 compared with the reference implementation (the plain equation)."""
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel
-from attention_testing import kernel_eval, randomize_batch_norms, reference_eval
+from axial_deeplab.layers import cpu_kernel
+from attention_testing import eval_layer, kernel_eval, reference_eval
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernel.available(),
@@ -19,12 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def make_layer(in_ch=10, out_ch=12, heads=2, key_ch=None, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    if kwargs.get("span") is None:
-        kwargs.setdefault("max_relative_distance", 6)
-    layer = PositionSensitiveAxialAttention(in_ch, out_ch, num_heads=heads, key_channels=key_ch, **kwargs)
-    randomize_batch_norms(layer)
-    return layer.eval()
+    return eval_layer(in_ch, out_ch, heads, key_ch, seed=seed, reach=6, **kwargs)
 
 
 def assert_close(y, want):
@@ -35,7 +30,7 @@ def assert_close(y, want):
 # (id, layer kwargs, input (B, H, W)). Layer widths: (in, out, heads, key channels) below.
 CASES = [
     ("global-batch3", dict(), (3, 11, 13)),
-    ("global-group-and-rest", dict(), (2, 9, 21)),  # 21 columns: two groups of 8 and a rest of 5
+    ("global-21-columns", dict(), (2, 9, 21)),
     ("local-span5", dict(span=5), (2, 12, 10)),
     ("stride2-subsample", dict(stride=2), (2, 9, 10)),
     ("stride2-avgpool", dict(stride=2, stride_mode="avgpool"), (2, 7, 9)),
@@ -87,7 +82,7 @@ def test_non_contiguous_input():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_rows_split_over_threads(layout):
     # 2 x 22 sequences x 2 heads x 20 rows over three threads: the splits fall inside a
-    # sequence and inside a group of 8
+    # sequence
     layer = make_layer(axis="height")
     x = torch.randn(2, 10, 20, 22, generator=torch.Generator().manual_seed(5))
     if layout == "channels_last":

@@ -8,9 +8,9 @@ folded into the term scales) and both retrievals while the rows sit in L1 cache.
 in offset ("skewed") coordinates u = p - o: the four rows share every load of the offset
 tables and read the keys and values at a per-row shift. Two entry points:
 :func:`forward_eval`, the whole layer in inference (BN folded into the projection, one
-matrix product in the input's own memory layout whose result the kernel reads through
-strides, output BN folded into the values, the value table and the kernel's store, output
-written channels_last), and :func:`attend_eval`, the contract of :func:`.fast_cpu.attend`,
+matrix product per image that reads the input in its own memory layout and writes
+position-major qkv, output BN folded into the values, the value table and the kernel's store,
+output written channels_last), and :func:`attend_eval`, the contract of :func:`.fast_cpu.attend`,
 used by the forward of the memory-efficient training function (it also returns each
 row's log-sum-exp). The training backward (:func:`attention_backward`, and
 :func:`backward_strided` for operands in any strided layout) recomputes each row's
@@ -169,7 +169,7 @@ uint64_t axial_bprofile[6]; /* backward: row inputs, pass 1, key pass 2, value p
 #endif
 
 typedef struct {
-    int64_t L, Lk, pad, Zs, dvp, rad, slot, group, head_group;
+    int64_t L, Lk, pad, Zs, dvp, rad, slot, head_group;
     const float *kt, *vt, *q, *rke, *rvt, *beta; /* q: the sequence's queries, (dk, L) */
     float *out, *out2;
     int64_t n, h;
@@ -178,7 +178,6 @@ typedef struct {
 static int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-#define GROUP 8 /* sequences loaded together when adjacent in memory (s_n == 1) */
 #define HEAD_GROUP_FLOATS (96 * 1024)
 
 static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
@@ -192,7 +191,6 @@ static void geometry(const AxialArgs* a, Seq* s) {
     s->Zs = round16(a->L + s->pad + 8);
     s->dvp = (a->dv + 7) & ~(int64_t)7;
     s->slot = a->dk * s->Lk + s->Lk * s->dvp + round16(a->dk * a->L);
-    s->group = (a->s_n == 1 && a->s_c != 1) ? GROUP : 1;
     /* position-major: every head of a sequence loaded in one pass over its positions, when their
        slots fit in half of a typical L2 */
     s->head_group = (a->s_c == 1 && a->heads > 1 && a->heads * s->slot <= HEAD_GROUP_FLOATS) ? a->heads : 1;
@@ -202,7 +200,7 @@ static void geometry(const AxialArgs* a, Seq* s) {
 int64_t axial_attention_scratch_floats(const AxialArgs* a) {
     Seq s;
     geometry(a, &s);
-    return MAXR * s.Zs + imax(s.group, s.head_group) * s.slot;
+    return MAXR * s.Zs + s.head_group * s.slot;
 }
 
 /* Asks for the lines of sequence-head data at base (read later) while the current one is
@@ -252,20 +250,16 @@ static inline void transpose8(v8sf* r) {
 
 /* x[i * xs + g] for i < n, g < ng (n, ng <= 8) -> dst[g][i]: whole 8x8 blocks by transposes
    in registers. Reads 8 floats at each x + i * xs (so the caller leaves 8 - ng readable after
-   them); next: lines to prefetch at the same offsets, or NULL. */
-static inline void scatter8(const float* x, int64_t xs, int n, int ng, float* const* dst, const float* next) {
+   them). */
+static inline void scatter8(const float* x, int64_t xs, int n, int ng, float* const* dst) {
     if (n == 8 && ng == 8) {
         v8sf r[8];
-        for (int i = 0; i < 8; i++) {
-            r[i] = load8(x + i * xs);
-            if (next) __builtin_prefetch(next + i * xs);
-        }
+        for (int i = 0; i < 8; i++) r[i] = load8(x + i * xs);
         transpose8(r);
         for (int g = 0; g < 8; g++) store8(dst[g], r[g]);
     } else {
         for (int i = 0; i < n; i++) {
             const v8sf v = load8(x + i * xs);
-            if (next) __builtin_prefetch(next + i * xs);
             for (int g = 0; g < ng; g++) dst[g][i] = v[g];
         }
     }
@@ -283,7 +277,7 @@ static void load_positions(const AxialArgs* a, const Seq* s, const float* base, 
         float* dst[8];
         for (int g = 0; g < ng; g++)
             dst[g] = c + g < dk ? qs + (c + g) * L + p : kt + (c + g - dk) * Lk + pad + p;
-        scatter8(base + p * sp + c, sp, n, ng, dst, 0);
+        scatter8(base + p * sp + c, sp, n, ng, dst);
     }
     for (int i = 0; i < n; i++) {
         const float* src = base + (p + i) * sp + 2 * dk;
@@ -323,7 +317,7 @@ static void load_one(const AxialArgs* a, const Seq* s, const float* base, float*
             for (int64_t p = 0; p < L8; p += 8) {
                 float* dst[8];
                 for (int g = 0; g < 8; g++) dst[g] = vt + (pad + p + g) * dvp + c;
-                scatter8(base + (2 * dk + c) * sc + p, sc, n, 8, dst, 0);
+                scatter8(base + (2 * dk + c) * sc + p, sc, n, 8, dst);
             }
             for (int i = 0; i < n; i++)
                 for (int64_t p = L8; p < L; p++) vt[(pad + p) * dvp + c + i] = base[(2 * dk + c + i) * sc + p];
@@ -337,31 +331,6 @@ static void load_one(const AxialArgs* a, const Seq* s, const float* base, float*
         for (int64_t c = 0; c < dv; c++)
             for (int64_t p = 0; p < L; p++) vt[(pad + p) * dvp + c] = base[(2 * dk + c) * sc + p * sp];
     }
-}
-
-/* GROUP sequences n..n+GROUP-1 adjacent in memory (s_n == 1, channel-major height): vector
-   loads across the sequences, transposed in registers. */
-static void load_group(const AxialArgs* a, const Seq* s, const float* base, float* slots) {
-    const int64_t L = a->L, dk = a->dk, dv = a->dv, Lk = s->Lk, pad = s->pad, dvp = s->dvp;
-    const int64_t sc = a->s_c, sp = a->s_p, slot = s->slot;
-    float* vt = slots + dk * Lk;
-    float* qs = vt + Lk * dvp;
-    float* dst[GROUP];
-    /* the group after next reads the next cache line of the same rows (16 floats on) */
-    for (int64_t c = 0; c < 2 * dk; c++)  /* q and k channels */
-        for (int64_t p = 0; p < L; p += 8) {
-            const int n = L - p < 8 ? (int)(L - p) : 8;
-            const float* x = base + c * sc + p * sp;
-            for (int g = 0; g < GROUP; g++)
-                dst[g] = c < dk ? qs + g * slot + c * L + p : slots + g * slot + (c - dk) * Lk + pad + p;
-            scatter8(x, sp, n, GROUP, dst, x + 16);
-        }
-    for (int64_t c = 0; c < dv; c += 8)
-        for (int64_t p = 0; p < L; p++) {
-            const float* x = base + (2 * dk + c) * sc + p * sp;
-            for (int g = 0; g < GROUP; g++) dst[g] = vt + g * slot + (pad + p) * dvp + c;
-            scatter8(x, sc, dv - c < 8 ? (int)(dv - c) : 8, GROUP, dst, x + 16);
-        }
 }
 
 /* Points s at sequence-head (n, h), whose copy is in slot. */
@@ -636,8 +605,32 @@ AI void rows_block(const int R, const AxialArgs* a, const Seq* s, int64_t i0, fl
 static void rows_4(const AxialArgs* a, const Seq* s, int64_t i0, float* z) { rows_block(4, a, s, i0, z); }
 static void rows_1(const AxialArgs* a, const Seq* s, int64_t i0, float* z) { rows_block(1, a, s, i0, z); }
 
-/* Rows [r0, r1) of the flattened (sequence, head, query) grid; (head, sequence, query) when
-   sequences are loaded in groups, so that consecutive groups share cache lines.
+/* Lines of a position-major sequence (every head) to fetch into L2 while the current one is
+   computed, a few before each block of rows: the copy of a sequence then finds its lines in L2
+   (measured at 1x128x65x129: a third of the copy's time left; all asked for at once right
+   after the previous copy, nine tenths). */
+typedef struct {
+    const float* base;  /* the sequence's data, NULL when every line was asked for */
+    int64_t p, h, c;    /* the next line: position p, head h, 16 channels from c */
+    int64_t step;       /* lines per call */
+} Ahead;
+
+static void prefetch_ahead(const AxialArgs* a, Ahead* f) {
+    const int64_t c2h = 2 * a->dk + a->dv;
+    for (int64_t k = 0; k < f->step; k++) {
+        __builtin_prefetch(f->base + f->p * a->s_p + f->h * a->s_h + f->c, 0, 2);
+        if ((f->c += 16) < c2h) continue;
+        f->c = 0;
+        if (++f->h < a->heads) continue;
+        f->h = 0;
+        if (++f->p == a->L) {
+            f->base = 0;
+            return;
+        }
+    }
+}
+
+/* Rows [r0, r1) of the flattened (sequence, head, query) grid.
    scratch: axial_attention_scratch_floats(a) floats. */
 int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* scratch) {
     if (a->dk > MAXDK || a->Jp < 2 * a->L + 7) return 1;
@@ -648,47 +641,40 @@ int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* 
     /* logit rows, and the slots' zero padding (keys and values before and after the sequence,
        value channels dv..dvp-1), which no copy writes: zeroed once for every sequence-head */
     memset(z, 0, sizeof(float) * axial_attention_scratch_floats(a));
-    int64_t g_h = -1, g_n0 = 0, g_count = 0, current = -1;
+    int64_t loaded = -1, current = -1; /* the sequence whose heads are in the slots; the row's (n, h) */
+    /* every head at once (position-major): the next sequence's lines spread over the current
+       one's blocks of rows */
+    Ahead ahead = {0, 0, 0, 0, 0};
+    if (s.head_group > 1)
+        ahead.step = a->L * ((2 * a->dk + a->dv + 15) / 16) / ((a->Lq + 3) / 4) + 1;
     int64_t r = r0;
     while (r < r1) {
         const int64_t hn = r / a->Lq, i = r % a->Lq;
         if (hn != current) {
-            const int64_t h = s.group > 1 ? hn / a->nseq : hn % a->heads;
-            const int64_t n = s.group > 1 ? hn % a->nseq : hn / a->heads;
+            const int64_t h = hn % a->heads, n = hn / a->heads;
+            const int64_t nb = n / a->n_inner, ni = n % a->n_inner;
+            const int64_t nb1 = (n + 1) / a->n_inner, ni1 = (n + 1) % a->n_inner; /* the next sequence */
+            PROF_START(t0);
             if (s.head_group > 1) {
-                if (n != g_n0 || g_count == 0) {
-                    PROF_START(t0);
-                    const int64_t nb = n / a->n_inner, ni = n % a->n_inner;
+                if (n != loaded) {
                     load_heads(a, &s, a->qkv + nb * a->s_b + ni * a->s_n, slots);
-                    g_n0 = n;
-                    g_count = 1;
-                    PROF_ADD(0, t0);
+                    loaded = n;
+                    if (n + 1 < a->nseq) {
+                        const Ahead next = {a->qkv + nb1 * a->s_b + ni1 * a->s_n, 0, 0, 0, ahead.step};
+                        ahead = next;
+                    }
                 }
                 use_sequence(a, &s, n, h, slots + h * s.slot);
             } else {
-                if (h != g_h || n < g_n0 || n >= g_n0 + g_count) {
-                    PROF_START(t0);
-                    const int64_t nb = n / a->n_inner, ni = n % a->n_inner;
-                    const float* base = a->qkv + nb * a->s_b + ni * a->s_n + h * a->s_h;
-                    g_h = h;
-                    g_n0 = n;
-                    g_count = 1;
-                    if (s.group == GROUP && ni + GROUP <= a->n_inner) {
-                        load_group(a, &s, base, slots);
-                        g_count = GROUP;
-                    } else {
-                        load_one(a, &s, base, slots);
-                        if (n + 1 < a->nseq) {  /* the same head of the next sequence */
-                            const int64_t nb1 = (n + 1) / a->n_inner, ni1 = (n + 1) % a->n_inner;
-                            prefetch_sequence(a, a->qkv + nb1 * a->s_b + ni1 * a->s_n + h * a->s_h);
-                        }
-                    }
-                    PROF_ADD(0, t0);
-                }
-                use_sequence(a, &s, n, h, slots + (n - g_n0) * s.slot);
+                load_one(a, &s, a->qkv + nb * a->s_b + ni * a->s_n + h * a->s_h, slots);
+                if (n + 1 < a->nseq)  /* the same head of the next sequence */
+                    prefetch_sequence(a, a->qkv + nb1 * a->s_b + ni1 * a->s_n + h * a->s_h);
+                use_sequence(a, &s, n, h, slots);
             }
+            PROF_ADD(0, t0);
             current = hn;
         }
+        if (ahead.base) prefetch_ahead(a, &ahead);
         if (i + 4 <= a->Lq && r + 4 <= r1) { rows_4(a, &s, i, z); r += 4; }
         else { rows_1(a, &s, i, z); r += 1; }
     }
@@ -1012,7 +998,7 @@ static void transpose_rows(float* x, int64_t xs, int64_t L, int64_t nch, float* 
             if (to_rows) {
                 float* dst[8];
                 for (int g = 0; g < 8; g++) dst[g] = rows[ch + g] + p;
-                scatter8(x + p * xs + ch, xs, 8, 8, dst, 0);
+                scatter8(x + p * xs + ch, xs, 8, 8, dst);
             } else {
                 v8sf r[8];
                 for (int g = 0; g < 8; g++) r[g] = load8(rows[ch + g] + p);
@@ -1465,12 +1451,14 @@ def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     None when not applicable.
 
     The projection (BN and the output BN's value scale folded into its weights) is one
-    matrix product over the input's own memory layout: (C_out, C_in) x (C_in, HW) per image
-    for NCHW input gives channel-major qkv, (HW, C_in) x (C_in, C_out) for channels_last
-    input gives position-major qkv; the kernel reads either through strides. The kernel
-    writes a channels_last buffer, returned as an NCHW-shaped tensor in
-    ``torch.channels_last`` memory format, so the next layer of a pair reads it in place.
-    Constants folded from the parameters are kept until a parameter or statistic changes."""
+    matrix product per image, (HW, C_in) x (C_in, C_out), that reads NCHW and channels_last
+    input where it lies (BLAS takes the NCHW one as a transposed operand at the same speed)
+    and writes position-major qkv: the kernel loads every head of a sequence in one pass over
+    its positions, each a contiguous run of channels, and fetches the next sequence's lines
+    while it computes. The kernel writes a channels_last buffer, returned as an NCHW-shaped
+    tensor in ``torch.channels_last`` memory format, so the next layer of a pair reads it in
+    place. Constants folded from the parameters are kept until a parameter or statistic
+    changes."""
     if (torch.is_grad_enabled() or not _supported(layer, x) or torch.is_autocast_enabled("cpu")
             or not all(_eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output))):
         return None
@@ -1478,31 +1466,25 @@ def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     batch, cin, height, width = x.shape
     hw, c2h = height * width, 2 * dk + dv
     c2 = heads * c2h
-    if x.is_contiguous():
-        channel_major = True
-    elif x.is_contiguous(memory_format=torch.channels_last):
-        channel_major = False
-    else:
-        x, channel_major = x.contiguous(), True
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
 
     cache = _eval_cache(layer)
     if "projection" not in cache:
         cache["projection"] = _folded_projection(layer)
     w, shift, alpha_r, beta, sim_scales = cache["projection"]
 
-    if channel_major:  # qkv (B, c2, H, W), channel rows padded to 16 floats (BLAS is slow on odd ones)
-        row = -(-hw // 16) * 16
-        qkv = torch.empty(batch, c2, row)
-        xm = x.view(batch, cin, hw)
+    # qkv (B, H, W, c2), with 8 floats to spare after it (the kernel reads whole vectors of 8
+    # channels); positions: (B, HW, C_in), a view of either layout
+    positions = x.flatten(2).transpose(1, 2)
+    qkv = torch.empty(batch * hw * c2 + 8)[: batch * hw * c2].view(batch, hw, c2)
+    if positions.is_contiguous():  # channels_last: one product for the whole batch
+        torch.addmm(shift, positions.reshape(batch * hw, cin), w.t(), out=qkv.view(batch * hw, c2))
+    else:
         for b in range(batch):
-            torch.addmm(shift[:, None], w, xm[b], out=qkv[b, :, :hw])
-        s_b, s_h, s_c = c2 * row, c2h * row, row
-        s_w, s_hgt = 1, width  # strides of one step along W and along H
-    else:  # qkv (B, H, W, c2); the kernel reads whole vectors of 8 channels: 8 floats to spare
-        qkv = torch.empty(batch * hw * c2 + 8)[: batch * hw * c2].view(batch * hw, c2)
-        torch.addmm(shift, x.permute(0, 2, 3, 1).reshape(batch * hw, cin), w.t(), out=qkv)
-        s_b, s_h, s_c = hw * c2, c2h, 1
-        s_w, s_hgt = c2, width * c2
+            torch.addmm(shift, positions[b], w.t(), out=qkv[b])
+    s_b, s_h, s_c = hw * c2, c2h, 1
+    s_w, s_hgt = c2, width * c2  # strides of one step along W and along H
 
     step = layer.stride if layer.stride > 1 and layer.stride_mode == "subsample" else 1
     c = heads * dv
