@@ -24,6 +24,25 @@ def test_layer_rows_compare_every_impl_with_conv_and_reference():
     assert "conv3x3" in table and "memory_efficient" in table
 
 
+def test_interleaved_timing_runs_in_turns_and_reports_failures():
+    calls = []
+
+    def step(name, fail_at=None):
+        def run():
+            calls.append(name)
+            if len([c for c in calls if c == name]) == fail_at:
+                raise MemoryError("planted")
+        return run
+    timed = bench.time_interleaved({"a": step("a"), "b": step("b"), "c": step("c", fail_at=3)},
+                                   repeats=3, device=torch.device("cpu"))
+    # one warm-up each, then rounds a, b, c; c fails in the second round and is left out after it
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
+    assert [len(timed[n][2]) for n in ("a", "b")] == [3, 3] and timed["a"][0] >= 0
+    assert isinstance(timed["c"], MemoryError)
+    row = bench._measure("g", "case", "eval", "c", step("c"), 3, torch.device("cpu"), timed=timed["c"])
+    assert row.median_ms is None and "MemoryError: planted" in row.note
+
+
 def test_peak_memory_sees_a_large_temporary():
     def make():
         t = torch.ones(1 << 20)  # 4 MiB, freed when the function returns

@@ -5,7 +5,9 @@ The paper's weak point is speed: axial attention has about the multiply-adds of 
 kernels". This suite times, in one process and on the same inputs, the reference
 implementation (the plain equation), every registered fast path and a 3x3 conv of
 the same width, for height+width layer pairs (eval forward and train
-forward+backward), whole models, and the panoptic post-processing. It prints median
+forward+backward; the conv and the implementations run in turns, one call of each per
+round, so a host whose speed drifts slows both sides of a ratio alike), whole models, and
+the panoptic post-processing. It prints median
 wall times, ratios to the conv and to the reference, and peak memory; ``--json``
 writes everything with the machine it ran on.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from copy import deepcopy
 import os
 import sys
 import platform
@@ -81,6 +84,40 @@ def time_runs(fn: Callable[[], object], repeats: int, device: torch.device, warm
         walls.append((time.perf_counter() - t0) * 1e3)
         cpus.append((time.process_time() - c0) * 1e3)
     return statistics.median(walls), statistics.median(cpus), walls
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                     warmup: int = 1) -> Dict[str, tuple]:
+    """:func:`time_runs` of several functions in turns (one call of each per round), so that a
+    host whose speed drifts (other processes on shared cores) slows every side of a ratio
+    alike. A function that raises is left out of the later rounds and maps to its exception."""
+    results: Dict[str, object] = {}
+    live = dict(fns)
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as e:
+            results[name] = e
+            del live[name]
+    _sync(device)
+    walls: Dict[str, list] = {name: [] for name in live}
+    cpus: Dict[str, list] = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, fn in list(live.items()):
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                fn()
+                _sync(device)
+            except Exception as e:
+                results[name] = e
+                del live[name]
+                continue
+            walls[name].append((time.perf_counter() - t0) * 1e3)
+            cpus[name].append((time.process_time() - c0) * 1e3)
+    for name in live:
+        results[name] = (statistics.median(walls[name]), statistics.median(cpus[name]), walls[name])
+    return results
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -183,14 +220,20 @@ def _step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]
     return run
 
 
-def _measure(group, case, mode, impl, fn, repeats, device, with_memory=True, warmup=1) -> Result:
+def _measure(group, case, mode, impl, fn, repeats, device, with_memory=True, warmup=1, timed=None) -> Result:
+    """One row: times of ``fn`` (or ``timed``, its result of :func:`time_interleaved`) and its
+    peak memory; a failure (e.g. out of memory at a large shape) is reported in the row."""
     res = Result(group, case, mode, impl)
     try:
-        res.median_ms, res.cpu_ms, res.times_ms = time_runs(fn, repeats, device, warmup=warmup)
+        if timed is None:
+            timed = time_runs(fn, repeats, device, warmup=warmup)
+        if isinstance(timed, Exception):
+            raise timed
+        res.median_ms, res.cpu_ms, res.times_ms = timed
         res.runs = repeats
         if with_memory:
             res.peak_mib = peak_memory_bytes(fn, device) / 2 ** 20
-    except Exception as e:  # e.g. out of memory at a large shape: report it, run the other cases
+    except Exception as e:
         res.note = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:70]}"
     return res
 
@@ -230,17 +273,18 @@ def bench_layers(device: torch.device, shapes=LAYER_SHAPES, modes=("eval", "trai
         pair = layer_pair(c).to(device)
         conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
         for mode in modes:
-            pair.train(mode == "train")
-            conv.train(mode == "train")
-            rows.append(_measure("layer pair", case, mode, "conv3x3", _step(conv, x, mode), repeats, device,
-                                 with_memory))
-            log(_progress(rows[-1]))
+            # the conv and every implementation (each on its own copy of the pair) in turns
+            steps = {"conv3x3": _step(conv.train(mode == "train"), x, mode)}
             for impl in impls:
                 if impl == "memory_efficient" and mode == "eval":
                     continue  # same forward as "fast"; it differs only in the backward
-                set_attention_impl(pair, impl)
-                rows.append(_measure("layer pair", case, mode, impl, _step(pair, x, mode), repeats, device,
-                                     with_memory))
+                copy = deepcopy(pair).train(mode == "train")
+                set_attention_impl(copy, impl)
+                steps[impl] = _step(copy, x, mode)
+            timed = time_interleaved(steps, repeats, device)
+            for name, step in steps.items():
+                rows.append(_measure("layer pair", case, mode, name, step, repeats, device, with_memory,
+                                     timed=timed[name]))
                 log(_progress(rows[-1]))
     _fill_ratios(rows, clock)
     return rows
