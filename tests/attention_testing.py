@@ -44,6 +44,36 @@ def train_step(layer, impl, x, seed=5):
     return y.detach(), grads, {n: b.clone() for n, b in layer.named_buffers()}, layer
 
 
+def forward_backward(layer, impl, x, mode="train", seed=5):
+    """Forward + backward (of a fixed random projection of the output) of a copy of ``layer``
+    with ``impl``: (output, {"input" and parameter name: gradient}, buffers). mode: "train",
+    "eval", or "frozen-output-bn" (training with bn_output in eval: strided layers then compute
+    only the subsampled query rows, with gradients)."""
+    layer = copy.deepcopy(layer)
+    layer.impl = impl
+    layer.train(mode != "eval")
+    if mode == "frozen-output-bn":
+        layer.bn_output.eval()
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
+    (y * g).sum().backward()
+    grads = {"input": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    return y.detach(), grads, {n: b.clone() for n, b in layer.named_buffers()}
+
+
+def assert_equal_runs(got, want, tol, what) -> None:
+    """Two :func:`forward_backward` results agree: output, every gradient, every buffer."""
+    y, grads, buffers = got
+    y_ref, grads_ref, buffers_ref = want
+    close_scaled(y, y_ref, tol, f"{what}: output")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        close_scaled(grads[name], grads_ref[name], tol, f"{what}: grad {name}")
+    for name in buffers_ref:
+        close_scaled(buffers[name].double(), buffers_ref[name].double(), tol, f"{what}: buffer {name}")
+
+
 def close_scaled(a, b, tol, what) -> None:
     """a == b up to ``tol`` relative, and ``tol`` times the largest |b| absolute."""
     assert a is not None and b is not None, f"{what} missing"

@@ -13,7 +13,7 @@ import torch
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, available_attention_impls
 from axial_deeplab.layers import cpu_kernel, fast_cpu
-from attention_testing import randomize_batch_norms
+from attention_testing import assert_equal_runs, forward_backward, randomize_batch_norms
 
 FAST_IMPLS = [n for n in available_attention_impls() if n != "reference" and not n.startswith("triton")]
 
@@ -48,35 +48,8 @@ def make_layer(kwargs, dtype, seed=0):
     return layer
 
 
-def run(layer, impl, x, training, cotangent_seed=5):
-    layer = copy.deepcopy(layer)
-    layer.impl = impl
-    layer.train(training)
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(cotangent_seed))
-    (y * g).sum().backward()
-    grads = {"input": x.grad}
-    grads.update({n: p.grad for n, p in layer.named_parameters()})
-    buffers = {n: b.clone() for n, b in layer.named_buffers()}
-    return y.detach(), grads, buffers
-
-
-def assert_equal_runs(got, want, tol, what):
-    y, grads, buffers = got
-    y_ref, grads_ref, buffers_ref = want
-
-    def close(a, b, name):
-        assert a is not None and b is not None, f"{what}: {name} gradient missing"
-        scale = max(1.0, float(b.abs().max()))
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {name}: {m}")
-
-    close(y, y_ref, "output")
-    assert grads.keys() == grads_ref.keys()
-    for name in grads_ref:
-        close(grads[name], grads_ref[name], f"grad {name}")
-    for name in buffers_ref:
-        close(buffers[name].double(), buffers_ref[name].double(), f"buffer {name}")
+def run(layer, impl, x, training):
+    return forward_backward(layer, impl, x, "train" if training else "eval")
 
 
 @pytest.fixture(params=["c-kernel", "torch-default-chunks", "torch-tiny-chunks"])

@@ -12,7 +12,6 @@ shapes) and reports per check. The CUDA test runs the same comparison on a GPU.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ pytest.importorskip("triton", reason="the optional package triton is not install
 from axial_deeplab.layers import PositionSensitiveAxialAttention  # noqa: E402
 from axial_deeplab.layers import memory_efficient as ME  # noqa: E402
 from axial_deeplab.layers import triton_kernels as TK  # noqa: E402
-from attention_testing import close_scaled, randomize_batch_norms
+from attention_testing import assert_equal_runs, close_scaled, forward_backward, randomize_batch_norms
 
 
 # --------------------------------------------------------------------------- helpers
@@ -40,34 +39,7 @@ def make_layer(kwargs, channels=6, out_channels=8, heads=2, dtype=torch.float32,
     return layer
 
 
-def run_layer(layer, impl, x, mode):
-    """Forward + backward of a copy of ``layer``; mode 'train', 'eval' or
-    'frozen-output-bn' (training with bn_output in eval: the kernels then compute only
-    the subsampled query rows, with gradients)."""
-    layer = copy.deepcopy(layer)
-    layer.impl = impl
-    layer.train(mode != "eval")
-    if mode == "frozen-output-bn":
-        layer.bn_output.eval()
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(5)).to(y.device)
-    (y * g).sum().backward()
-    grads = {"input": x.grad}
-    grads.update({n: p.grad for n, p in layer.named_parameters()})
-    buffers = {n: b.clone() for n, b in layer.named_buffers()}
-    return y.detach(), grads, buffers
-
-
-def assert_equal_runs(got, want, tol, what):
-    y, grads, buffers = got
-    y_ref, grads_ref, buffers_ref = want
-    close_scaled(y, y_ref, tol, f"{what}: output")
-    assert grads.keys() == grads_ref.keys()
-    for name in grads_ref:
-        close_scaled(grads[name], grads_ref[name], tol, f"{what}: grad {name}")
-    for name in buffers_ref:
-        close_scaled(buffers[name].double(), buffers_ref[name].double(), tol, f"{what}: buffer {name}")
+run_layer = forward_backward  # (layer, impl, x, mode): "train", "eval" or "frozen-output-bn"
 
 
 def compare_layer(kwargs, hw, modes, tol=1e-5, device="cpu", **layer_kw):
