@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import UserError  # noqa: F401  (the commands import it from here)
+
 COMMAND_MODULES = [
     "train",
     "evaluate",
@@ -16,10 +18,6 @@ COMMAND_MODULES = [
     "pq",
     "benchmark",
 ]
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one clear line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

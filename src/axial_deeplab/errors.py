@@ -1,0 +1,41 @@
+"""The errors a user can act on. The command line prints each as one line naming the file,
+field or path at fault and exits with status 2; anything else is a bug and keeps its traceback."""
+from __future__ import annotations
+
+import errno
+import os
+
+__all__ = ["UserError", "OutputError", "output_error"]
+
+
+class UserError(Exception):
+    """An error caused by the user's input or environment: printed as one clear line, exit code 2."""
+
+
+class OutputError(UserError, OSError):
+    """Writing an output failed (disk full, read-only or vanished folder, no permission). The message
+    names the path and what to do; whatever was there before the write is left as it was."""
+
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full; free some space (or choose another output folder) and run again",
+    errno.EDQUOT: "the disk quota is exhausted; free some space and run again",
+    errno.EROFS: "the file system is read-only; choose a writable output folder",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "permission denied; choose a folder you can write to",
+    errno.ENOENT: "the folder vanished while writing; check the path and run again",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another output path",
+    errno.EEXIST: "the path is in the way; remove it or choose another output path",
+}
+
+
+def output_error(path: str | os.PathLike, err: BaseException) -> OutputError:
+    """An :class:`OutputError` for a failed write of ``path`` (``err`` is the OSError or the
+    error a library raised for it, e.g. torch.save's RuntimeError on a full disk)."""
+    code = getattr(err, "errno", None)
+    if code is None and "unexpected pos" in str(err):  # torch.save's zip writer on a full disk
+        code = errno.ENOSPC
+    advice = _ADVICE.get(code, f"{getattr(err, 'strerror', None) or err}")
+    out = OutputError(f"cannot write {os.fspath(path)}: {advice}")
+    out.errno = code
+    return out
