@@ -22,31 +22,21 @@ from axial_deeplab.engine import checkpoint as ck
 from axial_deeplab.engine.config import config_from_dict, dump_config
 from axial_deeplab.engine.metrics_log import read_metrics
 from axial_deeplab.engine.train import train
+from engine_testing import tiny_run
 
 STEPS = 6
 
-TINY = {
-    "experiment": {"name": "tiny", "seed": 3, "device": "cpu", "threads": 1},
-    "model": {"name": "axial_deeplab_s", "kwargs": {
-        "backbone": "axial_resnet_tiny", "layers": [1, 1, 1, 1], "width": 0.125, "stem": "conv",
-        "stem_width": 0.125, "num_heads": 2, "span": None,
-        "aspp_channels": 16, "semantic_decoder_channels": 16, "semantic_low_level_channels": [8, 8],
-        "semantic_head_channels": 16, "instance_decoder_channels": 16, "instance_low_level_channels": [8, 8],
-        "instance_head_channels": 8,
-        # The reference attention normalises its similarity terms through its BatchNorm module,
-        # which the engine synchronises across processes; the fast paths compute those moments
-        # themselves (per process), so the cross-process equality below is checked on the reference.
-        "attention_kw": {"impl": "reference"}}},
-    "data": {"dataset": "synthetic", "options": {"image_size": 64, "train": {"length": 16}, "val": {"length": 4}},
-             "crop_size": [64, 64], "min_scale": 0.75, "max_scale": 1.25, "num_workers": 0},
-    "targets": {"sigma": 3.0, "small_instance_area": 128},
-    "solver": {"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "grad_clip_norm": 5.0, "max_steps": STEPS, "batch_size": 4,
-               "warmup_steps": 2},
-    "train": {"log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_every": 0,
-              "eval_at_end": True, "tensorboard": False, "progress": False,
-              "plot_curves": False},
-    "eval": {"batch_size": 2, "stuff_area": 16, "nms_kernel": 5, "top_k": 20},
-}
+TINY = tiny_run(
+    # The reference attention normalises its similarity terms through its BatchNorm module,
+    # which the engine synchronises across processes; the fast paths compute those moments
+    # themselves (per process), so the cross-process equality below is checked on the reference.
+    model={"kwargs": {"attention_kw": {"impl": "reference"}}},
+    data={"options": {"train": {"length": 16}, "val": {"length": 4}}, "min_scale": 0.75, "max_scale": 1.25},
+    solver={"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "grad_clip_norm": 5.0, "max_steps": STEPS,
+            "batch_size": 4, "warmup_steps": 2},
+    train={"log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_at_end": True},
+    eval={"batch_size": 2},
+)
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 

@@ -3,10 +3,11 @@ and exposes ``register(subparsers)``, which adds its parser and sets ``func``.""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
-from .errors import UserError  # noqa: F401  (the commands import it from here)
+from .errors import UserError, output_error  # noqa: F401  (the commands import UserError from here)
 
 COMMAND_MODULES = [
     "train",
@@ -50,6 +51,12 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, ValueError) as e:
         print(f"axial-deeplab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # a full or read-only disk met by a writer outside the atomic ones: still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not e.filename:
+            raise
+        print(f"axial-deeplab {args.command}: error: {output_error(e.filename, e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .errors import OutputError, output_error
+
 
 def current_umask() -> int:
     mask = os.umask(0)
@@ -18,23 +20,35 @@ def current_umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``path``. ``fsync=False`` skips flushing to disk (for many small
-    outputs where a crash may lose the newest file but never leaves a partial one)."""
+    outputs where a crash may lose the newest file but never leaves a partial one).
+
+    A failed write (disk full, read-only or vanished folder, no permission) raises
+    :class:`~axial_deeplab.errors.OutputError` naming ``path``; the temporary file is removed
+    and whatever ``path`` held before is left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = None
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; use the usual permissions
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; use the usual permissions
             f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        tmp = None
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        raise output_error(path, e) from e
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:

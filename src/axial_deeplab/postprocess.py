@@ -6,7 +6,8 @@ broken by raster order through a stable sort); every thing pixel joins the
 center nearest to its coordinate + predicted offset; every instance takes the
 majority semantic class of its pixels and an id counted from 1 per class;
 panoptic id = class * label_divisor + instance; stuff segments smaller than
-``stuff_area`` become void.
+``stuff_area`` become void. NaN / infinite inputs are scores of the lowest rank or void
+pixels, with one warning per call (see :func:`panoptic_inference`).
 
 Why it is fast and memory-bounded: everything is tensor code on the inputs'
 device, batched where shapes allow. The nearest-center search never builds a
@@ -24,6 +25,7 @@ loop version of the same rules; tests compare the two and
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +41,12 @@ __all__ = [
     "nearest_center_reference",
     "instance_masks",
     "DEFAULT_MAX_ELEMENTS",
+    "NonFiniteWarning",
 ]
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """Raised once per :func:`panoptic_inference` call whose inputs hold NaN or infinite values."""
 
 # Largest number of (pixel, candidate center) pairs held at once (~4 MB per float32 tensor).
 DEFAULT_MAX_ELEMENTS = 1 << 20
@@ -196,11 +203,17 @@ def _nearest_center_yx(py, px, cy, cx, max_elements=DEFAULT_MAX_ELEMENTS, cell_s
     return out
 
 
-def _candidate_table(py, px, cy, cx, max_elements, cell_size, max_cells=1 << 16):
+def _candidate_table(py, px, cy, cx, max_elements, cell_size, max_cells=None):
     """Grid cells over the points' bounding box; per cell the (ascending) indices of the centers
     that can be nearest to a point of the cell, padded with the cell's first candidate.
-    Returns (table (cells, M), candidates per cell (cells,), cell of each point (N,))."""
-    k = cy.shape[0]
+    Returns (table (cells, M), candidates per cell (cells,), cell of each point (N,)).
+
+    Building the table costs cells x K distance bounds, so with many centers the grid gets
+    fewer, larger cells (at most ``max(4 sqrt(N), 2**26 / K)``): time grows like K sqrt(N)
+    rather than K squared, and memory stays within ``max_elements`` pairs per block of cells."""
+    k, n = cy.shape[0], py.shape[0]
+    if max_cells is None:
+        max_cells = int(min(1 << 16, max(4 * math.sqrt(n), (1 << 26) // k, 1)))
     lo_y, lo_x = math.floor(float(py.min())), math.floor(float(px.min()))
     ext_y, ext_x = max(float(py.max()) - lo_y, 1.0), max(float(px.max()) - lo_x, 1.0)
     if cell_size is None:  # a third of the mean spacing: most cells then see a single center
@@ -211,31 +224,54 @@ def _candidate_table(py, px, cy, cx, max_elements, cell_size, max_cells=1 << 16)
         size *= 1.25
         ny, nx = int(ext_y // size) + 1, int(ext_x // size) + 1
 
-    def axis_bounds(count, origin, c):
-        low = origin + torch.arange(count, device=c.device, dtype=c.dtype) * size - 0.5
+    def axis_bounds(low, c):
+        low = low[:, None] - 0.5
         high = low + size + 1.0  # half a pixel of slack on both sides against rounding
-        near = (low[:, None] - c[None]).clamp_min(0) + (c[None] - high[:, None]).clamp_min(0)
-        far = torch.maximum((c[None] - low[:, None]).abs(), (c[None] - high[:, None]).abs())
-        return near.square(), far.square()  # (count, K)
+        near = (low - c[None]).clamp_min_(0) + (c[None] - high).clamp_min_(0)
+        far = torch.maximum((c[None] - low).abs_(), (c[None] - high).abs_())
+        return near.square_(), far.square_()  # (cells, K)
 
-    near_y, far_y = axis_bounds(ny, lo_y, cy)
-    near_x, far_x = axis_bounds(nx, lo_x, cx)
     # A center can be nearest to some point of a cell only if its distance to the cell's box is at
-    # most the smallest distance any center has to the box's farthest corner. Rows of cells are
-    # processed in blocks of at most max_elements (cell, center) pairs.
-    rows_per_block = max(1, max_elements // (nx * k))
-    orders, counts = [], []
-    for r in range(0, ny, rows_per_block):
-        near = (near_y[r:r + rows_per_block, None, :] + near_x[None]).reshape(-1, k)
-        far = (far_y[r:r + rows_per_block, None, :] + far_x[None]).reshape(-1, k)
+    # most the smallest distance any center has to the box's farthest corner. Cells are processed
+    # in blocks of at most max_elements (cell, center) pairs.
+    cells = ny * nx
+    rows_per_block = max_elements // (nx * k)
+    if rows_per_block >= 1 and (ny + nx) * k <= 4 * max_elements:
+        # Per-axis bounds once, whole rows of cells per block by broadcasting.
+        row_low = lo_y + torch.arange(ny, device=cy.device, dtype=cy.dtype) * size
+        near_y_all, far_y_all = axis_bounds(row_low, cy)
+        near_x_all, far_x_all = axis_bounds(lo_x + torch.arange(nx, device=cx.device, dtype=cx.dtype) * size, cx)
+        block = rows_per_block * nx
+    else:
+        near_y_all = None
+        block = max(1, max_elements // k)
+    cell_rows, cell_cols, counts = [], [], []
+    for s in range(0, cells, block):
+        if near_y_all is not None:
+            r = slice(s // nx, s // nx + rows_per_block)
+            near = (near_y_all[r, None, :] + near_x_all[None]).reshape(-1, k)
+            far = (far_y_all[r, None, :] + far_x_all[None]).reshape(-1, k)
+        else:
+            cell = torch.arange(s, min(s + block, cells), device=cy.device)
+            low_y = lo_y + torch.div(cell, nx, rounding_mode="floor").to(cy.dtype) * size
+            low_x = lo_x + (cell % nx).to(cx.dtype) * size
+            near_y, far_y = axis_bounds(low_y, cy)
+            near_x, far_x = axis_bounds(low_x, cx)
+            near = near_y.add_(near_x)
+            far = far_y.add_(far_x)
+            del near_x, far_x
         candidate = near <= far.min(dim=1, keepdim=True).values * (1 + 1e-5) + 1e-3
-        count = candidate.sum(dim=1)
-        orders.append(torch.argsort((~candidate).to(torch.int8), dim=1, stable=True)[:, :int(count.max())])
-        counts.append(count)
-    m = max(o.shape[1] for o in orders)
-    order = torch.cat([F.pad(o, (0, m - o.shape[1])) for o in orders])
+        del near, far
+        counts.append(candidate.sum(dim=1))
+        rows, cols = torch.nonzero(candidate, as_tuple=True)  # row-major: centers ascending per cell
+        cell_rows.append(rows + s)
+        cell_cols.append(cols)
     counts = torch.cat(counts)
-    table = torch.where(torch.arange(m, device=cy.device)[None] < counts[:, None], order, order[:, :1])
+    rows, cols = torch.cat(cell_rows), torch.cat(cell_cols)
+    m = int(counts.max())
+    start = torch.cumsum(counts, 0) - counts
+    table = cols.index_select(0, start).view(cells, 1).repeat(1, m)  # padded with the first candidate
+    table[rows, torch.arange(rows.numel(), device=rows.device) - start.index_select(0, rows)] = cols
     # Cell of each point, in float (exact: cell counts stay far below 2**24), one conversion.
     gy = ((py - lo_y) / size).floor_().clamp_(0, ny - 1)
     gx = ((px - lo_x) / size).floor_().clamp_(0, nx - 1)
@@ -277,8 +313,19 @@ def _thing_lookup(thing_ids: Iterable[int], num_classes: int, device) -> torch.T
 
 
 def _looks_like_probabilities(semantic: torch.Tensor) -> bool:
+    """Whether (B, C, H, W) ``semantic`` holds probabilities, judged on its all-finite pixels
+    (an infinite value marks logits)."""
     if semantic.numel() == 0:
         return True
+    if not _all_finite(semantic):
+        finite = torch.isfinite(semantic)
+        if bool(torch.isinf(semantic).any()):
+            return False
+        semantic = semantic.movedim(-3, -1)[finite.all(dim=-3)].T  # (C, pixels with no NaN)
+        if semantic.numel() == 0:
+            return True
+        return (float(semantic.min()) >= 0 and float(semantic.max()) <= 1
+                and bool(((semantic.sum(dim=0) - 1).abs() <= 1e-3).all()))
     if float(semantic.min()) < 0 or float(semantic.max()) > 1:
         return False
     return bool(((semantic.sum(dim=-3) - 1).abs() <= 1e-3).all())
@@ -292,21 +339,30 @@ def _segments_info(ids, classes, is_thing, scores, areas) -> List[Dict]:
 
 
 def _merge_one(probs, offsets, centers, center_scores, thing_lut, label_divisor, stuff_area,
-               void_label, max_elements) -> Dict:
-    """Vectorised merge of one image: probs (C, H, W), offsets (2, H, W), centers (K, 2)."""
+               void_label, max_elements, void_pixels=None, ungrouped=None) -> Dict:
+    """Vectorised merge of one image: probs (C, H, W), offsets (2, H, W), centers (K, 2).
+
+    ``void_pixels`` (H*W,) bool: pixels that join no segment (non-finite class scores);
+    ``ungrouped`` (H*W,) bool: pixels that join no instance (non-finite offsets)."""
     num_classes, height, width = probs.shape
     device = probs.device
     sem_prob, semantic = semantic_argmax(probs)
     semantic_flat = semantic.reshape(-1)
-    thing = thing_lut.index_select(0, semantic_flat)
+    # Class of each pixel for the merge, with void pixels in an extra class ``num_classes``.
+    merge_class = semantic_flat if void_pixels is None else semantic_flat.masked_fill(void_pixels, num_classes)
+    thing = F.pad(thing_lut, (0, 1)).index_select(0, merge_class)
+    if ungrouped is not None:
+        thing &= ~ungrouped
 
     # Stuff: one segment per class (thing-ness is per class, so class areas are segment areas).
-    class_area = torch.bincount(semantic_flat, minlength=num_classes)
-    class_prob_sum = torch.bincount(semantic_flat, weights=sem_prob.reshape(-1), minlength=num_classes)
+    class_area = torch.bincount(merge_class, minlength=num_classes + 1)[:num_classes]
+    class_prob_sum = torch.bincount(merge_class, weights=sem_prob.reshape(-1),
+                                    minlength=num_classes + 1)[:num_classes]
     kept_stuff = (class_area >= max(stuff_area, 1)) & ~thing_lut
     class_label = torch.where(kept_stuff, torch.arange(num_classes, device=device) * label_divisor,
                               torch.full_like(class_area, void_label))
-    panoptic = class_label.index_select(0, semantic_flat)  # stuff labels; thing and small-stuff pixels void for now
+    class_label = F.pad(class_label, (0, 1), value=void_label)
+    panoptic = class_label.index_select(0, merge_class)  # stuff labels; thing and small-stuff pixels void for now
     stuff_classes = torch.nonzero(kept_stuff).squeeze(1)
     stuff_areas = class_area[stuff_classes]
     stuff_scores = (class_prob_sum[stuff_classes] / stuff_areas.clamp_min(1)).float()
@@ -377,13 +433,49 @@ def _prepare(semantic, center_heatmap, offset_map, semantic_is_probs):
         raise ValueError(f"center_heatmap has shape {tuple(center_heatmap.shape)}, expected {(b, 1, h, w)}")
     if tuple(offset_map.shape) != (b, 2, h, w):
         raise ValueError(f"offset_map has shape {tuple(offset_map.shape)}, expected {(b, 2, h, w)}")
-    if not bool(torch.isfinite(offset_map).all()):
-        raise ValueError("offset_map has NaN or infinite values; cannot group pixels")
-    semantic = semantic.detach()
+    semantic, heat = semantic.detach(), center_heatmap.detach()
+    offsets = offset_map.detach().float()  # float32 first: a huge float64 offset becomes inf here
+    found = [(name, _non_finite_counts(t)) for name, t in
+             (("semantic", semantic), ("center_heatmap", heat), ("offset_map", offsets))]
+    found = [(name, counts) for name, counts in found if counts is not None]
     if semantic_is_probs is None:
         semantic_is_probs = _looks_like_probabilities(semantic)
     probs = semantic if semantic_is_probs else semantic.float().softmax(dim=1)
-    return batched, probs, center_heatmap.detach(), offset_map.detach()
+    void_pixels = ungrouped = None
+    if found:
+        what = ", ".join(f"{name} ({nan} NaN, {inf} inf)" for name, (nan, inf) in found)
+        warnings.warn(
+            f"panoptic_inference: non-finite values in {what}; non-finite scores count as the lowest "
+            f"(never a center or the winning class), pixels with non-finite class scores are void and "
+            f"thing pixels with non-finite offsets join no instance (void)", NonFiniteWarning, stacklevel=3)
+        bad = ~torch.isfinite(probs)
+        if bool(bad.any()):
+            void_pixels = bad.any(dim=1).reshape(b, -1)
+            probs = probs.masked_fill(bad, -1.0)  # below every probability: never the argmax
+        bad = ~torch.isfinite(heat)
+        if bool(bad.any()):
+            heat = heat.masked_fill(bad, float("-inf"))  # never a peak, never suppresses one
+        bad = ~torch.isfinite(offsets)
+        if bool(bad.any()):
+            ungrouped = bad.any(dim=1).reshape(b, -1)
+            offsets = offsets.masked_fill(bad, 0.0)
+    return batched, probs, heat, offsets, void_pixels, ungrouped
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Every value finite? A sum first (a NaN or inf anywhere makes it non-finite; a few times
+    faster than a full ``isfinite`` mask), the exact test only when the sum overflows or is NaN."""
+    if x.numel() == 0 or bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _non_finite_counts(x: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """``(NaN count, inf count)`` of ``x``, or None when every value is finite."""
+    if not x.is_floating_point() or _all_finite(x):
+        return None
+    nan = int(torch.isnan(x).sum())
+    return nan, int(x.numel() - nan - torch.isfinite(x).sum())
 
 
 def panoptic_inference(
@@ -413,6 +505,12 @@ def panoptic_inference(
         semantic_is_probs: ``True`` for probabilities, ``False`` for logits, ``None`` to detect.
         max_elements: bound on (pixel, center) pairs held at once while grouping.
 
+    Non-finite inputs (a diverged model) give a well-defined result and one
+    :class:`NonFiniteWarning` per call naming the inputs and counts: a NaN or infinite score is
+    the lowest score (it never wins the argmax in ``semantic`` and is never a center); a pixel
+    whose class probabilities are not all finite (after the softmax of logits) is void; a thing
+    pixel whose offset is not finite joins no instance and is void.
+
     Returns:
         Per image (a list when batched, else one) a dict with ``panoptic`` (H, W) int64,
         ``semantic`` (H, W) int64 argmax, ``segments_info`` (list of {id, category_id, isthing,
@@ -422,7 +520,8 @@ def panoptic_inference(
     """
     if label_divisor < 1:
         raise ValueError(f"label_divisor must be positive, got {label_divisor}")
-    batched, probs, heat, offsets = _prepare(semantic, center_heatmap, offset_map, semantic_is_probs)
+    batched, probs, heat, offsets, void_pixels, ungrouped = _prepare(semantic, center_heatmap, offset_map,
+                                                                     semantic_is_probs)
     if top_k is not None and top_k >= label_divisor:
         raise ValueError(f"top_k={top_k} instances need label_divisor > top_k (got {label_divisor})")
     thing_lut = _thing_lookup(thing_ids, probs.shape[1], probs.device)
@@ -433,7 +532,9 @@ def panoptic_inference(
             raise ValueError(f"{centers.shape[0]} centers need label_divisor > {centers.shape[0]} "
                              f"(got {label_divisor}); lower top_k")
         results.append(_merge_one(probs[b], offsets[b], centers, scores, thing_lut,
-                                  label_divisor, stuff_area, void_label, max_elements))
+                                  label_divisor, stuff_area, void_label, max_elements,
+                                  None if void_pixels is None else void_pixels[b],
+                                  None if ungrouped is None else ungrouped[b]))
     return results if batched else results[0]
 
 

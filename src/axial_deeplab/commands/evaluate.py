@@ -5,6 +5,7 @@ from __future__ import annotations
 EPILOG = """examples:
   axial-deeplab evaluate --checkpoint runs/cityscapes_axial_deeplab_l data.root=/data/cityscapes
   axial-deeplab evaluate --checkpoint runs/x/checkpoints/best --per-class eval.scales=[0.75,1.0,1.25] eval.flip=true
+  axial-deeplab evaluate --checkpoint runs/x --map-classes-by-name data.options.val.json_path=other.json
   torchrun --nproc-per-node 4 -m axial_deeplab.cli evaluate --checkpoint runs/x --config configs/x.yaml
 """
 
@@ -25,6 +26,9 @@ def register(subparsers):
     p.add_argument("--split", default=None, help="dataset split (default: data.eval_split)")
     p.add_argument("--per-class", action="store_true", help="also print PQ and IoU per class")
     p.add_argument("--ap", action="store_true", help="also compute COCO mask AP (same as eval.compute_ap=true)")
+    p.add_argument("--map-classes-by-name", action="store_true",
+                   help="match the checkpoint's classes to the dataset's by name (same classes listed in another "
+                        "order or under other category ids); without it any difference in the classes is refused")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
     p.add_argument("--overlays", default=None, metavar="DIR", help="write input/prediction/ground-truth pictures")
@@ -61,8 +65,14 @@ def run(args) -> int:
         split = args.split or cfg.data.eval_split
         dataset = build_dataset(cfg, split)
         kw = {}
-        if cfg.experiment.task == "panoptic" and args.overlays:
-            kw = {"overlay_dir": args.overlays, "num_overlays": args.num_overlays}
+        if cfg.experiment.task == "panoptic":
+            from ..engine.evaluate import dataset_label
+
+            # the checkpoint's classes must mean what the dataset's mean (checked before any image)
+            kw = {"map_classes_by_name": args.map_classes_by_name, "model_source": resolve_checkpoint(args.checkpoint),
+                  "dataset_source": dataset_label(dataset, split, cfg.data.dataset)}
+            if args.overlays:
+                kw.update(overlay_dir=args.overlays, num_overlays=args.num_overlays)
         metrics = evaluate_model(model, dataset, cfg, device, metadata=metadata,
                                  progress=not args.no_progress and is_main_process(), desc=f"evaluate {split}",
                                  max_images=args.max_images, **kw)

@@ -9,7 +9,14 @@ from ..cli import UserError
 EPILOG = """examples:
   axial-deeplab predict --checkpoint runs/demo photos/ street.jpg --output predictions/
   axial-deeplab predict --checkpoint runs/x/checkpoints/best img.png --output out --set eval.threshold=0.2
-exit status: 0 when every image was processed, 1 when some could not be read (they are listed), 2 on bad input.
+  axial-deeplab predict --checkpoint runs/demo more_photos/ --output predictions/ --add
+
+An output folder that already holds predictions is refused unless --add (the new images join
+predictions.json; names already there are refused) or --replace (its predictions.json, panoptic/
+and overlay/ PNGs are deleted first; nothing else). Files under the output folder are never read
+as input. One run at a time per output folder (a second one stops at once).
+exit status: 0 when every image was processed, 1 when some could not be read (they are listed), 2 on bad
+input, an output folder in use or holding predictions, or a failed write (the files of the run are removed).
 """
 
 
@@ -32,33 +39,46 @@ def register(subparsers):
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's experiment.device)")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    earlier = p.add_mutually_exclusive_group()
+    earlier.add_argument("--add", action="store_true",
+                         help="the output folder holds predictions: add these images to them")
+    earlier.add_argument("--replace", action="store_true",
+                         help="the output folder holds predictions: delete them (predictions.json, panoptic/ and "
+                              "overlay/ PNGs; nothing else) and write the new ones")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import torch
 
-    from ..engine.predict import collect_images, load_checkpoint_model, predict_images
+    from ..engine.predict import OutputFolder, collect_images, load_checkpoint_model, predict_images
 
+    existing = "add" if args.add else "replace" if args.replace else "refuse"
+    skipped = []
     try:
-        files = collect_images(args.inputs)
+        files = collect_images(args.inputs, output_dir=args.output, skipped=skipped)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+    own = f"{len(skipped)} file(s) under the output folder {args.output} skipped: predict never reads its own outputs"
     if not files:
-        raise UserError(f"no image files found in {', '.join(args.inputs)}")
+        raise UserError(f"no image files found in {', '.join(args.inputs)}" + (f" ({own})" if skipped else ""))
     overrides = list(args.set)
     if args.device:
         overrides.append(f"experiment.device={args.device}")
-    device_name = args.device or "auto"
-    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
-                          (device_name if device_name != "auto" else "cpu"))
-    model, cfg, metadata = load_checkpoint_model(args.checkpoint, device, args.config, overrides)
-    if cfg.experiment.task != "panoptic":
-        raise UserError(f"{args.checkpoint}: predict needs a panoptic checkpoint (this one is {cfg.experiment.task})")
-    report = predict_images(model, cfg, metadata, files, args.output, device, progress=not args.no_progress,
-                            inputs=args.inputs, overlays=not args.no_overlays)
+    from ..engine.distributed import resolve_device
+
+    device = resolve_device(args.device or "auto", "--device")
+    with OutputFolder(args.output, existing) as folder:  # checked and locked before the model loads
+        if skipped:
+            print(own, file=sys.stderr)
+        model, cfg, metadata = load_checkpoint_model(args.checkpoint, device, args.config, overrides)
+        if cfg.experiment.task != "panoptic":
+            raise UserError(f"{args.checkpoint}: predict needs a panoptic checkpoint "
+                            f"(this one is {cfg.experiment.task})")
+        report = predict_images(model, cfg, metadata, files, args.output, device, progress=not args.no_progress,
+                                inputs=args.inputs, overlays=not args.no_overlays, folder=folder)
+    added = f", added to the {len(folder.previous['annotations'])} earlier ones" if folder.previous else ""
     print(f"{len(report.processed)} of {len(files)} images processed; predictions in {args.output} "
-          f"(predictions.json, panoptic/, overlay/)")
+          f"(predictions.json, panoptic/, overlay/{added})")
     if report.failed:
         print(f"could not process {len(report.failed)} image(s):", file=sys.stderr)
         for path, reason in report.failed:

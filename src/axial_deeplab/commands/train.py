@@ -4,15 +4,26 @@ Runs as one process, or as every process of ``torchrun --nproc-per-node N``.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 from ..cli import UserError
 
 EPILOG = """examples:
   axial-deeplab train --config configs/synthetic.yaml
   axial-deeplab train --config configs/cityscapes_axial_deeplab_l.yaml data.root=/data/cityscapes
   axial-deeplab train --config configs/cityscapes_axial_deeplab_l.yaml --resume     # continue the run
+  axial-deeplab train --config configs/synthetic.yaml --resume-from runs/demo/checkpoints/step-000350
   torchrun --nproc-per-node 8 -m axial_deeplab.cli train --config configs/coco_axial_deeplab_l.yaml \\
       data.root=/data/coco
   axial-deeplab train --print-defaults      # every config key, its default and its meaning
+
+resuming: the config and overrides must be those of the run, except for logging, checkpoint and
+evaluation cadence (train.*), evaluation settings (eval.*), data.root, worker and thread counts,
+the device and the run folder's name; any other change is refused, listing it.
+Ctrl-C saves a checkpoint of the last completed step and exits with status 130; --resume
+continues from it. --overwrite deletes only a run folder (never a folder holding other files),
+and only once the config, the data and the model have been checked.
 """
 
 
@@ -29,9 +40,12 @@ def register(subparsers):
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides with dotted keys")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from the newest checkpoint of the run folder (or from CKPT)")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint of the run folder (from scratch if it has none)")
+    p.add_argument("--resume-from", metavar="CKPT", default=None,
+                   help="continue from the checkpoint folder CKPT (a step-*/ folder with training_state.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the existing run folder and start over (refused for a folder that is not a run)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--print-defaults", action="store_true", help="print every key with default and doc, and exit")
     p.set_defaults(func=run)
@@ -45,16 +59,29 @@ def run(args) -> int:
         return 0
     if not args.config:
         raise UserError("--config FILE is required (see configs/, or --print-defaults for the keys)")
+    _refuse_old_resume_spelling(args)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    if args.resume and args.overwrite:
-        raise UserError("--resume and --overwrite contradict each other")
+    resume = args.resume_from or args.resume
+    if resume and args.overwrite:
+        raise UserError(f"{'--resume-from' if args.resume_from else '--resume'} and --overwrite contradict each other")
     from ..engine.distributed import detect_env
-    from ..engine.train import train
+    from ..engine.train import TrainingInterrupted, train
 
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        result = train(cfg, resume=resume, overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        if detect_env().is_main:
+            if e.checkpoint:
+                how = ("the same command with --resume in place of --resume-from" if args.resume_from
+                       else "the same command" if args.resume else "the same command plus --resume")
+                print(f"axial-deeplab train: interrupted after step {e.step}; checkpoint saved: {e.checkpoint}; "
+                      f"continue with {how}", file=sys.stderr)
+            else:
+                print("axial-deeplab train: interrupted before the first step; nothing saved", file=sys.stderr)
+        return 130
     if detect_env().is_main:
         print(f"finished at step {result.step} in {result.seconds / 60:.1f} min; run folder: {result.run_dir}")
         if result.last_checkpoint:
@@ -62,3 +89,14 @@ def run(args) -> int:
         if result.best_checkpoint:
             print(f"best checkpoint: {result.best_checkpoint} ({result.best_metric:.2f})")
     return 0
+
+
+def _refuse_old_resume_spelling(args) -> None:
+    """``--resume PATH`` (the old spelling) now parses as ``--resume`` and an override ``PATH``:
+    refuse a word without '=' that names a path or a checkpoint, pointing at --resume-from."""
+    for word in args.overrides:
+        if "=" in word:
+            continue
+        if args.resume or os.path.exists(word) or os.sep in word or "step-" in word or word.endswith(".safetensors"):
+            raise UserError(f"{word!r} is not a KEY=VALUE override; to resume from a given checkpoint use "
+                            f"--resume-from {word} (--resume alone continues the newest checkpoint of the run folder)")

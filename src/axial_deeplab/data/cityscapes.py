@@ -39,6 +39,7 @@ class CityscapesPanoptic(CocoPanopticDataset):
             root / "gtFine" / f"cityscapes_panoptic_{split}_trainId",
             metadata=metadata,
             transform=transform,
+            split=split,
         )
 
     def image_path(self, ann, image_info):

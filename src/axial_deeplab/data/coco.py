@@ -1,8 +1,10 @@
 """Datasets stored in COCO-panoptic format: the generic base (any category list, e.g. custom data)
 and COCO panoptic itself in its usual layout.
 
-The JSON is read and checked once (structure, categories of every segment); images and PNGs are
-read per item, and every problem names the file at fault.
+The JSON is read and checked once when the dataset is made (structure, categories of every
+segment, no image twice, not empty: :func:`~.panoptic_io.check_panoptic_json`); images and PNGs
+are read per item, each PNG checked against its JSON entry both ways (ids in the PNG but not the
+JSON and the reverse), and every problem names the file at fault. ``pq`` runs the same checks.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch.utils.data import Dataset
 from .meta import PanopticMetadata
 from .panoptic_io import (
     PanopticFormatError,
+    check_panoptic_json,
     decode_panoptic,
     image_to_tensor,
     read_image,
@@ -39,6 +42,7 @@ class CocoPanopticDataset(Dataset):
             every category the annotations use.
         label_divisor, ignore_label: for the metadata built from the JSON.
         transform: callable applied to the sample dict.
+        split: the split's name, for error messages (an empty split is refused).
 
     Contiguous class ids follow the JSON categories sorted by id. Items are dicts (see
     ``axial_deeplab.data``); thing segments get instance ids 1..K in ``segments_info`` order.
@@ -54,6 +58,7 @@ class CocoPanopticDataset(Dataset):
         label_divisor: int = 1000,
         ignore_label: int = 255,
         transform: Callable[[dict], dict] | None = None,
+        split: str | None = None,
     ):
         self.image_dir = Path(image_dir)
         self.json_path = Path(json_path)
@@ -69,21 +74,17 @@ class CocoPanopticDataset(Dataset):
                 source=str(self.json_path),
             )
         self.metadata = metadata
-        known = set(metadata.contiguous_id_map())
+        self.split = split
         images = {}
         for i, img in enumerate(data.get("images") or []):
-            if "id" not in img or "file_name" not in img:
+            if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
                 raise PanopticFormatError(f"{self.json_path}: images[{i}] needs 'id' and 'file_name'")
             images[img["id"]] = img
-        self.items: list[tuple[dict, dict | None]] = []
-        for ann in data["annotations"]:
-            for seg in ann["segments_info"]:
-                if int(seg["category_id"]) not in known:
-                    raise PanopticFormatError(
-                        f"{self.json_path}: image_id {ann['image_id']!r} segment {seg['id']} has unknown "
-                        f"category_id {seg['category_id']}"
-                    )
-            self.items.append((ann, images.get(ann["image_id"])))
+        check_panoptic_json(
+            data, self.json_path, metadata.category_ids or range(metadata.num_classes), what="panoptic JSON",
+            split=split, folders=(self.image_dir, self.png_dir),
+        )
+        self.items: list[tuple[dict, dict | None]] = [(ann, images.get(ann["image_id"])) for ann in data["annotations"]]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -134,7 +135,8 @@ class CocoPanopticDataset(Dataset):
                     f"({info['width']}x{info['height']})"
                 )
         semantic, instance, crowd = decode_panoptic(
-            ids, ann["segments_info"], self.metadata, source=f"{png_path} (JSON {self.json_path})"
+            ids, ann["segments_info"], self.metadata,
+            source=f"{png_path} (image_id {ann['image_id']!r} of JSON {self.json_path})",
         )
         return {
             "image": image,
@@ -175,5 +177,6 @@ class CocoPanoptic(CocoPanopticDataset):
             root / "annotations" / f"panoptic_{split}2017",
             name=kw.pop("name", "coco"),
             transform=transform,
+            split=kw.pop("split", split),
             **kw,
         )

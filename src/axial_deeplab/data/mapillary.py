@@ -38,5 +38,6 @@ class MapillaryVistasPanoptic(CocoPanopticDataset):
                 f"{tried[0]}: Mapillary Vistas panoptic JSON not found (looked for {', '.join(map(str, tried))})"
             )
         super().__init__(
-            base / "images", found, found.parent, name=kw.pop("name", "mapillary_vistas"), transform=transform, **kw
+            base / "images", found, found.parent, name=kw.pop("name", "mapillary_vistas"), transform=transform,
+            split=kw.pop("split", split), **kw
         )

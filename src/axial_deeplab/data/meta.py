@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from ..errors import UserError
+
 
 @dataclass
 class PanopticMetadata:
@@ -116,13 +118,17 @@ class PanopticMetadata:
         ignore_label: int = 255,
         source: str = "categories",
     ) -> "PanopticMetadata":
-        """Contiguous ids follow the categories sorted by their dataset id."""
+        """Contiguous ids follow the categories sorted by their dataset id. Every category must
+        carry ``isthing`` (0 or 1): a missing one would silently make a thing class stuff."""
+        from .panoptic_io import check_isthing
+
         cats = []
         for i, cat in enumerate(categories):
             for key in ("id", "name"):
                 if key not in cat:
                     raise ValueError(f"{source}: category #{i} has no {key!r} field")
             cats.append(cat)
+        check_isthing(cats, source)
         ids = [int(c["id"]) for c in cats]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -134,7 +140,7 @@ class PanopticMetadata:
         return cls(
             name=name,
             class_names=[str(c["name"]) for c in cats],
-            thing_ids=[i for i, c in enumerate(cats) if int(c.get("isthing", 0)) == 1],
+            thing_ids=[i for i, c in enumerate(cats) if int(c["isthing"]) == 1],
             label_divisor=label_divisor,
             ignore_label=ignore_label,
             colors=colors,
@@ -175,9 +181,86 @@ def cityscapes_metadata() -> PanopticMetadata:
     )
 
 
-def check_metadata_compatible(a: PanopticMetadata, b: PanopticMetadata, what: str = "metadata") -> None:
-    """Raise if two metadata disagree on the things that change label meaning."""
-    for attr in ("class_names", "thing_ids", "label_divisor", "ignore_label"):
-        if getattr(a, attr) != getattr(b, attr):
-            raise ValueError(f"{what}: {attr} differs ({getattr(a, attr)!r} vs {getattr(b, attr)!r})")
+class MetadataMismatchError(UserError, ValueError):
+    """A model's classes and a dataset's classes mean different things (names, order, things)."""
 
+
+def _names_only_in(a: PanopticMetadata, b: PanopticMetadata) -> list[str]:
+    return [n for n in a.class_names if n not in b.class_names]
+
+
+def check_metadata_compatible(
+    a: PanopticMetadata,
+    b: PanopticMetadata,
+    what: str = "metadata",
+    *,
+    names: tuple[str, str] = ("checkpoint", "dataset"),
+    map_by_name: bool = False,
+    hint: str = "",
+) -> list[int] | None:
+    """Refuse two metadata (``a`` a model's, ``b`` a dataset's) that give class ids other meanings.
+
+    Compared: class names, things/stuff, dataset category ids (where both know them) and the
+    label divisor, class by class; every difference is listed in one message. With
+    ``map_by_name`` the classes may be listed in another order (and under other category ids):
+    returns ``perm`` with ``perm[j]`` = the class of ``a`` named like class ``j`` of ``b``, so a
+    model's per-class outputs reordered with it follow ``b``; a name present on one side only,
+    or a class that is a thing on one side and stuff on the other, is still refused. Returns
+    ``None`` when no reordering is needed. Raises :class:`MetadataMismatchError`.
+    """
+    na, nb = names
+    diffs: list[str] = []
+
+    def kind(md: PanopticMetadata, c: int) -> str:
+        return "thing" if md.is_thing(c) else "stuff"
+
+    def describe(md: PanopticMetadata, c: int, with_id: bool) -> str:
+        ident = f", id {md.category_id(c)}" if with_id else ""
+        return f"{md.class_names[c]!r} ({kind(md, c)}{ident})"
+
+    if a.label_divisor != b.label_divisor:
+        diffs.append(f"label divisor {a.label_divisor} vs {b.label_divisor} ({na} vs {nb})")
+    perm: list[int] | None = None
+    if map_by_name:
+        for md, side in ((a, na), (b, nb)):
+            dup = sorted({n for n in md.class_names if md.class_names.count(n) > 1})
+            if dup:
+                diffs.append(f"{side} lists class names more than once, so they cannot be matched by name: {dup}")
+        only_a, only_b = _names_only_in(a, b), _names_only_in(b, a)
+        if only_b:
+            diffs.append(f"{nb} classes missing from the {na} (it cannot predict them): {only_b}")
+        if only_a:
+            diffs.append(f"{na} classes missing from the {nb}: {only_a}")
+        index_a = {n: c for c, n in enumerate(a.class_names)}
+        perm = []
+        for j, name in enumerate(b.class_names):
+            i = index_a.get(name)
+            if i is None:
+                continue
+            if a.is_thing(i) != b.is_thing(j):
+                diffs.append(f"class {name!r}: {kind(a, i)} in the {na}, {kind(b, j)} in the {nb}")
+            perm.append(i)
+        if not diffs and perm == list(range(a.num_classes)):
+            perm = None
+    else:
+        if a.num_classes != b.num_classes:
+            diffs.append(f"{nb} has {b.num_classes} classes, {na} {a.num_classes}")
+            only_a, only_b = _names_only_in(a, b), _names_only_in(b, a)
+            if only_b:
+                diffs.append(f"only in the {nb}: {only_b}")
+            if only_a:
+                diffs.append(f"only in the {na}: {only_a}")
+        with_id = a.category_ids is not None and b.category_ids is not None
+        per_class = []
+        for c in range(min(a.num_classes, b.num_classes)):
+            same = (a.class_names[c] == b.class_names[c] and a.is_thing(c) == b.is_thing(c)
+                    and (not with_id or a.category_id(c) == b.category_id(c)))
+            if not same:
+                per_class.append(f"class {c}: {na} {describe(a, c, with_id)} vs {nb} {describe(b, c, with_id)}")
+        if len(per_class) > 12:
+            per_class = per_class[:12] + [f"... and {len(per_class) - 12} more classes differ"]
+        diffs.extend(per_class)
+    if diffs:
+        msg = f"{what}: the classes do not agree: " + "; ".join(diffs) + "."
+        raise MetadataMismatchError(msg + (f" {hint}" if hint else ""))
+    return perm

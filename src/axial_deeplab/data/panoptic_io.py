@@ -53,9 +53,60 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------------------------
 # Files
 # -------------------------------------------------------------------------------------------
+# Modes whose channels are 8 bits: Pillow converts them to RGB exactly (alpha is dropped).
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_SIXTEEN_BIT_GRAY = {"I;16", "I;16L", "I;16B", "I;16N"}
+_MODE_NAMES = {"I": "32-bit signed integer", "F": "32-bit float"}
+
+
+def _tile_rawmode(im) -> str:
+    """The raw pixel layout of a not yet loaded image ("RGB;16B" for a 16-bit RGB PNG), or ""."""
+    try:
+        args = im.tile[0].args if hasattr(im.tile[0], "args") else im.tile[0][3]
+    except (IndexError, AttributeError, TypeError):
+        return ""
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return raw if isinstance(raw, str) else ""
+
+
+def image_to_rgb8(im, source: str = "image", sixteen_bit: bool | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of a loaded PIL image of any mode Pillow opens.
+
+    8-bit modes (1, L, P, CMYK, YCbCr, ...) are converted by Pillow; an alpha channel (LA, PA,
+    RGBA, a palette's transparency) is dropped, keeping the colour under it. 16-bit grayscale
+    (I;16, I;16B, I;16L, and mode I read from a 16-bit PNG/PGM) is scaled to 8 bits by ``>> 8``,
+    as Pillow itself does for 16-bit RGB files, instead of saturating to white. Modes whose value
+    range cannot be known (32-bit integer I from other files, float F) are refused by name:
+    guessing a range would silently change the picture. ``sixteen_bit``: whether a mode-I image
+    came from a 16-bit file (see :func:`_read_rgb`).
+    """
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode in _SIXTEEN_BIT_GRAY or (mode == "I" and sixteen_bit):
+        gray = np.asarray(im).astype(np.int64)
+        if gray.size and (gray.min() < 0 or gray.max() > 65535):
+            raise PanopticFormatError(
+                f"{source}: 16-bit grayscale values outside 0..65535 ([{gray.min()}, {gray.max()}]); "
+                f"save it as 8-bit or 16-bit unsigned")
+        return np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if mode in _EIGHT_BIT_MODES:
+        if mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")  # Pillow's own path for palettes with transparency
+        try:
+            return np.asarray(im.convert("RGB"))
+        except ValueError as e:
+            raise PanopticFormatError(f"{source}: cannot convert image mode {mode} to RGB ({e})") from e
+    desc = _MODE_NAMES.get(mode, "an unsupported pixel format")
+    raise PanopticFormatError(
+        f"{source}: image mode {mode} ({desc}) has no known value range to map to 8-bit RGB; "
+        f"save it as 8-bit or 16-bit RGB or grayscale")
+
+
 def _read_rgb(path: str | os.PathLike, what: str, modes=None) -> np.ndarray:
     """(H, W, 3) uint8 pixels of an image file; errors name the file and say what it was
-    meant to be (``what``); ``modes``: the PIL modes accepted before conversion to RGB."""
+    meant to be (``what``); ``modes``: the PIL modes accepted (then also only 8 bits per channel,
+    as a panoptic PNG's ids need)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -63,22 +114,26 @@ def _read_rgb(path: str | os.PathLike, what: str, modes=None) -> np.ndarray:
         raise FileNotFoundError(f"{path}: {what} not found")
     try:
         with Image.open(path) as im:
-            im.load()
-            if modes is not None and im.mode not in modes:
+            rawmode = _tile_rawmode(im)
+            if modes is not None and (im.mode not in modes or ";16" in rawmode):
+                got = f"mode {im.mode}" + (f", 16 bits per channel ({rawmode})" if ";16" in rawmode else "")
                 raise PanopticFormatError(
-                    f"{path}: {what} must be RGB (id = R + 256*G + 256^2*B), got mode {im.mode}")
-            return np.asarray(im.convert("RGB"))
+                    f"{path}: {what} must be 8-bit RGB (id = R + 256*G + 256^2*B), got {got}")
+            sixteen_bit = rawmode.startswith("I;16") or im.format in ("PNG", "PPM")
+            im.load()
+            return image_to_rgb8(im, f"{path}: {what}", sixteen_bit=sixteen_bit)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise PanopticFormatError(f"{path}: cannot read {what} ({e})") from e
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB image as (H, W, 3) uint8; errors name the file."""
+    """An image as (H, W, 3) uint8 RGB, whatever its mode (see :func:`image_to_rgb8`); errors
+    name the file."""
     return _read_rgb(path, "image file")
 
 
 def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
-    """A COCO-panoptic PNG as (H, W) int64 segment ids."""
+    """A COCO-panoptic PNG (8-bit RGB or RGBA) as (H, W) int64 segment ids."""
     return rgb_to_id(_read_rgb(path, "panoptic PNG", modes=("RGB", "RGBA")))
 
 
@@ -131,6 +186,8 @@ def read_panoptic_json(path: str | os.PathLike, require_categories: bool = True)
         for key in ("id", "name"):
             if key not in cat:
                 raise PanopticFormatError(f"{path}: categories[{i}] has no {key!r}")
+    if require_categories:
+        check_isthing(d["categories"], str(path))
     for i, ann in enumerate(d["annotations"]):
         for key in ("image_id", "file_name", "segments_info"):
             if key not in ann:
@@ -151,6 +208,97 @@ def read_panoptic_json(path: str | os.PathLike, require_categories: bool = True)
                 raise PanopticFormatError(f"{path}: image_id {ann['image_id']!r}: duplicate segment id {sid}")
             seen.add(sid)
     return d
+
+
+def check_isthing(categories: Sequence[Mapping[str, Any]], source: str) -> None:
+    """Every category must say whether it is a thing: without ``isthing`` it would silently count
+    as stuff (no instances, wrong PQ Things/Stuff). panopticapi requires the field too."""
+    def named(c):
+        return f"id {c.get('id')} {c.get('name', '')!r}"
+
+    lacking = [named(c) for c in categories if "isthing" not in c]
+    if lacking:
+        raise PanopticFormatError(
+            f"{source}: {len(lacking)} categories have no 'isthing' (1 = thing, 0 = stuff): "
+            f"{', '.join(lacking[:10])}{' ...' if len(lacking) > 10 else ''}"
+        )
+    bad = [f"{named(c)} ({c['isthing']!r})" for c in categories if c["isthing"] not in (0, 1)]
+    if bad:
+        raise PanopticFormatError(f"{source}: 'isthing' must be 0 or 1, got {', '.join(bad[:10])}")
+
+
+def _listing(values: Sequence, limit: int = 10) -> str:
+    values = list(values)
+    more = f" ... ({len(values)} in all)" if len(values) > limit else ""
+    return f"{values[:limit]}{more}"
+
+
+def check_panoptic_json(
+    data: Mapping[str, Any],
+    path: str | os.PathLike,
+    category_ids,
+    *,
+    what: str = "panoptic JSON",
+    split: str | None = None,
+    folders: Sequence[str | os.PathLike] = (),
+    allow_empty: bool = False,
+) -> None:
+    """The checks of a COCO-panoptic JSON made once when it is opened, shared by the datasets
+    (training and evaluation) and ``pq`` (ground truth and predictions): no image id twice in
+    ``annotations`` or ``images`` (it would be scored twice), every segment's category among
+    ``category_ids``, and at least one annotation unless ``allow_empty`` (an empty split would
+    score an all-zero table). Errors name the file and the ids; ``split`` and ``folders`` are
+    named in the error for an empty split. ``data`` has passed :func:`read_panoptic_json`."""
+    path = str(path)
+    anns = data["annotations"]
+    if not anns and not allow_empty:
+        of_split = f" of split {split!r}" if split else ""
+        extra = f" (with {', '.join(map(str, folders))})" if folders else ""
+        raise PanopticFormatError(
+            f"{path}: {what}{of_split} has no annotations, so no images to use{extra}; "
+            f"check the split and the files")
+    for key, items, field in (("annotations", anns, "image_id"), ("images", data.get("images") or [], "id")):
+        counts: dict = {}
+        for item in items:
+            if isinstance(item, Mapping) and field in item:
+                counts[str(item[field])] = counts.get(str(item[field]), 0) + 1
+        dup = [k for k, n in counts.items() if n > 1]
+        if dup:
+            raise PanopticFormatError(
+                f"{path}: {key} lists {field}s more than once: {_listing(dup)}; each image must appear once")
+    known = {int(c) for c in category_ids}
+    unknown = [
+        (ann["image_id"], seg["id"], seg["category_id"])
+        for ann in anns
+        for seg in ann["segments_info"]
+        if int(seg["category_id"]) not in known
+    ]
+    if unknown:
+        image_id, seg_id, cat = unknown[0]
+        cats = sorted({int(u[2]) for u in unknown})
+        raise PanopticFormatError(
+            f"{path}: image_id {image_id!r} segment {seg_id} has unknown category_id {cat}"
+            + (f" ({len(unknown)} segments in all, category_ids {_listing(cats)})" if len(unknown) > 1 else "")
+            + f"; known: {_listing(sorted(known))}"
+        )
+
+
+def check_segment_ids(present, listed, source: str) -> None:
+    """The segment ids found in a PNG (non-void) and those its JSON entry lists must be the same
+    set, both ways; the error names ``source`` (the PNG, its JSON and image id) and the ids."""
+    present = np.unique(np.asarray(present, np.int64))
+    present = present[present != VOID_ID]
+    listed = np.unique(np.asarray(listed, np.int64))
+    extra = np.setdiff1d(present, listed)
+    if extra.size:
+        raise PanopticFormatError(
+            f"{source}: segment ids {_listing(extra.tolist(), 5)} in the PNG are absent from the JSON "
+            f"(no segments_info entry for segment id {extra[0]})")
+    missing = np.setdiff1d(listed, present)
+    if missing.size:
+        raise PanopticFormatError(
+            f"{source}: the JSON lists segment ids {_listing(missing.tolist(), 5)} that are absent from the PNG "
+            f"(no pixel has segment id {missing[0]})")
 
 
 # -------------------------------------------------------------------------------------------
@@ -279,7 +427,8 @@ def decode_panoptic(
 
     Thing segments get instance ids 1..K in ``segments_info`` order (crowd ones too); stuff and
     void get 0; void pixels get ``metadata.ignore_label``. Ids in the PNG that ``segments_info``
-    does not list, or unknown categories, raise :class:`PanopticFormatError` naming ``source``.
+    does not list, listed ids absent from the PNG (:func:`check_segment_ids`), or unknown
+    categories raise :class:`PanopticFormatError` naming ``source``.
     """
     cat_to_class = metadata.contiguous_id_map()
     n = len(segments_info)
@@ -310,9 +459,7 @@ def decode_panoptic(
     ids = to_numpy(ids).astype(np.int64, copy=False)
     labelled = ids != VOID_ID
     if n == 0:
-        if labelled.any():
-            missing = np.unique(ids[labelled])[:5].tolist()
-            raise PanopticFormatError(f"{source}: segment ids {missing} in the PNG are absent from the JSON")
+        check_segment_ids(np.unique(ids[labelled]), seg_ids, source)
         shape = ids.shape
         return (
             np.full(shape, metadata.ignore_label, np.int64),
@@ -320,10 +467,12 @@ def decode_panoptic(
             np.zeros(shape, bool),
         )
     idx = np.clip(np.searchsorted(seg_ids, ids), 0, n - 1)
-    unknown = labelled & (seg_ids[idx] != ids)
-    if unknown.any():
-        missing = np.unique(ids[unknown])[:5].tolist()
-        raise PanopticFormatError(f"{source}: segment ids {missing} in the PNG are absent from the JSON")
+    known = seg_ids[idx] == ids
+    unknown = labelled & ~known
+    found = np.zeros(n, bool)
+    found[idx[labelled & known]] = True
+    if unknown.any() or not found.all():  # linear-time test; the shared check words the error
+        check_segment_ids(np.concatenate([seg_ids[found], np.unique(ids[unknown])]), seg_ids, source)
     semantic = np.where(labelled, seg_class[idx], metadata.ignore_label)
     instance = np.where(labelled, seg_inst[idx], 0)
     crowd = labelled & seg_crowd[idx]

@@ -36,6 +36,34 @@ def _need_root(cfg: Config) -> str:
     return root
 
 
+def _accepted_options(cls, fixed=("self", "root", "split", "transform", "image_dir", "json_path", "png_dir")):
+    """The keyword options ``cls`` takes (following ``**kw`` into the COCO-panoptic reader the
+    folder layouts wrap), or None when it takes anything."""
+    import inspect
+
+    params = inspect.signature(cls).parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        from ..data.coco import CocoPanopticDataset
+
+        if cls is CocoPanopticDataset or not issubclass(cls, CocoPanopticDataset):
+            return None
+        names |= _accepted_options(CocoPanopticDataset) or set()
+    return names - set(fixed)
+
+
+def _check_options(cls, dataset: str, options: Dict[str, Any], where: str = "data.options", also=()) -> None:
+    """Refuse an option the dataset does not take (a misspelt key), naming it and the valid ones."""
+    valid = _accepted_options(cls)
+    if valid is None:
+        return
+    valid = (valid - {"metadata"}) | set(also)  # metadata is an object, not a config value
+    unknown = sorted(k for k in options if k not in valid)
+    if unknown:
+        raise ConfigError(f"{', '.join(f'{where}.{k}' for k in unknown)}: unknown option for the {dataset!r} dataset; "
+                          f"valid options: {', '.join(sorted(valid)) or 'none'}")
+
+
 def build_dataset(cfg: Config, split: str, transform: Optional[Callable] = None):
     """The raw dataset of ``split`` (transforms are applied by the engine's wrapper unless
     ``transform`` is given here)."""
@@ -48,24 +76,32 @@ def build_dataset(cfg: Config, split: str, transform: Optional[Callable] = None)
         for other in ("train", "val"):
             if isinstance(opts.get(other), dict):
                 opts.pop(other)
+        _check_options(SyntheticPanoptic, name, opts)
+        _check_options(SyntheticPanoptic, name, split_opts, f"data.options.{split}")
         opts.update(split_opts)
         return SyntheticPanoptic(split=split, transform=transform, **opts)
     if name == "cityscapes":
         from ..data.cityscapes import CityscapesPanoptic
 
+        _check_options(CityscapesPanoptic, name, opts)
         return CityscapesPanoptic(_need_root(cfg), split=split, transform=transform, **opts)
     if name == "coco":
         from ..data.coco import CocoPanoptic
 
+        _check_options(CocoPanoptic, name, opts)
         return CocoPanoptic(_need_root(cfg), split=split, transform=transform, **opts)
     if name == "mapillary":
         from ..data.mapillary import MapillaryVistasPanoptic
 
+        _check_options(MapillaryVistasPanoptic, name, opts)
         return MapillaryVistasPanoptic(_need_root(cfg), split=split, transform=transform, **opts)
     if name == "coco_panoptic":
         from ..data.coco import CocoPanopticDataset
 
         spec = opts.get(split)
+        if isinstance(spec, dict):
+            _check_options(CocoPanopticDataset, name, spec, f"data.options.{split}",
+                           also=("image_dir", "json_path", "png_dir"))
         if not isinstance(spec, dict) or not {"image_dir", "json_path", "png_dir"} <= set(spec):
             raise ConfigError(
                 f"data.options.{split}: a custom COCO-panoptic dataset needs image_dir, json_path and png_dir "
@@ -73,6 +109,12 @@ def build_dataset(cfg: Config, split: str, transform: Optional[Callable] = None)
             )
         root = cfg.data.root or ""
         kw = {k: v for k, v in spec.items() if k not in ("image_dir", "json_path", "png_dir")}
+        shared = ("label_divisor", "ignore_label", "name")
+        stray = sorted(k for k, v in opts.items() if k not in shared and not isinstance(v, dict))
+        if stray:
+            raise ConfigError(f"{', '.join(f'data.options.{k}' for k in stray)}: unknown option for the {name!r} "
+                              f"dataset; valid: {', '.join(shared)}, or a split name holding image_dir, json_path, "
+                              f"png_dir")
         for k in ("label_divisor", "ignore_label", "name"):
             if k in opts and k not in kw:
                 kw[k] = opts[k]
@@ -81,6 +123,7 @@ def build_dataset(cfg: Config, split: str, transform: Optional[Callable] = None)
     if name == "imagenet":
         from ..data.image_folder import ImageFolderDataset
 
+        _check_options(ImageFolderDataset, name, opts)
         folder = os.path.join(_need_root(cfg), split)
         return ImageFolderDataset(folder, transform=transform, **opts)
     raise ConfigError(f"data.dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -9,17 +9,24 @@ A checkpoint is a folder::
         config.yaml           the resolved config, so evaluate/predict rebuild the model
         info.json             step, metrics and dataset metadata (class names, colours, things)
 
-It is written under a temporary name and renamed into place in one ``os.replace``, so
-a folder named ``step-*`` or ``best`` is always complete; leftovers of a killed write
-(``*.tmp-*``) are removed on the next start.
+It is written under a temporary name (``NAME.tmp-*``), renamed ``NAME.done.tmp-*`` once
+complete, and then renamed into place, so a folder named ``step-*`` or ``best`` is always
+complete. An existing folder of the same name is swapped with the new one in one atomic
+exchange where the system offers it (Linux ``renameat2``); elsewhere it is first moved
+to ``NAME.old.tmp-*``. Either way a kill at any instant leaves a complete copy: under the
+real name, or (for a moment) under a ``.done.``/``.old.`` name, from which the next start
+restores it. Other leftovers of a killed write are removed on the next start.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from typing import Any, Dict, List, Optional
 
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UserError, output_error
 from ..fileio import (  # noqa: F401  (re-exported: engine code imports them from here)
     atomic_write_bytes,
     atomic_write_json,
@@ -77,6 +85,82 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_renameat2 = None
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the folders ``a`` and ``b`` in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the system or file system cannot."""
+    global _renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (AttributeError, OSError):
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    at_fdcwd = -100
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # not offered here: use the two-rename fallback
+    raise OSError(code, os.strerror(code), a, None, b)
+
+
+# Names of our temporary folders/files: NAME.tmp-XXXX (being written, maybe incomplete),
+# NAME.done.tmp-XXXX (complete, about to be renamed in), NAME.old.tmp-XXXX (a complete
+# earlier copy moved aside), and fileio's NAME.XXXXXXXX.tmp files.
+_TMP_DIR_RE = re.compile(r"^(?P<name>.+?)\.(?:(?P<kind>done|old)\.)?tmp-[A-Za-z0-9_]+$")
+_TMP_FILE_RE = re.compile(r"^.+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _restore_missing(parent: str, name: str) -> Optional[str]:
+    """If ``parent/name`` is missing but a complete copy of it survives under a
+    ``.done.``/``.old.`` temporary name, rename the newest one back (a new copy before an
+    old one); returns the restored path."""
+    target = os.path.join(parent, name)
+    if os.path.lexists(target):
+        return None
+    candidates = []
+    for entry in os.listdir(parent):
+        m = _TMP_DIR_RE.match(entry)
+        path = os.path.join(parent, entry)
+        if m and m.group("name") == name and m.group("kind") and os.path.isdir(path) \
+                and not os.path.islink(path) and os.path.isfile(os.path.join(path, MODEL_FILE)):
+            candidates.append((m.group("kind") == "done", os.stat(path).st_mtime, path))
+    if not candidates:
+        return None
+    source = max(candidates)[2]
+    os.replace(source, target)
+    _fsync_dir(parent)
+    return target
+
+
+def _write_failure(err: BaseException) -> Optional[BaseException]:
+    """The OS error behind a failed write by torch.save / safetensors, or None when ``err``
+    is not a write failure."""
+    if isinstance(err, OSError):
+        return err
+    text = str(err)
+    m = re.search(r"os error (\d+)", text)  # safetensors: "... No space left on device (os error 28)"
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    if isinstance(err, RuntimeError) and text.startswith("Parent directory ") and "does not exist" in text:
+        return OSError(errno.ENOENT, os.strerror(errno.ENOENT))  # torch.save into a vanished folder
+    if isinstance(err, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter" in text
+                                         or "file write failed" in text):
+        return err  # torch.save's zip writer; output_error reads "unexpected pos" as a full disk
+    return None
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -155,12 +239,14 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+    parent, name = os.path.split(directory)
+    tmp = aside = None
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
         os.chmod(tmp, 0o777 & ~current_umask())
         save_file(_model_tensors(model), os.path.join(tmp, MODEL_FILE), metadata={"step": str(int(step))})
+        os.chmod(os.path.join(tmp, MODEL_FILE), 0o666 & ~current_umask())  # safetensors writes 0600 files
         state: Dict[str, Any] = {
             "step": int(step),
             "rng": rng_state if rng_state is not None else capture_rng_state(),
@@ -181,43 +267,75 @@ def save_checkpoint(
         meta.update(info or {})
         with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, default=json_default)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
+        for entry in os.listdir(tmp):
+            with open(os.path.join(tmp, entry), "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if os.path.exists(directory):
-            # Replace an existing checkpoint of the same name: move it aside first (a
-            # rename of a non-empty folder over another fails), then drop it.
-            trash = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".old.tmp-", dir=parent)
-            os.rmdir(trash)
-            os.replace(directory, trash)
-            os.replace(tmp, directory)
-            shutil.rmtree(trash, ignore_errors=True)
+        # complete from here on: the .done. name lets a later start restore it if need be
+        suffix = os.path.basename(tmp)[len(name) + len(".tmp-"):]
+        done = os.path.join(parent, f"{name}.done.tmp-{suffix}")
+        os.replace(tmp, done)
+        tmp = done
+        if os.path.isdir(directory) and not os.path.islink(directory):
+            if not _exchange(tmp, directory):
+                # No atomic swap here: move the old copy aside, then rename the new one in. A
+                # kill in between leaves both complete under .old./.done. names (restored on start).
+                aside = os.path.join(parent, f"{name}.old.tmp-{suffix}")
+                os.replace(directory, aside)
+                os.replace(tmp, directory)
+                tmp = aside
+            shutil.rmtree(tmp, ignore_errors=True)  # the earlier copy, now under the temporary name
+            tmp = None
         else:
             os.replace(tmp, directory)
+            tmp = None
         _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        try:
+            if tmp is not None:
+                if os.path.lexists(directory) or ".done.tmp-" not in os.path.basename(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                _restore_missing(parent, name)  # put back a complete copy if the name is empty
+                if aside is not None and os.path.isdir(directory):
+                    shutil.rmtree(aside, ignore_errors=True)
+                    shutil.rmtree(aside.replace(".old.tmp-", ".done.tmp-"), ignore_errors=True)
+        except OSError:
+            pass  # the next start's remove_stale_tmp restores or removes what is left
+        cause = _write_failure(e) if isinstance(e, Exception) and not isinstance(e, UserError) else None
+        if cause is not None:
+            raise output_error(directory, cause) from e
         raise
     return directory
 
 
 def remove_stale_tmp(checkpoint_root: str) -> List[str]:
-    """Delete leftovers of interrupted writes (``*.tmp-*``); returns what was removed."""
-    removed = []
+    """Clean up after interrupted writes; returns the paths removed.
+
+    A checkpoint whose folder is missing while a complete copy survives under a temporary
+    name (a kill in the middle of replacing it) is first restored from that copy. Only names
+    of the forms this module and :mod:`axial_deeplab.fileio` create are touched."""
+    removed: List[str] = []
     if not os.path.isdir(checkpoint_root):
         return removed
-    for name in os.listdir(checkpoint_root):
-        if ".tmp-" in name or name.endswith(".tmp"):
-            path = os.path.join(checkpoint_root, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            removed.append(path)
+    for entry in sorted(os.listdir(checkpoint_root)):
+        m = _TMP_DIR_RE.match(entry)
+        if m and m.group("kind"):
+            try:
+                _restore_missing(checkpoint_root, m.group("name"))
+            except OSError as e:
+                raise output_error(os.path.join(checkpoint_root, m.group("name")), e) from e
+    for entry in sorted(os.listdir(checkpoint_root)):
+        path = os.path.join(checkpoint_root, entry)
+        if _TMP_DIR_RE.match(entry) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _TMP_FILE_RE.match(entry) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
+        else:
+            continue
+        removed.append(path)
     return removed
 
 
@@ -295,12 +413,24 @@ def load_model_weights(model: nn.Module, path: str, strict: bool = True) -> nn.M
         if isinstance(tensors, dict) and "model" in tensors and isinstance(tensors["model"], dict):
             tensors = tensors["model"]
     target = unwrap_model(model)
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{file}: expected a state dict of tensors")
+    own = target.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise ValueError(
+            f"{file}: {len(mismatched)} tensor(s) have other shapes than the model's "
+            f"({'; '.join(mismatched[:3])}{'; ...' if len(mismatched) > 3 else ''}); the checkpoint was trained "
+            f"with another model width or class count: use the config it was trained with (--config, "
+            f"model.kwargs) and a dataset with the same classes"
+        )
     result = target.load_state_dict(tensors, strict=False)
     if strict and (result.missing_keys or result.unexpected_keys):
         raise ValueError(
             f"{file}: weights do not fit the model: missing {result.missing_keys[:8]}"
             f"{' ...' if len(result.missing_keys) > 8 else ''}, unexpected {result.unexpected_keys[:8]}"
-            f"{' ...' if len(result.unexpected_keys) > 8 else ''}"
+            f"{' ...' if len(result.unexpected_keys) > 8 else ''} (another model or --config?)"
         )
     return model
 
@@ -325,8 +455,15 @@ def read_checkpoint_info(path: str) -> Dict[str, Any]:
     file = os.path.join(path, INFO_FILE)
     if not os.path.isfile(file):
         return {}
-    with open(file, "r", encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(file, "r", encoding="utf-8") as f:
+            info = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{file}: corrupt checkpoint info, not valid JSON ({e}); restore it from a copy "
+                         f"of the checkpoint") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{file}: corrupt checkpoint info, expected a JSON object, got {type(info).__name__}")
+    return info
 
 
 def checkpoint_config_path(path: str) -> Optional[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -59,7 +60,7 @@ class ExperimentConfig:
     task: str = _doc("'panoptic' (Axial-DeepLab) or 'classification' (Axial-ResNet on ImageNet).", "panoptic")
     seed: int = _doc("Seed for weights, data order and augmentation (same seed -> same run).", 0)
     deterministic: bool = _doc("Ask PyTorch for deterministic kernels (slower on GPU).", False)
-    device: str = _doc("'auto' (CUDA if present, else CPU), 'cpu' or 'cuda'.", "auto")
+    device: str = _doc("'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.", "auto")
     threads: Optional[int] = _doc("CPU threads per process (torch.set_num_threads); null keeps PyTorch's choice.", None)
 
 
@@ -306,8 +307,8 @@ def validate_config(cfg: Config) -> None:
 
     need(cfg.experiment.task in ("panoptic", "classification"),
          f"experiment.task must be 'panoptic' or 'classification', got {cfg.experiment.task!r}")
-    need(cfg.experiment.device in ("auto", "cpu", "cuda") or cfg.experiment.device.startswith("cuda:"),
-         f"experiment.device must be auto, cpu or cuda, got {cfg.experiment.device!r}")
+    need(cfg.experiment.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", cfg.experiment.device),
+         f"experiment.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.experiment.device!r}")
     need(len(cfg.data.crop_size) == 2 and all(v > 0 for v in cfg.data.crop_size),
          f"data.crop_size must be [height, width] with positive values, got {cfg.data.crop_size}")
     need(cfg.data.eval_size is None or (len(cfg.data.eval_size) == 2 and all(v > 0 for v in cfg.data.eval_size)),
@@ -359,6 +360,8 @@ def _read_yaml(path: str, _seen=()) -> Dict[str, Any]:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file ({e})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -22,6 +22,8 @@ from torch import nn
 
 __all__ = [
     "DistEnv",
+    "DEVICE_CHOICES",
+    "resolve_device",
     "detect_env",
     "init_distributed",
     "cleanup_distributed",
@@ -68,24 +70,58 @@ def detect_env() -> DistEnv:
                    local_world_size=_int("LOCAL_WORLD_SIZE", world))
 
 
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: Optional[str], setting: str = "experiment.device", local_rank: int = 0) -> torch.device:
+    """The torch device for a device setting: 'auto' (CUDA if present, else CPU), 'cpu',
+    'cuda' (``cuda:local_rank``), 'cuda:N' or 'mps'. A name PyTorch cannot serve here raises
+    a :class:`~axial_deeplab.errors.UserError` naming ``setting`` and what is missing, before
+    any model is built."""
+    from ..errors import UserError
+
+    text = "auto" if name is None else str(name).strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"{setting}={name}: this PyTorch has no MPS (Apple GPU) device; use cpu or auto")
+        return torch.device("mps")
+    if text == "cuda" or text.startswith("cuda:"):
+        index = local_rank
+        if text != "cuda":
+            try:
+                index = int(text[5:])
+            except ValueError:
+                index = -1
+            if index < 0:
+                raise UserError(f"{setting}={name}: not a device; choose {DEVICE_CHOICES} (N a GPU number)")
+        if not torch.cuda.is_available():
+            why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
+                   else "no GPU is visible to PyTorch (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise UserError(f"{setting}={name}: {why}; use cpu or auto")
+        count = torch.cuda.device_count()
+        if text != "cuda" and index >= count:
+            raise UserError(f"{setting}={name}: there {'is' if count == 1 else 'are'} only {count} GPU(s) "
+                            f"(cuda:0 to cuda:{count - 1})")
+        return torch.device("cuda", index % max(count, 1))
+    raise UserError(f"{setting}={name}: unknown device; choose {DEVICE_CHOICES}")
+
+
 def init_distributed(device_kind: str = "auto", timeout_s: float = 1800.0) -> tuple:
     """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1).
 
     Returns ``(env, device)``. GPU processes use NCCL and ``cuda:LOCAL_RANK``; CPU processes
-    use gloo. Safe to call in a single process (no group is created).
+    use gloo. Safe to call in a single process (no group is created). An unusable
+    ``device_kind`` raises a UserError naming ``experiment.device``.
     """
     env = detect_env()
-    use_cuda = torch.cuda.is_available() if device_kind == "auto" else device_kind.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("experiment.device asks for CUDA but no GPU is available")
-    if use_cuda:
-        if device_kind.startswith("cuda:"):
-            device = torch.device(device_kind)
-        else:
-            device = torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
+    device = resolve_device(device_kind, "experiment.device", env.local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {}

@@ -9,18 +9,21 @@ import os
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
+from ..errors import UserError
 from .builders import build_eval_transform, dataset_metadata
 from .config import Config
 from .distributed import get_rank, get_world_size, is_main_process, reduce_evaluator_states
-from .sampling import SeededDataset, ShardSampler
+from .sampling import CarryingCollate, SeededDataset, ShardSampler, ignore_sigint, reraise_carried
 
 __all__ = [
     "raw_outputs",
     "postprocess_outputs",
     "evaluate_model",
     "evaluate_panoptic",
+    "match_classes",
+    "dataset_label",
     "evaluate_classification",
     "format_results",
     "write_overlay",
@@ -106,6 +109,68 @@ def _valid_hw(batch, i: int, full_hw):
     return full_hw
 
 
+def dataset_label(dataset, split: Optional[str] = None, name: Optional[str] = None) -> str:
+    """How a dataset is named in messages: its name, split and JSON file where known."""
+    md = getattr(dataset, "metadata", None)
+    parts = [repr(name or getattr(md, "name", type(dataset).__name__))]
+    split = split or getattr(dataset, "split", None)
+    if split:
+        parts.append(f"split {split!r}")
+    json_path = getattr(dataset, "json_path", None)
+    if json_path:
+        parts.append(f"({json_path})")
+    return " ".join(parts)
+
+
+def match_classes(metadata, dataset, map_classes_by_name: bool = False, model_source: Optional[str] = None,
+                  dataset_source: Optional[str] = None):
+    """``(metadata to score with, class_map)`` for a model whose classes are ``metadata`` on ``dataset``.
+
+    The two must agree class by class (names, things/stuff, category ids, label divisor), else
+    the scores would silently compare different classes: a mismatch raises
+    :class:`~axial_deeplab.data.meta.MetadataMismatchError` listing every difference. With
+    ``map_classes_by_name`` the same classes may come in another order; ``class_map`` then
+    reorders the model's semantic channels into the dataset's order (``None``: no reordering).
+    Scores always use the dataset's metadata, so its category ids and void label are the truth.
+    """
+    from ..data.meta import check_metadata_compatible
+
+    ds_md = getattr(dataset, "metadata", None)
+    if metadata is None:
+        return dataset_metadata(dataset), None
+    if ds_md is None or ds_md is metadata:
+        return metadata, None
+    model_label = f"checkpoint {model_source}" if model_source else "the model"
+    what = f"{model_label} vs dataset {dataset_source or dataset_label(dataset)}"
+    hints = []
+    if metadata.label_divisor != ds_md.label_divisor:
+        hints.append(f"Give the dataset the checkpoint's label divisor (data.options.label_divisor="
+                     f"{metadata.label_divisor}) or evaluate on the dataset the model was trained on.")
+    kinds = {(n, metadata.is_thing(c)) for c, n in enumerate(metadata.class_names)}
+    same_classes = sorted(metadata.class_names) == sorted(ds_md.class_names) and kinds == {
+        (n, ds_md.is_thing(c)) for c, n in enumerate(ds_md.class_names)}
+    if not same_classes:
+        hints.append("Evaluate on a dataset with the classes the model was trained on.")
+    elif not map_classes_by_name and (metadata.class_names != ds_md.class_names
+                                      or None not in (metadata.category_ids, ds_md.category_ids)
+                                      and metadata.category_ids != ds_md.category_ids):
+        hints.append("The same class names are listed in another order or under other ids: pass "
+                     "--map-classes-by-name (map_classes_by_name=True) to match them by name.")
+    hint = " ".join(hints)
+    class_map = check_metadata_compatible(metadata, ds_md, what=what,
+                                          names=("checkpoint" if model_source else "model", "dataset"),
+                                          map_by_name=map_classes_by_name, hint=hint)
+    return ds_md, class_map
+
+
+def _reorder_classes(raw: Dict[str, torch.Tensor], class_map: Optional[List[int]]) -> Dict[str, torch.Tensor]:
+    """The model's semantic channels in the dataset's class order (centres and offsets are class-free)."""
+    if class_map is None:
+        return raw
+    index = torch.as_tensor(class_map, device=raw["semantic_logits"].device)
+    return dict(raw, semantic_logits=raw["semantic_logits"].index_select(1, index))
+
+
 def _samples_of(batch) -> List[int]:
     img = batch["image"]
     return list(range(len(img)))
@@ -114,26 +179,30 @@ def _samples_of(batch) -> List[int]:
 @torch.no_grad()
 def evaluate_panoptic(model, dataset, cfg: Config, device, metadata=None, progress: bool = True,
                       desc: str = "eval", overlay_dir: Optional[str] = None, num_overlays: int = 0,
-                      max_images: Optional[int] = None) -> Dict[str, Any]:
-    """PQ/SQ/RQ (All, Things, Stuff, per class), mIoU and optionally mask AP, in percent."""
+                      max_images: Optional[int] = None, map_classes_by_name: bool = False,
+                      model_source: Optional[str] = None, dataset_source: Optional[str] = None) -> Dict[str, Any]:
+    """PQ/SQ/RQ (All, Things, Stuff, per class), mIoU and optionally mask AP, in percent.
+
+    ``metadata`` are the model's classes; they are checked against the dataset's first (see
+    :func:`match_classes`; ``model_source`` / ``dataset_source`` name the two in its message)."""
     from tqdm.auto import tqdm
 
     from ..data.collate import collate_panoptic
     from ..evaluation import InstanceAP, PanopticQuality, SemanticIoU
 
-    metadata = metadata or dataset_metadata(dataset)
+    metadata, class_map = match_classes(metadata, dataset, map_classes_by_name, model_source, dataset_source)
     model.eval()
     transform = build_eval_transform(cfg, metadata)
     at_original_size = bool(cfg.data.resize_long_side)
     if at_original_size:
         transform = _KeepOriginalLabels(transform)
-    wrapped = SeededDataset(dataset, transform)
+    wrapped = SeededDataset(dataset, transform, carry_errors=True)
     limit = max_images if max_images is not None else cfg.eval.max_images
     sampler = ShardSampler(len(dataset), get_rank(), get_world_size(), limit=limit)
     workers = cfg.data.eval_num_workers if cfg.data.eval_num_workers is not None else cfg.data.num_workers
     loader = DataLoader(wrapped, batch_size=cfg.eval.batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_panoptic, generator=torch.Generator(),
-                        pin_memory=device.type == "cuda")
+                        collate_fn=CarryingCollate(collate_panoptic), generator=torch.Generator(),
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
     pq = PanopticQuality(metadata)
     miou = SemanticIoU(metadata.num_classes, metadata.ignore_label, metadata.class_names)
     ap = InstanceAP(metadata) if cfg.eval.compute_ap else None
@@ -141,13 +210,14 @@ def evaluate_panoptic(model, dataset, cfg: Config, device, metadata=None, progre
     n_images = 0
     for batch in tqdm(loader, desc=desc, unit="img" if cfg.eval.batch_size == 1 else "batch",
                       disable=not progress, dynamic_ncols=True, leave=False):
+        reraise_carried(batch)
         images = batch["image"]
         if isinstance(images, list):  # different sizes: one at a time
             groups = [(img[None], [i]) for i, img in enumerate(images)]
         else:
             groups = [(images, _samples_of(batch))]
         for imgs, idxs in groups:
-            raw = raw_outputs(model, imgs.to(device, non_blocking=True), cfg)
+            raw = _reorder_classes(raw_outputs(model, imgs.to(device, non_blocking=True), cfg), class_map)
             results = postprocess_outputs(raw, metadata, cfg, full=True)
             for r, i in zip(results, idxs):
                 h, w = _valid_hw(batch, i, tuple(imgs.shape[-2:]))
@@ -211,14 +281,17 @@ def evaluate_classification(model, dataset, cfg: Config, device, progress: bool 
 
     model.eval()
     tf = _bet(cfg)
-    wrapped = SeededDataset(dataset, lambda item: (tf(item[0]), item[1]))
+    wrapped = SeededDataset(dataset, lambda item: (tf(item[0]), item[1]), carry_errors=True)
     limit = max_images if max_images is not None else cfg.eval.max_images
     sampler = ShardSampler(len(dataset), get_rank(), get_world_size(), limit=limit)
     workers = cfg.data.eval_num_workers if cfg.data.eval_num_workers is not None else cfg.data.num_workers
     loader = DataLoader(wrapped, batch_size=max(cfg.eval.batch_size, 1), sampler=sampler, num_workers=workers,
-                        generator=torch.Generator())
+                        collate_fn=CarryingCollate(default_collate), generator=torch.Generator(),
+                        worker_init_fn=ignore_sigint)
     acc = ClassificationAccuracy(topk=(1, 5))
-    for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        reraise_carried(batch)
+        images, labels = batch
         logits = model(images.to(device))
         acc.update(logits.float().cpu(), labels)
     reduce_evaluator_states(acc)
@@ -232,8 +305,20 @@ def evaluate_classification(model, dataset, cfg: Config, device, progress: bool 
     return out
 
 
+def _refuse_empty(dataset, max_images: Optional[int], cfg: Config, source: Optional[str]) -> None:
+    """An empty split or a limit of 0 images would print an all-zero table as if it were a score."""
+    limit = max_images if max_images is not None else cfg.eval.max_images
+    where = source or f"{cfg.data.dataset} split"
+    if len(dataset) == 0:
+        raise UserError(f"nothing to evaluate: {where} has no images")
+    if limit is not None and int(limit) < 1:
+        raise UserError(f"nothing to evaluate: the image limit is {limit} (--max-images / eval.max_images "
+                        f"must be at least 1, or null for all)")
+
+
 def evaluate_model(model, dataset, cfg: Config, device, metadata=None, progress: bool = True,
                    desc: str = "eval", **kw) -> Dict[str, Any]:
+    _refuse_empty(dataset, kw.get("max_images"), cfg, kw.get("dataset_source"))
     if cfg.experiment.task == "classification":
         return evaluate_classification(model, dataset, cfg, device, progress=progress, desc=desc,
                                        max_images=kw.get("max_images"))

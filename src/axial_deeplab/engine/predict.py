@@ -1,23 +1,41 @@
 """Inference on image files: a trained checkpoint (its config.yaml and metadata travel
 with it) turns images or folders of images into COCO-panoptic PNGs + JSON and colour
 overlays. An unreadable image is reported by name and skipped; the others are processed.
+
+The output folder is locked for the run, earlier predictions in it are only added to or
+replaced when asked, predict never reads its own outputs as input, and a failed write stops
+the run with the path named, removing what this run wrote (predictions.json is written last,
+atomically).
 """
 from __future__ import annotations
 
+import errno
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import OutputError, UserError, output_error
 from . import checkpoint as ckpt
 from .builders import build_eval_transform, build_model
 from .config import Config, ConfigError, load_config
 
-__all__ = ["IMAGE_SUFFIXES", "collect_images", "load_checkpoint_model", "predict_images", "PredictReport"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
+
+__all__ = ["IMAGE_SUFFIXES", "EXISTING_MODES", "OutputFolder", "collect_images", "load_checkpoint_model",
+           "predict_images", "PredictReport"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+PREDICTIONS_JSON = "predictions.json"
+OUTPUT_SUBDIRS = ("panoptic", "overlay")  # the folders predict writes PNGs into
+LOCK_FILE = ".predict.lock"
+EXISTING_MODES = ("refuse", "add", "replace")
 
 
 @dataclass
@@ -28,8 +46,34 @@ class PredictReport:
     json_path: Optional[str] = None
 
 
-def collect_images(inputs: Sequence[str]) -> List[Path]:
-    """Files given directly, plus every image file below the given folders (sorted)."""
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _own_outputs(inputs: Sequence[str], output_dir: str) -> List[Path]:
+    """The folders input collection must not read: the whole output folder, or only the
+    folders predict writes into when an input folder is the output folder or lies inside it."""
+    out = Path(output_dir).resolve()
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir() and _is_under(p.resolve(), out):
+            return [out / d for d in OUTPUT_SUBDIRS]
+    return [out]
+
+
+def collect_images(inputs: Sequence[str], output_dir: Optional[str] = None,
+                   skipped: Optional[List[Path]] = None) -> List[Path]:
+    """Files given directly, plus every image file below the given folders (sorted).
+
+    With ``output_dir`` predict's own outputs are never taken as input (a second run into
+    ``input/out`` would otherwise predict on the first run's PNGs): files under the output
+    folder (under its panoptic/ and overlay/ only, when an input folder is the output folder
+    or lies inside it) are left out and appended to ``skipped``."""
+    exclude = _own_outputs(inputs, output_dir) if output_dir is not None else []
     files: List[Path] = []
     for item in inputs:
         p = Path(item)
@@ -42,9 +86,14 @@ def collect_images(inputs: Sequence[str]) -> List[Path]:
     seen, unique = set(), []
     for f in files:
         key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
+        if key in seen:
+            continue
+        seen.add(key)
+        if any(_is_under(key, ex) for ex in exclude):
+            if skipped is not None:
+                skipped.append(f)
+            continue
+        unique.append(f)
     return unique
 
 
@@ -65,10 +114,17 @@ def load_checkpoint_model(checkpoint: str, device: torch.device, config_path: Op
             from ..data.meta import PanopticMetadata
 
             metadata = PanopticMetadata.from_dict(info["metadata"])
-        else:
+        else:  # older or bare weights: the classes can only come from the configured dataset
+            import warnings
+
             from .builders import build_dataset, dataset_metadata
 
             metadata = dataset_metadata(build_dataset(cfg, cfg.data.eval_split))
+            warnings.warn(f"{path}: the checkpoint does not record its classes (no 'metadata' in an info.json "
+                          f"beside its weights); assuming those of dataset {cfg.data.dataset!r} "
+                          f"split {cfg.data.eval_split!r} "
+                          f"({metadata.num_classes} classes: {', '.join(metadata.class_names[:8])}"
+                          f"{', ...' if metadata.num_classes > 8 else ''})", UserWarning, stacklevel=2)
         model = build_model(cfg, metadata)
     else:
         classes = info.get("classes")
@@ -98,56 +154,249 @@ def _output_name(f: Path, roots: Iterable[Path], taken: set) -> str:
     return name
 
 
+def _is_ours(name: str, stem: str = "") -> bool:
+    """A file predict writes (``*.png``), or a temporary file of an interrupted atomic write."""
+    if stem:
+        return name == stem or (name.startswith(stem + ".") and name.endswith(".tmp"))
+    return name.endswith(".png") or (".png." in name and name.endswith(".tmp"))
+
+
+@contextmanager
+def _writing(path):
+    """Turn an OSError of a write (disk full, read-only folder, ...) into an OutputError naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        raise output_error(path, e) from e
+
+
+def _check_folder_path(path: Path) -> None:
+    """The output path must be a folder or creatable as one: name the file in the way."""
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            if p.is_dir():
+                return
+            if p == path:
+                raise UserError(f"--output {path}: is a file, not a folder; choose a folder for the predictions")
+            raise UserError(f"--output {path}: {p} is a file, so no folder can be made below it; "
+                            f"choose another output folder")
+
+
+class OutputFolder:
+    """The output folder of a predict run: checked, created and locked until :meth:`close`.
+
+    The lock (``fcntl.flock`` on ``.predict.lock`` inside the folder, non-blocking) makes a
+    second run into the same folder fail at once instead of mixing its files with ours.
+    ``existing`` says what to do with earlier predictions there (``predictions.json``, PNGs
+    in ``panoptic/`` or ``overlay/``): ``"refuse"`` (the default), ``"add"`` (the new images
+    join the earlier predictions.json; a name already there is refused) or ``"replace"``
+    (delete those files, and nothing else, before the first new one is written). Other files
+    in the folder are never touched, so a folder holding unrelated files is fine.
+    """
+
+    def __init__(self, path, existing: str = "refuse"):
+        if existing not in EXISTING_MODES:
+            raise ValueError(f"existing must be one of {', '.join(EXISTING_MODES)}, got {existing!r}")
+        self.path = Path(path)
+        self.existing = existing
+        self.json_path = self.path / PREDICTIONS_JSON
+        self.previous: Optional[dict] = None  # the earlier predictions.json that "add" extends
+        self._lock_fd: Optional[int] = None
+        _check_folder_path(self.path)
+        with _writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._check_existing()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        lock_path = self.path / LOCK_FILE
+        with _writing(lock_path):
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        if fcntl is None:
+            self._lock_fd = fd
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"--output {self.path}: another predict run is writing into this folder "
+                                f"(it holds {lock_path}); wait for it to finish or choose another folder") from None
+            raise output_error(lock_path, e) from None
+        self._lock_fd = fd
+
+    def earlier_predictions(self) -> List[str]:
+        """Files of earlier runs (relative to the folder): predictions.json and the PNGs in
+        panoptic/ and overlay/, with temporary files of interrupted writes."""
+        found = sorted(n for n in os.listdir(self.path) if _is_ours(n, PREDICTIONS_JSON))
+        for sub in OUTPUT_SUBDIRS:
+            d = self.path / sub
+            if d.is_dir():
+                found += [f"{sub}/{n}" for n in sorted(os.listdir(d)) if _is_ours(n) and (d / n).is_file()]
+        return found
+
+    def _check_existing(self) -> None:
+        earlier = self.earlier_predictions()
+        if not earlier:
+            return
+        if self.existing == "refuse":
+            what = sorted({e.split("/")[0] + ("/" if "/" in e else "") for e in earlier})
+            raise UserError(f"--output {self.path} already holds predictions ({', '.join(what)}); pass --add to "
+                            f"add these images to them or --replace to replace them, or choose another folder")
+        if self.existing == "add" and self.json_path.exists():
+            from ..data.panoptic_io import read_panoptic_json
+
+            self.previous = read_panoptic_json(self.json_path)
+
+    def prepare(self, names: Sequence[str], metadata, overlays: bool = True) -> None:
+        """Before the first write: "add" checks that the earlier predictions come from the same
+        categories and that no name is taken; "replace" deletes the earlier predictions."""
+        if self.existing == "replace":
+            for rel in self.earlier_predictions():
+                p = self.path / rel
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise output_error(p, e) from None
+            return
+        if self.existing != "add":
+            return
+        taken = set()
+        if self.previous is not None:
+            def key(c):
+                return int(c["id"]), str(c["name"]), int(bool(c.get("isthing", 0)))
+
+            old = sorted(key(c) for c in self.previous.get("categories") or [])
+            if old != sorted(key(c) for c in metadata.coco_categories()):
+                raise UserError(f"{self.json_path}: its categories differ from this checkpoint's, so the new "
+                                f"predictions cannot join it; use --replace or choose another folder")
+            for a in self.previous["annotations"]:
+                taken.add(str(a["image_id"]))
+                taken.add(Path(str(a["file_name"])).stem)
+        clash = [n for n in names if n in taken or (self.path / "panoptic" / f"{n}.png").exists()
+                 or (overlays and (self.path / "overlay" / f"{n}.png").exists())]
+        if clash:
+            shown = ", ".join(clash[:5]) + (", ..." if len(clash) > 5 else "")
+            raise UserError(f"--output {self.path} already has predictions named {shown} ({len(clash)} of these "
+                            f"images); --add only adds new names: use --replace to predict everything again, "
+                            f"or choose another folder")
+
+    def close(self) -> None:
+        """Release the lock (the lock file stays: removing it would race with a waiting run)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
 @torch.no_grad()
 def predict_images(model, cfg: Config, metadata, files: Sequence[Path], output_dir: str, device: torch.device,
-                   progress: bool = True, inputs: Sequence[str] = (), overlays: bool = True) -> PredictReport:
+                   progress: bool = True, inputs: Sequence[str] = (), overlays: bool = True,
+                   existing: str = "refuse", folder: Optional[OutputFolder] = None) -> PredictReport:
     """Write ``panoptic/<name>.png`` + ``predictions.json`` (COCO panoptic) and
-    ``overlay/<name>.png`` for each readable image; collect the failures."""
+    ``overlay/<name>.png`` for each readable image; collect the images that could not be read
+    or predicted.
+
+    ``existing``: what to do with earlier predictions in ``output_dir`` (``"refuse"``, ``"add"``
+    or ``"replace"``, see :class:`OutputFolder`); ``folder``: an :class:`OutputFolder` the caller
+    already opened (and locked) for ``output_dir``, else one is held for this call. A failed
+    write raises :class:`OutputError` naming the path, after removing the files this run wrote:
+    predictions.json (written last, atomically) is then as it was."""
+    own = folder is None
+    if own:
+        folder = OutputFolder(output_dir, existing)
+    try:
+        return _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder)
+    finally:
+        if own:
+            folder.close()
+
+
+def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder) -> PredictReport:
     from tqdm.auto import tqdm
 
-    from ..data.panoptic_io import PanopticWriter, image_to_tensor, read_image
+    from ..data.panoptic_io import PanopticWriter, encode_prediction, image_to_tensor, read_image
     from ..data.transforms import resize_sample
     from .evaluate import postprocess_outputs, raw_outputs
     from .visualize import make_panel, overlay_panoptic, save_png
 
-    os.makedirs(output_dir, exist_ok=True)
     report = PredictReport(output_dir=output_dir)
     transform = build_eval_transform(cfg, metadata)
     roots = [Path(i) for i in inputs if Path(i).is_dir()]
     taken: set = set()
-    json_path = os.path.join(output_dir, "predictions.json")
-    writer = PanopticWriter(json_path, os.path.join(output_dir, "panoptic"), metadata)
+    names = [_output_name(f, roots, taken) for f in files]
+    folder.prepare(names, metadata, overlays)
+    json_path = os.path.join(output_dir, PREDICTIONS_JSON)
+    png_dir = os.path.join(output_dir, "panoptic")
     pal, div, things = metadata.palette(), metadata.label_divisor, metadata.thing_ids
-    for f in tqdm(files, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
-        try:
-            rgb = read_image(f)
-        except Exception as e:  # unreadable / corrupt file: name it and go on
-            report.failed.append((str(f), str(e)))
-            continue
-        try:
-            image = image_to_tensor(rgb)
-            h0, w0 = image.shape[-2:]
-            sample = transform({"image": image, "file_name": str(f)})
-            x = sample["image"]
-            vh, vw = sample.get("valid_size", tuple(x.shape[-2:]))
-            raw = raw_outputs(model, x[None].to(device), cfg)
-            result = postprocess_outputs(raw, metadata, cfg, full=True)[0]
-            pan = result["panoptic"][:vh, :vw].cpu()
-            if (vh, vw) != (h0, w0):  # resized for the network: back to the file's size
-                pan = resize_sample({"image": x[:, :vh, :vw], "semantic": pan}, (h0, w0))["semantic"]
-            seg_scores = {}
-            for s in result.get("segments_info", []):
-                if "score" in s:
-                    seg_scores[int(s["id"])] = float(s["score"])
-            name = _output_name(f, roots, taken)
-            writer.add_prediction(name, pan.numpy(), scores=seg_scores, image_file_name=str(f),
-                                  png_name=f"{name}.png")
+    written: List[str] = []
+    try:
+        with _writing(png_dir):
+            writer = PanopticWriter(json_path, png_dir, metadata)
+        if folder.previous is not None:  # "add": the earlier images first, then the new ones
+            prev = folder.previous
+            writer.extra = {k: v for k, v in prev.items() if k not in ("images", "annotations", "categories")}
+            writer.images[:0] = list(prev.get("images") or [])
+            writer.annotations[:0] = list(prev["annotations"])
+        for f, name in zip(tqdm(files, desc="predict", unit="img", disable=not progress, dynamic_ncols=True), names):
+            try:
+                rgb = read_image(f)
+            except Exception as e:  # unreadable / corrupt file: name it and go on
+                report.failed.append((str(f), str(e)))
+                continue
+            try:
+                image = image_to_tensor(rgb)
+                h0, w0 = image.shape[-2:]
+                sample = transform({"image": image, "file_name": str(f)})
+                x = sample["image"]
+                vh, vw = sample.get("valid_size", tuple(x.shape[-2:]))
+                raw = raw_outputs(model, x[None].to(device), cfg)
+                result = postprocess_outputs(raw, metadata, cfg, full=True)[0]
+                pan = result["panoptic"][:vh, :vw].cpu()
+                if (vh, vw) != (h0, w0):  # resized for the network: back to the file's size
+                    pan = resize_sample({"image": x[:, :vh, :vw], "semantic": pan}, (h0, w0))["semantic"]
+                seg_scores = {}
+                for s in result.get("segments_info", []):
+                    if "score" in s:
+                        seg_scores[int(s["id"])] = float(s["score"])
+                ids, segs = encode_prediction(pan.numpy(), metadata, seg_scores)
+                panel = make_panel([image, overlay_panoptic(image, pan, pal, div, things)]) if overlays else None
+            except Exception as e:
+                report.failed.append((str(f), f"{type(e).__name__}: {e}"))
+                continue
+            # A failed write is no per-image failure: it stops the run (the next would fail too).
+            png = os.path.join(png_dir, f"{name}.png")
+            written.append(png)
+            with _writing(png):
+                writer.add(name, ids, segs, image_file_name=str(f), png_name=f"{name}.png")
             if overlays:
-                save_png(os.path.join(output_dir, "overlay", f"{name}.png"),
-                         make_panel([image, overlay_panoptic(image, pan, pal, div, things)]))
+                ov = os.path.join(output_dir, "overlay", f"{name}.png")
+                written.append(ov)
+                with _writing(ov):
+                    save_png(ov, panel)
             report.processed.append(str(f))
-        except Exception as e:
-            report.failed.append((str(f), f"{type(e).__name__}: {e}"))
-    writer.close()
+        with _writing(json_path):
+            writer.close()
+    except BaseException:
+        for p in written:  # new names only (see OutputFolder.prepare): nothing earlier is removed
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        raise
     report.json_path = json_path
     return report

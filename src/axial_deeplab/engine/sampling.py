@@ -6,17 +6,76 @@ The training stream is endless: sample number ``p = step * global_batch + j`` is
 ``perm_e[p mod N]`` of epoch ``e = p // N`` (a permutation seeded by ``(seed, e)``), and
 it is augmented with generators seeded by ``(seed, p)``. Process ``r`` of ``W`` takes
 positions ``j`` in ``[r*B/W, (r+1)*B/W)`` of each global batch.
+
+A bad input met by a DataLoader worker (a corrupt image, a missing file) reaches the main
+process as the same error, with the same message, that loading in the main process gives
+(:class:`CarriedError`): PyTorch would otherwise re-raise it with the worker's whole
+traceback as its message.
 """
 from __future__ import annotations
 
+import pickle
 import random
-from typing import Callable, Iterator, List, Optional, Tuple
+import signal
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
-__all__ = ["StepBatchSampler", "SeededDataset", "sample_seed", "epoch_permutation", "ShardSampler"]
+from ..errors import UserError
+
+__all__ = ["StepBatchSampler", "SeededDataset", "sample_seed", "epoch_permutation", "ShardSampler",
+           "CarriedError", "CarryingCollate", "reraise_carried", "ignore_sigint", "INPUT_ERRORS"]
+
+# Errors that mean "this input is bad" (the command line prints them as one line); anything
+# else is a bug and keeps its traceback, from a worker too.
+INPUT_ERRORS = (UserError, FileNotFoundError, ValueError)
+
+
+class CarriedError:
+    """An input error raised while a DataLoader worker loaded a sample, sent to the main
+    process in place of the sample (and of its batch, see :class:`CarryingCollate`)."""
+
+    def __init__(self, error: BaseException):
+        self.message = str(error)
+        self.error: Optional[BaseException] = None
+        try:  # the DataLoader pickles what a worker returns: keep the error only if it survives that
+            copy = pickle.loads(pickle.dumps(error))
+            if type(copy) is type(error) and str(copy) == self.message:
+                self.error = error.with_traceback(None)
+        except Exception:
+            pass
+
+    def rebuild(self) -> BaseException:
+        """The error as the main process would have raised it (a :class:`UserError` with the
+        same message when it could not travel)."""
+        return self.error if self.error is not None else UserError(self.message)
+
+
+class CarryingCollate:
+    """Wraps a collate function: a batch holding a :class:`CarriedError` becomes that error."""
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, samples):
+        for sample in samples:
+            if isinstance(sample, CarriedError):
+                return sample
+        return self.collate(samples)
+
+
+def reraise_carried(batch: Any) -> None:
+    """Raise the error a worker met building ``batch``, if it met one."""
+    if isinstance(batch, CarriedError):
+        raise batch.rebuild()
+
+
+def ignore_sigint(worker_id: Optional[int] = None) -> None:
+    """A DataLoader ``worker_init_fn``: Ctrl-C at a terminal reaches every process of the group; the
+    main process decides how to stop, and a worker killed under it would only add noise."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def sample_seed(seed: int, position: int) -> int:
@@ -91,11 +150,16 @@ class SeededDataset(Dataset):
     """Wraps a dataset so item ``(index, seed)`` is loaded and transformed with the Python,
     NumPy and torch generators seeded by ``seed``; the caller's generator states are
     restored afterwards (so loading in the main process does not disturb its randomness).
-    Plain integer indices load without reseeding (evaluation)."""
+    Plain integer indices load without reseeding (evaluation).
 
-    def __init__(self, dataset, transform: Optional[Callable] = None):
+    With ``carry_errors``, an input error (:data:`INPUT_ERRORS`) in a DataLoader worker is
+    returned as a :class:`CarriedError` instead of raised (collate with :class:`CarryingCollate`
+    and call :func:`reraise_carried` on each batch)."""
+
+    def __init__(self, dataset, transform: Optional[Callable] = None, carry_errors: bool = False):
         self.dataset = dataset
         self.transform = transform
+        self.carry_errors = carry_errors
 
     def __len__(self):
         return len(self.dataset)
@@ -109,6 +173,14 @@ class SeededDataset(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
     def __getitem__(self, item):
+        try:
+            return self._get(item)
+        except INPUT_ERRORS as e:
+            if self.carry_errors and get_worker_info() is not None:
+                return CarriedError(e)
+            raise
+
+    def _get(self, item):
         if not isinstance(item, (tuple, list)):
             return self._load(int(item))
         index, seed = int(item[0]), int(item[1])

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..data.meta import PanopticMetadata
-from ..data.panoptic_io import to_numpy
+from ..data.panoptic_io import compact_ids, to_numpy
 
 
 def _mask_api():
@@ -31,6 +31,35 @@ def _encode(masks: np.ndarray) -> list[dict]:
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
     return rles
+
+
+def _encode_labels(ids: np.ndarray, wanted: np.ndarray) -> list[dict]:
+    """RLEs (str counts) of the segments ``wanted`` of the label map ``ids`` (H, W), read off one
+    sort of the pixels in column-major order: no (K, H, W) mask stack, so thousands of tiny
+    segments cost one sort plus their runs."""
+    mask_utils = _mask_api()
+    h, w = ids.shape
+    flat = ids.T.ravel()  # COCO RLE runs go down the columns
+    order = np.argsort(flat, kind="stable")  # pixel positions grouped by id, ascending within one
+    sorted_ids = flat[order]
+    starts = np.searchsorted(sorted_ids, wanted, "left")
+    ends = np.searchsorted(sorted_ids, wanted, "right")
+    out = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        pos = order[s:e]
+        br = np.flatnonzero(np.diff(pos) != 1) + 1
+        run_start = pos[np.concatenate([[0], br])]
+        run_end = pos[np.concatenate([br - 1, [pos.size - 1]])] + 1
+        counts = np.empty(2 * run_start.size + 1, np.int64)
+        counts[0] = run_start[0]
+        counts[2::2] = np.append(run_start[1:], h * w) - run_end  # zeros between runs, then the tail
+        counts[1::2] = run_end - run_start
+        if counts[-1] == 0:  # COCO RLE ends on the last run of ones when nothing follows it
+            counts = counts[:-1]
+        rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts.tolist()}, h, w)
+        rle["counts"] = rle["counts"].decode("ascii")
+        out.append(rle)
+    return out
 
 
 class InstanceAP:
@@ -80,33 +109,42 @@ class InstanceAP:
         for rle, c, s in zip(_encode(masks[keep]), classes[keep].tolist(), scores[keep].tolist()):
             self.detections.append({"image_id": image_id, "category_id": c + 1, "segmentation": rle, "score": s})
 
+        # Ground-truth instances: majority class of the labelled pixels (lowest class on ties),
+        # crowd if any pixel is crowd; counted with one sort of (instance, class) pairs, not a
+        # full-image mask per instance.
         labelled = sem != md.ignore_label
-        gt_masks, gt_info = [], []
-        for i in np.unique(inst[inst > 0]).tolist():
-            m = inst == i
-            cls = sem[m & labelled]
-            if cls.size == 0:
-                continue
-            c = int(np.bincount(cls).argmax())
-            if not md.is_thing(c):
-                continue
-            gt_masks.append(m)
-            gt_info.append((c, int(crowd[m].any())))
-        if gt_masks:
+        inst_c, inst_keys = compact_ids(np.where(inst > 0, inst, -1))
+        n_inst = inst_keys.size
+        use = labelled & (inst_c > 0)
+        C = md.num_classes
+        if use.any():
+            pair, votes = np.unique(inst_c[use] * C + sem[use], return_counts=True)
+            p_inst, p_cls = pair // C, pair % C
+            best = np.lexsort((p_cls, -votes, p_inst))  # per instance: most votes, then lowest class
+            first = best[np.concatenate([[True], np.diff(p_inst[best]) != 0])]
+            gt_ids, gt_cls = p_inst[first], p_cls[first]
+            thing = np.zeros(C, bool)
+            thing[md.thing_ids] = True
+            keep_gt = thing[gt_cls]
+            gt_ids, gt_cls = gt_ids[keep_gt], gt_cls[keep_gt]
+        else:
+            gt_ids = gt_cls = np.zeros(0, np.int64)
+        if gt_ids.size:
             mask_utils = _mask_api()
-            rles = _encode(np.stack(gt_masks))
-            areas = mask_utils.area(rles) if rles else []
-            for rle, (c, iscrowd), area in zip(rles, gt_info, areas):
-                bbox = mask_utils.toBbox(rle).tolist()
+            area = np.bincount(inst_c.ravel(), minlength=n_inst + 1)
+            is_crowd = np.bincount(inst_c.ravel(), weights=crowd.ravel(), minlength=n_inst + 1) > 0
+            rles = _encode_labels(inst_c, gt_ids)
+            bboxes = mask_utils.toBbox(rles).tolist()
+            for rle, g, c, bbox in zip(rles, gt_ids.tolist(), gt_cls.tolist(), bboxes):
                 self.gt_annotations.append(
                     {
                         "id": len(self.gt_annotations) + 1,
                         "image_id": image_id,
-                        "category_id": c + 1,
+                        "category_id": int(c) + 1,
                         "segmentation": rle,
-                        "area": float(area),
+                        "area": float(area[g]),
                         "bbox": bbox,
-                        "iscrowd": iscrowd,
+                        "iscrowd": int(is_crowd[g]),
                     }
                 )
 

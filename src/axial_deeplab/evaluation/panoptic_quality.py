@@ -87,6 +87,68 @@ def accumulate_image_stats(
     return stats
 
 
+def pair_counts(gt_ids: np.ndarray, pred_ids: np.ndarray, G: int, P: int):
+    """``(gt, pred, pixels)`` for every pair of compact ids (0 = void, 1..G / 1..P) sharing a
+    pixel, in (gt, pred) order. A dense (G+1) x (P+1) table is used only while it is no larger
+    than a few times the pixel count; otherwise the pairs are sorted, so a map with a million
+    segment ids costs one sort of its pixels, not a million-squared table."""
+    gt_ids = np.asarray(gt_ids, np.int64).ravel()
+    pred_ids = np.asarray(pred_ids, np.int64).ravel()
+    key = gt_ids * (P + 1) + pred_ids
+    if (G + 1) * (P + 1) <= 4 * key.size + 65536:
+        joint = np.bincount(key, minlength=(G + 1) * (P + 1))
+        keys = np.flatnonzero(joint)
+        counts = joint[keys]
+    else:
+        keys, counts = np.unique(key, return_counts=True)
+    return keys // (P + 1), keys % (P + 1), counts.astype(np.int64)
+
+
+def image_stats(g, p, inter, gt_cat, gt_crowd, gt_area, pred_cat, pred_area, num_categories: int):
+    """One image's per-category ``(iou_sum, tp, fp, fn)`` arrays, the rules of
+    :func:`accumulate_image_stats` on arrays (linear in the number of pairs and segments).
+
+    ``g, p, inter``: pixel-pair counts from :func:`pair_counts` (compact ids, 0 = void).
+    ``gt_cat``, ``gt_crowd``, ``gt_area`` are indexed by compact ground-truth id, ``pred_cat``,
+    ``pred_area`` by compact predicted id (entry 0, void, is ignored). Categories are 0-based.
+    """
+    C = int(num_categories)
+    G, P = len(gt_cat) - 1, len(pred_cat) - 1
+    on_void = g == VOID
+    void_inter = np.zeros(P + 1, np.int64)
+    void_inter[p[on_void]] = inter[on_void]
+    cand = ~on_void & (p != VOID)
+    cand &= ~gt_crowd[g] & (gt_cat[g] == pred_cat[p])
+    gc, pc, ic = g[cand], p[cand], inter[cand]
+    union = pred_area[pc] + gt_area[gc] - ic - void_inter[pc]
+    iou = ic / union
+    match = iou > 0.5
+    cats = gt_cat[gc[match]]
+    iou_sum = np.bincount(cats, weights=iou[match], minlength=C)
+    tp = np.bincount(cats, minlength=C)
+    gt_matched = np.zeros(G + 1, bool)
+    gt_matched[gc[match]] = True
+    pred_matched = np.zeros(P + 1, bool)
+    pred_matched[pc[match]] = True
+    real_gt = np.arange(G + 1) > 0
+    fn = np.bincount(gt_cat[real_gt & ~gt_matched & ~gt_crowd], minlength=C)
+    # Crowd region of each category (the last crowd segment of a category, as panopticapi).
+    crowd_of_cat = np.zeros(C, np.int64)
+    crowd_ids = np.flatnonzero(gt_crowd)
+    if crowd_ids.size:
+        crowd_of_cat[gt_cat[crowd_ids]] = crowd_ids
+    ignored = void_inter.copy()
+    if crowd_ids.size:
+        pred_c = np.clip(pred_cat[p], 0, None)
+        on_crowd = ~on_void & gt_crowd[g] & (crowd_of_cat[pred_c] == g) & (p != VOID)
+        np.add.at(ignored, p[on_crowd], inter[on_crowd])
+    unmatched = np.flatnonzero(~pred_matched)
+    unmatched = unmatched[unmatched != VOID]
+    counted = ignored[unmatched] / pred_area[unmatched] <= 0.5
+    fp = np.bincount(pred_cat[unmatched[counted]], minlength=C)
+    return iou_sum[:C], tp[:C], fp[:C], fn[:C]
+
+
 # -------------------------------------------------------------------------------------------
 # Averages
 # -------------------------------------------------------------------------------------------
@@ -228,28 +290,17 @@ class PanopticQuality:
                 f"0..{C - 1} (label_divisor {md.label_divisor})"
             )
         G, P = gt_keys.size, pred_keys.size
-        joint = np.bincount(gt_ids * (P + 1) + pred_ids, minlength=(G + 1) * (P + 1)).reshape(G + 1, P + 1)
-        gt_area = joint.sum(1)
-        pred_area = joint.sum(0)
-        gt_segments = {
-            g + 1: {
-                "category_id": int(k // span),
-                "iscrowd": int(k % span == span - 1),
-                "area": int(gt_area[g + 1]),
-            }
-            for g, k in enumerate(gt_keys.tolist())
-        }
-        pred_segments = {
-            p + 1: {"category_id": int(c), "area": int(pred_area[p + 1])} for p, c in enumerate(pred_cls.tolist())
-        }
-        nz_g, nz_p = np.nonzero(joint)
-        intersections = {(int(g), int(p)): int(joint[g, p]) for g, p in zip(nz_g, nz_p)}
-        stats = accumulate_image_stats(intersections, gt_segments, pred_segments, {})
-        for c, (iou, tp, fp, fn) in stats.items():
-            self.iou[c] += iou
-            self.tp[c] += tp
-            self.fp[c] += fp
-            self.fn[c] += fn
+        g, p, inter = pair_counts(gt_ids, pred_ids.ravel(), G, P)
+        gt_area = np.bincount(g, weights=inter, minlength=G + 1).astype(np.int64)
+        pred_area = np.bincount(p, weights=inter, minlength=P + 1).astype(np.int64)
+        gt_cat = np.concatenate([[-1], gt_keys // span])
+        gt_crowd = np.concatenate([[False], gt_keys % span == span - 1])
+        pred_cat = np.concatenate([[-1], pred_cls])
+        iou, tp, fp, fn = image_stats(g, p, inter, gt_cat, gt_crowd, gt_area, pred_cat, pred_area, C)
+        self.iou += iou
+        self.tp += tp
+        self.fp += fp
+        self.fn += fn
 
     # -- distributed ---------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:

@@ -3,9 +3,12 @@ the way panopticapi's ``pq_compute`` does, with the same numbers, over all cores
 
 As in panopticapi: images pair up by ``image_id`` (here also when one file writes it as text and
 the other as a number); predicted segment areas come from the PNG and ground-truth areas from the
-JSON; the categories are those of the ground-truth JSON. Unlike it, malformed input (a PNG id
-missing from the JSON, an unknown category, sizes that differ, a missing prediction) stops with
-an error naming the file instead of a bare KeyError in a worker.
+JSON; the categories are those of the ground-truth JSON. Unlike it, malformed input stops with
+an error naming the file and ids instead of a bare KeyError in a worker or a silently wrong
+score: the ground truth passes the same checks as our datasets (no image twice, known
+categories, not empty; per image, the PNG's ids and the JSON's the same set both ways), and so
+do the predictions (except that they may list extra images); sizes that differ and a missing
+prediction are refused too.
 """
 from __future__ import annotations
 
@@ -16,8 +19,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..data.panoptic_io import PanopticFormatError, compact_ids, read_panoptic_json, read_panoptic_png
-from .panoptic_quality import VOID, accumulate_image_stats, summarize_pq
+from ..data.panoptic_io import (
+    PanopticFormatError,
+    check_panoptic_json,
+    check_segment_ids,
+    compact_ids,
+    read_panoptic_json,
+    read_panoptic_png,
+)
+from .panoptic_quality import VOID, accumulate_image_stats, pair_counts, summarize_pq
 
 
 def score_image(
@@ -29,7 +39,9 @@ def score_image(
     gt_json: str = "ground-truth JSON",
     pred_json: str = "prediction JSON",
 ) -> dict:
-    """Per-category ``[iou_sum, tp, fp, fn]`` of one image pair of files."""
+    """Per-category ``[iou_sum, tp, fp, fn]`` of one image pair of files. The JSONs must have
+    passed :func:`check_panoptic_json` (which refuses unknown categories against
+    ``category_ids``); the PNGs are checked against their entries here."""
     image_id = gt_ann["image_id"]
     gt_png = Path(gt_folder) / gt_ann["file_name"]
     pred_png = Path(pred_folder) / pred_ann["file_name"]
@@ -43,10 +55,6 @@ def score_image(
 
     gt_segments = {}
     for seg in gt_ann["segments_info"]:
-        if seg["category_id"] not in category_ids:
-            raise PanopticFormatError(
-                f"{gt_json}: image_id {image_id!r} segment {seg['id']} has unknown category_id {seg['category_id']}"
-            )
         gt_segments[int(seg["id"])] = {
             "category_id": seg["category_id"],
             "iscrowd": int(seg.get("iscrowd", 0)),
@@ -54,46 +62,28 @@ def score_image(
         }
     pred_segments = {}
     for seg in pred_ann["segments_info"]:
-        if seg["category_id"] not in category_ids:
-            raise PanopticFormatError(
-                f"{pred_json}: image_id {image_id!r} segment {seg['id']} has unknown category_id {seg['category_id']}"
-            )
         pred_segments[int(seg["id"])] = {"category_id": seg["category_id"], "area": 0}
 
-    # Pixel-pair counts through compact ids (0 = void) and one bincount, instead of sorting pixels.
+    # Pixel-pair counts through compact ids (0 = void): linear in the pixels however many ids.
     gt_c, gt_keys = compact_ids(gt_ids - 1)
     pred_c, pred_keys = compact_ids(pred_ids - 1)
     G, P = gt_keys.size, pred_keys.size
-    joint = np.bincount((gt_c * (P + 1) + pred_c).ravel(), minlength=(G + 1) * (P + 1)).reshape(G + 1, P + 1)
+    pair_g, pair_p, pair_n = pair_counts(gt_c, pred_c, G, P)
     gt_real = np.concatenate([[VOID], gt_keys + 1]).tolist()
     pred_real = np.concatenate([[VOID], pred_keys + 1]).tolist()
 
-    pred_area = joint.sum(0)
+    check_segment_ids(gt_real[1:], list(gt_segments), f"{gt_png} (image_id {image_id!r} of {gt_json})")
+    check_segment_ids(pred_real[1:], list(pred_segments), f"{pred_png} (image_id {image_id!r} of {pred_json})")
+    pred_area = np.bincount(pred_c.ravel(), minlength=P + 1)
     for p in range(1, P + 1):
-        label = pred_real[p]
-        if label not in pred_segments:
-            raise PanopticFormatError(
-                f"{pred_png}: segment id {label} is in the PNG but not in {pred_json} (image_id {image_id!r})"
-            )
-        pred_segments[label]["area"] = int(pred_area[p])
-    absent = [sid for sid, s in pred_segments.items() if s["area"] == 0]
-    if absent:
-        raise PanopticFormatError(
-            f"{pred_json}: image_id {image_id!r} lists segment ids {absent[:5]} that are not in {pred_png}"
-        )
-    unknown_gt = [g for g in gt_real[1:] if g not in gt_segments]
-    if unknown_gt:
-        raise PanopticFormatError(
-            f"{gt_png}: segment ids {unknown_gt[:5]} are in the PNG but not in {gt_json} (image_id {image_id!r})"
-        )
+        pred_segments[pred_real[p]]["area"] = int(pred_area[p])
     if any(s["area"] is None for s in gt_segments.values()):  # tolerate JSONs without areas
-        gt_area = dict(zip(gt_real, joint.sum(1).tolist()))
+        gt_area = dict(zip(gt_real, np.bincount(gt_c.ravel(), minlength=G + 1).tolist()))
         for sid, s in gt_segments.items():
             if s["area"] is None:
                 s["area"] = gt_area.get(sid, 0)
-    nz_g, nz_p = np.nonzero(joint)
     intersections = {
-        (gt_real[g], pred_real[p]): int(joint[g, p]) for g, p in zip(nz_g.tolist(), nz_p.tolist())
+        (gt_real[g], pred_real[p]): n for g, p, n in zip(pair_g.tolist(), pair_p.tolist(), pair_n.tolist())
     }
     return accumulate_image_stats(intersections, gt_segments, pred_segments, {})
 
@@ -125,11 +115,12 @@ def pq_compute_files(
     gt = read_panoptic_json(gt_json, require_categories=True)
     pred = read_panoptic_json(pred_json, require_categories=False)
     categories = {c["id"]: c for c in gt["categories"]}
-    pred_by_image = {}
-    for ann in pred["annotations"]:
-        if ann["image_id"] in pred_by_image:
-            raise PanopticFormatError(f"{pred_json}: image_id {ann['image_id']!r} appears twice")
-        pred_by_image[ann["image_id"]] = ann
+    if len(categories) != len(gt["categories"]):
+        ids = [c["id"] for c in gt["categories"]]
+        raise PanopticFormatError(f"{gt_json}: duplicate category ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    check_panoptic_json(gt, gt_json, categories, what="ground-truth JSON", folders=(gt_folder,))
+    check_panoptic_json(pred, pred_json, categories, what="prediction JSON", allow_empty=True)
+    pred_by_image = {ann["image_id"]: ann for ann in pred["annotations"]}
     # Ids match exactly as in panopticapi, or else by their text (our datasets give str ids, COCO's are ints).
     pred_by_text = {str(k): v for k, v in pred_by_image.items()}
     pairs = []
