@@ -10,6 +10,7 @@ from torch import nn
 from axial_deeplab.engine import checkpoint as ck
 from axial_deeplab.engine.optim import Lookahead
 from axial_deeplab.engine.schedule import WarmupPolyLR
+from axial_deeplab.fileio import atomic_write_json
 
 
 def _model():
@@ -103,6 +104,6 @@ def test_mismatched_weights_are_reported(tmp_path):
 
 def test_atomic_write_leaves_no_temp(tmp_path):
     p = tmp_path / "x" / "a.json"
-    ck.atomic_write_json(str(p), {"a": np.float32(1.5), "b": (1, 2)})
+    atomic_write_json(str(p), {"a": np.float32(1.5), "b": (1, 2)})
     assert p.read_text().strip().startswith("{")
     assert os.listdir(p.parent) == ["a.json"]

@@ -40,8 +40,8 @@ def register(subparsers):
 def run(args) -> int:
     import json
 
-    from ..engine.builders import build_dataset
-    from ..engine.checkpoint import atomic_write_json
+    from ..engine.builders import build_dataset, compile_model
+    from ..fileio import atomic_write_json
     from ..engine.distributed import cleanup_distributed, is_main_process
     from ..engine.evaluate import evaluate_model, format_results
     from ..engine.predict import load_checkpoint_model
@@ -62,6 +62,7 @@ def run(args) -> int:
         device = torch.device("cpu")
     try:
         model, cfg, metadata = load_checkpoint_model(args.checkpoint, device, args.config, overrides)
+        model = compile_model(model, cfg)
         split = args.split or cfg.data.eval_split
         dataset = build_dataset(cfg, split)
         kw = {}

@@ -19,6 +19,7 @@ __all__ = [
     "build_loss",
     "model_kwargs_for",
     "INPUT_DIVISOR",
+    "compile_model",
 ]
 
 DATASETS = ("synthetic", "cityscapes", "coco", "mapillary", "coco_panoptic", "imagenet")
@@ -212,3 +213,13 @@ def build_loss(cfg: Config, metadata=None):
     return PanopticDeepLabLoss(ignore_label=metadata.ignore_label, top_k_fraction=l.semantic_top_k,
                                semantic_weight=l.semantic_weight, center_weight=l.center_weight,
                                offset_weight=l.offset_weight)
+
+
+def compile_model(model, cfg: Config):
+    """``torch.compile(model, dynamic=True)`` when ``experiment.compile`` asks for it (dynamic:
+    evaluation images and training crops come in several sizes), else the model itself."""
+    if not cfg.experiment.compile:
+        return model
+    import torch
+
+    return torch.compile(model, dynamic=True)

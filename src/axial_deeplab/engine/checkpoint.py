@@ -35,18 +35,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError, output_error
-from ..fileio import (  # noqa: F401  (re-exported: engine code imports them from here)
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    current_umask,
-    json_default,
-)
+from ..fileio import current_umask, json_default
 
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_write_json",
     "save_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",

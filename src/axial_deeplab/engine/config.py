@@ -62,6 +62,8 @@ class ExperimentConfig:
     deterministic: bool = _doc("Ask PyTorch for deterministic kernels (slower on GPU).", False)
     device: str = _doc("'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.", "auto")
     threads: Optional[int] = _doc("CPU threads per process (torch.set_num_threads); null keeps PyTorch's choice.", None)
+    compile: bool = _doc("Run the model through torch.compile(dynamic=True) in train and evaluate (the first "
+                         "steps then include the compile time).", False)
 
 
 @dataclass
@@ -419,7 +421,7 @@ def dump_config(cfg: Config, path: Optional[str] = None) -> str:
     """YAML text of the resolved config; written atomically when ``path`` is given."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     if path:
-        from .checkpoint import atomic_write_text
+        from ..fileio import atomic_write_text
 
         atomic_write_text(path, text)
     return text

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
+from ..fileio import atomic_write_text
 
 __all__ = ["MetricsLogger", "read_metrics"]
 

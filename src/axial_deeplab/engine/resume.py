@@ -20,6 +20,7 @@ RESUME_MAY_CHANGE = (
     "experiment.device",          # the checkpoint is device-independent
     "experiment.threads",
     "experiment.deterministic",   # kernel choice, not the recipe
+    "experiment.compile",         # the same math, compiled
     "model.pretrained",           # unused on resume: the checkpoint holds every weight
     "data.root",                  # the same data moved elsewhere
     "data.num_workers",

@@ -7,6 +7,7 @@ import os
 import shutil
 
 from ..errors import UserError, output_error
+from ..fileio import atomic_write_text
 from . import checkpoint as ckpt
 from .metrics_log import CSV, JSONL
 
@@ -90,7 +91,7 @@ def prepare_run_dir(run_dir: str, ckpt_root: str, overwrite: bool) -> None:
         os.makedirs(run_dir, exist_ok=True)
         marker = os.path.join(run_dir, RUN_MARKER)
         if not os.path.isfile(marker):
-            ckpt.atomic_write_text(marker, "An axial-deeplab training run: `axial-deeplab train --overwrite` may "
+            atomic_write_text(marker, "An axial-deeplab training run: `axial-deeplab train --overwrite` may "
                                            "delete this folder.\n")
     except UserError:
         raise

@@ -35,8 +35,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
+from ..fileio import atomic_write_text
 from . import checkpoint as ckpt
-from .builders import build_dataset, build_loss, build_model, build_train_transform, dataset_metadata
+from .builders import (build_dataset, build_loss, build_model, build_train_transform, compile_model,
+                       dataset_metadata)
 from .config import Config, ConfigError, dump_config
 from .distributed import (all_reduce_tensor, barrier, cleanup_distributed, convert_sync_batchnorm, init_distributed,
                           split_batch_size, wrap_ddp)
@@ -333,7 +335,7 @@ def _train(cfg, env, device, run_dir, ckpt_root, resume_from, on_log, t_start, o
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
-    model = wrap_ddp(model, device)
+    model = compile_model(wrap_ddp(model, device), cfg)
     loss_fn = build_loss(cfg, metadata)
 
     config_text = dump_config(cfg)
@@ -347,7 +349,7 @@ def _train(cfg, env, device, run_dir, ckpt_root, resume_from, on_log, t_start, o
 
     logger = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.train.tensorboard)
     if main:
-        ckpt.atomic_write_text(os.path.join(run_dir, "config.yaml"), config_text)
+        atomic_write_text(os.path.join(run_dir, "config.yaml"), config_text)
         # rows after the checkpoint belong to steps about to be redone; a fresh start keeps none
         logger.truncate_after(start_step)
 

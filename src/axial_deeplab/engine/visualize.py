@@ -140,7 +140,7 @@ def save_png(path: str, array: np.ndarray) -> str:
     """Write an (H, W, 3) uint8 or (H, W) array as PNG, atomically."""
     from PIL import Image
 
-    from .checkpoint import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
@@ -159,7 +159,7 @@ def plot_training_curves(records: List[Dict], path: str, title: str = "training"
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
