@@ -29,3 +29,20 @@ def _merge(base: dict, changes: dict) -> dict:
 def tiny_run(**sections) -> dict:
     """A fresh copy of :data:`TINY_BASE` with ``sections`` merged in (nested dicts key by key)."""
     return _merge(copy.deepcopy(TINY_BASE), sections)
+
+
+def save_untrained_checkpoint(folder, config: dict) -> str:
+    """A randomly initialised model of ``config`` (a :func:`tiny_run` dict) saved as the checkpoint
+    folder ``folder`` with its config and classes, as ``train`` would write it; returns the path."""
+    import torch
+
+    from axial_deeplab.engine import checkpoint as ck
+    from axial_deeplab.engine.builders import build_dataset, build_model, dataset_metadata
+    from axial_deeplab.engine.config import config_from_dict, dump_config
+
+    cfg = config_from_dict(copy.deepcopy(config))
+    metadata = dataset_metadata(build_dataset(cfg, cfg.data.eval_split))
+    torch.manual_seed(0)
+    model = build_model(cfg, metadata)
+    ck.save_checkpoint(str(folder), model, step=0, config_text=dump_config(cfg), info={"metadata": metadata.to_dict()})
+    return str(folder)

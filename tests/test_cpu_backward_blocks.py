@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, memory_efficient
+from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, ops
 from attention_testing import close_scaled, randomize_batch_norms, train_step
 
 pytestmark = pytest.mark.skipif(
@@ -33,7 +33,8 @@ def run_path(path, layer, x, monkeypatch):
     """memory_efficient training through the given kernel entry point; asserts it ran."""
     calls = []
     if path == "channel_major":
-        monkeypatch.setattr(memory_efficient, "_position_major_applies", lambda layer, x: False)
+        # the operator's rows kernel refused: it runs the sequence-layout kernels instead
+        monkeypatch.setattr(ops, "_rows_kernel_applies", lambda geo, qkv: False)
         original = cpu_kernel.attention_backward
         name = "attention_backward"
     else:

@@ -117,9 +117,7 @@ def test_mapillary_and_imagenet_recipes():
 
 def test_config_models_are_registered():
     from axial_deeplab.models import is_model
-    from axial_deeplab.models.registry import _import_builtin_models
 
-    _import_builtin_models()
     for f in glob.glob(os.path.join(CONFIGS, "*.yaml")):
         assert is_model(load_config(f).model.name), f
 

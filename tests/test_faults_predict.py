@@ -17,7 +17,7 @@ import torch
 
 from axial_deeplab.cli import main
 from axial_deeplab.errors import output_error
-from engine_testing import tiny_run
+from engine_testing import save_untrained_checkpoint, tiny_run
 
 TINY = tiny_run(data={"options": {"val": {"length": 2}}}, eval={"batch_size": 1})
 
@@ -25,17 +25,7 @@ TINY = tiny_run(data={"options": {"val": {"length": 2}}}, eval={"batch_size": 1}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A randomly initialised tiny Axial-DeepLab saved as a checkpoint folder with its classes."""
-    from axial_deeplab.engine import checkpoint as ck
-    from axial_deeplab.engine.builders import build_dataset, build_model, dataset_metadata
-    from axial_deeplab.engine.config import config_from_dict, dump_config
-
-    cfg = config_from_dict(json.loads(json.dumps(TINY)))
-    metadata = dataset_metadata(build_dataset(cfg, "val"))
-    torch.manual_seed(0)
-    model = build_model(cfg, metadata)
-    path = tmp_path_factory.mktemp("ckpt") / "step-000000"
-    ck.save_checkpoint(str(path), model, step=0, config_text=dump_config(cfg), info={"metadata": metadata.to_dict()})
-    return str(path)
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "step-000000", TINY)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, fast_cpu, memory_efficient
+from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, fast_cpu, memory_efficient, ops
 from attention_testing import close_scaled, randomize_batch_norms, train_step
 
 pytestmark = pytest.mark.skipif(
@@ -98,11 +98,19 @@ def test_wider_heads_and_lengths_past_the_table_reach(monkeypatch):
 
 
 def test_depths_the_vector_reads_cannot_take_use_the_general_path(monkeypatch):
-    # dk = 1, dv = 4: the kernel's 8-wide reads of q and k would run past a row's end
-    calls = count_position_major_runs(monkeypatch)
+    # dk = 1, dv = 4: the kernel's 8-wide reads of q and k would run past a row's end, so the
+    # operator's position-major kernel refuses them (the operator runs the sequence layout)
+    decisions = []
+    original = ops._rows_kernel_applies
+
+    def recording(geo, qkv):
+        decisions.append(original(geo, qkv))
+        return decisions[-1]
+
+    monkeypatch.setattr(ops, "_rows_kernel_applies", recording)
     layer = make_layer(in_ch=4, out_ch=4, heads=1, key_ch=1, axis="width")
     assert_matches_reference(layer, torch.randn(2, 4, 2, 6, generator=torch.Generator().manual_seed(5)))
-    assert calls == []
+    assert decisions and not any(decisions)
 
 
 def test_layer_pair_and_cumulative_running_stats_over_steps():

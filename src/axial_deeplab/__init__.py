@@ -1,4 +1,16 @@
 """Axial-DeepLab in PyTorch."""
 __version__ = "0.1.0"
 
-from .models.registry import create_model, list_models  # noqa: E402,F401
+__all__ = ["__version__", "create_model", "is_model", "list_models"]
+
+_REGISTRY_NAMES = ("create_model", "is_model", "list_models")
+
+
+def __getattr__(name):
+    # On first use, so that importing the package (or a light submodule such as errors) does
+    # not import torch; axial_deeplab.models registers every built-in model when imported.
+    if name in _REGISTRY_NAMES:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "classify_demo",
     "pq",
     "benchmark",
+    "export",
 ]
 
 

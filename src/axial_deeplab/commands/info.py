@@ -44,9 +44,8 @@ def _parse_overrides(items):
 
 def run(args) -> int:
     from ..models.complexity import build_on_meta, count_complexity
-    from ..models.registry import is_model, list_models, _import_builtin_models
+    from ..models import is_model, list_models
 
-    _import_builtin_models()
     if args.model == "list":
         print("\n".join(list_models()))
         return 0

@@ -17,7 +17,6 @@ Relative tables are never tied to an input size:
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Optional
 
 import torch
@@ -161,6 +160,8 @@ class PositionSensitiveAxialAttention(nn.Module):
             if self.impl not in _IMPLS:
                 raise ValueError(f"unknown attention impl {self.impl!r}; available: {available_attention_impls()}")
             return self.impl
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return "reference"  # the fast paths' kernel calls are invisible to a tracer (silently wrong)
         for name in _AUTO_ORDER.get(x.device.type, []):
             return name
         return "reference"

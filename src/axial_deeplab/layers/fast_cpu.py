@@ -125,7 +125,7 @@ def similarity_moments(layer, q: torch.Tensor, k: torch.Tensor):
         pairs = length * length
     else:
         mask = ((pos[None, :] - pos[:, None]).abs() <= r).to(torch.float64)  # (o, p)
-        pairs = int(mask.sum().item())
+        pairs = length * (2 * r + 1) - r * (r + 1)  # in-span pairs (r < L - 1): each edge loses r(r+1)/2
     count = n * pairs
     qd, kd = q.to(torch.float64), k.to(torch.float64)
     zero = qd.new_zeros(heads)
@@ -195,6 +195,8 @@ def _windowed_gram_quadratic(qd, kd, lo, hi, budget: int = 1 << 22):
     sequences so the (N, h, L, dk, dk) prefix Grams never exist whole."""
     n, heads, dk, length = qd.shape
     per_seq = heads * (length + 1) * dk * dk
+    if torch.compiler.is_compiling():  # traced: one chunk (a loop over a symbolic batch would specialise)
+        return _gram_chunk(qd, kd, lo, hi)
     step = max(1, budget // max(per_seq, 1))
     total = qd.new_zeros(heads)
     for s in range(0, n, step):

@@ -9,10 +9,13 @@ The similarity BN batch statistics are exact and come from the closed form of
 :func:`.fast_cpu.similarity_moments` (ordinary autograd, no logits), so no L x L tensor
 of any term is ever kept for the backward; the live L x L memory is one chunk's.
 
-On CPU in float32 with the compiled kernel, :func:`run_layer_position_major` runs the whole
-layer in position-major layout (rows of channels) instead: no sequence-layout copies, both
-BatchNorms on rows, the kernels reading the projection and the gradients where they lie, the
-similarity moments of a global span with a closed-form backward (:class:`.fast_cpu.RowMoments`).
+On CPU (float32 and float64) the layer runs through the registered operators of :mod:`.ops`
+instead, so ``torch.compile`` and ``torch.export`` see it: inference as one operator with every
+BN folded (:func:`run_layer_eval_op`), training in position-major layout (rows of channels,
+:func:`run_layer_position_major`): no sequence-layout copies, both BatchNorms on rows, the
+operator's kernels reading the projection and the gradients where they lie, the similarity
+moments of a global span with a closed-form backward (:class:`.fast_cpu.RowMoments`).
+The sequence-layout function above stays the path of other devices and the operators' fallback.
 
 Backward of one chunk, with P the attention, Y = sum_t a_t S_t its natural logits,
 g_sv / g_sve the incoming gradients of sum_p P v_p and sum_p P r^v_{p-o}:
@@ -30,12 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernel
+from . import cpu_kernel, ops
 from .reference import apply_stride
 from .sync import should_sync
 from .fast_cpu import (
     _span_radius,
-    _subsampled_queries,
     attend,
     block_logits,
     chunk_size_for,
@@ -49,7 +51,7 @@ from .fast_cpu import (
 )
 
 __all__ = ["axial_attention_memory_efficient", "AxialAttentionFunction", "memory_efficient_core",
-           "PositionMajorAttention", "run_layer_position_major"]
+           "run_layer_position_major", "run_layer_eval_op"]
 
 
 class AxialAttentionFunction(torch.autograd.Function):
@@ -216,50 +218,12 @@ def memory_efficient_core(layer, qkv, scales, step, attend_fn=attend, backward_f
 
 
 # --------------------------------------------------------------------------- position-major CPU path
-# With the compiled kernel, training runs in position-major layout end to end: the input is
-# read as rows of channels (one copy at most, none for channels_last input along the width),
-# the projection is one matrix product, both BatchNorms normalise rows of channels (several
-# times faster on CPU than the (N, C, L) layout), and the forward and backward kernels read the
-# projection and the incoming gradients where they lie and write the output and the qkv
-# gradient in the same layout, so no sequence-layout tensor is ever built.
-class PositionMajorAttention(torch.autograd.Function):
-    """(qkv rows (N*L, C2), scales) -> (N*L, 2C) rows [sv channels | sve channels] (C = heads*dv),
-    with the compiled kernels; backward by recomputation as :class:`AxialAttentionFunction`."""
-
-    @staticmethod
-    def forward(ctx, qkv, scales, query_table, key_table, value_table, layer, nseq, length):
-        heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
-        c2, c = qkv.shape[1], heads * dv
-        out = torch.empty(nseq * length, 2 * c)
-        lse = torch.empty(nseq * heads, length)
-        q_strides = (0, length * c2, 2 * dk + dv, 1, c2)
-        o_strides = (0, length * 2 * c, dv, 2 * c)
-        ok = cpu_kernel._run(layer, qkv, q_strides, nseq, nseq, length, 1, cpu_kernel._operands(layer, length, scales),
-                             out, o_strides, out2=out[:, c:], lse=lse)
-        if not ok:
-            raise RuntimeError("axial attention kernel refused its operands")
-        ctx.layer, ctx.nseq, ctx.length = layer, nseq, length
-        ctx.save_for_backward(qkv, scales, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, g_out):
-        qkv, scales, out, lse = ctx.saved_tensors
-        layer, nseq, length = ctx.layer, ctx.nseq, ctx.length
-        heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
-        c2, c = qkv.shape[1], heads * dv
-        with torch.no_grad():
-            g_out = g_out.contiguous()
-            g_qkv = torch.empty_like(qkv)
-            grads = cpu_kernel.backward_strided(  # delta = sum_c g_sv*sv + g_sve*sve in the kernel
-                layer, qkv, (length * c2, 2 * dk + dv, 1, c2), nseq, length, scales, lse, None,
-                g_out, g_out[:, c:], (length * 2 * c, dv, 1, 2 * c), g_qkv, sv=out, sve=out[:, c:])
-        if grads is None:
-            raise RuntimeError("axial attention backward kernel refused its operands")
-        g_scales, g_rq, g_rk, g_rv = grads
-        return g_qkv, g_scales, g_rq, g_rk, g_rv, None, None, None
-
-
+# Training runs in position-major layout end to end: the input is read as rows of channels (one
+# copy at most, none for channels_last input along the width), the projection is one matrix
+# product, both BatchNorms normalise rows of channels (several times faster on CPU than the
+# (N, C, L) layout), and the operator's forward and backward kernels read the projection and the
+# incoming gradients where they lie and write the output and the qkv gradient in the same
+# layout, so no sequence-layout tensor is ever built.
 class _SumHalves(torch.autograd.Function):
     """(M, 2C) -> (M, C): the two halves of each row added; the backward is one copy of the
     gradient into both halves (slicing would zero-fill a full-size gradient per half)."""
@@ -300,19 +264,45 @@ def _batch_norm_rows(bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None) -
     return F.batch_norm(y, mean, var, weight, bias, use_batch, factor, bn.eps)
 
 
-def _position_major_applies(layer, x: torch.Tensor) -> bool:
-    dk, dv = layer.key_depth, layer.value_depth
+# --------------------------------------------------------------------------- through the operators
+# The default CPU path: the attention as the registered operators of :mod:`.ops` (the C kernel
+# inside, the PyTorch path when it cannot run), so torch.compile / torch.export see one opaque
+# node with known shapes. Nothing here reads tensor values: every data-dependent choice is made
+# inside the operators.
+def _op_path_applies(layer, x: torch.Tensor) -> bool:
     plain_bn = (nn.BatchNorm1d, nn.BatchNorm2d)
-    return (x.dim() == 4 and cpu_kernel._supported(layer, x) and layer.qkv.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and layer.qkv.weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu")
             and type(layer.bn_qkv) in plain_bn and type(layer.bn_output) in plain_bn
-            and not should_sync(layer) and _subsampled_queries(layer) == 1
-            # the kernel reads q and k channels 8 at a time: the rest must stay inside the rows
-            and (-2 * dk) % 8 <= dv and dv <= 4 * cpu_kernel.MAX_KEY_DEPTH)
+            and not should_sync(layer))
+
+
+def _tables(layer):
+    return layer.query_table, layer.key_table, layer.value_table
+
+
+def run_layer_eval_op(layer, x: torch.Tensor) -> torch.Tensor:
+    """Inference with every BN folded, through ``axial_deeplab::attention_eval``. In eager the
+    folded constants are kept on the layer until a parameter changes; traced, they are
+    ordinary operations of the graph."""
+    if torch.compiler.is_compiling():
+        folded = cpu_kernel._folded_projection(layer)
+    else:
+        cache = cpu_kernel._eval_cache(layer)
+        if "projection" not in cache:
+            cache["projection"] = cpu_kernel._folded_projection(layer)
+        folded = cache["projection"]
+    w, shift, alpha_r, beta, sim_scales = folded
+    step = layer.stride if layer.stride > 1 and layer.stride_mode == "subsample" else 1
+    y = ops.attention_eval(x, w, shift, sim_scales, *_tables(layer), alpha_r, beta, layer.num_heads,
+                           layer.key_depth, layer.value_depth, cpu_kernel._radius(layer),
+                           layer.max_relative_distance, layer.use_qk, layer.axis == "height", step)
+    return apply_stride(y, layer) if step == 1 else y
 
 
 def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
-    """The layer (training or not, float32 CPU, compiled kernel) in position-major layout."""
+    """The layer in position-major layout, the attention as ``axial_deeplab::attention_rows``
+    (training, or inference with batch statistics)."""
     batch, cin, height, width = x.shape
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     c = heads * dv
@@ -325,10 +315,10 @@ def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
     y = rows_in.reshape(nseq * length, cin) @ layer.qkv.weight.flatten(1).t()  # (N*L, C2)
     y = _batch_norm_rows(layer.bn_qkv, y)
     scales = similarity_scales(layer, None, None, moments=lambda: similarity_moments_rows(layer, y, nseq, length))
-    out = PositionMajorAttention.apply(y, scales, layer.query_table, layer.key_table, layer.value_table,
-                                       layer, nseq, length)
+    out, _ = ops.attention_rows(y, scales, *_tables(layer), nseq, heads, dk, dv, cpu_kernel._radius(layer),
+                                layer.max_relative_distance, layer.use_qk)
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
-    perm = torch.arange(2 * c).view(c, 2).t().reshape(-1)
+    perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
     out = _batch_norm_rows(layer.bn_output, out, perm)
     out = _SumHalves.apply(out) if layer.use_value_rpe else out[:, :c]
     if layer.axis == "height":
@@ -340,9 +330,9 @@ def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
 
 def axial_attention_memory_efficient(layer, x: torch.Tensor) -> torch.Tensor:
     """``impl="memory_efficient"``: recompute-in-backward training path."""
-    y = cpu_kernel.forward_eval(layer, x)  # inference: same as the fast path
-    if y is not None:
-        return y
-    if _position_major_applies(layer, x):
+    if _op_path_applies(layer, x):
+        if not torch.is_grad_enabled() and all(
+                cpu_kernel._eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output)):
+            return run_layer_eval_op(layer, x)
         return run_layer_position_major(layer, x)
-    return run_layer(layer, x, memory_efficient_core)
+    return run_layer(layer, x, memory_efficient_core)  # other devices (CUDA without Triton) and dtypes

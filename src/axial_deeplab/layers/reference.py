@@ -2,12 +2,19 @@
 
 Written straight from the equation, materialising every L x L tensor. It is slow
 on purpose: it is the oracle every faster path is tested against.
+
+:func:`axial_attention_banded` is the same math for local spans in O(L x span) memory, built
+from standard tensor ops only: the path ``axial-deeplab export`` decomposes the layer into.
+
+Neither path looks at tensor values in Python: masks and branches come from sizes and the
+layer's settings, so both trace (torch.export, ONNX, torch.jit.trace) with symbolic H and W.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .axial_attention import register_attention_impl
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
@@ -27,11 +34,25 @@ def span_mask(length: int, span, device=None) -> torch.Tensor:
     return (pos[None, :] - pos[:, None]).abs() <= (span - 1) // 2
 
 
-def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, bn: nn.BatchNorm2d, sync: bool = False) -> torch.Tensor:
-    """BatchNorm2d over (N, C, L, L) whose statistics use only entries where ``mask`` (L, L)
-    is true, with nn.BatchNorm2d's running-statistics semantics. ``sync``: sum the statistics
+def span_covers_axis(length, span) -> bool:
+    """True when every key lies in every query's span (global span, or L - 1 <= (m-1)/2), so
+    :func:`span_mask` is all true. Decided from sizes alone; a symbolic length (torch.export
+    with a dynamic H or W) that is not provably covered counts as not covered, which is
+    always correct (the masked statistics then simply see every entry)."""
+    if span is None:
+        return True
+    if isinstance(length, torch.Tensor):  # torch.jit.trace hands sizes over as traced tensors
+        return False
+    return statically_known_true(length - 1 <= (span - 1) // 2)
+
+
+def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, bn: nn.BatchNorm2d, sync: bool = False,
+                      full: bool = False) -> torch.Tensor:
+    """BatchNorm2d over (N, C, A, B) whose statistics use only entries where ``mask`` (A, B)
+    is true, with nn.BatchNorm2d's running-statistics semantics. ``full``: the caller
+    knows from sizes that ``mask`` is all true (plain ``bn``). ``sync``: sum the statistics
     over processes (DDP; see ``layers.sync``)."""
-    if bool(mask.all()) and not sync:
+    if full and not sync:
         return bn(x)  # a SyncBatchNorm here synchronises itself
     shape = (1, -1, 1, 1)
     if bn.training:
@@ -112,7 +133,8 @@ def axial_attention_reference(layer, x: torch.Tensor) -> torch.Tensor:
     else:
         kr = zeros
     stacked = torch.cat([qk, qr, kr], dim=1)  # (N, 3*heads, L, L)
-    stacked = masked_batch_norm(stacked, mask, layer.bn_similarity, sync=should_sync(layer))
+    stacked = masked_batch_norm(stacked, mask, layer.bn_similarity, sync=should_sync(layer),
+                                full=span_covers_axis(L, layer.span))
     stacked = stacked.reshape(N, 3, heads, L, L)
     on = [layer.use_qk, layer.use_query_rpe, layer.use_key_rpe]
     logits = sum(stacked[:, t] for t in range(3) if on[t])
@@ -124,6 +146,12 @@ def axial_attention_reference(layer, x: torch.Tensor) -> torch.Tensor:
         sve = torch.einsum("nhop,cop->nhco", attn, layer.value_table[:, idx])  # sum a * r^v_{p-o}
     else:
         sve = torch.zeros_like(sv)
+    return _output(layer, sv, sve, B, H, W)
+
+
+def _output(layer, sv: torch.Tensor, sve: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
+    """Output BN over the interleaved [a.v, a.r^v] channels, their sum, back to (B, C, H', W')."""
+    N, heads, dv, L = sv.shape
     out = torch.stack([sv, sve], dim=3).reshape(N, 2 * heads * dv, L)  # interleaved [c, retrieval]
     out = layer.bn_output(out).reshape(N, heads * dv, 2, L)
     out = out.sum(dim=2) if layer.use_value_rpe else out[:, :, 0]
@@ -131,4 +159,62 @@ def axial_attention_reference(layer, x: torch.Tensor) -> torch.Tensor:
     return apply_stride(y, layer)
 
 
+def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
+    """The reference math for a local span m = 2r+1 in O(L x m) memory (global spans: the
+    reference itself, which is O(L^2) by nature).
+
+    Queries go in blocks of b = r+1; block k attends the window of w = b+2r keys starting r
+    before it (zero padding beyond the axis), so every (query, key) pair of the span appears
+    once as (block, i, t) with key offset p - o = t - r - i. All tensors are (.., L, w) or
+    (.., C, L * w / b): standard gathers, einsums, softmax and BatchNorm, nothing of size L x L,
+    and the block count is the only size derived from L (export keeps H and W symbolic)."""
+    if layer.span is None:
+        return axial_attention_reference(layer, x)
+    B, _, H, W = x.shape
+    L = H if layer.axis == "height" else W
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    r = layer.max_relative_distance  # (m - 1) / 2: local tables have exactly m rows
+    b, w = r + 1, 3 * r + 1
+    dev = x.device
+
+    qkv = to_sequences(layer.bn_qkv(layer.qkv(x)), layer.axis)
+    N = qkv.shape[0]
+    q, k, v = qkv.reshape(N, heads, 2 * dk + dv, L).split([dk, dk, dv], dim=2)
+    blocks = (L + b - 1) // b
+    padded = blocks * b
+    q = F.pad(q, (0, padded - L)).reshape(N, heads, dk, blocks, b)  # (n, h, c, k, i)
+    kv = F.pad(torch.cat([k, v], dim=2), (r, padded - L + r))  # key p sits at r + p
+    window = (torch.arange(blocks, device=dev) * b)[:, None] + torch.arange(w, device=dev)[None, :]
+    k, v = kv[..., window].split([dk, dv], dim=2)  # (n, h, c, k, t)
+
+    i = torch.arange(b, device=dev)[:, None]
+    t = torch.arange(w, device=dev)[None, :]
+    row = (t - i).clamp(0, 2 * r)  # table row of offset p - o = t - r - i, clipped off-span
+    in_span = (t - i >= 0) & (t - i <= 2 * r)  # (b, w)
+    o = (torch.arange(blocks, device=dev) * b)[:, None, None] + i  # (k, i, 1) query position
+    p = o - i - r + t  # (k, i, w) key position
+    valid = in_span & (p >= 0) & (p < L) & (o < L)  # the pairs the reference's span mask holds
+    keep = valid | (in_span & (o >= L))  # padded queries keep their padded keys: no empty rows
+
+    zeros = q.new_zeros(N, heads, blocks, b, w)
+    qk = torch.einsum("nhcki,nhckt->nhkit", q, k) if layer.use_qk else zeros
+    qr = torch.einsum("nhcki,cit->nhkit", q, layer.query_table[:, row]) if layer.use_query_rpe else zeros
+    kr = torch.einsum("nhckt,cit->nhkit", k, layer.key_table[:, row]) if layer.use_key_rpe else zeros
+    stacked = torch.cat([qk, qr, kr], dim=1).reshape(N, 3 * heads, padded, w)
+    stacked = masked_batch_norm(stacked, valid.reshape(padded, w), layer.bn_similarity, sync=should_sync(layer))
+    stacked = stacked.reshape(N, 3, heads, blocks, b, w)
+    on = [layer.use_qk, layer.use_query_rpe, layer.use_key_rpe]
+    logits = sum(stacked[:, s] for s in range(3) if on[s])
+    attn = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)  # over the window
+
+    sv = torch.einsum("nhkit,nhckt->nhcki", attn, v).reshape(N, heads, dv, padded)[..., :L]
+    if layer.use_value_rpe:
+        sve = torch.einsum("nhkit,cit->nhcki", attn, layer.value_table[:, row]).reshape(N, heads, dv, padded)
+        sve = sve[..., :L]
+    else:
+        sve = torch.zeros_like(sv)
+    return _output(layer, sv, sve, B, H, W)
+
+
 register_attention_impl("reference", axial_attention_reference)
+register_attention_impl("banded", axial_attention_banded)

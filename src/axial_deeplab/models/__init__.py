@@ -1,2 +1,9 @@
-"""Models: Axial-ResNet backbones, Panoptic/Axial-DeepLab, and the registry."""
+"""Models: Axial-ResNet backbones, Panoptic/Axial-DeepLab, and the registry.
+
+The model modules are imported here, eagerly, so that their ``@register_model`` builders are
+in the registry whichever of ``axial_deeplab``, ``axial_deeplab.models`` or
+``axial_deeplab.models.registry`` was imported first (importing a submodule runs this file).
+The registry itself imports no model module.
+"""
 from .registry import create_model, is_model, list_models, register_model  # noqa: F401
+from . import axial_resnet, panoptic_deeplab  # noqa: F401,E402  (register the built-in models)

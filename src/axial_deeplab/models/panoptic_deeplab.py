@@ -141,8 +141,8 @@ def resize_outputs(outputs: Dict[str, torch.Tensor], size) -> Dict[str, torch.Te
         scale_y = (h_out - 1) / (h_in - 1) if h_in > 1 else h_out / h_in
         scale_x = (w_out - 1) / (w_in - 1) if w_in > 1 else w_out / w_in
         offsets = _resize(offsets, size)
-        scale = offsets.new_tensor([scale_y, scale_x]).view(1, 2, 1, 1)
-        out["offset_map"] = offsets * scale
+        # per channel with the scalars themselves: a traced export keeps them symbolic in H and W
+        out["offset_map"] = torch.cat([offsets[:, :1] * scale_y, offsets[:, 1:] * scale_x], dim=1)
     return out
 
 

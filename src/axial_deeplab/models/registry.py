@@ -1,4 +1,9 @@
-"""timm-style model registry: ``@register_model`` builders, ``create_model``, ``list_models``."""
+"""timm-style model registry: ``@register_model`` builders, ``create_model``, ``list_models``.
+
+A leaf module: the model modules import it to register their builders, and
+``axial_deeplab.models`` (which Python runs before this module) imports them, so the built-in
+models are registered by the time any of these functions can be called.
+"""
 from __future__ import annotations
 
 import fnmatch
@@ -17,11 +22,12 @@ def register_model(fn: Callable) -> Callable:
 
 
 def list_models(pattern: str = "*") -> List[str]:
-    _import_builtin_models()
+    """Registered names matching the shell-style ``pattern``, sorted."""
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
 def is_model(name: str) -> bool:
+    """Whether ``name`` is a registered model."""
     return name in _MODELS
 
 
@@ -30,7 +36,6 @@ def create_model(name: str, pretrained: Optional[str] = None, **kwargs):
 
     Overrides (``num_classes=...``, ``span=...``, ``features_only=True`` ...) go to the builder.
     """
-    _import_builtin_models()
     if name not in _MODELS:
         close = fnmatch.filter(_MODELS, f"*{name}*")
         hint = f" Similar: {close}." if close else ""
@@ -42,12 +47,3 @@ def create_model(name: str, pretrained: Optional[str] = None, **kwargs):
         load_pretrained(model, pretrained)
     return model
 
-
-def _import_builtin_models():
-    # Importing the model modules runs their @register_model decorators.
-    from . import axial_resnet  # noqa: F401
-    try:
-        from . import panoptic_deeplab  # noqa: F401
-    except ImportError as e:  # pragma: no cover - only while the module is being written
-        if "panoptic_deeplab" not in str(e):
-            raise
