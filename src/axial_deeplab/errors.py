@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["UserError", "OutputError", "output_error"]
+__all__ = ["UserError", "OutputError", "MissingExtraError", "output_error"]
 
 
 class UserError(Exception):
@@ -15,6 +15,14 @@ class UserError(Exception):
 class OutputError(UserError, OSError):
     """Writing an output failed (disk full, read-only or vanished folder, no permission). The message
     names the path and what to do; whatever was there before the write is left as it was."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the
+    extra to install (``pip install 'axial-deeplab[extra]'``)."""
+
+    def __init__(self, feature: str, extra: str, packages: str):
+        super().__init__(f"{feature} needs {packages}: pip install 'axial-deeplab[{extra}]'")
 
 
 _ADVICE = {

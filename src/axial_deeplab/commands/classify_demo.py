@@ -10,10 +10,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..errors import MissingExtraError
+
 
 def load_digits_split(size: int = 32, seed: int = 0, held_out: float = 0.2):
     """Returns (x_train, y_train, x_test, y_test): float images (N, 3, size, size) in [0, 1]."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise MissingExtraError("the digits demo", "demo", "scikit-learn") from None
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

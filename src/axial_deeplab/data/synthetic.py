@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import MissingExtraError
 from .meta import PanopticMetadata
 from .panoptic_io import PanopticWriter, image_to_tensor, write_image
 
@@ -61,8 +62,8 @@ def _digits() -> np.ndarray:
     """The 1797 8x8 handwritten digits of scikit-learn, scaled to [0, 1] (float32)."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is part of the demo extra
-        raise ImportError("the synthetic dataset needs scikit-learn (pip install 'axial-deeplab[demo]')") from e
+    except ImportError:
+        raise MissingExtraError("the synthetic dataset (its digits)", "demo", "scikit-learn") from None
     return (load_digits().images / 16.0).astype(np.float32)
 
 

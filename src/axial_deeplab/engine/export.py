@@ -25,7 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import UserError, output_error
+from ..errors import MissingExtraError, UserError, output_error
 
 __all__ = ["FORMATS", "ExportReport", "export_model", "exportable_attention", "export_outputs"]
 
@@ -122,8 +122,8 @@ def _require(*modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            raise UserError(f"ONNX export needs the packages onnx, onnxscript and onnxruntime "
-                            f"(pip install onnx onnxscript onnxruntime): {name} is missing") from None
+            raise MissingExtraError("ONNX export", "onnx", f"onnx, onnxscript and onnxruntime ({name} is missing)") \
+                from None
 
 
 def _export_onnx(wrapper, example, tmp, names, dynamic_shapes, opset):
