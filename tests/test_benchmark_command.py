@@ -134,3 +134,67 @@ def test_no_tf32_turns_tf32_off_for_the_run_and_json_keeps_the_machine(tmp_path,
     saved = json.loads(out.read_text())
     assert saved["machine"]["device"] == "cpu" and saved["triton_configs"] == {}
     assert [r["group"] for r in saved["results"]] == ["post-processing"]
+
+
+def _tiny_classifier():
+    """A stand-in for a model: the deploy rows are model-agnostic, and compiling and exporting
+    a real (even narrow) Axial-ResNet takes half a minute; tests/test_export.py covers those."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+
+def test_deploy_rows_time_eager_compiled_and_onnxruntime_side_by_side(tmp_path):
+    # the eager backend: torch.compile's tracing without Inductor's minutes of code generation
+    rows = bench.bench_deploy(torch.device("cpu"), cases=[("tiny", (1, 3, 32, 32))],
+                              train_cases=[("tiny", (2, 3, 32, 32))], repeats=2, log=lambda s: None,
+                              compile_backend="eager", models={"tiny": _tiny_classifier},
+                              workdir=str(tmp_path))
+    got = {(r.mode, r.impl): r for r in rows}
+    assert set(got) == {("eval", "eager"), ("eval", "compiled"), ("eval", "onnxruntime"),
+                        ("train", "eager"), ("train", "compiled")}
+    for r in rows:
+        assert r.group == "deploy" and r.median_ms > 0 and r.runs == 2 and len(r.times_ms) == 2
+        eager = got[(r.mode, "eager")]
+        assert abs(r.vs_eager - r.median_ms / eager.median_ms) < 1e-9
+        assert "failed" not in r.note
+    assert got[("eval", "eager")].setup_s is None and got[("eval", "eager")].vs_eager == 1.0
+    for key in [("eval", "compiled"), ("train", "compiled"), ("eval", "onnxruntime")]:
+        assert got[key].setup_s > 0
+    assert "compile" in got[("eval", "compiled")].note and "export" in got[("eval", "onnxruntime")].note
+    # each faster path is checked against eager, and the numbers agree
+    for impl in ("compiled", "onnxruntime"):
+        diff = float(got[("eval", impl)].note.split("max rel diff ")[1].split(";")[0])
+        assert diff < 1e-4
+    assert list(tmp_path.iterdir()) == []  # the ONNX file lived in a temporary folder, now gone
+    table = bench.format_deploy_table(rows)
+    assert "onnxruntime" in table and "x eager" in table and "setup s" in table
+
+
+def test_deploy_reports_a_failed_compile_in_its_row(tmp_path):
+    def broken(gm, example_inputs):
+        raise RuntimeError("planted backend failure")
+
+    rows = bench.bench_deploy(torch.device("cpu"), cases=[("tiny", (1, 3, 32, 32))], train_cases=[],
+                              repeats=1, log=lambda s: None, compile_backend=broken, with_onnx=False,
+                              models={"tiny": _tiny_classifier}, workdir=str(tmp_path))
+    got = {r.impl: r for r in rows}
+    assert got["eager"].median_ms > 0
+    assert got["compiled"].median_ms is None and got["compiled"].setup_s is None
+    assert got["compiled"].note.startswith("failed: BackendCompilerFailed")
+
+
+def test_onnxruntime_session_uses_torch_thread_count(tmp_path):
+    from axial_deeplab.engine.export import export_model
+
+    path = str(tmp_path / "m.onnx")
+    export_model(_tiny_classifier().eval(), "onnx", path, (3, 32, 32), dynamic=False)
+    session = bench.onnxruntime_session(path, 2)
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+
+
+def test_max_rel_diff_compares_every_output():
+    a = torch.ones(2, 3)
+    assert bench.max_rel_diff([a, a], (a, a)) == 0.0
+    assert abs(bench.max_rel_diff([a, a * 1.5], [a, a]) - 0.5) < 1e-7
+    assert bench.max_rel_diff([a], [torch.ones(3, 2)]) == float("inf")

@@ -256,7 +256,9 @@ def test_predict_folder_with_a_corrupt_image(reference, tmp_path, capsys):
     assert sorted(os.listdir(out / "panoptic")) == ["a.png", "more__b.png"]
     assert sorted(os.listdir(out / "overlay")) == ["a.png", "more__b.png"]
     pred = json.loads((out / "predictions.json").read_text())
-    assert [a["image_id"] for a in pred["annotations"]] == ["a", "more__b"]
+    assert [a["image_id"] for a in pred["annotations"]] == [1, 2]  # 1..N over the images predicted
+    assert [(i["id"], i["file_name"]) for i in pred["images"]] == [(1, "a.png"), (2, "more/b.png")]
+    assert [a["file_name"] for a in pred["annotations"]] == ["a.png", "more__b.png"]
     from axial_deeplab.data.panoptic_io import read_panoptic_png
 
     ids = read_panoptic_png(str(out / "panoptic" / "a.png"))

@@ -207,3 +207,25 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("distance,length,axis,stride,mode,terms", [
+    (None, 13, "height", 1, "subsample", (1, 1, 1, 1)),
+    (4, 13, "width", 2, "avgpool", (1, 1, 1, 1)),  # offsets beyond D clipped
+    (3, 12, "height", 2, "avgpool2d", (0, 1, 1, 0)),
+    (5, 7, "width", 1, "subsample", (1, 1, 0, 1)),
+])
+def test_banded_global_span_in_eval_equals_reference(distance, length, axis, stride, mode, terms):
+    # global spans in eval take their own export-friendly form (BN folded, no concat/mask)
+    torch.manual_seed(0)
+    ref = PositionSensitiveAxialAttention(8, 8, axis=axis, num_heads=2, span=None, max_relative_distance=distance,
+                                          stride=stride, stride_mode=mode, use_qk=bool(terms[0]),
+                                          use_query_rpe=bool(terms[1]), use_key_rpe=bool(terms[2]),
+                                          use_value_rpe=bool(terms[3]), impl="reference")
+    _randomise_bn(ref).eval()
+    banded = copy.deepcopy(ref)
+    banded.impl = "banded"
+    x = torch.randn((2, 8, length, 6) if axis == "height" else (2, 8, 6, length))
+    with torch.no_grad():  # the inference form (export runs without gradients)
+        y_ref, y = ref(x), banded(x)
+    assert rel_diff(y, y_ref) < 1e-5

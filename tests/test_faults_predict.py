@@ -65,7 +65,8 @@ def _snapshot(folder):
 
 
 def _ids(out):
-    return [a["image_id"] for a in json.loads((out / "predictions.json").read_text())["annotations"]]
+    """The names of the predicted images (their PNGs' names: the image ids are integers)."""
+    return [a["file_name"].rsplit(".", 1)[0] for a in json.loads((out / "predictions.json").read_text())["annotations"]]
 
 
 def _error_line(err, *parts):
@@ -116,8 +117,8 @@ def test_add_merges_new_images_and_refuses_taken_names(checkpoint, pictures, tmp
     assert _predict(checkpoint, _images(tmp_path / "two", pictures, "c"), "--output", out, "--add") == 0
     assert "added to the 2 earlier ones" in capsys.readouterr().out
     pred = json.loads((out / "predictions.json").read_text())
-    assert [a["image_id"] for a in pred["annotations"]] == ["a", "b", "c"]
-    assert [i["id"] for i in pred["images"]] == ["a", "b", "c"]
+    assert [a["image_id"] for a in pred["annotations"]] == [1, 2, 3]  # the added images continue the ids
+    assert [(i["id"], i["file_name"]) for i in pred["images"]] == [(1, "a.png"), (2, "b.png"), (3, "c.png")]
     assert sorted(os.listdir(out / "panoptic")) == ["a.png", "b.png", "c.png"]
     assert sorted(os.listdir(out / "overlay")) == ["a.png", "b.png", "c.png"]
     after = _snapshot(out)

@@ -7,7 +7,8 @@ implementation (the plain equation), every registered fast path and a 3x3 conv o
 the same width, for height+width layer pairs (eval forward and train
 forward+backward; the conv and the implementations run in turns, one call of each per
 round, so a host whose speed drifts slows both sides of a ratio alike), whole models, and
-the panoptic post-processing. It prints median
+the panoptic post-processing; on request (``--only deploy``) eager against
+``torch.compile`` and ONNX Runtime for whole models. It prints median
 wall times, ratios to the conv and to the reference, and peak memory; ``--json``
 writes everything with the machine it ran on.
 
@@ -62,6 +63,8 @@ class Result:
     gb_per_s: Optional[float] = None  # attention core: bytes it must move per second
     bandwidth_fraction: Optional[float] = None  # ... over the device's copy bandwidth
     gmac_per_s: Optional[float] = None  # attention core: multiply-adds of the L x L work per second
+    vs_eager: Optional[float] = None  # deploy: this / eager, from the same interleaved rounds
+    setup_s: Optional[float] = None  # deploy: seconds of torch.compile's first call, or of the ONNX export
     times_ms: List[float] = field(default_factory=list)
 
 
@@ -435,6 +438,206 @@ def synthetic_panoptic_outputs(height: int, width: int, centers: int, num_classe
     return logits.softmax(0)[None], heat[None, None], offsets[None], thing_ids
 
 
+# --------------------------------------------------------------------------- deployment
+DEPLOY_CASES = [("axial_resnet_s", (1, 3, 224, 224)), ("axial_deeplab_s", (1, 3, 513, 1025))]
+QUICK_DEPLOY_CASES = [("axial_resnet_s", (1, 3, 224, 224)), ("axial_deeplab_s", (1, 3, 257, 513))]
+DEPLOY_TRAIN_CASES = [("axial_resnet_s", (4, 3, 224, 224))]
+QUICK_DEPLOY_TRAIN_CASES = [("axial_resnet_s", (2, 3, 160, 160))]
+
+
+class RawOutputs(nn.Module):
+    """A model as a function of one image batch returning plain tensors: the logits, or a
+    panoptic model's raw outputs (what an exported ONNX file computes, post-processing aside)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        if hasattr(self.model, "predict_raw"):
+            raw = self.model.predict_raw(x)
+            return tuple(raw[k] for k in sorted(raw))
+        return self.model(x)
+
+
+def _as_tensors(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [out[k] for k in sorted(out)]
+    return [torch.as_tensor(o) for o in out]
+
+
+def max_rel_diff(got, want) -> float:
+    """max |got - want| / max |want| over the outputs (inf on a shape mismatch)."""
+    worst = 0.0
+    for g, w in zip(_as_tensors(got), _as_tensors(want)):
+        if g.shape != w.shape:
+            return float("inf")
+        worst = max(worst, float((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-12)))
+    return worst
+
+
+def train_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], object]:
+    """One forward + cross-entropy + backward of a classifier (no optimizer step, so every
+    round sees the same weights; BatchNorm's running statistics still move, as in training)."""
+    def run():
+        loss = nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        return loss.detach()
+    return run
+
+
+def onnxruntime_session(path: str, threads: int):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (torch's count) and the
+    full graph optimisation (ORT's default), one inter-op thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _first_call(fn: Callable[[], object]):
+    """(result, seconds) of one call: torch.compile compiles in its first call."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _deploy_rows(case, mode, steps, setup, notes, want, outputs, repeats, device, log, clock="wall"):
+    timed = time_interleaved(steps, repeats, device, warmup=1)
+    rows = []
+    for name in list(steps) + [n for n in notes if n not in steps]:
+        if name in steps:
+            r = _measure("deploy", case, mode, name, steps[name], repeats, device, with_memory=False,
+                         timed=timed[name])
+        else:  # failed before timing (compile or export)
+            r = Result("deploy", case, mode, name)
+        r.setup_s = setup.get(name)
+        extra = notes.get(name, "")
+        if name in outputs and name != "eager" and want is not None and not r.note:
+            extra = (extra + "; " if extra else "") + f"max rel diff {max_rel_diff(outputs[name], want):.1e}"
+        r.note = "; ".join(s for s in (r.note, extra) if s)
+        rows.append(r)
+    eager = next((r for r in rows if r.impl == "eager"), None)
+    t = (lambda r: r.median_ms) if clock == "wall" else (lambda r: r.cpu_ms)
+    for r in rows:
+        if eager is not None and t(eager) and t(r):
+            r.vs_eager = t(r) / t(eager)
+        log(_progress(r) + (f"  x eager {r.vs_eager:.2f}" if r.vs_eager else "")
+            + (f"  setup {r.setup_s:.1f} s" if r.setup_s is not None else ""))
+    return rows
+
+
+def bench_deploy(device: torch.device, cases=DEPLOY_CASES, train_cases=DEPLOY_TRAIN_CASES, repeats: int = 5,
+                 log=print, compile_backend: str = "inductor", with_compile: bool = True,
+                 with_onnx: bool = True, models: Optional[Dict[str, Callable[[], nn.Module]]] = None,
+                 workdir: Optional[str] = None, clock: str = "wall") -> List[Result]:
+    """Deployment rows: eager against ``torch.compile(dynamic=True)`` (eval forward, and a
+    training step for ``train_cases``) and against ONNX Runtime (eval; the file written by
+    :func:`axial_deeplab.engine.export.export_model`, static size, CPU only), timed in turns
+    in one process. ``setup_s`` is the compile time (the compiled function's first call) or
+    the export time (export, check and verification of the file); ``vs_eager`` is this / eager.
+    ``models`` maps a case's name to a builder (default: ``axial_deeplab.create_model``)."""
+    import tempfile
+
+    from .. import create_model
+
+    def build(name):
+        return models[name]() if models and name in models else create_model(name)
+
+    rows: List[Result] = []
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="axial-deeplab-deploy-", dir=workdir) as tmp:
+        for name, shape in cases:
+            case = f"{name} {'x'.join(map(str, shape))}"
+            torch.manual_seed(0)
+            model = RawOutputs(build(name)).to(device).eval()
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+            with torch.no_grad():
+                want = model(x)
+            steps: Dict[str, Callable[[], object]] = {}
+            setup: Dict[str, float] = {}
+            notes: Dict[str, str] = {}
+            outputs: Dict[str, object] = {"eager": want}
+
+            def eager(model=model, x=x):
+                with torch.no_grad():
+                    return model(x)
+            steps["eager"] = eager
+            if with_compile:
+                compiled = torch.compile(model, dynamic=True, backend=compile_backend)
+
+                def run_compiled(compiled=compiled, x=x):
+                    with torch.no_grad():
+                        return compiled(x)
+                try:
+                    outputs["compiled"], setup["compiled"] = _first_call(run_compiled)
+                    steps["compiled"] = run_compiled
+                    notes["compiled"] = f"compile {setup['compiled']:.1f} s ({compile_backend}, dynamic)"
+                except Exception as e:
+                    notes["compiled"] = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:70]}"
+            if with_onnx and device.type == "cpu":
+                from ..engine.export import export_model
+
+                path = os.path.join(tmp, f"{name}.onnx")
+                try:
+                    report = export_model(model.model, "onnx", path, tuple(shape[1:]), dynamic=False,
+                                          batch=shape[0])
+                    session = onnxruntime_session(path, threads)
+                    feed = x.cpu().numpy()
+
+                    def run_ort(session=session, feed=feed):
+                        return session.run(None, {"image": feed})
+                    out = run_ort()
+                    # the file's outputs are in export order; the eager wrapper sorts panoptic names
+                    from ..engine.export import export_outputs
+                    order = export_outputs(model.model)
+                    outputs["onnxruntime"] = [torch.from_numpy(out[order.index(k)]) for k in sorted(order)]
+                    steps["onnxruntime"] = run_ort
+                    setup["onnxruntime"] = report.export_seconds
+                    notes["onnxruntime"] = (f"export {report.export_seconds:.1f} s; ORT {threads} thread"
+                                            f"{'s' if threads > 1 else ''}")
+                except Exception as e:
+                    notes["onnxruntime"] = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:70]}"
+            rows += _deploy_rows(case, "eval", steps, setup, notes, want, outputs, repeats, device, log, clock)
+            del model, steps
+        for name, shape in train_cases if with_compile else ():
+            case = f"{name} {'x'.join(map(str, shape))}"
+            torch.manual_seed(0)
+            model = build(name).to(device).train()
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=gen).to(device)
+            labels = torch.randint(0, 10, (shape[0],), generator=gen).to(device)
+            steps = {"eager": train_step(model, x, labels)}
+            setup, notes = {}, {}
+            compiled = torch.compile(model, dynamic=True, backend=compile_backend)
+            try:
+                _, setup["compiled"] = _first_call(train_step(compiled, x, labels))
+                steps["compiled"] = train_step(compiled, x, labels)
+                notes["compiled"] = f"compile {setup['compiled']:.1f} s ({compile_backend}, dynamic)"
+            except Exception as e:
+                notes["compiled"] = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:70]}"
+            rows += _deploy_rows(case, "train", steps, setup, notes, None, {}, repeats, device, log, clock)
+            del model, steps
+    return rows
+
+
+def format_deploy_table(rows: List[Result]) -> str:
+    """The deploy rows: time, this / eager, and the compile or export seconds."""
+    head = (f"{'case':28s} {'mode':5s} {'impl':12s} {'median ms':>10s} {'cpu ms':>9s} {'x eager':>8s} "
+            f"{'setup s':>8s}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.case:28s} {r.mode:5s} {r.impl:12s} {_fmt(r.median_ms, '10.1f'):>10s} "
+                     f"{_fmt(r.cpu_ms, '9.1f'):>9s} {_fmt(r.vs_eager, '8.2f'):>8s} "
+                     f"{_fmt(r.setup_s, '8.1f'):>8s}  {r.note}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- reporting
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
@@ -515,7 +718,9 @@ def report_script_rows(rows: List[Result], json_path: Optional[str]) -> None:
 
 
 # --------------------------------------------------------------------------- CLI
-SECTIONS = ("layers", "core", "models", "postprocess")
+SECTIONS = ("layers", "core", "models", "postprocess", "deploy")
+# "deploy" compiles and exports whole models (minutes on a CPU): run only when asked for
+DEFAULT_SECTIONS = ("layers", "core", "models", "postprocess")
 
 
 def register(subparsers) -> None:
@@ -535,7 +740,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10, --quick 3)")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
+                   help="sections to run (default: all but deploy; deploy = eager vs torch.compile vs "
+                        "ONNX Runtime for Axial-ResNet-S and Axial-DeepLab-S, with compile and export times)")
     p.add_argument("--impls", nargs="+", default=None,
                    help="attention implementations to time (default: reference and every registered fast path)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -595,9 +802,19 @@ def run(args: argparse.Namespace) -> int:
                              with_memory=not args.no_memory, log=log, clock=args.clock)
     if "postprocess" in args.only:
         rows += bench_postprocess(device, repeats=repeats, with_loop=not args.quick, log=log, clock=args.clock)
+    if "deploy" in args.only:
+        rows += bench_deploy(device, QUICK_DEPLOY_CASES if args.quick else DEPLOY_CASES,
+                             QUICK_DEPLOY_TRAIN_CASES if args.quick else DEPLOY_TRAIN_CASES,
+                             repeats=repeats, log=log, clock=args.clock)
     elapsed = time.perf_counter() - start
     print()
-    print(format_table(rows))
+    deploy = [r for r in rows if r.group == "deploy"]
+    if len(deploy) < len(rows):
+        print(format_table([r for r in rows if r.group != "deploy"]))
+    if deploy:
+        print(format_deploy_table(deploy))
+        print(f"deploy: 'x eager' = this / eager from the same interleaved rounds (median {args.clock} times); "
+              "'setup s' = torch.compile's first call, or the ONNX export with its verification.")
     print(f"\n{len(rows)} cases in {elapsed:.0f} s. Ratios from median {args.clock} times: 'x conv' = this / "
           "conv3x3 on the same input; 'ref/this' = reference / this.")
     tuned = {}

@@ -1,4 +1,5 @@
-"""``axial-deeplab info MODEL``: parameters and multiply-adds per stage and in total."""
+"""``axial-deeplab info MODEL``: parameters and multiply-adds per stage and in total;
+``--attention``: which attention path each distinct layer configuration runs, and why."""
 from __future__ import annotations
 
 from ..cli import UserError
@@ -27,6 +28,12 @@ def register(subparsers):
     p.add_argument("--features-only", action="store_true", help="count the backbone without its classifier")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model overrides, e.g. span=65 output_stride=16")
+    p.add_argument("--attention", action="store_true",
+                   help="instead of the counts, show for each distinct attention layer configuration the path "
+                        "that runs (impl='auto' unless forced by AXIAL_DEEPLAB_ATTENTION_IMPL) and why the faster "
+                        "ones were refused")
+    p.add_argument("--train", action="store_true", help="with --attention: a training step (default: inference)")
+    p.add_argument("--device", default="cpu", help="with --attention: the device to decide for (default cpu)")
     p.set_defaults(func=run)
 
 
@@ -58,6 +65,9 @@ def run(args) -> int:
         kwargs["features_only"] = True
     shape = parse_input(args.input)
     model = build_on_meta(args.model, **kwargs)
+    if args.attention:
+        print(attention_report(model, shape, train=args.train, device=args.device, name=args.model))
+        return 0
     rows = count_complexity(model, shape)
     name_w = max(len(k) for k in rows) + 2
     print(f"{args.model}  input {'x'.join(map(str, shape))}")
@@ -69,3 +79,55 @@ def run(args) -> int:
     t = rows["total"]
     print(f"total: {t['params'] / 1e6:.2f}M parameters, {t['madds'] / 1e9:.2f}G multiply-adds")
     return 0
+
+
+def attention_report(model, shape, train: bool = False, device: str = "cpu", name: str = "") -> str:
+    """What :func:`axial_deeplab.layers.explain` says for each distinct attention layer
+    configuration of ``model`` (on the meta device) at input ``shape`` (B, C, H, W). The input
+    sizes each layer sees come from one forward on meta tensors; each distinct layer is then
+    explained as an uninitialised copy on ``device`` (nothing runs there)."""
+    import copy
+
+    import torch
+
+    from ..layers import PositionSensitiveAxialAttention, axial_attention_reference, explain
+
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {device!r} is not usable here: {str(e).splitlines()[0]}") from None
+    seen = {}  # (configuration, input channels) -> [(module name, input size)]: no check reads H or W
+    layers = {}
+    originals = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, PositionSensitiveAxialAttention):
+            def record(x, _m=mod, _n=mod_name):
+                key = (_m.extra_repr(), int(x.shape[1]))
+                seen.setdefault(key, []).append((_n, tuple(x.shape[1:])))
+                layers.setdefault(key, _m)
+                return axial_attention_reference(_m, x)  # sizes only: meta tensors hold no values
+            originals[mod] = mod.forward
+            mod.forward = record
+    was_training = model.training
+    try:
+        model.train()  # the raw forward path (no post-processing)
+        with torch.no_grad():
+            model(torch.zeros(shape, device="meta"))
+    finally:
+        for mod, forward in originals.items():
+            mod.forward = forward
+        model.train(was_training)
+    mode = "training step" if train else "inference"
+    out = [f"{name}  input {'x'.join(map(str, shape))}  {mode} on {dev}: "
+           f"{len(seen)} distinct attention layer configuration(s), {sum(map(len, seen.values()))} layers"]
+    for i, (key, names) in enumerate(seen.items(), 1):
+        twin = copy.deepcopy(layers[key]).to_empty(device=dev).train(train)
+        x = torch.empty((shape[0],) + names[0][1], device=dev)
+        with torch.set_grad_enabled(train):
+            text = explain(twin, x)
+        more = f" and {len(names) - 1} more like it" if len(names) > 1 else ""
+        out.append("")
+        out.append(f"[{i}] {names[0][0]}{more}")
+        out.extend("    " + line for line in text.splitlines())
+    return "\n".join(out)

@@ -10,6 +10,12 @@ EPILOG = """examples:
   axial-deeplab predict --checkpoint runs/demo photos/ street.jpg --output predictions/
   axial-deeplab predict --checkpoint runs/x/checkpoints/best img.png --output out --set eval.threshold=0.2
   axial-deeplab predict --checkpoint runs/demo more_photos/ --output predictions/ --add
+  axial-deeplab predict --checkpoint runs/coco coco/val2017/ --output preds/ \
+      --image-ids coco/annotations/panoptic_val2017.json   # ids of the ground truth, ready for `pq`
+
+Image ids: with --image-ids each image gets the id that JSON's images[] lists for its file name
+(its path relative to its input folder, else its base name), so the predictions pair up with
+that ground truth; without it the ids are 1..N and images[].file_name says which image each is.
 
 An output folder that already holds predictions is refused unless --add (the new images join
 predictions.json; names already there are refused) or --replace (its predictions.json, panoptic/
@@ -26,7 +32,8 @@ def register(subparsers):
     p = subparsers.add_parser(
         "predict", help="predict panoptic segmentations for images or folders",
         description="Run a trained checkpoint on images (files, or folders searched recursively). Writes "
-                    "OUTPUT/panoptic/<name>.png and OUTPUT/predictions.json in COCO-panoptic format and "
+                    "OUTPUT/panoptic/<name>.png and OUTPUT/predictions.json in COCO-panoptic format (integer "
+                    "image ids, images[].file_name relative to the input folder) and "
                     "OUTPUT/overlay/<name>.png (input beside the colour overlay with instance outlines). "
                     "Unreadable images are skipped and named at the end (exit status 1).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +44,9 @@ def register(subparsers):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable: --set eval.threshold=0.2 --set eval.flip=true")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's experiment.device)")
+    p.add_argument("--image-ids", default=None, metavar="JSON",
+                   help="an image-info or ground-truth COCO JSON: each image gets the id its images[] lists for "
+                        "its file name (an image it does not list is refused)")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     earlier = p.add_mutually_exclusive_group()
@@ -50,7 +60,8 @@ def register(subparsers):
 
 def run(args) -> int:
 
-    from ..engine.predict import OutputFolder, collect_images, load_checkpoint_model, predict_images
+    from ..engine.predict import (OutputFolder, assign_image_ids, collect_images, load_checkpoint_model,
+                                  predict_images, read_image_ids)
 
     existing = "add" if args.add else "replace" if args.replace else "refuse"
     skipped = []
@@ -61,6 +72,11 @@ def run(args) -> int:
     own = f"{len(skipped)} file(s) under the output folder {args.output} skipped: predict never reads its own outputs"
     if not files:
         raise UserError(f"no image files found in {', '.join(args.inputs)}" + (f" ({own})" if skipped else ""))
+    image_ids = None
+    if args.image_ids:  # read and matched before anything is written or loaded
+        source = f"--image-ids {args.image_ids}"
+        image_ids = read_image_ids(args.image_ids)
+        assign_image_ids(files, args.inputs, image_ids, source)
     overrides = list(args.set)
     if args.device:
         overrides.append(f"experiment.device={args.device}")
@@ -75,7 +91,8 @@ def run(args) -> int:
             raise UserError(f"{args.checkpoint}: predict needs a panoptic checkpoint "
                             f"(this one is {cfg.experiment.task})")
         report = predict_images(model, cfg, metadata, files, args.output, device, progress=not args.no_progress,
-                                inputs=args.inputs, overlays=not args.no_overlays, folder=folder)
+                                inputs=args.inputs, overlays=not args.no_overlays, folder=folder,
+                                image_ids=image_ids)
     added = f", added to the {len(folder.previous['annotations'])} earlier ones" if folder.previous else ""
     print(f"{len(report.processed)} of {len(files)} images processed; predictions in {args.output} "
           f"(predictions.json, panoptic/, overlay/{added})")

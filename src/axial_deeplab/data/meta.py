@@ -7,6 +7,7 @@ pipeline agrees without passing datasets around.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -22,6 +23,9 @@ class PanopticMetadata:
     ignore_label: int = 255
     colors: list[tuple[int, int, int]] | None = None
     category_ids: list[int] | None = None
+    # The dataset's own category dicts (id, name, isthing, color, supercategory, ...), as its JSON
+    # lists them, so prediction files can carry them unchanged.
+    categories: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.class_names = [str(n) for n in self.class_names]
@@ -50,6 +54,13 @@ class PanopticMetadata:
             self.category_ids = [int(v) for v in self.category_ids]
             if len(set(self.category_ids)) != c:
                 raise ValueError(f"metadata {self.name!r}: category_ids has duplicates")
+        if self.categories is not None:
+            self.categories = [dict(cat) for cat in self.categories]
+            got = sorted((int(cat["id"]), str(cat["name"]), int(cat.get("isthing", 0))) for cat in self.categories)
+            want = sorted((self.category_id(k), self.class_names[k], int(self.is_thing(k))) for k in range(c))
+            if got != want:
+                raise ValueError(f"metadata {self.name!r}: categories (id, name, isthing) {got[:5]} do not match the "
+                                 f"classes {want[:5]}")
 
     @property
     def num_classes(self) -> int:
@@ -78,18 +89,21 @@ class PanopticMetadata:
         return [_default_color(c) for c in range(self.num_classes)]
 
     def coco_categories(self) -> list[dict[str, Any]]:
-        """The ``categories`` list of a COCO-panoptic JSON."""
+        """The ``categories`` list of a COCO-panoptic JSON: the dataset's own dicts unchanged
+        (names, supercategory, isthing, color, any other field) where it has them, else built from
+        the classes (``supercategory`` only where known, never invented)."""
+        if self.categories is not None:
+            return [copy.deepcopy(cat) for cat in self.categories]
         pal = self.palette()
-        return [
-            {
-                "id": self.category_id(c),
-                "name": self.class_names[c],
-                "isthing": 1 if self.is_thing(c) else 0,
-                "color": list(pal[c]),
-                "supercategory": "thing" if self.is_thing(c) else "stuff",
-            }
-            for c in range(self.num_classes)
-        ]
+        supers = _SUPERCATEGORIES.get(self.name, {})
+        out = []
+        for c in range(self.num_classes):
+            cat = {"id": self.category_id(c), "name": self.class_names[c], "isthing": 1 if self.is_thing(c) else 0,
+                   "color": list(pal[c])}
+            if self.class_names[c] in supers:
+                cat["supercategory"] = supers[self.class_names[c]]
+            out.append(cat)
+        return out
 
     # -- (de)serialisation, e.g. into checkpoints ----------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +114,8 @@ class PanopticMetadata:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PanopticMetadata":
-        known = {"name", "class_names", "thing_ids", "label_divisor", "ignore_label", "colors", "category_ids"}
+        known = {"name", "class_names", "thing_ids", "label_divisor", "ignore_label", "colors", "category_ids",
+                 "categories"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"metadata: unknown fields {sorted(unknown)}")
@@ -145,6 +160,7 @@ class PanopticMetadata:
             ignore_label=ignore_label,
             colors=colors,
             category_ids=[int(c["id"]) for c in cats],
+            categories=list(categories),
         )
 
 
@@ -166,6 +182,17 @@ _CITYSCAPES = [
     ("rider", (255, 0, 0)), ("car", (0, 0, 142)), ("truck", (0, 0, 70)), ("bus", (0, 60, 100)),
     ("train", (0, 80, 100)), ("motorcycle", (0, 0, 230)), ("bicycle", (119, 11, 32)),
 ]
+
+
+# Cityscapes' own category of each class (cityscapesscripts' labels.py), its panoptic supercategory.
+_CITYSCAPES_SUPER = {
+    "road": "flat", "sidewalk": "flat", "building": "construction", "wall": "construction",
+    "fence": "construction", "pole": "object", "traffic light": "object", "traffic sign": "object",
+    "vegetation": "nature", "terrain": "nature", "sky": "sky", "person": "human", "rider": "human",
+    "car": "vehicle", "truck": "vehicle", "bus": "vehicle", "train": "vehicle", "motorcycle": "vehicle",
+    "bicycle": "vehicle",
+}
+_SUPERCATEGORIES = {"cityscapes": _CITYSCAPES_SUPER}
 
 
 def cityscapes_metadata() -> PanopticMetadata:

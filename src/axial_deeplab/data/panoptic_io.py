@@ -495,14 +495,20 @@ class PanopticWriter:
         png_dir: str | os.PathLike,
         metadata: PanopticMetadata,
         extra: Mapping[str, Any] | None = None,
+        categories: Sequence[Mapping[str, Any]] | None = None,
     ):
+        """``categories``: the JSON's category list (default ``metadata.coco_categories()``, the
+        dataset's own dicts where the metadata keep them). Image ids are written as given (an
+        int stays an int, as official ground truth has them), so files pair up with it."""
         self.json_path = Path(json_path)
         self.png_dir = Path(png_dir)
         self.metadata = metadata
         self.extra = dict(extra or {})
+        self.categories = [dict(c) for c in categories] if categories is not None else None
         self.annotations: list[dict] = []
         self.images: list[dict] = []
         self._ids: set = set()
+        self._pngs: set = set()
         self.png_dir.mkdir(parents=True, exist_ok=True)
 
     def add(
@@ -515,8 +521,11 @@ class PanopticWriter:
     ) -> None:
         if image_id in self._ids:
             raise ValueError(f"PanopticWriter: image_id {image_id!r} added twice")
-        self._ids.add(image_id)
         png_name = png_name or f"{image_id}.png"
+        if png_name in self._pngs:
+            raise ValueError(f"PanopticWriter: PNG name {png_name!r} (image_id {image_id!r}) used twice")
+        self._ids.add(image_id)
+        self._pngs.add(png_name)
         write_panoptic_png(self.png_dir / png_name, ids)
         self.annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments_info})
         h, w = np.asarray(ids).shape[:2]
@@ -535,7 +544,8 @@ class PanopticWriter:
     def close(self) -> None:
         obj = dict(self.extra)
         obj.update(
-            {"images": self.images, "annotations": self.annotations, "categories": self.metadata.coco_categories()}
+            {"images": self.images, "annotations": self.annotations,
+             "categories": self.categories if self.categories is not None else self.metadata.coco_categories()}
         )
         write_json(self.json_path, obj)
 

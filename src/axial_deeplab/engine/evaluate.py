@@ -27,6 +27,7 @@ __all__ = [
     "evaluate_classification",
     "format_results",
     "write_overlay",
+    "PredictionFiles",
 ]
 
 
@@ -171,6 +172,120 @@ def _reorder_classes(raw: Dict[str, torch.Tensor], class_map: Optional[List[int]
     return dict(raw, semantic_logits=raw["semantic_logits"].index_select(1, index))
 
 
+class PredictionFiles:
+    """COCO-panoptic prediction files of an evaluation: ``DIR/predictions.json`` + ``DIR/panoptic/*.png``
+    that panopticapi's ``pq_compute``, cityscapesscripts' ``evaluatePanoptic`` and ``axial-deeplab pq``
+    accept against the dataset's ground truth as is.
+
+    Each prediction is keyed by the dataset's own image id (from its JSON: an int stays an int) and
+    its own category ids; ``images[].file_name`` is the JSON's (relative) one; the categories are the
+    dataset's dicts unchanged; each PNG has the ground truth's size. ``folder`` is the
+    :class:`~.predict.OutputFolder` (locked, earlier predictions refused or replaced); PNGs written
+    before a failure are removed and predictions.json is written last, atomically.
+    """
+
+    def __init__(self, folder, dataset, metadata):
+        from ..data.panoptic_io import PanopticWriter
+        from .predict import PREDICTIONS_JSON, _writing
+
+        if folder.existing == "add":
+            raise ValueError(f"{folder.path}: evaluation predictions cannot be added to earlier ones "
+                             f"(use existing='refuse' or 'replace')")
+        self.folder = folder
+        self.metadata = metadata
+        self.json_path = folder.path / PREDICTIONS_JSON
+        self.png_dir = folder.path / "panoptic"
+        self._writing = _writing
+        self.written: List[str] = []
+        self.entries = {str(ann["image_id"]): (ann, info) for ann, info in getattr(dataset, "items", [])
+                        if isinstance(ann, dict) and "image_id" in ann}
+        self.image_dir = getattr(dataset, "image_dir", None)
+        folder.prepare([], metadata, overlays=False)
+        with _writing(self.png_dir):
+            self.writer = PanopticWriter(self.json_path, self.png_dir, metadata,
+                                         categories=self._categories(dataset, metadata))
+
+    @staticmethod
+    def _categories(dataset, metadata):
+        """The dataset JSON's own category dicts (also where the metadata are built in, as for
+        Cityscapes), provided they are the metadata's classes; else the metadata's."""
+        if metadata.categories is None and getattr(dataset, "json_path", None):
+            from ..data.panoptic_io import load_json
+
+            try:
+                cats = load_json(dataset.json_path).get("categories")
+                key = sorted((int(c["id"]), str(c["name"])) for c in cats)
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                cats, key = None, None
+            if key == sorted((metadata.category_id(c), n) for c, n in enumerate(metadata.class_names)):
+                return cats
+        return metadata.coco_categories()
+
+    def _names(self, sample_id: str, file_name: Optional[str]):
+        """``(image id, image file name, PNG name)`` of a sample, as the dataset's JSON has them."""
+        entry = self.entries.get(str(sample_id))
+        if entry is not None:
+            ann, info = entry
+            image_id = ann["image_id"]
+            png = os.path.basename(str(ann["file_name"])) or f"{image_id}.png"
+            if info is not None and info.get("file_name"):
+                return image_id, str(info["file_name"]), png
+        else:
+            image_id = sample_id
+            png = f"{image_id}.png"
+        rel = os.path.basename(str(file_name or png))
+        if file_name and self.image_dir is not None:
+            try:
+                rel = os.path.relpath(os.path.abspath(file_name), os.path.abspath(self.image_dir))
+                if rel.startswith(".."):
+                    rel = os.path.basename(str(file_name))
+            except ValueError:
+                pass
+        return image_id, rel.replace(os.sep, "/"), png
+
+    def add(self, sample_id: str, file_name: Optional[str], panoptic: torch.Tensor, segments_info) -> None:
+        from ..data.panoptic_io import encode_prediction
+
+        scores = {int(s["id"]): float(s["score"]) for s in segments_info or [] if "score" in s}
+        ids, segs = encode_prediction(panoptic.numpy(), self.metadata, scores)
+        image_id, image_file, png = self._names(sample_id, file_name)
+        if png in self.writer._pngs:  # ground-truth PNGs of the same name in different folders
+            png = f"{image_id}.png"
+        path = str(self.png_dir / png)
+        self.written.append(path)
+        with self._writing(path):
+            self.writer.add(image_id, ids, segs, image_file_name=image_file, png_name=png)
+
+    def close(self) -> str:
+        with self._writing(self.json_path):
+            self.writer.close()
+        return str(self.json_path)
+
+    def abort(self) -> None:
+        for p in self.written:  # this run's PNGs only: earlier files were refused or replaced before
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def _open_prediction_files(predictions, dataset, metadata):
+    """``predictions`` (a folder path, or an open :class:`~.predict.OutputFolder`) -> ``(files, own folder)``."""
+    from .predict import OutputFolder
+
+    if get_world_size() > 1:
+        raise UserError(f"--predictions {predictions}: prediction files are written by one process only; run "
+                        f"evaluate --predictions without torchrun (the scores are the same)")
+    if isinstance(predictions, OutputFolder):
+        return PredictionFiles(predictions, dataset, metadata), None
+    folder = OutputFolder(predictions, "refuse", option="--predictions", command="evaluate", flags=("--replace",))
+    try:
+        return PredictionFiles(folder, dataset, metadata), folder
+    except BaseException:
+        folder.close()
+        raise
+
+
 def _samples_of(batch) -> List[int]:
     img = batch["image"]
     return list(range(len(img)))
@@ -180,20 +295,45 @@ def _samples_of(batch) -> List[int]:
 def evaluate_panoptic(model, dataset, cfg: Config, device, metadata=None, progress: bool = True,
                       desc: str = "eval", overlay_dir: Optional[str] = None, num_overlays: int = 0,
                       max_images: Optional[int] = None, map_classes_by_name: bool = False,
-                      model_source: Optional[str] = None, dataset_source: Optional[str] = None) -> Dict[str, Any]:
+                      model_source: Optional[str] = None, dataset_source: Optional[str] = None,
+                      predictions=None) -> Dict[str, Any]:
     """PQ/SQ/RQ (All, Things, Stuff, per class), mIoU and optionally mask AP, in percent.
 
     ``metadata`` are the model's classes; they are checked against the dataset's first (see
-    :func:`match_classes`; ``model_source`` / ``dataset_source`` name the two in its message)."""
+    :func:`match_classes`; ``model_source`` / ``dataset_source`` name the two in its message).
+    ``predictions``: a folder (or an open :class:`~.predict.OutputFolder`) to write the scored
+    predictions into as COCO-panoptic files (see :class:`PredictionFiles`); the result then
+    holds ``predictions_json``. One process only: refused under torchrun."""
+    metadata, class_map = match_classes(metadata, dataset, map_classes_by_name, model_source, dataset_source)
+    files, own_folder = (None, None)
+    if predictions is not None:
+        files, own_folder = _open_prediction_files(predictions, dataset, metadata)
+    try:
+        out = _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progress, desc, overlay_dir,
+                                 num_overlays, max_images, files)
+        if files is not None:
+            out["predictions_json"] = files.close()
+    except BaseException:
+        if files is not None:
+            files.abort()
+        raise
+    finally:
+        if own_folder is not None:
+            own_folder.close()
+    return out
+
+
+def _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progress, desc, overlay_dir,
+                       num_overlays, max_images, files) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from ..data.collate import collate_panoptic
     from ..evaluation import InstanceAP, PanopticQuality, SemanticIoU
 
-    metadata, class_map = match_classes(metadata, dataset, map_classes_by_name, model_source, dataset_source)
     model.eval()
     transform = build_eval_transform(cfg, metadata)
-    at_original_size = bool(cfg.data.resize_long_side)
+    # Prediction files must have the ground truth's size: score (and write) at the dataset's resolution.
+    at_original_size = bool(cfg.data.resize_long_side) or files is not None
     if at_original_size:
         transform = _KeepOriginalLabels(transform)
     wrapped = SeededDataset(dataset, transform, carry_errors=True)
@@ -237,6 +377,10 @@ def evaluate_panoptic(model, dataset, cfg: Config, device, metadata=None, progre
                     inst_gt = batch["instance"][i][:h, :w]
                     crowd_gt = batch["crowd"][i][:h, :w]
                 pq.update(pan, sem_gt, inst_gt, crowd_gt)
+                if files is not None:
+                    names = batch.get("file_name")
+                    files.add(batch["image_id"][i], names[i] if names is not None else None, pan,
+                              r.get("segments_info"))
                 miou.update(sem_pred, sem_gt)
                 if ap is not None:
                     ap.update(_instances_for_ap(r, h, w), {"semantic": sem_gt, "instance": inst_gt,
@@ -320,6 +464,9 @@ def evaluate_model(model, dataset, cfg: Config, device, metadata=None, progress:
                    desc: str = "eval", **kw) -> Dict[str, Any]:
     _refuse_empty(dataset, kw.get("max_images"), cfg, kw.get("dataset_source"))
     if cfg.experiment.task == "classification":
+        if kw.get("predictions") is not None:
+            raise UserError("--predictions: prediction files are panoptic (COCO-panoptic PNG + JSON); this is a "
+                            "classification model")
         return evaluate_classification(model, dataset, cfg, device, progress=progress, desc=desc,
                                        max_images=kw.get("max_images"))
     return evaluate_panoptic(model, dataset, cfg, device, metadata=metadata, progress=progress, desc=desc, **kw)

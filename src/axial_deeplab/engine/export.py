@@ -130,9 +130,10 @@ def _export_onnx(wrapper, example, tmp, names, dynamic_shapes, opset):
     _require("onnx", "onnxscript", "onnxruntime")
     import onnx
 
-    program = torch.onnx.export(wrapper, (example,), input_names=["image"], output_names=names,
-                                opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                external_data=False, verbose=False)
+    with torch.no_grad():  # inference graph: the decomposition's eval forms
+        program = torch.onnx.export(wrapper, (example,), input_names=["image"], output_names=names,
+                                    opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    external_data=False, verbose=False)
     program.save(tmp)
     onnx.checker.check_model(tmp, full_check=True)
     graph = onnx.load(tmp)

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
 __all__ = ["IMAGE_SUFFIXES", "EXISTING_MODES", "OutputFolder", "collect_images", "load_checkpoint_model",
-           "predict_images", "PredictReport"]
+           "predict_images", "PredictReport", "read_image_ids", "assign_image_ids"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PREDICTIONS_JSON = "predictions.json"
@@ -154,6 +154,75 @@ def _output_name(f: Path, roots: Iterable[Path], taken: set) -> str:
     return name
 
 
+def _relative_file_name(f: Path, roots: Iterable[Path]) -> str:
+    """An input's path relative to the input folder it was found in (``/``-separated), or its
+    name for a file given directly: the ``images[].file_name`` of the predictions."""
+    for r in roots:
+        try:
+            return f.resolve().relative_to(r.resolve()).as_posix()
+        except ValueError:
+            continue
+    return f.name
+
+
+def read_image_ids(path) -> dict:
+    """``{images[].file_name: images[].id}`` of a COCO JSON (image info or ground truth), ids as
+    the JSON has them (COCO's are ints). Errors name the file and the entry."""
+    from ..data.panoptic_io import PanopticFormatError, load_json
+
+    data = load_json(path, "image-id JSON")
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not images:
+        raise PanopticFormatError(f"{path}: no 'images' list (the image-info or ground-truth COCO JSON lists "
+                                  f"each image's id and file_name there)")
+    out: dict = {}
+    seen_ids: dict = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            raise PanopticFormatError(f"{path}: images[{i}] needs 'id' and 'file_name'")
+        name, iid = str(img["file_name"]).replace("\\", "/"), img["id"]
+        if name in out:
+            raise PanopticFormatError(f"{path}: file_name {name!r} is listed twice (images[{i}])")
+        if str(iid) in seen_ids:
+            raise PanopticFormatError(f"{path}: image id {iid!r} is listed twice ({seen_ids[str(iid)]!r} and {name!r})")
+        seen_ids[str(iid)] = name
+        out[name] = iid
+    return out
+
+
+def assign_image_ids(files: Sequence[Path], inputs: Sequence[str], image_ids: Optional[dict] = None,
+                     source: str = "--image-ids", start: int = 1) -> Tuple[list, List[str]]:
+    """``(image id, images[].file_name)`` per file. With ``image_ids`` (see :func:`read_image_ids`)
+    a file gets the id its path relative to its input folder has there, else the id of its base
+    name where that is listed once; a file not listed is refused by name. Without, the ids are
+    ``start, start + 1, ...`` in file order (the file name says which image each is)."""
+    roots = [Path(i) for i in inputs if Path(i).is_dir()]
+    rel = [_relative_file_name(f, roots) for f in files]
+    if image_ids is None:
+        return list(range(start, start + len(files))), rel
+    by_base: dict = {}
+    for name, iid in image_ids.items():
+        by_base.setdefault(name.rsplit("/", 1)[-1], []).append(iid)
+    ids, missing = [], []
+    for r in rel:
+        if r in image_ids:
+            ids.append(image_ids[r])
+        elif len(by_base.get(r.rsplit("/", 1)[-1], [])) == 1:
+            ids.append(by_base[r.rsplit("/", 1)[-1]][0])
+        else:
+            missing.append(r)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise UserError(f"{source}: {len(missing)} input image(s) not listed in its images[].file_name: {shown}; "
+                        f"predict only the images it lists, or leave out --image-ids for ids 1..N")
+    seen: dict = {}
+    for r, iid in zip(rel, ids):
+        if str(iid) in seen:
+            raise UserError(f"{source}: inputs {seen[str(iid)]} and {r} both match image id {iid!r}")
+        seen[str(iid)] = r
+    return ids, rel
+
+
 def _is_ours(name: str, stem: str = "") -> bool:
     """A file predict writes (``*.png``), or a temporary file of an interrupted atomic write."""
     if stem:
@@ -172,15 +241,15 @@ def _writing(path):
         raise output_error(path, e) from e
 
 
-def _check_folder_path(path: Path) -> None:
+def _check_folder_path(path: Path, option: str = "--output") -> None:
     """The output path must be a folder or creatable as one: name the file in the way."""
     for p in (path, *path.parents):
         if os.path.lexists(p):
             if p.is_dir():
                 return
             if p == path:
-                raise UserError(f"--output {path}: is a file, not a folder; choose a folder for the predictions")
-            raise UserError(f"--output {path}: {p} is a file, so no folder can be made below it; "
+                raise UserError(f"{option} {path}: is a file, not a folder; choose a folder for the predictions")
+            raise UserError(f"{option} {path}: {p} is a file, so no folder can be made below it; "
                             f"choose another output folder")
 
 
@@ -194,17 +263,22 @@ class OutputFolder:
     join the earlier predictions.json; a name already there is refused) or ``"replace"``
     (delete those files, and nothing else, before the first new one is written). Other files
     in the folder are never touched, so a folder holding unrelated files is fine.
+
+    ``option``, ``command`` and ``flags`` word the messages for the command using the folder
+    (``evaluate --predictions`` offers ``--replace`` only: its files are one dataset's whole set).
     """
 
-    def __init__(self, path, existing: str = "refuse"):
+    def __init__(self, path, existing: str = "refuse", option: str = "--output", command: str = "predict",
+                 flags: Sequence[str] = ("--add", "--replace")):
         if existing not in EXISTING_MODES:
             raise ValueError(f"existing must be one of {', '.join(EXISTING_MODES)}, got {existing!r}")
         self.path = Path(path)
         self.existing = existing
+        self.option, self.command, self.flags = option, command, tuple(flags)
         self.json_path = self.path / PREDICTIONS_JSON
         self.previous: Optional[dict] = None  # the earlier predictions.json that "add" extends
         self._lock_fd: Optional[int] = None
-        _check_folder_path(self.path)
+        _check_folder_path(self.path, option)
         with _writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
@@ -226,7 +300,7 @@ class OutputFolder:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"--output {self.path}: another predict run is writing into this folder "
+                raise UserError(f"{self.option} {self.path}: another {self.command} run is writing into this folder "
                                 f"(it holds {lock_path}); wait for it to finish or choose another folder") from None
             raise output_error(lock_path, e) from None
         self._lock_fd = fd
@@ -247,8 +321,10 @@ class OutputFolder:
             return
         if self.existing == "refuse":
             what = sorted({e.split("/")[0] + ("/" if "/" in e else "") for e in earlier})
-            raise UserError(f"--output {self.path} already holds predictions ({', '.join(what)}); pass --add to "
-                            f"add these images to them or --replace to replace them, or choose another folder")
+            how = {"--add": "--add to add these images to them", "--replace": "--replace to replace them"}
+            offer = " or ".join(how.get(f, f) for f in self.flags)
+            raise UserError(f"{self.option} {self.path} already holds predictions ({', '.join(what)}); "
+                            + (f"pass {offer}, or " if offer else "") + "choose another folder")
         if self.existing == "add" and self.json_path.exists():
             from ..data.panoptic_io import read_panoptic_json
 
@@ -279,8 +355,7 @@ class OutputFolder:
                 raise UserError(f"{self.json_path}: its categories differ from this checkpoint's, so the new "
                                 f"predictions cannot join it; use --replace or choose another folder")
             for a in self.previous["annotations"]:
-                taken.add(str(a["image_id"]))
-                taken.add(Path(str(a["file_name"])).stem)
+                taken.add(Path(str(a["file_name"])).stem)  # the names; image ids are checked by the caller
         clash = [n for n in names if n in taken or (self.path / "panoptic" / f"{n}.png").exists()
                  or (overlays and (self.path / "overlay" / f"{n}.png").exists())]
         if clash:
@@ -306,10 +381,16 @@ class OutputFolder:
 @torch.no_grad()
 def predict_images(model, cfg: Config, metadata, files: Sequence[Path], output_dir: str, device: torch.device,
                    progress: bool = True, inputs: Sequence[str] = (), overlays: bool = True,
-                   existing: str = "refuse", folder: Optional[OutputFolder] = None) -> PredictReport:
+                   existing: str = "refuse", folder: Optional[OutputFolder] = None,
+                   image_ids=None) -> PredictReport:
     """Write ``panoptic/<name>.png`` + ``predictions.json`` (COCO panoptic) and
     ``overlay/<name>.png`` for each readable image; collect the images that could not be read
     or predicted.
+
+    Image ids: with ``image_ids`` (a COCO JSON path, or the dict :func:`read_image_ids` makes)
+    each image gets the id the JSON lists for it, so the files pair up with that ground truth;
+    without, integer ids 1..N over the images written, in order (after the earlier ones with
+    "add"). ``images[].file_name`` is the input's path relative to its input folder.
 
     ``existing``: what to do with earlier predictions in ``output_dir`` (``"refuse"``, ``"add"``
     or ``"replace"``, see :class:`OutputFolder`); ``folder``: an :class:`OutputFolder` the caller
@@ -320,13 +401,27 @@ def predict_images(model, cfg: Config, metadata, files: Sequence[Path], output_d
     if own:
         folder = OutputFolder(output_dir, existing)
     try:
-        return _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder)
+        if image_ids is not None and not isinstance(image_ids, dict):
+            source = f"--image-ids {image_ids}"
+            image_ids = read_image_ids(image_ids)
+        else:
+            source = "--image-ids"
+        return _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder,
+                        image_ids, source)
     finally:
         if own:
             folder.close()
 
 
-def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder) -> PredictReport:
+def _next_id(previous: Optional[dict]) -> int:
+    """The first integer id after those of earlier predictions (1 when there are none)."""
+    ints = [a["image_id"] for a in (previous or {}).get("annotations", [])
+            if isinstance(a.get("image_id"), int) and not isinstance(a.get("image_id"), bool)]
+    return max(ints, default=0) + 1
+
+
+def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder,
+             image_ids=None, source="--image-ids") -> PredictReport:
     from tqdm.auto import tqdm
 
     from ..data.panoptic_io import PanopticWriter, encode_prediction, image_to_tensor, read_image
@@ -339,7 +434,16 @@ def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, 
     roots = [Path(i) for i in inputs if Path(i).is_dir()]
     taken: set = set()
     names = [_output_name(f, roots, taken) for f in files]
+    ids_of, rel_names = assign_image_ids(files, inputs, image_ids, source, start=_next_id(folder.previous))
+    next_id = _next_id(folder.previous)  # without image_ids: 1..N over the images written, in order
     folder.prepare(names, metadata, overlays)
+    if folder.previous is not None:
+        earlier = {str(a["image_id"]) for a in folder.previous["annotations"]}
+        both = [f"{iid!r}" for iid in ids_of if str(iid) in earlier]
+        if both:
+            raise UserError(f"--output {folder.path}: its predictions.json already has image ids "
+                            f"{', '.join(both[:5])}{', ...' if len(both) > 5 else ''}; use --replace to predict "
+                            f"everything again, or choose another folder")
     json_path = os.path.join(output_dir, PREDICTIONS_JSON)
     png_dir = os.path.join(output_dir, "panoptic")
     pal, div, things = metadata.palette(), metadata.label_divisor, metadata.thing_ids
@@ -352,7 +456,8 @@ def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, 
             writer.extra = {k: v for k, v in prev.items() if k not in ("images", "annotations", "categories")}
             writer.images[:0] = list(prev.get("images") or [])
             writer.annotations[:0] = list(prev["annotations"])
-        for f, name in zip(tqdm(files, desc="predict", unit="img", disable=not progress, dynamic_ncols=True), names):
+        for f, name, image_id, rel in zip(tqdm(files, desc="predict", unit="img", disable=not progress,
+                                               dynamic_ncols=True), names, ids_of, rel_names):
             try:
                 rgb = read_image(f)
             except Exception as e:  # unreadable / corrupt file: name it and go on
@@ -382,7 +487,10 @@ def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, 
             png = os.path.join(png_dir, f"{name}.png")
             written.append(png)
             with _writing(png):
-                writer.add(name, ids, segs, image_file_name=str(f), png_name=f"{name}.png")
+                if image_ids is None:
+                    image_id = next_id
+                writer.add(image_id, ids, segs, image_file_name=rel, png_name=f"{name}.png")
+                next_id += image_ids is None
             if overlays:
                 ov = os.path.join(output_dir, "overlay", f"{name}.png")
                 written.append(ov)

@@ -3,9 +3,9 @@
     y_o = sum_{p in span(o)} softmax_p(q_o.k_p + q_o.r^q_{p-o} + k_p.r^k_{p-o}) (v_p + r^v_{p-o})
 
 One layer attends along one axis (height or width); the other axis is folded into
-the batch. The module only holds parameters; the math lives in implementation
-functions (``reference.axial_attention_reference`` is the plain oracle, faster
-paths register themselves with :func:`register_attention_impl`).
+the batch. The module only holds parameters; the math lives in the paths that
+:mod:`.dispatch` chooses between (``reference.axial_attention_reference`` is the plain
+oracle; ``impl`` names one, ``"auto"`` lets the priority lists pick).
 
 Relative tables are never tied to an input size:
 
@@ -17,10 +17,13 @@ Relative tables are never tied to an input size:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
+
+from . import dispatch
+from .dispatch import available_attention_impls, register_attention_impl  # noqa: F401  (public API)
 
 __all__ = [
     "PositionSensitiveAxialAttention",
@@ -31,21 +34,6 @@ __all__ = [
 
 # deeplab2 tables hold 2*255-1 rows; we default to the same reach.
 DEFAULT_MAX_RELATIVE_DISTANCE = 254
-
-_IMPLS: Dict[str, Callable] = {}
-_AUTO_ORDER = {"cpu": [], "cuda": []}
-
-
-def register_attention_impl(name: str, fn: Callable, auto_devices=()) -> None:
-    """Register ``fn(layer, x) -> y``. ``auto_devices`` lists device types for which
-    ``impl='auto'`` prefers it (last registered wins)."""
-    _IMPLS[name] = fn
-    for dev in auto_devices:
-        _AUTO_ORDER.setdefault(dev, []).insert(0, name)
-
-
-def available_attention_impls():
-    return sorted(_IMPLS)
 
 
 class PositionSensitiveAxialAttention(nn.Module):
@@ -65,7 +53,9 @@ class PositionSensitiveAxialAttention(nn.Module):
         max_relative_distance: reach D of global-span tables (ignored for local spans).
         use_qk / use_query_rpe / use_key_rpe / use_value_rpe: switch the content term,
             q.r^q, k.r^k and the r^v retrieval on or off (the paper's ablation).
-        impl: ``"auto"``, ``"reference"`` or any registered fast path.
+        impl: ``"auto"`` (the dispatcher's priority list for the device and mode), or a path
+            by name: ``"reference"``, ``"banded"``, ``"memory_efficient"``, ``"fast"``, ``"triton"``
+            (see ``axial_deeplab.layers.explain``).
     """
 
     def __init__(
@@ -156,22 +146,15 @@ class PositionSensitiveAxialAttention(nn.Module):
         return 2 * self.max_relative_distance + 1
 
     def resolve_impl(self, x: torch.Tensor) -> str:
-        if self.impl != "auto":
-            if self.impl not in _IMPLS:
-                raise ValueError(f"unknown attention impl {self.impl!r}; available: {available_attention_impls()}")
-            return self.impl
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return "reference"  # the fast paths' kernel calls are invisible to a tracer (silently wrong)
-        for name in _AUTO_ORDER.get(x.device.type, []):
-            return name
-        return "reference"
+        """The name of the path ``self(x)`` runs (see :mod:`.dispatch`; ``explain`` says why)."""
+        return dispatch.select_backend(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__}: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        return _IMPLS[self.resolve_impl(x)](self, x)
+        return dispatch.run(self, x)
 
     def extra_repr(self) -> str:
         terms = [n for n, on in (("qk", self.use_qk), ("qr", self.use_query_rpe),
@@ -181,9 +164,3 @@ class PositionSensitiveAxialAttention(nn.Module):
                 f"key_channels={self.key_channels}, span={span}, stride={self.stride}, "
                 f"table_rows={self.table_rows}, terms={'+'.join(terms)}, impl={self.impl}")
 
-
-def _register_builtin():
-    from . import reference  # noqa: F401  (registers "reference")
-
-
-_register_builtin()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernel, ops
+from .dispatch import graph_recorder
 from .reference import apply_stride
 from .sync import should_sync
 from .fast_cpu import (
@@ -51,7 +52,7 @@ from .fast_cpu import (
 )
 
 __all__ = ["axial_attention_memory_efficient", "AxialAttentionFunction", "memory_efficient_core",
-           "run_layer_position_major", "run_layer_eval_op"]
+           "run_layer_position_major", "run_layer_eval_op", "routes", "select_route", "refusal", "ROUTES"]
 
 
 class AxialAttentionFunction(torch.autograd.Function):
@@ -269,12 +270,79 @@ def _batch_norm_rows(bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None) -
 # inside, the PyTorch path when it cannot run), so torch.compile / torch.export see one opaque
 # node with known shapes. Nothing here reads tensor values: every data-dependent choice is made
 # inside the operators.
-def _op_path_applies(layer, x: torch.Tensor) -> bool:
+def _op_refusal(layer, x: torch.Tensor) -> Optional[str]:
+    """Why the operators of :mod:`.ops` cannot take this layer and input, or None."""
     plain_bn = (nn.BatchNorm1d, nn.BatchNorm2d)
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and layer.qkv.weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu")
-            and type(layer.bn_qkv) in plain_bn and type(layer.bn_output) in plain_bn
-            and not should_sync(layer))
+    if x.device.type != "cpu":
+        return f"the operators have CPU implementations only (input on {x.device.type})"
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"the operators take float32 and float64 (input is {x.dtype})"
+    if layer.qkv.weight.dtype != x.dtype:
+        return f"parameters ({layer.qkv.weight.dtype}) and input ({x.dtype}) differ in dtype"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast is on"
+    if type(layer.bn_qkv) not in plain_bn or type(layer.bn_output) not in plain_bn:
+        return "a BatchNorm is not a plain nn.BatchNorm (SyncBatchNorm?)"
+    if should_sync(layer):
+        return "the similarity statistics are summed over processes (DDP)"
+    recorder = graph_recorder()
+    if recorder == "ONNX export":
+        return "ONNX export is running and ONNX has no axial_deeplab operators"
+    if recorder is not None:
+        return ("torch.jit.trace is running and a trace holding axial_deeplab operators "
+                "would load only where this package is imported")
+    return None
+
+
+def _route_refusal(route: str, layer, x: torch.Tensor) -> Optional[str]:
+    if route == "chunked":
+        recorder = graph_recorder()
+        if recorder is not None:
+            return (f"{recorder} is running and this route calls the C kernel through ctypes (on CPU) and "
+                    f"branches on tensor values (invisible to the tracer: the trace would be silently wrong)")
+        if x.device.type == "meta":
+            return "meta tensors hold no values (this route branches on them)"
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            return "torch.compile/export is tracing and this route calls the C kernel through ctypes"
+        return None
+    reason = _op_refusal(layer, x)
+    if reason is not None or route == "rows_op":
+        return reason
+    if torch.is_grad_enabled():
+        return "gradients are enabled"
+    if not all(cpu_kernel._eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output)):
+        return "a BatchNorm uses batch statistics (training mode)"
+    return None
+
+
+ROUTES = ("eval_op", "rows_op", "chunked")
+ROUTE_DESCRIPTIONS = {
+    "eval_op": "inference as one operator, axial_deeplab::attention_eval, every BN folded (CPU)",
+    "rows_op": "position-major rows through axial_deeplab::attention_rows, recompute backward (CPU)",
+    "chunked": "sequence layout, chunked PyTorch attention with a recompute backward (any device)",
+}
+
+
+def routes(layer, x: torch.Tensor):
+    """``[(route, None or why not)]`` in the order :func:`axial_attention_memory_efficient`
+    tries them: the eval operator, the rows operator, the chunked sequence-layout path."""
+    return [(r, _route_refusal(r, layer, x)) for r in ROUTES]
+
+
+def refusal(layer, x: torch.Tensor) -> Optional[str]:
+    """None when some route can run (the chunked one, the cheapest to ask, first), else every
+    route's reason."""
+    if _route_refusal("chunked", layer, x) is None or select_route(layer, x) is not None:
+        return None
+    return "; ".join(f"{route}: {why}" for route, why in routes(layer, x))
+
+
+def select_route(layer, x: torch.Tensor) -> Optional[str]:
+    """The first route that can run, or None."""
+    for route in ROUTES:
+        if _route_refusal(route, layer, x) is None:
+            return route
+    return None
 
 
 def _tables(layer):
@@ -330,9 +398,12 @@ def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
 
 def axial_attention_memory_efficient(layer, x: torch.Tensor) -> torch.Tensor:
     """``impl="memory_efficient"``: recompute-in-backward training path."""
-    if _op_path_applies(layer, x):
-        if not torch.is_grad_enabled() and all(
-                cpu_kernel._eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output)):
-            return run_layer_eval_op(layer, x)
+    route = select_route(layer, x)
+    if route == "eval_op":
+        return run_layer_eval_op(layer, x)
+    if route == "rows_op":
         return run_layer_position_major(layer, x)
-    return run_layer(layer, x, memory_efficient_core)  # other devices (CUDA without Triton) and dtypes
+    if route == "chunked":  # other devices (CUDA without Triton) and dtypes
+        return run_layer(layer, x, memory_efficient_core)
+    raise ValueError("attention impl 'memory_efficient' cannot run here: "
+                     + "; ".join(f"{r}: {why}" for r, why in routes(layer, x)))

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .axial_attention import register_attention_impl
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
 
@@ -169,7 +168,12 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     (.., C, L * w / b): standard gathers, einsums, softmax and BatchNorm, nothing of size L x L,
     and the block count is the only size derived from L (export keeps H and W symbolic)."""
     if layer.span is None:
-        return axial_attention_reference(layer, x)
+        # inference only: _global_eval drops the similarity-BN shifts (they cancel in the softmax),
+        # so with gradients on the reference keeps every parameter in the graph
+        if layer.bn_similarity.training or layer.bn_output.training or should_sync(layer) \
+                or torch.is_grad_enabled():
+            return axial_attention_reference(layer, x)
+        return _global_eval(layer, x)
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
@@ -216,5 +220,43 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     return _output(layer, sv, sve, B, H, W)
 
 
-register_attention_impl("reference", axial_attention_reference)
-register_attention_impl("banded", axial_attention_banded)
+def _bn_affine(bn: nn.BatchNorm2d):
+    """Eval BatchNorm as y = x * scale + shift, per channel."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _global_eval(layer, x: torch.Tensor) -> torch.Tensor:
+    """The reference for a global span in inference, in few passes over L x L tensors (what an
+    exported graph pays for): the similarity BN's scales go into q and k and its shifts are
+    dropped (constant along each softmax row, they cancel); no concatenation, split or mask of
+    the logits; the output BN and the sum of the two retrievals are one affine combination.
+    Einsums, not matmuls with transposed operands: ONNX Runtime runs those without copies."""
+    B, _, H, W = x.shape
+    L = H if layer.axis == "height" else W
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+
+    qkv = to_sequences(layer.bn_qkv(layer.qkv(x)), layer.axis)
+    N = qkv.shape[0]
+    q, k, v = qkv.reshape(N, heads, 2 * dk + dv, L).split([dk, dk, dv], dim=2)  # (n, h, d, L)
+    sim = _bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
+    idx = relative_index(L, layer.max_relative_distance, x.device)  # (L_o, L_p): table row
+
+    terms = []
+    if layer.use_qk:
+        terms.append(torch.einsum("nhco,nhcp->nhop", q * sim[0], k))
+    if layer.use_query_rpe:  # q_o . r^q_{p-o}
+        terms.append(torch.einsum("nhco,cop->nhop", q * sim[1], layer.query_table[:, idx]))
+    if layer.use_key_rpe:  # k_p . r^k_{p-o}
+        terms.append(torch.einsum("nhcp,cop->nhop", k * sim[2], layer.key_table[:, idx]))
+    logits = sum(terms[1:], terms[0]) if terms else q.new_zeros(N, heads, L, L)
+    attn = torch.softmax(logits, dim=-1)  # over keys p
+
+    scale, shift = _bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
+    scale, shift = scale.reshape(1, heads, dv, 2), shift.reshape(1, heads, dv, 2)
+    out = torch.einsum("nhop,nhcp->nhco", attn, v) * scale[..., :1] + shift[..., :1]
+    if layer.use_value_rpe:
+        sve = torch.einsum("nhop,cop->nhco", attn, layer.value_table[:, idx])  # sum a * r^v_{p-o}
+        out = out + sve * scale[..., 1:] + shift[..., 1:]
+    y = from_sequences(out.reshape(N, heads * dv, L), layer.axis, B, H, W)
+    return apply_stride(y, layer)
