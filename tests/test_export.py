@@ -229,3 +229,11 @@ def test_banded_global_span_in_eval_equals_reference(distance, length, axis, str
     with torch.no_grad():  # the inference form (export runs without gradients)
         y_ref, y = ref(x), banded(x)
     assert rel_diff(y, y_ref) < 1e-5
+
+
+def test_torch_jit_script_refuses_with_a_clear_error():
+    """Scripting cannot compile the Python dispatch: a clear error naming what works, never a
+    half-compiled model."""
+    model = create_model("axial_resnet_s", num_classes=5, **NARROW).eval()
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script does not support .*torch\.jit\.trace"):
+        torch.jit.script(model)

@@ -215,11 +215,12 @@ def build_loss(cfg: Config, metadata=None):
                                offset_weight=l.offset_weight)
 
 
-def compile_model(model, cfg: Config):
-    """``torch.compile(model, dynamic=True)`` when ``experiment.compile`` asks for it (dynamic:
-    evaluation images and training crops come in several sizes), else the model itself."""
+def compile_model(model, cfg: Config, dynamic: bool = True):
+    """``torch.compile(model, dynamic=dynamic)`` when ``experiment.compile`` asks for it, else the
+    model itself. Evaluation images come in many sizes (dynamic); training crops have one size,
+    and Inductor does not yet compile the training step with symbolic sizes."""
     if not cfg.experiment.compile:
         return model
     import torch
 
-    return torch.compile(model, dynamic=True)
+    return torch.compile(model, dynamic=dynamic)

@@ -62,8 +62,8 @@ class ExperimentConfig:
     deterministic: bool = _doc("Ask PyTorch for deterministic kernels (slower on GPU).", False)
     device: str = _doc("'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.", "auto")
     threads: Optional[int] = _doc("CPU threads per process (torch.set_num_threads); null keeps PyTorch's choice.", None)
-    compile: bool = _doc("Run the model through torch.compile(dynamic=True) in train and evaluate (the first "
-                         "steps then include the compile time).", False)
+    compile: bool = _doc("Run the model through torch.compile in train (static shapes) and evaluate (dynamic "
+                         "shapes); the first steps then include the compile time.", False)
 
 
 @dataclass

@@ -335,7 +335,7 @@ def _train(cfg, env, device, run_dir, ckpt_root, resume_from, on_log, t_start, o
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
-    model = compile_model(wrap_ddp(model, device), cfg)
+    model = compile_model(wrap_ddp(model, device), cfg, dynamic=False)  # one crop size
     loss_fn = build_loss(cfg, metadata)
 
     config_text = dump_config(cfg)

@@ -149,6 +149,14 @@ class PositionSensitiveAxialAttention(nn.Module):
         """The name of the path ``self(x)`` runs (see :mod:`.dispatch`; ``explain`` says why)."""
         return dispatch.select_backend(self, x)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script cannot compile the Python dispatch; say what works instead of failing
+        # deep inside TorchScript's compiler
+        raise RuntimeError(
+            "torch.jit.script does not support PositionSensitiveAxialAttention (its attention paths are "
+            "chosen in Python); use torch.jit.trace, torch.export / torch.compile, or "
+            "`axial-deeplab export --format torchscript|exported-program|onnx`")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
