@@ -1,9 +1,10 @@
 """Axial-DeepLab in PyTorch."""
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_model", "is_model", "list_models"]
+__all__ = ["__version__", "create_model", "is_model", "list_models", "load_model", "Predictor", "PanopticResult"]
 
 _REGISTRY_NAMES = ("create_model", "is_model", "list_models")
+_INFERENCE_NAMES = ("load_model", "Predictor", "PanopticResult")
 
 
 def __getattr__(name):
@@ -13,4 +14,8 @@ def __getattr__(name):
         from . import models
 
         return getattr(models, name)
+    if name in _INFERENCE_NAMES:
+        from . import inference
+
+        return getattr(inference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -439,10 +439,13 @@ def load_training_state(path: str) -> Dict[str, Any]:
 
 
 def read_checkpoint_info(path: str) -> Dict[str, Any]:
-    """``info.json`` of a checkpoint folder (empty dict for a bare weights file)."""
+    """``info.json`` of a checkpoint folder, or beside its ``model.safetensors`` given as a file
+    (empty dict for another bare weights file)."""
     path = resolve_checkpoint(path)
     if not os.path.isdir(path):
-        return {}
+        if os.path.basename(path) != MODEL_FILE:
+            return {}
+        path = os.path.dirname(path) or "."
     file = os.path.join(path, INFO_FILE)
     if not os.path.isfile(file):
         return {}

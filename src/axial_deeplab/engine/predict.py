@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
 __all__ = ["IMAGE_SUFFIXES", "EXISTING_MODES", "OutputFolder", "collect_images", "load_checkpoint_model",
-           "predict_images", "PredictReport", "read_image_ids", "assign_image_ids"]
+           "predict_images", "predict_panoptic", "PredictReport", "read_image_ids", "assign_image_ids"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PREDICTIONS_JSON = "predictions.json"
@@ -413,6 +413,34 @@ def predict_images(model, cfg: Config, metadata, files: Sequence[Path], output_d
             folder.close()
 
 
+@torch.no_grad()
+def predict_panoptic(model, cfg: Config, metadata, rgb, device, transform=None, file_name: str = ""):
+    """One image through the model: ``(image, panoptic, scores)`` for an (H, W, 3) uint8 RGB
+    array. ``image`` is its (3, H, W) float tensor, ``panoptic`` an (H, W) int64 CPU tensor
+    (class * label_divisor + instance, negative = void) at the input's size, ``scores`` the
+    segment scores by panoptic value. The one path from pixels to prediction, shared by
+    ``predict`` and :class:`axial_deeplab.Predictor`; ``transform`` is
+    :func:`build_eval_transform`'s (built here when not given)."""
+    from ..data.panoptic_io import image_to_tensor
+    from ..data.transforms import resize_sample
+    from .evaluate import postprocess_outputs, raw_outputs
+
+    if transform is None:
+        transform = build_eval_transform(cfg, metadata)
+    image = image_to_tensor(rgb)
+    h0, w0 = image.shape[-2:]
+    sample = transform({"image": image, "file_name": file_name})
+    x = sample["image"]
+    vh, vw = sample.get("valid_size", tuple(x.shape[-2:]))
+    raw = raw_outputs(model, x[None].to(device), cfg)
+    result = postprocess_outputs(raw, metadata, cfg, full=True)[0]
+    pan = result["panoptic"][:vh, :vw].cpu()
+    if (vh, vw) != (h0, w0):  # resized for the network: back to the input's size
+        pan = resize_sample({"image": x[:, :vh, :vw], "semantic": pan}, (h0, w0))["semantic"]
+    scores = {int(s["id"]): float(s["score"]) for s in result.get("segments_info", []) if "score" in s}
+    return image, pan, scores
+
+
 def _next_id(previous: Optional[dict]) -> int:
     """The first integer id after those of earlier predictions (1 when there are none)."""
     ints = [a["image_id"] for a in (previous or {}).get("annotations", [])
@@ -424,9 +452,7 @@ def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, 
              image_ids=None, source="--image-ids") -> PredictReport:
     from tqdm.auto import tqdm
 
-    from ..data.panoptic_io import PanopticWriter, encode_prediction, image_to_tensor, read_image
-    from ..data.transforms import resize_sample
-    from .evaluate import postprocess_outputs, raw_outputs
+    from ..data.panoptic_io import PanopticWriter, encode_prediction, read_image
     from .visualize import make_panel, overlay_panoptic, save_png
 
     report = PredictReport(output_dir=output_dir)
@@ -464,20 +490,7 @@ def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, 
                 report.failed.append((str(f), str(e)))
                 continue
             try:
-                image = image_to_tensor(rgb)
-                h0, w0 = image.shape[-2:]
-                sample = transform({"image": image, "file_name": str(f)})
-                x = sample["image"]
-                vh, vw = sample.get("valid_size", tuple(x.shape[-2:]))
-                raw = raw_outputs(model, x[None].to(device), cfg)
-                result = postprocess_outputs(raw, metadata, cfg, full=True)[0]
-                pan = result["panoptic"][:vh, :vw].cpu()
-                if (vh, vw) != (h0, w0):  # resized for the network: back to the file's size
-                    pan = resize_sample({"image": x[:, :vh, :vw], "semantic": pan}, (h0, w0))["semantic"]
-                seg_scores = {}
-                for s in result.get("segments_info", []):
-                    if "score" in s:
-                        seg_scores[int(s["id"])] = float(s["score"])
+                image, pan, seg_scores = predict_panoptic(model, cfg, metadata, rgb, device, transform, str(f))
                 ids, segs = encode_prediction(pan.numpy(), metadata, seg_scores)
                 panel = make_panel([image, overlay_panoptic(image, pan, pal, div, things)]) if overlays else None
             except Exception as e:

@@ -32,7 +32,8 @@ def is_model(name: str) -> bool:
 
 
 def create_model(name: str, pretrained: Optional[str] = None, **kwargs):
-    """Build a registered model; ``pretrained`` is a local checkpoint path (never a download).
+    """Build a registered model; ``pretrained`` is a local weights file, checkpoint folder or run
+    folder (its best/, else newest checkpoint), never a download.
 
     Overrides (``num_classes=...``, ``span=...``, ``features_only=True`` ...) go to the builder.
     """

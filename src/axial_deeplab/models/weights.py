@@ -106,7 +106,23 @@ def load_state_dict_strict(model: nn.Module, sd: Dict[str, torch.Tensor], source
     model.load_state_dict(sd, strict=True)
 
 
+def resolve_weights_file(path: str) -> str:
+    """The weights file that ``path`` names: the path itself for a file; for a checkpoint folder
+    its ``model.safetensors``; for a run folder (or its ``checkpoints/``) that of its ``best/``,
+    else newest ``step-*/`` checkpoint, as ``predict`` and ``evaluate`` choose."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    from ..engine.checkpoint import MODEL_FILE, resolve_checkpoint
+
+    found = resolve_checkpoint(path)  # FileNotFoundError naming the folder when it holds none
+    return os.path.join(found, MODEL_FILE) if os.path.isdir(found) else found
+
+
 def load_pretrained(model: nn.Module, path: str) -> nn.Module:
+    """Load the weights of a file, checkpoint folder or run folder (see
+    :func:`resolve_weights_file`) into ``model``, strictly (every key and shape must match)."""
+    path = resolve_weights_file(path)
     sd = read_state_dict(path)
     if is_port_state_dict(sd):
         sd = convert_port_state_dict(sd)
