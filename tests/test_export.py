@@ -237,3 +237,28 @@ def test_torch_jit_script_refuses_with_a_clear_error():
     model = create_model("axial_resnet_s", num_classes=5, **NARROW).eval()
     with pytest.raises(RuntimeError, match=r"torch\.jit\.script does not support .*torch\.jit\.trace"):
         torch.jit.script(model)
+
+
+@pytest.mark.parametrize("span,length,axis,stride,mode,terms", [
+    (5, 13, "height", 1, "subsample", (1, 1, 1, 1)),
+    (5, 13, "width", 2, "avgpool", (1, 1, 1, 1)),
+    (7, 3, "width", 1, "subsample", (1, 0, 1, 1)),  # axis shorter than the span
+    (3, 1, "height", 1, "subsample", (1, 1, 1, 1)),  # one position
+    (9, 30, "height", 2, "avgpool2d", (0, 1, 1, 0)),  # no k . r^k: the additive mask
+    (11, 17, "width", 1, "subsample", (0, 0, 1, 1)),  # k . r^k alone
+    (13, 40, "height", 2, "subsample", (1, 1, 0, 1)),
+])
+def test_banded_local_span_in_eval_equals_reference(span, length, axis, stride, mode, terms):
+    # local spans in eval take their own export-friendly form (query-relative logits, BN folded)
+    torch.manual_seed(0)
+    ref = PositionSensitiveAxialAttention(8, 8, axis=axis, num_heads=2, span=span, stride=stride, stride_mode=mode,
+                                          use_qk=bool(terms[0]), use_query_rpe=bool(terms[1]),
+                                          use_key_rpe=bool(terms[2]), use_value_rpe=bool(terms[3]), impl="reference")
+    _randomise_bn(ref).eval()
+    banded = copy.deepcopy(ref)
+    banded.impl = "banded"
+    x = torch.randn((2, 8, length, 6) if axis == "height" else (2, 8, 6, length)) * 3  # peaked softmax rows
+    with torch.no_grad():  # the inference form (export runs without gradients)
+        y_ref, y = ref(x), banded(x)
+    assert torch.isfinite(y).all()
+    assert rel_diff(y, y_ref) < 1e-5

@@ -167,13 +167,14 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     once as (block, i, t) with key offset p - o = t - r - i. All tensors are (.., L, w) or
     (.., C, L * w / b): standard gathers, einsums, softmax and BatchNorm, nothing of size L x L,
     and the block count is the only size derived from L (export keeps H and W symbolic)."""
+    # inference forms drop the similarity-BN shifts (they cancel in the softmax), so with
+    # gradients on (or BN training/synchronised) the plain forms keep every parameter in the graph
+    inference = not (layer.bn_similarity.training or layer.bn_output.training or should_sync(layer)
+                     or torch.is_grad_enabled())
     if layer.span is None:
-        # inference only: _global_eval drops the similarity-BN shifts (they cancel in the softmax),
-        # so with gradients on the reference keeps every parameter in the graph
-        if layer.bn_similarity.training or layer.bn_output.training or should_sync(layer) \
-                or torch.is_grad_enabled():
-            return axial_attention_reference(layer, x)
-        return _global_eval(layer, x)
+        return _global_eval(layer, x) if inference else axial_attention_reference(layer, x)
+    if inference:
+        return _banded_eval(layer, x)
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
@@ -259,4 +260,88 @@ def _global_eval(layer, x: torch.Tensor) -> torch.Tensor:
         sve = torch.einsum("nhop,cop->nhco", attn, layer.value_table[:, idx])  # sum a * r^v_{p-o}
         out = out + sve * scale[..., 1:] + shift[..., 1:]
     y = from_sequences(out.reshape(N, heads * dv, L), layer.axis, B, H, W)
+    return apply_stride(y, layer)
+
+
+def _skew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(.., R, C) -> (.., R, width) with out[i, u] = x[i, u - i] (zero where u - i is outside
+    [0, C)); needs width + 1 >= C + R. Pad, reshape and slice: no gather, no mask."""
+    rows, cols = x.shape[-2], x.shape[-1]
+    lead = x.shape[:-2]
+    x = F.pad(x, (0, width + 1 - cols)).reshape(*lead, rows * (width + 1))
+    return x[..., :rows * width].reshape(*lead, rows, width)
+
+
+def _unskew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(.., R, C) -> (.., R, width) with out[i, j] = x[i, i + j] (the inverse of
+    :func:`_skew_rows`); needs i + j < C for every entry kept."""
+    rows, cols = x.shape[-2], x.shape[-1]
+    lead = x.shape[:-2]
+    x = F.pad(x.reshape(*lead, rows * cols), (0, rows))
+    return x.reshape(*lead, rows, cols + 1)[..., :width]
+
+
+def _windows(t: torch.Tensor, window: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """(n, h, c, L) -> (n, h, blocks, w, c): the keys of each block's window (key p at left + p
+    of the zero-padded axis), one gather of whole rows."""
+    t = F.pad(t, (left, right)).transpose(-1, -2)
+    return torch.index_select(t, 2, window.reshape(-1)).reshape(*t.shape[:2], *window.shape, t.shape[-1])
+
+
+def _banded_eval(layer, x: torch.Tensor) -> torch.Tensor:
+    """:func:`axial_attention_banded` in inference, in few passes over the (.., L, span) tensors
+    (what an exported graph pays for). Logits live in query-relative form (o, j), key
+    p = o - r + j, so q . r^q, k . r^k and a . r^v are plain matmuls with the tables; only
+    q . k and a . v go through the query blocks, turned into and out of that form by a skew
+    (pad, reshape, slice). The similarity BN's scales go into q and k and its shifts are dropped
+    (constant along each softmax row); keys beyond the axis get -inf from sizes (the padding of
+    k . r^k, else an additive bias); the output BN and the sum of the two retrievals are one
+    affine combination; gradients and BN statistics: :func:`axial_attention_banded`."""
+    B, _, H, W = x.shape
+    L = H if layer.axis == "height" else W
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    r = layer.max_relative_distance
+    m, b, w = 2 * r + 1, r + 1, 3 * r + 1
+    dev = x.device
+
+    qkv = to_sequences(layer.bn_qkv(layer.qkv(x)), layer.axis)
+    N = qkv.shape[0]
+    q, k, v = qkv.reshape(N, heads, 2 * dk + dv, L).split([dk, dk, dv], dim=2)  # (n, h, d, L)
+    sim = _bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
+    blocks = (L + b - 1) // b
+    padded = blocks * b
+    q = F.pad(q, (0, padded - L))  # padded queries: rows sliced off at the end
+
+    window = (torch.arange(blocks, device=dev) * b)[:, None] + torch.arange(w, device=dev)[None, :]
+    terms = []
+    if layer.use_qk:  # block k's queries against its window of keys, then (i, t) -> (i, j = t - i)
+        qb = (q * sim[0]).reshape(N, heads, dk, blocks, b).permute(0, 1, 3, 4, 2)  # (n, h, k, i, c)
+        kw = _windows(k, window, r, padded - L + r)  # (n, h, k, t, c)
+        qk = torch.matmul(qb, kw.transpose(-1, -2))  # (n, h, k, i, t)
+        terms.append(_unskew_rows(qk, m).reshape(N, heads, padded, m))
+    if layer.use_query_rpe:  # q_o . r^q_j
+        terms.append(torch.matmul((q * sim[1]).transpose(-1, -2), layer.query_table))
+    if layer.use_key_rpe:  # k_p . r^k_j at p = o - r + j: row j of (j, p) shifted by j - r; keys
+        # beyond the axis padded with -inf, which masks them
+        kr = torch.matmul(layer.key_table.t(), k * sim[2])  # (n, h, j, p)
+        kr = F.pad(kr, (r, padded - L + r), value=float("-inf"))
+        terms.append(_unskew_rows(kr, padded).transpose(-1, -2))  # [o, j] = kr[j, o - r + j]
+    logits = sum(terms[1:], terms[0])
+    if not layer.use_key_rpe:  # keys beyond the axis: an additive -inf from sizes
+        o = torch.arange(padded, device=dev)[:, None]
+        p = o - r + torch.arange(m, device=dev)[None, :]
+        logits = logits + torch.zeros(padded, m, device=dev, dtype=q.dtype).masked_fill((p < 0) | (p >= L),
+                                                                                          float("-inf"))
+    attn = torch.softmax(logits, dim=-1)  # over the span's keys
+
+    ab = _skew_rows(attn.reshape(N, heads, blocks, b, m), w)  # (n, h, k, i, t)
+    out = torch.matmul(ab, _windows(v, window, r, padded - L + r)).reshape(N, heads, padded, dv)
+    scale, shift = _bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
+    scale, shift = scale.reshape(heads, 1, dv, 2), shift.reshape(heads, 1, dv, 2)
+    if layer.use_value_rpe:  # sum a * r^v_j
+        sve = torch.matmul(attn, layer.value_table.t())
+        out = out * scale[..., 0] + sve * scale[..., 1] + (shift[..., 0] + shift[..., 1])
+    else:
+        out = out * scale[..., 0] + shift[..., 0]
+    y = from_sequences(out[:, :, :L].transpose(-1, -2).reshape(N, heads * dv, L), layer.axis, B, H, W)
     return apply_stride(y, layer)
