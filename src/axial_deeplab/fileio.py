@@ -2,20 +2,52 @@
 reader (or an interrupted run) sees either the old file or the whole new one, never a torn one."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .errors import OutputError, output_error
+from .errors import output_error
 
 
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path in ``path``'s folder for the caller to write; when the block ends
+    normally it gets the usual permissions and is renamed to ``path`` in one ``os.replace``,
+    otherwise it is removed and ``path`` is left as it was. A failure to create the temporary
+    file or to rename it raises :class:`~axial_deeplab.errors.OutputError` naming ``path``;
+    errors raised inside the block pass through unchanged."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise output_error(path, e) from e
+    try:
+        yield tmp
+        try:
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; use the usual permissions
+            os.replace(tmp, path)
+        except OSError as e:
+            raise output_error(path, e) from e
+        tmp = None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
@@ -25,30 +57,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True)
     A failed write (disk full, read-only or vanished folder, no permission) raises
     :class:`~axial_deeplab.errors.OutputError` naming ``path``; the temporary file is removed
     and whatever ``path`` held before is left as it was."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; use the usual permissions
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        if isinstance(e, OutputError):
-            raise
-        raise output_error(path, e) from e
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    with atomic_output(path) as tmp:
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
+            raise output_error(path, e) from e
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:

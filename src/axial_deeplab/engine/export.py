@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import MissingExtraError, UserError, output_error
+from ..errors import MissingExtraError, UserError
+from ..fileio import atomic_output
 
 __all__ = ["FORMATS", "ExportReport", "export_model", "exportable_attention", "export_outputs"]
 
@@ -223,46 +223,29 @@ def export_model(model: nn.Module, format: str, output: str, input_shape: Sequen
         second = (h + SIZE_MULTIPLE, w - SIZE_MULTIPLE) if w > 2 * SIZE_MULTIPLE else (h + SIZE_MULTIPLE, w)
         sizes.append(second if max(second) <= MAX_DYNAMIC_SIZE else (h - SIZE_MULTIPLE, w))
 
-    folder = os.path.dirname(os.path.abspath(output))
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(output) + ".", suffix=".tmp" + FORMATS[format], dir=folder)
-        os.close(fd)
-    except OSError as e:
-        raise output_error(output, e) from e
-    try:
-        start = time.perf_counter()
-        # ONNX and TorchScript need the attention as plain tensor ops; an ExportedProgram keeps
-        # the default path, whose kernels are axial_deeplab operators (torch.library)
-        with exportable_attention(model) if format != "exported-program" else contextlib.nullcontext():
-            if format == "onnx":
-                run = _export_onnx(wrapper, example, tmp, names, dynamic_shapes, opset)
-            elif format == "exported-program":
-                run = _export_program(wrapper, example, tmp, dynamic_shapes)
-            else:
-                run = _export_torchscript(wrapper, example, tmp)
-        seconds = time.perf_counter() - start
-        report = ExportReport(output, format, (batch,) + shape, dynamic_shapes is not None, names, seconds)
-        for sh, sw in sizes:  # the eager model as the user has it (its default attention path)
-            x = example if (sh, sw) == (h, w) else torch.rand((batch, 3, sh, sw), generator=gen)
-            with torch.no_grad():
-                want = wrapper(x)
-            diff = _rel_diff(run(x), want)
-            report.max_rel_diff[(sh, sw)] = diff
-            if not diff <= rtol:
-                raise UserError(f"the exported {format} file differs from the eager model at {sh}x{sw} "
-                                f"(max relative difference {diff:.2e} > {rtol:g}); nothing was written")
-        try:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, output)
-        except OSError as e:
-            raise output_error(output, e) from e
-        tmp = None
+        with atomic_output(output, suffix=".tmp" + FORMATS[format]) as tmp:
+            start = time.perf_counter()
+            # ONNX and TorchScript need the attention as plain tensor ops; an ExportedProgram keeps
+            # the default path, whose kernels are axial_deeplab operators (torch.library)
+            with exportable_attention(model) if format != "exported-program" else contextlib.nullcontext():
+                if format == "onnx":
+                    run = _export_onnx(wrapper, example, tmp, names, dynamic_shapes, opset)
+                elif format == "exported-program":
+                    run = _export_program(wrapper, example, tmp, dynamic_shapes)
+                else:
+                    run = _export_torchscript(wrapper, example, tmp)
+            seconds = time.perf_counter() - start
+            report = ExportReport(output, format, (batch,) + shape, dynamic_shapes is not None, names, seconds)
+            for sh, sw in sizes:  # the eager model as the user has it (its default attention path)
+                x = example if (sh, sw) == (h, w) else torch.rand((batch, 3, sh, sw), generator=gen)
+                with torch.no_grad():
+                    want = wrapper(x)
+                diff = _rel_diff(run(x), want)
+                report.max_rel_diff[(sh, sw)] = diff
+                if not diff <= rtol:
+                    raise UserError(f"the exported {format} file differs from the eager model at {sh}x{sw} "
+                                    f"(max relative difference {diff:.2e} > {rtol:g}); nothing was written")
         return report
     finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         model.train(was_training)
