@@ -628,14 +628,9 @@ def bench_deploy(device: torch.device, cases=DEPLOY_CASES, train_cases=DEPLOY_TR
 
 def format_deploy_table(rows: List[Result]) -> str:
     """The deploy rows: time, this / eager, and the compile or export seconds."""
-    head = (f"{'case':28s} {'mode':5s} {'impl':12s} {'median ms':>10s} {'cpu ms':>9s} {'x eager':>8s} "
-            f"{'setup s':>8s}  note")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.case:28s} {r.mode:5s} {r.impl:12s} {_fmt(r.median_ms, '10.1f'):>10s} "
-                     f"{_fmt(r.cpu_ms, '9.1f'):>9s} {_fmt(r.vs_eager, '8.2f'):>8s} "
-                     f"{_fmt(r.setup_s, '8.1f'):>8s}  {r.note}")
-    return "\n".join(lines)
+    return _table(rows, [("case", "28s"), ("mode", "5s"), ("impl", "12s"), ("median_ms", "10.1f", "median ms"),
+                         ("cpu_ms", "9.1f", "cpu ms"), ("vs_eager", "8.2f", "x eager"),
+                         ("setup_s", "8.1f", "setup s")])
 
 
 # --------------------------------------------------------------------------- reporting
@@ -651,13 +646,28 @@ def _progress(r: Result) -> str:
 
 
 def format_table(rows: List[Result]) -> str:
-    head = (f"{'group':15s} {'case':28s} {'mode':5s} {'impl':17s} {'median ms':>10s} {'cpu ms':>9s} "
-            f"{'x conv':>7s} {'ref/this':>8s} {'peak MiB':>9s}  note")
-    lines = [head, "-" * len(head)]
+    return _table(rows, [("group", "15s"), ("case", "28s"), ("mode", "5s"), ("impl", "17s"),
+                         ("median_ms", "10.1f", "median ms"), ("cpu_ms", "9.1f", "cpu ms"),
+                         ("vs_conv", "7.2f", "x conv"), ("vs_reference", "8.2f", "ref/this"),
+                         ("peak_mib", "9.1f", "peak MiB")])
+
+
+def _table(rows: List[Result], columns) -> str:
+    """One line per row: ``columns`` are (field, format spec[, title]); text columns are
+    left-aligned, numbers right-aligned with "-" for a missing value; the note comes last."""
+    head, cells = [], []
+    for field_name, spec, *title in columns:
+        title = title[0] if title else field_name
+        text = spec.endswith("s")
+        width = spec[:-1] if text else spec.split(".")[0]
+        head.append(format(title, f"{width}s" if text else f">{width}s"))
+        cells.append((field_name, spec, text, width))
+    lines = [" ".join(head) + "  note"]
+    lines.append("-" * len(lines[0]))
     for r in rows:
-        lines.append(f"{r.group:15s} {r.case:28s} {r.mode:5s} {r.impl:17s} {_fmt(r.median_ms, '10.1f'):>10s} "
-                     f"{_fmt(r.cpu_ms, '9.1f'):>9s} {_fmt(r.vs_conv, '7.2f'):>7s} "
-                     f"{_fmt(r.vs_reference, '8.2f'):>8s} {_fmt(r.peak_mib, '9.1f'):>9s}  {r.note}")
+        values = [format(getattr(r, f), spec) if text else format(_fmt(getattr(r, f), spec), f">{width}s")
+                  for f, spec, text, width in cells]
+        lines.append(" ".join(values) + f"  {r.note}")
     return "\n".join(lines)
 
 
