@@ -6,6 +6,7 @@ are summed across processes, so N processes report what one would.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, default_collate
 from ..errors import UserError
 from .builders import build_eval_transform, dataset_metadata
 from .config import Config
-from .distributed import get_rank, get_world_size, is_main_process, reduce_evaluator_states
+from .distributed import all_reduce_tensor, get_rank, get_world_size, is_main_process, reduce_evaluator_states
 from .sampling import CarryingCollate, SeededDataset, ShardSampler, ignore_sigint, reraise_carried
 
 __all__ = [
@@ -256,6 +257,9 @@ class PredictionFiles:
         with self._writing(path):
             self.writer.add(image_id, ids, segs, image_file_name=image_file, png_name=png)
 
+    def process(self, s: "ScoredImage") -> None:
+        self.add(s.image_id, s.file_name, s.panoptic, s.result.get("segments_info"))
+
     def close(self) -> str:
         with self._writing(self.json_path):
             self.writer.close()
@@ -284,11 +288,6 @@ def _open_prediction_files(predictions, dataset, metadata):
     except BaseException:
         folder.close()
         raise
-
-
-def _samples_of(batch) -> List[int]:
-    img = batch["image"]
-    return list(range(len(img)))
 
 
 @torch.no_grad()
@@ -327,92 +326,147 @@ def _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progres
                        num_overlays, max_images, files) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from ..data.collate import collate_panoptic
-    from ..evaluation import InstanceAP, PanopticQuality, SemanticIoU
-
     model.eval()
-    transform = build_eval_transform(cfg, metadata)
     # Prediction files must have the ground truth's size: score (and write) at the dataset's resolution.
     at_original_size = bool(cfg.data.resize_long_side) or files is not None
+    loader = _panoptic_loader(dataset, cfg, device, metadata, at_original_size, max_images)
+    scores = _PanopticScores(metadata, cfg.eval.compute_ap)
+    consumers: List[Any] = [scores]
+    if files is not None:
+        consumers.append(files)
+    if overlay_dir and num_overlays > 0 and is_main_process():
+        consumers.append(_Overlays(overlay_dir, num_overlays, metadata))
+    batches = tqdm(loader, desc=desc, unit="img" if cfg.eval.batch_size == 1 else "batch", disable=not progress,
+                   dynamic_ncols=True, leave=False)
+    for batch in batches:
+        reraise_carried(batch)
+        for scored in _predict_batch(model, batch, cfg, device, metadata, class_map, at_original_size):
+            for consumer in consumers:
+                consumer.process(scored)
+    return scores.evaluate()
+
+
+def _panoptic_loader(dataset, cfg: Config, device, metadata, at_original_size: bool,
+                     max_images: Optional[int]) -> DataLoader:
+    """This process's shard of ``dataset`` (up to the image limit), with the evaluation transform;
+    ``at_original_size`` keeps the untransformed labels too."""
+    from ..data.collate import collate_panoptic
+
+    transform = build_eval_transform(cfg, metadata)
     if at_original_size:
         transform = _KeepOriginalLabels(transform)
     wrapped = SeededDataset(dataset, transform, carry_errors=True)
     limit = max_images if max_images is not None else cfg.eval.max_images
     sampler = ShardSampler(len(dataset), get_rank(), get_world_size(), limit=limit)
     workers = cfg.data.eval_num_workers if cfg.data.eval_num_workers is not None else cfg.data.num_workers
-    loader = DataLoader(wrapped, batch_size=cfg.eval.batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=CarryingCollate(collate_panoptic), generator=torch.Generator(),
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
-    pq = PanopticQuality(metadata)
-    miou = SemanticIoU(metadata.num_classes, metadata.ignore_label, metadata.class_names)
-    ap = InstanceAP(metadata) if cfg.eval.compute_ap else None
-    written = 0
-    n_images = 0
-    for batch in tqdm(loader, desc=desc, unit="img" if cfg.eval.batch_size == 1 else "batch",
-                      disable=not progress, dynamic_ncols=True, leave=False):
-        reraise_carried(batch)
-        images = batch["image"]
-        if isinstance(images, list):  # different sizes: one at a time
-            groups = [(img[None], [i]) for i, img in enumerate(images)]
-        else:
-            groups = [(images, _samples_of(batch))]
-        for imgs, idxs in groups:
-            raw = _reorder_classes(raw_outputs(model, imgs.to(device, non_blocking=True), cfg), class_map)
-            results = postprocess_outputs(raw, metadata, cfg, full=True)
-            for r, i in zip(results, idxs):
-                h, w = _valid_hw(batch, i, tuple(imgs.shape[-2:]))
-                pan = r["panoptic"][:h, :w].cpu()
-                sem_pred = r["semantic"][:h, :w].cpu()
-                image = batch["image"][i][:, :h, :w]
-                if at_original_size:
-                    sem_gt, inst_gt, crowd_gt = (batch[f"orig_{k}"][i] for k in ("semantic", "instance", "crowd"))
-                    size = tuple(sem_gt.shape[-2:])
-                    pan, sem_pred = resize_nearest(pan, size), resize_nearest(sem_pred, size)
-                    r = dict(r, panoptic=pan)
-                    image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear",
-                                                            align_corners=False)[0]
-                    h, w = size
-                else:
-                    sem_gt = batch["semantic"][i][:h, :w]
-                    inst_gt = batch["instance"][i][:h, :w]
-                    crowd_gt = batch["crowd"][i][:h, :w]
-                pq.update(pan, sem_gt, inst_gt, crowd_gt)
-                if files is not None:
-                    names = batch.get("file_name")
-                    files.add(batch["image_id"][i], names[i] if names is not None else None, pan,
-                              r.get("segments_info"))
-                miou.update(sem_pred, sem_gt)
-                if ap is not None:
-                    ap.update(_instances_for_ap(r, h, w), {"semantic": sem_gt, "instance": inst_gt,
-                                                          "crowd": crowd_gt})
-                if overlay_dir and written < num_overlays and is_main_process():
-                    name = str(batch["image_id"][i])
-                    write_overlay(os.path.join(overlay_dir, f"{name}.png"), image.clamp(0, 1), pan,
-                                  {"semantic": sem_gt, "instance": inst_gt}, metadata)
-                    written += 1
-                n_images += 1
-    for ev in (pq, miou) + ((ap,) if ap is not None else ()):
-        reduce_evaluator_states(ev)
-    n_total = torch.tensor([n_images], dtype=torch.float64)
-    from .distributed import all_reduce_tensor
+    return DataLoader(wrapped, batch_size=cfg.eval.batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=CarryingCollate(collate_panoptic), generator=torch.Generator(),
+                      pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
 
-    n_total = int(all_reduce_tensor(n_total).item())
-    pq_res = pq.compute()
-    miou_res = miou.compute()
-    out: Dict[str, Any] = {"num_images": n_total}
-    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
-        for k in ("pq", "sq", "rq"):
-            out[f"{k.upper()}{suffix}"] = 100.0 * pq_res[group][k]
-    out["mIoU"] = 100.0 * miou_res["miou"]
-    out["pixel_accuracy"] = 100.0 * miou_res["pixel_accuracy"]
-    if ap is not None:
-        ap_res = ap.compute()
-        for k, v in ap_res.items():
-            if isinstance(v, float) and k.startswith("ap"):
-                out["AP" + k[2:]] = 100.0 * v  # ap -> AP, ap50 -> AP50, ap_small -> AP_small
-    out["_pq_results"] = pq_res
-    out["_miou_results"] = miou_res
-    return out
+
+@dataclass
+class ScoredImage:
+    """One image's prediction and ground truth at the resolution it is scored at (the dataset's
+    own with ``at_original_size``, else the valid part of the model's input)."""
+    image_id: Any
+    file_name: Optional[str]
+    image: torch.Tensor  # (3, H, W) in [0, 1]
+    result: Dict[str, Any]  # the panoptic merge's dict (segments_info, instances, ...)
+    panoptic: torch.Tensor
+    semantic: torch.Tensor
+    gt: Dict[str, torch.Tensor]  # semantic, instance, crowd
+    h: int
+    w: int
+
+
+def _predict_batch(model, batch, cfg: Config, device, metadata, class_map, at_original_size: bool):
+    """The batch's images as :class:`ScoredImage`; images of different sizes run one at a time."""
+    images = batch["image"]
+    if isinstance(images, list):
+        groups = [(img[None], [i]) for i, img in enumerate(images)]
+    else:
+        groups = [(images, list(range(len(images))))]
+    for imgs, idxs in groups:
+        raw = _reorder_classes(raw_outputs(model, imgs.to(device, non_blocking=True), cfg), class_map)
+        results = postprocess_outputs(raw, metadata, cfg, full=True)
+        for r, i in zip(results, idxs):
+            yield _scored_image(batch, i, r, tuple(imgs.shape[-2:]), at_original_size)
+
+
+def _scored_image(batch, i: int, r: Dict[str, Any], input_hw, at_original_size: bool) -> ScoredImage:
+    h, w = _valid_hw(batch, i, input_hw)
+    pan = r["panoptic"][:h, :w].cpu()
+    sem_pred = r["semantic"][:h, :w].cpu()
+    image = batch["image"][i][:, :h, :w]
+    if at_original_size:
+        gt = {k: batch[f"orig_{k}"][i] for k in ("semantic", "instance", "crowd")}
+        size = tuple(gt["semantic"].shape[-2:])
+        pan, sem_pred = resize_nearest(pan, size), resize_nearest(sem_pred, size)
+        r = dict(r, panoptic=pan)
+        image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        h, w = size
+    else:
+        gt = {k: batch[k][i][:h, :w] for k in ("semantic", "instance", "crowd")}
+    ids, names = batch.get("image_id"), batch.get("file_name")
+    return ScoredImage(ids[i] if ids is not None else None, names[i] if names is not None else None, image, r,
+                       pan, sem_pred, gt, h, w)
+
+
+class _PanopticScores:
+    """PQ / SQ / RQ, mIoU and optionally mask AP over the scored images, summed over processes."""
+
+    def __init__(self, metadata, compute_ap: bool):
+        from ..evaluation import InstanceAP, PanopticQuality, SemanticIoU
+
+        self.pq = PanopticQuality(metadata)
+        self.miou = SemanticIoU(metadata.num_classes, metadata.ignore_label, metadata.class_names)
+        self.ap = InstanceAP(metadata) if compute_ap else None
+        self.n_images = 0
+
+    def process(self, s: ScoredImage) -> None:
+        self.pq.update(s.panoptic, s.gt["semantic"], s.gt["instance"], s.gt["crowd"])
+        self.miou.update(s.semantic, s.gt["semantic"])
+        if self.ap is not None:
+            self.ap.update(_instances_for_ap(s.result, s.h, s.w), dict(s.gt))
+        self.n_images += 1
+
+    def evaluate(self) -> Dict[str, Any]:
+        """The scores in percent (collective: every process calls it)."""
+        for ev in (self.pq, self.miou) + ((self.ap,) if self.ap is not None else ()):
+            reduce_evaluator_states(ev)
+        n_total = int(all_reduce_tensor(torch.tensor([self.n_images], dtype=torch.float64)).item())
+        pq_res = self.pq.compute()
+        miou_res = self.miou.compute()
+        out: Dict[str, Any] = {"num_images": n_total}
+        for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            for k in ("pq", "sq", "rq"):
+                out[f"{k.upper()}{suffix}"] = 100.0 * pq_res[group][k]
+        out["mIoU"] = 100.0 * miou_res["miou"]
+        out["pixel_accuracy"] = 100.0 * miou_res["pixel_accuracy"]
+        if self.ap is not None:
+            for k, v in self.ap.compute().items():
+                if isinstance(v, float) and k.startswith("ap"):
+                    out["AP" + k[2:]] = 100.0 * v  # ap -> AP, ap50 -> AP50, ap_small -> AP_small
+        out["_pq_results"] = pq_res
+        out["_miou_results"] = miou_res
+        return out
+
+
+class _Overlays:
+    """Input | prediction | ground truth PNGs of the first ``limit`` images, into ``folder``."""
+
+    def __init__(self, folder: str, limit: int, metadata):
+        self.folder = folder
+        self.limit = limit
+        self.metadata = metadata
+        self.written = 0
+
+    def process(self, s: ScoredImage) -> None:
+        if self.written >= self.limit:
+            return
+        write_overlay(os.path.join(self.folder, f"{s.image_id}.png"), s.image.clamp(0, 1), s.panoptic,
+                      {"semantic": s.gt["semantic"], "instance": s.gt["instance"]}, metadata=self.metadata)
+        self.written += 1
 
 
 @torch.no_grad()

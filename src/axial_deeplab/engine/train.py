@@ -1,5 +1,6 @@
-"""The training loop: one function, :func:`train`, for a single process or every process of
-a ``torchrun`` job.
+"""Training: :func:`train`, for a single process or every process of a ``torchrun`` job. It
+builds the data, the model and the solver, then hands them to a :class:`~.trainer.SimpleTrainer`
+whose periodic actions are the hooks of :mod:`.hooks`.
 
 What it guarantees:
 
@@ -24,9 +25,6 @@ import contextlib
 import copy
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -40,73 +38,20 @@ from . import checkpoint as ckpt
 from .builders import (build_dataset, build_loss, build_model, build_train_transform, compile_model,
                        dataset_metadata)
 from .config import Config, ConfigError, dump_config
-from .distributed import (all_reduce_tensor, barrier, cleanup_distributed, convert_sync_batchnorm, init_distributed,
-                          split_batch_size, wrap_ddp)
-from .metrics_log import MetricsLogger, read_metrics
+from .distributed import (barrier, cleanup_distributed, convert_sync_batchnorm, init_distributed, split_batch_size,
+                          wrap_ddp)
+from .hooks import (LossLogger, MetricFiles, PeriodicCheckpoint, PeriodicEval, ProgressBar, RunCheckpointer,
+                    TrainingImages)
+from .metrics_log import MetricsLogger
 from .optim import build_optimizer
 from .resume import check_resolved_steps, describe_changes, resume_config_changes
 from .run_folder import RUN_MARKER, check_fresh_start, check_overwritable, prepare_run_dir
-from .sampling import CarryingCollate, SeededDataset, StepBatchSampler, ignore_sigint, reraise_carried
+from .sampling import CarryingCollate, SeededDataset, StepBatchSampler, ignore_sigint
 from .schedule import WarmupPolyLR
+from .trainer import SimpleTrainer, TrainingDiverged, TrainingInterrupted, move_to_device
 
 __all__ = ["train", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "setup_runtime", "amp_settings",
            "move_to_device", "primary_metric_name", "RUN_MARKER"]
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training was stopped by SIGINT (Ctrl-C) after ``step``; ``checkpoint`` holds that step
-    (None when no step was completed and no earlier checkpoint exists)."""
-
-    def __init__(self, step: int, checkpoint: Optional[str], run_dir: str):
-        super().__init__(f"interrupted after step {step}")
-        self.step = step
-        self.checkpoint = checkpoint
-        self.run_dir = run_dir
-
-
-class TrainingDiverged(UserError, FloatingPointError):
-    """The training loss became NaN or infinite; the step was not applied and every earlier
-    checkpoint is as it was."""
-
-
-# ----------------------------------------------------------------------------- interruption
-
-class _StopRequest:
-    """While active, the first SIGINT sets ``requested`` (the loop saves and stops after the
-    step in progress); with ``escalate`` a second one raises KeyboardInterrupt at once. Only
-    installed in the main thread, and only over Python's default handler (an ignored SIGINT
-    stays ignored).
-
-    Under torchrun a terminal's Ctrl-C reaches every process and the agent forwards it once
-    more, then kills the processes after its shutdown timeout (30 s by default): there the
-    repeat is not an order to stop at once, and the processes agree on the step to stop at
-    (see the loop), so the checkpoint is written if the step and the save fit in that time."""
-
-    def __init__(self, escalate: bool = True):
-        self.requested = False
-        self.escalate = escalate
-        self._previous = None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            if self.escalate:
-                raise KeyboardInterrupt
-            return
-        self.requested = True
-        print("\ninterrupted: finishing the current step and saving a checkpoint"
-              + (" (Ctrl-C again to stop at once)" if self.escalate else ""), file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-        return False
 
 
 @dataclass
@@ -148,16 +93,6 @@ def amp_settings(cfg: Config, device: torch.device):
     if mode == "bf16":
         return True, torch.bfloat16, False
     return True, torch.float16, True
-
-
-def move_to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    return batch
 
 
 def _resolve_steps(cfg: Config, train_len: int) -> None:
@@ -255,26 +190,34 @@ def train(cfg: Config, resume: Union[None, bool, str] = None, overwrite: bool = 
         changes, saved = ({}, None)
         if resume_from:
             changes, saved = resume_config_changes(cfg, resume_from)
-        return _train(cfg, env, device, run_dir, ckpt_root, resume_from, on_log, t_start,
-                      overwrite=overwrite, changes=changes, saved=saved)
+        trainer = _build_trainer(cfg, env, device, resume_from, on_log, overwrite=overwrite, changes=changes,
+                                 saved=saved)
+        trainer.train()
+        return _result(trainer, t_start)
     finally:
         if env.distributed:
             cleanup_distributed()
 
 
-def _train(cfg, env, device, run_dir, ckpt_root, resume_from, on_log, t_start, overwrite=False,
-           changes=None, saved=None) -> TrainResult:
-    from tqdm.auto import tqdm
 
-    main = env.is_main
-    task = cfg.experiment.task
-    split_batch_size(cfg.solver.batch_size, env.world_size)  # the global batch must divide evenly
 
-    # ---- data
+# ----------------------------------------------------------------------------- set-up
+
+@dataclass
+class _Data:
+    """The training set with its transform and classes (``metadata`` is None for classification),
+    and the evaluation set when training will need it (built early so its errors come first)."""
+    train_set: Any
+    transform: Any
+    metadata: Any
+    num_classes: int
+    eval_set: Any = None
+
+
+def _build_data(cfg: Config, resume_from: Optional[str], saved) -> _Data:
     train_set = build_dataset(cfg, cfg.data.train_split)
-    if task == "classification":
-        metadata = None
-        num_classes = len(train_set.classes)
+    if cfg.experiment.task == "classification":
+        metadata, num_classes = None, len(train_set.classes)
         transform = _ClassificationSample(build_train_transform(cfg))
     else:
         metadata = dataset_metadata(train_set)
@@ -283,267 +226,184 @@ def _train(cfg, env, device, run_dir, ckpt_root, resume_from, on_log, t_start, o
     _resolve_steps(cfg, len(train_set))
     if resume_from:
         check_resolved_steps(cfg, saved, resume_from)
-    max_steps = cfg.solver.max_steps
-    eval_state: Dict[str, Any] = {}
-    if cfg.train.eval_at_end or (cfg.train.eval_every and cfg.train.eval_every <= max_steps):
-        eval_state["dataset"] = build_dataset(cfg, cfg.data.eval_split)  # its errors come before any deletion
+    data = _Data(train_set, transform, metadata, num_classes)
+    if cfg.train.eval_at_end or (cfg.train.eval_every and cfg.train.eval_every <= cfg.solver.max_steps):
+        data.eval_set = build_dataset(cfg, cfg.data.eval_split)  # its errors come before any deletion
+    return data
 
-    # ---- model, optimizer, schedule
+
+def _build_seeded_model(cfg: Config, data: _Data, resume_from: Optional[str]):
     _seed_everything(cfg.experiment.seed)
     build_cfg = cfg
     if resume_from and cfg.model.pretrained:
         build_cfg = copy.deepcopy(cfg)
         build_cfg.model.pretrained = None  # the checkpoint holds every weight
-    model = build_model(build_cfg, metadata, num_classes)
+    return build_model(build_cfg, data.metadata, data.num_classes)
 
-    # ---- every check has passed: only now is the run folder emptied (overwrite) or created
-    if main:
-        prepare_run_dir(run_dir, ckpt_root, overwrite)
-    barrier()
 
-    start_step, best_metric = 0, None
-    state = None
-    history: List[Dict[str, Any]] = []
-    if resume_from:
-        ckpt.load_model_weights(model, resume_from)
-        state = ckpt.load_training_state(resume_from)
-        start_step = int(state["step"])
-        best_metric = (state.get("extra") or {}).get("best_metric")
-        try:
-            history = list(ckpt.read_checkpoint_info(resume_from).get("resumed_with_changes") or [])
-        except (OSError, ValueError, UserError):  # a damaged info.json only loses the record of changes
-            history = []
-        if changes:
-            history.append({"step": start_step, "from": resume_from, "changes": changes})
-            if main:
-                print(f"resuming with changed settings: {describe_changes(changes)}", flush=True)
-    model.to(device)
-    if env.distributed and cfg.model.sync_bn:
-        model = convert_sync_batchnorm(model, device)
-    bare_model = model
-    optimizer = build_optimizer(bare_model, cfg.solver)
-    scheduler = WarmupPolyLR(optimizer, max_steps=max_steps, warmup_steps=cfg.solver.warmup_steps,
-                             warmup_start_factor=cfg.solver.warmup_start_factor, power=cfg.solver.poly_power,
-                             kind=cfg.solver.schedule, end_lr=cfg.solver.end_lr)
+@dataclass
+class _StartPoint:
+    """Where training starts: step 0, or a checkpoint's step with its training state, its best
+    metric and the record of the settings each resume changed (kept in every checkpoint)."""
+    step: int = 0
+    best_metric: Optional[float] = None
+    state: Optional[Dict[str, Any]] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def _load_start_point(model, resume_from: Optional[str], changes, main: bool) -> _StartPoint:
+    if not resume_from:
+        return _StartPoint()
+    ckpt.load_model_weights(model, resume_from)
+    state = ckpt.load_training_state(resume_from)
+    point = _StartPoint(int(state["step"]), (state.get("extra") or {}).get("best_metric"), state)
+    try:
+        point.history = list(ckpt.read_checkpoint_info(resume_from).get("resumed_with_changes") or [])
+    except (OSError, ValueError, UserError):  # a damaged info.json only loses the record of changes
+        point.history = []
+    if changes:
+        point.history.append({"step": point.step, "from": resume_from, "changes": changes})
+        if main:
+            print(f"resuming with changed settings: {describe_changes(changes)}", flush=True)
+    return point
+
+
+@dataclass
+class _Solver:
+    optimizer: Any
+    scheduler: Any
+    scaler: Any  # a GradScaler for fp16, else None
+    autocast: Any  # the context the forward pass runs in
+
+
+def _build_solver(cfg: Config, model, device: torch.device) -> _Solver:
+    s = cfg.solver
+    optimizer = build_optimizer(model, s)
+    scheduler = WarmupPolyLR(optimizer, max_steps=s.max_steps, warmup_steps=s.warmup_steps,
+                             warmup_start_factor=s.warmup_start_factor, power=s.poly_power, kind=s.schedule,
+                             end_lr=s.end_lr)
     amp_on, amp_dtype, use_scaler = amp_settings(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    if state is not None:
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng_state(state["rng"])
-    model = compile_model(wrap_ddp(model, device), cfg, dynamic=False)  # one crop size
-    loss_fn = build_loss(cfg, metadata)
+    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_on else contextlib.nullcontext()
+    return _Solver(optimizer, scheduler, scaler, autocast)
 
-    config_text = dump_config(cfg)
-    info: Dict[str, Any] = {"task": task, "model": cfg.model.name}
-    if metadata is not None:
-        info["metadata"] = metadata.to_dict()
+
+def _restore_solver(solver: _Solver, state: Dict[str, Any]) -> None:
+    """The solver's states, then the RNG states: nothing may draw random numbers between this and
+    the first step, so that step draws what the interrupted run's would have."""
+    if "optimizer" in state:
+        solver.optimizer.load_state_dict(state["optimizer"])
+    if "scheduler" in state:
+        solver.scheduler.load_state_dict(state["scheduler"])
+    if solver.scaler is not None and "scaler" in state:
+        solver.scaler.load_state_dict(state["scaler"])
+    ckpt.restore_rng_state(state["rng"])
+
+
+def _run_info(cfg: Config, data: _Data, history) -> Dict[str, Any]:
+    """What every checkpoint's info.json says about the run."""
+    info: Dict[str, Any] = {"task": cfg.experiment.task, "model": cfg.model.name}
+    if data.metadata is not None:
+        info["metadata"] = data.metadata.to_dict()
     else:
-        info["classes"] = list(train_set.classes)
+        info["classes"] = list(data.train_set.classes)
     if history:
         info["resumed_with_changes"] = history  # what a resume changed, and at which step
+    return info
 
-    logger = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.train.tensorboard)
-    if main:
-        atomic_write_text(os.path.join(run_dir, "config.yaml"), config_text)
-        # rows after the checkpoint belong to steps about to be redone; a fresh start keeps none
-        logger.truncate_after(start_step)
 
-    sampler = StepBatchSampler(len(train_set), cfg.solver.batch_size, max_steps, seed=cfg.experiment.seed,
-                               start_step=start_step, rank=env.rank, world_size=env.world_size)
-    loader = DataLoader(SeededDataset(train_set, transform, carry_errors=True), batch_sampler=sampler,
-                        num_workers=cfg.data.num_workers, collate_fn=CarryingCollate(_collate_fn(cfg)),
-                        pin_memory=device.type == "cuda", generator=torch.Generator(),
-                        persistent_workers=False, worker_init_fn=ignore_sigint)
+def _build_loader(cfg: Config, data: _Data, start_step: int, env, device: torch.device) -> DataLoader:
+    sampler = StepBatchSampler(len(data.train_set), cfg.solver.batch_size, cfg.solver.max_steps,
+                               seed=cfg.experiment.seed, start_step=start_step, rank=env.rank,
+                               world_size=env.world_size)
+    return DataLoader(SeededDataset(data.train_set, data.transform, carry_errors=True), batch_sampler=sampler,
+                      num_workers=cfg.data.num_workers, collate_fn=CarryingCollate(_collate_fn(cfg)),
+                      pin_memory=device.type == "cuda", generator=torch.Generator(),
+                      persistent_workers=False, worker_init_fn=ignore_sigint)
 
-    def run_eval(step: int) -> Dict[str, Any]:
+
+def _make_evaluate(cfg: Config, data: _Data, model, device: torch.device, main: bool) -> Callable[[int], Dict]:
+    """Evaluation of the bare model on the evaluation split; the model is back in train mode after."""
+
+    def evaluate(step: int) -> Dict[str, Any]:
         from .evaluate import evaluate_model
 
-        if "dataset" not in eval_state:
-            eval_state["dataset"] = build_dataset(cfg, cfg.data.eval_split)
+        if data.eval_set is None:
+            data.eval_set = build_dataset(cfg, cfg.data.eval_split)
         bare = ckpt.unwrap_model(model)
         bare.eval()
         try:
-            metrics = evaluate_model(bare, eval_state["dataset"], cfg, device, metadata=metadata,
-                                     progress=cfg.train.progress and main, desc=f"eval@{step}")
+            return evaluate_model(bare, data.eval_set, cfg, device, metadata=data.metadata,
+                                  progress=cfg.train.progress and main, desc=f"eval@{step}")
         finally:
             bare.train()
-        return metrics
 
-    def save(step: int, name: Optional[str] = None, weights_only: bool = False, extra_info=None) -> Optional[str]:
-        if not main:
-            return None
-        path = os.path.join(ckpt_root, name or f"step-{step:06d}")
-        meta = dict(info)
-        meta.update(extra_info or {})
-        if weights_only:
-            out = ckpt.save_checkpoint(path, model, step=step, config_text=config_text, info=meta,
-                                       extra_state={"best_metric": best_metric})
-        else:
-            out = ckpt.save_checkpoint(path, model, optimizer, scheduler, scaler, step=step,
-                                       extra_state={"best_metric": best_metric}, config_text=config_text, info=meta)
-            ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
-        return out
+    return evaluate
 
-    metric_name = primary_metric_name(cfg)
-    step = start_step
-    last_ckpt = resume_from
-    saved_step = start_step if resume_from else None  # the step the newest step checkpoint holds
-    best_ckpt = os.path.join(ckpt_root, "best") if best_metric is not None else None
-    final_metrics: Dict[str, Any] = {}
-    sums: Dict[str, float] = {}
-    n_sum = 0
-    t_interval = time.time()
-    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_on
-                else contextlib.nullcontext())
 
+def _hooks(cfg: Config, trainer: SimpleTrainer, data: _Data, logger: MetricsLogger, on_log, main: bool):
+    """The periodic actions, in the order they run after a step."""
+    t = cfg.train
+    progress = ProgressBar(enabled=main and t.progress)
+    images = None
+    if main and logger.tensorboard_enabled and cfg.experiment.task == "panoptic":
+        images = TrainingImages(logger, t.image_every, data.metadata, cfg)
+    evaluate = _make_evaluate(cfg, data, trainer.model, trainer.device, main)
+    curves = f"{cfg.experiment.name} ({cfg.model.name})" if main and t.plot_curves else None
+    return [progress,
+            LossLogger(logger, progress, t.log_every, cfg.solver.batch_size, on_log),
+            images,
+            PeriodicEval(evaluate, t.eval_every, t.eval_at_end, primary_metric_name(cfg), logger, trainer.checkpointer,
+                         progress, main),
+            PeriodicCheckpoint(trainer.checkpointer, t.checkpoint_every),
+            MetricFiles(logger, cfg.output_dir, curves)]
+
+
+def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional[str], on_log, overwrite=False,
+                   changes=None, saved=None) -> SimpleTrainer:
+    """Everything is checked and built before the run folder is touched; the order of the steps
+    that draw random numbers is what makes a resume exact."""
+    main = env.is_main
+    run_dir = cfg.output_dir
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    split_batch_size(cfg.solver.batch_size, env.world_size)  # the global batch must divide evenly
+    data = _build_data(cfg, resume_from, saved)
+    model = _build_seeded_model(cfg, data, resume_from)
+    if main:  # every check has passed: only now is the run folder emptied (overwrite) or created
+        prepare_run_dir(run_dir, ckpt_root, overwrite)
+    barrier()
+    start = _load_start_point(model, resume_from, changes, main)
+    model.to(device)
+    if env.distributed and cfg.model.sync_bn:
+        model = convert_sync_batchnorm(model, device)
+    solver = _build_solver(cfg, model, device)
+    if start.state is not None:
+        _restore_solver(solver, start.state)
+    model = compile_model(wrap_ddp(model, device), cfg, dynamic=False)  # one crop size
+    loss_fn = build_loss(cfg, data.metadata)
+    config_text = dump_config(cfg)
+    logger = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.train.tensorboard)
+    if main:
+        atomic_write_text(os.path.join(run_dir, "config.yaml"), config_text)
+        logger.truncate_after(start.step)  # later rows are of steps about to be redone; a fresh start keeps none
+    checkpointer = RunCheckpointer(ckpt_root, model, solver.optimizer, solver.scheduler, solver.scaler, config_text,
+                                   _run_info(cfg, data, start.history), cfg.train.keep_checkpoints, main,
+                                   resume_from=resume_from, start_step=start.step, best_metric=start.best_metric)
+    trainer = SimpleTrainer(model, lambda batch: _compute_losses(cfg, model, loss_fn, batch, solver.autocast),
+                            solver.optimizer, solver.scheduler, solver.scaler, device, cfg.solver.grad_clip_norm,
+                            loader=_build_loader(cfg, data, start.step, env, device), start_step=start.step,
+                            max_steps=cfg.solver.max_steps, checkpointer=checkpointer, run_dir=run_dir,
+                            distributed=env.distributed)
+    trainer.register_hooks(_hooks(cfg, trainer, data, logger, on_log, main))
     if main and resume_from:
-        print(f"resuming from {resume_from} at step {start_step}", flush=True)
-    pbar = tqdm(total=max_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
-                disable=not (main and cfg.train.progress), smoothing=0.1)
+        print(f"resuming from {resume_from} at step {start.step}", flush=True)
     model.train()
-    interrupted = False
-    stop = _StopRequest(escalate=not env.distributed)
-    try:
-        with stop:
-            for batch in loader:
-                reraise_carried(batch)  # a bad file met by a worker: the error the main process would raise
-                batch = move_to_device(batch, device)
-                losses = _compute_losses(cfg, model, loss_fn, batch, autocast)
-                total = losses["total"]
-                bad_here = not bool(torch.isfinite(total.detach()))
-                bad = bad_here
-                if env.distributed:  # every process stops (diverged or interrupted) at the same step
-                    flags = all_reduce_tensor(torch.tensor([float(bad_here), float(stop.requested)],
-                                                           device=device))
-                    bad = bool(flags[0] > 0)
-                    if bool(flags[1] > 0) and not bad:
-                        interrupted = True
-                        break
-                if bad:
-                    value = f"{total.item()}" if bad_here else "non-finite on another process"
-                    kept = (f"the last checkpoint, {last_ckpt}, is intact" if last_ckpt
-                            else "no checkpoint had been written yet")
-                    raise TrainingDiverged(
-                        f"training diverged: the loss became {value} at step {step + 1} (not applied); lower "
-                        f"solver.lr, set solver.grad_clip_norm, or check the data; {kept}")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(total).backward()
-                    if cfg.solver.grad_clip_norm:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.grad_clip_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    total.backward()
-                    if cfg.solver.grad_clip_norm:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.grad_clip_norm)
-                    optimizer.step()
-                lr_now = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                step += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                n_sum += 1
-                pbar.update(1)
-
-                if step % cfg.train.log_every == 0 or step == max_steps:
-                    keys = sorted(sums)
-                    vec = torch.tensor([sums[k] / n_sum for k in keys], dtype=torch.float64)
-                    vec = all_reduce_tensor(vec, average=True)
-                    values = {("loss" if k == "total" else k): float(v) for k, v in zip(keys, vec.tolist())}
-                    elapsed = time.time() - t_interval
-                    values["lr"] = lr_now
-                    values["sec_per_step"] = elapsed / n_sum
-                    values["images_per_sec"] = cfg.solver.batch_size * n_sum / max(elapsed, 1e-9)
-                    logger.log("train", step, values)
-                    pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr_now:.2e}", refresh=False)
-                    if on_log is not None:
-                        on_log(step, values)
-                    sums, n_sum = {}, 0
-                    t_interval = time.time()
-
-                if main and logger.tensorboard_enabled and task == "panoptic" and cfg.train.image_every and \
-                        step % cfg.train.image_every == 0:
-                    _log_training_panel(logger, step, model, batch, metadata, cfg)
-
-                is_last = step == max_steps
-                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or (is_last and cfg.train.eval_at_end):
-                    metrics = run_eval(step)
-                    final_metrics = metrics
-                    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                    logger.log("eval", step, scalars)
-                    value = metrics.get(metric_name)
-                    if value is not None and (best_metric is None or value > best_metric):
-                        best_metric = float(value)
-                        best_ckpt = save(step, "best", weights_only=True, extra_info={"metrics": scalars})
-                    barrier()
-                    if main:
-                        pbar.write(f"step {step}: " + ", ".join(f"{k} {scalars[k]:.2f}" for k in
-                                                                _summary_keys(scalars)))
-                if step % cfg.train.checkpoint_every == 0 or is_last:
-                    last_ckpt = save(step) or last_ckpt
-                    saved_step = step
-                    barrier()
-                if is_last:
-                    break
-                if stop.requested and not env.distributed:
-                    interrupted = True
-                    break
-            if interrupted:
-                # the state is that of the last completed step: keep it, then stop
-                if step != saved_step and step > 0:
-                    last_ckpt = save(step) or last_ckpt
-                    barrier()
-                raise TrainingInterrupted(step, last_ckpt, run_dir)
-    except BaseException:
-        logger.close()
-        raise
-    finally:
-        pbar.close()
-        logger.flush()
-
-    if main and cfg.train.plot_curves:
-        from .visualize import plot_training_curves
-
-        try:
-            plot_training_curves(read_metrics(run_dir), os.path.join(run_dir, "training_curves.png"),
-                                 title=f"{cfg.experiment.name} ({cfg.model.name})")
-        except Exception as e:  # a plot must never lose a finished run
-            print(f"warning: could not draw the training curves: {e}", flush=True)
-    logger.close()
-    return TrainResult(run_dir=run_dir, step=step, last_checkpoint=last_ckpt, best_checkpoint=best_ckpt,
-                       best_metric=best_metric, final_metrics=final_metrics, seconds=time.time() - t_start,
-                       model=ckpt.unwrap_model(model))
+    return trainer
 
 
-def _summary_keys(scalars: Dict[str, float]):
-    return [k for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "AP", "top1", "top5") if k in scalars]
-
-
-@torch.no_grad()
-def _log_training_panel(logger, step, model, batch, metadata, cfg) -> None:
-    """Input / prediction / ground truth of the batch's first image, to TensorBoard."""
-    from .evaluate import postprocess_outputs
-    from .visualize import make_panel, overlay_panoptic, panoptic_from_labels
-
-    bare = ckpt.unwrap_model(model)
-    was_training = bare.training
-    bare.eval()
-    try:
-        image = batch["image"][:1]
-        raw = bare.predict_raw(image)
-        pan = postprocess_outputs(raw, metadata, cfg)[0]
-    finally:
-        bare.train(was_training)
-    pal = metadata.palette()
-    gt = panoptic_from_labels(batch["semantic"][0], batch["instance"][0], metadata.label_divisor,
-                              metadata.ignore_label)
-    panel = make_panel([image[0], overlay_panoptic(image[0], pan, pal, metadata.label_divisor, metadata.thing_ids),
-                        overlay_panoptic(image[0], gt, pal, metadata.label_divisor, metadata.thing_ids)])
-    logger.log_image("train/input_prediction_groundtruth", step, panel)
+def _result(trainer: SimpleTrainer, t_start: float) -> TrainResult:
+    ck = trainer.checkpointer
+    final = next((h.final_metrics for h in trainer.hooks if isinstance(h, PeriodicEval)), {})
+    return TrainResult(run_dir=trainer.run_dir, step=trainer.step, last_checkpoint=ck.last,
+                       best_checkpoint=ck.best_path, best_metric=ck.best_metric, final_metrics=final,
+                       seconds=time.time() - t_start, model=ckpt.unwrap_model(trainer.model))
