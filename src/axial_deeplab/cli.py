@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "pq",
     "benchmark",
     "export",
+    "convert",
 ]
 
 
