@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from axial_deeplab.commands.benchmark import (
+from axial_deeplab.benchmark import (
     LAYER_SHAPES, add_script_arguments, apply_script_threads, bench_layers, report_script_rows)
 
 

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from axial_deeplab.commands.benchmark import (
+from axial_deeplab.benchmark import (
     add_script_arguments, apply_script_threads, bench_models, report_script_rows)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 6, for a machine with a CUDA GPU where PyTorch and Triton are already
-# installed (no install step: the package is used from src/). From the repository root:
-#     bash benchmarks/gpu_check.sh [tests] [bench] [bench-fp32] [sweep]   # default: tests bench
+# The checks that need a GPU: the Triton kernels against the reference, and their speed against
+# cuDNN's 3x3 conv and the copy bandwidth. For a machine with a CUDA GPU where PyTorch and Triton are
+# already installed (no install step: the package is used from src/). From the repository root:
+#     bash benchmarks/gpu_check.sh [tests] [bench] [bench-fp32] [models] [sweep]   # default: tests bench
 # Figures go to $OUT if set, else the current directory.
 #   tests:      the CUDA tests: Triton forward+backward against the reference on the GPU (TF32 off and
 #               on, the autotuned launch), CUDA post-processing;

@@ -134,7 +134,7 @@ def test_running_stats_accumulate_over_steps():
 def test_memory_efficient_training_keeps_no_attention_tensors():
     # Peak memory of a training step (height + width pair) against the reference's:
     # the custom backward recomputes the L x L tensors chunk by chunk.
-    from axial_deeplab.commands.benchmark import layer_pair, peak_memory_bytes, set_attention_impl
+    from axial_deeplab.benchmark import layer_pair, peak_memory_bytes, set_attention_impl
 
     torch.manual_seed(0)
     pair = layer_pair(32, max_relative_distance=40)

@@ -1,12 +1,13 @@
-"""The benchmark suite's building blocks on tiny inputs, and its command-line checks."""
+"""The benchmark harness and suites on tiny inputs, and the command's checks."""
 from __future__ import annotations
 
 import json
 
 import torch
 
+from axial_deeplab import benchmark as bench
 from axial_deeplab.cli import main
-from axial_deeplab.commands import benchmark as bench
+from axial_deeplab.fileio import atomic_write_json
 
 
 def test_layer_rows_compare_every_impl_with_conv_and_reference():
@@ -41,7 +42,7 @@ def test_interleaved_timing_runs_in_turns_and_reports_failures():
     assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
     assert [len(timed[n][2]) for n in ("a", "b")] == [3, 3] and timed["a"][0] >= 0
     assert isinstance(timed["c"], MemoryError)
-    row = bench._measure("g", "case", "eval", "c", step("c"), 3, torch.device("cpu"), timed=timed["c"])
+    row = bench.measure("g", "case", "eval", "c", step("c"), 3, torch.device("cpu"), timed=timed["c"])
     assert row.median_ms is None and "MemoryError: planted" in row.note
 
 
@@ -66,7 +67,7 @@ def test_set_attention_impl_reaches_every_layer():
 
 def test_json_is_written_atomically(tmp_path):
     path = tmp_path / "sub" / "out.json"
-    bench.atomic_write_json(str(path), {"a": 1})
+    atomic_write_json(str(path), {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in path.parent.iterdir()] == ["out.json"]
 
@@ -198,3 +199,23 @@ def test_max_rel_diff_compares_every_output():
     assert bench.max_rel_diff([a, a], (a, a)) == 0.0
     assert abs(bench.max_rel_diff([a, a * 1.5], [a, a]) - 0.5) < 1e-7
     assert bench.max_rel_diff([a], [torch.ones(3, 2)]) == float("inf")
+
+
+def test_the_command_runs_the_registered_suites_in_order():
+    from axial_deeplab.commands import benchmark as command
+
+    assert command.SECTIONS == ("layers", "core", "models", "postprocess", "deploy")
+    assert command.DEFAULT_SECTIONS == ("layers", "core", "models", "postprocess")  # deploy only when asked
+
+
+def test_a_suite_with_its_own_table_prints_it_after_the_common_table(capsys):
+    from axial_deeplab.commands import benchmark as command
+
+    common = bench.Suite("a", run=lambda s: [])
+    own = bench.Suite("b", run=lambda s: [], table=lambda rows: f"TABLE {len(rows)}", footnote="by {clock}")
+    rows_a = [bench.Result("layer pair", "1x16x6x5", "eval", "fast", median_ms=1.5, runs=1)]
+    rows_b = [bench.Result("deploy", "m", "eval", "eager", median_ms=2.0, runs=1)]
+    command._print_tables([(common, rows_a), (own, rows_b)], clock="cpu")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("group") and "1x16x6x5" in out[2] and "deploy" not in "".join(out[:3])
+    assert out[3:] == ["TABLE 1", "by cpu"]

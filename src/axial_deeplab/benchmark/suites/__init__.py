@@ -1,0 +1,11 @@
+"""The suites, in the order the command runs and reports them."""
+from __future__ import annotations
+
+from typing import List
+
+from . import core, deploy, layers, models, postprocess
+from .base import Settings, Suite
+
+SUITES: List[Suite] = [layers.SUITE, core.SUITE, models.SUITE, postprocess.SUITE, deploy.SUITE]
+
+__all__ = ["SUITES", "Settings", "Suite"]
