@@ -16,7 +16,7 @@ import json
 import torch
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention
-from axial_deeplab.layers import triton_kernels as TK
+from axial_deeplab.layers import triton_launch as TK
 
 
 def main(argv=None) -> int:
@@ -43,18 +43,15 @@ def main(argv=None) -> int:
             scales = torch.rand(3, layer.num_heads, device="cuda", generator=gen) + 0.5
             g = torch.randn(nh, layer.value_depth, length, device="cuda", generator=gen)
             for config in TK.CONFIGS:
-                TK.BLOCK_SIZES = config
                 try:
-                    sv, sve, lse = TK.attend_triton(layer, qkv, scales, return_lse=True)
-                    fwd = triton.testing.do_bench(lambda: TK.attend_triton(layer, qkv, scales))
+                    sv, sve, lse = TK.attend_triton(layer, qkv, scales, return_lse=True, blocks=config)
+                    fwd = triton.testing.do_bench(lambda: TK.attend_triton(layer, qkv, scales, blocks=config))
                     bwd = triton.testing.do_bench(lambda: TK.attention_backward_triton(
-                        layer, 1, qkv, scales, sv, sve, lse, g, g))
+                        layer, 1, qkv, scales, sv, sve, lse, g, g, blocks=config))
                     note = ""
                 except Exception as e:  # a config that does not fit this GPU: report, go on
                     fwd = bwd = None
                     note = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
-                finally:
-                    TK.BLOCK_SIZES = None
                 tile = "q{}k{} w{} s{}".format(*config)
                 print(f"{axis:6s} {span:6s} {tile:16s} {fwd if fwd is None else f'{fwd:10.3f}':>10} "
                       f"{bwd if bwd is None else f'{bwd:11.3f}':>11} {note}", flush=True)

@@ -300,6 +300,7 @@ def test_info_attention_names_the_path_of_each_layer_configuration(capsys):
     assert cli_main(["info", "--attention", "axial_resnet_s", "--input", "3x64x64", "--train"]) == 0
     out = capsys.readouterr().out
     assert "training step on cpu:" in out and "distinct attention layer configuration(s), 32 layers" in out
-    assert "[1] layer1.0.attn_h and 2 more like it" in out
+    # deeplab2's arrangement strides the first block of every stage, so layer1.0 stands alone
+    assert "[1] layer1.0.attn_h\n" in out and "[3] layer1.1.attn_h and 1 more like it" in out
     assert out.count("selected: memory_efficient (route rows_op") == out.count("\n[")
     assert "route eval_op   refused: gradients are enabled" in out

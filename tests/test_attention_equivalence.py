@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, available_attention_impls
-from axial_deeplab.layers import cpu_kernel, fast_cpu
+from axial_deeplab.layers import chunked, cpu_kernel
 from attention_testing import assert_equal_runs, forward_backward, randomize_batch_norms
 
 FAST_IMPLS = [n for n in available_attention_impls() if n != "reference" and not n.startswith("triton")]
@@ -63,7 +63,7 @@ def chunk_budget(request, monkeypatch):
         monkeypatch.setattr(cpu_kernel, "ENABLED", False)
         monkeypatch.setattr(cpu_kernel, "_state", {"lib": None, "tried": False, "pools": {}})
     if request.param == "torch-tiny-chunks":
-        monkeypatch.setattr(fast_cpu, "CHUNK_ELEMENTS", 7)
+        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 7)
     return request.param
 
 

@@ -47,9 +47,9 @@ def test_opcheck_attention_rows_backward():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_attention_eval(dtype):
     layer = _layer("width", span=3).to(dtype).eval()
-    from axial_deeplab.layers import cpu_kernel
+    from axial_deeplab.layers.geometry import folded_projection
 
-    w, shift, alpha_r, beta, sim = cpu_kernel._folded_projection(layer)
+    w, shift, alpha_r, beta, sim = folded_projection(layer)
     x = torch.randn(2, 16, 5, 6, dtype=dtype)
     args = (x, w.detach(), shift.detach(), sim.detach(), layer.query_table.detach(), layer.key_table.detach(),
             layer.value_table.detach(), alpha_r.detach(), beta.detach(), 2, 4, 8, 1, 1, True, False, 2)

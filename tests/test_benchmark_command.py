@@ -204,8 +204,9 @@ def test_max_rel_diff_compares_every_output():
 def test_the_command_runs_the_registered_suites_in_order():
     from axial_deeplab.commands import benchmark as command
 
-    assert command.SECTIONS == ("layers", "core", "models", "postprocess", "deploy")
-    assert command.DEFAULT_SECTIONS == ("layers", "core", "models", "postprocess")  # deploy only when asked
+    assert command.SECTIONS == ("layers", "core", "models", "whole_models", "postprocess", "deploy")
+    # the whole-model comparison and deploy only when asked
+    assert command.DEFAULT_SECTIONS == ("layers", "core", "models", "postprocess")
 
 
 def test_a_suite_with_its_own_table_prints_it_after_the_common_table(capsys):
@@ -219,3 +220,43 @@ def test_a_suite_with_its_own_table_prints_it_after_the_common_table(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("group") and "1x16x6x5" in out[2] and "deploy" not in "".join(out[:3])
     assert out[3:] == ["TABLE 1", "by cpu"]
+
+
+def test_whole_model_suite_compares_each_model_with_its_conv_model_at_1_and_2_threads(tmp_path, capsys):
+    # --quick: the real models at tiny inputs (a check of the rows, not of the figures)
+    out = tmp_path / "whole.json"
+    assert main(["benchmark", "--quick", "--only", "whole_models", "--repeats", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    timed = [r for r in rows if r["group"] == "whole model"]
+    pairs = {"axial_resnet_s": "resnet50", "axial_deeplab_s": "panoptic_deeplab_r50"}
+    from axial_deeplab.benchmark.suites.whole_models import QUICK_CASES
+
+    # every case at 1 and at 2 threads, the axial model then its conv model
+    expected = [(f"{b}x{c}x{h}x{w}", mode, name, t) for axial, conv, mode, (b, c, h, w) in QUICK_CASES
+                for t in (1, 2) for name in (axial, conv)]
+    assert [(r["case"], r["mode"], r["impl"], r["threads"]) for r in timed] == expected
+    by_key = {(r["case"], r["mode"], r["impl"], r["threads"]): r for r in timed}
+    for r in timed:
+        assert r["median_ms"] > 0 and r["runs"] == 1 and r["note"] == ""
+        conv = by_key[(r["case"], r["mode"], pairs.get(r["impl"], r["impl"]), r["threads"])]
+        assert abs(r["vs_conv"] - r["median_ms"] / conv["median_ms"]) < 1e-9
+        # peak memory once per case, at the first thread count
+        assert (r["peak_mib"] is not None) == (r["threads"] == 1)
+        if r["threads"] == 1:
+            assert abs(r["peak_vs_conv"] - r["peak_mib"] / conv["peak_mib"]) < 1e-9
+    # the training activation memory at 1025x2049, from the two panoptic training sizes
+    estimates = {r["impl"]: r for r in rows if r["group"] == "memory estimate"}
+    assert set(estimates) <= {"axial_deeplab_s", "panoptic_deeplab_r50"}
+    for r in estimates.values():
+        assert r["case"] == "1x3x1025x2049" and r["peak_mib"] > 0 and "batch per 80 GB GPU" in r["note"]
+    # the table's columns and the scaling table's rows
+    lines = printed.splitlines()
+    head = next(line for line in lines if line.startswith("group") and "threads" in line)
+    assert head.split()[:10] == ["group", "case", "mode", "impl", "threads", "median", "ms", "cpu", "ms", "x"]
+    assert "peak MiB" in head and "mem x cv" in head
+    start = lines.index("thread scaling")
+    assert lines[start + 1].split()[:5] == ["case", "mode", "model", "ms", "1T"] and "speedup" in lines[start + 1]
+    scaling = lines[start + 3:start + 3 + len(expected) // 2]
+    assert [tuple(line.split()[:3]) for line in scaling] == [(case, mode, name) for case, mode, name, t in expected
+                                                            if t == 1]

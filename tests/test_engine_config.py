@@ -88,7 +88,8 @@ def test_cityscapes_recipe(size):
     assert (cfg.data.min_scale, cfg.data.max_scale) == (0.5, 2.0)
     assert cfg.solver.schedule == "poly" and cfg.solver.poly_power == 0.9
     assert cfg.solver.optimizer == "radam_lookahead" and cfg.solver.lr == 1e-3 and cfg.solver.warmup_steps > 0
-    assert cfg.model.kwargs["span"] == 65 and cfg.model.kwargs["drop_path_rate"] == pytest.approx(0.2)
+    assert cfg.model.kwargs["span"] == 65 and cfg.model.kwargs["drop_path_rate"] == 0.0
+    assert (cfg.model.kwargs["bn_eps"], cfg.model.kwargs["bn_momentum"]) == (1e-3, 0.01)
     assert cfg.loss.semantic_top_k == 0.2 and cfg.loss.center_weight == 200 and cfg.loss.offset_weight == 0.01
     assert cfg.eval.stuff_area == 2048 and cfg.model.sync_bn
 
@@ -97,8 +98,8 @@ def test_cityscapes_recipe(size):
 def test_coco_recipe(size):
     cfg = _cfg(f"coco_axial_deeplab_{size}.yaml")
     assert cfg.model.name == f"axial_deeplab_{size}" and cfg.data.dataset == "coco"
-    assert cfg.data.crop_size == [641, 641] and cfg.solver.batch_size == 64 and cfg.solver.max_steps == 200000
-    assert cfg.solver.lr == 5e-4 and cfg.solver.warmup_steps == 2000
+    assert cfg.data.crop_size == [1025, 1025] and cfg.solver.batch_size == 64 and cfg.solver.max_steps == 200000
+    assert cfg.solver.optimizer == "radam_lookahead" and cfg.solver.lr == 1e-3 and cfg.solver.warmup_steps == 2000
     assert (cfg.data.min_scale, cfg.data.max_scale) == (0.5, 1.5)
     assert cfg.loss.semantic_top_k == 1.0 and cfg.eval.nms_kernel == 41 and cfg.eval.stuff_area == 4096
 

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, fast_cpu, memory_efficient, ops
+from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, memory_efficient, ops, similarity_stats
 from attention_testing import close_scaled, randomize_batch_norms, train_step
 
 pytestmark = pytest.mark.skipif(
@@ -145,7 +145,7 @@ def test_row_moments_and_their_gradients_equal_the_general_closed_form():
     y = torch.randn(nseq * length, c2, generator=torch.Generator().manual_seed(6), requires_grad=True)
     w_sums, w_sq = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
-    sums, sumsq, count = fast_cpu.similarity_moments_rows(layer, y, nseq, length)
+    sums, sumsq, count = similarity_stats.similarity_moments_rows(layer, y, nseq, length)
     ((sums * w_sums).sum() + (sumsq * w_sq).sum()).backward()
     got = (sums.detach(), sumsq.detach(), y.grad, layer.query_table.grad, layer.key_table.grad)
 
@@ -154,7 +154,7 @@ def test_row_moments_and_their_gradients_equal_the_general_closed_form():
     y_ref = y.detach().clone().requires_grad_(True)
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     qkv4 = y_ref.view(nseq, length, heads, 2 * dk + dv).permute(0, 2, 3, 1)
-    sums_r, sumsq_r, count_r = fast_cpu.similarity_moments(ref_layer, qkv4[:, :, :dk], qkv4[:, :, dk:2 * dk])
+    sums_r, sumsq_r, count_r = similarity_stats.similarity_moments(ref_layer, qkv4[:, :, :dk], qkv4[:, :, dk:2 * dk])
     ((sums_r * w_sums).sum() + (sumsq_r * w_sq).sum()).backward()
     want = (sums_r.detach(), sumsq_r.detach(), y_ref.grad, ref_layer.query_table.grad, ref_layer.key_table.grad)
 

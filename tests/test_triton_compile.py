@@ -6,11 +6,17 @@ would otherwise first fail in a GPU session. (Speed needs the GPU; the registers
 spills printed by benchmarks/triton_compile_report.py are the hint available here.)"""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 pytest.importorskip("triton", reason="the optional package triton is not installed (pip install triton)")
 
-from axial_deeplab.layers import triton_kernels as TK  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from triton_compile_report import compile_for_gpu  # noqa: E402  (offline tooling, not in the package)
+
+from axial_deeplab.layers.triton_launch import CONFIGS  # noqa: E402
 
 HOPPER_MAX_SHARED = 227 * 1024  # dynamic shared memory one block may use on sm_90
 MAX_REGISTERS = 255
@@ -26,19 +32,19 @@ def check_usage(usage, what):
     assert usage["shared_bytes"] <= HOPPER_MAX_SHARED, (what, usage)
 
 
-@pytest.mark.parametrize("config", TK.CONFIGS, ids=lambda c: "q{}-k{}-w{}-s{}".format(*c))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "q{}-k{}-w{}-s{}".format(*c))
 def test_forward_compiles_for_hopper_in_every_tuned_config(config):
     block_q, block_k, warps, stages = config
-    usage = TK.compile_for_gpu("forward", block_q=block_q, block_k=block_k, num_warps=warps,
+    usage = compile_for_gpu("forward", block_q=block_q, block_k=block_k, num_warps=warps,
                                num_stages=stages, precision="tf32")
     check_usage(usage, config)
 
 
-@pytest.mark.parametrize("config", [TK.CONFIGS[0], TK.CONFIGS[5], TK.CONFIGS[-1]],
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[5], CONFIGS[-1]],
                          ids=lambda c: "q{}-k{}-w{}-s{}".format(*c))
 def test_backward_compiles_for_hopper(config):
     block_q, block_k, warps, stages = config
-    usage = TK.compile_for_gpu("backward", block_q=block_q, block_k=block_k, num_warps=warps,
+    usage = compile_for_gpu("backward", block_q=block_q, block_k=block_k, num_warps=warps,
                                num_stages=stages, precision="tf32")
     check_usage(usage, config)
 
@@ -50,14 +56,14 @@ def test_backward_compiles_for_hopper(config):
     dict(key_depth=16, value_depth=32, terms=(True, False, False, False)),  # plain attention
 ], ids=["stage1-step2-tf32x3", "odd-depths-terms-off", "qk-only"])
 def test_kernel_variants_compile_for_hopper(kernel, variant):
-    check_usage(TK.compile_for_gpu(kernel, **variant), variant)
+    check_usage(compile_for_gpu(kernel, **variant), variant)
 
 
 def test_compile_report_reads_the_machine_code():
     """More query rows per tile need more registers or shared memory: the report reads the
     compiled code, not a constant."""
-    small = TK.compile_for_gpu("forward", block_q=16, block_k=16, num_warps=4)
-    large = TK.compile_for_gpu("forward", block_q=64, block_k=64, num_warps=4)
+    small = compile_for_gpu("forward", block_q=16, block_k=16, num_warps=4)
+    large = compile_for_gpu("forward", block_q=64, block_k=64, num_warps=4)
     assert (large["shared_bytes"], large["registers"] + large["spill_bytes"]) != \
         (small["shared_bytes"], small["registers"] + small["spill_bytes"])
     assert large["shared_bytes"] > small["shared_bytes"]
@@ -65,5 +71,5 @@ def test_compile_report_reads_the_machine_code():
     for usage in (small, large):
         assert usage["loop_per_logit"] > usage["tensor_per_logit"] > 0, usage
         assert usage["shared_per_logit"] > 0, usage
-    qk_only = TK.compile_for_gpu("forward", block_q=16, block_k=16, num_warps=4, terms=(True, False, False, False))
+    qk_only = compile_for_gpu("forward", block_q=16, block_k=16, num_warps=4, terms=(True, False, False, False))
     assert qk_only["loop_per_logit"] < small["loop_per_logit"], (qk_only, small)  # no relative terms: less work

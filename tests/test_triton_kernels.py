@@ -4,7 +4,7 @@ tables and the BN weights included) and the BN running statistics, in train and 
 mode, for global and local spans, a query stride, each term switched off, lengths that
 are not powers of two, and several query blocks per sequence (the atomic k/v path).
 The backward kernel is also held directly to the chunked PyTorch backward
-(``memory_efficient._backward_torch``) on random inputs.
+(``recompute.recompute_backward_torch``) on random inputs.
 
 Without a GPU the kernels run through Triton's interpreter, which must be switched on
 before triton is imported: every interpreter check runs in one fresh subprocess (tiny
@@ -24,7 +24,9 @@ pytest.importorskip("triton", reason="the optional package triton is not install
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention  # noqa: E402
 from axial_deeplab.layers import memory_efficient as ME  # noqa: E402
-from axial_deeplab.layers import triton_kernels as TK  # noqa: E402
+from axial_deeplab.layers import recompute as RC  # noqa: E402
+from axial_deeplab.layers import triton_launch as TK  # noqa: E402
+from axial_deeplab.layers import triton_self_check as SC  # noqa: E402
 from attention_testing import assert_equal_runs, close_scaled, forward_backward, randomize_batch_norms
 
 
@@ -71,7 +73,7 @@ def compare_backward(kwargs, length, step, dk, dv, tol=1e-5, device="cpu", **kw)
         sv, sve, lse = TK.attend_triton(layer, qkv, scales, step, return_lse=True)
         sve_saved = sve if sve is not None else sv.new_zeros(0)
         got = TK.attention_backward_triton(layer, step, qkv, scales, sv, sve_saved, lse, g_sv, g_sve)
-        want = ME._backward_torch(layer, step, qkv, scales, sv, sve_saved, lse, g_sv, g_sve)
+        want = RC.recompute_backward_torch(layer, step, qkv, scales, sv, sve_saved, lse, g_sv, g_sve)
     names = ["qkv", "scales", "query_table", "key_table", "value_table"]
     assert sum(t is not None for t in got) == sum(t is not None for t in want)
     for name, a, b in zip(names, got, want):
@@ -137,7 +139,7 @@ def _interpreter_main():
     results = {}
     for name, (kwargs, hw, modes, block_q) in LAYER_CHECKS.items():
         TK.BLOCK_SIZES = block_q
-        TK.attention_backward_triton, ME._backward = counting_backward, no_fallback
+        TK.attention_backward_triton, ME.recompute_backward = counting_backward, no_fallback
         calls["n"] = 0
         try:
             compare_layer(kwargs, hw, modes)
@@ -172,7 +174,7 @@ def _check_autotuned_launch(traceback):
     TK._autotuning = lambda device: True
     TK.CONFIGS = [(16, 16, 4, 1), (64, 64, 8, 1), (32, 64, 4, 1)]  # L = 7 keeps the first only
     TK.BLOCK_SIZES = None
-    TK._forward_tuned = TK._backward_tuned = None
+    TK.reset_autotuning()
     try:
         compare_layer(dict(axis="height"), (7, 2), MODES)
         chosen = TK.tuned_configs()
@@ -183,7 +185,7 @@ def _check_autotuned_launch(traceback):
         return traceback.format_exc()[-3000:]
     finally:
         TK._autotuning, TK.CONFIGS, TK.BLOCK_SIZES = saved
-        TK._forward_tuned = TK._backward_tuned = None
+        TK.reset_autotuning()
 
 
 def _perturbed(fn, which):
@@ -198,8 +200,8 @@ def _perturbed(fn, which):
 
 def _check_self_check_passes():
     TK.BLOCK_SIZES = None
-    assert TK.self_check(torch.device("cpu")) is None
-    assert TK.BLOCK_SIZES is None, "the self-check must restore the tiles"
+    assert SC.self_check(torch.device("cpu")) is None
+    assert TK.BLOCK_SIZES is None, "the self-check passes its tiles, it does not set them"
 
 
 def _check_self_check_catches(target, which, expect):
@@ -208,7 +210,7 @@ def _check_self_check_catches(target, which, expect):
     saved = getattr(TK, target)
     setattr(TK, target, _perturbed(saved, which))
     try:
-        reason = TK.self_check(torch.device("cpu"))
+        reason = SC.self_check(torch.device("cpu"))
     finally:
         setattr(TK, target, saved)
     assert reason is not None and expect in reason, reason
@@ -219,7 +221,7 @@ def _check_untrusted_device_falls_back():
     results (the PyTorch path ran); on a device that passes, the kernels run."""
     import warnings
 
-    saved = TK.SELF_CHECK_DEVICE_TYPES, TK.attend_triton, dict(TK._TRUST), TK.self_check
+    saved = SC.SELF_CHECK_DEVICE_TYPES, TK.attend_triton, dict(SC._TRUST), SC.self_check
     calls = {"n": 0}
     checks = []
 
@@ -232,11 +234,11 @@ def _check_untrusted_device_falls_back():
         return saved[1](*args, **kwargs)
 
     try:
-        TK.SELF_CHECK_DEVICE_TYPES = ("cpu",)
+        SC.SELF_CHECK_DEVICE_TYPES = ("cpu",)
         layer = make_layer(dict(axis="width", span=5))
         x = torch.randn(2, layer.in_channels, 2, 9, generator=torch.Generator().manual_seed(2))
-        TK._TRUST.clear()
-        TK.attend_triton, TK.self_check = _perturbed(counting, 0), failing_check
+        SC._TRUST.clear()
+        TK.attend_triton, SC.self_check = _perturbed(counting, 0), failing_check
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = run_layer(layer, "triton", x, "train")
@@ -246,16 +248,16 @@ def _check_untrusted_device_falls_back():
         assert len(messages) == 1 and "planted failure" in messages[0], messages
         assert calls["n"] == 0, "the untrusted kernels ran after the failed check"
         assert_equal_runs(got, run_layer(layer, "reference", x, "train"), 1e-5, "fallback")
-        TK._TRUST.clear()
-        TK.attend_triton, TK.self_check = counting, lambda device: None
+        SC._TRUST.clear()
+        TK.attend_triton, SC.self_check = counting, lambda device: None
         got = run_layer(layer, "triton", x, "train")
         assert calls["n"] > 0, "the kernels did not run on a device that passed"
         assert_equal_runs(got, run_layer(layer, "reference", x, "train"), 1e-5, "trusted")
     finally:
-        TK.SELF_CHECK_DEVICE_TYPES, TK.attend_triton = saved[:2]
-        TK.self_check = saved[3]
-        TK._TRUST.clear()
-        TK._TRUST.update(saved[2])
+        SC.SELF_CHECK_DEVICE_TYPES, TK.attend_triton = saved[:2]
+        SC.self_check = saved[3]
+        SC._TRUST.clear()
+        SC._TRUST.update(saved[2])
 
 
 SELF_CHECKS = {
@@ -297,14 +299,14 @@ def test_triton_through_the_interpreter(interpreter_results, check):
 def _no_fallback_on_gpu(monkeypatch):
     """The GPU comparisons must run the kernels: no self-check that could swap in the PyTorch
     path (and so pass by comparing the reference with itself)."""
-    monkeypatch.setattr(TK, "SELF_CHECK_DEVICE_TYPES", ())
+    monkeypatch.setattr(SC, "SELF_CHECK_DEVICE_TYPES", ())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")
 @pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "3xtf32"])
 def test_triton_self_check_passes_on_gpu(tf32, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
-    assert TK.self_check(torch.device("cuda")) is None
+    assert SC.self_check(torch.device("cuda")) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")

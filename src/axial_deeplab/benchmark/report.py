@@ -72,7 +72,7 @@ def machine_info(device: torch.device) -> Dict[str, object]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["matmul_precision"] = torch.get_float32_matmul_precision()
         info["cudnn_tf32"] = bool(torch.backends.cudnn.allow_tf32)
-        from ..layers.triton_kernels import dot_precision, triton_available
+        from ..layers.triton_launch import dot_precision, triton_available
 
         if triton_available():
             info["triton_dot"] = dot_precision()

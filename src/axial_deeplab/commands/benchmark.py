@@ -15,7 +15,7 @@ from ..benchmark.suites import SUITES, Settings, Suite
 from ..fileio import atomic_write_json
 
 SECTIONS = tuple(s.name for s in SUITES)
-# "deploy" compiles and exports whole models (minutes on a CPU): run only when asked for
+# "whole_models" and "deploy" time whole models (minutes on a CPU): run only when asked for
 DEFAULT_SECTIONS = tuple(s.name for s in SUITES if s.default)
 
 
@@ -37,8 +37,11 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10, --quick 3)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
-                   help="sections to run (default: all but deploy; deploy = eager vs torch.compile vs "
-                        "ONNX Runtime for Axial-ResNet-S and Axial-DeepLab-S, with compile and export times)")
+                   help="sections to run (default: all but whole_models and deploy; whole_models = "
+                        "Axial-ResNet-S vs ResNet-50 and Axial-DeepLab-S vs Panoptic-DeepLab-R50, eval and "
+                        "training step at 1 and 2 threads with peak memory, about 15 minutes on 2 cores, "
+                        "tiny inputs with --quick; deploy = eager vs torch.compile vs ONNX Runtime for "
+                        "Axial-ResNet-S and Axial-DeepLab-S, with compile and export times)")
     p.add_argument("--impls", nargs="+", default=None,
                    help="attention implementations to time (default: reference and every registered fast path)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -96,7 +99,7 @@ def _print_tables(ran: List[Tuple[Suite, List[Result]]], clock: str) -> None:
 
 def _print_triton_tiles() -> dict:
     """The tile configurations the Triton autotuner chose during the run (for the JSON too)."""
-    from ..layers.triton_kernels import tuned_configs
+    from ..layers.triton_launch import tuned_configs
 
     tuned = tuned_configs()
     for kernel, chosen in tuned.items():

@@ -5,13 +5,16 @@ from __future__ import annotations
 from ..cli import UserError
 
 EPILOG = """examples:
-  axial-deeplab convert --from deeplab2 ckpt/ckpt-60000 --model axial_deeplab_s --output runs/from_deeplab2
-  axial-deeplab convert --from deeplab2 ckpt/ --model NAME --output DIR --config configs/cityscapes_axial_deeplab_s.yaml
+  axial-deeplab convert --from deeplab2 ckpt/ckpt-60000 --model axial_deeplab_swidernet_1_1_1_cityscapes \\
+      --output runs/from_deeplab2 --config configs/cityscapes_base.yaml --set "model.kwargs={}" --set eval.top_k=400
+  axial-deeplab convert --from deeplab2 ckpt/ --model axial_swidernet_1_1_1 --output DIR \\
+      --set model.kwargs.features_only=true
 
 CKPT is a checkpoint prefix (ckpt-N, next to ckpt-N.index and ckpt-N.data-*), its .index file, or a
 folder with TensorFlow's 'checkpoint' file (its latest checkpoint). Optimizer slots and variables,
 step counters and the object graph are left out; every weight of the model must come from the
-checkpoint, else nothing is written and the missing keys are listed. The output folder holds
+checkpoint, else nothing is written and the missing keys are listed. The model is built with the
+config's model.kwargs (--config, --set), as evaluate and predict rebuild it. The output folder holds
 model.safetensors, config.yaml and info.json, like a training checkpoint: pass it to evaluate,
 predict or export, or as model.pretrained. An existing --output is refused unless --force.
 exit status: 0 written; 2 bad input or a checkpoint that does not fit the model (nothing written).
@@ -65,11 +68,12 @@ def run(args) -> int:
 
     prefix = resolve_tf_checkpoint(args.checkpoint)
     tensors = read_tf_checkpoint(prefix)
-    model, task, info = _build(args, create_model)
+    cfg = load_config(args.config, args.set)
+    # built with the config's model.kwargs, as evaluate / predict will rebuild it from the saved config
+    model, task, info = _build(args, create_model, dict(cfg.model.kwargs))
     state, report = convert_weights(tensors, model, mapping, source=prefix + ".index")
     load_state_dict_strict(model, state, source=prefix)
 
-    cfg = load_config(args.config, args.set)
     cfg.model.name = args.model
     cfg.model.pretrained = None
     cfg.experiment.task = task
@@ -86,12 +90,18 @@ def run(args) -> int:
     return 0
 
 
-def _build(args, create_model):
-    """(model, task, info) for ``--model``: panoptic models get Cityscapes' classes unless
-    --num-classes (deeplab2's published panoptic checkpoints are Cityscapes')."""
+def _build(args, create_model, kwargs=None):
+    """(model, task, info) for ``--model`` with the config's ``model.kwargs``: panoptic models get
+    Cityscapes' classes unless --num-classes (deeplab2's published panoptic checkpoints are Cityscapes')."""
     from ..models.panoptic_deeplab import PanopticDeepLab
 
-    model = create_model(args.model, **({} if args.num_classes is None else {"num_classes": args.num_classes}))
+    kwargs = dict(kwargs or {})
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    try:
+        model = create_model(args.model, **kwargs)
+    except TypeError as e:
+        raise UserError(f"model.kwargs: {args.model} does not accept these arguments ({e})") from None
     if isinstance(model, PanopticDeepLab):
         from ..data.meta import cityscapes_metadata
 

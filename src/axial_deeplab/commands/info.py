@@ -1,5 +1,6 @@
-"""``axial-deeplab info MODEL``: parameters and multiply-adds per stage and in total;
-``--attention``: which attention path each distinct layer configuration runs, and why."""
+"""``axial-deeplab info MODEL``: parameters and multiply-adds per stage and in total, beside the
+paper's figure for the models it tabulates; ``--attention``: which attention path each distinct
+layer configuration runs, and why."""
 from __future__ import annotations
 
 from ..cli import UserError
@@ -21,13 +22,19 @@ def register(subparsers):
     p = subparsers.add_parser(
         "info", help="parameters and multiply-adds of a registered model",
         description="Print parameters and multiply-adds per stage and in total. Attention matmuls are "
-                    "counted (common FLOP counters miss them). Use 'list' as MODEL to see all names.")
+                    "counted (common FLOP counters miss them). For the models the paper tabulates "
+                    "(Axial-DeepLab-S/M/L/XL at 3x1025x2049, Table 7's spans of L, ResNet-50 and "
+                    "Axial-ResNet-S at 3x224x224) the paper's figure and the difference follow. "
+                    "Use 'list' as MODEL to see all names.")
     p.add_argument("model", help="registered model name, e.g. axial_resnet_s or axial_deeplab_l")
     p.add_argument("--input", default="3x224x224", help="input size CxHxW (default 3x224x224)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of the head")
     p.add_argument("--features-only", action="store_true", help="count the backbone without its classifier")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model overrides, e.g. span=65 output_stride=16")
+    p.add_argument("--strided-attention", choices=("kept", "computed"), default="kept",
+                   help="M-Adds of a strided attention layer: the queries it keeps (what runs here, default) "
+                        "or every query, subsampled afterwards (what deeplab2 computes)")
     p.add_argument("--attention", action="store_true",
                    help="instead of the counts, show for each distinct attention layer configuration the path "
                         "that runs (impl='auto' unless forced by AXIAL_DEEPLAB_ATTENTION_IMPL) and why the faster "
@@ -68,7 +75,7 @@ def run(args) -> int:
     if args.attention:
         print(attention_report(model, shape, train=args.train, device=args.device, name=args.model))
         return 0
-    rows = count_complexity(model, shape)
+    rows = count_complexity(model, shape, strided_attention=args.strided_attention)
     name_w = max(len(k) for k in rows) + 2
     print(f"{args.model}  input {'x'.join(map(str, shape))}")
     print(f"{'part':<{name_w}}{'params':>16}{'mult-adds':>20}")
@@ -78,7 +85,31 @@ def run(args) -> int:
         print(f"{k:<{name_w}}{v['params']:>16,}{v['madds']:>20,}")
     t = rows["total"]
     print(f"total: {t['params'] / 1e6:.2f}M parameters, {t['madds'] / 1e9:.2f}G multiply-adds")
+    comparison = paper_comparison(args.model, kwargs, shape, t)
+    if comparison:
+        print(comparison)
     return 0
+
+
+def paper_comparison(name, kwargs, shape, total) -> str:
+    """Our totals beside the paper's figure for the same model and input, with the difference in
+    percent; a hint when the paper tabulates the model at another input size; '' when it does not."""
+    from ..models.complexity import paper_figure, percent_diff
+
+    fig = paper_figure(name, kwargs)
+    if fig is None or kwargs.get("features_only"):
+        return ""
+    h, w = fig.input_size
+    if tuple(shape) != (1, 3, h, w):
+        return (f"paper ({fig.source}): {fig.params_m}M parameters, {fig.madds_b}B M-Adds at 3x{h}x{w}; "
+                f"rerun with --input 3x{h}x{w} to compare")
+    params, madds = total["params"] / 1e6, total["madds"] / 1e9
+    return "\n".join([
+        f"{'':<12}{'params (M)':>12}{'M-Adds (B)':>14}   vs paper ({fig.source}, 3x{h}x{w})",
+        f"{'ours':<12}{params:>12.2f}{madds:>14.{2 if madds < 100 else 1}f}",
+        f"{'paper':<12}{fig.params_m:>12.1f}{fig.madds_b:>14.1f}",
+        f"{'difference':<12}{percent_diff(params, fig.params_m):>+11.1f}%{percent_diff(madds, fig.madds_b):>+13.1f}%",
+    ])
 
 
 def attention_report(model, shape, train: bool = False, device: str = "cpu", name: str = "") -> str:

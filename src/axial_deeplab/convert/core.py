@@ -132,7 +132,7 @@ def conv(v: TFVariables, tf_prefix: str, key_prefix: str, bias: Optional[bool] =
          depthwise: bool = False) -> None:
     """``tf_prefix/kernel`` (HWIO; depthwise HWC1) -> ``key_prefix.weight`` (OIHW), and
     ``tf_prefix/bias`` -> ``key_prefix.bias`` (when present, or when ``bias`` is True)."""
-    name = f"{tf_prefix}/kernel" if f"{tf_prefix}/kernel" in v else f"{tf_prefix}/depthwise_kernel"
+    name = f"{tf_prefix}/depthwise_kernel" if f"{tf_prefix}/depthwise_kernel" in v else f"{tf_prefix}/kernel"
     k = v.take(name)
     if k.ndim != 4:
         raise ConversionError(f"{v.source}: {name} is {list(k.shape)}, expected a 4-d convolution kernel")

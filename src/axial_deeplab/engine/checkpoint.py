@@ -4,6 +4,7 @@ A checkpoint is a folder::
 
     step-000100/
         model.safetensors     model weights (safetensors: no pickle, loads anywhere)
+        ema.safetensors       the EMA of the weights, when training keeps one (solver.ema_decay)
         training_state.pt     optimizer, schedule, grad scaler, step, RNG states, best metric
                               (plain tensors/dicts, read back with torch.load(weights_only=True))
         config.yaml           the resolved config, so evaluate/predict rebuild the model
@@ -43,6 +44,8 @@ __all__ = [
     "latest_checkpoint",
     "resolve_checkpoint",
     "load_model_weights",
+    "weights_arrangement",
+    "check_arrangement",
     "load_training_state",
     "read_checkpoint_info",
     "prune_checkpoints",
@@ -51,14 +54,17 @@ __all__ = [
     "restore_rng_state",
     "unwrap_model",
     "MODEL_FILE",
+    "EMA_FILE",
     "STATE_FILE",
     "CONFIG_FILE",
     "INFO_FILE",
 ]
 
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"  # the EMA of the weights, beside MODEL_FILE
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.yaml"
+ARRANGEMENT_KEY = "arrangement"  # safetensors metadata: the backbones' arrangements (JSON)
 INFO_FILE = "info.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -221,11 +227,13 @@ def save_checkpoint(
     config_text: Optional[str] = None,
     info: Optional[Dict[str, Any]] = None,
     rng_state: Optional[Dict[str, Any]] = None,
+    ema_model: Optional[nn.Module] = None,
 ) -> str:
     """Write a complete checkpoint folder at ``directory`` atomically; returns its path.
 
     ``rng_state`` defaults to the current generator states (call :func:`capture_rng_state`
-    yourself to store the state of an earlier moment).
+    yourself to store the state of an earlier moment). ``ema_model``: an average of the weights
+    written as ``ema.safetensors`` beside the model's.
     """
     from safetensors.torch import save_file
 
@@ -236,8 +244,13 @@ def save_checkpoint(
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
         os.chmod(tmp, 0o777 & ~current_umask())
-        save_file(_model_tensors(model), os.path.join(tmp, MODEL_FILE), metadata={"step": str(int(step))})
+        save_file(_model_tensors(model), os.path.join(tmp, MODEL_FILE),
+                  metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(model)})
         os.chmod(os.path.join(tmp, MODEL_FILE), 0o666 & ~current_umask())  # safetensors writes 0600 files
+        if ema_model is not None:
+            save_file(_model_tensors(ema_model), os.path.join(tmp, EMA_FILE),
+                      metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(ema_model)})
+            os.chmod(os.path.join(tmp, EMA_FILE), 0o666 & ~current_umask())
         state: Dict[str, Any] = {
             "step": int(step),
             "rng": rng_state if rng_state is not None else capture_rng_state(),
@@ -381,6 +394,69 @@ def _model_file(path: str) -> str:
     return os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
 
 
+def _arrangement_record(model: nn.Module) -> str:
+    from ..models.axial_resnet import model_arrangements
+
+    return json.dumps(model_arrangements(unwrap_model(model)), sort_keys=True)
+
+
+def weights_arrangement(path: str):
+    """``(record, legacy)``: the backbone arrangements a checkpoint's ``model.safetensors``
+    records (``{module path: arrangement}``, see ``models.axial_resnet.model_arrangements``).
+    A checkpoint of ours written before the record existed gives ``({"*": "maxpool"}, True)``:
+    every Axial-ResNet then had the stem max-pool. Other files give ``(None, False)``."""
+    file = _model_file(path)
+    if not file.endswith(".safetensors") or not os.path.isfile(file):
+        return None, False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise ValueError(f"{file}: cannot read safetensors weights ({e})") from None
+    if ARRANGEMENT_KEY in meta:
+        try:
+            record = json.loads(meta[ARRANGEMENT_KEY])
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not all(isinstance(v, str) for v in record.values()):
+            raise ValueError(f"{file}: corrupt '{ARRANGEMENT_KEY}' metadata {meta[ARRANGEMENT_KEY]!r}")
+        return record, False
+    if "step" in meta:  # written by save_checkpoint before it recorded the arrangement
+        return {"*": "maxpool"}, True
+    return None, False
+
+
+def check_arrangement(model: nn.Module, path: str, prefix: str = "", warn: bool = False) -> None:
+    """Refuse weights whose recorded backbone arrangement differs from ``model``'s: the state-dict
+    keys and shapes of the two arrangements are the same, the functions are not. ``prefix``: the
+    module path in the checkpoint's model that ``model`` is (``"backbone"`` when a backbone is
+    taken from a whole panoptic checkpoint). ``warn``: a warning instead of the error, for
+    weights that only initialise a model to train."""
+    from ..models.axial_resnet import arrangement_mismatches
+
+    record, legacy = weights_arrangement(path)
+    if record is None:
+        return
+    if prefix:
+        record = {("*" if k == "*" else k[len(prefix):].lstrip(".")): v for k, v in record.items()
+                  if k == "*" or k == prefix or k.startswith(prefix + ".")}
+    bad = arrangement_mismatches(unwrap_model(model), record)
+    if bad:
+        name, have, want = bad[0]
+        when = " (saved before checkpoints recorded it; all Axial-ResNets then had it)" if legacy else ""
+        msg = (f"{_model_file(path)}: the weights were trained with arrangement={want!r}{when}, but "
+               f"{'the model' if not name else name!r} is built with arrangement={have!r}; build the model "
+               f"with arrangement={want!r} (config: model.kwargs.arrangement={want}; Python: "
+               f"create_model(..., arrangement={want!r}))")
+        if not warn:
+            raise ValueError(msg)
+        import warnings
+
+        warnings.warn(msg + " to compute the same function", UserWarning, stacklevel=3)
+
+
 def load_model_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load weights from a checkpoint (folder or .safetensors file) into ``model``.
 
@@ -406,6 +482,10 @@ def load_model_weights(model: nn.Module, path: str, strict: bool = True) -> nn.M
     target = unwrap_model(model)
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise ValueError(f"{file}: expected a state dict of tensors")
+    check_arrangement(target, file)
+    from ..models.weights import fit_relative_tables
+
+    tensors = fit_relative_tables(target, tensors, source=file)  # tables of another span or reach fit exactly
     own = target.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -443,7 +523,7 @@ def read_checkpoint_info(path: str) -> Dict[str, Any]:
     (empty dict for another bare weights file)."""
     path = resolve_checkpoint(path)
     if not os.path.isdir(path):
-        if os.path.basename(path) != MODEL_FILE:
+        if os.path.basename(path) not in (MODEL_FILE, EMA_FILE):
             return {}
         path = os.path.dirname(path) or "."
     file = os.path.join(path, INFO_FILE)

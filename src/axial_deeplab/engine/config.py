@@ -137,9 +137,15 @@ class SolverConfig:
     max_epochs: Optional[float] = _doc("If set, max_steps = ceil(max_epochs * len(train set) / batch_size).", None)
     warmup_epochs: Optional[float] = _doc("If set, warmup_steps in epochs (like max_epochs).", None)
     batch_size: int = _doc("GLOBAL batch size; split evenly over the distributed processes.", 32)
+    grad_accum_steps: int = _doc("Run each process's share of the batch as this many micro-batches (forward + "
+                                 "backward each), one optimizer step per global batch: the recipe of batch_size "
+                                 "in the memory of a micro-batch; BatchNorm normalises each micro-batch alone.", 1)
+    ema_decay: Optional[float] = _doc("Keep an exponential moving average of the weights with this decay (e.g. "
+                                      "0.9998; null = none): evaluated beside the model, kept as best when it "
+                                      "scores higher, saved as ema.safetensors in checkpoints.", None)
     grad_clip_norm: Optional[float] = _doc("Clip the global gradient norm to this value (null = off).", None)
     amp: str = _doc("Mixed precision: 'auto' (bf16 on capable GPUs, else fp16 on GPU, off on CPU), "
-                    "'bf16', 'fp16' or 'none'.", "auto")
+                    "'bf16' (GPU, or CPU autocast), 'fp16' (GPU only) or 'none'.", "auto")
 
 
 @dataclass
@@ -324,6 +330,13 @@ def validate_config(cfg: Config) -> None:
     need(cfg.solver.lr > 0, f"solver.lr must be positive, got {cfg.solver.lr}")
     need(cfg.solver.max_steps > 0, f"solver.max_steps must be positive, got {cfg.solver.max_steps}")
     need(cfg.solver.batch_size > 0, f"solver.batch_size must be positive, got {cfg.solver.batch_size}")
+    need(cfg.solver.grad_accum_steps >= 1,
+         f"solver.grad_accum_steps must be >= 1, got {cfg.solver.grad_accum_steps}")
+    need(cfg.solver.batch_size % cfg.solver.grad_accum_steps == 0,
+         f"solver.grad_accum_steps={cfg.solver.grad_accum_steps} must divide solver.batch_size="
+         f"{cfg.solver.batch_size} (the global batch is cut into equal micro-batches)")
+    need(cfg.solver.ema_decay is None or 0 < cfg.solver.ema_decay < 1,
+         f"solver.ema_decay must be null or in (0, 1), got {cfg.solver.ema_decay}")
     need(cfg.solver.warmup_steps >= 0, f"solver.warmup_steps must be >= 0, got {cfg.solver.warmup_steps}")
     need(len(cfg.solver.betas) == 2, f"solver.betas must have two values, got {cfg.solver.betas}")
     need(cfg.solver.amp in ("auto", "bf16", "fp16", "none"),

@@ -16,8 +16,8 @@ from .distributed import all_reduce_tensor, barrier
 from .metrics_log import MetricsLogger, read_metrics
 from .trainer import HookBase
 
-__all__ = ["RunCheckpointer", "ProgressBar", "LossLogger", "TrainingImages", "PeriodicEval", "PeriodicCheckpoint",
-           "MetricFiles"]
+__all__ = ["RunCheckpointer", "ProgressBar", "LossLogger", "TrainingImages", "EmaUpdate", "PeriodicEval",
+           "PeriodicCheckpoint", "MetricFiles"]
 
 
 def _every(step: int, period: Optional[int]) -> bool:
@@ -28,11 +28,13 @@ class RunCheckpointer:
     """Writes the run's checkpoints (rank 0 only; other ranks get None) and remembers the newest
     one (``last``, and the step it holds, ``saved_step``) and the best evaluation (``best_metric``,
     ``best_path``). Step checkpoints hold the full training state and are pruned to
-    ``keep``; "best" holds the weights only."""
+    ``keep``; "best" holds the weights only: the model's, or the EMA's when those scored
+    better (its info.json says which, ``"weights": "model" | "ema"``). With ``ema`` (a
+    :class:`~.ema.ModelEma`) step checkpoints also hold the EMA (``ema.safetensors``)."""
 
     def __init__(self, ckpt_root: str, model, optimizer, scheduler, scaler, config_text: str, info: Dict[str, Any],
                  keep: int, is_main: bool, resume_from: Optional[str] = None, start_step: int = 0,
-                 best_metric: Optional[float] = None):
+                 best_metric: Optional[float] = None, ema=None):
         self.ckpt_root = ckpt_root
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.config_text = config_text
@@ -43,30 +45,37 @@ class RunCheckpointer:
         self.saved_step = start_step if resume_from else None
         self.best_metric = best_metric
         self.best_path = os.path.join(ckpt_root, "best") if best_metric is not None else None
+        self.ema = ema
 
     def save_step(self, step: int) -> None:
         self.last = self._save(step) or self.last
         self.saved_step = step
 
-    def offer_best(self, step: int, value: Optional[float], scalars: Dict[str, float]) -> None:
-        """Keeps the weights as "best" when ``value`` beats every earlier evaluation."""
+    def offer_best(self, step: int, value: Optional[float], scalars: Dict[str, float], weights: str = "model") -> None:
+        """Keeps the weights (``"model"`` or ``"ema"``) as "best" when ``value`` beats every earlier
+        evaluation (a tie keeps the earlier one)."""
         if value is not None and (self.best_metric is None or value > self.best_metric):
             self.best_metric = float(value)
-            self.best_path = self._save(step, "best", weights_only=True, extra_info={"metrics": scalars})
+            model = self.ema.module if weights == "ema" else self.model
+            self.best_path = self._save(step, "best", weights_only=True, model=model,
+                                        extra_info={"metrics": scalars, "weights": weights})
 
-    def _save(self, step: int, name: Optional[str] = None, weights_only: bool = False,
+    def _save(self, step: int, name: Optional[str] = None, weights_only: bool = False, model=None,
               extra_info=None) -> Optional[str]:
         if not self.is_main:
             return None
         path = os.path.join(self.ckpt_root, name or f"step-{step:06d}")
         meta = dict(self.info)
         meta.update(extra_info or {})
-        extra_state = {"best_metric": self.best_metric}
+        extra_state: Dict[str, Any] = {"best_metric": self.best_metric}
         if weights_only:
-            return ckpt.save_checkpoint(path, self.model, step=step, config_text=self.config_text, info=meta,
-                                        extra_state=extra_state)
+            return ckpt.save_checkpoint(path, model if model is not None else self.model, step=step,
+                                        config_text=self.config_text, info=meta, extra_state=extra_state)
+        if self.ema is not None:
+            extra_state["ema"] = self.ema.state()
         out = ckpt.save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler, step=step,
-                                   extra_state=extra_state, config_text=self.config_text, info=meta)
+                                   extra_state=extra_state, config_text=self.config_text, info=meta,
+                                   ema_model=self.ema.module if self.ema is not None else None)
         ckpt.prune_checkpoints(self.ckpt_root, self.keep)
         return out
 
@@ -179,17 +188,31 @@ class TrainingImages(HookBase):
         self.logger.log_image("train/input_prediction_groundtruth", step, panel)
 
 
+class EmaUpdate(HookBase):
+    """After each step: averages the new weights into the EMA. Registered before the hooks that
+    evaluate or save, so they see the EMA of the step they run after."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def after_step(self) -> None:
+        self.ema.update(self.trainer.model)
+
+
 SUMMARY_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "AP", "top1", "top5")
 
 
 class PeriodicEval(HookBase):
     """Every ``every`` steps and, with ``at_end``, after the last: evaluates the model, logs the
     scores, keeps the best weights (by ``metric``) and prints a one-line summary.
-    ``evaluate(step)`` returns the metrics dict."""
+    ``evaluate(step, model=None)`` returns the metrics dict (of the trained model by default).
 
-    def __init__(self, evaluate: Callable[[int], Dict[str, Any]], every: Optional[int], at_end: bool,
+    With ``ema`` the EMA of the weights is evaluated too, logged as kind ``eval_ema``, and
+    kept as "best" when it scores higher than every earlier evaluation of either."""
+
+    def __init__(self, evaluate: Callable[..., Dict[str, Any]], every: Optional[int], at_end: bool,
                  metric: str, logger: MetricsLogger, checkpointer: RunCheckpointer, progress: ProgressBar,
-                 is_main: bool):
+                 is_main: bool, ema=None):
         self.evaluate = evaluate
         self.every = every
         self.at_end = at_end
@@ -198,7 +221,9 @@ class PeriodicEval(HookBase):
         self.checkpointer = checkpointer
         self.progress = progress
         self.is_main = is_main
+        self.ema = ema
         self.final_metrics: Dict[str, Any] = {}
+        self.final_ema_metrics: Dict[str, Any] = {}
 
     def after_step(self) -> None:
         step = self.trainer.step
@@ -206,15 +231,20 @@ class PeriodicEval(HookBase):
             self._run(step)
 
     def _run(self, step: int) -> None:
-        metrics = self.evaluate(step)
-        self.final_metrics = metrics
+        self.final_metrics = self._score(step, "eval", "model", self.evaluate(step))
+        if self.ema is not None:
+            self.final_ema_metrics = self._score(step, "eval_ema", "ema", self.evaluate(step, self.ema.module))
+
+    def _score(self, step: int, kind: str, weights: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.logger.log("eval", step, scalars)
-        self.checkpointer.offer_best(step, metrics.get(self.metric), scalars)
+        self.logger.log(kind, step, scalars)
+        self.checkpointer.offer_best(step, metrics.get(self.metric), scalars, weights=weights)
         barrier()
         if self.is_main:
-            self.progress.write(f"step {step}: " + ", ".join(f"{k} {scalars[k]:.2f}" for k in SUMMARY_KEYS
-                                                            if k in scalars))
+            label = "" if weights == "model" else " (EMA)"
+            self.progress.write(f"step {step}{label}: " + ", ".join(f"{k} {scalars[k]:.2f}" for k in SUMMARY_KEYS
+                                                                    if k in scalars))
+        return metrics
 
 
 class PeriodicCheckpoint(HookBase):

@@ -132,6 +132,19 @@ def load_checkpoint_model(checkpoint: str, device: torch.device, config_path: Op
             raise ConfigError(f"{path}: classification checkpoint without its class list (info.json 'classes')")
         metadata = list(classes)
         model = build_model(cfg, None, num_classes=len(classes))
+    record, legacy = ckpt.weights_arrangement(path)
+    if legacy and "arrangement" not in cfg.model.kwargs:
+        from ..models.axial_resnet import arrangement_mismatches
+
+        if arrangement_mismatches(model, record):  # rebuilt as trained: stem max-pool
+            import warnings
+
+            warnings.warn(f"{path}: saved before checkpoints recorded the backbone arrangement; building "
+                          f"{cfg.model.name} with arrangement='maxpool' (stem max-pool), as it was trained",
+                          UserWarning, stacklevel=2)
+            cfg.model.kwargs["arrangement"] = "maxpool"
+            model = (build_model(cfg, metadata) if cfg.experiment.task == "panoptic"
+                     else build_model(cfg, None, num_classes=len(metadata)))
     ckpt.load_model_weights(model, path)
     model.to(device).eval()
     return model, cfg, metadata

@@ -21,6 +21,8 @@ RESUME_MAY_CHANGE = (
     "experiment.threads",
     "experiment.deterministic",   # kernel choice, not the recipe
     "experiment.compile",         # the same math, compiled
+    "solver.grad_accum_steps",    # memory only: the same global batch, samples, schedule and optimizer
+                                  # steps (BatchNorm then sees other micro-batches: exact only if unchanged)
     "model.pretrained",           # unused on resume: the checkpoint holds every weight
     "data.root",                  # the same data moved elsewhere
     "data.num_workers",

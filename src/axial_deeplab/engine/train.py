@@ -4,7 +4,10 @@ whose periodic actions are the hooks of :mod:`.hooks`.
 
 What it guarantees:
 
-* the global batch is ``solver.batch_size`` whatever the number of processes;
+* the global batch is ``solver.batch_size`` whatever the number of processes and whatever
+  ``solver.grad_accum_steps`` (micro-batches per optimizer step: memory, not the recipe);
+* with ``solver.ema_decay`` an EMA of the weights (:mod:`.ema`) is updated after every step,
+  evaluated beside the model, kept as "best" when it scores higher and checkpointed;
 * data order and augmentation are functions of (seed, step) (see ``sampling``), the RNG
   states are checkpointed, so ``resume`` continues exactly where the run stopped: the
   losses after a resume equal those of an uninterrupted run. A resume whose settings differ
@@ -40,8 +43,8 @@ from .builders import (build_dataset, build_loss, build_model, build_train_trans
 from .config import Config, ConfigError, dump_config
 from .distributed import (barrier, cleanup_distributed, convert_sync_batchnorm, init_distributed, split_batch_size,
                           wrap_ddp)
-from .hooks import (LossLogger, MetricFiles, PeriodicCheckpoint, PeriodicEval, ProgressBar, RunCheckpointer,
-                    TrainingImages)
+from .hooks import (EmaUpdate, LossLogger, MetricFiles, PeriodicCheckpoint, PeriodicEval, ProgressBar,
+                    RunCheckpointer, TrainingImages)
 from .metrics_log import MetricsLogger
 from .optim import build_optimizer
 from .resume import check_resolved_steps, describe_changes, resume_config_changes
@@ -64,6 +67,8 @@ class TrainResult:
     final_metrics: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     model: Any = None  # the trained model (unwrapped from DDP), for in-process use
+    ema_model: Any = None  # the EMA of its weights (solver.ema_decay), else None
+    final_ema_metrics: Dict[str, Any] = field(default_factory=dict)  # the EMA's last evaluation
 
 
 def primary_metric_name(cfg: Config) -> str:
@@ -84,15 +89,26 @@ def setup_runtime(cfg: Config):
 
 
 def amp_settings(cfg: Config, device: torch.device):
-    """``(enabled, dtype, use_grad_scaler)`` for ``solver.amp`` on ``device``."""
+    """``(enabled, dtype, use_grad_scaler)`` for ``solver.amp`` on ``device``. ``auto`` is mixed
+    precision on CUDA only (bf16 where supported, else fp16 with a gradient scaler); ``bf16`` on
+    CPU runs the network under CPU autocast (bfloat16 needs no gradient scaler). A mode the
+    device cannot run is an error rather than silently full precision."""
     mode = cfg.solver.amp
-    if device.type != "cuda" or mode == "none":
+    if mode == "none":
         return False, None, False
+    if device.type == "cuda":
+        if mode == "auto":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if mode == "bf16":
+            return True, torch.bfloat16, False
+        return True, torch.float16, True
     if mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if mode == "bf16":
+        return False, None, False
+    if device.type == "cpu" and mode == "bf16":
         return True, torch.bfloat16, False
-    return True, torch.float16, True
+    hint = "bf16 (CPU autocast) or none" if device.type == "cpu" else "none"
+    raise ConfigError(f"solver.amp={mode} cannot run on the {device.type} device (fp16 needs CUDA; bf16 runs on "
+                      f"CUDA and CPU); use solver.amp={hint}")
 
 
 def _resolve_steps(cfg: Config, train_len: int) -> None:
@@ -288,6 +304,19 @@ def _build_solver(cfg: Config, model, device: torch.device) -> _Solver:
     return _Solver(optimizer, scheduler, scaler, autocast)
 
 
+def _build_ema(cfg: Config, model, start: "_StartPoint", resume_from: Optional[str], distributed: bool):
+    """The EMA of the weights (None without ``solver.ema_decay``): a copy of the model as training
+    starts, or the EMA the checkpoint holds."""
+    if not cfg.solver.ema_decay:
+        return None
+    from .ema import ModelEma
+
+    ema = ModelEma(model, cfg.solver.ema_decay, distributed=distributed)
+    if resume_from:
+        ema.load(resume_from, (start.state.get("extra") or {}).get("ema"))
+    return ema
+
+
 def _restore_solver(solver: _Solver, state: Dict[str, Any]) -> None:
     """The solver's states, then the RNG states: nothing may draw random numbers between this and
     the first step, so that step draws what the interrupted run's would have."""
@@ -323,13 +352,17 @@ def _build_loader(cfg: Config, data: _Data, start_step: int, env, device: torch.
 
 
 def _make_evaluate(cfg: Config, data: _Data, model, device: torch.device, main: bool) -> Callable[[int], Dict]:
-    """Evaluation of the bare model on the evaluation split; the model is back in train mode after."""
+    """Evaluation on the evaluation split of the bare trained model (back in train mode after),
+    or of ``other`` (the EMA, always in eval mode)."""
 
-    def evaluate(step: int) -> Dict[str, Any]:
+    def evaluate(step: int, other=None) -> Dict[str, Any]:
         from .evaluate import evaluate_model
 
         if data.eval_set is None:
             data.eval_set = build_dataset(cfg, cfg.data.eval_split)
+        if other is not None:
+            return evaluate_model(other, data.eval_set, cfg, device, metadata=data.metadata,
+                                  progress=cfg.train.progress and main, desc=f"eval-ema@{step}")
         bare = ckpt.unwrap_model(model)
         bare.eval()
         try:
@@ -342,8 +375,10 @@ def _make_evaluate(cfg: Config, data: _Data, model, device: torch.device, main: 
 
 
 def _hooks(cfg: Config, trainer: SimpleTrainer, data: _Data, logger: MetricsLogger, on_log, main: bool):
-    """The periodic actions, in the order they run after a step."""
+    """The periodic actions, in the order they run after a step (the EMA first: evaluation and
+    checkpoints see the step's EMA)."""
     t = cfg.train
+    ema = trainer.checkpointer.ema
     progress = ProgressBar(enabled=main and t.progress)
     images = None
     if main and logger.tensorboard_enabled and cfg.experiment.task == "panoptic":
@@ -351,10 +386,11 @@ def _hooks(cfg: Config, trainer: SimpleTrainer, data: _Data, logger: MetricsLogg
     evaluate = _make_evaluate(cfg, data, trainer.model, trainer.device, main)
     curves = f"{cfg.experiment.name} ({cfg.model.name})" if main and t.plot_curves else None
     return [progress,
+            EmaUpdate(ema) if ema is not None else None,
             LossLogger(logger, progress, t.log_every, cfg.solver.batch_size, on_log),
             images,
             PeriodicEval(evaluate, t.eval_every, t.eval_at_end, primary_metric_name(cfg), logger, trainer.checkpointer,
-                         progress, main),
+                         progress, main, ema=ema),
             PeriodicCheckpoint(trainer.checkpointer, t.checkpoint_every),
             MetricFiles(logger, cfg.output_dir, curves)]
 
@@ -366,7 +402,12 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
     main = env.is_main
     run_dir = cfg.output_dir
     ckpt_root = os.path.join(run_dir, "checkpoints")
-    split_batch_size(cfg.solver.batch_size, env.world_size)  # the global batch must divide evenly
+    local_batch = split_batch_size(cfg.solver.batch_size, env.world_size)  # the global batch must divide evenly
+    if local_batch % cfg.solver.grad_accum_steps:
+        raise ConfigError(f"solver.grad_accum_steps={cfg.solver.grad_accum_steps} must divide the batch of each "
+                          f"process, solver.batch_size / processes = {cfg.solver.batch_size} / {env.world_size} = "
+                          f"{local_batch}")
+    amp_settings(cfg, device)  # a precision the device cannot run is refused before any work
     data = _build_data(cfg, resume_from, saved)
     model = _build_seeded_model(cfg, data, resume_from)
     if main:  # every check has passed: only now is the run folder emptied (overwrite) or created
@@ -376,6 +417,7 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
     model.to(device)
     if env.distributed and cfg.model.sync_bn:
         model = convert_sync_batchnorm(model, device)
+    ema = _build_ema(cfg, model, start, resume_from, env.distributed)
     solver = _build_solver(cfg, model, device)
     if start.state is not None:
         _restore_solver(solver, start.state)
@@ -388,9 +430,11 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
         logger.truncate_after(start.step)  # later rows are of steps about to be redone; a fresh start keeps none
     checkpointer = RunCheckpointer(ckpt_root, model, solver.optimizer, solver.scheduler, solver.scaler, config_text,
                                    _run_info(cfg, data, start.history), cfg.train.keep_checkpoints, main,
-                                   resume_from=resume_from, start_step=start.step, best_metric=start.best_metric)
+                                   resume_from=resume_from, start_step=start.step, best_metric=start.best_metric,
+                                   ema=ema)
     trainer = SimpleTrainer(model, lambda batch: _compute_losses(cfg, model, loss_fn, batch, solver.autocast),
                             solver.optimizer, solver.scheduler, solver.scaler, device, cfg.solver.grad_clip_norm,
+                            grad_accum_steps=cfg.solver.grad_accum_steps,
                             loader=_build_loader(cfg, data, start.step, env, device), start_step=start.step,
                             max_steps=cfg.solver.max_steps, checkpointer=checkpointer, run_dir=run_dir,
                             distributed=env.distributed)
@@ -403,7 +447,10 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
 
 def _result(trainer: SimpleTrainer, t_start: float) -> TrainResult:
     ck = trainer.checkpointer
-    final = next((h.final_metrics for h in trainer.hooks if isinstance(h, PeriodicEval)), {})
+    evals = next((h for h in trainer.hooks if isinstance(h, PeriodicEval)), None)
     return TrainResult(run_dir=trainer.run_dir, step=trainer.step, last_checkpoint=ck.last,
-                       best_checkpoint=ck.best_path, best_metric=ck.best_metric, final_metrics=final,
-                       seconds=time.time() - t_start, model=ckpt.unwrap_model(trainer.model))
+                       best_checkpoint=ck.best_path, best_metric=ck.best_metric,
+                       final_metrics=evals.final_metrics if evals else {},
+                       seconds=time.time() - t_start, model=ckpt.unwrap_model(trainer.model),
+                       ema_model=ck.ema.module if ck.ema is not None else None,
+                       final_ema_metrics=evals.final_ema_metrics if evals else {})

@@ -10,6 +10,7 @@ What the loop guarantees on its own: a SIGINT ends the step in progress, which i
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from .distributed import all_reduce_tensor, barrier
 from .sampling import reraise_carried
 
 __all__ = ["TrainingInterrupted", "TrainingDiverged", "StopRequest", "HookBase", "TrainerBase", "SimpleTrainer",
-           "move_to_device"]
+           "move_to_device", "split_batch"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -169,10 +170,19 @@ class TrainerBase:
 class SimpleTrainer(TrainerBase):
     """One optimizer step per batch: losses, a finiteness check agreed by every process, then
     backward (through the gradient scaler for fp16), optional clipping, the optimizer and the
-    schedule. ``compute_losses(batch)`` returns a dict whose ``"total"`` is minimised."""
+    schedule. ``compute_losses(batch)`` returns a dict whose ``"total"`` is minimised.
+
+    With ``grad_accum_steps`` k > 1 the process's batch is cut into k equal micro-batches, each
+    run forward and backward on its own with its loss divided by k, and the optimizer steps once
+    on the summed gradients: for a loss that is a mean over images this is the gradient of the
+    whole batch, in the memory of one micro-batch (BatchNorm, though, normalises each
+    micro-batch with its own statistics). The loader still yields one batch per optimizer step,
+    so the schedule, the data position and a resume count optimizer steps. Under DDP the
+    gradients are all-reduced once, on the last micro-batch (``no_sync`` before)."""
 
     def __init__(self, model, compute_losses: Callable[[Any], Dict[str, torch.Tensor]], optimizer, scheduler,
-                 scaler, device: torch.device, grad_clip_norm: Optional[float] = None, **kw):
+                 scaler, device: torch.device, grad_clip_norm: Optional[float] = None, grad_accum_steps: int = 1,
+                 **kw):
         super().__init__(**kw)
         self.model = model
         self.compute_losses = compute_losses
@@ -181,23 +191,56 @@ class SimpleTrainer(TrainerBase):
         self.scaler = scaler
         self.device = device
         self.grad_clip_norm = grad_clip_norm
-        self.batch = None
-        self.losses: Dict[str, torch.Tensor] = {}
+        self.grad_accum_steps = int(grad_accum_steps)
+        self.batch = None  # the step's last micro-batch (the whole batch without accumulation), on the device
+        self.losses: Dict[str, torch.Tensor] = {}  # the step's losses, averaged over its micro-batches
         self.lr = 0.0  # the learning rate the last step used
 
     def run_step(self, batch) -> bool:
         """False (nothing applied) when the processes agreed to stop before this step."""
         reraise_carried(batch)  # a bad file met by a worker: the error the main process would raise
-        batch = move_to_device(batch, self.device)
-        losses = self.compute_losses(batch)
-        if not self._finite_or_stop(losses["total"]):
-            return False
-        self._apply(losses["total"])
+        k = self.grad_accum_steps
+        if k == 1:
+            batch = move_to_device(batch, self.device)
+            losses = self.compute_losses(batch)
+            if not self._finite_or_stop(losses["total"]):
+                return False
+            self.optimizer.zero_grad(set_to_none=True)
+            self._backward(losses["total"])
+        else:
+            batch, losses = self._accumulate(batch, k)
+            if not self._finite_or_stop(losses["total"]):
+                self.optimizer.zero_grad(set_to_none=True)
+                return False
+        self._apply()
         self.lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
         self.batch, self.losses = batch, losses
         return True
+
+    def _accumulate(self, batch, k: int):
+        """Forward and backward over the k micro-batches; returns the last micro-batch and the
+        losses averaged over all (detached). The gradients are those of the mean loss; nothing
+        is applied yet, so a non-finite loss still leaves the weights as they were."""
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = split_batch(batch, k)
+        sums: Dict[str, torch.Tensor] = {}
+        for i, part in enumerate(parts):
+            part = move_to_device(part, self.device)
+            with (_no_sync(self.model) if i < k - 1 else contextlib.nullcontext()):
+                losses = self.compute_losses(part)
+                self._backward(losses["total"] / k)
+            for name, value in losses.items():
+                value = value.detach()
+                sums[name] = sums[name] + value if name in sums else value
+        return part, {name: value / k for name, value in sums.items()}
+
+    def _backward(self, total: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+        else:
+            total.backward()
 
     def _finite_or_stop(self, total: torch.Tensor) -> bool:
         """Raises :class:`TrainingDiverged` when the loss is not finite on any process; under
@@ -218,18 +261,59 @@ class SimpleTrainer(TrainerBase):
                 f"solver.lr, set solver.grad_clip_norm, or check the data; {kept}")
         return True
 
-    def _apply(self, total: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _apply(self) -> None:
+        """Clip and step on the accumulated gradients (unscaled first under fp16)."""
         clip = self.grad_clip_norm
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
             if clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            total.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
+
+
+def _no_sync(model):
+    """DDP's ``no_sync`` (gradients kept local until the last micro-batch) for ``model`` wrapped
+    in DDP, possibly under torch.compile; a null context otherwise."""
+    m = model
+    while isinstance(m, torch.nn.Module):
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            return m.no_sync()
+        m = getattr(m, "_orig_mod", None)
+    return contextlib.nullcontext()
+
+
+def _batch_len(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, (torch.Tensor, list, tuple)):
+                return len(v)
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into micro-batches")
+
+
+def split_batch(batch, parts: int) -> List[Any]:
+    """``batch`` cut into ``parts`` equal micro-batches along the sample axis: a tensor, a dict of
+    per-sample tensors / lists (panoptic collate) or a tuple/list of tensors (image, label)."""
+    if parts == 1:
+        return [batch]
+    n = _batch_len(batch)
+    if n % parts:
+        raise ValueError(f"a batch of {n} samples does not split into {parts} equal micro-batches")
+    size = n // parts
+
+    def cut(b, lo, hi):
+        if isinstance(b, torch.Tensor):
+            return b[lo:hi]
+        if isinstance(b, dict):
+            return {k: v[lo:hi] if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in b.items()}
+        return type(b)(v[lo:hi] for v in b)
+
+    return [cut(batch, i * size, (i + 1) * size) for i in range(parts)]

@@ -7,17 +7,29 @@ the batch. The module only holds parameters; the math lives in the paths that
 :mod:`.dispatch` chooses between (``reference.axial_attention_reference`` is the plain
 oracle; ``impl`` names one, ``"auto"`` lets the priority lists pick).
 
-Relative tables are never tied to an input size:
+Relative tables are tied neither to an input size nor to the span. Every layer stores
+tables of ``2D+1`` rows, offsets ``-D..D`` (``D`` = 254 by default: deeplab2's 2*255-1 rows),
+so a checkpoint fits a model of any span (the paper's Axial-DeepLab-L has the same parameters at
+spans 5..65):
 
-* local span ``m`` (odd): tables have exactly ``m`` rows (offsets -(m-1)/2..(m-1)/2);
-  an axis shorter than ``m`` simply sees all of it.
-* global span: tables cover offsets ``-D..D`` (``2D+1`` rows, ``D =
-  max_relative_distance``); on axes longer than ``D+1`` the offsets beyond are
+* global span: the attention uses all rows; on axes longer than ``D+1`` the offsets beyond are
   clipped to the edge rows (as deeplab2 does), so any length runs.
+* local span ``m`` (odd): offsets never exceed ``(m-1)/2``, so the attention uses only the
+  ``m`` centre rows; the other rows are kept (and get no gradient) so that the same weights
+  serve any span. An axis shorter than ``m`` simply sees all of it.
+
+The attention paths read ``layer.query_table`` / ``key_table`` / ``value_table``,
+``layer.max_relative_distance`` and ``layer.table_rows``: these describe the rows the math
+uses (the centre ``m`` rows and reach ``(m-1)/2`` for a local span), so every path sees
+the same operands whatever ``D`` is. The stored parameters (state-dict keys of the same
+names) hold all ``2D+1`` rows; ``table_reach`` is ``D``. Loading a state dict whose tables
+have another length fits them (:func:`fit_relative_table`): see
+``PositionSensitiveAxialAttention._load_from_state_dict``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,10 +42,41 @@ __all__ = [
     "register_attention_impl",
     "available_attention_impls",
     "DEFAULT_MAX_RELATIVE_DISTANCE",
+    "TABLE_NAMES",
+    "fit_relative_table",
 ]
 
 # deeplab2 tables hold 2*255-1 rows; we default to the same reach.
 DEFAULT_MAX_RELATIVE_DISTANCE = 254
+TABLE_NAMES = ("query_table", "key_table", "value_table")
+
+
+def fit_relative_table(table: torch.Tensor, reach: int) -> torch.Tensor:
+    """A relative table ``(depth, 2R+1)`` (offsets ``-R..R``) as ``(depth, 2*reach+1)``.
+
+    Offsets beyond ``R`` take the edge rows, exactly what clipping to ``R`` does at run time,
+    so a shorter table extends without changing any output; a longer one keeps its centre
+    ``2*reach+1`` rows."""
+    if table.dim() != 2 or table.shape[1] % 2 == 0:
+        raise ValueError(f"a relative table is (depth, 2R+1), got shape {tuple(table.shape)}")
+    have = (table.shape[1] - 1) // 2
+    rows = torch.arange(-reach, reach + 1, device=table.device).clamp(-have, have) + have
+    return table[:, rows].contiguous()
+
+
+def _table_view(name: str):
+    def get(self):
+        try:
+            table = self._parameters[name]
+        except (AttributeError, KeyError):  # not registered yet (inside __init__)
+            raise AttributeError(name) from None
+        start = self.table_reach - self.max_relative_distance  # python ints: a static slice
+        if table is None or start == 0:
+            return table
+        return table[:, start:start + self.table_rows]
+
+    return property(get, doc=f"The rows of the ``{name}`` parameter that the attention uses "
+                             f"(the centre ``span`` rows for a local span, else all).")
 
 
 class PositionSensitiveAxialAttention(nn.Module):
@@ -50,7 +93,10 @@ class PositionSensitiveAxialAttention(nn.Module):
         stride_mode: ``"subsample"`` (every s-th position, deeplab2), ``"avgpool"``
             (average over s positions on the axis) or ``"avgpool2d"`` (s x s average
             pooling of the 2-D map, as the PyTorch ImageNet port does after its width layer).
-        max_relative_distance: reach D of global-span tables (ignored for local spans).
+        max_relative_distance: reach D of the stored tables (``2D+1`` rows), default 254
+            whatever the span; a local span m needs ``D >= (m-1)/2``. (The attribute
+            ``max_relative_distance`` is the reach the attention uses: ``D``, or ``(m-1)/2``
+            for a local span; ``table_reach`` is ``D``.)
         use_qk / use_query_rpe / use_key_rpe / use_value_rpe: switch the content term,
             q.r^q, k.r^k and the r^v retrieval on or off (the paper's ablation).
         impl: ``"auto"`` (the dispatcher's priority list for the device and mode), or a path
@@ -105,12 +151,17 @@ class PositionSensitiveAxialAttention(nn.Module):
         self.span = span
         self.stride = stride
         self.stride_mode = stride_mode
-        if span is not None:
-            self.max_relative_distance = (span - 1) // 2
+        if max_relative_distance is None:
+            reach = DEFAULT_MAX_RELATIVE_DISTANCE if span is None else max(DEFAULT_MAX_RELATIVE_DISTANCE,
+                                                                            (span - 1) // 2)
         else:
-            self.max_relative_distance = (
-                DEFAULT_MAX_RELATIVE_DISTANCE if max_relative_distance is None else int(max_relative_distance)
-            )
+            reach = int(max_relative_distance)
+            if reach < 0 or (span is not None and reach < (span - 1) // 2):
+                raise ValueError(f"max_relative_distance must be >= 0 and, with span {span}, >= "
+                                 f"{(span - 1) // 2 if span else 0}; got {max_relative_distance}")
+        self.table_reach = reach  # the stored tables: 2 * reach + 1 rows
+        # the reach the attention uses (offsets beyond it are clipped, or never occur)
+        self.max_relative_distance = reach if span is None else (span - 1) // 2
         self.use_qk = use_qk
         self.use_query_rpe = use_query_rpe
         self.use_key_rpe = use_key_rpe
@@ -127,23 +178,73 @@ class PositionSensitiveAxialAttention(nn.Module):
         self.bn_similarity = nn.BatchNorm2d(3 * num_heads, eps=bn_eps, momentum=bn_momentum)
         # One BN channel per (value channel, retrieval), interleaved: [c0 a.v, c0 a.r^v, c1 ...].
         self.bn_output = nn.BatchNorm1d(2 * out_channels, eps=bn_eps, momentum=bn_momentum)
-        rows = 2 * self.max_relative_distance + 1
-        self.query_table = nn.Parameter(torch.empty(self.key_depth, rows)) if use_query_rpe else None
-        self.key_table = nn.Parameter(torch.empty(self.key_depth, rows)) if use_key_rpe else None
-        self.value_table = nn.Parameter(torch.empty(self.value_depth, rows)) if use_value_rpe else None
+        rows = 2 * self.table_reach + 1
+        for name, depth, on in (("query_table", self.key_depth, use_query_rpe),
+                                ("key_table", self.key_depth, use_key_rpe),
+                                ("value_table", self.value_depth, use_value_rpe)):
+            self.register_parameter(name, nn.Parameter(torch.empty(depth, rows)) if on else None)
         self.reset_parameters()
+
+    # Read by every attention path: only the rows the attention uses (see the module docstring).
+    query_table = _table_view("query_table")
+    key_table = _table_view("key_table")
+    value_table = _table_view("value_table")
 
     def reset_parameters(self):
         # deeplab2: qkv kernel ~ truncated normal, std C_in^-0.5; tables ~ N(0, 1).
         nn.init.trunc_normal_(self.qkv.weight, std=self.in_channels ** -0.5,
                               a=-2 * self.in_channels ** -0.5, b=2 * self.in_channels ** -0.5)
-        for t in (self.query_table, self.key_table, self.value_table):
+        for t in self.relative_table_parameters():
             if t is not None:
                 nn.init.normal_(t, 0.0, 1.0)
 
     @property
     def table_rows(self) -> int:
+        """The table rows the attention uses (offsets ``-max_relative_distance..``)."""
         return 2 * self.max_relative_distance + 1
+
+    def relative_table_parameters(self) -> Tuple[Optional[nn.Parameter], ...]:
+        """The stored (query, key, value) table parameters, all ``2 * table_reach + 1`` rows
+        (None where a term is off)."""
+        return tuple(self._parameters[name] for name in TABLE_NAMES)
+
+    def fit_table(self, name: str, table: torch.Tensor) -> Tuple[torch.Tensor, Optional[str]]:
+        """``table`` (a checkpoint's ``name``, any odd number of rows) as this layer stores it,
+        and None, or a sentence when the fitted layer computes other outputs than the
+        checkpoint's layer on some inputs.
+
+        A shorter table extends by its edge rows: exactly the clipping its own layer did. A
+        longer one is centre-cropped: exact for a local span (its offsets never pass
+        ``(m-1)/2 <= table_reach``) and, for a global span, on every axis up to
+        ``table_reach + 1`` long; beyond, this layer clips offsets at its own reach where the
+        checkpoint's layer had rows. That is this layer's architecture, which a checkpoint
+        cannot change, so the load goes on with a warning rather than refusing (refusing would
+        leave no way to fine-tune a shorter-reach model from longer-reach weights)."""
+        fitted = fit_relative_table(table, self.table_reach)
+        have = (table.shape[1] - 1) // 2
+        if self.span is None and have > self.table_reach:
+            return fitted, (f"its {name} reaches offset {have}, this global-span layer {self.table_reach}: "
+                            f"outputs on axes longer than {self.table_reach + 1} differ from the checkpoint's "
+                            f"(offsets beyond {self.table_reach} are clipped)")
+        return fitted, None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Tables of another length (another reach, or a span-sized table of an older checkpoint) fit
+        # this layer's (fit_table); other shape errors are left to nn.Module's own message.
+        note = None
+        for name in TABLE_NAMES:
+            own, table = self._parameters.get(name), state_dict.get(prefix + name)
+            if (own is None or not isinstance(table, torch.Tensor) or table.dim() != 2
+                    or table.shape[0] != own.shape[0] or table.shape[1] == own.shape[1] or table.shape[1] % 2 == 0):
+                continue
+            state_dict[prefix + name], cropped = self.fit_table(name, table)
+            note = note or cropped
+        if note:  # one warning per layer (its tables share one length)
+            warnings.warn(f"{prefix.rstrip('.') or type(self).__name__}: a checkpoint's relative table was "
+                          f"cropped: {note}", UserWarning, stacklevel=2)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def resolve_impl(self, x: torch.Tensor) -> str:
         """The name of the path ``self(x)`` runs (see :mod:`.dispatch`; ``explain`` says why)."""
@@ -170,5 +271,6 @@ class PositionSensitiveAxialAttention(nn.Module):
         span = "global" if self.span is None else self.span
         return (f"{self.in_channels}->{self.out_channels}, axis={self.axis}, heads={self.num_heads}, "
                 f"key_channels={self.key_channels}, span={span}, stride={self.stride}, "
-                f"table_rows={self.table_rows}, terms={'+'.join(terms)}, impl={self.impl}")
+                f"table_rows={self.table_rows}/{2 * self.table_reach + 1}, terms={'+'.join(terms)}, "
+                f"impl={self.impl}")
 

@@ -10,7 +10,7 @@ tables and read the keys and values at a per-row shift. Two entry points:
 :func:`forward_eval`, the whole layer in inference (BN folded into the projection, one
 matrix product per image that reads the input in its own memory layout and writes
 position-major qkv, output BN folded into the values, the value table and the kernel's store,
-output written channels_last), and :func:`attend_eval`, the contract of :func:`.fast_cpu.attend`,
+output written channels_last), and :func:`attend_eval`, the contract of :func:`.chunked.attend`,
 used by the forward of the memory-efficient training function (it also returns each
 row's log-sum-exp). The training backward (:func:`attention_backward`, and
 :func:`backward_strided` for operands in any strided layout) recomputes each row's
@@ -44,13 +44,16 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "attend_eval", "forward_eval", "attention_backward", "backward_strided", "ENABLED"]
+from .geometry import (LOG2E, apply_stride, attention_radius, eval_bn, folded_constants, folded_projection,
+                       layer_query_step, offset_table_rows)
+
+__all__ = ["available", "supports", "kernel_operands", "run_kernel", "attend_eval", "forward_eval",
+           "eval_with_operands", "attention_backward", "backward_strided", "ENABLED", "MAX_KEY_DEPTH"]
 
 # Tests switch this off to exercise the PyTorch implementation.
 ENABLED = os.environ.get("AXIAL_DEEPLAB_NO_C_KERNEL", "") in ("", "0")
 MAX_KEY_DEPTH = 256
 _PAD = 8  # floats of zero padding after each offset-table row (one vector)
-_LOG2E = 1.4426950408889634
 
 # The kernel's C source, shipped as package data; its header comment describes the layout.
 _SOURCE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -256,15 +259,9 @@ def _run_rows(lib, args: _Args, rows: int) -> bool:
     return not any(status)
 
 
-def _offsets(layer, length: int) -> torch.Tensor:
-    """Table rows of the offsets -(L-1)..L-1, clipped to the reach."""
-    d = layer.max_relative_distance
-    return torch.arange(-(length - 1), length).clamp(-d, d) + d
-
-
 def _tables(layer, length: int):
     """Relative tables gathered over offsets -(L-1)..L-1 (clipped to the reach), zero-padded."""
-    offsets = _offsets(layer, length)
+    offsets = offset_table_rows(layer, length)
     rqe = rke = rvt = None
     if layer.use_query_rpe:
         rqe = F.pad(layer.query_table.detach().float()[:, offsets], (0, _PAD)).contiguous()
@@ -275,12 +272,12 @@ def _tables(layer, length: int):
     return rqe, rke, rvt
 
 
-def _supported(layer, t: torch.Tensor) -> bool:
+def supports(layer, t: torch.Tensor) -> bool:
     return (t.dtype == torch.float32 and t.device.type == "cpu" and layer.key_depth <= MAX_KEY_DEPTH
             and _library() is not None)
 
 
-def _operands(layer, length: int, scales: torch.Tensor, alpha_r=None, beta=None):
+def kernel_operands(layer, length: int, scales: torch.Tensor, alpha_r=None, beta=None):
     """The kernel's per-layer operands for sequences of ``length``: similarity scales
     (2, heads) in log2 units, q.r^q table (dk, Jp), per-head k.r^k tables (heads, dk, Jp)
     pre-scaled, value table (2L-1, dvp) or per head (scaled by ``alpha_r``) with its head
@@ -288,7 +285,7 @@ def _operands(layer, length: int, scales: torch.Tensor, alpha_r=None, beta=None)
     multipliers of the similarity terms."""
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     dvp = -(-dv // 8) * 8
-    s = scales.detach().float() * _LOG2E
+    s = scales.detach().float() * LOG2E
     rqe, rke, rvt = _tables(layer, length)
     jp = 2 * length - 1 + _PAD
     scale = torch.stack([s[0] * float(layer.use_qk), s[1]]).contiguous()
@@ -306,7 +303,7 @@ def _operands(layer, length: int, scales: torch.Tensor, alpha_r=None, beta=None)
     return scale, rqe, rke, jp, rvt, rv_hs, beta
 
 
-def _run(layer, qkv: torch.Tensor, q_strides, nseq: int, n_inner: int, length: int, step: int,
+def run_kernel(layer, qkv: torch.Tensor, q_strides, nseq: int, n_inner: int, length: int, step: int,
          operands, out: torch.Tensor, o_strides, out2=None, lse=None) -> bool:
     """Run the kernel over every (sequence, head, query) row.
 
@@ -314,11 +311,11 @@ def _run(layer, qkv: torch.Tensor, q_strides, nseq: int, n_inner: int, length: i
     ``nb*s_b + ni*s_n + h*s_h + ch*s_c + p*s_p`` (``q_strides``), output element (n, h, i, c)
     at ``nb*o_bs + ni*o_ns + h*o_hs + i*o_rs + c`` (``o_strides``) of ``out``, and of
     ``out2`` for sve when given; without ``out2`` the kernel stores sv + sve (+ beta).
-    ``operands``: from :func:`_operands`."""
+    ``operands``: from :func:`kernel_operands`."""
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     lq = len(range(0, length, step))
     scale, rqe, rke, jp, rvt, rv_hs, beta = operands
-    args = _Args(lq, length, step, _radius(layer), dk, dv, heads, nseq, max(1, n_inner),
+    args = _Args(lq, length, step, attention_radius(layer), dk, dv, heads, nseq, max(1, n_inner),
                  qkv.data_ptr(), *q_strides, scale.data_ptr(), rqe.data_ptr(), rke.data_ptr(), jp,
                  rvt.data_ptr(), rv_hs, out.data_ptr(), _ptr(out2), *o_strides, _ptr(beta), _ptr(lse))
     return _run_rows(_library(), args, nseq * heads * lq)
@@ -326,9 +323,9 @@ def _run(layer, qkv: torch.Tensor, q_strides, nseq: int, n_inner: int, length: i
 
 def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1,
                 return_lse: bool = False):
-    """Same contract as :func:`.fast_cpu.attend` (qkv (nh, 2dk+dv, L) -> sv, sve (nh, dv, Lq)
+    """Same contract as :func:`.chunked.attend` (qkv (nh, 2dk+dv, L) -> sv, sve (nh, dv, Lq)
     [, lse]) for float32 CPU tensors without gradients; None when the kernel is unavailable."""
-    if not _supported(layer, qkv):
+    if not supports(layer, qkv):
         return None
     heads, dv = layer.num_heads, layer.value_depth
     with torch.no_grad():
@@ -339,69 +336,15 @@ def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int 
         sv = torch.empty(nh, lq, dv)
         sve = torch.empty(nh, lq, dv) if layer.use_value_rpe else None
         lse = torch.empty(nh, lq) if return_lse else None
-        if not _run(layer, qkv, (0, heads * c2h * length, c2h * length, length, 1), n, n, length, query_step,
-                    _operands(layer, length, scales), sv, (0, heads * lq * dv, lq * dv, dv), out2=sve, lse=lse):
+        if not run_kernel(layer, qkv, (0, heads * c2h * length, c2h * length, length, 1), n, n, length,
+                          query_step, kernel_operands(layer, length, scales), sv, (0, heads * lq * dv, lq * dv, dv),
+                          out2=sve, lse=lse):
             return None
         sv = sv.transpose(1, 2)
         sve = sve.transpose(1, 2) if sve is not None else None
     if return_lse:
         return sv, sve, lse
     return sv, sve
-
-
-def _radius(layer) -> int:
-    return -1 if layer.span is None else (layer.span - 1) // 2
-
-
-def _eval_bn(bn) -> bool:
-    return not bn.training and bn.running_mean is not None
-
-
-def _bn_affine(bn):
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def _eval_cache(layer) -> dict:
-    """A dict for constants derived from the layer's parameters and BN statistics, emptied
-    whenever one of them changes: replaced, updated in place (tensor version) or given new
-    data (``.data =``, as ``module.to`` does: storage address). A fresh, unkept dict for
-    parameters made in ``torch.inference_mode``, which have no version counters."""
-    tensors = [layer.qkv.weight, layer.query_table, layer.key_table, layer.value_table]
-    for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output):
-        tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    tensors = [t for t in tensors if t is not None]
-    if any(t.is_inference() for t in tensors):  # no version counters (made in inference_mode)
-        return {}
-    key = [(t, t._version, t.data_ptr()) for t in tensors]
-    key += [bn.eps for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output)]
-    key += [layer.use_qk, layer.use_query_rpe, layer.use_key_rpe, layer.use_value_rpe,
-            layer.max_relative_distance]
-    cached = layer.__dict__.get("_cpu_kernel_eval_cache")
-    if cached is None or len(cached[0]) != len(key) or not all(
-            (a[0] is b[0] and a[1:] == b[1:]) if isinstance(a, tuple) else a == b
-            for a, b in zip(cached[0], key)):
-        cached = (key, {})
-        layer.__dict__["_cpu_kernel_eval_cache"] = cached  # a plain attribute: not state, not a buffer
-    return cached[1]
-
-
-def _folded_projection(layer):
-    """(weight (c2, C_in), bias (c2)) of the projection with bn_qkv and the output BN's scale of
-    a.v folded in (sum_p a_p (s v_p) = s sum_p a_p v_p), the output BN's per-channel scale of
-    a.r^v, its shift, and the similarity BN's scales (3, heads)."""
-    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
-    c2h = 2 * dk + dv
-    scale, shift = _bn_affine(layer.bn_qkv)
-    oscale, oshift = (t.view(heads * dv, 2) for t in _bn_affine(layer.bn_output))
-    mult = torch.ones(heads, c2h, dtype=scale.dtype, device=scale.device)
-    mult[:, 2 * dk:] = oscale[:, 0].view(heads, dv)
-    scale, shift = scale * mult.view(-1), shift * mult.view(-1)
-    w = (layer.qkv.weight.flatten(1) * scale[:, None]).contiguous()
-    alpha_r = oscale[:, 1] if layer.use_value_rpe else None
-    beta = oshift[:, 0] + oshift[:, 1] if layer.use_value_rpe else oshift[:, 0]
-    sim_scales = _bn_affine(layer.bn_similarity)[0].view(3, heads)
-    return w, shift.contiguous(), alpha_r, beta, sim_scales
 
 
 def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -417,26 +360,24 @@ def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     tensor in ``torch.channels_last`` memory format, so the next layer of a pair reads it in
     place. Constants folded from the parameters are kept until a parameter or statistic
     changes."""
-    if (torch.is_grad_enabled() or not _supported(layer, x) or torch.is_autocast_enabled("cpu")
-            or not all(_eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output))):
+    if (torch.is_grad_enabled() or not supports(layer, x) or torch.is_autocast_enabled("cpu")
+            or not all(eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output))):
         return None
     height, width = x.shape[2:]
-    cache = _eval_cache(layer)
+    cache = folded_constants(layer)
     if "projection" not in cache:
-        cache["projection"] = _folded_projection(layer)
+        cache["projection"] = folded_projection(layer)
     w, shift, alpha_r, beta, sim_scales = cache["projection"]
 
-    step = layer.stride if layer.stride > 1 and layer.stride_mode == "subsample" else 1
+    step = layer_query_step(layer)
     length = height if layer.axis == "height" else width
     key = ("operands", length)
     if key not in cache:
-        cache[key] = _operands(layer, length, sim_scales, alpha_r=alpha_r, beta=beta)
+        cache[key] = kernel_operands(layer, length, sim_scales, alpha_r=alpha_r, beta=beta)
     y = _eval_rows(layer, x, w, shift, cache[key], layer.axis == "height", step)
     if y is None:
         return None
     if step == 1 and layer.stride > 1:
-        from .reference import apply_stride
-
         y = apply_stride(y, layer)
     return y
 
@@ -444,7 +385,7 @@ def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
 def _eval_rows(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, operands, height_axis: bool,
                step: int) -> Optional[torch.Tensor]:
     """The kernel part of :func:`forward_eval` on folded operands (``weight``, ``bias``: the
-    projection; ``operands``: from :func:`_operands`): (B, C, Lq, W) or (B, C, H, Lq) in
+    projection; ``operands``: from :func:`kernel_operands`): (B, C, Lq, W) or (B, C, H, Lq) in
     channels_last memory format, or None when the kernel refused."""
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     batch, cin, height, width = x.shape
@@ -477,7 +418,7 @@ def _eval_rows(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         out = torch.empty(batch, height, lq, c)
         q_strides = (s_b, s_hgt, s_h, s_c, s_w)
         o_strides = (height * lq * c, lq * c, dv, c)
-    if not _run(layer, qkv, q_strides, batch * n_inner, n_inner, length, step, operands, out, o_strides):
+    if not run_kernel(layer, qkv, q_strides, batch * n_inner, n_inner, length, step, operands, out, o_strides):
         return None
     return out.permute(0, 3, 1, 2)
 
@@ -498,15 +439,15 @@ def eval_with_operands(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch
     tables = [t for t in (layer.query_table, layer.key_table, layer.value_table) if t is not None]
     small = (sim_scales, alpha_r, beta)
     if not tables or any(t.is_inference() for t in tables):
-        return _eval_rows(layer, x, weight, bias, _operands(layer, length, sim_scales, alpha_r=alpha_r, beta=beta),
-                          height_axis, step)
+        operands = kernel_operands(layer, length, sim_scales, alpha_r=alpha_r, beta=beta)
+        return _eval_rows(layer, x, weight, bias, operands, height_axis, step)
     key = (tuple((t.data_ptr(), t._version) for t in tables), length)
     hit = _EVAL_OPERANDS.get(key)
     if hit is not None and all((a is None) == (b is None) and (a is None or torch.equal(a, b))
                                for a, b in zip(hit[1], small)):
         operands = hit[2]
     else:
-        operands = _operands(layer, length, sim_scales, alpha_r=alpha_r, beta=beta)
+        operands = kernel_operands(layer, length, sim_scales, alpha_r=alpha_r, beta=beta)
         if len(_EVAL_OPERANDS) >= 256:
             _EVAL_OPERANDS.clear()
         # the tables are held so that their storage (part of the key) is not reused meanwhile
@@ -521,7 +462,7 @@ def attention_backward(layer, qkv: torch.Tensor, scales: torch.Tensor, lse: torc
     g_sv*sv + g_sve*sve; g_sv, g_sve (nh, dv, L), read through their strides. Returns
     (g_qkv, g_scales (3, heads), g_query_table, g_key_table, g_value_table) or None when the
     kernel cannot take it."""
-    if not _supported(layer, qkv):
+    if not supports(layer, qkv):
         return None
     heads = layer.num_heads
     with torch.no_grad():
@@ -553,7 +494,7 @@ def backward_strided(layer, qkv: torch.Tensor, q_strides, nseq: int, length: int
     nh = nseq * heads
     jp = 2 * length - 1 + _PAD
     rqe, rke, _ = _tables(layer, length)
-    offsets = _offsets(layer, length)
+    offsets = offset_table_rows(layer, length)
     if layer.use_value_rpe:
         rvT = F.pad(layer.value_table.detach().float()[:, offsets], (0, _PAD)).contiguous()
     else:
@@ -567,7 +508,7 @@ def backward_strided(layer, qkv: torch.Tensor, q_strides, nseq: int, length: int
         delta = delta.contiguous()
     elif sv is None or (layer.use_value_rpe and sve is None):
         raise ValueError("backward_strided needs delta, or sv (and sve) to form it")
-    args = _BackArgs(length, _radius(layer), dk, dv, heads, qkv.data_ptr(), *q_strides,
+    args = _BackArgs(length, attention_radius(layer), dk, dv, heads, qkv.data_ptr(), *q_strides,
                      scale.data_ptr(), int(layer.use_qk), int(layer.use_query_rpe), int(layer.use_key_rpe),
                      int(layer.use_value_rpe), _ptr(rqe), _ptr(rke), jp, _ptr(rvT), lse.data_ptr(),
                      _ptr(delta), g_sv.data_ptr(), _ptr(g_sve if layer.use_value_rpe else None), *g_strides,

@@ -23,7 +23,7 @@ why each faster one was refused and which inner route the memory-efficient path 
 the chosen path once per layer configuration, device, dtype and mode.
 
 This module is a leaf: it imports no attention path. The built-in paths are registered by
-:mod:`.fast_paths`, imported on first use.
+:mod:`.builtin_paths`, imported on first use.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ _state = {"builtins": False, "env_logging": False}
 def _ensure_builtins() -> None:
     if not _state["builtins"]:
         _state["builtins"] = True
-        from . import fast_paths  # noqa: F401  (registers the built-in paths)
+        from . import builtin_paths  # noqa: F401  (registers the built-in paths)
 
 
 # --------------------------------------------------------------------------- registration

@@ -15,8 +15,8 @@ Three operators, all on plain tensors and numbers (no module objects):
   its autograd is ``attention_rows_backward``, the recompute backward of the kernel.
 
 Each CPU implementation runs the C kernel when it takes the operands (float32, kernel
-compiled) and otherwise the chunked PyTorch path of :mod:`.fast_cpu` /
-:mod:`.memory_efficient` (same results within float32 rounding; float64 too).
+compiled) and otherwise the chunked PyTorch path of :mod:`.chunked` / :mod:`.recompute`
+(same results within float32 rounding; float64 too).
 """
 from __future__ import annotations
 
@@ -26,12 +26,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["attention_eval", "attention_rows", "attention_rows_backward", "geometry"]
+from . import cpu_kernel
+from .chunked import attend
+from .recompute import recompute_backward
+
+__all__ = ["attention_eval", "attention_rows", "attention_rows_backward", "layer_from_args"]
 
 _NS = "axial_deeplab"
 
 
-def geometry(heads: int, dk: int, dv: int, radius: int, max_distance: int, use_qk: bool,
+def layer_from_args(heads: int, dk: int, dv: int, radius: int, max_distance: int, use_qk: bool,
              query_table: Optional[Tensor], key_table: Optional[Tensor], value_table: Optional[Tensor]):
     """The attributes of a layer that the kernels read, rebuilt from operator arguments
     (``radius`` < 0: global span)."""
@@ -48,11 +52,9 @@ def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _rows_kernel_applies(geo, qkv: Tensor) -> bool:
-    from . import cpu_kernel
-
     dk, dv = geo.key_depth, geo.value_depth
     # the kernel reads q and k channels 8 at a time: the rest must stay inside the rows
-    return (cpu_kernel._supported(geo, qkv) and (-2 * dk) % 8 <= dv
+    return (cpu_kernel.supports(geo, qkv) and (-2 * dk) % 8 <= dv
             and dv <= 4 * cpu_kernel.MAX_KEY_DEPTH)
 
 
@@ -75,9 +77,7 @@ def attention_rows(qkv: Tensor, scales: Tensor, query_table: Optional[Tensor], k
                    max_distance: int, use_qk: bool) -> Tuple[Tensor, Tensor]:
     """qkv rows (N*L, heads*(2dk+dv)), scales (3, heads) natural-unit similarity multipliers ->
     (out (N*L, 2*heads*dv) = [sv | sve], lse (N*heads, L) log2-sum-exp2 of each row)."""
-    from . import cpu_kernel
-
-    geo = geometry(heads, dk, dv, radius, max_distance, use_qk, _detached(query_table),
+    geo = layer_from_args(heads, dk, dv, radius, max_distance, use_qk, _detached(query_table),
                    _detached(key_table), _detached(value_table))
     qkv = qkv.detach().contiguous()
     scales = scales.detach()
@@ -86,12 +86,10 @@ def attention_rows(qkv: Tensor, scales: Tensor, query_table: Optional[Tensor], k
     if _rows_kernel_applies(geo, qkv):
         out = torch.empty(nseq * length, 2 * c)
         lse = torch.empty(nseq * heads, length)
-        if cpu_kernel._run(geo, qkv, (0, length * c2, 2 * dk + dv, 1, c2), nseq, nseq, length, 1,
-                           cpu_kernel._operands(geo, length, scales), out, (0, length * 2 * c, dv, 2 * c),
-                           out2=out[:, c:], lse=lse):
+        if cpu_kernel.run_kernel(geo, qkv, (0, length * c2, 2 * dk + dv, 1, c2), nseq, nseq, length, 1,
+                                 cpu_kernel.kernel_operands(geo, length, scales), out,
+                                 (0, length * 2 * c, dv, 2 * c), out2=out[:, c:], lse=lse):
             return out, lse
-    from .fast_cpu import attend
-
     with torch.no_grad():
         sv, sve, lse = attend(geo, _to_sequences(qkv, nseq, heads), scales, 1, return_lse=True)
     sve = torch.zeros_like(sv) if sve is None else sve
@@ -112,9 +110,7 @@ def attention_rows_backward(qkv: Tensor, scales: Tensor, query_table: Optional[T
                             max_distance: int, use_qk: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`attention_rows` by recomputation: (g_qkv, g_scales, g_query_table,
     g_key_table, g_value_table); the gradient of an absent table is an empty tensor."""
-    from . import cpu_kernel
-
-    geo = geometry(heads, dk, dv, radius, max_distance, use_qk, _detached(query_table),
+    geo = layer_from_args(heads, dk, dv, radius, max_distance, use_qk, _detached(query_table),
                    _detached(key_table), _detached(value_table))
     qkv, out, lse, g_out = (t.detach().contiguous() for t in (qkv, out, lse, g_out))
     length = qkv.shape[0] // nseq
@@ -129,14 +125,12 @@ def attention_rows_backward(qkv: Tensor, scales: Tensor, query_table: Optional[T
         if grads is not None:
             grads = (g_qkv, *grads)
     if grads is None:
-        from .memory_efficient import _backward
-
         def seq(t):
             return _to_sequences(t, nseq, heads)
 
         with torch.no_grad():
-            g_qkv, *rest = _backward(geo, 1, seq(qkv), scales.detach(), seq(out[:, :c]), seq(out[:, c:]), lse,
-                                     seq(g_out[:, :c]), seq(g_out[:, c:]))
+            g_qkv, *rest = recompute_backward(geo, 1, seq(qkv), scales.detach(), seq(out[:, :c]),
+                                              seq(out[:, c:]), lse, seq(g_out[:, :c]), seq(g_out[:, c:]))
         grads = (_to_rows(g_qkv, nseq), *rest)
     g_qkv, g_scales, g_rq, g_rk, g_rv = grads
     empty = qkv.new_empty(0)
@@ -183,10 +177,8 @@ def attention_eval(x: Tensor, weight: Tensor, bias: Tensor, sim_scales: Tensor, 
     the projection (bn_qkv and the output BN's a.v scale folded in), ``sim_scales`` (3, heads),
     ``value_scale`` (heads*dv) the output BN's a.r^v scale, ``out_bias`` (heads*dv) its shift.
     Returns (B, heads*dv, Lq, W) or (B, heads*dv, H, Lq) in channels_last memory format."""
-    from . import cpu_kernel
-
-    geo = geometry(heads, dk, dv, radius, max_distance, use_qk, query_table, key_table, value_table)
-    if cpu_kernel._supported(geo, x):
+    geo = layer_from_args(heads, dk, dv, radius, max_distance, use_qk, query_table, key_table, value_table)
+    if cpu_kernel.supports(geo, x):
         y = cpu_kernel.eval_with_operands(geo, x, weight, bias, sim_scales, value_scale, out_bias,
                                           height_axis, query_step)
         if y is not None:
@@ -196,8 +188,6 @@ def attention_eval(x: Tensor, weight: Tensor, bias: Tensor, sim_scales: Tensor, 
 
 def _attention_eval_torch(geo, x, weight, bias, sim_scales, value_scale, out_bias, height_axis, query_step):
     """The same with the chunked PyTorch path (no compiler, float64)."""
-    from .fast_cpu import attend
-
     batch, cin, height, width = x.shape
     heads, dv = geo.num_heads, geo.value_depth
     c = heads * dv

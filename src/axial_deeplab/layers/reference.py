@@ -16,13 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .geometry import apply_stride, bn_affine, from_sequences, pair_table_rows, to_sequences
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
+
+__all__ = ["axial_attention_reference", "axial_attention_banded", "relative_index", "span_mask",
+           "span_covers_axis", "masked_batch_norm"]
 
 
 def relative_index(length: int, max_distance: int, device=None) -> torch.Tensor:
     """(L, L) table row for query o (dim 0) and key p (dim 1): clip(p - o, -D, D) + D."""
     pos = torch.arange(length, device=device)
-    return (pos[None, :] - pos[:, None]).clamp(-max_distance, max_distance) + max_distance
+    return pair_table_rows(pos, pos, max_distance)
 
 
 def span_mask(length: int, span, device=None) -> torch.Tensor:
@@ -77,37 +81,6 @@ def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, bn: nn.BatchNorm2d, s
     return y * bn.weight.view(shape) + bn.bias.view(shape)
 
 
-def to_sequences(t: torch.Tensor, axis: str) -> torch.Tensor:
-    """(B, C, H, W) -> (B*other, C, L) with L the attended axis."""
-    if axis == "height":
-        return t.permute(0, 3, 1, 2).reshape(-1, t.shape[1], t.shape[2])
-    return t.permute(0, 2, 1, 3).reshape(-1, t.shape[1], t.shape[3])
-
-
-def from_sequences(s: torch.Tensor, axis: str, batch: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`to_sequences`."""
-    c = s.shape[1]
-    if axis == "height":
-        return s.reshape(batch, width, c, height).permute(0, 2, 3, 1)
-    return s.reshape(batch, height, c, width).permute(0, 2, 1, 3)
-
-
-def apply_stride(y: torch.Tensor, layer) -> torch.Tensor:
-    """Stride after the layer, on its own axis (or 2-D for the port's avgpool2d).
-
-    Every mode keeps ceil(L / s) positions, like a strided conv shortcut does on odd lengths
-    (pooling windows cut by the border average the positions they hold)."""
-    s = layer.stride
-    if s == 1:
-        return y
-    if layer.stride_mode == "avgpool2d":
-        return F.avg_pool2d(y, s, s, ceil_mode=True)
-    if layer.stride_mode == "avgpool":
-        k = (s, 1) if layer.axis == "height" else (1, s)
-        return F.avg_pool2d(y, k, k, ceil_mode=True)
-    return y[:, :, ::s, :] if layer.axis == "height" else y[:, :, :, ::s]
-
-
 def axial_attention_reference(layer, x: torch.Tensor) -> torch.Tensor:
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
@@ -158,6 +131,15 @@ def _output(layer, sv: torch.Tensor, sve: torch.Tensor, B: int, H: int, W: int) 
     return apply_stride(y, layer)
 
 
+def _query_blocks(L, b: int):
+    """How many query blocks of b cover an axis of L: at least two. Traced where an axis fits one
+    block, a dimension of size 1 would be specialised (export guards on it) and the graph would
+    run at that size only; the extra block is padding, sliced off. ``L`` is an int, a SymInt
+    (export, compile) or a 0-d tensor (``torch.jit.trace``)."""
+    blocks = (L + b - 1) // b
+    return blocks.clamp(min=2) if isinstance(blocks, torch.Tensor) else torch.sym_max(2, blocks)
+
+
 def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     """The reference math for a local span m = 2r+1 in O(L x m) memory (global spans: the
     reference itself, which is O(L^2) by nature).
@@ -185,7 +167,7 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     qkv = to_sequences(layer.bn_qkv(layer.qkv(x)), layer.axis)
     N = qkv.shape[0]
     q, k, v = qkv.reshape(N, heads, 2 * dk + dv, L).split([dk, dk, dv], dim=2)
-    blocks = (L + b - 1) // b
+    blocks = _query_blocks(L, b)
     padded = blocks * b
     q = F.pad(q, (0, padded - L)).reshape(N, heads, dk, blocks, b)  # (n, h, c, k, i)
     kv = F.pad(torch.cat([k, v], dim=2), (r, padded - L + r))  # key p sits at r + p
@@ -221,12 +203,6 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     return _output(layer, sv, sve, B, H, W)
 
 
-def _bn_affine(bn: nn.BatchNorm2d):
-    """Eval BatchNorm as y = x * scale + shift, per channel."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
 def _global_eval(layer, x: torch.Tensor) -> torch.Tensor:
     """The reference for a global span in inference, in few passes over L x L tensors (what an
     exported graph pays for): the similarity BN's scales go into q and k and its shifts are
@@ -240,7 +216,7 @@ def _global_eval(layer, x: torch.Tensor) -> torch.Tensor:
     qkv = to_sequences(layer.bn_qkv(layer.qkv(x)), layer.axis)
     N = qkv.shape[0]
     q, k, v = qkv.reshape(N, heads, 2 * dk + dv, L).split([dk, dk, dv], dim=2)  # (n, h, d, L)
-    sim = _bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
+    sim = bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
     idx = relative_index(L, layer.max_relative_distance, x.device)  # (L_o, L_p): table row
 
     terms = []
@@ -253,7 +229,7 @@ def _global_eval(layer, x: torch.Tensor) -> torch.Tensor:
     logits = sum(terms[1:], terms[0]) if terms else q.new_zeros(N, heads, L, L)
     attn = torch.softmax(logits, dim=-1)  # over keys p
 
-    scale, shift = _bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
+    scale, shift = bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
     scale, shift = scale.reshape(1, heads, dv, 2), shift.reshape(1, heads, dv, 2)
     out = torch.einsum("nhop,nhcp->nhco", attn, v) * scale[..., :1] + shift[..., :1]
     if layer.use_value_rpe:
@@ -281,11 +257,15 @@ def _unskew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.reshape(*lead, rows, cols + 1)[..., :width]
 
 
-def _windows(t: torch.Tensor, window: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """(n, h, c, L) -> (n, h, blocks, w, c): the keys of each block's window (key p at left + p
-    of the zero-padded axis), one gather of whole rows."""
+def _windows(t: torch.Tensor, blocks, b: int, w: int, left: int, right: int) -> torch.Tensor:
+    """(n, h, c, L) -> (n, h, blocks, w, c): the keys of block k's window, positions k * b + t of
+    the axis zero-padded by (left, right), in one gather of whole rows. The flat index is built
+    without broadcasting a (blocks, 1) column: traced where blocks is 1, a broadcast would fix
+    the exported graph to one block (a guard on a size that is 1), and other sizes would fail."""
     t = F.pad(t, (left, right)).transpose(-1, -2)
-    return torch.index_select(t, 2, window.reshape(-1)).reshape(*t.shape[:2], *window.shape, t.shape[-1])
+    flat = torch.arange(blocks * w, device=t.device)
+    index = torch.div(flat, w, rounding_mode="floor") * b + torch.remainder(flat, w)
+    return torch.index_select(t, 2, index).reshape(*t.shape[:2], blocks, w, t.shape[-1])
 
 
 def _banded_eval(layer, x: torch.Tensor) -> torch.Tensor:
@@ -307,16 +287,15 @@ def _banded_eval(layer, x: torch.Tensor) -> torch.Tensor:
     qkv = to_sequences(layer.bn_qkv(layer.qkv(x)), layer.axis)
     N = qkv.shape[0]
     q, k, v = qkv.reshape(N, heads, 2 * dk + dv, L).split([dk, dk, dv], dim=2)  # (n, h, d, L)
-    sim = _bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
-    blocks = (L + b - 1) // b
+    sim = bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
+    blocks = _query_blocks(L, b)
     padded = blocks * b
     q = F.pad(q, (0, padded - L))  # padded queries: rows sliced off at the end
 
-    window = (torch.arange(blocks, device=dev) * b)[:, None] + torch.arange(w, device=dev)[None, :]
     terms = []
     if layer.use_qk:  # block k's queries against its window of keys, then (i, t) -> (i, j = t - i)
         qb = (q * sim[0]).reshape(N, heads, dk, blocks, b).permute(0, 1, 3, 4, 2)  # (n, h, k, i, c)
-        kw = _windows(k, window, r, padded - L + r)  # (n, h, k, t, c)
+        kw = _windows(k, blocks, b, w, r, padded - L + r)  # (n, h, k, t, c)
         qk = torch.matmul(qb, kw.transpose(-1, -2))  # (n, h, k, i, t)
         terms.append(_unskew_rows(qk, m).reshape(N, heads, padded, m))
     if layer.use_query_rpe:  # q_o . r^q_j
@@ -335,8 +314,8 @@ def _banded_eval(layer, x: torch.Tensor) -> torch.Tensor:
     attn = torch.softmax(logits, dim=-1)  # over the span's keys
 
     ab = _skew_rows(attn.reshape(N, heads, blocks, b, m), w)  # (n, h, k, i, t)
-    out = torch.matmul(ab, _windows(v, window, r, padded - L + r)).reshape(N, heads, padded, dv)
-    scale, shift = _bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
+    out = torch.matmul(ab, _windows(v, blocks, b, w, r, padded - L + r)).reshape(N, heads, padded, dv)
+    scale, shift = bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
     scale, shift = scale.reshape(heads, 1, dv, 2), shift.reshape(heads, 1, dv, 2)
     if layer.use_value_rpe:  # sum a * r^v_j
         sve = torch.matmul(attn, layer.value_table.t())

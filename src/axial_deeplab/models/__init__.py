@@ -6,4 +6,4 @@ in the registry whichever of ``axial_deeplab``, ``axial_deeplab.models`` or
 The registry itself imports no model module.
 """
 from .registry import create_model, is_model, list_models, register_model  # noqa: F401
-from . import axial_resnet, panoptic_deeplab  # noqa: F401,E402  (register the built-in models)
+from . import axial_resnet, axial_swidernet, max_deeplab, panoptic_deeplab  # noqa: F401,E402  (register the built-in models)

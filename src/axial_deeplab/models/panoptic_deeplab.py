@@ -1,4 +1,4 @@
-"""Panoptic-DeepLab meta-architecture with any registry backbone (SPEC section 3).
+"""Panoptic-DeepLab meta-architecture with any registry backbone.
 
 Backbone features [res2, res3, res4, res5] (strides 4, 8, 16, 16 at output
 stride 16) feed two decoders of the same shape: a 1x1 projection of res5
@@ -15,6 +15,17 @@ factor, so they are in input pixels.
 Train mode returns the raw outputs; eval mode returns the merged panoptic
 result per image (see :meth:`PanopticDeepLab.forward`). Class metadata are
 constructor arguments (or a ``PanopticMetadata``), never dataset constants.
+
+The module tree holds deeplab2's Panoptic-DeepLab weights one to one (its
+``semantic_decoder``/``instance_decoder`` with ``_aspp._proj_conv_bn_act``,
+``_low_level_conv{1,2}``, ``_fusion_conv{1,2}`` as depthwise + pointwise, and
+the heads' ``conv_block`` + ``final_conv``); the centre heatmap is raw (no
+sigmoid: deeplab2 trains it with MSE and thresholds it as is). With
+``DEEPLAB2_PANOPTIC`` settings (BN eps 1e-3 / momentum 0.99 in Keras terms,
+inputs scaled to [-1, 1] as deeplab2's ``x / 127.5 - 1``, he_normal init,
+400 centres kept) the model computes what deeplab2 computes. Registered
+here besides ``axial_deeplab_{s,m,l,xl}``: the five Cityscapes models of
+deeplab2's ``configs/cityscapes/axial_deeplab/`` (see ``DEEPLAB2_CITYSCAPES``).
 """
 from __future__ import annotations
 
@@ -28,10 +39,32 @@ from torch import nn
 from .registry import create_model, register_model
 
 __all__ = ["PanopticDeepLab", "ASPP", "SingleDecoder", "PanopticHead", "DepthwiseSeparableConv",
-           "resize_outputs"]
+           "resize_outputs", "DEEPLAB2_PANOPTIC", "DEEPLAB2_CITYSCAPES", "CONV_INITS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CONV_INITS = ("torch", "he_normal")
+
+
+def _init_decoder_convs_(module: nn.Module, conv_init: str) -> None:
+    """deeplab2's initializers for decoder and head convs (not the heads' last 1x1): Keras'
+    ``he_normal`` (normal truncated at 2 std, std sqrt(2 / fan_in) / 0.8796) for regular convs,
+    and its DepthwiseConv2D default ``glorot_uniform`` with Keras' fans of a (k, k, C, 1) kernel
+    (fan_in k*k*C, fan_out k*k) for depthwise ones. ``"torch"`` keeps PyTorch's default."""
+    if conv_init not in CONV_INITS:
+        raise ValueError(f"unknown conv_init {conv_init!r}; choose one of {CONV_INITS}")
+    if conv_init == "torch":
+        return
+    for m in module.modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        k = m.kernel_size[0] * m.kernel_size[1]
+        if m.groups > 1 and m.groups == m.in_channels and m.out_channels == m.in_channels:
+            limit = (6.0 / (k * m.in_channels + k)) ** 0.5
+            nn.init.uniform_(m.weight, -limit, limit)
+        else:
+            std = (2.0 / (k * m.in_channels // m.groups)) ** 0.5 / 0.87962566103423978
+            nn.init.trunc_normal_(m.weight, 0.0, std, -2.0 * std, 2.0 * std)
 
 
 def _bn(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
@@ -153,9 +186,15 @@ class PanopticDeepLab(nn.Module):
         backbone: module returning [res2, res3, res4, res5] with ``feature_info.channels()``.
         num_classes, thing_ids, label_divisor, ignore_label: dataset metadata.
         use_aspp: real ASPP (rates ``atrous_rates``) instead of the 1x1 projection.
-        Channel arguments default to SPEC section 3.
+        Channel arguments default to Panoptic-DeepLab's (above); ``instance_aspp_channels``
+            (default: ``aspp_channels``) is deeplab2's ``instance_decoder_override.aspp_channels``.
         stuff_area, center_threshold, nms_kernel, top_k: post-processing used by eval ``forward``.
-        bn_eps, bn_momentum: BatchNorm of the decoders and heads.
+        bn_eps, bn_momentum: BatchNorm of the decoders and heads (PyTorch momentum; Keras'
+            0.99 is 0.01).
+        pixel_mean, pixel_std: input normalisation of [0, 1] RGB images (ImageNet's by default;
+            deeplab2's models were trained on ``x / 127.5 - 1``, i.e. mean = std = 0.5).
+        conv_init: ``"torch"`` (PyTorch's default) or ``"he_normal"`` (deeplab2's initializers)
+            for the decoder and head convs.
     """
 
     def __init__(
@@ -175,12 +214,16 @@ class PanopticDeepLab(nn.Module):
         instance_decoder_channels: int = 128,
         instance_low_level_channels: Sequence[int] = (32, 16),
         instance_head_channels: int = 32,
+        instance_aspp_channels: Optional[int] = None,
         stuff_area: int = 2048,
         center_threshold: float = 0.1,
         nms_kernel: int = 13,
         top_k: int = 200,
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
+        conv_init: str = "torch",
     ):
         super().__init__()
         if num_classes < 1:
@@ -192,6 +235,10 @@ class PanopticDeepLab(nn.Module):
         if info is None or not hasattr(info, "channels"):
             raise ValueError(f"backbone {type(backbone).__name__} has no feature_info.channels(); "
                              "build it with features_only=True")
+        pixel_mean, pixel_std = [float(v) for v in pixel_mean], [float(v) for v in pixel_std]
+        if len(pixel_mean) != 3 or len(pixel_std) != 3 or min(pixel_std) <= 0:
+            raise ValueError(f"pixel_mean and pixel_std must be 3 values each (std > 0), "
+                             f"got {pixel_mean} and {pixel_std}")
         channels = list(info.channels())
         if len(channels) < 3:
             raise ValueError(f"backbone must return [res2, res3, ..., res5] features, got {len(channels)} levels")
@@ -210,12 +257,16 @@ class PanopticDeepLab(nn.Module):
         self.semantic_decoder = SingleDecoder(high, lows, semantic_low_level_channels, semantic_decoder_channels,
                                               aspp_channels, use_aspp, atrous_rates, **bn)
         self.instance_decoder = SingleDecoder(high, lows, instance_low_level_channels, instance_decoder_channels,
-                                              aspp_channels, use_aspp, atrous_rates, **bn)
+                                              aspp_channels if instance_aspp_channels is None
+                                              else instance_aspp_channels, use_aspp, atrous_rates, **bn)
         self.semantic_head = PanopticHead(semantic_decoder_channels, semantic_head_channels, num_classes, **bn)
         self.center_head = PanopticHead(instance_decoder_channels, instance_head_channels, 1, **bn)
         self.offset_head = PanopticHead(instance_decoder_channels, instance_head_channels, 2, **bn)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for part in (self.semantic_decoder, self.instance_decoder,
+                     self.semantic_head[0], self.center_head[0], self.offset_head[0]):
+            _init_decoder_convs_(part, conv_init)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
 
     def predict_raw(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Raw outputs at input resolution, in any mode: ``semantic_logits`` (B, C, H, W),
@@ -292,7 +343,7 @@ def _build(default_backbone: str, backbone: Optional[str] = None, metadata=None,
     bb_kwargs = dict(default_backbone_kwargs or {}) if backbone is None else {}
     bb_kwargs.update({k: v for k, v in kwargs.items() if k not in _MODEL_ARGS})
     bb_kwargs.update(backbone_kwargs or {})
-    for key in ("bn_eps", "bn_momentum"):  # one BatchNorm setting for the whole network when given
+    for key in ("bn_eps", "bn_momentum", "conv_init"):  # one setting for the whole network when given
         if key in model_kwargs:
             bb_kwargs.setdefault(key, model_kwargs[key])
     bb_kwargs.pop("features_only", None)
@@ -304,14 +355,21 @@ def _build(default_backbone: str, backbone: Optional[str] = None, metadata=None,
 
 def _load_backbone(net: nn.Module, path: str) -> None:
     """Backbone weights from a classification (ImageNet) checkpoint: the classifier is dropped."""
-    from .weights import convert_port_state_dict, is_port_state_dict, load_state_dict_strict, read_state_dict
+    from .weights import (convert_port_state_dict, is_port_state_dict, load_state_dict_strict, read_state_dict,
+                          resolve_weights_file)
 
+    # a file, checkpoint folder or run folder; tables of any span or reach fit (load_state_dict_strict)
+    path = resolve_weights_file(path)
     sd = read_state_dict(path)
     if is_port_state_dict(sd):
         sd = convert_port_state_dict(sd)
-    if any(k.startswith("backbone.") for k in sd):  # a whole panoptic checkpoint: take its backbone
+    panoptic = any(k.startswith("backbone.") for k in sd)
+    if panoptic:  # a whole panoptic checkpoint: take its backbone
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    from ..engine.checkpoint import check_arrangement  # an initialisation: warn on another arrangement
+
+    check_arrangement(net, path, prefix="backbone" if panoptic else "", warn=True)
     load_state_dict_strict(net, sd, source=path)
 
 
@@ -328,6 +386,55 @@ def _axial_deeplab(size: str):
 
 for _size in ("s", "m", "l", "xl"):
     register_model(_axial_deeplab(_size))
+
+
+# deeplab2's Panoptic-DeepLab as its Cityscapes configs build it: Keras BN (epsilon 1e-3, momentum
+# 0.99), inputs x / 127.5 - 1 on 0..255 pixels, he_normal convs, evaluator keep_k_centers 400
+# (stuff area 2048, threshold 0.1, NMS 13 are already our defaults).
+DEEPLAB2_PANOPTIC = dict(bn_eps=1e-3, bn_momentum=0.01, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5),
+                         conv_init="he_normal", top_k=400)
+
+# Our name -> (deeplab2 config in configs/cityscapes/axial_deeplab/ and model zoo checkpoint
+# "<config>_axial_deeplab_cityscapes_trainfine", our backbone, model zoo name). All five share
+# one decoder setting: res5 1x1 projection (no ASPP) to 256; semantic decoder 256 with res3/res2
+# projections 64/32, head 256 -> 19; instance decoder 128 with projections 32/16, heads 32 -> 1
+# (centre) and 32 -> 2 (offsets); drop path keep probability 0.8, linear schedule.
+DEEPLAB2_CITYSCAPES = {
+    "axial_deeplab_swidernet_1_1_1_cityscapes":
+        ("axial_swidernet_1_1_1_os16", "axial_swidernet_1_1_1", "Axial-SWideRNet-(1, 1, 1)"),
+    "axial_deeplab_swidernet_1_1_3_cityscapes":
+        ("axial_swidernet_1_1_3_os16", "axial_swidernet_1_1_3", "Axial-SWideRNet-(1, 1, 3)"),
+    "axial_deeplab_swidernet_1_1_4_5_cityscapes":
+        ("axial_swidernet_1_1_4.5_os16", "axial_swidernet_1_1_4_5", "Axial-SWideRNet-(1, 1, 4.5)"),
+    "axial_deeplab_max_s_backbone_cityscapes":
+        ("max_deeplab_s_backbone_os16", "max_deeplab_s_backbone", "MaX-DeepLab-S-Backbone"),
+    "axial_deeplab_max_l_backbone_cityscapes":
+        ("max_deeplab_l_backbone_os16", "max_deeplab_l_backbone", "MaX-DeepLab-L-Backbone"),
+}
+
+
+def _deeplab2_cityscapes(name: str):
+    config, backbone_name, zoo_name = DEEPLAB2_CITYSCAPES[name]
+
+    def builder(**kwargs):
+        if kwargs.get("metadata") is None and "num_classes" not in kwargs:
+            from ..data.meta import cityscapes_metadata
+
+            kwargs["metadata"] = cityscapes_metadata()
+        for key, value in DEEPLAB2_PANOPTIC.items():
+            kwargs.setdefault(key, value)
+        return _build(backbone_name, default_backbone_kwargs={"drop_path_rate": 0.2, "drop_path_schedule": "linear"},
+                      **kwargs)
+
+    builder.__name__ = name
+    builder.__doc__ = (f"Axial-DeepLab with the {zoo_name} backbone on Cityscapes (19 classes), deeplab2's "
+                       f"configs/cityscapes/axial_deeplab/{config}.textproto: Panoptic-DeepLab at output "
+                       "stride 16 with deeplab2's BN, input scaling and init.")
+    return builder
+
+
+for _name in DEEPLAB2_CITYSCAPES:
+    register_model(_deeplab2_cityscapes(_name))
 
 
 @register_model

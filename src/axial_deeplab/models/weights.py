@@ -1,12 +1,15 @@
 """Loading weights from local files only (safetensors, or torch.load with weights_only=True).
 
 Also converts state dicts saved by the PyTorch ImageNet port (csrhddlam/axial-deeplab: keys such as
-``layer1.0.hight_block.qkv_transform.weight``, ``...hight_block.relative``) into our layout.
+``layer1.0.hight_block.qkv_transform.weight``, ``...hight_block.relative``) into our layout, and fits
+relative tables of any length to the model's (:func:`fit_relative_tables`), so any ImageNet checkpoint
+loads into a model of any span.
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Dict
 
 import torch
@@ -86,8 +89,42 @@ def convert_port_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return out
 
 
+def fit_relative_tables(model: nn.Module, sd: Dict[str, torch.Tensor],
+                        source: str = "state dict") -> Dict[str, torch.Tensor]:
+    """``sd`` with every relative table of an attention layer of ``model`` fitted to that layer's
+    stored length (``PositionSensitiveAxialAttention.fit_table``): a span-sized table of an older
+    checkpoint, the port's 2K-1 rows or another reach all load. Shorter tables extend by their edge
+    rows (exactly the clipping they had), longer ones are centre-cropped (exact for local spans);
+    one warning names the global-span layers whose outputs change on axes longer than their reach.
+    Tables that are not (depth, odd length) of the layer's depth are left for the shape check."""
+    from ..layers.axial_attention import TABLE_NAMES, PositionSensitiveAxialAttention
+
+    out, cropped = dict(sd), []
+    for name, module in model.named_modules():
+        if not isinstance(module, PositionSensitiveAxialAttention):
+            continue
+        prefix = f"{name}." if name else ""
+        for table_name, own in zip(TABLE_NAMES, module.relative_table_parameters()):
+            table = sd.get(prefix + table_name)
+            if (own is None or table is None or table.dim() != 2 or table.shape[0] != own.shape[0]
+                    or table.shape[1] == own.shape[1] or table.shape[1] % 2 == 0):
+                continue
+            out[prefix + table_name], note = module.fit_table(table_name, table)
+            if note and (not cropped or cropped[-1][0] != name):
+                cropped.append((name, note))
+    if cropped:
+        shown = "; ".join(f"{name}: {note}" for name, note in cropped[:3])
+        more = f"; and {len(cropped) - 3} more layers" if len(cropped) > 3 else ""
+        warnings.warn(f"{source}: relative tables longer than {len(cropped)} global-span layer(s) of "
+                      f"{type(model).__name__} can hold were centre-cropped ({shown}{more})",
+                      UserWarning, stacklevel=2)
+    return out
+
+
 def load_state_dict_strict(model: nn.Module, sd: Dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Load, raising an error that lists missing/unexpected keys and shape mismatches."""
+    """Load, raising an error that lists missing/unexpected keys and shape mismatches (relative
+    tables of another length are fitted first: :func:`fit_relative_tables`)."""
+    sd = fit_relative_tables(model, sd, source)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own)
@@ -126,5 +163,8 @@ def load_pretrained(model: nn.Module, path: str) -> nn.Module:
     sd = read_state_dict(path)
     if is_port_state_dict(sd):
         sd = convert_port_state_dict(sd)
+    from ..engine.checkpoint import check_arrangement  # same keys, other function: refuse
+
+    check_arrangement(model, path)
     load_state_dict_strict(model, sd, source=path)
     return model

@@ -16,11 +16,11 @@ def core_functions(device: torch.device) -> Dict[str, Callable]:
     """The attention core of each fast path: ``fn(layer, qkv, scales)``. On CPU "fast" is
     the compiled C kernel (PyTorch without a compiler); on CUDA "fast" is the chunked
     PyTorch path and "triton" the fused kernel."""
-    from ...layers import fast_cpu
+    from ...layers import chunked
 
-    fns: Dict[str, Callable] = {"fast": lambda layer, qkv, scales: fast_cpu.attend(layer, qkv, scales)}
+    fns: Dict[str, Callable] = {"fast": lambda layer, qkv, scales: chunked.attend(layer, qkv, scales)}
     if device.type == "cuda":
-        from ...layers.triton_kernels import attend_triton, triton_available
+        from ...layers.triton_launch import attend_triton, triton_available
 
         if triton_available():
             fns["triton"] = lambda layer, qkv, scales: attend_triton(layer, qkv, scales)

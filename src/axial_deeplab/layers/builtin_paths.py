@@ -1,15 +1,17 @@
 """The built-in attention paths, registered with :mod:`.dispatch` (the one place they are).
 
-* ``reference``: the equation as written, every L x L tensor stored; the oracle, and the path
-  while torch.jit.trace or ONNX export records a graph with ``impl="auto"``.
-* ``banded``: the same math in O(L x span) memory from standard ops (what ``axial-deeplab
-  export`` decomposes the layer into); by name only.
-* ``memory_efficient``: the default on CPU and on devices without Triton. Inner routes:
-  inference as the operator ``axial_deeplab::attention_eval`` (C kernel inside), training as
-  ``axial_deeplab::attention_rows`` (recompute backward), else the chunked PyTorch path.
-* ``fast``: the same forward with autograd's backward through the chunked PyTorch path (more
-  memory; an independent second backward the tests hold to the reference).
-* ``triton``: Triton kernels for forward and backward (the default on CUDA when installed).
+* ``reference`` (:mod:`.reference`): the equation as written, every L x L tensor stored; the
+  oracle, and the path while torch.jit.trace or ONNX export records a graph with ``impl="auto"``.
+* ``banded`` (:mod:`.reference`): the same math in O(L x span) memory from standard ops (what
+  ``axial-deeplab export`` decomposes the layer into); by name only.
+* ``memory_efficient`` (:mod:`.memory_efficient`): the default on CPU and on devices without
+  Triton. Inner routes: inference as the operator ``axial_deeplab::attention_eval`` (C kernel
+  inside, :mod:`.ops`), training as ``axial_deeplab::attention_rows`` (recompute backward),
+  else the chunked PyTorch path.
+* ``fast`` (:mod:`.chunked`): the same forward with autograd's backward through the chunked
+  PyTorch path (more memory; an independent second backward the tests hold to the reference).
+* ``triton`` (:mod:`.triton_self_check`): Triton kernels for forward and backward (the default
+  on CUDA when installed).
 """
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ from typing import List, Optional
 
 import torch
 
-from . import cpu_kernel, memory_efficient
+from . import cpu_kernel, memory_efficient, triton_self_check
+from .chunked import axial_attention_fast
 from .dispatch import Backend, register_backend, register_unavailable, tracing_refusal
-from .fast_cpu import axial_attention_fast
 from .memory_efficient import ROUTE_DESCRIPTIONS, axial_attention_memory_efficient
 from .reference import axial_attention_banded, axial_attention_reference
-from .triton_kernels import axial_attention_triton, triton_available
+from .triton_kernels import triton_available
 
 __all__: List[str] = []
 
@@ -63,9 +65,7 @@ def _triton_can_run(layer, x) -> Optional[str]:
 
 
 def _triton_auto_refusal(layer, x) -> Optional[str]:
-    from . import triton_kernels
-
-    if not triton_kernels.trusted(x.device):
+    if not triton_self_check.trusted(x.device):
         return (f"the Triton kernels failed their self-check on {x.device} (see its warning; "
                 f"impl='triton' by name warns and runs the PyTorch memory-efficient path)")
     return None
@@ -88,6 +88,6 @@ register_backend(Backend(
 if triton_available():  # optional; on CPU only through Triton's interpreter (TRITON_INTERPRET=1)
     register_backend(Backend(
         "triton", "Triton kernels for the forward and the recompute backward",
-        axial_attention_triton, can_run=_triton_can_run, auto_refusal=_triton_auto_refusal))
+        triton_self_check.axial_attention_triton, can_run=_triton_can_run, auto_refusal=_triton_auto_refusal))
 else:
     register_unavailable("triton", "Triton is not installed")
