@@ -20,7 +20,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench)
 python3 -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 failed=()
-run_stage() {  # one stage; a failing stage does not stop the others (one GPU session, few minutes)
+run_stage() {  # one stage; a failing stage does not stop the others
     local stage=$1
     case "$stage" in
         tests) python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" tests/test_triton_kernels.py tests/test_postprocess.py ;;

@@ -34,7 +34,7 @@ def compile_for_gpu(kernel: str, *, key_depth: int = 16, value_depth: int = 32, 
     """Compile ``kernel`` ("forward" or "backward") for an NVIDIA GPU of compute capability
     ``arch`` (90: Hopper) on any machine, with Triton's bundled ptxas, and read the machine
     code's resource use: ``{"registers", "spill_bytes" (the stack frame), "shared_bytes"}``.
-    Catches compile failures and register spills before a GPU session."""
+    Catches compile failures and register spills before the kernels run on a GPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -1,5 +1,5 @@
 """Config loading: defaults, base files, dotted overrides, clear errors, and the shipped
-recipes (numbers from the paper / SPEC section 3)."""
+recipes (numbers from the Axial-DeepLab and Panoptic-DeepLab papers)."""
 import glob
 import os
 
@@ -9,7 +9,7 @@ import yaml
 from axial_deeplab.engine.config import (Config, ConfigError, config_from_dict, describe_config, dump_config,
                                          load_config, parse_override)
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "src", "axial_deeplab", "configs")  # shipped in the package
 
 
 def _cfg(name, *overrides):

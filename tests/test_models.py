@@ -9,7 +9,7 @@ from axial_deeplab.models.complexity import attention_madds, build_on_meta, coun
 from axial_deeplab.models.weights import CheckpointError
 from axial_deeplab.layers import PositionSensitiveAxialAttention
 
-# deeplab2's encoder instance parameter counts (SPEC section 2, ImageNet head excluded).
+# deeplab2's encoder instance parameter counts (ImageNet head excluded).
 DEEPLAB2_COUNTS = {
     "axial_resnet_s_conv": 11_466_912,
     "axial_resnet_l_conv": 43_714_048,

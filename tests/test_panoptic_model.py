@@ -1,5 +1,5 @@
 """Panoptic-DeepLab meta-architecture: every registered model trains a step on the CPU, the
-decoder/head layout follows SPEC section 3, outputs are at input size with rescaled offsets,
+decoder/head layout follows Panoptic-DeepLab's, outputs are at input size with rescaled offsets,
 and eval mode returns the merged panoptic result."""
 import pytest
 import torch

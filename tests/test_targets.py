@@ -1,4 +1,4 @@
-"""Panoptic-DeepLab targets against a per-instance loop written from the SPEC rules."""
+"""Panoptic-DeepLab targets against a per-instance loop written from Panoptic-DeepLab's rules."""
 import math
 
 import numpy as np
@@ -12,7 +12,7 @@ IGNORE = 255
 
 
 def reference_targets(semantic, instance, crowd, thing_ids, sigma=8.0, small_area=4096, small_weight=3.0):
-    """One instance at a time, straight from SPEC section 3 (Gaussian cut at radius round(3 sigma) + 1)."""
+    """One instance at a time, straight from Panoptic-DeepLab's rules (Gaussian cut at radius round(3 sigma) + 1)."""
     sem, inst, crowd = semantic.numpy(), instance.numpy(), crowd.numpy()
     h, w = sem.shape
     yy, xx = np.mgrid[0:h, 0:w]

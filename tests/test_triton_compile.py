@@ -2,7 +2,7 @@
 Triton's bundled ptxas: every tile configuration the autotuner may pick, the depths of
 the model's stages, a query step, terms switched off and both dot precisions. A kernel
 that does not compile, or that needs more registers or shared memory than an SM has,
-would otherwise first fail in a GPU session. (Speed needs the GPU; the registers and
+would otherwise first fail on a GPU. (Speed needs the GPU; the registers and
 spills printed by benchmarks/triton_compile_report.py are the hint available here.)"""
 from __future__ import annotations
 

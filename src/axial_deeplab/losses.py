@@ -1,5 +1,5 @@
 """Panoptic-DeepLab losses: bootstrapped weighted cross-entropy, weighted MSE on
-the center heatmap, weighted L1 on the offsets (SPEC section 3).
+the center heatmap, weighted L1 on the offsets (Cheng et al., Panoptic-DeepLab, CVPR 2020).
 
 Normalisation follows deeplab2 (``model/loss/base_loss.py``,
 ``compute_average_top_k_loss``): every loss is computed per image and then

@@ -1,6 +1,6 @@
 """Panoptic-DeepLab post-processing: semantic + center heatmap + offsets -> panoptic map.
 
-Steps (SPEC section 3): semantic argmax; centers = heatmap peaks above
+Steps (deeplab2's ``model/post_processor/panoptic_deeplab.py``): semantic argmax; centers = heatmap peaks above
 ``threshold`` that survive max-pool NMS, best ``top_k`` kept (exactly K, ties
 broken by raster order through a stable sort); every thing pixel joins the
 center nearest to its coordinate + predicted offset; every instance takes the

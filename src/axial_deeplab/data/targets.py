@@ -1,4 +1,4 @@
-"""Panoptic-DeepLab training targets from a panoptic label (SPEC section 3).
+"""Panoptic-DeepLab training targets from a panoptic label (as deeplab2's ``data/sample_generator.py``).
 
 Runs inside DataLoader workers after the geometric transforms, so it is plain
 NumPy on the CPU and touches every pixel only a few times: per-instance
