@@ -222,41 +222,48 @@ def test_a_suite_with_its_own_table_prints_it_after_the_common_table(capsys):
     assert out[3:] == ["TABLE 1", "by cpu"]
 
 
-def test_whole_model_suite_compares_each_model_with_its_conv_model_at_1_and_2_threads(tmp_path, capsys):
-    # --quick: the real models at tiny inputs (a check of the rows, not of the figures)
-    out = tmp_path / "whole.json"
-    assert main(["benchmark", "--quick", "--only", "whole_models", "--repeats", "1", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    rows = json.loads(out.read_text())["results"]
-    timed = [r for r in rows if r["group"] == "whole model"]
-    pairs = {"axial_resnet_s": "resnet50", "axial_deeplab_s": "panoptic_deeplab_r50"}
-    from axial_deeplab.benchmark.suites.whole_models import QUICK_CASES
+def test_whole_model_rows_compare_each_model_with_its_conv_model():
+    # the real models at tiny inputs, one thread (a check of the rows, not of the figures;
+    # two threads on a shared 2-core machine can take minutes)
+    from axial_deeplab.benchmark.suites import whole_models as wm
 
-    # every case at 1 and at 2 threads, the axial model then its conv model
-    expected = [(f"{b}x{c}x{h}x{w}", mode, name, t) for axial, conv, mode, (b, c, h, w) in QUICK_CASES
-                for t in (1, 2) for name in (axial, conv)]
-    assert [(r["case"], r["mode"], r["impl"], r["threads"]) for r in timed] == expected
-    by_key = {(r["case"], r["mode"], r["impl"], r["threads"]): r for r in timed}
+    rows = wm.bench_whole_models(torch.device("cpu"), wm.QUICK_CASES, threads=[1], repeats=1, log=lambda s: None)
+    timed = [r for r in rows if r.group == "whole model"]
+    expected = [(f"{b}x{c}x{h}x{w}", mode, name) for axial, conv, mode, (b, c, h, w) in wm.QUICK_CASES
+                for name in (axial, conv)]
+    assert [(r.case, r.mode, r.impl) for r in timed] == expected and {r.threads for r in timed} == {1}
+    pairs = {"axial_resnet_s": "resnet50", "axial_deeplab_s": "panoptic_deeplab_r50"}
+    got = {(r.case, r.mode, r.impl): r for r in timed}
     for r in timed:
-        assert r["median_ms"] > 0 and r["runs"] == 1 and r["note"] == ""
-        conv = by_key[(r["case"], r["mode"], pairs.get(r["impl"], r["impl"]), r["threads"])]
-        assert abs(r["vs_conv"] - r["median_ms"] / conv["median_ms"]) < 1e-9
-        # peak memory once per case, at the first thread count
-        assert (r["peak_mib"] is not None) == (r["threads"] == 1)
-        if r["threads"] == 1:
-            assert abs(r["peak_vs_conv"] - r["peak_mib"] / conv["peak_mib"]) < 1e-9
+        assert r.median_ms > 0 and r.runs == 1 and r.note == ""
+        conv = got[(r.case, r.mode, pairs.get(r.impl, r.impl))]
+        assert abs(r.vs_conv - r.median_ms / conv.median_ms) < 1e-9
+        assert abs(r.peak_vs_conv - r.peak_mib / conv.peak_mib) < 1e-9
     # the training activation memory at 1025x2049, from the two panoptic training sizes
-    estimates = {r["impl"]: r for r in rows if r["group"] == "memory estimate"}
-    assert set(estimates) <= {"axial_deeplab_s", "panoptic_deeplab_r50"}
+    estimates = {r.impl: r for r in rows if r.group == "memory estimate"}
+    assert set(estimates) == {"axial_deeplab_s", "panoptic_deeplab_r50"}
     for r in estimates.values():
-        assert r["case"] == "1x3x1025x2049" and r["peak_mib"] > 0 and "batch per 80 GB GPU" in r["note"]
-    # the table's columns and the scaling table's rows
-    lines = printed.splitlines()
-    head = next(line for line in lines if line.startswith("group") and "threads" in line)
-    assert head.split()[:10] == ["group", "case", "mode", "impl", "threads", "median", "ms", "cpu", "ms", "x"]
-    assert "peak MiB" in head and "mem x cv" in head
-    start = lines.index("thread scaling")
-    assert lines[start + 1].split()[:5] == ["case", "mode", "model", "ms", "1T"] and "speedup" in lines[start + 1]
-    scaling = lines[start + 3:start + 3 + len(expected) // 2]
-    assert [tuple(line.split()[:3]) for line in scaling] == [(case, mode, name) for case, mode, name, t in expected
-                                                            if t == 1]
+        assert r.case == "1x3x1025x2049" and r.peak_mib > 0 and "batch per 80 GB GPU" in r.note
+    head = wm.format_whole_model_table(rows).splitlines()[0]
+    assert head.split()[:5] == ["group", "case", "mode", "impl", "threads"]
+    assert all(title in head for title in ("median ms", "cpu ms", "x conv", "peak MiB", "mem x cv"))
+
+
+def test_whole_model_scaling_table_and_memory_estimate():
+    from axial_deeplab.benchmark.suites import whole_models as wm
+
+    def row(impl, threads, ms, peak=None, case="2x3x8x8"):
+        return wm.ModelResult("whole model", case, "train", impl, median_ms=ms, runs=1, threads=threads,
+                              peak_mib=peak, vs_conv=ms / {1: 100.0, 2: 60.0}[threads])
+    rows = [row("axial", 1, 200.0, 30.0), row("conv", 1, 100.0, 20.0), row("axial", 2, 120.0), row("conv", 2, 60.0)]
+    lines = wm.scaling_table(rows).splitlines()
+    assert lines[0] == "thread scaling"
+    assert lines[1].split() == ["case", "mode", "model", "ms", "1T", "ms", "2T", "speedup", "x", "conv", "1T",
+                                "x", "conv", "2T"]
+    assert [line.split() for line in lines[3:]] == [
+        ["2x3x8x8", "train", "axial", "200.0", "120.0", "1.67", "2.00", "2.00"],
+        ["2x3x8x8", "train", "conv", "100.0", "60.0", "1.67", "1.00", "1.00"]]
+    # peak = fixed + per-pixel x pixels: 10 MiB + 1 KiB a pixel -> 1025 x 2049 KiB an image
+    rows = [row("axial", 1, 1.0, 10 + 2 * 64 / 1024, "2x3x8x8"), row("axial", 1, 1.0, 10 + 4 * 256 / 1024, "4x3x16x16")]
+    (est,) = wm.memory_estimates(rows, {"axial": 0}, gpu_bytes=10 * 2 ** 30)
+    assert abs(est.peak_mib - 1025 * 2049 / 1024) < 1e-6 and est.note.endswith("batch per 11 GB GPU: 4")

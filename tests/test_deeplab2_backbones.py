@@ -260,7 +260,7 @@ def test_imagenet_weights_load_as_panoptic_backbone(tmp_path, name):
     x = torch.randn(1, 3, 33, 33)
     with torch.no_grad():
         model.backbone.eval()
-        for a, b in zip(clf.forward_features(x), model.backbone(x)):
+        for a, b in zip(clf.forward_intermediates(x, intermediates_only=True), model.backbone(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

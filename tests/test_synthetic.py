@@ -204,22 +204,18 @@ def test_write_coco_panoptic_round_trip(tmp_path):
         assert all((x == 0) == (y == 0) for x, y in pairs)
 
 
-def test_demo_without_scikit_learn_names_the_extra(monkeypatch, tmp_path, capsys):
-    """A core install lacks scikit-learn (the demo extra): one line naming the extra, exit 2."""
+def test_synthetic_data_needs_no_scikit_learn(monkeypatch):
+    """The digits ship in the package: a core install (no scikit-learn) makes the same scenes."""
     import sys
 
-    from axial_deeplab.cli import main
     from axial_deeplab.data.synthetic import _digits
-    from axial_deeplab.errors import MissingExtraError
 
+    want = SyntheticPanoptic("val", length=2).generate(1)
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     _digits.cache_clear()
-    with pytest.raises(MissingExtraError, match=r"scikit-learn: pip install 'axial-deeplab\[demo\]'"):
-        _digits()
-    capsys.readouterr()
-    assert main(["demo", "--output", str(tmp_path / "demo"), "--no-progress", "solver.max_steps=1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("axial-deeplab demo: error:") and "axial-deeplab[demo]" in err[-1]
-    assert main(["classify-demo"]) == 2
-    assert "axial-deeplab[demo]" in capsys.readouterr().err
+    try:
+        got = SyntheticPanoptic("val", length=2).generate(1)
+    finally:
+        _digits.cache_clear()
+    assert np.array_equal(got.image, want.image) and np.array_equal(got.instance, want.instance)

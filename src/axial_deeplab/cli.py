@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 
 from .errors import UserError, output_error  # noqa: F401  (the commands import UserError from here)
 
 COMMAND_MODULES = [
     "train",
+    "config",
     "evaluate",
     "predict",
     "demo",
@@ -54,6 +56,10 @@ def main(argv=None) -> int:
     except (UserError, FileNotFoundError, ValueError) as e:
         print(f"axial-deeplab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of the output went away (``| head``): stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:
         # a full or read-only disk met by a writer outside the atomic ones: still one line
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not e.filename:

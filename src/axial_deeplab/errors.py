@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["UserError", "OutputError", "MissingExtraError", "output_error"]
+__all__ = ["UserError", "OutputError", "MissingExtraError", "output_error", "require_extra"]
 
 
 class UserError(Exception):
@@ -23,6 +23,17 @@ class MissingExtraError(UserError, ImportError):
 
     def __init__(self, feature: str, extra: str, packages: str):
         super().__init__(f"{feature} needs {packages}: pip install 'axial-deeplab[{extra}]'")
+
+
+def require_extra(module: str, feature: str, extra: str, packages: str | None = None):
+    """Import and return ``module``, or raise :class:`MissingExtraError` naming ``extra``
+    (``packages``: what to call the missing distribution, default the module's top name)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(feature, extra, packages or module.split(".")[0]) from None
 
 
 _ADVICE = {

@@ -110,7 +110,7 @@ class Predictor:
 
         self.model, self.config, self.metadata = model, cfg, metadata
         self.device = torch.device(device or "cpu")
-        self._transform = build_eval_transform(cfg, metadata)
+        self._transform = build_eval_transform(cfg, metadata, model=model)
 
     def __call__(self, image) -> PanopticResult:
         """Predict one image: a file path, a PIL image or an (H, W, 3) uint8 RGB array."""

@@ -6,7 +6,7 @@ from ..cli import UserError
 
 EPILOG = """examples:
   axial-deeplab convert --from deeplab2 ckpt/ckpt-60000 --model axial_deeplab_swidernet_1_1_1_cityscapes \\
-      --output runs/from_deeplab2 --config configs/cityscapes_base.yaml --set "model.kwargs={}" --set eval.top_k=400
+      --output runs/from_deeplab2 --config cityscapes_base --set "model.kwargs={}" --set eval.top_k=400
   axial-deeplab convert --from deeplab2 ckpt/ --model axial_swidernet_1_1_1 --output DIR \\
       --set model.kwargs.features_only=true
 

@@ -1,8 +1,8 @@
 """``axial-deeplab demo``: train a small Axial-DeepLab on the built-in synthetic dataset on
 the CPU, evaluate it on the held-out split, and leave pictures to look at.
 
-The recipe is :data:`DEMO_RECIPE` (identical to ``configs/synthetic.yaml``, which a test
-checks), so the demo needs no file outside the package.
+The recipe is :data:`DEMO_RECIPE` (identical to the shipped config ``synthetic``, which a test
+checks). Beyond the core install it needs matplotlib, the ``demo`` extra, for its plot.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 from ..cli import UserError
 
-# A small Axial-DeepLab sized for 2 CPU cores and ~10 minutes; see configs/synthetic.yaml.
+# A small Axial-DeepLab sized for 2 CPU cores and ~10 minutes; see axial_deeplab/configs/synthetic.yaml.
 DEMO_RECIPE = {
     "experiment": {"name": "demo", "task": "panoptic", "seed": 0, "device": "cpu", "threads": 1},
     "model": {
@@ -90,7 +90,10 @@ def run(args) -> int:
     from ..engine.predict import load_checkpoint_model
     from ..engine.train import train
     from ..engine.visualize import plot_training_curves
+    from ..errors import require_extra
 
+    # before minutes of training, not after them
+    require_extra("matplotlib", "axial-deeplab demo (its training-curve plot)", "demo")
     t0 = time.time()
     cfg = demo_config(args.overrides, args.output, args.threads, progress=not args.no_progress)
     if cfg.data.dataset != "synthetic":

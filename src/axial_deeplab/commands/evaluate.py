@@ -9,7 +9,7 @@ EPILOG = """examples:
   axial-deeplab evaluate --checkpoint runs/x/checkpoints/best --per-class eval.scales=[0.75,1.0,1.25] eval.flip=true
   axial-deeplab evaluate --checkpoint runs/x --map-classes-by-name data.options.val.json_path=other.json
   axial-deeplab evaluate --checkpoint runs/x --predictions preds/   # then: axial-deeplab pq --gt-json ... --pred-json preds/predictions.json ...
-  torchrun --nproc-per-node 4 -m axial_deeplab.cli evaluate --checkpoint runs/x --config configs/x.yaml
+  torchrun --nproc-per-node 4 -m axial_deeplab.cli evaluate --checkpoint runs/x --config cityscapes_axial_deeplab_l
 """
 
 

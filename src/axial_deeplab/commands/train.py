@@ -10,11 +10,11 @@ import sys
 from ..cli import UserError
 
 EPILOG = """examples:
-  axial-deeplab train --config configs/synthetic.yaml
-  axial-deeplab train --config configs/cityscapes_axial_deeplab_l.yaml data.root=/data/cityscapes
-  axial-deeplab train --config configs/cityscapes_axial_deeplab_l.yaml --resume     # continue the run
-  axial-deeplab train --config configs/synthetic.yaml --resume-from runs/demo/checkpoints/step-000350
-  torchrun --nproc-per-node 8 -m axial_deeplab.cli train --config configs/coco_axial_deeplab_l.yaml \\
+  axial-deeplab train --config synthetic
+  axial-deeplab train --config cityscapes_axial_deeplab_l data.root=/data/cityscapes
+  axial-deeplab train --config cityscapes_axial_deeplab_l --resume     # continue the run
+  axial-deeplab train --config synthetic --resume-from runs/demo/checkpoints/step-000350
+  torchrun --nproc-per-node 8 -m axial_deeplab.cli train --config coco_axial_deeplab_l \\
       data.root=/data/coco
   axial-deeplab train --print-defaults      # every config key, its default and its meaning
 
@@ -38,7 +38,7 @@ def register(subparsers):
                     "Checkpoints, metrics.jsonl/csv, TensorBoard logs and the training-curve plot go to "
                     "experiment.output_dir (default runs/<experiment.name>).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    p.add_argument("--config", "-c", help="a shipped config's name (axial-deeplab config list) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides with dotted keys")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint of the run folder (from scratch if it has none)")
@@ -58,7 +58,7 @@ def run(args) -> int:
         print(describe_config(), end="")
         return 0
     if not args.config:
-        raise UserError("--config FILE is required (see configs/, or --print-defaults for the keys)")
+        raise UserError("--config NAME|FILE is required (axial-deeplab config list names the shipped ones; --print-defaults lists the keys)")
     _refuse_old_resume_spelling(args)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:

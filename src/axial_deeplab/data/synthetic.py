@@ -2,10 +2,10 @@
 
 Each scene has two stuff regions ("sky" above a wavy horizon, "ground" below), textured with
 smooth noise, and 3-7 things of three classes: real handwritten digits (scikit-learn's
-``load_digits``, upscaled), shaded discs and striped rotated rectangles. Things touch and
-occlude each other (an occluded thing keeps at least ``min_visible_fraction`` of its area),
-their sizes span a 4x range, and with ``crowd_probability`` a cluster of small discs is
-labelled as one crowd segment. Things left smaller than ``min_instance_area`` pixels become void.
+``load_digits``, shipped in the package: :mod:`axial_deeplab.data.digits`; upscaled), shaded
+discs and striped rotated rectangles. Things touch and occlude each other (an occluded thing
+keeps at least ``min_visible_fraction`` of its area), their sizes span a 4x range, and with
+``crowd_probability`` a cluster of small discs is labelled as one crowd segment. Things left smaller than ``min_instance_area`` pixels become void.
 
 Scenes are a pure function of (seed, split, index): every item draws from its own
 ``numpy.random.Generator`` seeded with ``[seed, split, index]``, so items are byte-identical
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import MissingExtraError
 from .meta import PanopticMetadata
 from .panoptic_io import PanopticWriter, image_to_tensor, write_image
 
@@ -59,12 +58,11 @@ def synthetic_metadata() -> PanopticMetadata:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> np.ndarray:
-    """The 1797 8x8 handwritten digits of scikit-learn, scaled to [0, 1] (float32)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise MissingExtraError("the synthetic dataset (its digits)", "demo", "scikit-learn") from None
-    return (load_digits().images / 16.0).astype(np.float32)
+    """The 1797 8x8 handwritten digits (scikit-learn's, shipped in the package), scaled to [0, 1]
+    (float32)."""
+    from .digits import load_digits
+
+    return (load_digits()[0] / 16.0).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=256)

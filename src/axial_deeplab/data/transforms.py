@@ -1,7 +1,7 @@
 """Augmentations on sample dicts, applied identically to the image and the label maps.
 
-Images are resized bilinearly and padded with a constant (the ImageNet mean by default, which
-the model's normalisation maps to 0); ``semantic`` / ``instance`` / ``crowd`` use nearest
+Images are resized bilinearly and padded with a constant: the pixel the model's input
+normalisation maps to 0 (:func:`model_pad_value`; the ImageNet mean by default); ``semantic`` / ``instance`` / ``crowd`` use nearest
 neighbour with half-pixel centres and are padded with ``ignore_label`` / 0 / False. Pure torch,
 no torchvision. Randomness comes from torch's generator (seeded per DataLoader worker), or from
 the ``generator`` given to a transform.
@@ -19,6 +19,20 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 LABEL_KEYS = ("semantic", "instance", "crowd")
+
+
+def model_pad_value(model=None) -> tuple:
+    """The [0, 1] RGB value to pad ``model``'s inputs with: its ``pad_value`` (the pixel its input
+    normalisation maps to 0, e.g. 0.5 for deeplab2's x / 127.5 - 1), the ImageNet mean for a model
+    without one or no model. The one place the evaluation, prediction and training pipelines
+    take their padding from."""
+    while model is not None and not hasattr(model, "pad_value"):  # DDP / torch.compile wrappers
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None or inner is model:
+            break
+        model = inner
+    value = getattr(model, "pad_value", None) if model is not None else None
+    return tuple(float(v) for v in value) if value is not None else IMAGENET_MEAN
 
 
 def _pair(size) -> tuple[int, int]:

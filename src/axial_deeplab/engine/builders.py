@@ -151,36 +151,39 @@ def _target_generator(cfg: Config, metadata):
     )
 
 
-def build_train_transform(cfg: Config, metadata=None) -> Callable:
+def build_train_transform(cfg: Config, metadata=None, model=None) -> Callable:
+    """``model``: the network the samples are for; crops pad with its ``pad_value``."""
     d = cfg.data
     if cfg.experiment.task == "classification":
         from ..data.transforms import build_classification_transforms
 
         return build_classification_transforms(d.crop_size[0], train=True)
-    from ..data.transforms import Compose, Resize, build_train_transforms
+    from ..data.transforms import Compose, Resize, build_train_transforms, model_pad_value
 
     pipeline = build_train_transforms(
         d.crop_size, min_scale=d.min_scale, max_scale=d.max_scale, scale_step=d.scale_step, flip=d.flip,
-        jitter=d.photometric, ignore_label=metadata.ignore_label, extra=[_target_generator(cfg, metadata)],
+        jitter=d.photometric, ignore_label=metadata.ignore_label, pad_value=model_pad_value(model),
+        extra=[_target_generator(cfg, metadata)],
     )
     if d.resize_long_side:
         pipeline = Compose([Resize(long_side=d.resize_long_side)] + list(pipeline.transforms))
     return pipeline
 
 
-def build_eval_transform(cfg: Config, metadata=None, with_targets: bool = False) -> Callable:
+def build_eval_transform(cfg: Config, metadata=None, with_targets: bool = False, model=None) -> Callable:
+    """``model``: the network the images are for; padding uses its ``pad_value``."""
     d = cfg.data
     if cfg.experiment.task == "classification":
         from ..data.transforms import build_classification_transforms
 
         return build_classification_transforms(d.crop_size[0], train=False)
-    from ..data.transforms import build_eval_transforms
+    from ..data.transforms import build_eval_transforms, model_pad_value
 
     extra = [_target_generator(cfg, metadata)] if with_targets else []
     # A fixed evaluation size (e.g. Cityscapes 1025x2049) is used as is; otherwise pad to the stride.
     divisor = None if d.eval_size else INPUT_DIVISOR
     return build_eval_transforms(long_side=d.resize_long_side, pad_to=d.eval_size, divisor=divisor,
-                                 ignore_label=metadata.ignore_label, extra=extra)
+                                 ignore_label=metadata.ignore_label, pad_value=model_pad_value(model), extra=extra)
 
 
 def model_kwargs_for(cfg: Config, metadata=None, num_classes: Optional[int] = None) -> Dict[str, Any]:

@@ -47,6 +47,7 @@ __all__ = [
     "weights_arrangement",
     "check_arrangement",
     "load_training_state",
+    "fit_optimizer_state",
     "read_checkpoint_info",
     "prune_checkpoints",
     "remove_stale_tmp",
@@ -516,6 +517,85 @@ def load_training_state(path: str) -> Dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{file}: cannot read training state ({e})") from None
+
+
+def _table_parameters(model: nn.Module) -> Dict[int, Any]:
+    """``{id(parameter): (name, layer)}`` for every relative table of the attention layers."""
+    from ..layers.axial_attention import TABLE_NAMES, PositionSensitiveAxialAttention
+
+    found = {}
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, PositionSensitiveAxialAttention):
+            for table_name, p in zip(TABLE_NAMES, module.relative_table_parameters()):
+                if p is not None:
+                    found[id(p)] = (f"{name}.{table_name}" if name else table_name, module)
+    return found
+
+
+def _fit_table_state(value: torch.Tensor, layer, name: str, what: str, source: str, moment: bool) -> torch.Tensor:
+    """One per-parameter optimizer tensor of a relative table saved with another row count, as the
+    layer stores it now. Exact when the saved rows covered every offset the layer uses: the rows
+    beyond never had a gradient, so their moments are zero (``moment``), and weights (Lookahead's
+    slow copy) extend as the model's own weights do."""
+    from ..layers.axial_attention import fit_relative_table
+
+    have, reach, used = (value.shape[1] - 1) // 2, layer.table_reach, layer.max_relative_distance
+    rows = 2 * reach + 1
+    if have < used or (have > reach and moment and bool(torch.cat(
+            [value[:, :have - reach], value[:, have + reach + 1:]], 1).any())):
+        raise UserError(
+            f"{source}: the optimizer state ({what}) of {name} has {value.shape[1]} rows, but the layer now "
+            f"stores {rows} and its attention uses {2 * used + 1}: the run cannot continue exactly; start a new run "
+            f"from its weights instead (model.pretrained=<this checkpoint>, in another experiment.output_dir)")
+    if not moment:
+        return fit_relative_table(value, reach)
+    out = value.new_zeros(value.shape[0], rows)
+    keep = min(have, reach)
+    out[:, reach - keep:reach + keep + 1] = value[:, have - keep:have + keep + 1]
+    return out
+
+
+def fit_optimizer_state(model: nn.Module, optimizer, state: Dict[str, Any], source: str = "checkpoint") -> Dict[str, Any]:
+    """``state`` (``optimizer.state_dict()`` of a checkpoint) with the per-parameter tensors of
+    relative tables fitted to the model's table rows, so a run saved when local-span tables held
+    only their span's rows resumes exactly (moments of the added rows are zero, as for rows that
+    never had a gradient; Lookahead's slow weights extend as the weights do; step counts are
+    per parameter and unchanged). A state that cannot continue exactly raises a UserError saying so."""
+    tables = _table_parameters(model)
+    if not tables or not isinstance(state, dict):
+        return state
+    lookahead = "lookahead_slow" in state
+    base = state.get("base") if lookahead else state
+    if not isinstance(base, dict) or "param_groups" not in base or "state" not in base:
+        return state
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_ids = [i for g in base["param_groups"] for i in g.get("params", [])]
+    if len(saved_ids) != len(params):
+        return state  # the optimizer's own load_state_dict reports it
+    fitted_base = dict(base, state=dict(base["state"]))
+    for saved_id, p in zip(saved_ids, params):
+        entry = tables.get(id(p))
+        if entry is None:
+            continue
+        name, layer = entry
+        per_param = base["state"].get(saved_id)
+        if isinstance(per_param, dict):
+            fitted_base["state"][saved_id] = {
+                k: (_fit_table_state(v, layer, name, k, source, moment=True)
+                    if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == p.shape[0]
+                    and v.shape[1] != p.shape[1] and v.shape[1] % 2 else v)
+                for k, v in per_param.items()}
+    if not lookahead:
+        return fitted_base
+    slow = list(state["lookahead_slow"])
+    for index, p in enumerate(params):
+        entry = tables.get(id(p))
+        if entry is not None and index < len(slow):
+            v = slow[index]
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == p.shape[0] \
+                    and v.shape[1] != p.shape[1] and v.shape[1] % 2:
+                slow[index] = _fit_table_state(v, entry[1], entry[0], "Lookahead slow weights", source, moment=False)
+    return dict(state, base=fitted_base, lookahead_slow=slow)
 
 
 def read_checkpoint_info(path: str) -> Dict[str, Any]:

@@ -8,6 +8,11 @@ exactly the trained model.
 
 A YAML file may start with ``base: other.yaml`` (path relative to the file); the base is
 loaded first and the file's keys are merged over it, recursively for mappings.
+
+The shipped recipes are package data (``axial_deeplab/configs/*.yaml``), so they exist in a
+wheel as in a checkout. ``load_config`` takes a path or a recipe's name (``synthetic``,
+``coco_axial_deeplab_s``); a missing ``configs/NAME.yaml`` (the path the docs used before the
+recipes moved into the package) falls back to the shipped recipe of that name.
 """
 from __future__ import annotations
 
@@ -39,6 +44,10 @@ __all__ = [
     "parse_override",
     "dump_config",
     "describe_config",
+    "resolve_config_path",
+    "shipped_configs",
+    "config_description",
+    "read_config_data",
 ]
 
 
@@ -388,6 +397,65 @@ def _read_yaml(path: str, _seen=()) -> Dict[str, Any]:
     return data
 
 
+def _shipped_dir() -> str:
+    # a plain folder: the package is installed unzipped (its C kernel is compiled next to it)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def shipped_configs() -> Dict[str, str]:
+    """``{name: path}`` of the recipes shipped in the package, sorted by name."""
+    folder = _shipped_dir()
+    if not os.path.isdir(folder):
+        return {}
+    return {f[:-5]: os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".yaml")}
+
+
+def _available() -> str:
+    names = list(shipped_configs())
+    return f"shipped configs: {', '.join(names)} (axial-deeplab config list)" if names else "no shipped configs found"
+
+
+def resolve_config_path(spec: str) -> str:
+    """The file that ``--config spec`` means: an existing file as given; otherwise a shipped
+    recipe named ``spec`` (``synthetic``, ``synthetic.yaml``), or ``configs/NAME.yaml`` when
+    that path does not exist. An unknown name is a ConfigError listing the shipped ones."""
+    spec = os.fspath(spec)
+    if os.path.isfile(spec):
+        return spec
+    shipped = shipped_configs()
+    head, tail = os.path.split(os.path.normpath(spec))
+    name = tail[:-5] if tail.endswith(".yaml") else tail
+    # a bare name, or a path into a "configs" folder that is not here (e.g. outside the checkout)
+    if (not head or os.path.basename(head) == "configs") and name in shipped:
+        return shipped[name]
+    what = "config file not found" if (head or tail.endswith((".yaml", ".yml"))) else "unknown config name"
+    raise ConfigError(f"{what}: {spec}; {_available()}")
+
+
+def config_description(path: str) -> str:
+    """One line about a config file: the first line of its leading comment (a trailing colon or
+    period dropped; a line that runs on keeps the part before its first ': ' or '; ')."""
+    with open(path, "r", encoding="utf-8") as f:
+        first = f.readline().strip()
+    if not first.startswith("#"):
+        return ""
+    line = first.lstrip("#").strip()
+    if line.endswith((".", ":")):
+        return line[:-1]
+    depth = 0
+    for i, ch in enumerate(line):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0 and line[i:i + 2] in (": ", "; "):
+            return line[:i]
+    return line
+
+
+def read_config_data(spec: str) -> Dict[str, Any]:
+    """The mapping a config file sets after its ``base`` chain is merged (no defaults added)."""
+    return _read_yaml(resolve_config_path(spec))
+
+
 def parse_override(text: str):
     """``'solver.lr=1e-3'`` -> ``(['solver', 'lr'], 0.001)``; the value is parsed as YAML."""
     if "=" not in text:
@@ -421,7 +489,10 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or only defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (or only defaults when ``path`` is None) and apply overrides.
+    ``path`` may name a shipped recipe (see :func:`resolve_config_path`)."""
+    if path:
+        path = resolve_config_path(path)
     data = _read_yaml(path) if path else {}
     data = apply_overrides(data, overrides)
     try:

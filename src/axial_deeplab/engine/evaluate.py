@@ -329,7 +329,7 @@ def _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progres
     model.eval()
     # Prediction files must have the ground truth's size: score (and write) at the dataset's resolution.
     at_original_size = bool(cfg.data.resize_long_side) or files is not None
-    loader = _panoptic_loader(dataset, cfg, device, metadata, at_original_size, max_images)
+    loader = _panoptic_loader(dataset, cfg, device, metadata, at_original_size, max_images, model)
     scores = _PanopticScores(metadata, cfg.eval.compute_ap)
     consumers: List[Any] = [scores]
     if files is not None:
@@ -347,12 +347,12 @@ def _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progres
 
 
 def _panoptic_loader(dataset, cfg: Config, device, metadata, at_original_size: bool,
-                     max_images: Optional[int]) -> DataLoader:
+                     max_images: Optional[int], model=None) -> DataLoader:
     """This process's shard of ``dataset`` (up to the image limit), with the evaluation transform;
     ``at_original_size`` keeps the untransformed labels too."""
     from ..data.collate import collate_panoptic
 
-    transform = build_eval_transform(cfg, metadata)
+    transform = build_eval_transform(cfg, metadata, model=model)  # pads with the model's pad_value
     if at_original_size:
         transform = _KeepOriginalLabels(transform)
     wrapped = SeededDataset(dataset, transform, carry_errors=True)

@@ -439,7 +439,7 @@ def predict_panoptic(model, cfg: Config, metadata, rgb, device, transform=None, 
     from .evaluate import postprocess_outputs, raw_outputs
 
     if transform is None:
-        transform = build_eval_transform(cfg, metadata)
+        transform = build_eval_transform(cfg, metadata, model=model)
     image = image_to_tensor(rgb)
     h0, w0 = image.shape[-2:]
     sample = transform({"image": image, "file_name": file_name})
@@ -469,7 +469,7 @@ def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, 
     from .visualize import make_panel, overlay_panoptic, save_png
 
     report = PredictReport(output_dir=output_dir)
-    transform = build_eval_transform(cfg, metadata)
+    transform = build_eval_transform(cfg, metadata, model=model)
     roots = [Path(i) for i in inputs if Path(i).is_dir()]
     taken: set = set()
     names = [_output_name(f, roots, taken) for f in files]

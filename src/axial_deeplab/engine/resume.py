@@ -86,8 +86,11 @@ def resume_config_changes(cfg: Config, checkpoint: str) -> Tuple[Dict[str, Any],
         derived.add("solver.warmup_steps")
     honoured: Dict[str, Any] = {}
     refused: List[str] = []
+    legacy = _legacy_arrangement(checkpoint)
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if a is _UNSET and legacy and _is_arrangement_key(key):
+            a = legacy  # what the run was trained with, before configs could say it
         if a == b or key in derived:
             continue
         if _may_change(key, cfg):
@@ -97,6 +100,21 @@ def resume_config_changes(cfg: Config, checkpoint: str) -> Tuple[Dict[str, Any],
     if refused:
         raise _refuse_resume(checkpoint, refused)
     return honoured, saved
+
+
+def _is_arrangement_key(key: str) -> bool:
+    return key.startswith("model.kwargs.") and key.endswith(".arrangement")
+
+
+def _legacy_arrangement(checkpoint: str) -> Optional[str]:
+    """The arrangement every Axial-ResNet had when ``checkpoint`` was written, for a checkpoint
+    written before the weights recorded it (``"maxpool"``), else None. Such a run's config has no
+    ``model.kwargs.arrangement``: the setting that rebuilds its model is then no change."""
+    try:
+        record, legacy = ckpt.weights_arrangement(checkpoint)
+    except (OSError, ValueError):
+        return None  # an unreadable file is reported when the weights are loaded
+    return record.get("*") if legacy and record else None
 
 
 def _refuse_resume(checkpoint: str, refused: List[str]) -> UserError:

@@ -238,7 +238,7 @@ def _build_data(cfg: Config, resume_from: Optional[str], saved) -> _Data:
     else:
         metadata = dataset_metadata(train_set)
         num_classes = metadata.num_classes
-        transform = build_train_transform(cfg, metadata)
+        transform = None  # built with the model, whose pad_value the crops take (_build_trainer)
     _resolve_steps(cfg, len(train_set))
     if resume_from:
         check_resolved_steps(cfg, saved, resume_from)
@@ -317,11 +317,14 @@ def _build_ema(cfg: Config, model, start: "_StartPoint", resume_from: Optional[s
     return ema
 
 
-def _restore_solver(solver: _Solver, state: Dict[str, Any]) -> None:
+def _restore_solver(solver: _Solver, state: Dict[str, Any], model, resume_from: Optional[str] = None) -> None:
     """The solver's states, then the RNG states: nothing may draw random numbers between this and
-    the first step, so that step draws what the interrupted run's would have."""
+    the first step, so that step draws what the interrupted run's would have. Optimizer states of
+    relative tables saved with another row count are fitted first (``fit_optimizer_state``)."""
     if "optimizer" in state:
-        solver.optimizer.load_state_dict(state["optimizer"])
+        source = os.path.join(resume_from, ckpt.STATE_FILE) if resume_from else "checkpoint"
+        solver.optimizer.load_state_dict(ckpt.fit_optimizer_state(model, solver.optimizer, state["optimizer"],
+                                                                  source=source))
     if "scheduler" in state:
         solver.scheduler.load_state_dict(state["scheduler"])
     if solver.scaler is not None and "scaler" in state:
@@ -410,6 +413,8 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
     amp_settings(cfg, device)  # a precision the device cannot run is refused before any work
     data = _build_data(cfg, resume_from, saved)
     model = _build_seeded_model(cfg, data, resume_from)
+    if data.transform is None:
+        data.transform = build_train_transform(cfg, data.metadata, model=model)
     if main:  # every check has passed: only now is the run folder emptied (overwrite) or created
         prepare_run_dir(run_dir, ckpt_root, overwrite)
     barrier()
@@ -420,7 +425,7 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
     ema = _build_ema(cfg, model, start, resume_from, env.distributed)
     solver = _build_solver(cfg, model, device)
     if start.state is not None:
-        _restore_solver(solver, start.state)
+        _restore_solver(solver, start.state, model, resume_from)
     model = compile_model(wrap_ddp(model, device), cfg, dynamic=False)  # one crop size
     loss_fn = build_loss(cfg, data.metadata)
     config_text = dump_config(cfg)

@@ -154,8 +154,9 @@ def plot_training_curves(records: List[Dict], path: str, title: str = "training"
     ``records`` are the rows of the metrics log (dicts with 'step' and 'kind' = 'train'
     or 'eval'). Returns the path, or None when there is nothing to draw.
     """
-    import matplotlib
+    from ..errors import require_extra
 
+    matplotlib = require_extra("matplotlib", "drawing the training curves", "demo")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -16,11 +16,9 @@ from ..data.panoptic_io import compact_ids, to_numpy
 
 
 def _mask_api():
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("instance AP needs pycocotools (pip install 'axial-deeplab[coco]')") from e
-    return mask_utils
+    from ..errors import require_extra
+
+    return require_extra("pycocotools.mask", "instance AP (eval.compute_ap)", "coco", "pycocotools")
 
 
 def _encode(masks: np.ndarray) -> list[dict]:
@@ -72,6 +70,7 @@ class InstanceAP:
     in [0, 1] (NaN where undefined, e.g. no ground truth)."""
 
     def __init__(self, metadata: PanopticMetadata, max_detections: int = 100):
+        _mask_api()  # fail before the evaluation pass, not after it, when pycocotools is missing
         self.metadata = metadata
         self.max_detections = int(max_detections)
         self.reset()

@@ -255,6 +255,11 @@ def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
         y4 = out.reshape(batch, width, height, c).permute(0, 3, 2, 1)
     else:
         y4 = out.reshape(batch, height, width, c).permute(0, 3, 1, 2)  # channels_last
+    if torch.compiler.is_compiling():
+        # a graph node, not a view: Inductor (dynamic shapes) cannot order the symbolic strides of
+        # a 4-D view it would keep channels_last for a convolution and fails; the copy fuses
+        # into the kernel that forms `out`
+        y4 = y4.clone(memory_format=torch.preserve_format)
     return apply_stride(y4, layer)
 
 

@@ -17,7 +17,15 @@ def is_distributed() -> bool:
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over processes whose gradient is again the sum over processes (every process's
-    loss depends on the summed value)."""
+    loss depends on the summed value, so d(sum of the losses)/d(local part) is the sum of the
+    processes' upstream gradients).
+
+    Kept instead of ``torch.distributed.nn.functional.all_reduce``, which computes exactly the
+    same (its backward is an all-reduce SUM of the gradient; tests/test_sync.py checks equal
+    values and gradients on two processes) but, in torch 2.13, warns FutureWarning ("deprecated")
+    on every call, i.e. per attention layer per step, and raises under torch.compile. Its
+    suggested successor, ``torch.distributed._functional_collectives.all_reduce``, is private
+    and has its autograd only in recent torch releases (the package supports torch >= 2.1)."""
 
     @staticmethod
     def forward(ctx, t):

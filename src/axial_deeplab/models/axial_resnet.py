@@ -43,12 +43,12 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
 
 from ..layers.attention2d import GlobalSelfAttention2d, LocalSelfAttention2d
 from ..layers.axial_attention import PositionSensitiveAxialAttention
 from .registry import register_model
+from .timm_api import FeatureInfo, TimmModelMixin
 
 __all__ = ["AxialResNet", "AxialBlock", "ConvBottleneck", "FeatureInfo", "DropPath", "Subsample", "make_shortcut",
            "build_stem", "make_activation", "init_conv_", "ARRANGEMENTS", "model_arrangements",
@@ -71,19 +71,6 @@ class DropPath(nn.Module):
 
     def extra_repr(self):
         return f"rate={self.rate}"
-
-
-class FeatureInfo(list):
-    """timm-like feature info: a list of dicts with ``num_chs``, ``reduction``, ``module``."""
-
-    def channels(self) -> List[int]:
-        return [f["num_chs"] for f in self]
-
-    def reduction(self) -> List[int]:
-        return [f["reduction"] for f in self]
-
-    def module_name(self) -> List[str]:
-        return [f["module"] for f in self]
 
 
 ARRANGEMENTS = ("maxpool", "deeplab2")
@@ -231,24 +218,24 @@ def _conv_bn_relu(cin, cout, k, stride, bn_kw, activation="relu", conv_init="tor
 
 
 def build_stem(kind: str, width: float, bn_kw, stem_span=15, num_heads=8, max_pool: bool = True,
-               activation: str = "relu", conv_init: str = "torch"):
+               activation: str = "relu", conv_init: str = "torch", in_chans: int = 3):
     """Returns (stem module, output channels). Every stem strides by 2, then a 3x3/2 max-pool
     (``max_pool=True``, torchvision's ResNet) brings it to stride 4; deeplab2 has no max-pool and
     strides the first block of the next stage instead."""
     act = dict(activation=activation, conv_init=conv_init)
     if kind == "conv":  # 7x7 stride-2 conv
         c = int(64 * width)
-        layers = _conv_bn_relu(3, c, 7, 2, bn_kw, **act)
+        layers = _conv_bn_relu(in_chans, c, 7, 2, bn_kw, **act)
     elif kind == "inception":  # three 3x3 convs (first strided): 64, 64, 128 channels x width
         c1, c3 = int(64 * width), int(128 * width)
-        layers = (_conv_bn_relu(3, c1, 3, 2, bn_kw, **act) + _conv_bn_relu(c1, c1, 3, 1, bn_kw, **act)
+        layers = (_conv_bn_relu(in_chans, c1, 3, 2, bn_kw, **act) + _conv_bn_relu(c1, c1, 3, 1, bn_kw, **act)
                   + _conv_bn_relu(c1, c3, 3, 1, bn_kw, **act))
         c = c3
     elif kind == "axial":
         # Full axial stem (our reading of the paper: no spatial conv at all): a 1x1 conv lifts
         # RGB to features, then axial blocks with local span 15; the first one strides by 2.
         c0, c = int(32 * width), int(64 * width)
-        layers = _conv_bn_relu(3, c0, 1, 1, bn_kw, **act) + [
+        layers = _conv_bn_relu(in_chans, c0, 1, 1, bn_kw, **act) + [
             AxialBlock(c0, c0, c, stride=2, span=stem_span, num_heads=num_heads, bn_kw=bn_kw, **act),
             AxialBlock(c, c0, c, span=stem_span, num_heads=num_heads, bn_kw=bn_kw, **act),
         ]
@@ -261,7 +248,7 @@ def build_stem(kind: str, width: float, bn_kw, stem_span=15, num_heads=8, max_po
     return nn.Sequential(*layers), c
 
 
-class AxialResNet(nn.Module):
+class AxialResNet(TimmModelMixin, nn.Module):
     """ResNet-style backbone made of axial (or conv) bottlenecks.
 
     Args:
@@ -275,7 +262,14 @@ class AxialResNet(nn.Module):
         span: ``None`` (global) or local span m of every axial layer in the stages.
         width_factor / out_factor: bottleneck and output width as multiples of F
             (axial: 2F and 4F; ResNet-50: F and 4F).
-        features_only: forward returns [res2, res3, res4, res5] instead of logits.
+        features_only: forward returns the features ``out_indices`` picks from [res2, res3, res4,
+            res5] (all by default; indices 0 .. 3) instead of logits; no classification head.
+        in_chans: input channels of the stem's first conv.
+        global_pool / drop_rate: the head's pooling (``"avg"``, ``"max"``, ``"avgmax"``) and the
+            dropout before its classifier.
+
+    The timm model API (``forward_features`` = the last unpooled map, ``forward_head``,
+    ``reset_classifier``, ``forward_intermediates`` ...) comes from :class:`.timm_api.TimmModelMixin`.
         arrangement: ``"maxpool"`` (torchvision's ResNet: stem max-pool to stride 4, the first
             stage unstrided, projection shortcuts whenever the shape changes) or ``"deeplab2"``
             (no max-pool, the first block of the first stage strides both attention layers, the
@@ -293,7 +287,8 @@ class AxialResNet(nn.Module):
                  stride_mode: str = "subsample", max_relative_distance=None,
                  bn_eps: float = 1e-5, bn_momentum: float = 0.1, features_only: bool = False,
                  attention_kw: Optional[dict] = None, in_chans: int = 3, position_sensitive: bool = True,
-                 arrangement: str = "maxpool", activation: str = "relu", conv_init: str = "torch"):
+                 arrangement: str = "maxpool", activation: str = "relu", conv_init: str = "torch",
+                 out_indices=None, global_pool: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         if arrangement not in ARRANGEMENTS:
             raise ValueError(f"unknown arrangement {arrangement!r}; choose one of {ARRANGEMENTS}")
@@ -302,14 +297,15 @@ class AxialResNet(nn.Module):
         deeplab2 = arrangement == "deeplab2"
         if output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
-        if in_chans != 3:
-            raise ValueError("only 3-channel (RGB) input is supported")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         bn_kw = dict(eps=bn_eps, momentum=bn_momentum)
         if block not in ("axial", "conv", "local", "global"):
             raise ValueError(f"unknown block {block!r}; choose axial, conv, local or global")
         width_factor = (1.0 if block == "conv" else 2.0) if width_factor is None else width_factor
         self.stem, in_ch = build_stem(stem, width if stem_width is None else stem_width, bn_kw, num_heads=num_heads,
-                                      max_pool=not deeplab2, activation=activation, conv_init=conv_init)
+                                      max_pool=not deeplab2, activation=activation, conv_init=conv_init,
+                                      in_chans=in_chans)
         block_cls = AxialBlock if block == "axial" else ConvBottleneck
         extra = {} if block == "axial" else dict(spatial=block, position_sensitive=position_sensitive)
         extra.update(activation=activation, conv_init=conv_init,
@@ -335,28 +331,11 @@ class AxialResNet(nn.Module):
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
             reduction *= stride
             self.feature_info.append(dict(num_chs=in_ch, reduction=reduction, module=f"layer{s + 1}"))
+        self._stage_names = self._feature_stages = [f"layer{s + 1}" for s in range(len(layers))]
         self.num_features = in_ch
         self.arrangement = arrangement
-        self.features_only = features_only
         self.output_stride = output_stride
-        self.num_classes = num_classes
-        if not features_only:
-            self.global_pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x) -> List[torch.Tensor]:
-        x = self.stem(x)
-        feats = []
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-            feats.append(x)
-        return feats
-
-    def forward(self, x):
-        feats = self.forward_features(x)
-        if self.features_only:
-            return feats
-        return self.fc(torch.flatten(self.global_pool(feats[-1]), 1))
+        self._init_head(num_classes, global_pool, drop_rate, features_only, out_indices)
 
 
 def model_arrangements(model: nn.Module) -> Dict[str, str]:

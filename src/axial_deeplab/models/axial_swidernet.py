@@ -50,6 +50,7 @@ from torch import nn
 from .axial_resnet import (AxialBlock, ConvBottleneck, DropPath, FeatureInfo, make_shortcut, build_stem,
                            init_conv_, make_activation)
 from .registry import register_model
+from .timm_api import TimmModelMixin, take_indices
 
 __all__ = ["HybridAxialResNet", "BasicBlock", "ResizedFuse", "BACKBONE_TYPES",
            "DROP_PATH_SCHEDULES"]
@@ -86,12 +87,12 @@ class BasicBlock(nn.Module):
         return self.relu(self.residual(x))
 
 
-def _conv_stem(out_channels, kernel_size, bn_kw, activation, conv_init):
-    conv = init_conv_(nn.Conv2d(3, out_channels, kernel_size, 2, kernel_size // 2, bias=False), conv_init)
+def _conv_stem(out_channels, kernel_size, bn_kw, activation, conv_init, in_chans=3):
+    conv = init_conv_(nn.Conv2d(in_chans, out_channels, kernel_size, 2, kernel_size // 2, bias=False), conv_init)
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels, **bn_kw), make_activation(activation))
 
 
-class HybridAxialResNet(nn.Module):
+class HybridAxialResNet(TimmModelMixin, nn.Module):
     """deeplab2's Axial-ResNet family in classification (backbone) form.
 
     Args:
@@ -113,8 +114,13 @@ class HybridAxialResNet(nn.Module):
         backbone_decoder_num_stacks / backbone_decoder_blocks_per_stage: MaX-DeepLab-L's stacked
             hour-glass decoder (output stride -> 4 -> output stride) whose output feeds the
             classifier; the [res2 .. res5] features come from the stages before it, as in deeplab2.
-        features_only: forward returns [res2, res3, res4, res5] instead of logits (the decoder,
-            if any, is kept, so checkpoints load, but frozen and not run).
+        features_only: forward returns the features ``out_indices`` picks from [res2, res3, res4,
+            res5] (all by default; indices 0 .. 3) instead of logits (the decoder, if any, is
+            kept, so checkpoints load, but frozen and not run).
+        in_chans / global_pool / drop_rate: input channels; the head's pooling and dropout.
+
+    The timm model API comes from :class:`.timm_api.TimmModelMixin`; with a decoder,
+    ``forward_features`` is the decoder's output (what the classifier reads).
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), backbone_type: str = "resnet_beta",
@@ -127,14 +133,15 @@ class HybridAxialResNet(nn.Module):
                  conv_init: str = "he_normal", drop_path_rate: float = 0.0,
                  drop_path_schedule: str = "linear", drop_path_beyond_stride: int = 16,
                  backbone_decoder_num_stacks: int = 0, backbone_decoder_blocks_per_stage: int = 1,
-                 features_only: bool = False, attention_kw: Optional[dict] = None, in_chans: int = 3):
+                 features_only: bool = False, attention_kw: Optional[dict] = None, in_chans: int = 3,
+                 out_indices=None, global_pool: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         if backbone_type not in BACKBONE_TYPES:
             raise ValueError(f"unknown backbone_type {backbone_type!r}; choose one of {BACKBONE_TYPES}")
         if output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
-        if in_chans != 3:
-            raise ValueError("only 3-channel (RGB) input is supported")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if len(layers) != 4:
             raise ValueError(f"layers must give the blocks of 4 stages, got {tuple(layers)}")
         if drop_path_schedule not in DROP_PATH_SCHEDULES:
@@ -153,12 +160,13 @@ class HybridAxialResNet(nn.Module):
 
         stem_channels = int(round(64 * stem_width_multiplier))
         if wide:
-            self.stem = _conv_stem(stem_channels, 3, bn_kw, activation, conv_init)
+            self.stem = _conv_stem(stem_channels, 3, bn_kw, activation, conv_init, in_chans)
         elif backbone_type == "resnet":
-            self.stem = _conv_stem(stem_channels, 7, bn_kw, activation, conv_init)
+            self.stem = _conv_stem(stem_channels, 7, bn_kw, activation, conv_init, in_chans)
         else:
             self.stem, stem_channels = build_stem("inception", stem_width_multiplier, bn_kw, max_pool=False,
-                                                  activation=activation, conv_init=conv_init)
+                                                  activation=activation, conv_init=conv_init,
+                                                  in_chans=in_chans)
 
         def make_block(in_ch, f, stride, nominal, stage_out):
             """deeplab2's block for one running at stride ``nominal`` (before its own striding) in a
@@ -213,6 +221,8 @@ class HybridAxialResNet(nn.Module):
             if s >= 1:
                 self.feature_info.append(dict(num_chs=in_ch, reduction=actual_stride, module=f"stage{s + 1}"))
         self.stages = [f"stage{s + 1}" for s in range(first, 5)]
+        self._stage_names = self.stages
+        self._feature_stages = [f"stage{s + 1}" for s in range(1, 5)]
 
         # MaX-DeepLab's stacked hour-glass decoder inside the backbone (classification output only):
         # from the output stride down to stride 4 and back, each step fusing the current feature with
@@ -260,12 +270,8 @@ class HybridAxialResNet(nn.Module):
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
         self.backbone_type = backbone_type
         self.num_features = in_ch
-        self.features_only = features_only
         self.output_stride = output_stride
-        self.num_classes = num_classes
-        if not features_only:
-            self.global_pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(num_classes, global_pool, drop_rate, features_only, out_indices)
 
     def _stage(self, name: str, x):
         """(pre-activation, activated) output of a stage; deeplab2 fuses pre-activation features."""
@@ -275,23 +281,52 @@ class HybridAxialResNet(nn.Module):
         raw = blocks[-1].residual(x)  # the decoder reads the pre-activation features
         return raw, self.act(raw)
 
-    def forward_features(self, x) -> List[torch.Tensor]:
-        """[res2, res3, res4, res5]: the outputs of the stages at strides 4, 8, 16, 16|32."""
-        x = self.stem(x)
-        feats = []
-        for name in self.stages:
-            x = getattr(self, name)(x)
-            if name != "stage1":
-                feats.append(x)
-        return feats
+    _group_prefix = "stage"
 
-    def forward_decoder(self, x) -> torch.Tensor:
-        """The activated output of the stacked decoder (the classification feature)."""
+    def _extra_block_groups(self) -> list:
+        return [(r"^decoder_", (99999,))] if self.decoder_plan else []
+
+    def forward_features(self, x) -> torch.Tensor:
+        """The classifier's input, unpooled: the last stage's output, or the decoder's."""
+        if self.decoder_plan:
+            return self.forward_decoder(x)
+        return super().forward_features(x)
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """As :meth:`.TimmModelMixin.forward_intermediates`; with a decoder (and neither
+        ``intermediates_only`` nor ``stop_early``) the final features are the decoder's."""
+        if not self.decoder_plan or intermediates_only or stop_early:
+            return super().forward_intermediates(x, indices, norm, stop_early, output_fmt, intermediates_only)
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r} is not supported; only 'NCHW'")
+        take, _ = take_indices(len(self.feature_info), indices)
+        feats: List[torch.Tensor] = []
+        final = self.forward_decoder(x, feats)
+        return final, [feats[i] for i in take]
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """As :meth:`.TimmModelMixin.prune_intermediate_layers`; the decoder goes too (features
+        come from the stages before it), and with it the head sized for its output."""
+        if self.decoder_plan:
+            for name, _stride, _fused in self.decoder_plan:
+                delattr(self, name)
+                delattr(self, f"{name}_resized_fuse")
+            self.decoder_plan = []
+            self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
+            prune_head = True
+        return super().prune_intermediate_layers(indices, prune_norm, prune_head)
+
+    def forward_decoder(self, x, features: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """The activated output of the stacked decoder (the classification feature); the res2 ..
+        res5 stage outputs are appended to ``features`` when given."""
         raw = {}
         x = self.stem[:-1](x)  # the stem without its final activation
         raw["stem"], x = x, self.act(x)
         for name in self.stages:
             raw[name], x = self._stage(name, x)
+            if features is not None and name in self._feature_stages:
+                features.append(x)
         current = raw[self.stages[-1]]
         for name, _stride, fused in self.decoder_plan:
             size = raw[fused[0]].shape[-2:]
@@ -299,12 +334,6 @@ class HybridAxialResNet(nn.Module):
             current, _ = self._stage(name, self.act(y))
             raw[name] = current
         return self.act(current)
-
-    def forward(self, x):
-        if self.features_only:
-            return self.forward_features(x)
-        feat = self.forward_decoder(x) if self.decoder_plan else self.forward_features(x)[-1]
-        return self.fc(torch.flatten(self.global_pool(feat), 1))
 
 
 class ResizedFuse(nn.Module):

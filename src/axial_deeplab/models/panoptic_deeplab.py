@@ -30,7 +30,7 @@ deeplab2's ``configs/cityscapes/axial_deeplab/`` (see ``DEEPLAB2_CITYSCAPES``).
 from __future__ import annotations
 
 import inspect
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +267,13 @@ class PanopticDeepLab(nn.Module):
             _init_decoder_convs_(part, conv_init)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def pad_value(self) -> Tuple[float, float, float]:
+        """The [0, 1] RGB value that the input normalisation maps to 0 (``pixel_mean``): what the
+        data pipeline pads images with, so padded pixels reach the network as zeros, as in
+        deeplab2 (which pads with 127.5 for its x / 127.5 - 1)."""
+        return tuple(float(v) for v in self.pixel_mean.flatten().tolist())
 
     def predict_raw(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Raw outputs at input resolution, in any mode: ``semantic_logits`` (B, C, H, W),

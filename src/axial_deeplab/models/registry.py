@@ -42,6 +42,11 @@ def create_model(name: str, pretrained: Optional[str] = None, **kwargs):
         hint = f" Similar: {close}." if close else ""
         raise ValueError(f"unknown model {name!r}.{hint} See axial_deeplab.list_models().")
     model = _MODELS[name](**kwargs)
+    from .timm_api import pretrained_cfg_for
+
+    cfg = pretrained_cfg_for(name)
+    if cfg is not None:  # timm's data config (timm.data.resolve_data_config) reads it
+        model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=name)
     if pretrained:
         from .weights import load_pretrained
 
