@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test install benchmark clean
+.PHONY: demo test lint format install benchmark clean
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15
+
+# ruff: lint (pycodestyle, pyflakes, import order) and the formatter's check; settings in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 benchmark: $(STAMP)
 	$(VENV)/bin/axial-deeplab benchmark --quick

@@ -6,6 +6,7 @@ implementations chosen on the command line, e.g.::
     .venv/bin/python benchmarks/bench_attention_layers.py --shapes 2x64x56x56 1x128x65x129 \\
         --modes eval --impls reference fast --threads 1 --clock cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,12 @@ import argparse
 import torch
 
 from axial_deeplab.benchmark import (
-    LAYER_SHAPES, add_script_arguments, apply_script_threads, bench_layers, report_script_rows)
+    LAYER_SHAPES,
+    add_script_arguments,
+    apply_script_threads,
+    bench_layers,
+    report_script_rows,
+)
 
 
 def _shape(text: str):
@@ -31,8 +37,15 @@ def main(argv=None) -> int:
     add_script_arguments(p, repeats=5)
     args = p.parse_args(argv)
     apply_script_threads(args)
-    rows = bench_layers(torch.device(args.device), args.shapes, args.modes, args.impls, args.repeats,
-                        with_memory=not args.no_memory, clock=args.clock)
+    rows = bench_layers(
+        torch.device(args.device),
+        args.shapes,
+        args.modes,
+        args.impls,
+        args.repeats,
+        with_memory=not args.no_memory,
+        clock=args.clock,
+    )
     report_script_rows(rows, args.json)
     return 0
 

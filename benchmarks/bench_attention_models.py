@@ -6,14 +6,14 @@ models and input sizes, e.g.::
     .venv/bin/python benchmarks/bench_attention_models.py axial_resnet_s:224x224 \\
         axial_deeplab_l:1025x2049 --impls memory_efficient --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
 
-from axial_deeplab.benchmark import (
-    add_script_arguments, apply_script_threads, bench_models, report_script_rows)
+from axial_deeplab.benchmark import add_script_arguments, apply_script_threads, bench_models, report_script_rows
 
 
 def _case(text: str):
@@ -31,8 +31,14 @@ def main(argv=None) -> int:
     add_script_arguments(p, repeats=3)
     args = p.parse_args(argv)
     apply_script_threads(args)
-    rows = bench_models(torch.device(args.device), args.cases, args.impls, args.repeats,
-                        with_memory=not args.no_memory, clock=args.clock)
+    rows = bench_models(
+        torch.device(args.device),
+        args.cases,
+        args.impls,
+        args.repeats,
+        with_memory=not args.no_memory,
+        clock=args.clock,
+    )
     report_script_rows(rows, args.json)
     return 0
 

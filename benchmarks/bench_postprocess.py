@@ -9,6 +9,7 @@ Run: ``.venv/bin/python benchmarks/bench_postprocess.py [--instances 200] [--rep
 Prints median wall and process-CPU times (the latter is steadier on a shared machine) and the
 speed-up; ``--device cuda`` times the vectorised version on a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def synthetic_outputs(height=1025, width=2049, num_instances=200, num_classes=19
     rng = np.random.default_rng(seed)
     semantic = np.zeros((height, width), dtype=np.int64)
     semantic[: height // 3] = 10
-    semantic[height // 3: height // 2] = 2
+    semantic[height // 3 : height // 2] = 2
     instance = np.zeros((height, width), dtype=np.int64)
     # Boxes on a jittered grid so that (almost) every instance keeps a visible center.
     cols = int(np.ceil(np.sqrt(num_instances * width / height)))
@@ -40,10 +41,11 @@ def synthetic_outputs(height=1025, width=2049, num_instances=200, num_classes=19
         h, w = rng.integers(cell_h // 2, cell_h + 1), rng.integers(cell_w // 2, cell_w + 1)
         y = r * cell_h + rng.integers(0, cell_h - h + 1)
         x = c * cell_w + rng.integers(0, cell_w - w + 1)
-        semantic[y:y + h, x:x + w] = rng.choice(THING_IDS)
-        instance[y:y + h, x:x + w] = i + 1
-    targets = PanopticTargetGenerator(THING_IDS)({"semantic": torch.from_numpy(semantic),
-                                                   "instance": torch.from_numpy(instance)})
+        semantic[y : y + h, x : x + w] = rng.choice(THING_IDS)
+        instance[y : y + h, x : x + w] = i + 1
+    targets = PanopticTargetGenerator(THING_IDS)(
+        {"semantic": torch.from_numpy(semantic), "instance": torch.from_numpy(instance)}
+    )
     gen = torch.Generator().manual_seed(seed)
     logits = torch.nn.functional.one_hot(targets["semantic"], num_classes).permute(2, 0, 1).float() * 4
     logits += torch.randn(logits.shape, generator=gen)
@@ -73,15 +75,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     probs, heat, offsets = synthetic_outputs(args.height, args.width, args.instances)
-    kw = dict(thing_ids=THING_IDS, label_divisor=1000, stuff_area=2048, threshold=0.1, nms_kernel=13,
-              top_k=max(200, args.instances))
+    kw = dict(
+        thing_ids=THING_IDS,
+        label_divisor=1000,
+        stuff_area=2048,
+        threshold=0.1,
+        nms_kernel=13,
+        top_k=max(200, args.instances),
+    )
     d = [t.to(args.device) for t in (probs, heat, offsets)]
     fast = panoptic_inference(*d, semantic_is_probs=True, **kw)[0]
     ref = panoptic_inference_reference(probs[0], heat[0], offsets[0], **kw)
     agree = torch.equal(fast["panoptic"].cpu(), ref["panoptic"])
-    print(f"{args.height}x{args.width}, {probs.shape[1]} classes, {len(fast['centers'])} centers, "
-          f"{len(fast['instances']['ids'])} instances, {torch.get_num_threads()} thread(s); "
-          f"outputs identical: {agree}")
+    print(
+        f"{args.height}x{args.width}, {probs.shape[1]} classes, {len(fast['centers'])} centers, "
+        f"{len(fast['instances']['ids'])} instances, {torch.get_num_threads()} thread(s); "
+        f"outputs identical: {agree}"
+    )
     # Interleaved runs, so that load from other processes hits both versions alike.
     t_fast, t_ref = [], []
     for i in range(args.repeats):
@@ -91,8 +101,10 @@ def main(argv=None):
     for label, col in (("wall", 0), ("CPU", 1)):
         fast_ms = statistics.median(t[col] for t in t_fast)
         ref_ms = statistics.median(t[col] for t in t_ref)
-        print(f"{label:>4} time  vectorised ({args.device}): {fast_ms:7.1f} ms   loop reference (cpu): "
-              f"{ref_ms:7.1f} ms   speed-up {ref_ms / fast_ms:.1f}x")
+        print(
+            f"{label:>4} time  vectorised ({args.device}): {fast_ms:7.1f} ms   loop reference (cpu): "
+            f"{ref_ms:7.1f} ms   speed-up {ref_ms / fast_ms:.1f}x"
+        )
     return 0 if agree else 1
 
 

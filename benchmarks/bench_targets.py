@@ -2,6 +2,7 @@
 
 Run: ``.venv/bin/python benchmarks/bench_targets.py [--repeats N]``. Prints the median in ms.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,14 @@ def synthetic_label(height=1025, width=2049, num_instances=50, num_classes=19, t
     for i in range(1, num_instances + 1):
         h, w = rng.integers(20, 250), rng.integers(20, 400)
         y, x = rng.integers(0, height - h), rng.integers(0, width - w)
-        semantic[y:y + h, x:x + w] = rng.choice(thing_ids)
-        instance[y:y + h, x:x + w] = i
-        crowd[y:y + h, x:x + w] = i % 10 == 0
-    return {"semantic": torch.from_numpy(semantic), "instance": torch.from_numpy(instance),
-            "crowd": torch.from_numpy(crowd)}
+        semantic[y : y + h, x : x + w] = rng.choice(thing_ids)
+        instance[y : y + h, x : x + w] = i
+        crowd[y : y + h, x : x + w] = i % 10 == 0
+    return {
+        "semantic": torch.from_numpy(semantic),
+        "instance": torch.from_numpy(instance),
+        "crowd": torch.from_numpy(crowd),
+    }
 
 
 def main(argv=None):
@@ -49,8 +53,10 @@ def main(argv=None):
         start = time.perf_counter()
         generator(sample)
         times.append((time.perf_counter() - start) * 1e3)
-    print(f"targets {args.height}x{args.width}, {args.instances} instances: "
-          f"median {statistics.median(times):.1f} ms (min {min(times):.1f} ms, {args.repeats} runs)")
+    print(
+        f"targets {args.height}x{args.width}, {args.instances} instances: "
+        f"median {statistics.median(times):.1f} ms (min {min(times):.1f} ms, {args.repeats} runs)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ kernels are tuned for: a batch of 8 Cityscapes crops at output stride 16, 256 ch
 
     python3 benchmarks/triton_tile_sweep.py --json sweep.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,17 +47,20 @@ def main(argv=None) -> int:
                 try:
                     sv, sve, lse = TK.attend_triton(layer, qkv, scales, return_lse=True, blocks=config)
                     fwd = triton.testing.do_bench(lambda: TK.attend_triton(layer, qkv, scales, blocks=config))
-                    bwd = triton.testing.do_bench(lambda: TK.attention_backward_triton(
-                        layer, 1, qkv, scales, sv, sve, lse, g, g, blocks=config))
+                    bwd = triton.testing.do_bench(
+                        lambda: TK.attention_backward_triton(layer, 1, qkv, scales, sv, sve, lse, g, g, blocks=config)
+                    )
                     note = ""
                 except Exception as e:  # a config that does not fit this GPU: report, go on
                     fwd = bwd = None
                     note = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
                 tile = "q{}k{} w{} s{}".format(*config)
-                print(f"{axis:6s} {span:6s} {tile:16s} {fwd if fwd is None else f'{fwd:10.3f}':>10} "
-                      f"{bwd if bwd is None else f'{bwd:11.3f}':>11} {note}", flush=True)
-                rows.append(dict(axis=axis, span=span, config=list(config), forward_ms=fwd, backward_ms=bwd,
-                                 note=note))
+                print(
+                    f"{axis:6s} {span:6s} {tile:16s} {fwd if fwd is None else f'{fwd:10.3f}':>10} "
+                    f"{bwd if bwd is None else f'{bwd:11.3f}':>11} {note}",
+                    flush=True,
+                )
+                rows.append(dict(axis=axis, span=span, config=list(config), forward_ms=fwd, backward_ms=bwd, note=note))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

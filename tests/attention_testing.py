@@ -1,6 +1,7 @@
 """Shared by the attention tests: BatchNorm state away from PyTorch's defaults (so a path
 that ignored a running statistic or an affine parameter would show), one training step of
 a layer copy, and a tolerance scaled to the size of the expected values."""
+
 from __future__ import annotations
 
 import copy
@@ -77,8 +78,9 @@ def assert_equal_runs(got, want, tol, what) -> None:
 def close_scaled(a, b, tol, what) -> None:
     """a == b up to ``tol`` relative, and ``tol`` times the largest |b| absolute."""
     assert a is not None and b is not None, f"{what} missing"
-    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        a.double(), b.double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())), msg=lambda m: f"{what}: {m}"
+    )
 
 
 def reference_eval(layer, x):

@@ -1,4 +1,5 @@
 """Shared test fixtures."""
+
 import glob
 import importlib.util
 import os
@@ -31,6 +32,7 @@ _TORCHVISION_SCHEMAS = _let_cuda_torchvision_import_on_cpu_torch()  # kept alive
 def quick_init(monkeypatch):
     """erfinv-based truncated-normal init takes seconds on the XL models; a clamped normal has the
     same shapes and scale, which is all a forward/backward check needs."""
+
     def trunc_normal(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
         with torch.no_grad():
             return tensor.normal_(mean, std).clamp_(a, b)

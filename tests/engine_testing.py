@@ -1,15 +1,29 @@
 """The tiny Axial-DeepLab run that the engine and fault tests train, evaluate and save (a few
 seconds on one core): one base config, each test file stating only what it changes."""
+
 import copy
 
 TINY_BASE = {
     "experiment": {"name": "tiny", "seed": 3, "device": "cpu", "threads": 1},
-    "model": {"name": "axial_deeplab_s", "kwargs": {
-        "backbone": "axial_resnet_tiny", "layers": [1, 1, 1, 1], "width": 0.125, "stem": "conv",
-        "stem_width": 0.125, "num_heads": 2, "span": None,
-        "aspp_channels": 16, "semantic_decoder_channels": 16, "semantic_low_level_channels": [8, 8],
-        "semantic_head_channels": 16, "instance_decoder_channels": 16, "instance_low_level_channels": [8, 8],
-        "instance_head_channels": 8}},
+    "model": {
+        "name": "axial_deeplab_s",
+        "kwargs": {
+            "backbone": "axial_resnet_tiny",
+            "layers": [1, 1, 1, 1],
+            "width": 0.125,
+            "stem": "conv",
+            "stem_width": 0.125,
+            "num_heads": 2,
+            "span": None,
+            "aspp_channels": 16,
+            "semantic_decoder_channels": 16,
+            "semantic_low_level_channels": [8, 8],
+            "semantic_head_channels": 16,
+            "instance_decoder_channels": 16,
+            "instance_low_level_channels": [8, 8],
+            "instance_head_channels": 8,
+        },
+    },
     "data": {"dataset": "synthetic", "options": {"image_size": 64}, "crop_size": [64, 64], "num_workers": 0},
     "targets": {"sigma": 3.0, "small_instance_area": 128},
     "train": {"eval_every": 0, "tensorboard": False, "progress": False, "plot_curves": False},

@@ -1,4 +1,5 @@
 """2-D attention baselines: local m x m (with/without position sensitivity) and global."""
+
 import pytest
 import torch
 

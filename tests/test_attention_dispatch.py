@@ -1,5 +1,6 @@
 """The attention dispatcher: which path runs, why the faster ones were refused, and the public
 ways to force one (layer impl, ``attention_impl``, ``AXIAL_DEEPLAB_ATTENTION_IMPL``)."""
+
 from __future__ import annotations
 
 import ast
@@ -13,11 +14,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from axial_deeplab.layers import (PositionSensitiveAxialAttention, attention_impl, available_attention_impls,
-                                  explain, register_attention_impl, select_backend)
-from axial_deeplab.layers import cpu_kernel, dispatch
 from attention_testing import randomize_batch_norms
+
+from axial_deeplab.layers import (
+    PositionSensitiveAxialAttention,
+    attention_impl,
+    available_attention_impls,
+    cpu_kernel,
+    dispatch,
+    explain,
+    register_attention_impl,
+    select_backend,
+)
 
 LAYERS_DIR = Path(__file__).resolve().parents[1] / "src" / "axial_deeplab" / "layers"
 
@@ -43,8 +51,14 @@ def reference_output(layer, x):
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     full_env.pop(dispatch.ENV_IMPL, None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=full_env,
-                          cwd=str(Path(__file__).resolve().parent))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=full_env,
+        cwd=str(Path(__file__).resolve().parent),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -81,8 +95,9 @@ def test_explain_without_the_c_kernel_says_so_and_output_is_right():
     assert "selected: memory_efficient (route eval_op:" in proc.stdout
     assert "C kernel: switched off (AXIAL_DEEPLAB_NO_C_KERNEL)" in proc.stdout
     # the debug switch by environment: one line naming the path and route
-    logged = [ln for ln in proc.stderr.splitlines()
-              if ln.startswith("axial_deeplab.attention") and "impl=auto" in ln]  # not the reference copy
+    logged = [
+        ln for ln in proc.stderr.splitlines() if ln.startswith("axial_deeplab.attention") and "impl=auto" in ln
+    ]  # not the reference copy
     assert len(logged) == 1 and "memory_efficient (route eval_op)" in logged[0], proc.stderr
 
 
@@ -170,8 +185,11 @@ def test_a_forced_path_that_cannot_run_raises_with_the_reason():
     layer = make_layer().to("meta")
     x = torch.empty(2, 8, 3, 7, device="meta")
     with attention_impl("memory_efficient"):
-        with pytest.raises(ValueError, match=r"'memory_efficient' \(set by attention_impl\(\)\) cannot run here: "
-                                             r"eval_op: the operators have CPU implementations only"):
+        with pytest.raises(
+            ValueError,
+            match=r"'memory_efficient' \(set by attention_impl\(\)\) cannot run here: "
+            r"eval_op: the operators have CPU implementations only",
+        ):
             layer(x)
     layer.impl = "fast"
     with pytest.raises(ValueError, match="'fast' .*meta tensors hold no values"):
@@ -194,8 +212,9 @@ class _Explained(torch.nn.Module):
 
 
 def test_jit_trace_refuses_the_ctypes_paths_and_equals_eager():
-    pair = torch.nn.Sequential(make_layer(axis="height", span=None, max_relative_distance=3),
-                               make_layer(axis="width", span=3))
+    pair = torch.nn.Sequential(
+        make_layer(axis="height", span=None, max_relative_distance=3), make_layer(axis="width", span=3)
+    )
     x = make_input()
     model = _Explained(pair)
     with torch.no_grad():
@@ -205,8 +224,9 @@ def test_jit_trace_refuses_the_ctypes_paths_and_equals_eager():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     text = model.texts[-1]
     assert "selected: reference" in text
-    assert ("route chunked   refused: torch.jit.trace is running and this route calls the C kernel "
-            "through ctypes") in text
+    assert (
+        "route chunked   refused: torch.jit.trace is running and this route calls the C kernel through ctypes"
+    ) in text
     assert "fast              refused: torch.jit.trace is running and this path calls the C kernel" in text
     pair[0].impl = "fast"  # by name: refused, not silently wrong
     with torch.no_grad(), pytest.raises(ValueError, match="'fast' .*torch.jit.trace is running"):
@@ -287,10 +307,12 @@ def test_layers_modules_import_without_circles():
     for m in sorted(graph):
         acyclic(m, [])
     for module in ("axial_deeplab.layers.reference", "axial_deeplab.layers.axial_attention"):
-        _run_python(f"import {module}\n"
-                    "import torch\n"
-                    "from axial_deeplab.layers import PositionSensitiveAxialAttention as P\n"
-                    "assert P(4, 4, num_heads=1)(torch.randn(1, 4, 3, 3)).shape == (1, 4, 3, 3)\n")
+        _run_python(
+            f"import {module}\n"
+            "import torch\n"
+            "from axial_deeplab.layers import PositionSensitiveAxialAttention as P\n"
+            "assert P(4, 4, num_heads=1)(torch.randn(1, 4, 3, 3)).shape == (1, 4, 3, 3)\n"
+        )
 
 
 # --------------------------------------------------------------------------- axial-deeplab info --attention

@@ -4,16 +4,16 @@ in train and eval mode, for global and local spans, odd and even lengths, length
 and above the span / table reach, strides 1 and 2 in every stride mode, and with each
 term switched off. fp32 within 1e-5; a float64 subset to 1e-10 shows the match is exact
 math, not tolerance. Small chunk budgets force the chunked and blocked code paths."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-
-from axial_deeplab.layers import PositionSensitiveAxialAttention, available_attention_impls
-from axial_deeplab.layers import chunked, cpu_kernel
 from attention_testing import assert_equal_runs, forward_backward, randomize_batch_norms
+
+from axial_deeplab.layers import PositionSensitiveAxialAttention, available_attention_impls, chunked, cpu_kernel
 
 FAST_IMPLS = [n for n in available_attention_impls() if n != "reference" and not n.startswith("triton")]
 
@@ -94,8 +94,7 @@ def test_fast_paths_equal_reference_fp64(case_id, kwargs, hw):
     for training in (True, False):
         want = run(layer, "reference", x, training)
         for impl in FAST_IMPLS:
-            assert_equal_runs(run(layer, impl, x, training), want, 1e-10,
-                              f"{impl} {'train' if training else 'eval'}")
+            assert_equal_runs(run(layer, impl, x, training), want, 1e-10, f"{impl} {'train' if training else 'eval'}")
 
 
 @pytest.mark.parametrize("span", [None, 5])

@@ -2,15 +2,16 @@
 computation of the paper's equation (BatchNorm in eval and training mode, global and
 local spans, clipped relative offsets, strides, switched-off terms), and the layer's
 flexibility: one layer runs at any size, and under bf16 autocast."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from attention_testing import randomize_batch_norms
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, available_attention_impls
-from attention_testing import randomize_batch_norms
 
 
 # --------------------------------------------------------------------------- the loop oracle
@@ -69,18 +70,20 @@ def _loop_oracle(layer, x):
     # similarity terms S[t][h] -> list over (b, t, o, p) in span
     sims = {}
     seqs = [(b, t) for b in range(B) for t in range(other)]
-    for (b, t) in seqs:
+    for b, t in seqs:
         s = seq(b, t)
         for h in range(heads):
             base = h * (2 * dk + dv)
-            q, k = s[base:base + dk], s[base + dk:base + 2 * dk]
+            q, k = s[base : base + dk], s[base + dk : base + 2 * dk]
             for o in range(L):
                 for p in range(L):
                     if not in_span[o][p]:
                         continue
-                    terms = [torch.dot(q[:, o], k[:, p]) if on[0] else x.new_zeros(()),
-                             torch.dot(q[:, o], row(layer.query_table, p - o)) if on[1] else x.new_zeros(()),
-                             torch.dot(k[:, p], row(layer.key_table, p - o)) if on[2] else x.new_zeros(())]
+                    terms = [
+                        torch.dot(q[:, o], k[:, p]) if on[0] else x.new_zeros(()),
+                        torch.dot(q[:, o], row(layer.query_table, p - o)) if on[1] else x.new_zeros(()),
+                        torch.dot(k[:, p], row(layer.key_table, p - o)) if on[2] else x.new_zeros(()),
+                    ]
                     for ti in range(3):
                         sims.setdefault((ti, h), []).append(terms[ti])
     keys = [(ti, h) for ti in range(3) for h in range(heads)]  # BN channel order: term-major
@@ -95,7 +98,7 @@ def _loop_oracle(layer, x):
         s = seq(b, t)
         for h in range(heads):
             base = h * (2 * dk + dv)
-            v = s[base + 2 * dk:base + 2 * dk + dv]
+            v = s[base + 2 * dk : base + 2 * dk + dv]
             for o in range(L):
                 logits = {}
                 for p in range(L):
@@ -146,14 +149,18 @@ def _loop_oracle(layer, x):
             y = torch.nn.functional.avg_pool2d(y, s, s, ceil_mode=True)
     stats = None
     if training:
+
         def upd(bn, means, uvars):
             f = bn.momentum
             rm = bn.running_mean * (1 - f) + f * torch.stack(means)
             rv = bn.running_var * (1 - f) + f * torch.stack(uvars)
             return rm, rv
-        stats = {"bn_qkv": upd(layer.bn_qkv, m_qkv, v_qkv),
-                 "bn_similarity": upd(layer.bn_similarity, m_sim, v_sim),
-                 "bn_output": upd(layer.bn_output, m_out, v_out)}
+
+        stats = {
+            "bn_qkv": upd(layer.bn_qkv, m_qkv, v_qkv),
+            "bn_similarity": upd(layer.bn_similarity, m_sim, v_sim),
+            "bn_output": upd(layer.bn_output, m_out, v_out),
+        }
     return y, stats
 
 
@@ -214,8 +221,9 @@ IMPLS = [name for name in available_attention_impls() if not name.startswith("tr
 @pytest.mark.parametrize("span", [None, 5])
 def test_layer_built_at_one_size_runs_at_others(impl, span):
     # Tables reach D = 3 (global) or span 5; the axis is shorter and longer than both.
-    layer = make_layer(dtype=torch.float32, impl=impl, axis="width", span=span,
-                       max_relative_distance=3 if span is None else None).eval()
+    layer = make_layer(
+        dtype=torch.float32, impl=impl, axis="width", span=span, max_relative_distance=3 if span is None else None
+    ).eval()
     rows = layer.table_rows
     for h, w in [(8, 8), (3, 2), (5, 13), (2, 1)]:
         x = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(h * w))
@@ -254,8 +262,9 @@ def test_bad_input_shape_names_the_shape():
         PositionSensitiveAxialAttention(4, 8, num_heads=2, span=4)
 
 
-@pytest.mark.parametrize("mode,shape", [("subsample", (1, 8, 3, 6)), ("avgpool", (1, 8, 3, 6)),
-                                        ("avgpool2d", (1, 8, 3, 3))])
+@pytest.mark.parametrize(
+    "mode,shape", [("subsample", (1, 8, 3, 6)), ("avgpool", (1, 8, 3, 6)), ("avgpool2d", (1, 8, 3, 3))]
+)
 def test_stride_output_shapes(mode, shape):
     for impl in IMPLS:
         layer = make_layer(dtype=torch.float32, impl=impl, axis="height", stride=2, stride_mode=mode).eval()

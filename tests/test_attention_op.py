@@ -1,5 +1,6 @@
 """The attention as registered PyTorch operators: opcheck, torch.compile and torch.export of
 the default path, equal to eager and to the reference."""
+
 import pytest
 import torch
 from torch import nn
@@ -27,8 +28,20 @@ def _rows_args(dtype, span_radius, with_value_table=True, requires_grad=True):
     qkv = t(nseq * length, heads * (2 * dk + dv))
     scales = (torch.rand(3, heads, generator=gen, dtype=dtype) + 0.5).requires_grad_(requires_grad)
     rows = 2 * dist + 1
-    return (qkv, scales, t(dk, rows), t(dk, rows), t(dv, rows) if with_value_table else None,
-            nseq, heads, dk, dv, span_radius, dist, True)
+    return (
+        qkv,
+        scales,
+        t(dk, rows),
+        t(dk, rows),
+        t(dv, rows) if with_value_table else None,
+        nseq,
+        heads,
+        dk,
+        dv,
+        span_radius,
+        dist,
+        True,
+    )
 
 
 @pytest.mark.parametrize("dtype,radius,value_table", [(torch.float32, -1, True), (torch.float64, 2, False)])
@@ -51,8 +64,25 @@ def test_opcheck_attention_eval(dtype):
 
     w, shift, alpha_r, beta, sim = folded_projection(layer)
     x = torch.randn(2, 16, 5, 6, dtype=dtype)
-    args = (x, w.detach(), shift.detach(), sim.detach(), layer.query_table.detach(), layer.key_table.detach(),
-            layer.value_table.detach(), alpha_r.detach(), beta.detach(), 2, 4, 8, 1, 1, True, False, 2)
+    args = (
+        x,
+        w.detach(),
+        shift.detach(),
+        sim.detach(),
+        layer.query_table.detach(),
+        layer.key_table.detach(),
+        layer.value_table.detach(),
+        alpha_r.detach(),
+        beta.detach(),
+        2,
+        4,
+        8,
+        1,
+        1,
+        True,
+        False,
+        2,
+    )
     torch.library.opcheck(ops.attention_eval, args)
 
 

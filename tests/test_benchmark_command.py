@@ -1,4 +1,5 @@
 """The benchmark harness and suites on tiny inputs, and the command's checks."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,13 @@ def test_layer_rows_compare_every_impl_with_conv_and_reference():
     got = {(r.mode, r.impl): r for r in rows}
     # "banded" is the export decomposition (what an ONNX file computes)
     assert {impl for (mode, impl) in got if mode == "eval"} == {"conv3x3", "reference", "banded", "fast"}
-    assert {impl for (mode, impl) in got if mode == "train"} == {"conv3x3", "reference", "banded", "fast",
-                                                                  "memory_efficient"}
+    assert {impl for (mode, impl) in got if mode == "train"} == {
+        "conv3x3",
+        "reference",
+        "banded",
+        "fast",
+        "memory_efficient",
+    }
     for r in rows:
         assert r.median_ms > 0 and r.runs == 1 and r.note == ""
         assert r.peak_mib is not None and r.peak_mib >= 0
@@ -35,9 +41,12 @@ def test_interleaved_timing_runs_in_turns_and_reports_failures():
             calls.append(name)
             if len([c for c in calls if c == name]) == fail_at:
                 raise MemoryError("planted")
+
         return run
-    timed = bench.time_interleaved({"a": step("a"), "b": step("b"), "c": step("c", fail_at=3)},
-                                   repeats=3, device=torch.device("cpu"))
+
+    timed = bench.time_interleaved(
+        {"a": step("a"), "b": step("b"), "c": step("c", fail_at=3)}, repeats=3, device=torch.device("cpu")
+    )
     # one warm-up each, then rounds a, b, c; c fails in the second round and is left out after it
     assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
     assert [len(timed[n][2]) for n in ("a", "b")] == [3, 3] and timed["a"][0] >= 0
@@ -80,8 +89,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 
 def test_core_rows_report_bandwidth_fraction_and_mac_rate():
-    rows = bench.bench_core(torch.device("cpu"), shapes=[(1, 16, 6, 5)], repeats=1, log=lambda s: None,
-                            bandwidth=1e9)
+    rows = bench.bench_core(torch.device("cpu"), shapes=[(1, 16, 6, 5)], repeats=1, log=lambda s: None, bandwidth=1e9)
     assert [(r.case, r.impl) for r in rows] == [("1x16x6x5 height", "fast"), ("1x16x6x5 width", "fast")]
     for r in rows:
         assert r.median_ms > 0 and r.group == "attention core"
@@ -103,6 +111,7 @@ def test_profiler_lines_are_silenced_and_stderr_restored(capfd):
     bench.peak_memory_bytes(lambda: torch.ones(10), torch.device("cpu"))
     assert "profiler" not in capfd.readouterr().err
     import os
+
     os.write(2, b"still here\n")
     assert "still here" in capfd.readouterr().err
 
@@ -112,8 +121,12 @@ def test_python_dash_m_runs_the_command_and_its_errors():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "axial_deeplab", "benchmark", "--repeats", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "axial_deeplab", "benchmark", "--repeats", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--repeats must be at least 1" in proc.stderr
 
 
@@ -129,8 +142,9 @@ def test_script_report_prints_the_table_and_writes_every_row(tmp_path, capsys):
 def test_no_tf32_turns_tf32_off_for_the_run_and_json_keeps_the_machine(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # restored after the test
     out = tmp_path / "bench.json"
-    assert main(["benchmark", "--quick", "--only", "postprocess", "--repeats", "1", "--no-tf32",
-                 "--json", str(out)]) == 0
+    assert (
+        main(["benchmark", "--quick", "--only", "postprocess", "--repeats", "1", "--no-tf32", "--json", str(out)]) == 0
+    )
     assert torch.backends.cudnn.allow_tf32 is False
     saved = json.loads(out.read_text())
     assert saved["machine"]["device"] == "cpu" and saved["triton_configs"] == {}
@@ -140,19 +154,36 @@ def test_no_tf32_turns_tf32_off_for_the_run_and_json_keeps_the_machine(tmp_path,
 def _tiny_classifier():
     """A stand-in for a model: the deploy rows are model-agnostic, and compiling and exporting
     a real (even narrow) Axial-ResNet takes half a minute; tests/test_export.py covers those."""
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
 
 
 def test_deploy_rows_time_eager_compiled_and_onnxruntime_side_by_side(tmp_path):
     # the eager backend: torch.compile's tracing without Inductor's minutes of code generation
-    rows = bench.bench_deploy(torch.device("cpu"), cases=[("tiny", (1, 3, 32, 32))],
-                              train_cases=[("tiny", (2, 3, 32, 32))], repeats=2, log=lambda s: None,
-                              compile_backend="eager", models={"tiny": _tiny_classifier},
-                              workdir=str(tmp_path))
+    rows = bench.bench_deploy(
+        torch.device("cpu"),
+        cases=[("tiny", (1, 3, 32, 32))],
+        train_cases=[("tiny", (2, 3, 32, 32))],
+        repeats=2,
+        log=lambda s: None,
+        compile_backend="eager",
+        models={"tiny": _tiny_classifier},
+        workdir=str(tmp_path),
+    )
     got = {(r.mode, r.impl): r for r in rows}
-    assert set(got) == {("eval", "eager"), ("eval", "compiled"), ("eval", "onnxruntime"),
-                        ("train", "eager"), ("train", "compiled")}
+    assert set(got) == {
+        ("eval", "eager"),
+        ("eval", "compiled"),
+        ("eval", "onnxruntime"),
+        ("train", "eager"),
+        ("train", "compiled"),
+    }
     for r in rows:
         assert r.group == "deploy" and r.median_ms > 0 and r.runs == 2 and len(r.times_ms) == 2
         eager = got[(r.mode, "eager")]
@@ -175,9 +206,17 @@ def test_deploy_reports_a_failed_compile_in_its_row(tmp_path):
     def broken(gm, example_inputs):
         raise RuntimeError("planted backend failure")
 
-    rows = bench.bench_deploy(torch.device("cpu"), cases=[("tiny", (1, 3, 32, 32))], train_cases=[],
-                              repeats=1, log=lambda s: None, compile_backend=broken, with_onnx=False,
-                              models={"tiny": _tiny_classifier}, workdir=str(tmp_path))
+    rows = bench.bench_deploy(
+        torch.device("cpu"),
+        cases=[("tiny", (1, 3, 32, 32))],
+        train_cases=[],
+        repeats=1,
+        log=lambda s: None,
+        compile_backend=broken,
+        with_onnx=False,
+        models={"tiny": _tiny_classifier},
+        workdir=str(tmp_path),
+    )
     got = {r.impl: r for r in rows}
     assert got["eager"].median_ms > 0
     assert got["compiled"].median_ms is None and got["compiled"].setup_s is None
@@ -229,8 +268,9 @@ def test_whole_model_rows_compare_each_model_with_its_conv_model():
 
     rows = wm.bench_whole_models(torch.device("cpu"), wm.QUICK_CASES, threads=[1], repeats=1, log=lambda s: None)
     timed = [r for r in rows if r.group == "whole model"]
-    expected = [(f"{b}x{c}x{h}x{w}", mode, name) for axial, conv, mode, (b, c, h, w) in wm.QUICK_CASES
-                for name in (axial, conv)]
+    expected = [
+        (f"{b}x{c}x{h}x{w}", mode, name) for axial, conv, mode, (b, c, h, w) in wm.QUICK_CASES for name in (axial, conv)
+    ]
     assert [(r.case, r.mode, r.impl) for r in timed] == expected and {r.threads for r in timed} == {1}
     pairs = {"axial_resnet_s": "resnet50", "axial_deeplab_s": "panoptic_deeplab_r50"}
     got = {(r.case, r.mode, r.impl): r for r in timed}
@@ -253,17 +293,42 @@ def test_whole_model_scaling_table_and_memory_estimate():
     from axial_deeplab.benchmark.suites import whole_models as wm
 
     def row(impl, threads, ms, peak=None, case="2x3x8x8"):
-        return wm.ModelResult("whole model", case, "train", impl, median_ms=ms, runs=1, threads=threads,
-                              peak_mib=peak, vs_conv=ms / {1: 100.0, 2: 60.0}[threads])
+        return wm.ModelResult(
+            "whole model",
+            case,
+            "train",
+            impl,
+            median_ms=ms,
+            runs=1,
+            threads=threads,
+            peak_mib=peak,
+            vs_conv=ms / {1: 100.0, 2: 60.0}[threads],
+        )
+
     rows = [row("axial", 1, 200.0, 30.0), row("conv", 1, 100.0, 20.0), row("axial", 2, 120.0), row("conv", 2, 60.0)]
     lines = wm.scaling_table(rows).splitlines()
     assert lines[0] == "thread scaling"
-    assert lines[1].split() == ["case", "mode", "model", "ms", "1T", "ms", "2T", "speedup", "x", "conv", "1T",
-                                "x", "conv", "2T"]
+    assert lines[1].split() == [
+        "case",
+        "mode",
+        "model",
+        "ms",
+        "1T",
+        "ms",
+        "2T",
+        "speedup",
+        "x",
+        "conv",
+        "1T",
+        "x",
+        "conv",
+        "2T",
+    ]
     assert [line.split() for line in lines[3:]] == [
         ["2x3x8x8", "train", "axial", "200.0", "120.0", "1.67", "2.00", "2.00"],
-        ["2x3x8x8", "train", "conv", "100.0", "60.0", "1.67", "1.00", "1.00"]]
+        ["2x3x8x8", "train", "conv", "100.0", "60.0", "1.67", "1.00", "1.00"],
+    ]
     # peak = fixed + per-pixel x pixels: 10 MiB + 1 KiB a pixel -> 1025 x 2049 KiB an image
     rows = [row("axial", 1, 1.0, 10 + 2 * 64 / 1024, "2x3x8x8"), row("axial", 1, 1.0, 10 + 4 * 256 / 1024, "4x3x16x16")]
-    (est,) = wm.memory_estimates(rows, {"axial": 0}, gpu_bytes=10 * 2 ** 30)
+    (est,) = wm.memory_estimates(rows, {"axial": 0}, gpu_bytes=10 * 2**30)
     assert abs(est.peak_mib - 1025 * 2049 / 1024) < 1e-6 and est.note.endswith("batch per 11 GB GPU: 4")

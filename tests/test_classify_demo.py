@@ -1,4 +1,5 @@
 """The digits classification run learns (a short run; the full demo reaches >= 97%)."""
+
 from axial_deeplab.commands.classify_demo import load_digits_split, train_digits
 
 

@@ -6,17 +6,19 @@ are not multiples of 4 or 8, with local spans cut by both ends of the axis, a sp
 the axis, and each term switched off, through both entry points (position-major rows and the
 channel-major sequence layout): output, input gradient and every parameter's gradient (the
 three relative tables included) against the reference implementation."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from attention_testing import close_scaled, randomize_batch_norms, train_step
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, ops
-from attention_testing import close_scaled, randomize_batch_norms, train_step
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernel.available(),
-    reason="no C compiler: the C backward is not built (the PyTorch path is tested elsewhere)")
+    reason="no C compiler: the C backward is not built (the PyTorch path is tested elsewhere)",
+)
 
 
 def make_layer(axis, span, **kwargs):

@@ -6,17 +6,18 @@ head at a time. The shapes below force each way, with sequences that cross from 
 to the next, lengths that are not multiples of the 4-row block, query stride 2, local spans,
 each similarity term switched off, and rows split over threads inside a sequence; every
 output is compared with the reference (the plain equation)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from axial_deeplab.layers import cpu_kernel
 from attention_testing import close_scaled, eval_layer, kernel_eval, reference_eval
 
+from axial_deeplab.layers import cpu_kernel
+
 pytestmark = pytest.mark.skipif(
-    not cpu_kernel.available(),
-    reason="no C compiler: the C kernel is not built (the PyTorch path is tested elsewhere)")
+    not cpu_kernel.available(), reason="no C compiler: the C kernel is not built (the PyTorch path is tested elsewhere)"
+)
 
 
 make_layer = eval_layer  # (in, out, heads, key channels, seed, **layer kwargs)

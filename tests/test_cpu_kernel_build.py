@@ -1,5 +1,6 @@
 """The C kernel's build: its source ships as package data, and a build that fails warns once
 with the compiler's own message while the layer keeps working on its PyTorch path."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -10,15 +11,15 @@ import warnings
 
 import pytest
 import torch
-
 from attention_testing import eval_layer, reference_eval
+
 from axial_deeplab.layers import cpu_kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A "compiler" that records the source it was given and fails like gcc, with more lines than
 # the warning keeps.
-FAKE_COMPILER = r'''
+FAKE_COMPILER = r"""
 import shutil, sys
 src = next(a for a in sys.argv[1:] if a.endswith(".c"))
 shutil.copy(src, sys.argv[-1] + ".seen.c")
@@ -26,7 +27,7 @@ sys.stderr.write(src + ":12:3: error: forced failure for the test\n")
 for i in range(40):
     sys.stderr.write(f"note: line {i} of the compiler's output\n")
 sys.exit(1)
-'''
+"""
 
 
 def _fresh_attempt(monkeypatch, tmp_path, cc: str):
@@ -40,8 +41,7 @@ def _kernel_warnings(record):
     return [str(w.message) for w in record if "C kernel unavailable" in str(w.message)]
 
 
-def test_failed_build_warns_once_with_the_compiler_message_and_the_layer_matches_the_reference(
-        monkeypatch, tmp_path):
+def test_failed_build_warns_once_with_the_compiler_message_and_the_layer_matches_the_reference(monkeypatch, tmp_path):
     script = tmp_path / "fake_cc.py"
     script.write_text(FAKE_COMPILER)
     _fresh_attempt(monkeypatch, tmp_path, f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}")

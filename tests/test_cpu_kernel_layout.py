@@ -4,18 +4,18 @@ strides), position-major loading of every head of a sequence, key and value
 depths that are not multiples of 8, local spans, strides, non-contiguous input, rows split
 over threads, and the cache of folded constants following parameter changes. Every case is
 compared with the reference implementation (the plain equation)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
-
-from axial_deeplab.layers import cpu_kernel
 from attention_testing import eval_layer, kernel_eval, reference_eval
 
+from axial_deeplab.layers import cpu_kernel
+
 pytestmark = pytest.mark.skipif(
-    not cpu_kernel.available(),
-    reason="no C compiler: the C kernel is not built (the PyTorch path is tested elsewhere)")
+    not cpu_kernel.available(), reason="no C compiler: the C kernel is not built (the PyTorch path is tested elsewhere)"
+)
 
 
 def make_layer(in_ch=10, out_ch=12, heads=2, key_ch=None, seed=0, **kwargs):

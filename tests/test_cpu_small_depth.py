@@ -7,18 +7,18 @@ log-sum-exp) and, for attend_eval's outputs and log-sum-exp, against the plain e
 written out below: global and local spans, lengths that are not a multiple of the 4-row
 block nor of the 8-wide vectors, query stride 2, each term switched off, NCHW and
 channels_last input."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
-
-from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel
 from attention_testing import close_scaled, kernel_eval, randomize_batch_norms, reference_eval, train_step
 
+from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel
+
 pytestmark = pytest.mark.skipif(
-    not cpu_kernel.available(),
-    reason="no C compiler: the C kernel is not built (the PyTorch path is tested elsewhere)")
+    not cpu_kernel.available(), reason="no C compiler: the C kernel is not built (the PyTorch path is tested elsewhere)"
+)
 
 DEPTHS = [(4, 8), (8, 16), (4, 16), (8, 8)]  # (key depth, value depth) per head
 
@@ -88,7 +88,11 @@ def plain_attend(layer, qkv, scales, step):
     lse = torch.logsumexp(z, dim=2) / torch.log(torch.tensor(2.0, dtype=torch.float64))
     attn = torch.softmax(z, dim=2)
     sv = torch.einsum("nop,ncp->nco", attn, v)
-    sve = torch.einsum("nop,cop->nco", attn, layer.value_table.detach().double()[:, rows]) if layer.use_value_rpe else None
+    sve = (
+        torch.einsum("nop,cop->nco", attn, layer.value_table.detach().double()[:, rows])
+        if layer.use_value_rpe
+        else None
+    )
     return sv, sve, lse
 
 
@@ -135,5 +139,7 @@ def test_position_major_one_head_and_all_heads_at_once(heads, axis):
     # channels_last input gives the position-major projection: one head is copied on its own,
     # several heads of a sequence in one pass over its positions
     layer = make_layer(4, 8, heads=heads, axis=axis)
-    x = torch.randn(2, 6, 10, 9, generator=torch.Generator().manual_seed(5)).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 10, 9, generator=torch.Generator().manual_seed(5)).contiguous(
+        memory_format=torch.channels_last
+    )
     close_scaled(kernel_eval(layer, x), reference_eval(layer, x), 1e-5, f"{heads} heads")

@@ -1,4 +1,5 @@
 """Loaders on small fixtures written in each dataset's official on-disk layout, and their errors."""
+
 import contextlib
 import io
 import json
@@ -119,10 +120,20 @@ def test_generic_custom_dataset_and_transform(tmp_path):
     cats = [dict(c, id=c["id"] + 1000) for c in COCO_CATS[::-1]]  # own ids, listed out of order
     segs = [dict(s, category_id=s["category_id"] + 1000) for s in segs]
     # no "images" list: the image is found next to the PNG's name
-    (root / "pan.json").write_text(json.dumps({"annotations": [{"image_id": "a", "file_name": "a.png", "segments_info": segs}], "categories": cats}))
+    (root / "pan.json").write_text(
+        json.dumps(
+            {"annotations": [{"image_id": "a", "file_name": "a.png", "segments_info": segs}], "categories": cats}
+        )
+    )
     seen = []
-    ds = CocoPanopticDataset(root / "imgs", root / "pan.json", root / "pan", name="mine", label_divisor=256,
-                             transform=lambda s: seen.append(s["image_id"]) or s)
+    ds = CocoPanopticDataset(
+        root / "imgs",
+        root / "pan.json",
+        root / "pan",
+        name="mine",
+        label_divisor=256,
+        transform=lambda s: seen.append(s["image_id"]) or s,
+    )
     assert ds.metadata.name == "mine" and ds.metadata.label_divisor == 256
     assert ds.metadata.category_ids == [1001, 1003, 1184, 1187]
     s = ds[0]
@@ -168,7 +179,10 @@ def test_cityscapes_layout_made_by_cityscapesscripts(tmp_path):
     assert len(a) == len(b) == 1 and a[0] > 0 and b[0] > 0 and a[0] != b[0]
     assert np.all(sem[10:14, 20:26] == 11) and crowd[10:14, 20:26].all() and crowd.sum() == 24
     assert np.all(inst[10:14, 20:26] > 0)  # crowd segments get ids too
-    assert torch.equal(ds[2]["image"][:, 0, 0] * 255, torch.tensor(np.random.default_rng(0).integers(0, 255, (16, 32, 3), dtype=np.uint8)[0, 0], dtype=torch.float32))
+    assert torch.equal(
+        ds[2]["image"][:, 0, 0] * 255,
+        torch.tensor(np.random.default_rng(0).integers(0, 255, (16, 32, 3), dtype=np.uint8)[0, 0], dtype=torch.float32),
+    )
 
     # the label-id JSON (without --use-train-id) is refused with a hint
     (tmp_path / "labelids").mkdir()

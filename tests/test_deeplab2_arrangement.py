@@ -9,17 +9,18 @@ tf-keras and called on a 1x65x65x3 input: endpoint shapes, trainable variable co
 kernel shapes of the stem and shortcut convolutions. deeplab2's relative-position tables have
 509 rows whatever the span, so ours are built global (``span=None``: 2 * 254 + 1 rows).
 """
+
 import json
 import warnings
 
 import pytest
 import torch
+from engine_testing import save_untrained_checkpoint, tiny_run
 from torch import nn
 
 from axial_deeplab.engine import checkpoint as ck
 from axial_deeplab.models import create_model
 from axial_deeplab.models.axial_resnet import AxialBlock, Subsample, model_arrangements
-from engine_testing import save_untrained_checkpoint, tiny_run
 
 # deeplab2 endpoints res2..res5 for a 65x65 input, output stride 16 (NHWC -> our C, H, W).
 DEEPLAB2_RES_S = [(128, 17, 17), (256, 9, 9), (512, 5, 5), (1024, 5, 5)]
@@ -49,8 +50,12 @@ DEEPLAB2_BLOCKS_L = {
 }
 # Shortcut conv kernels (HWIO) in first blocks; a stage missing here has none (S stage2: subsample).
 DEEPLAB2_SHORTCUTS_S = {"stage3": (1, 1, 128, 256), "stage4": (1, 1, 256, 512), "stage5": (1, 1, 512, 1024)}
-DEEPLAB2_SHORTCUTS_L = {"stage2": (1, 1, 128, 256), "stage3": (1, 1, 256, 512), "stage4": (1, 1, 512, 1024),
-                        "stage5": (1, 1, 1024, 2048)}
+DEEPLAB2_SHORTCUTS_L = {
+    "stage2": (1, 1, 128, 256),
+    "stage3": (1, 1, 256, 512),
+    "stage4": (1, 1, 512, 1024),
+    "stage5": (1, 1, 1024, 2048),
+}
 DEEPLAB2_STEM_KERNELS = [(3, 3, 3, 64), (3, 3, 64, 64), (3, 3, 64, 128)]
 
 
@@ -163,7 +168,7 @@ def test_gelu_and_he_normal_options():
     assert w.abs().max().item() > 1.9 * std
     # the attention layers keep their own initializer (std in_channels ** -0.5, truncated), not he_normal
     qkv = he.layer4[0].attn_h.qkv.weight
-    assert qkv.shape[1] == 1024 and qkv.abs().max().item() <= 2 * 1024 ** -0.5 + 1e-6
+    assert qkv.shape[1] == 1024 and qkv.abs().max().item() <= 2 * 1024**-0.5 + 1e-6
     assert qkv.std().item() < 0.9 * std
     with pytest.raises(ValueError, match="activation"):
         create_model("axial_resnet_s", activation="tanh", **kw)
@@ -172,8 +177,15 @@ def test_gelu_and_he_normal_options():
 
 
 # ---------------------------------------------------------------- checkpoints record the arrangement
-SMALL = {"backbone": "axial_resnet_s", "layers": [1, 1, 1, 1], "width": 0.125, "stem": "conv",
-         "stem_width": 0.125, "num_heads": 2, "span": None}
+SMALL = {
+    "backbone": "axial_resnet_s",
+    "layers": [1, 1, 1, 1],
+    "width": 0.125,
+    "stem": "conv",
+    "stem_width": 0.125,
+    "num_heads": 2,
+    "span": None,
+}
 
 
 def _small_run(**kwargs):
@@ -181,8 +193,9 @@ def _small_run(**kwargs):
 
 
 def _small_model(num_classes, pretrained=None, **kwargs):
-    return create_model("axial_deeplab_s", pretrained=pretrained, num_classes=num_classes,
-                        **_small_run(**kwargs)["model"]["kwargs"])
+    return create_model(
+        "axial_deeplab_s", pretrained=pretrained, num_classes=num_classes, **_small_run(**kwargs)["model"]["kwargs"]
+    )
 
 
 def test_new_checkpoint_records_arrangement(tmp_path):

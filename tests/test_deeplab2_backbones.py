@@ -1,6 +1,7 @@
 """The backbones of deeplab2's published checkpoints: Axial-SWideRNet, the MaX-DeepLab-S backbone,
 Axial-ResNet-50 (MaX-S with GeLU), ResNet-50-beta. Structure and parameter counts; numerics
 against deeplab2's own outputs are the converter's tests."""
+
 import pytest
 import torch
 from torch import nn
@@ -28,16 +29,37 @@ DEEPLAB2_COUNTS = {
 # Trainable weights per top-level layer of deeplab2's instances (same TensorFlow build);
 # max_deeplab_l_backbone's stem and stages have exactly axial_swidernet's counts.
 DEEPLAB2_STAGE_COUNTS = {
-    "max_deeplab_s_backbone": {"stem": 112_832, "stage2": 236_288, "stage3": 1_219_584,
-                               "stage4": 12_706_528, "stage5": 27_068_192},
-    "axial_swidernet_1_1_1": {"stem": 1_856, "stage1": 820_992, "stage2": 3_280_384, "stage3": 27_276_288,
-                              "stage4": 27_831_488, "stage5": 77_188_384},
-    "max_deeplab_l_backbone": {"stem": 1_856, "stage1": 820_992, "stage2": 3_280_384, "stage3": 27_276_288,
-                               "stage4": 27_831_488, "stage5": 77_188_384,
-                               "decoder_stage1": 4_720_640, "decoder_stage2": 1_180_672,
-                               "decoder_stage3": 4_720_640, "decoder_stage4": 25_728_096,
-                               "decoder_stage1_resized_fuse": 1_049_600, "decoder_stage2_resized_fuse": 131_584,
-                               "decoder_stage3_resized_fuse": 132_096, "decoder_stage4_resized_fuse": 1_052_672},
+    "max_deeplab_s_backbone": {
+        "stem": 112_832,
+        "stage2": 236_288,
+        "stage3": 1_219_584,
+        "stage4": 12_706_528,
+        "stage5": 27_068_192,
+    },
+    "axial_swidernet_1_1_1": {
+        "stem": 1_856,
+        "stage1": 820_992,
+        "stage2": 3_280_384,
+        "stage3": 27_276_288,
+        "stage4": 27_831_488,
+        "stage5": 77_188_384,
+    },
+    "max_deeplab_l_backbone": {
+        "stem": 1_856,
+        "stage1": 820_992,
+        "stage2": 3_280_384,
+        "stage3": 27_276_288,
+        "stage4": 27_831_488,
+        "stage5": 77_188_384,
+        "decoder_stage1": 4_720_640,
+        "decoder_stage2": 1_180_672,
+        "decoder_stage3": 4_720_640,
+        "decoder_stage4": 25_728_096,
+        "decoder_stage1_resized_fuse": 1_049_600,
+        "decoder_stage2_resized_fuse": 131_584,
+        "decoder_stage3_resized_fuse": 132_096,
+        "decoder_stage4_resized_fuse": 1_052_672,
+    },
 }
 
 TINY = dict(width_multiplier=0.0625, stem_width_multiplier=0.0625)
@@ -68,14 +90,23 @@ def test_full_size_parameter_counts_equal_deeplab2(name):
         assert os32 == trainable
 
 
-@pytest.mark.parametrize("name,kwargs,trainable", [
-    # deeplab2 (TensorFlow) at shrunk widths: rounding of channels and block counts
-    ("axial_swidernet_1_1_1", dict(width_multiplier=0.03125, stem_width_multiplier=0.03125,
-                                   backbone_layer_multiplier=0.5), 71_778),
-    ("max_deeplab_s_backbone", dict(width_multiplier=0.03125, stem_width_multiplier=0.03125), 88_934),
-    ("max_deeplab_l_backbone", dict(width_multiplier=0.0625, stem_width_multiplier=0.0625,
-                                    backbone_layer_multiplier=0.34), 416_676),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,trainable",
+    [
+        # deeplab2 (TensorFlow) at shrunk widths: rounding of channels and block counts
+        (
+            "axial_swidernet_1_1_1",
+            dict(width_multiplier=0.03125, stem_width_multiplier=0.03125, backbone_layer_multiplier=0.5),
+            71_778,
+        ),
+        ("max_deeplab_s_backbone", dict(width_multiplier=0.03125, stem_width_multiplier=0.03125), 88_934),
+        (
+            "max_deeplab_l_backbone",
+            dict(width_multiplier=0.0625, stem_width_multiplier=0.0625, backbone_layer_multiplier=0.34),
+            416_676,
+        ),
+    ],
+)
 def test_shrunk_counts_equal_deeplab2(name, kwargs, trainable):
     assert _count(_meta(name, features_only=True, output_stride=16, **kwargs)) == trainable
 
@@ -135,9 +166,12 @@ def test_max_deeplab_l_decoder_follows_deeplab2():
     net = _meta("max_deeplab_l_backbone", output_stride=16)
     # deeplab2 at output stride 16: strides 8, 4, 8, 16, each fusing the current feature with the
     # last two at that stride (decoder_stage4 runs the stride-32 stage's attention block)
-    assert net.decoder_plan == [("decoder_stage1", 8, ["stage3"]), ("decoder_stage2", 4, ["stage2"]),
-                                ("decoder_stage3", 8, ["stage3", "decoder_stage1"]),
-                                ("decoder_stage4", 16, ["stage5"])]
+    assert net.decoder_plan == [
+        ("decoder_stage1", 8, ["stage3"]),
+        ("decoder_stage2", 4, ["stage2"]),
+        ("decoder_stage3", 8, ["stage3", "decoder_stage1"]),
+        ("decoder_stage4", 16, ["stage5"]),
+    ]
     # deeplab2 projects only the current feature (channels differ); same-channel features are resized
     for i in range(1, 5):
         kinds = [type(p) for p in getattr(net, f"decoder_stage{i}_resized_fuse").projections]
@@ -181,14 +215,27 @@ def test_convolutions_beyond_the_output_stride_dilate():
         assert net(torch.randn(1, 3, 33, 33))[-1].shape[-2:] == (3, 3)
 
 
-@pytest.mark.parametrize("name,expected", [
-    # deeplab2: keep = 1 - (1 - 0.8) * stage / 4 with stage = log2(stride the block runs at) - 1,
-    # only at stride >= drop_path_beyond_stride (16 for MaX-S, 4 for SWideRNet)
-    ("max_deeplab_s_backbone", {"stage2": [0] * 3, "stage3": [0] * 4, "stage4": [0] + [0.15] * 5,
-                                "stage5": [0.15, 0.2, 0.2]}),
-    ("axial_swidernet_1_1_1", {"stage1": [0] * 3, "stage2": [0, 0.05, 0.05], "stage3": [0.05] + [0.1] * 5,
-                               "stage4": [0.1, 0.15, 0.15], "stage5": [0.15, 0.2, 0.2]}),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        # deeplab2: keep = 1 - (1 - 0.8) * stage / 4 with stage = log2(stride the block runs at) - 1,
+        # only at stride >= drop_path_beyond_stride (16 for MaX-S, 4 for SWideRNet)
+        (
+            "max_deeplab_s_backbone",
+            {"stage2": [0] * 3, "stage3": [0] * 4, "stage4": [0] + [0.15] * 5, "stage5": [0.15, 0.2, 0.2]},
+        ),
+        (
+            "axial_swidernet_1_1_1",
+            {
+                "stage1": [0] * 3,
+                "stage2": [0, 0.05, 0.05],
+                "stage3": [0.05] + [0.1] * 5,
+                "stage4": [0.1, 0.15, 0.15],
+                "stage5": [0.15, 0.2, 0.2],
+            },
+        ),
+    ],
+)
 def test_drop_path_follows_deeplab2_linear_schedule(name, expected):
     net = _meta(name, features_only=True, output_stride=16, drop_path_rate=0.2)
     got = {k: [round(b.drop_path.rate, 6) for b in getattr(net, k)] for k in expected}
@@ -266,8 +313,15 @@ def test_imagenet_weights_load_as_panoptic_backbone(tmp_path, name):
 
 def test_registered_and_listed():
     names = set(axial_deeplab.list_models())
-    assert {"axial_swidernet_1_1_1", "axial_swidernet_1_1_3", "axial_swidernet_1_1_4_5",
-            "max_deeplab_s_backbone", "max_deeplab_l_backbone", "axial_resnet50", "resnet50_beta"} <= names
+    assert {
+        "axial_swidernet_1_1_1",
+        "axial_swidernet_1_1_3",
+        "axial_swidernet_1_1_4_5",
+        "max_deeplab_s_backbone",
+        "max_deeplab_l_backbone",
+        "axial_resnet50",
+        "resnet50_beta",
+    } <= names
 
 
 def test_bad_settings_fail_clearly():

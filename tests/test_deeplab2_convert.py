@@ -9,6 +9,7 @@ shrunk random networks amplify rounding (deeplab2's own float32 outputs are up t
 float64 ones), so the float32 check allows twice deeplab2's own float32 error on top of 1e-4.
 No TensorFlow is needed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,9 @@ def backbone_kwargs(fixture):
     instance, ours = BACKBONES[fixture]
     m = meta(fixture)
     assert m["deeplab2_instance"] == instance
-    names = ({"width_multiplier": "width", "stem_width_multiplier": "stem_width"}
-             if ours.startswith("axial_resnet") else {})
+    names = (
+        {"width_multiplier": "width", "stem_width_multiplier": "stem_width"} if ours.startswith("axial_resnet") else {}
+    )
     kw = {names.get(k, k): v for k, v in m["overrides"].items()}
     kw["layers"] = tuple(kw.pop("num_blocks"))
     return {**kw, **DEEPLAB2_BACKBONE}
@@ -60,22 +62,29 @@ def backbone_kwargs(fixture):
 
 def panoptic_kwargs():
     """Our Panoptic-DeepLab arguments for the config overrides deeplab2's model was shrunk with."""
-    o = {k.replace("model_options.", ""): v for k, v in meta(PANOPTIC)["overrides"].items()
-         if k.startswith("model_options.")}
+    o = {
+        k.replace("model_options.", ""): v
+        for k, v in meta(PANOPTIC)["overrides"].items()
+        if k.startswith("model_options.")
+    }
     p = "panoptic_deeplab."
     assert o[p + "instance.center_head.head_channels"] == o[p + "instance.regression_head.head_channels"]
     return dict(
-        backbone_kwargs=dict(stem_width_multiplier=o["backbone.stem_width_multiplier"],
-                             width_multiplier=o["backbone.backbone_width_multiplier"],
-                             backbone_layer_multiplier=o["backbone.backbone_layer_multiplier"]),
+        backbone_kwargs=dict(
+            stem_width_multiplier=o["backbone.stem_width_multiplier"],
+            width_multiplier=o["backbone.backbone_width_multiplier"],
+            backbone_layer_multiplier=o["backbone.backbone_layer_multiplier"],
+        ),
         aspp_channels=o["decoder.aspp_channels"],
         semantic_decoder_channels=o["decoder.decoder_channels"],
         semantic_low_level_channels=(o[p + "low_level[0].channels_project"], o[p + "low_level[1].channels_project"]),
         semantic_head_channels=o[p + "semantic_head.head_channels"],
         instance_decoder_channels=o[p + "instance.instance_decoder_override.decoder_channels"],
         instance_aspp_channels=o[p + "instance.instance_decoder_override.aspp_channels"],
-        instance_low_level_channels=(o[p + "instance.low_level_override[0].channels_project"],
-                                     o[p + "instance.low_level_override[1].channels_project"]),
+        instance_low_level_channels=(
+            o[p + "instance.low_level_override[0].channels_project"],
+            o[p + "instance.low_level_override[1].channels_project"],
+        ),
         instance_head_channels=o[p + "instance.center_head.head_channels"],
     )
 
@@ -89,8 +98,9 @@ def references(fixture):
     """(deeplab2's float32 outputs, its float64 outputs, the input NHWC)."""
     folder = os.path.join(FIXTURES, fixture)
     ref64 = np.load(os.path.join(FLOAT64, fixture + ".npz"))
-    stale = (str(ref64["checkpoint_sha256"]) != sha256(os.path.join(folder, "ckpt-1.data-00000-of-00001"))
-             or str(ref64["input_sha256"]) != sha256(os.path.join(folder, "input.npy")))
+    stale = str(ref64["checkpoint_sha256"]) != sha256(os.path.join(folder, "ckpt-1.data-00000-of-00001")) or str(
+        ref64["input_sha256"]
+    ) != sha256(os.path.join(folder, "input.npy"))
     assert not stale, f"{fixture} was regenerated: rerun tests/fixtures/deeplab2_float64/make_float64_outputs.py"
     return np.load(os.path.join(folder, "outputs.npz")), ref64, np.load(os.path.join(folder, "input.npy"))
 
@@ -176,8 +186,17 @@ def test_convert_command_end_to_end_then_load_model_and_predict(tmp_path, capsys
     from axial_deeplab.cli import main
 
     out = tmp_path / "from_deeplab2"
-    args = ["convert", "--from", "deeplab2", os.path.join(FIXTURES, PANOPTIC, "ckpt-1"), "--model", PANOPTIC_MODEL,
-            "--output", str(out), "-q"]
+    args = [
+        "convert",
+        "--from",
+        "deeplab2",
+        os.path.join(FIXTURES, PANOPTIC, "ckpt-1"),
+        "--model",
+        PANOPTIC_MODEL,
+        "--output",
+        str(out),
+        "-q",
+    ]
     for s in _cli_sets():
         args += ["--set", s]
     assert main(args) == 0
@@ -226,8 +245,9 @@ def test_wrong_model_or_settings_fail_clearly(tmp_path, capsys):
     sets = [s for s in _cli_sets() if "semantic_head_channels" not in s] + ["model.kwargs.semantic_head_channels=32"]
     rc, err = convert_cli(PANOPTIC_MODEL, *sets)
     assert rc == 2 and "does not map onto PanopticDeepLab" in err
-    assert ("semantic_head.1.weight: checkpoint semantic_last_layer/kernel gives [19, 16, 1, 1], "
-            "model [19, 32, 1, 1]") in err
+    assert (
+        "semantic_head.1.weight: checkpoint semantic_last_layer/kernel gives [19, 16, 1, 1], model [19, 32, 1, 1]"
+    ) in err
     # a model without a deeplab2 mapping, and an unknown one
     rc, err = convert_cli("axial26s")
     assert rc == 2 and "no deeplab2 mapping for model 'axial26s'" in err and PANOPTIC_MODEL in err
@@ -247,7 +267,9 @@ def test_arrangement_span_and_classifier_are_refused():
     with pytest.raises(ConversionError, match="local span 9"):
         convert("axial_deeplab_s", "axial_resnet_s", **{**kw, "span": 9})
     others = meta(PANOPTIC)["batch_norm_layers"] - 1  # deeplab2's count: every BN of the model
-    with pytest.raises(ConversionError, match=rf"backbone\.stem\.1 \(and {others} more BatchNorm layers\): epsilon 1e-05"):
+    with pytest.raises(
+        ConversionError, match=rf"backbone\.stem\.1 \(and {others} more BatchNorm layers\): epsilon 1e-05"
+    ):
         convert(PANOPTIC, PANOPTIC_MODEL, **{**panoptic_kwargs(), "bn_eps": 1e-5})
     with pytest.raises(ConversionError, match="no ImageNet classifier"):
         convert("axial_deeplab_s", "axial_resnet_s", **{**kw, "features_only": False})
@@ -258,10 +280,21 @@ def test_arrangement_span_and_classifier_are_refused():
 
 def test_every_deeplab2_family_has_a_mapping():
     have = set(mapped_models())
-    for name in ("axial_resnet_s", "axial_resnet_l", "axial_resnet_m", "axial_resnet_xl", "axial_swidernet_1_1_1",
-                 "axial_swidernet_1_1_3", "axial_swidernet_1_1_4_5", "max_deeplab_s_backbone", "axial_resnet50",
-                 "axial_deeplab_s", PANOPTIC_MODEL, "axial_deeplab_max_s_backbone_cityscapes",
-                 "axial_deeplab_swidernet_1_1_4_5_cityscapes"):
+    for name in (
+        "axial_resnet_s",
+        "axial_resnet_l",
+        "axial_resnet_m",
+        "axial_resnet_xl",
+        "axial_swidernet_1_1_1",
+        "axial_swidernet_1_1_3",
+        "axial_swidernet_1_1_4_5",
+        "max_deeplab_s_backbone",
+        "axial_resnet50",
+        "axial_deeplab_s",
+        PANOPTIC_MODEL,
+        "axial_deeplab_max_s_backbone_cityscapes",
+        "axial_deeplab_swidernet_1_1_4_5_cityscapes",
+    ):
         assert name in have
     from axial_deeplab.models import list_models
 
@@ -276,14 +309,26 @@ def test_converted_backbone_initialises_a_panoptic_model(tmp_path, capsys):
     fixture = "axial_swidernet_1_1_1"
     kw = {k: v for k, v in backbone_kwargs(fixture).items() if k != "output_stride"}  # stride: no weights
     out = tmp_path / "backbone"
-    args = ["convert", "--from", "deeplab2", os.path.join(FIXTURES, fixture, "ckpt-1"), "--model",
-            BACKBONES[fixture][1], "--output", str(out), "-q"]
+    args = [
+        "convert",
+        "--from",
+        "deeplab2",
+        os.path.join(FIXTURES, fixture, "ckpt-1"),
+        "--model",
+        BACKBONES[fixture][1],
+        "--output",
+        str(out),
+        "-q",
+    ]
     for k, v in kw.items():
         args += ["--set", f"model.kwargs.{k}={json.dumps(v)}"]
     assert main(args) == 0, capsys.readouterr().err
     _, state, _, _ = convert(fixture, BACKBONES[fixture][1], **kw)
-    panoptic = create_model(PANOPTIC_MODEL, pretrained_backbone=str(out),
-                            backbone_kwargs={k: v for k, v in kw.items() if k != "features_only"})
+    panoptic = create_model(
+        PANOPTIC_MODEL,
+        pretrained_backbone=str(out),
+        backbone_kwargs={k: v for k, v in kw.items() if k != "features_only"},
+    )
     loaded = panoptic.backbone.state_dict()
     assert sorted(loaded) == sorted(state)
     assert all(torch.equal(loaded[k], state[k]) for k in state)

@@ -7,6 +7,7 @@
 * offsets are rescaled per axis as deeplab2's ``resize_and_rescale_offsets`` does (a fixture written
   by deeplab2's own function, on axes with different (out - 1) / (in - 1) factors).
 """
+
 import copy
 import os
 import shutil
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from engine_testing import tiny_run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +26,6 @@ from axial_deeplab.engine.metrics_log import read_metrics
 from axial_deeplab.engine.train import train
 from axial_deeplab.errors import UserError
 from axial_deeplab.layers.axial_attention import PositionSensitiveAxialAttention
-from engine_testing import tiny_run
 
 SPAN = 9
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "deeplab2")
@@ -32,9 +33,10 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "deeplab2")
 
 # ----------------------------------------------------------------------------- resuming an old run
 
+
 def _crop(table: torch.Tensor, rows: int) -> torch.Tensor:
     c, r = (table.shape[1] - 1) // 2, (rows - 1) // 2
-    return table[:, c - r:c + r + 1].contiguous().clone()
+    return table[:, c - r : c + r + 1].contiguous().clone()
 
 
 def _rewrite_as_old(folder: str, rows: int) -> None:
@@ -54,13 +56,12 @@ def _rewrite_as_old(folder: str, rows: int) -> None:
     for per_param in opt["base"]["state"].values():
         for key, v in per_param.items():
             if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == 509:
-                outer = torch.cat([v[:, :(509 - rows) // 2], v[:, (509 + rows) // 2:]], 1)
+                outer = torch.cat([v[:, : (509 - rows) // 2], v[:, (509 + rows) // 2 :]], 1)
                 assert not outer.any(), "rows beyond the span never get a gradient: zero moments"
                 per_param[key] = _crop(v, rows)
                 cropped += 1
     assert cropped
-    opt["lookahead_slow"] = [_crop(v, rows) if v.dim() == 2 and v.shape[1] == 509 else v
-                             for v in opt["lookahead_slow"]]
+    opt["lookahead_slow"] = [_crop(v, rows) if v.dim() == 2 and v.shape[1] == 509 else v for v in opt["lookahead_slow"]]
     torch.save(state, path)
     path = os.path.join(folder, ck.CONFIG_FILE)
     with open(path) as f:
@@ -77,7 +78,7 @@ def _losses(run_dir):
 def _used_rows(key, v):
     if key.endswith("_table"):
         c = (v.shape[1] - 1) // 2
-        return v[:, c - SPAN // 2:c + SPAN // 2 + 1]
+        return v[:, c - SPAN // 2 : c + SPAN // 2 + 1]
     return v
 
 
@@ -88,9 +89,17 @@ def test_run_saved_with_span_sized_tables_and_maxpool_resumes_exactly(tmp_path):
     data = tiny_run(
         model={"kwargs": {"span": SPAN, "arrangement": "maxpool", "attention_kw": {"impl": "reference"}}},
         data={"options": {"train": {"length": 8}, "val": {"length": 2}}},
-        solver={"optimizer": "radam_lookahead", "lr": 0.001, "max_steps": 4, "batch_size": 2, "warmup_steps": 1,
-                "lookahead_steps": 3, "ema_decay": 0.9},
-        train={"log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_at_end": False})
+        solver={
+            "optimizer": "radam_lookahead",
+            "lr": 0.001,
+            "max_steps": 4,
+            "batch_size": 2,
+            "warmup_steps": 1,
+            "lookahead_steps": 3,
+            "ema_decay": 0.9,
+        },
+        train={"log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_at_end": False},
+    )
     del data["model"]["kwargs"]["backbone"]  # axial_deeplab_s's own backbone (deeplab2 arrangement by default)
     data["experiment"]["output_dir"] = str(run_dir)
     reference = train(config_from_dict(copy.deepcopy(data)))
@@ -118,8 +127,12 @@ def test_run_saved_with_span_sized_tables_and_maxpool_resumes_exactly(tmp_path):
     # the new checkpoint records the arrangement and stores full tables
     record, legacy = ck.weights_arrangement(ck.latest_checkpoint(str(root)))
     assert record == {"backbone": "maxpool"} and not legacy
-    assert load_file(os.path.join(ck.latest_checkpoint(str(root)), ck.MODEL_FILE))[
-        "backbone.layer1.0.attn_h.key_table"].shape[1] == 509
+    assert (
+        load_file(os.path.join(ck.latest_checkpoint(str(root)), ck.MODEL_FILE))[
+            "backbone.layer1.0.attn_h.key_table"
+        ].shape[1]
+        == 509
+    )
 
 
 def _step_once(layer, optimizer):
@@ -129,8 +142,11 @@ def _step_once(layer, optimizer):
     optimizer.step()
 
 
-@pytest.mark.parametrize("make", [lambda p: torch.optim.Adam(p, lr=0.1),
-                                  lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)], ids=["adam", "sgd"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda p: torch.optim.Adam(p, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)],
+    ids=["adam", "sgd"],
+)
 def test_optimizer_state_of_span_sized_tables_fits_exactly(make):
     torch.manual_seed(0)
     layer = PositionSensitiveAxialAttention(8, 8, num_heads=2, span=5, impl="reference")
@@ -170,12 +186,17 @@ def test_optimizer_state_that_cannot_continue_exactly_is_refused():
 
 # ----------------------------------------------------------------------------- padding
 
+
 @pytest.fixture(scope="module")
 def deeplab2_normalised():
     from axial_deeplab.engine.builders import build_dataset, build_model, dataset_metadata
 
-    cfg = config_from_dict(tiny_run(model={"kwargs": {"pixel_mean": [0.5, 0.5, 0.5], "pixel_std": [0.5, 0.5, 0.5]}},
-                                    data={"crop_size": [96, 80], "min_scale": 1.0, "max_scale": 1.0}))
+    cfg = config_from_dict(
+        tiny_run(
+            model={"kwargs": {"pixel_mean": [0.5, 0.5, 0.5], "pixel_std": [0.5, 0.5, 0.5]}},
+            data={"crop_size": [96, 80], "min_scale": 1.0, "max_scale": 1.0},
+        )
+    )
     metadata = dataset_metadata(build_dataset(cfg, cfg.data.eval_split))
     torch.manual_seed(0)
     model = build_model(cfg, metadata).eval()
@@ -241,6 +262,7 @@ def test_evaluation_and_training_pipelines_pad_with_the_models_mean(deeplab2_nor
 
 
 # ----------------------------------------------------------------------------- offsets
+
 
 def test_offsets_rescale_per_axis_as_deeplab2():
     from axial_deeplab.models.panoptic_deeplab import resize_outputs

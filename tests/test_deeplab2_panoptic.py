@@ -1,6 +1,7 @@
 """Panoptic-DeepLab as deeplab2 builds it for its Cityscapes Axial-DeepLab models
 (configs/cityscapes/axial_deeplab/*.textproto): module-by-module sizes, settings, init, and the
 decoder + heads reproducing deeplab2's outputs from its own checkpoint."""
+
 import json
 import math
 from pathlib import Path
@@ -21,21 +22,21 @@ FIXTURE = Path(__file__).parent / "fixtures" / "deeplab2" / "cityscapes_axial_sw
 DEEPLAB2_DECODER_WEIGHTS = {
     "semantic_decoder": 741_984,
     "semantic_decoder.aspp": 525_312,
-    "semantic_decoder.projections.0": 33_024,   # _low_level_conv1 (res3 -> 64)
-    "semantic_decoder.fusions.0": 92_224,       # _fusion_conv1
-    "semantic_decoder.projections.1": 8_320,    # _low_level_conv2 (res2 -> 32)
-    "semantic_decoder.fusions.1": 83_104,       # _fusion_conv2
+    "semantic_decoder.projections.0": 33_024,  # _low_level_conv1 (res3 -> 64)
+    "semantic_decoder.fusions.0": 92_224,  # _fusion_conv1
+    "semantic_decoder.projections.1": 8_320,  # _low_level_conv2 (res2 -> 32)
+    "semantic_decoder.fusions.1": 83_104,  # _fusion_conv2
     "instance_decoder": 614_832,
     "instance_decoder.aspp": 525_312,
     "instance_decoder.projections.0": 16_512,
     "instance_decoder.fusions.0": 45_728,
     "instance_decoder.projections.1": 4_160,
     "instance_decoder.fusions.1": 23_120,
-    "semantic_head.0": 73_984,                  # semantic_head_without_last_layer
-    "semantic_head.1": 4_883,                   # semantic_last_layer
-    "center_head.0": 7_936,                     # instance_center_head_without_last_layer
+    "semantic_head.0": 73_984,  # semantic_head_without_last_layer
+    "semantic_head.1": 4_883,  # semantic_last_layer
+    "center_head.0": 7_936,  # instance_center_head_without_last_layer
     "center_head.1": 33,
-    "offset_head.0": 7_936,                     # instance_regression_head_without_last_layer
+    "offset_head.0": 7_936,  # instance_regression_head_without_last_layer
     "offset_head.1": 66,
 }
 DEEPLAB2_DECODER_TRAINABLE = 1_445_062  # the same decoder and heads, trainable weights only
@@ -68,8 +69,9 @@ class StandInBackbone(nn.Module):
 
 def _weights(module: nn.Module) -> int:
     """Parameters and BN statistics, as Keras counts a layer's weights."""
-    return (sum(p.numel() for p in module.parameters())
-            + sum(b.numel() for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))))
+    return sum(p.numel() for p in module.parameters()) + sum(
+        b.numel() for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))
+    )
 
 
 def _decoder_on_stand_in(**overrides):
@@ -93,8 +95,13 @@ def stand_in_backbones(monkeypatch):
 
 def test_the_five_deeplab2_configs_are_registered():
     configs = {config for config, _, _ in DEEPLAB2_CITYSCAPES.values()}
-    assert configs == {"axial_swidernet_1_1_1_os16", "axial_swidernet_1_1_3_os16", "axial_swidernet_1_1_4.5_os16",
-                       "max_deeplab_s_backbone_os16", "max_deeplab_l_backbone_os16"}
+    assert configs == {
+        "axial_swidernet_1_1_1_os16",
+        "axial_swidernet_1_1_3_os16",
+        "axial_swidernet_1_1_4.5_os16",
+        "max_deeplab_s_backbone_os16",
+        "max_deeplab_l_backbone_os16",
+    }
     assert all(is_model(name) for name in DEEPLAB2_CITYSCAPES)
     assert {b for _, b, _ in DEEPLAB2_CITYSCAPES.values()} == set(DEEPLAB2_ENCODER_TRAINABLE)
 
@@ -122,12 +129,19 @@ def test_registered_cityscapes_models_are_deeplab2s(name):
 def test_shrunk_swidernet_model_trains_and_predicts():
     """The registered model end to end on its real (shrunk) backbone: features, decoder, heads, post-processing."""
     torch.manual_seed(0)
-    model = create_model("axial_deeplab_swidernet_1_1_1_cityscapes", width_multiplier=0.0625,
-                         stem_width_multiplier=0.0625, layers=(1, 1, 1, 1))
+    model = create_model(
+        "axial_deeplab_swidernet_1_1_1_cityscapes",
+        width_multiplier=0.0625,
+        stem_width_multiplier=0.0625,
+        layers=(1, 1, 1, 1),
+    )
     assert model.backbone.feature_info.reduction() == [4, 8, 16, 16]
     out = model(torch.rand(1, 3, 49, 65))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "semantic_logits": (1, 19, 49, 65), "center_heatmap": (1, 1, 49, 65), "offset_map": (1, 2, 49, 65)}
+        "semantic_logits": (1, 19, 49, 65),
+        "center_heatmap": (1, 1, 49, 65),
+        "offset_map": (1, 2, 49, 65),
+    }
     sum(v.mean() for v in out.values()).backward()
     assert all(p.grad is not None for p in model.parameters())
     model.eval()
@@ -156,12 +170,12 @@ def test_deeplab2_settings_and_overrides(stand_in_backbones):
 def test_he_normal_init_is_deeplab2s():
     torch.manual_seed(0)
     model = _decoder_on_stand_in()
-    fusion = model.semantic_decoder.fusions[0]             # 5x5 depthwise on 256 + 64, then 1x1 to 256
+    fusion = model.semantic_decoder.fusions[0]  # 5x5 depthwise on 256 + 64, then 1x1 to 256
     depthwise, pointwise = fusion[0][0].weight, fusion[1][0].weight
-    std = math.sqrt(2.0 / 320)                             # he_normal: sqrt(2 / fan_in), truncated at 2 std
+    std = math.sqrt(2.0 / 320)  # he_normal: sqrt(2 / fan_in), truncated at 2 std
     assert abs(pointwise.std().item() - std) < 0.03 * std
     assert pointwise.abs().max().item() <= 2 * std / 0.87962566103423978 + 1e-7
-    limit = math.sqrt(6.0 / (25 * 320 + 25))                # Keras glorot_uniform of a (5, 5, 320, 1) kernel
+    limit = math.sqrt(6.0 / (25 * 320 + 25))  # Keras glorot_uniform of a (5, 5, 320, 1) kernel
     assert depthwise.abs().max().item() <= limit
     assert abs(depthwise.std().item() - limit / math.sqrt(3)) < 0.03 * limit
     final = model.semantic_head[1]
@@ -198,7 +212,9 @@ def _take_deeplab2_decoder(variables: dict, model: PanopticDeepLab) -> set:
 
     def dw_sep(path, block):  # StackedConv2DSame(1 layer, depthwise_separable_conv) = our DepthwiseSeparableConv
         p = path + "/_conv1_bn_act"
-        block[0][0].weight.data = var(p + "/_depthwise/_depthwise_conv/depthwise_kernel").permute(2, 3, 0, 1).contiguous()
+        block[0][0].weight.data = (
+            var(p + "/_depthwise/_depthwise_conv/depthwise_kernel").permute(2, 3, 0, 1).contiguous()
+        )
         bn(p + "/_depthwise/_batch_norm", block[0][1])
         conv_bn(p + "/_pointwise", block[1])
 
@@ -209,9 +225,10 @@ def _take_deeplab2_decoder(variables: dict, model: PanopticDeepLab) -> set:
             conv_bn(f"{name}/_low_level_conv{i + 1}", dec.projections[i])
             dw_sep(f"{name}/_fusion_conv{i + 1}", dec.fusions[i])
     for ours, conv_block, last in (
-            ("semantic_head", "semantic_head_without_last_layer", "semantic_last_layer"),
-            ("center_head", "instance_center_head_without_last_layer", "instance_center_head_last_layer"),
-            ("offset_head", "instance_regression_head_without_last_layer", "instance_regression_head_last_layer")):
+        ("semantic_head", "semantic_head_without_last_layer", "semantic_last_layer"),
+        ("center_head", "instance_center_head_without_last_layer", "instance_center_head_last_layer"),
+        ("offset_head", "instance_regression_head_without_last_layer", "instance_regression_head_last_layer"),
+    ):
         head = getattr(model, ours)
         dw_sep(conv_block, head[0])
         head[1].weight.data = var(last + "/kernel").permute(3, 2, 0, 1).contiguous()
@@ -243,15 +260,22 @@ def test_meta_architecture_reproduces_deeplab2():
     endpoints["res4"] = torch.zeros(1, 32, 1, 1)  # not used by the decoders
     o, pd_ = meta["overrides"], "model_options.panoptic_deeplab."
     model = PanopticDeepLab(
-        RecordedBackbone(endpoints), num_classes=meta["num_classes"], **DEEPLAB2_PANOPTIC,
+        RecordedBackbone(endpoints),
+        num_classes=meta["num_classes"],
+        **DEEPLAB2_PANOPTIC,
         aspp_channels=o["model_options.decoder.aspp_channels"],
         semantic_decoder_channels=o["model_options.decoder.decoder_channels"],
-        semantic_low_level_channels=(o[pd_ + "low_level[0].channels_project"], o[pd_ + "low_level[1].channels_project"]),
+        semantic_low_level_channels=(
+            o[pd_ + "low_level[0].channels_project"],
+            o[pd_ + "low_level[1].channels_project"],
+        ),
         semantic_head_channels=o[pd_ + "semantic_head.head_channels"],
         instance_decoder_channels=o[pd_ + "instance.instance_decoder_override.decoder_channels"],
         instance_aspp_channels=o[pd_ + "instance.instance_decoder_override.aspp_channels"],
-        instance_low_level_channels=(o[pd_ + "instance.low_level_override[0].channels_project"],
-                                     o[pd_ + "instance.low_level_override[1].channels_project"]),
+        instance_low_level_channels=(
+            o[pd_ + "instance.low_level_override[0].channels_project"],
+            o[pd_ + "instance.low_level_override[1].channels_project"],
+        ),
         instance_head_channels=o[pd_ + "instance.center_head.head_channels"],
     ).eval()
     variables = read_tf_checkpoint(str(FIXTURE / meta["checkpoint_prefix"]))
@@ -263,8 +287,9 @@ def test_meta_architecture_reproduces_deeplab2():
     pixels = np.load(FIXTURE / meta["input"]["file"])  # NHWC, 0..255 as deeplab2 takes it
     with torch.no_grad():
         out = model.predict_raw(torch.from_numpy(pixels).permute(0, 3, 1, 2) / 255.0)
-    torch.testing.assert_close(model.backbone.seen, torch.from_numpy(pixels / 127.5 - 1.0).permute(0, 3, 1, 2).float(),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        model.backbone.seen, torch.from_numpy(pixels / 127.5 - 1.0).permute(0, 3, 1, 2).float(), rtol=0, atol=1e-6
+    )
     for key, value in out.items():
         want = torch.from_numpy(ref[key])
         want = want.unsqueeze(1) if want.dim() == 3 else want.permute(0, 3, 1, 2)  # center_heatmap is squeezed

@@ -1,4 +1,5 @@
 """Checkpoint folders: exact round trip, atomic replacement, stale leftovers, RNG states."""
+
 import os
 import random
 
@@ -33,8 +34,16 @@ def _trained(steps=3):
 
 def test_round_trip_is_exact(tmp_path):
     m, opt, sched = _trained()
-    path = ck.save_checkpoint(str(tmp_path / "checkpoints" / "step-000003"), m, opt, sched, step=3,
-                              extra_state={"best_metric": 12.5}, config_text="a: 1\n", info={"note": "x"})
+    path = ck.save_checkpoint(
+        str(tmp_path / "checkpoints" / "step-000003"),
+        m,
+        opt,
+        sched,
+        step=3,
+        extra_state={"best_metric": 12.5},
+        config_text="a: 1\n",
+        info={"note": "x"},
+    )
     m2 = _model()
     m2(torch.rand(1, 3, 6, 6))
     ck.load_model_weights(m2, path)

@@ -1,13 +1,21 @@
 """Config loading: defaults, base files, dotted overrides, clear errors, and the shipped
 recipes (numbers from the Axial-DeepLab and Panoptic-DeepLab papers)."""
+
 import glob
 import os
 
 import pytest
 import yaml
 
-from axial_deeplab.engine.config import (Config, ConfigError, config_from_dict, describe_config, dump_config,
-                                         load_config, parse_override)
+from axial_deeplab.engine.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    describe_config,
+    dump_config,
+    load_config,
+    parse_override,
+)
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "src", "axial_deeplab", "configs")  # shipped in the package
 
@@ -19,8 +27,9 @@ def _cfg(name, *overrides):
 def test_defaults_and_overrides(tmp_path):
     p = tmp_path / "a.yaml"
     p.write_text("solver: {lr: 0.01, max_steps: 10}\nmodel: {kwargs: {span: 9}}\n")
-    cfg = load_config(str(p), ["solver.lr=2e-3", "data.crop_size=[65, 129]", "model.kwargs.width=0.5",
-                               "train.tensorboard=false"])
+    cfg = load_config(
+        str(p), ["solver.lr=2e-3", "data.crop_size=[65, 129]", "model.kwargs.width=0.5", "train.tensorboard=false"]
+    )
     assert cfg.solver.lr == 2e-3 and cfg.solver.max_steps == 10
     assert cfg.data.crop_size == [65, 129]
     assert cfg.model.kwargs == {"span": 9, "width": 0.5}
@@ -37,14 +46,17 @@ def test_base_inheritance_merges_sections(tmp_path):
     assert cfg.model.kwargs == {"span": 65, "a": 2}
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"solver": {"learning_rate": 1}}, "solver.learning_rate"),
-    ({"solvr": {}}, "solvr"),
-    ({"solver": {"max_steps": "many"}}, "solver.max_steps"),
-    ({"data": {"crop_size": [10]}}, "data.crop_size"),
-    ({"solver": {"optimizer": "adagrad"}}, "solver.optimizer"),
-    ({"train": {"tensorboard": "maybe"}}, "train.tensorboard"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"solver": {"learning_rate": 1}}, "solver.learning_rate"),
+        ({"solvr": {}}, "solvr"),
+        ({"solver": {"max_steps": "many"}}, "solver.max_steps"),
+        ({"data": {"crop_size": [10]}}, "data.crop_size"),
+        ({"solver": {"optimizer": "adagrad"}}, "solver.optimizer"),
+        ({"train": {"tensorboard": "maybe"}}, "train.tensorboard"),
+    ],
+)
 def test_bad_values_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(data)
@@ -107,10 +119,12 @@ def test_coco_recipe(size):
 def test_mapillary_and_imagenet_recipes():
     cfg = _cfg("mapillary_axial_deeplab_l.yaml")
     assert cfg.model.name == "axial_deeplab_l" and cfg.data.dataset == "mapillary"
-    for name, model in (("imagenet_axial_resnet_s.yaml", "axial_resnet_s"),
-                        ("imagenet_axial_resnet_m.yaml", "axial_resnet_m"),
-                        ("imagenet_axial_resnet_l.yaml", "axial_resnet_l"),
-                        ("imagenet_axial_resnet_s_full.yaml", "axial_resnet_s_full")):
+    for name, model in (
+        ("imagenet_axial_resnet_s.yaml", "axial_resnet_s"),
+        ("imagenet_axial_resnet_m.yaml", "axial_resnet_m"),
+        ("imagenet_axial_resnet_l.yaml", "axial_resnet_l"),
+        ("imagenet_axial_resnet_s_full.yaml", "axial_resnet_s_full"),
+    ):
         cfg = _cfg(name)
         assert cfg.experiment.task == "classification" and cfg.model.name == model
         assert cfg.solver.optimizer == "sgd" and cfg.solver.nesterov and cfg.data.crop_size == [224, 224]

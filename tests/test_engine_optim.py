@@ -1,4 +1,5 @@
 """Optimizer groups, Lookahead and the LR schedule against plain reference computations."""
+
 import copy
 import math
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from axial_deeplab.engine.config import SolverConfig
 from axial_deeplab.engine.optim import Lookahead, build_optimizer, param_groups_weight_decay
 from axial_deeplab.engine.schedule import WarmupPolyLR, lr_factor
-from axial_deeplab.engine.config import SolverConfig
 from axial_deeplab.layers import PositionSensitiveAxialAttention
 
 
@@ -30,9 +31,18 @@ def test_param_groups_exclude_norms_biases_and_tables():
     groups = {g["group_name"]: g for g in param_groups_weight_decay(_Net(), 1e-4)}
     no_decay = set(groups["no_decay"]["param_names"])
     decay = set(groups["decay"]["param_names"])
-    assert {"bn.weight", "bn.bias", "gn.weight", "gn.bias", "head.bias",
-            "attn.query_table", "attn.key_table", "attn.value_table",
-            "attn.bn_qkv.weight", "attn.bn_similarity.bias"} <= no_decay
+    assert {
+        "bn.weight",
+        "bn.bias",
+        "gn.weight",
+        "gn.bias",
+        "head.bias",
+        "attn.query_table",
+        "attn.key_table",
+        "attn.value_table",
+        "attn.bn_qkv.weight",
+        "attn.bn_similarity.bias",
+    } <= no_decay
     assert {"conv.weight", "head.weight", "attn.qkv.weight"} == decay
     assert groups["decay"]["weight_decay"] == 1e-4 and groups["no_decay"]["weight_decay"] == 0.0
     n_params = len(list(_Net().parameters()))
@@ -116,7 +126,9 @@ def test_poly_schedule_matches_torch_polynomial_lr():
 
 
 def test_warmup_is_linear_then_poly():
-    f = lambda s: lr_factor(s, max_steps=100, warmup_steps=10, warmup_start_factor=0.1, power=0.9)
+    def f(s):
+        return lr_factor(s, max_steps=100, warmup_steps=10, warmup_start_factor=0.1, power=0.9)
+
     assert math.isclose(f(0), 0.1)
     assert math.isclose(f(5), (0.1 + 0.9 * 0.5) * (1 - 5 / 100) ** 0.9)
     assert math.isclose(f(10), (1 - 10 / 100) ** 0.9)

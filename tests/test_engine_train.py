@@ -6,6 +6,7 @@
   only complete checkpoints, and the resumed run's losses equal an uninterrupted run's;
 * train / evaluate / predict smoke runs through the CLI, including a corrupt input image.
 """
+
 import json
 import os
 import signal
@@ -16,13 +17,13 @@ import textwrap
 
 import pytest
 import torch
+from engine_testing import tiny_run
 
 from axial_deeplab.cli import main
 from axial_deeplab.engine import checkpoint as ck
 from axial_deeplab.engine.config import config_from_dict, dump_config
 from axial_deeplab.engine.metrics_log import read_metrics
 from axial_deeplab.engine.train import train
-from engine_testing import tiny_run
 
 STEPS = 6
 
@@ -32,8 +33,15 @@ TINY = tiny_run(
     # themselves (per process), so the cross-process equality below is checked on the reference.
     model={"kwargs": {"attention_kw": {"impl": "reference"}}},
     data={"options": {"train": {"length": 16}, "val": {"length": 4}}, "min_scale": 0.75, "max_scale": 1.25},
-    solver={"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "grad_clip_norm": 5.0, "max_steps": STEPS,
-            "batch_size": 4, "warmup_steps": 2},
+    solver={
+        "optimizer": "sgd",
+        "lr": 0.002,
+        "momentum": 0.9,
+        "grad_clip_norm": 5.0,
+        "max_steps": STEPS,
+        "batch_size": 4,
+        "warmup_steps": 2,
+    },
     train={"log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_at_end": True},
     eval={"batch_size": 2},
 )
@@ -64,8 +72,13 @@ def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     cfg = _config(run_dir)
     result = train(cfg)
-    return {"cfg": cfg, "run_dir": run_dir, "result": result, "losses": _losses(run_dir),
-            "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()}}
+    return {
+        "cfg": cfg,
+        "run_dir": run_dir,
+        "result": result,
+        "losses": _losses(run_dir),
+        "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+    }
 
 
 def _free_port():
@@ -102,13 +115,29 @@ def test_two_processes_match_one_process(reference, tmp_path, variant):
         run_dir = tmp_path / "single"
         single_cfg = _config(run_dir, model={"name": TINY["model"]["name"], "kwargs": model_kwargs})
         result = train(single_cfg)
-        reference = {"cfg": single_cfg, "run_dir": run_dir, "losses": _losses(run_dir),
-                     "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()}}
+        reference = {
+            "cfg": single_cfg,
+            "run_dir": run_dir,
+            "losses": _losses(run_dir),
+            "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        }
     cfg = _config(tmp_path / "ddp", model={"name": TINY["model"]["name"], "kwargs": model_kwargs})
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(worker), _write_config(cfg, tmp_path / "ddp.yaml"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(worker),
+        _write_config(cfg, tmp_path / "ddp.yaml"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(str(tmp_path / "rank0.safetensors"))
@@ -136,8 +165,8 @@ def test_two_processes_match_one_process(reference, tmp_path, variant):
     for k in ("PQ", "SQ", "RQ", "mIoU", "pixel_accuracy"):
         assert ddp_eval[k] == pytest.approx(ref_eval[k], abs=1e-3), k
     # and the weights really trained: they differ from the initialisation
-    from axial_deeplab.engine.builders import build_model
     from axial_deeplab.data.synthetic import synthetic_metadata
+    from axial_deeplab.engine.builders import build_model
 
     torch.manual_seed(TINY["experiment"]["seed"])
     init = build_model(reference["cfg"], synthetic_metadata()).state_dict()
@@ -177,16 +206,20 @@ def _check_checkpoints(run_dir):
     return ckpts
 
 
-@pytest.mark.parametrize("mode, kill_step, expect_last", [("between_checkpoints", 3, 2),
-                                                         ("during_checkpoint", 4, 2)])
+@pytest.mark.parametrize("mode, kill_step, expect_last", [("between_checkpoints", 3, 2), ("during_checkpoint", 4, 2)])
 def test_sigkill_then_resume_matches_uninterrupted(reference, tmp_path, mode, kill_step, expect_last):
     run_dir = tmp_path / "run"
     cfg = _config(run_dir)
     cfg_path = _write_config(cfg, tmp_path / "cfg.yaml")
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
-    proc = subprocess.run([sys.executable, str(driver), cfg_path, mode, str(kill_step)], env=ENV,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(driver), cfg_path, mode, str(kill_step)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = _check_checkpoints(str(run_dir))
     assert [os.path.basename(p) for p in ckpts][-1] == f"step-{expect_last:06d}"
@@ -215,8 +248,21 @@ def test_train_refuses_to_clobber_a_run(reference):
 
 def test_evaluate_command(reference, tmp_path, capsys):
     out_json = tmp_path / "metrics.json"
-    rc = main(["evaluate", "--checkpoint", str(reference["run_dir"]), "--no-progress", "--per-class",
-               "--json", str(out_json), "--overlays", str(tmp_path / "pics"), "--num-overlays", "2"])
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(reference["run_dir"]),
+            "--no-progress",
+            "--per-class",
+            "--json",
+            str(out_json),
+            "--overlays",
+            str(tmp_path / "pics"),
+            "--num-overlays",
+            "2",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "All" in text and "Things" in text and "Stuff" in text and "mIoU" in text
@@ -226,8 +272,21 @@ def test_evaluate_command(reference, tmp_path, capsys):
         assert 0.0 <= metrics[k] <= 100.0
     assert len(os.listdir(tmp_path / "pics")) == 2
     # a model fed resized images (COCO recipe: longer side 641) is scored at the labels' own size
-    rc = main(["evaluate", "--checkpoint", str(reference["run_dir"]), "--no-progress", "--json", str(out_json),
-               "--overlays", str(tmp_path / "pics48"), "--num-overlays", "1", "data.resize_long_side=48"])
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(reference["run_dir"]),
+            "--no-progress",
+            "--json",
+            str(out_json),
+            "--overlays",
+            str(tmp_path / "pics48"),
+            "--num-overlays",
+            "1",
+            "data.resize_long_side=48",
+        ]
+    )
     assert rc == 0
     assert json.loads(out_json.read_text())["num_images"] == 4
     from PIL import Image
@@ -247,8 +306,9 @@ def test_predict_folder_with_a_corrupt_image(reference, tmp_path, capsys):
     save_png(str(folder / "more" / "b.png"), to_uint8_image(ds[1]["image"]))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     out = tmp_path / "out"
-    rc = main(["predict", "--checkpoint", str(reference["run_dir"]), str(folder), "--output", str(out),
-               "--no-progress"])
+    rc = main(
+        ["predict", "--checkpoint", str(reference["run_dir"]), str(folder), "--output", str(out), "--no-progress"]
+    )
     captured = capsys.readouterr()
     assert rc == 1
     assert "broken.jpg" in captured.err and "a.png" not in captured.err
@@ -268,8 +328,16 @@ def test_predict_folder_with_a_corrupt_image(reference, tmp_path, capsys):
 
 
 def test_predict_on_missing_input_is_a_user_error(reference, tmp_path, capsys):
-    rc = main(["predict", "--checkpoint", str(reference["run_dir"]), str(tmp_path / "nope.png"),
-               "--output", str(tmp_path / "o")])
+    rc = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(reference["run_dir"]),
+            str(tmp_path / "nope.png"),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     assert "nope.png" in capsys.readouterr().err
 
@@ -277,9 +345,25 @@ def test_predict_on_missing_input_is_a_user_error(reference, tmp_path, capsys):
 def test_demo_command_smoke(tmp_path, capsys):
     """The demo's wiring (train -> evaluate -> table, overlays, curves) on a 2-step budget."""
     out = tmp_path / "demo"
-    rc = main(["demo", "--output", str(out), "--no-progress", "--num-overlays", "2", "--threads", "1",
-               "solver.max_steps=2", "solver.warmup_steps=0", "solver.batch_size=2", "data.num_workers=0",
-               "data.options.val.length=2", "train.tensorboard=false", "train.checkpoint_every=2"])
+    rc = main(
+        [
+            "demo",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--num-overlays",
+            "2",
+            "--threads",
+            "1",
+            "solver.max_steps=2",
+            "solver.warmup_steps=0",
+            "solver.batch_size=2",
+            "data.num_workers=0",
+            "data.options.val.length=2",
+            "train.tensorboard=false",
+            "train.checkpoint_every=2",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "PQ" in text and "Things" in text and "mIoU" in text
@@ -302,6 +386,5 @@ def test_experiment_compile_runs_the_model_through_torch_compile(tmp_path, monke
     monkeypatch.setattr(torch, "compile", spy)
     train(_config(tmp_path / "off", solver={"max_steps": 1}, train={"eval_at_end": False}))
     assert calls == []
-    train(_config(tmp_path / "on", experiment={"compile": True}, solver={"max_steps": 1},
-                  train={"eval_at_end": False}))
+    train(_config(tmp_path / "on", experiment={"compile": True}, solver={"max_steps": 1}, train={"eval_at_end": False}))
     assert calls == [{"dynamic": False}]

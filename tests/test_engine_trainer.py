@@ -1,6 +1,7 @@
 """The trainer's contract with its hooks, on a stand-in step (no model): hooks run in order after
 every applied step, ``after_train`` always runs and says whether the run completed, a stop
 request saves the last completed step once and raises TrainingInterrupted."""
+
 import pytest
 
 from axial_deeplab.engine.trainer import HookBase, TrainerBase, TrainingInterrupted
@@ -36,8 +37,13 @@ class _Record(HookBase):
 
 
 def _trainer(start=0, max_steps=3, cls=_Counting):
-    return cls(loader=range(max_steps - start), start_step=start, max_steps=max_steps,
-               checkpointer=_Checkpointer(), run_dir="run")
+    return cls(
+        loader=range(max_steps - start),
+        start_step=start,
+        max_steps=max_steps,
+        checkpointer=_Checkpointer(),
+        run_dir="run",
+    )
 
 
 def test_hooks_run_in_order_after_each_step_and_see_the_end():
@@ -45,8 +51,16 @@ def test_hooks_run_in_order_after_each_step_and_see_the_end():
     t = _trainer(start=1, max_steps=3)
     t.register_hooks([_Record("a", events), None, _Record("b", events)])
     t.train()
-    assert events == [("a", "before", 1), ("b", "before", 1), ("a", "step", 2), ("b", "step", 2),
-                      ("a", "step", 3), ("b", "step", 3), ("a", "end", True), ("b", "end", True)]
+    assert events == [
+        ("a", "before", 1),
+        ("b", "before", 1),
+        ("a", "step", 2),
+        ("b", "step", 2),
+        ("a", "step", 3),
+        ("b", "step", 3),
+        ("a", "end", True),
+        ("b", "end", True),
+    ]
     assert t.step == 3 and t.checkpointer.saves == []  # saving is a hook's job, not the loop's
 
 

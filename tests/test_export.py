@@ -2,22 +2,24 @@
 ExportedProgram and TorchScript files of narrow Axial-ResNet / Axial-DeepLab models equal eager
 at two sizes; a plain torch.jit.trace of the default model is right; ``axial-deeplab export``
 writes a verified file from a checkpoint and answers bad input with one line."""
+
 import copy
 import os
 
 import pytest
 import torch
+from engine_testing import save_untrained_checkpoint, tiny_run
 
 from axial_deeplab.cli import main
 from axial_deeplab.engine.export import export_model
 from axial_deeplab.errors import UserError
 from axial_deeplab.layers import PositionSensitiveAxialAttention
 from axial_deeplab.models.registry import create_model
-from engine_testing import save_untrained_checkpoint, tiny_run
 
 NARROW = {"width": 0.125, "layers": [1, 1, 1, 1]}
-DEEPLAB_HEADS = {k: v for k, v in tiny_run()["model"]["kwargs"].items()
-                 if k.startswith(("aspp", "semantic", "instance"))}
+DEEPLAB_HEADS = {
+    k: v for k, v in tiny_run()["model"]["kwargs"].items() if k.startswith(("aspp", "semantic", "instance"))
+}
 SIZES = [(64, 96), (96, 64)]
 
 
@@ -54,18 +56,32 @@ def eager(model, x):
         return [model(x)]
 
 
-@pytest.mark.parametrize("span,length,axis,stride,mode,terms", [
-    (5, 13, "height", 1, "subsample", (1, 1, 1, 1)),
-    (5, 13, "width", 2, "avgpool", (1, 1, 1, 1)),
-    (7, 3, "width", 1, "subsample", (1, 0, 1, 1)),  # axis shorter than the span
-    (9, 30, "height", 2, "avgpool2d", (0, 1, 1, 0)),
-])
+@pytest.mark.parametrize(
+    "span,length,axis,stride,mode,terms",
+    [
+        (5, 13, "height", 1, "subsample", (1, 1, 1, 1)),
+        (5, 13, "width", 2, "avgpool", (1, 1, 1, 1)),
+        (7, 3, "width", 1, "subsample", (1, 0, 1, 1)),  # axis shorter than the span
+        (9, 30, "height", 2, "avgpool2d", (0, 1, 1, 0)),
+    ],
+)
 @pytest.mark.parametrize("training", [False, True])
 def test_banded_equals_reference(span, length, axis, stride, mode, terms, training):
     torch.manual_seed(0)
-    ref = PositionSensitiveAxialAttention(8, 8, axis=axis, num_heads=2, span=span, stride=stride, stride_mode=mode,
-                                          use_qk=bool(terms[0]), use_query_rpe=bool(terms[1]),
-                                          use_key_rpe=bool(terms[2]), use_value_rpe=bool(terms[3]), impl="reference")
+    ref = PositionSensitiveAxialAttention(
+        8,
+        8,
+        axis=axis,
+        num_heads=2,
+        span=span,
+        stride=stride,
+        stride_mode=mode,
+        use_qk=bool(terms[0]),
+        use_query_rpe=bool(terms[1]),
+        use_key_rpe=bool(terms[2]),
+        use_value_rpe=bool(terms[3]),
+        impl="reference",
+    )
     _randomise_bn(ref).train(training)
     banded = copy.deepcopy(ref)
     banded.impl = "banded"
@@ -181,25 +197,56 @@ def checkpoint(tmp_path_factory):
 
 def test_cli_exports_a_checkpoint(checkpoint, tmp_path, capsys):
     out = tmp_path / "tiny.pt"
-    assert main(["export", "--checkpoint", checkpoint, "--format", "torchscript", "--output", str(out),
-                 "--input", "3x64x64"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                checkpoint,
+                "--format",
+                "torchscript",
+                "--output",
+                str(out),
+                "--input",
+                "3x64x64",
+            ]
+        )
+        == 0
+    )
     assert "verified against eager" in capsys.readouterr().out
     outputs = torch.jit.load(str(out))(torch.rand(1, 3, 64, 64))
     assert [tuple(o.shape[1:]) for o in outputs[1:]] == [(1, 64, 64), (2, 64, 64)]
     assert tuple(outputs[0].shape[2:]) == (64, 64)
     # an existing file is refused unless --force
-    assert main(["export", "--checkpoint", checkpoint, "--format", "torchscript", "--output", str(out),
-                 "--input", "3x64x64"]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                checkpoint,
+                "--format",
+                "torchscript",
+                "--output",
+                str(out),
+                "--input",
+                "3x64x64",
+            ]
+        )
+        == 2
+    )
     assert "exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--format", "tflite"], "unknown --format 'tflite'"),
-    (["--format", "onnx", "--input", "64x64"], "--input must look like 3x224x224"),
-    (["--format", "onnx", "--input", "3x100x100"], "multiples of 32"),
-    (["--format", "onnx", "--checkpoint", "/nonexistent/ckpt"], "checkpoint not found"),
-    (["--format", "onnx", "--model", "no_such_model"], "unknown model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--format", "tflite"], "unknown --format 'tflite'"),
+        (["--format", "onnx", "--input", "64x64"], "--input must look like 3x224x224"),
+        (["--format", "onnx", "--input", "3x100x100"], "multiples of 32"),
+        (["--format", "onnx", "--checkpoint", "/nonexistent/ckpt"], "checkpoint not found"),
+        (["--format", "onnx", "--model", "no_such_model"], "unknown model"),
+    ],
+)
 def test_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
     if "--checkpoint" not in args and "--model" not in args:
         args = args + ["--model", "axial_resnet_s"]
@@ -209,19 +256,33 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("distance,length,axis,stride,mode,terms", [
-    (None, 13, "height", 1, "subsample", (1, 1, 1, 1)),
-    (4, 13, "width", 2, "avgpool", (1, 1, 1, 1)),  # offsets beyond D clipped
-    (3, 12, "height", 2, "avgpool2d", (0, 1, 1, 0)),
-    (5, 7, "width", 1, "subsample", (1, 1, 0, 1)),
-])
+@pytest.mark.parametrize(
+    "distance,length,axis,stride,mode,terms",
+    [
+        (None, 13, "height", 1, "subsample", (1, 1, 1, 1)),
+        (4, 13, "width", 2, "avgpool", (1, 1, 1, 1)),  # offsets beyond D clipped
+        (3, 12, "height", 2, "avgpool2d", (0, 1, 1, 0)),
+        (5, 7, "width", 1, "subsample", (1, 1, 0, 1)),
+    ],
+)
 def test_banded_global_span_in_eval_equals_reference(distance, length, axis, stride, mode, terms):
     # global spans in eval take their own export-friendly form (BN folded, no concat/mask)
     torch.manual_seed(0)
-    ref = PositionSensitiveAxialAttention(8, 8, axis=axis, num_heads=2, span=None, max_relative_distance=distance,
-                                          stride=stride, stride_mode=mode, use_qk=bool(terms[0]),
-                                          use_query_rpe=bool(terms[1]), use_key_rpe=bool(terms[2]),
-                                          use_value_rpe=bool(terms[3]), impl="reference")
+    ref = PositionSensitiveAxialAttention(
+        8,
+        8,
+        axis=axis,
+        num_heads=2,
+        span=None,
+        max_relative_distance=distance,
+        stride=stride,
+        stride_mode=mode,
+        use_qk=bool(terms[0]),
+        use_query_rpe=bool(terms[1]),
+        use_key_rpe=bool(terms[2]),
+        use_value_rpe=bool(terms[3]),
+        impl="reference",
+    )
     _randomise_bn(ref).eval()
     banded = copy.deepcopy(ref)
     banded.impl = "banded"
@@ -239,21 +300,35 @@ def test_torch_jit_script_refuses_with_a_clear_error():
         torch.jit.script(model)
 
 
-@pytest.mark.parametrize("span,length,axis,stride,mode,terms", [
-    (5, 13, "height", 1, "subsample", (1, 1, 1, 1)),
-    (5, 13, "width", 2, "avgpool", (1, 1, 1, 1)),
-    (7, 3, "width", 1, "subsample", (1, 0, 1, 1)),  # axis shorter than the span
-    (3, 1, "height", 1, "subsample", (1, 1, 1, 1)),  # one position
-    (9, 30, "height", 2, "avgpool2d", (0, 1, 1, 0)),  # no k . r^k: the additive mask
-    (11, 17, "width", 1, "subsample", (0, 0, 1, 1)),  # k . r^k alone
-    (13, 40, "height", 2, "subsample", (1, 1, 0, 1)),
-])
+@pytest.mark.parametrize(
+    "span,length,axis,stride,mode,terms",
+    [
+        (5, 13, "height", 1, "subsample", (1, 1, 1, 1)),
+        (5, 13, "width", 2, "avgpool", (1, 1, 1, 1)),
+        (7, 3, "width", 1, "subsample", (1, 0, 1, 1)),  # axis shorter than the span
+        (3, 1, "height", 1, "subsample", (1, 1, 1, 1)),  # one position
+        (9, 30, "height", 2, "avgpool2d", (0, 1, 1, 0)),  # no k . r^k: the additive mask
+        (11, 17, "width", 1, "subsample", (0, 0, 1, 1)),  # k . r^k alone
+        (13, 40, "height", 2, "subsample", (1, 1, 0, 1)),
+    ],
+)
 def test_banded_local_span_in_eval_equals_reference(span, length, axis, stride, mode, terms):
     # local spans in eval take their own export-friendly form (query-relative logits, BN folded)
     torch.manual_seed(0)
-    ref = PositionSensitiveAxialAttention(8, 8, axis=axis, num_heads=2, span=span, stride=stride, stride_mode=mode,
-                                          use_qk=bool(terms[0]), use_query_rpe=bool(terms[1]),
-                                          use_key_rpe=bool(terms[2]), use_value_rpe=bool(terms[3]), impl="reference")
+    ref = PositionSensitiveAxialAttention(
+        8,
+        8,
+        axis=axis,
+        num_heads=2,
+        span=span,
+        stride=stride,
+        stride_mode=mode,
+        use_qk=bool(terms[0]),
+        use_query_rpe=bool(terms[1]),
+        use_key_rpe=bool(terms[2]),
+        use_value_rpe=bool(terms[3]),
+        impl="reference",
+    )
     _randomise_bn(ref).eval()
     banded = copy.deepcopy(ref)
     banded.impl = "banded"

@@ -2,6 +2,7 @@
 middle of replacing ``best/``, unusable devices, misspelt dataset options, corrupt or
 mismatched checkpoints. Each must end in one clear line naming the culprit, with every
 earlier checkpoint and file left as it was."""
+
 import contextlib
 import errno
 import hashlib
@@ -11,6 +12,7 @@ import os
 
 import pytest
 import torch
+from engine_testing import tiny_run
 from torch import nn
 
 from axial_deeplab.cli import main
@@ -19,7 +21,6 @@ from axial_deeplab.engine.builders import build_dataset, build_model, dataset_me
 from axial_deeplab.engine.config import ConfigError, config_from_dict, dump_config
 from axial_deeplab.errors import OutputError, UserError
 from axial_deeplab.fileio import atomic_write_bytes
-from engine_testing import tiny_run
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -104,6 +105,7 @@ def _enospc():
 
 # ----------------------------------------------------------------------------- atomic file writes
 
+
 def test_atomic_write_disk_full_midway_keeps_old_file(tmp_path, monkeypatch):
     target = tmp_path / "out" / "predictions.json"
     atomic_write_bytes(target, b"old contents")
@@ -160,6 +162,7 @@ def test_atomic_write_folder_vanishes(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- checkpoint writes
 
+
 def _failing_torch_save(limit, real=torch.save):
 
     def save(obj, f, *a, **k):
@@ -211,6 +214,7 @@ def test_checkpoint_write_failure_is_one_clear_error(tmp_path, monkeypatch, wher
 
         monkeypatch.setattr(os, "makedirs", makedirs)
     elif where == "mkdtemp":
+
         def mkdtemp(*a, **k):
             raise OSError(errno.EROFS, "Read-only file system")
 
@@ -265,6 +269,7 @@ def test_train_disk_full_at_checkpoint_via_cli(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- replacing best/
 
+
 def _save_best(root, seed, metric):
     return ck.save_checkpoint(str(root / "best"), _small_model(seed), step=seed, info={"metrics": {"PQ": metric}})
 
@@ -295,6 +300,7 @@ def _stop_at_rename(n, stop, exchange, set_attr):
             if calls["n"] == n:
                 stop()
             return result
+
         return wrapped
 
     set_attr(os, "replace", after(real_replace))
@@ -379,6 +385,7 @@ def test_stale_cleanup_touches_only_our_leftovers(tmp_path):
 
 # ----------------------------------------------------------------------------- devices
 
+
 @pytest.fixture
 def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -406,8 +413,13 @@ def tiny_checkpoint(tmp_path_factory):
     cfg = config_from_dict(_cfg_dict(root / "run"))
     md = dataset_metadata(build_dataset(cfg, "train"))
     model = build_model(cfg, md)
-    path = ck.save_checkpoint(str(root / "run" / "checkpoints" / "step-000001"), model, step=1,
-                              config_text=dump_config(cfg), info={"task": "panoptic", "metadata": md.to_dict()})
+    path = ck.save_checkpoint(
+        str(root / "run" / "checkpoints" / "step-000001"),
+        model,
+        step=1,
+        config_text=dump_config(cfg),
+        info={"task": "panoptic", "metadata": md.to_dict()},
+    )
     img = root / "img.png"
     from PIL import Image
 
@@ -432,8 +444,19 @@ def test_device_errors_in_evaluate_and_predict(tiny_checkpoint, tmp_path, no_gpu
     assert code == 2
     _one_line_error(err, "experiment.device=cuda")
     for device in ("cuda", "cuda:1", "tpu"):
-        code, _, err = _run(["predict", "--checkpoint", ckpt, tiny_checkpoint["image"], "--output",
-                             str(tmp_path / device), "--device", device, "--no-progress"])
+        code, _, err = _run(
+            [
+                "predict",
+                "--checkpoint",
+                ckpt,
+                tiny_checkpoint["image"],
+                "--output",
+                str(tmp_path / device),
+                "--device",
+                device,
+                "--no-progress",
+            ]
+        )
         assert code == 2, err
         line = _one_line_error(err, f"--device={device}")
         assert "cpu" in line
@@ -453,6 +476,7 @@ def test_resolve_device_names():
 
 # ----------------------------------------------------------------------------- dataset options
 
+
 def test_misspelt_dataset_option_via_cli(tmp_path):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(dump_config(config_from_dict(_cfg_dict(tmp_path / "run"))))
@@ -463,8 +487,13 @@ def test_misspelt_dataset_option_via_cli(tmp_path):
 
 
 def test_misspelt_coco_panoptic_option_names_key_and_valid_ones(tmp_path):
-    base = _cfg_dict(data={"dataset": "coco_panoptic", "root": str(tmp_path), "options": {
-        "train": {"image_dir": "img", "json_path": "a.json", "png_dir": "png", "jsn_path": "b.json"}}})
+    base = _cfg_dict(
+        data={
+            "dataset": "coco_panoptic",
+            "root": str(tmp_path),
+            "options": {"train": {"image_dir": "img", "json_path": "a.json", "png_dir": "png", "jsn_path": "b.json"}},
+        }
+    )
     with pytest.raises(ConfigError, match=r"data\.options\.train\.jsn_path: .*json_path"):
         build_dataset(config_from_dict(base), "train")
     base["data"]["options"] = {"label_divsor": 3, "train": {"image_dir": "i", "json_path": "j", "png_dir": "p"}}
@@ -476,6 +505,7 @@ def test_misspelt_coco_panoptic_option_names_key_and_valid_ones(tmp_path):
 
 
 # ----------------------------------------------------------------------------- reading checkpoints
+
 
 def _copy_checkpoint(src, dst):
     import shutil
@@ -491,8 +521,9 @@ def test_corrupt_info_json_names_the_file(tiny_checkpoint, tmp_path):
         f.write('{"step": 1, "metadata": {"thing_ids": [1, 2')
     with pytest.raises(ValueError, match="info.json"):
         ck.read_checkpoint_info(ckpt)
-    code, _, err = _run(["predict", "--checkpoint", ckpt, tiny_checkpoint["image"], "--output",
-                         str(tmp_path / "out"), "--no-progress"])
+    code, _, err = _run(
+        ["predict", "--checkpoint", ckpt, tiny_checkpoint["image"], "--output", str(tmp_path / "out"), "--no-progress"]
+    )
     assert code == 2
     _one_line_error(err, info)
     code, _, err = _run(["evaluate", "--checkpoint", ckpt, "--no-progress"])
@@ -518,9 +549,20 @@ def test_checkpoint_of_another_width_is_refused_clearly(tiny_checkpoint, tmp_pat
     cfg_path = tmp_path / "wide.yaml"
     cfg_path.write_text(dump_config(config_from_dict(wide)))
     weights = os.path.join(tiny_checkpoint["path"], "model.safetensors")
-    for argv in (["evaluate", "--checkpoint", tiny_checkpoint["path"], "--config", str(cfg_path), "--no-progress"],
-                 ["predict", "--checkpoint", tiny_checkpoint["path"], "--config", str(cfg_path),
-                  tiny_checkpoint["image"], "--output", str(tmp_path / "out"), "--no-progress"]):
+    for argv in (
+        ["evaluate", "--checkpoint", tiny_checkpoint["path"], "--config", str(cfg_path), "--no-progress"],
+        [
+            "predict",
+            "--checkpoint",
+            tiny_checkpoint["path"],
+            "--config",
+            str(cfg_path),
+            tiny_checkpoint["image"],
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+    ):
         code, _, err = _run(argv)
         assert code == 2
         line = _one_line_error(err, weights, "checkpoint (", "vs model (", "--config")
@@ -538,9 +580,11 @@ def test_checkpoint_of_another_class_count_is_refused_clearly(tiny_checkpoint, t
     assert any(cut[k].shape != tensors[k].shape for k in tensors)
     save_file(cut, weights)
     with pytest.raises(ValueError, match=rf"{n - 1}.* vs model \({n}"):
-        ck.load_model_weights(build_model(tiny_checkpoint["cfg"], dataset_metadata(
-            build_dataset(tiny_checkpoint["cfg"], "val"))), ckpt)
-    code, _, err = _run(["predict", "--checkpoint", ckpt, tiny_checkpoint["image"], "--output",
-                         str(tmp_path / "out"), "--no-progress"])
+        ck.load_model_weights(
+            build_model(tiny_checkpoint["cfg"], dataset_metadata(build_dataset(tiny_checkpoint["cfg"], "val"))), ckpt
+        )
+    code, _, err = _run(
+        ["predict", "--checkpoint", ckpt, tiny_checkpoint["image"], "--output", str(tmp_path / "out"), "--no-progress"]
+    )
     assert code == 2
     _one_line_error(err, weights, "class count")

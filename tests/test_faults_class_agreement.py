@@ -7,16 +7,17 @@ class fewer, ``isthing`` flipped, another label divisor. ``evaluate`` must refus
 message naming the checkpoint, the dataset split and every difference (exit 2), and
 ``--map-classes-by-name`` must score the reordered dataset exactly as the original.
 """
+
 import copy
 import json
 import shutil
 
 import pytest
+from engine_testing import tiny_run
 
 from axial_deeplab.cli import main
 from axial_deeplab.data.meta import MetadataMismatchError, PanopticMetadata, check_metadata_compatible
 from axial_deeplab.engine.config import config_from_dict, dump_config
-from engine_testing import tiny_run
 
 TINY = tiny_run(
     data={"options": {"train": {"length": 16}, "val": {"length": 3}}},
@@ -39,8 +40,7 @@ def setup(tmp_path_factory):
     data["experiment"]["output_dir"] = str(root / "run")
     result = train(config_from_dict(data))
     gt = SyntheticPanoptic("val", length=3, image_size=64).write_coco_panoptic(root / "gt")
-    return {"root": root, "checkpoint": result.last_checkpoint, "gt": gt,
-            "json": json.loads(gt["json"].read_text())}
+    return {"root": root, "checkpoint": result.last_checkpoint, "gt": gt, "json": json.loads(gt["json"].read_text())}
 
 
 def _dataset(setup, name, edit=None, label_divisor=None):
@@ -53,8 +53,13 @@ def _dataset(setup, name, edit=None, label_divisor=None):
     json_path.write_text(json.dumps(doc))
     data = copy.deepcopy(TINY)
     data["experiment"]["output_dir"] = str(root / "run")
-    options = {"val": {"image_dir": str(setup["gt"]["image_dir"]), "json_path": str(json_path),
-                       "png_dir": str(setup["gt"]["png_dir"])}}
+    options = {
+        "val": {
+            "image_dir": str(setup["gt"]["image_dir"]),
+            "json_path": str(json_path),
+            "png_dir": str(setup["gt"]["png_dir"]),
+        }
+    }
     if label_divisor is not None:
         options["label_divisor"] = label_divisor
     data["data"] = dict(data["data"], dataset="coco_panoptic", options=options)
@@ -65,8 +70,19 @@ def _dataset(setup, name, edit=None, label_divisor=None):
 
 def _evaluate(setup, cfg_path, tmp_path, *extra):
     out = tmp_path / "metrics.json"
-    rc = main(["evaluate", "--checkpoint", setup["checkpoint"], "--config", cfg_path, "--no-progress",
-               "--json", str(out), *extra])
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            setup["checkpoint"],
+            "--config",
+            cfg_path,
+            "--no-progress",
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
     return rc, (json.loads(out.read_text()) if rc == 0 else None)
 
 
@@ -124,8 +140,9 @@ def test_map_classes_by_name_scores_reordered_dataset_like_the_original(setup, t
     model, _, _ = load_checkpoint_model(setup["checkpoint"], torch.device("cpu"))
     cfg = load_config(cfg_re)
     reordered = build_dataset(cfg, "val")
-    by_position = evaluate_panoptic(model, reordered, cfg, torch.device("cpu"), metadata=reordered.metadata,
-                                    progress=False)
+    by_position = evaluate_panoptic(
+        model, reordered, cfg, torch.device("cpu"), metadata=reordered.metadata, progress=False
+    )
     assert (by_position["PQ"], by_position["mIoU"]) != pytest.approx((original["PQ"], original["mIoU"]))
 
 
@@ -193,10 +210,16 @@ def test_checkpoint_without_metadata_warns_once_and_uses_the_datasets(setup, tmp
 
 def test_message_lists_every_difference():
     """The comparison itself: names, ids, things and divisor in one message."""
-    ckpt = PanopticMetadata("ckpt", ["road", "person", "car", "truck"], thing_ids=[1, 2, 3], label_divisor=1000,
-                            category_ids=[7, 24, 26, 27])
-    data = PanopticMetadata("data", ["road", "person", "truck", "car"], thing_ids=[1, 2, 3], label_divisor=256,
-                            category_ids=[7, 24, 26, 27])
+    ckpt = PanopticMetadata(
+        "ckpt",
+        ["road", "person", "car", "truck"],
+        thing_ids=[1, 2, 3],
+        label_divisor=1000,
+        category_ids=[7, 24, 26, 27],
+    )
+    data = PanopticMetadata(
+        "data", ["road", "person", "truck", "car"], thing_ids=[1, 2, 3], label_divisor=256, category_ids=[7, 24, 26, 27]
+    )
     with pytest.raises(MetadataMismatchError) as e:
         check_metadata_compatible(ckpt, data, what="checkpoint X vs dataset Y")
     msg = str(e.value)

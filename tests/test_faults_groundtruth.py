@@ -2,6 +2,7 @@
 categories without ``isthing``, and the one consistency check of a COCO-panoptic ground truth
 (PNG ids vs JSON ids both ways, image ids listed twice, unknown categories, empty splits) that
 the datasets (training and evaluation), ``evaluate`` and ``pq`` share."""
+
 import contextlib
 import io
 import json
@@ -82,10 +83,16 @@ def _modes(tmp_path):
     cmyk = np.zeros((1, 3, 4), np.uint8)
     cmyk[0, 1, 0] = 255  # full cyan
     cmyk[0, 2, 3] = 255  # full black
-    save("CMYK", Image.fromarray(cmyk, "CMYK"), "TIFF", np.array([[[255, 255, 255], [0, 255, 255], [0, 0, 0]]], np.uint8))
+    save(
+        "CMYK", Image.fromarray(cmyk, "CMYK"), "TIFF", np.array([[[255, 255, 255], [0, 255, 255], [0, 0, 0]]], np.uint8)
+    )
     save("I;16", Image.fromarray(GRAY16), "PNG", _gray3(GRAY16 >> 8))
-    save("I;16B", Image.frombytes("I;16B", GRAY16.shape[::-1], GRAY16.astype(">u2").tobytes()), "TIFF",
-         _gray3(GRAY16 >> 8))
+    save(
+        "I;16B",
+        Image.frombytes("I;16B", GRAY16.shape[::-1], GRAY16.astype(">u2").tobytes()),
+        "TIFF",
+        _gray3(GRAY16 >> 8),
+    )
     # a 16-bit PGM opens as mode I (32-bit) holding 16-bit values
     pgm = tmp_path / "I-pgm.pgm"
     pgm.write_bytes(b"P5\n3 2\n65535\n" + GRAY16.astype(">u2").tobytes())
@@ -193,8 +200,19 @@ def test_categories_without_isthing_are_refused(gt_files, tmp_path):
         _dataset(gt_files, bad)
     for c in cats:
         assert f"id {c['id']} {c['name']!r}" in str(e.value)
-    code, _, err = _run(["pq", "--gt-json", str(bad), "--gt-folder", str(gt_files["png_dir"]),
-                         "--pred-json", str(gt_files["json"]), "--pred-folder", str(gt_files["png_dir"])])
+    code, _, err = _run(
+        [
+            "pq",
+            "--gt-json",
+            str(bad),
+            "--gt-folder",
+            str(gt_files["png_dir"]),
+            "--pred-json",
+            str(gt_files["json"]),
+            "--pred-folder",
+            str(gt_files["png_dir"]),
+        ]
+    )
     assert code == 2 and "noisthing.json" in err and "isthing" in err
 
 
@@ -221,8 +239,11 @@ def test_dataset_png_segment_absent_from_json(gt_files, tmp_path):
 
 def test_dataset_duplicate_image_ids(gt_files, tmp_path):
     bad = _edited(gt_files, tmp_path, _duplicate_annotation, "dup.json")
-    with pytest.raises(PanopticFormatError, match=r"dup\.json: annotations lists image_ids more than once: "
-                                                  r"\['synthetic_val_0_000000'\]"):
+    with pytest.raises(
+        PanopticFormatError,
+        match=r"dup\.json: annotations lists image_ids more than once: "
+        r"\['synthetic_val_0_000000'\]",
+    ):
         _dataset(gt_files, bad)
 
     def dup_images(doc):
@@ -238,7 +259,9 @@ def test_dataset_unknown_category(gt_files, tmp_path):
         doc["annotations"][2]["segments_info"][0]["category_id"] = 999
 
     bad = _edited(gt_files, tmp_path, unknown, "unk.json")
-    with pytest.raises(PanopticFormatError, match=r"unk\.json: image_id 'synthetic_val_0_000002'.*unknown category_id 999"):
+    with pytest.raises(
+        PanopticFormatError, match=r"unk\.json: image_id 'synthetic_val_0_000002'.*unknown category_id 999"
+    ):
         _dataset(gt_files, bad)
 
 
@@ -259,9 +282,21 @@ def test_dataset_empty_split(gt_files, tmp_path):
 # ... through `axial-deeplab pq` (ground truth and predictions)
 # -------------------------------------------------------------------------------------------
 def _pq(gt_json, gt_files, pred_json=None):
-    return _run(["pq", "--gt-json", str(gt_json), "--gt-folder", str(gt_files["png_dir"]),
-                 "--pred-json", str(pred_json or gt_files["json"]), "--pred-folder", str(gt_files["png_dir"]),
-                 "--workers", "1"])
+    return _run(
+        [
+            "pq",
+            "--gt-json",
+            str(gt_json),
+            "--gt-folder",
+            str(gt_files["png_dir"]),
+            "--pred-json",
+            str(pred_json or gt_files["json"]),
+            "--pred-folder",
+            str(gt_files["png_dir"]),
+            "--workers",
+            "1",
+        ]
+    )
 
 
 def test_pq_ground_truth_checks(gt_files, tmp_path):
@@ -307,12 +342,24 @@ def test_pq_prediction_checks(gt_files, tmp_path):
 # ... through `axial-deeplab evaluate` with a tiny untrained checkpoint
 # -------------------------------------------------------------------------------------------
 TINY_MODEL = {
-    "name": "axial_deeplab_s", "kwargs": {
-        "backbone": "axial_resnet_tiny", "layers": [1, 1, 1, 1], "width": 0.125, "stem": "conv",
-        "stem_width": 0.125, "num_heads": 2, "span": None,
-        "aspp_channels": 16, "semantic_decoder_channels": 16, "semantic_low_level_channels": [8, 8],
-        "semantic_head_channels": 16, "instance_decoder_channels": 16, "instance_low_level_channels": [8, 8],
-        "instance_head_channels": 8}}
+    "name": "axial_deeplab_s",
+    "kwargs": {
+        "backbone": "axial_resnet_tiny",
+        "layers": [1, 1, 1, 1],
+        "width": 0.125,
+        "stem": "conv",
+        "stem_width": 0.125,
+        "num_heads": 2,
+        "span": None,
+        "aspp_channels": 16,
+        "semantic_decoder_channels": 16,
+        "semantic_low_level_channels": [8, 8],
+        "semantic_head_channels": 16,
+        "instance_decoder_channels": 16,
+        "instance_low_level_channels": [8, 8],
+        "instance_head_channels": 8,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -323,14 +370,19 @@ def tiny_checkpoint(gt_files, tmp_path_factory):
     from axial_deeplab.engine.builders import build_model
     from axial_deeplab.engine.config import config_from_dict, dump_config
 
-    split = {"image_dir": str(gt_files["image_dir"]), "json_path": str(gt_files["json"]),
-             "png_dir": str(gt_files["png_dir"])}
-    cfg = config_from_dict({
-        "experiment": {"name": "tiny", "seed": 0, "device": "cpu", "threads": 1},
-        "model": TINY_MODEL,
-        "data": {"dataset": "coco_panoptic", "options": {"train": split, "val": split}, "num_workers": 0},
-        "eval": {"batch_size": 1, "stuff_area": 16, "nms_kernel": 5, "top_k": 20},
-    })
+    split = {
+        "image_dir": str(gt_files["image_dir"]),
+        "json_path": str(gt_files["json"]),
+        "png_dir": str(gt_files["png_dir"]),
+    }
+    cfg = config_from_dict(
+        {
+            "experiment": {"name": "tiny", "seed": 0, "device": "cpu", "threads": 1},
+            "model": TINY_MODEL,
+            "data": {"dataset": "coco_panoptic", "options": {"train": split, "val": split}, "num_workers": 0},
+            "eval": {"batch_size": 1, "stuff_area": 16, "nms_kernel": 5, "top_k": 20},
+        }
+    )
     metadata = _dataset(gt_files).metadata
     torch.manual_seed(0)
     model = build_model(cfg, metadata)
@@ -344,8 +396,9 @@ def test_evaluate_refuses_inconsistent_ground_truth(gt_files, tiny_checkpoint, t
     assert code == 0, err
     assert "PQ" in out or "All" in out
     bad = _edited(gt_files, tmp_path, _phantom_segment, "eval_phantom.json")
-    code, out, err = _run(["evaluate", "--checkpoint", str(tiny_checkpoint), "--no-progress",
-                           f"data.options.val.json_path={bad}"])
+    code, out, err = _run(
+        ["evaluate", "--checkpoint", str(tiny_checkpoint), "--no-progress", f"data.options.val.json_path={bad}"]
+    )
     assert code == 2, (out, err)
     assert "eval_phantom.json" in err and "synthetic_val_0_000001.png" in err and "absent from the PNG" in err
     assert "All" not in out  # no table was printed
@@ -354,8 +407,9 @@ def test_evaluate_refuses_inconsistent_ground_truth(gt_files, tiny_checkpoint, t
         doc["annotations"] = []
 
     bad = _edited(gt_files, tmp_path, empty, "eval_empty.json")
-    code, out, err = _run(["evaluate", "--checkpoint", str(tiny_checkpoint), "--no-progress",
-                           f"data.options.val.json_path={bad}"])
+    code, out, err = _run(
+        ["evaluate", "--checkpoint", str(tiny_checkpoint), "--no-progress", f"data.options.val.json_path={bad}"]
+    )
     assert code == 2 and "eval_empty.json" in err and "no annotations" in err
 
 
@@ -368,8 +422,16 @@ def test_evaluate_refuses_an_image_limit_of_zero(tiny_checkpoint):
 
 
 def test_evaluate_refuses_an_empty_split(tiny_checkpoint):
-    code, out, err = _run(["evaluate", "--checkpoint", str(tiny_checkpoint), "--no-progress",
-                           "data.dataset=synthetic", "data.options={val: {length: 0}}"])
+    code, out, err = _run(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--no-progress",
+            "data.dataset=synthetic",
+            "data.options={val: {length: 0}}",
+        ]
+    )
     assert code == 2, (out, err)
     assert "nothing to evaluate" in err and "no images" in err
     assert "All" not in out

@@ -3,6 +3,7 @@ replaced when asked, a second run into the same folder stops at once, the output
 read as input, a bad ``--output`` and a failed write end in one line naming the path (exit 2)
 with nothing half-written left behind. A tiny randomly initialised checkpoint keeps it fast.
 """
+
 import errno
 import fcntl
 import json
@@ -14,10 +15,10 @@ import sys
 
 import pytest
 import torch
+from engine_testing import save_untrained_checkpoint, tiny_run
 
 from axial_deeplab.cli import main
 from axial_deeplab.errors import output_error
-from engine_testing import save_untrained_checkpoint, tiny_run
 
 TINY = tiny_run(data={"options": {"val": {"length": 2}}}, eval={"batch_size": 1})
 
@@ -60,8 +61,11 @@ def _predict(checkpoint, *args):
 
 def _snapshot(folder):
     """Every file below ``folder`` (relative path -> bytes)."""
-    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
-            for d, _, names in os.walk(folder) for n in names}
+    return {
+        os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+        for d, _, names in os.walk(folder)
+        for n in names
+    }
 
 
 def _ids(out):
@@ -265,8 +269,9 @@ def test_output_that_is_a_file(checkpoint, pictures, tmp_path, capsys):
 # Write failures abort the run; read failures stay per image
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("raised", ["OSError", "OutputError"])
-def test_disk_full_on_a_png_aborts_and_removes_the_runs_files(checkpoint, pictures, tmp_path, capsys,
-                                                               monkeypatch, raised):
+def test_disk_full_on_a_png_aborts_and_removes_the_runs_files(
+    checkpoint, pictures, tmp_path, capsys, monkeypatch, raised
+):
     """The second panoptic PNG meets a full disk (as a raw ``OSError`` or as the
     ``OutputError`` of the atomic writers): exit 2 naming it, no predictions.json, no PNG
     of this run left, and the earlier predictions.json (``--add``) as it was."""
@@ -327,9 +332,25 @@ def test_real_write_limit_in_a_subprocess(checkpoint, pictures, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "axial_deeplab.cli", "predict", "--checkpoint", checkpoint,
-                           str(src), "--output", str(out), "--no-progress"],
-                          capture_output=True, text=True, env=env, preexec_fn=limit, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "axial_deeplab.cli",
+            "predict",
+            "--checkpoint",
+            checkpoint,
+            str(src),
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=limit,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     line = _error_line(proc.stderr, "cannot write", out)
     assert line.split(": ")[-2].endswith("a.png"), line
@@ -358,6 +379,7 @@ def test_python_api_refuses_earlier_predictions_by_default(checkpoint, pictures,
     assert report.processed == [str(src / "a.png")]
     with pytest.raises(UserError, match="already holds predictions"):
         predict_images(model, cfg, metadata, files, out, torch.device("cpu"), progress=False, inputs=[str(src)])
-    report = predict_images(model, cfg, metadata, files, out, torch.device("cpu"), progress=False,
-                            inputs=[str(src)], existing="replace")
+    report = predict_images(
+        model, cfg, metadata, files, out, torch.device("cpu"), progress=False, inputs=[str(src)], existing="replace"
+    )
     assert report.processed == [str(src / "a.png")]

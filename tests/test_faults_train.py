@@ -2,6 +2,7 @@
 are spelt and which changed settings a resume accepts, Ctrl-C, a diverging loss, and a corrupt
 image met by a DataLoader worker. Each test asserts the message names the culprit and that
 what the user had (files, runs, checkpoints) is still there."""
+
 import json
 import os
 import shutil
@@ -15,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_engine_train import ENV, STEPS, _check_checkpoints, _config, _losses, _write_config
 
 from axial_deeplab.cli import build_parser, main
 from axial_deeplab.engine import checkpoint as ck
 from axial_deeplab.engine.train import RUN_MARKER, train
-from test_engine_train import ENV, STEPS, _check_checkpoints, _config, _losses, _write_config
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,11 @@ def reference(tmp_path_factory):
     """An uninterrupted 6-step run (checkpoints at 2, 4, 6): the oracle, and a run folder to copy."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     result = train(_config(run_dir))
-    return {"run_dir": run_dir, "losses": _losses(run_dir),
-            "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()}}
+    return {
+        "run_dir": run_dir,
+        "losses": _losses(run_dir),
+        "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+    }
 
 
 def _copy_run(reference, tmp_path, name="run"):
@@ -97,8 +101,16 @@ def test_overwrite_replaces_a_run_folder(reference, tmp_path, marker):
     assert (run_dir / RUN_MARKER).is_file()
     if not marker:
         (run_dir / RUN_MARKER).unlink()
-    rc = main(["train", "--config", _cfg_file(tmp_path, run_dir), "--overwrite", "solver.max_steps=2",
-               "train.eval_at_end=false"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            _cfg_file(tmp_path, run_dir),
+            "--overwrite",
+            "solver.max_steps=2",
+            "train.eval_at_end=false",
+        ]
+    )
     assert rc == 0
     names = [os.path.basename(p) for p in ck.list_checkpoints(str(run_dir / "checkpoints"))]
     assert names == ["step-000002"]
@@ -153,8 +165,18 @@ def test_resume_refuses_changed_training_settings(reference, tmp_path, capsys):
     run_dir = _copy_run(reference, tmp_path)
     ckpt = str(run_dir / "checkpoints" / "step-000004")
     before = _snapshot(run_dir)
-    rc = main(["train", "--config", _cfg_file(tmp_path, run_dir), "--resume-from", ckpt, "solver.lr=0.05",
-               "model.kwargs.width=0.25", "train.log_every=2"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            _cfg_file(tmp_path, run_dir),
+            "--resume-from",
+            ckpt,
+            "solver.lr=0.05",
+            "model.kwargs.width=0.25",
+            "train.log_every=2",
+        ]
+    )
     assert rc == 2
     line = _error_line(capsys)
     assert ckpt in line
@@ -167,9 +189,19 @@ def test_resume_refuses_changed_training_settings(reference, tmp_path, capsys):
 def test_resume_honours_and_records_allowed_changes(reference, tmp_path, capsys):
     run_dir = _copy_run(reference, tmp_path)
     shutil.rmtree(run_dir / "checkpoints" / "step-000006")
-    cfg = _config(run_dir, train={"log_every": 2, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_every": 0,
-                                  "eval_at_end": False, "tensorboard": False, "progress": False,
-                                  "plot_curves": False})
+    cfg = _config(
+        run_dir,
+        train={
+            "log_every": 2,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 5,
+            "eval_every": 0,
+            "eval_at_end": False,
+            "tensorboard": False,
+            "progress": False,
+            "plot_curves": False,
+        },
+    )
     result = train(cfg, resume=True)
     out = capsys.readouterr().out
     assert "resuming with changed settings" in out
@@ -204,8 +236,13 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_uninterrupted(reference, t
     cfg_path = _cfg_file(tmp_path, run_dir)
     driver = tmp_path / "driver.py"
     driver.write_text(SIGINT_DRIVER)
-    proc = subprocess.run([sys.executable, str(driver), "3", "train", "--config", cfg_path], env=ENV,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(driver), "3", "train", "--config", cfg_path],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 130, proc.stderr[-3000:]
     last = [line for line in proc.stderr.splitlines() if line.startswith("axial-deeplab train")]
     assert len(last) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -227,11 +264,21 @@ def test_ctrl_c_at_a_terminal_with_data_workers(tmp_path):
     """SIGINT to the whole process group (main process and its DataLoader worker), as a terminal's
     Ctrl-C sends it, at a moment the test does not choose."""
     run_dir = tmp_path / "run"
-    cfg_path = _cfg_file(tmp_path, run_dir, solver={"max_steps": 500},
-                         train={"checkpoint_every": 1000, "eval_at_end": False},
-                         data={"num_workers": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "axial_deeplab.cli", "train", "--config", cfg_path], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cfg_path = _cfg_file(
+        tmp_path,
+        run_dir,
+        solver={"max_steps": 500},
+        train={"checkpoint_every": 1000, "eval_at_end": False},
+        data={"num_workers": 1},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "axial_deeplab.cli", "train", "--config", cfg_path],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 2:
@@ -273,11 +320,28 @@ def test_sigint_under_torchrun_stops_every_process_at_one_step(tmp_path):
     cfg_path = _cfg_file(tmp_path, run_dir, train={"eval_at_end": False})
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_SIGINT_WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                           "127.0.0.1", "--master-port", str(_free_port()), str(worker), cfg_path],
-                          env=ENV, capture_output=True, text=True, timeout=240)
-    assert "rank 0 stopped after step 3" in proc.stdout and "rank 1 stopped after step 3" in proc.stdout, \
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            str(worker),
+            cfg_path,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert "rank 0 stopped after step 3" in proc.stdout and "rank 1 stopped after step 3" in proc.stdout, (
         proc.stdout[-2000:] + proc.stderr[-3000:]
+    )
     ckpts = _check_checkpoints(str(run_dir))
     assert [os.path.basename(p) for p in ckpts] == ["step-000002", "step-000003"]
     assert ck.load_training_state(ckpts[-1])["step"] == 3
@@ -314,8 +378,10 @@ def test_nan_loss_is_one_clear_line(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------
 # A corrupt image met by a DataLoader worker: the same clean error as in the main process
 # ------------------------------------------------------------------------------------------
-CATS = [{"id": 1, "name": "thing", "isthing": 1, "color": [220, 20, 60]},
-        {"id": 2, "name": "ground", "isthing": 0, "color": [70, 130, 180]}]
+CATS = [
+    {"id": 1, "name": "thing", "isthing": 1, "color": [220, 20, 60]},
+    {"id": 2, "name": "ground", "isthing": 0, "color": [70, 130, 180]},
+]
 
 
 def _coco_with_a_truncated_image(root, n=4, size=32):
@@ -332,12 +398,15 @@ def _coco_with_a_truncated_image(root, n=4, size=32):
         name = f"{k:012d}"
         Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(img_dir / f"{name}.jpg")
         Image.fromarray(rgb).save(png_dir / f"{name}.png")
-        segs = [{"id": 2, "category_id": 2, "iscrowd": 0, "area": int((ids == 2).sum()), "bbox": [0, 0, size, size]},
-                {"id": 5, "category_id": 1, "iscrowd": 0, "area": 100, "bbox": [6, 4, 10, 10]}]
+        segs = [
+            {"id": 2, "category_id": 2, "iscrowd": 0, "area": int((ids == 2).sum()), "bbox": [0, 0, size, size]},
+            {"id": 5, "category_id": 1, "iscrowd": 0, "area": 100, "bbox": [6, 4, 10, 10]},
+        ]
         images.append({"id": k + 1, "file_name": f"{name}.jpg", "height": size, "width": size})
         anns.append({"image_id": k + 1, "file_name": f"{name}.png", "segments_info": segs})
     (root / "annotations" / "panoptic_train2017.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": CATS}))
+        json.dumps({"images": images, "annotations": anns, "categories": CATS})
+    )
     bad = img_dir / f"{1:012d}.jpg"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])  # truncated mid-stream
@@ -350,9 +419,13 @@ def test_corrupt_image_in_a_worker_gives_the_main_process_error(tmp_path, capsys
     lines = {}
     for workers in (0, 1):
         run_dir = tmp_path / f"run{workers}"
-        cfg = _cfg_file(tmp_path, run_dir, data={"dataset": "coco", "root": str(root), "options": {},
-                                                 "num_workers": workers, "crop_size": [32, 32]},
-                        solver={"max_steps": 2}, train={"eval_at_end": False})
+        cfg = _cfg_file(
+            tmp_path,
+            run_dir,
+            data={"dataset": "coco", "root": str(root), "options": {}, "num_workers": workers, "crop_size": [32, 32]},
+            solver={"max_steps": 2},
+            train={"eval_at_end": False},
+        )
         rc = main(["train", "--config", cfg])
         assert rc == 2
         lines[workers] = _error_line(capsys)
@@ -381,8 +454,16 @@ def test_corrupt_image_in_an_evaluation_worker_gives_the_main_process_error(tmp_
     bad = _coco_with_a_truncated_image(root)
     errors = {}
     for workers in (0, 1):
-        cfg = _config(tmp_path / "run", data={"dataset": "coco", "root": str(root), "options": {},
-                                              "eval_num_workers": workers, "crop_size": [32, 32]})
+        cfg = _config(
+            tmp_path / "run",
+            data={
+                "dataset": "coco",
+                "root": str(root),
+                "options": {},
+                "eval_num_workers": workers,
+                "crop_size": [32, 32],
+            },
+        )
         dataset = build_dataset(cfg, "train")
         metadata = dataset_metadata(dataset)
         model = build_model(cfg, metadata)
@@ -420,7 +501,6 @@ def test_malicious_pickles_are_refused_without_running(reference, tmp_path, caps
     assert main(["evaluate", "--checkpoint", str(evil_weights), "--config", cfg, "--no-progress"]) == 2
     assert str(evil_weights) in capsys.readouterr().err
 
-    assert main(["train", "--config", _cfg_file(tmp_path, tmp_path / "fresh"),
-                 f"model.pretrained={evil_weights}"]) == 2
+    assert main(["train", "--config", _cfg_file(tmp_path, tmp_path / "fresh"), f"model.pretrained={evil_weights}"]) == 2
     assert str(evil_weights) in capsys.readouterr().err
     assert not marker.exists()

@@ -1,4 +1,5 @@
 """Panoptic-DeepLab losses against straightforward per-image formulas on random inputs."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,9 +16,12 @@ def reference_bootstrapped_ce(logits, labels, weights, frac):
     for b in range(logits.shape[0]):
         logp = torch.log_softmax(logits[b].double(), dim=0).numpy()
         lab, wt = labels[b].numpy(), weights[b].double().numpy()
-        values = [-logp[lab[y, x], y, x] * wt[y, x]
-                  for y in range(lab.shape[0]) for x in range(lab.shape[1])
-                  if lab[y, x] != IGNORE and wt[y, x] > 0]
+        values = [
+            -logp[lab[y, x], y, x] * wt[y, x]
+            for y in range(lab.shape[0])
+            for x in range(lab.shape[1])
+            if lab[y, x] != IGNORE and wt[y, x] > 0
+        ]
         k = int(round(frac * lab.size))
         kept = sorted(values, reverse=True)[:k]
         per_image.append(sum(kept) / len(kept) if kept else 0.0)
@@ -61,7 +65,7 @@ def test_ce_gradient_only_on_kept_pixels():
     logits, labels, weights = random_batch(b=1)
     logits.requires_grad_(True)
     bootstrapped_cross_entropy(logits, labels, weights, ignore_label=IGNORE, top_k_fraction=0.2).backward()
-    touched = (logits.grad.abs().sum(dim=1) > 0)
+    touched = logits.grad.abs().sum(dim=1) > 0
     assert int(touched.sum()) == round(0.2 * labels[0].numel())
     assert not touched[labels == IGNORE].any()
 
@@ -88,12 +92,19 @@ def test_panoptic_loss_dict_and_weights():
     logits, labels, weights = random_batch()
     g = torch.Generator().manual_seed(2)
     b, _, h, w = logits.shape
-    outputs = {"semantic_logits": logits.requires_grad_(True),
-               "center_heatmap": torch.rand(b, 1, h, w, generator=g, requires_grad=True),
-               "offset_map": torch.randn(b, 2, h, w, generator=g, requires_grad=True)}
-    targets = {"semantic": labels, "semantic_weights": weights,
-               "center": torch.rand(b, 1, h, w, generator=g), "center_weights": (labels != IGNORE).float(),
-               "offset": torch.randn(b, 2, h, w, generator=g) * 4, "offset_weights": (labels == 2).float()}
+    outputs = {
+        "semantic_logits": logits.requires_grad_(True),
+        "center_heatmap": torch.rand(b, 1, h, w, generator=g, requires_grad=True),
+        "offset_map": torch.randn(b, 2, h, w, generator=g, requires_grad=True),
+    }
+    targets = {
+        "semantic": labels,
+        "semantic_weights": weights,
+        "center": torch.rand(b, 1, h, w, generator=g),
+        "center_weights": (labels != IGNORE).float(),
+        "offset": torch.randn(b, 2, h, w, generator=g) * 4,
+        "offset_weights": (labels == 2).float(),
+    }
     losses = PanopticDeepLabLoss(ignore_label=IGNORE)(outputs, targets)
     assert set(losses) == {"semantic", "center", "offset", "total"}
     sem = reference_bootstrapped_ce(logits.detach(), labels, weights, 0.2)
@@ -116,5 +127,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="offset target"):
         weighted_l1(torch.zeros(2, 2, 4, 4), torch.zeros(2, 1, 4, 4), torch.ones(2, 4, 4))
     with pytest.raises(KeyError, match="center"):
-        PanopticDeepLabLoss()({"semantic_logits": logits, "center_heatmap": logits[:, :1], "offset_map": logits[:, :2]},
-                              {"semantic": labels})
+        PanopticDeepLabLoss()(
+            {"semantic_logits": logits, "center_heatmap": logits[:, :1], "offset_map": logits[:, :2]},
+            {"semantic": labels},
+        )

@@ -1,4 +1,5 @@
 """mIoU, top-k accuracy and mask AP against independent references."""
+
 import numpy as np
 import pytest
 import torch
@@ -88,13 +89,20 @@ def test_instance_ap_perfect_and_hand_computed():
     # interpolated precision is 2/3 at every recall level -> AP = 2/3 at every IoU threshold.
     fp = np.zeros((20, 20), bool)
     fp[0:2, 12:20] = True
-    ranked = {"masks": np.stack([fp, inst == 1, inst == 2]), "classes": np.array([1, 1, 1]), "scores": np.array([0.99, 0.5, 0.4])}
+    ranked = {
+        "masks": np.stack([fp, inst == 1, inst == 2]),
+        "classes": np.array([1, 1, 1]),
+        "scores": np.array([0.99, 0.5, 0.4]),
+    }
     ap = InstanceAP(MD)
     ap.update(ranked, gt)
     assert ap.compute()["ap"] == pytest.approx(2 / 3, abs=1e-6)
 
     # One car, predicted at IoU 30/36 = 0.83: a hit at thresholds .50 ... .80 (7 of 10) -> AP 0.7
-    gt1 = {"semantic": torch.from_numpy(np.where(inst == 1, 1, 0)), "instance": torch.from_numpy(np.where(inst == 1, 1, 0))}
+    gt1 = {
+        "semantic": torch.from_numpy(np.where(inst == 1, 1, 0)),
+        "instance": torch.from_numpy(np.where(inst == 1, 1, 0)),
+    }
     pred = np.zeros((20, 20), bool)
     pred[2:8, 2:7] = True  # 30 of the 36 gt pixels
     ap = InstanceAP(MD)

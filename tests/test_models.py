@@ -1,13 +1,14 @@
 """Axial-ResNet family, registry and checkpoint loading."""
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import axial_deeplab
 from axial_deeplab.cli import main as cli_main
+from axial_deeplab.layers import PositionSensitiveAxialAttention
 from axial_deeplab.models.complexity import attention_madds, build_on_meta, count_complexity
 from axial_deeplab.models.weights import CheckpointError
-from axial_deeplab.layers import PositionSensitiveAxialAttention
 
 # deeplab2's encoder instance parameter counts (ImageNet head excluded).
 DEEPLAB2_COUNTS = {
@@ -94,8 +95,10 @@ def test_every_registered_backbone_builds_and_counts():
 
 
 def test_widths_scale_channels():
-    chans = {s: build_on_meta(f"axial_resnet_{s}", features_only=True).feature_info.channels()[-1]
-             for s in ("s", "m", "l", "xl")}
+    chans = {
+        s: build_on_meta(f"axial_resnet_{s}", features_only=True).feature_info.channels()[-1]
+        for s in ("s", "m", "l", "xl")
+    }
     assert chans == {"s": 1024, "m": 1536, "l": 2048, "xl": 4096}
 
 

@@ -1,6 +1,7 @@
 """What an installed package (not a checkout) needs: the shipped configs and digits travel in the
 wheel and are found by name; ``config list|show``; and every command that needs an optional
 package says which extra to install, in one line, instead of a traceback."""
+
 import os
 import shutil
 import subprocess
@@ -47,8 +48,9 @@ def test_wheel_contains_configs_and_digits(tmp_path):
     src.mkdir()
     for f in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(os.path.join(ROOT, f), src / f)
-    shutil.copytree(os.path.join(ROOT, "src"), src / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
+    shutil.copytree(
+        os.path.join(ROOT, "src"), src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so")
+    )
     out = tmp_path / "dist"
     code = f"from setuptools import build_meta; print(build_meta.build_wheel({str(out)!r}))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=300)
@@ -57,8 +59,12 @@ def test_wheel_contains_configs_and_digits(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in NAMES:
         assert f"axial_deeplab/configs/{name}.yaml" in names
-    assert {"axial_deeplab/data/digits.npz", "axial_deeplab/py.typed", "axial_deeplab/csrc/axial_attention_cpu.c",
-            "axial_deeplab/commands/config.py"} <= names
+    assert {
+        "axial_deeplab/data/digits.npz",
+        "axial_deeplab/py.typed",
+        "axial_deeplab/csrc/axial_attention_cpu.c",
+        "axial_deeplab/commands/config.py",
+    } <= names
 
 
 def test_shipped_digits_are_scikit_learns():
@@ -125,8 +131,9 @@ def test_config_list_and_show(capsys):
     assert raw["experiment"]["name"] == "coco_axial_deeplab_s"  # the file's own key
     assert raw["data"]["dataset"] == "coco"  # from coco_base.yaml
     assert "compute_ap" not in raw.get("eval", {})  # no defaults added
-    assert {k: v for k, v in raw.items() if k != "solver"} == \
-        {k: v for k, v in read_config_data("coco_axial_deeplab_s").items() if k != "solver"}
+    assert {k: v for k, v in raw.items() if k != "solver"} == {
+        k: v for k, v in read_config_data("coco_axial_deeplab_s").items() if k != "solver"
+    }
 
     assert main(["config", "show", "nope"]) == 2
     assert "unknown config name" in capsys.readouterr().err
@@ -157,8 +164,24 @@ def test_plot_and_instance_ap_and_onnx_name_their_extras(tmp_path, monkeypatch, 
         plot_training_curves([{"kind": "train", "step": 1, "loss": 1.0}], str(tmp_path / "c.png"))
     with pytest.raises(MissingExtraError, match=r"needs pycocotools: pip install 'axial-deeplab\[coco\]'"):
         InstanceAP(synthetic_metadata())
-    assert main(["export", "--model", "axial_resnet_tiny", "--num-classes", "10", "--format", "onnx",
-                 "--input", "3x64x64", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                "axial_resnet_tiny",
+                "--num-classes",
+                "10",
+                "--format",
+                "onnx",
+                "--input",
+                "3x64x64",
+                "--output",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "export", "onnx")
 
 

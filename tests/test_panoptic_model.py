@@ -1,6 +1,7 @@
 """Panoptic-DeepLab meta-architecture: every registered model trains a step on the CPU, the
 decoder/head layout follows Panoptic-DeepLab's, outputs are at input size with rescaled offsets,
 and eval mode returns the merged panoptic result."""
+
 import pytest
 import torch
 from torch import nn
@@ -9,11 +10,9 @@ from axial_deeplab.data.meta import PanopticMetadata
 from axial_deeplab.models import create_model, list_models
 from axial_deeplab.models.panoptic_deeplab import PanopticDeepLab, resize_outputs
 
-PANOPTIC_MODELS = ["axial_deeplab_s", "axial_deeplab_m", "axial_deeplab_l", "axial_deeplab_xl",
-                   "panoptic_deeplab_r50"]
+PANOPTIC_MODELS = ["axial_deeplab_s", "axial_deeplab_m", "axial_deeplab_l", "axial_deeplab_xl", "panoptic_deeplab_r50"]
 # Axial-DeepLab paper, Cityscapes table (millions of parameters).
-PAPER_PARAMS_M = {"axial_deeplab_s": 12.1, "axial_deeplab_m": 25.9, "axial_deeplab_l": 44.9,
-                  "axial_deeplab_xl": 173.0}
+PAPER_PARAMS_M = {"axial_deeplab_s": 12.1, "axial_deeplab_m": 25.9, "axial_deeplab_l": 44.9, "axial_deeplab_xl": 173.0}
 
 
 def test_all_panoptic_models_are_registered():
@@ -53,16 +52,25 @@ def test_decoder_and_head_layout_follow_the_spec():
     res = model.backbone.feature_info.channels()  # [res2, res3, res4, res5]
     for decoder, (p3, p2), width in ((model.semantic_decoder, (64, 32), 256), (model.instance_decoder, (32, 16), 128)):
         proj = decoder.aspp.project[0]
-        assert decoder.aspp.only_1x1 and proj.kernel_size == (1, 1) and (proj.in_channels, proj.out_channels) == (res[3], 256)
-        assert [(p[0].in_channels, p[0].out_channels, p[0].kernel_size) for p in decoder.projections] == \
-               [(res[1], p3, (1, 1)), (res[0], p2, (1, 1))]
+        assert (
+            decoder.aspp.only_1x1
+            and proj.kernel_size == (1, 1)
+            and (proj.in_channels, proj.out_channels) == (res[3], 256)
+        )
+        assert [(p[0].in_channels, p[0].out_channels, p[0].kernel_size) for p in decoder.projections] == [
+            (res[1], p3, (1, 1)),
+            (res[0], p2, (1, 1)),
+        ]
         for fusion, cin in zip(decoder.fusions, (256 + p3, width + p2)):
             dw, pw = fusion[0][0], fusion[1][0]
             assert dw.kernel_size == (5, 5) and dw.groups == cin == dw.in_channels
             assert (pw.in_channels, pw.out_channels, pw.kernel_size) == (cin, width, (1, 1))
             assert isinstance(fusion[0][1], nn.BatchNorm2d) and isinstance(fusion[1][2], nn.ReLU)
-    for head, cin, mid, cout in ((model.semantic_head, 256, 256, 19), (model.center_head, 128, 32, 1),
-                                 (model.offset_head, 128, 32, 2)):
+    for head, cin, mid, cout in (
+        (model.semantic_head, 256, 256, 19),
+        (model.center_head, 128, 32, 1),
+        (model.offset_head, 128, 32, 2),
+    ):
         dw, pw, final = head[0][0][0], head[0][1][0], head[1]
         assert dw.kernel_size == (5, 5) and dw.groups == cin
         assert (pw.in_channels, pw.out_channels) == (cin, mid)
@@ -83,8 +91,14 @@ class TinyBackbone(nn.Module):
     def __init__(self):
         super().__init__()
         self.feature_info = self._Info()
-        self.stages = nn.ModuleList([nn.Conv2d(3, 8, 3, 4, 1), nn.Conv2d(8, 12, 3, 2, 1), nn.Conv2d(12, 16, 3, 2, 1),
-                                     nn.Conv2d(16, 20, 3, 1, 1)])
+        self.stages = nn.ModuleList(
+            [
+                nn.Conv2d(3, 8, 3, 4, 1),
+                nn.Conv2d(8, 12, 3, 2, 1),
+                nn.Conv2d(12, 16, 3, 2, 1),
+                nn.Conv2d(16, 20, 3, 1, 1),
+            ]
+        )
 
     def forward(self, x):
         feats = []
@@ -95,8 +109,11 @@ class TinyBackbone(nn.Module):
 
 
 def test_offsets_are_rescaled_to_input_pixels():
-    raw = {"semantic_logits": torch.randn(1, 3, 17, 9), "center_heatmap": torch.rand(1, 1, 17, 9),
-           "offset_map": torch.ones(1, 2, 17, 9)}
+    raw = {
+        "semantic_logits": torch.randn(1, 3, 17, 9),
+        "center_heatmap": torch.rand(1, 1, 17, 9),
+        "offset_map": torch.ones(1, 2, 17, 9),
+    }
     out = resize_outputs(raw, (65, 33))
     assert out["semantic_logits"].shape == (1, 3, 65, 33)
     torch.testing.assert_close(out["offset_map"][0, 0], torch.full((65, 33), 4.0))  # (65 - 1) / (17 - 1)
@@ -108,8 +125,9 @@ def test_offsets_are_rescaled_to_input_pixels():
 def test_stand_in_backbone_output_sizes_and_eval_contract(size):
     torch.manual_seed(0)
     meta = PanopticMetadata("toy", ["a", "b", "c", "d"], [2, 3], label_divisor=100, ignore_label=255)
-    model = PanopticDeepLab(TinyBackbone(), num_classes=4, thing_ids=meta.thing_ids, label_divisor=100,
-                            nms_kernel=7, top_k=20, stuff_area=1)
+    model = PanopticDeepLab(
+        TinyBackbone(), num_classes=4, thing_ids=meta.thing_ids, label_divisor=100, nms_kernel=7, top_k=20, stuff_area=1
+    )
     x = torch.rand(2, 3, *size)
     train_out = model(x)
     assert train_out["semantic_logits"].shape == (2, 4, *size)

@@ -1,5 +1,6 @@
 """PQ against the official tools: cityscapesscripts' evaluatePanoptic (a port of panopticapi's
 pq_compute) on files written by our writer, and torchmetrics' PanopticQuality on crowd-free data."""
+
 import contextlib
 import io
 import json
@@ -117,7 +118,10 @@ def _iou_half_cases():
 
 def _write_fixture(tmp_path, cases):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
-    with PanopticWriter(tmp_path / "gt.json", gt_dir, MD) as gw, PanopticWriter(tmp_path / "pred.json", pred_dir, MD) as pw:
+    with (
+        PanopticWriter(tmp_path / "gt.json", gt_dir, MD) as gw,
+        PanopticWriter(tmp_path / "pred.json", pred_dir, MD) as pw,
+    ):
         for k, ((sem, inst, crowd), pan) in enumerate(cases):
             gw.add_ground_truth(f"img{k}", sem, inst, crowd)
             pw.add_prediction(f"img{k}", pan)

@@ -2,6 +2,7 @@
 
 The paper's figures are typed in from its Tables 1, 6 and 7 here, independently of the copy in
 ``models.complexity``; the tolerances are the closest each row gets (README, "Models")."""
+
 import re
 
 import pytest
@@ -30,8 +31,11 @@ def _off(ours, paper):
 
 def test_figures_are_the_papers():
     assert {k: (v.params_m, v.madds_b) for k, v in PAPER_FIGURES.items() if k.startswith("axial_deeplab")} == {
-        "axial_deeplab_s": (12.1, 220.8), "axial_deeplab_m": (25.9, 419.6),
-        "axial_deeplab_l": (44.9, 687.4), "axial_deeplab_xl": (173.0, 2446.8)}
+        "axial_deeplab_s": (12.1, 220.8),
+        "axial_deeplab_m": (25.9, 419.6),
+        "axial_deeplab_l": (44.9, 687.4),
+        "axial_deeplab_xl": (173.0, 2446.8),
+    }
     assert [PAPER_SPAN_FIGURES[m].madds_b for m in (5, 9, 17, 33, 65)] == [617.4, 622.1, 631.5, 650.2, 687.4]
     assert paper_figure("axial_deeplab_l", {"span": 9}).madds_b == 622.1
     assert paper_figure("axial_deeplab_s", {"span": 9}) is None  # Table 7 is L only
@@ -42,12 +46,17 @@ def test_figures_are_the_papers():
 
 # (size, paper params M, paper M-Adds B, params tolerance, M-Adds tolerance) with the stem at the
 # model's width; XL's M-Adds and S's parameters are the rows that stay off (README).
-@pytest.mark.parametrize("size,params,madds,tol_p,tol_m", [
-    ("s", 12.1, 220.8, 0.025, 0.02), ("m", 25.9, 419.6, 0.02, 0.02),
-    ("l", 44.9, 687.4, 0.02, 0.02), ("xl", 173.0, 2446.8, 0.02, 0.035)])
+@pytest.mark.parametrize(
+    "size,params,madds,tol_p,tol_m",
+    [
+        ("s", 12.1, 220.8, 0.025, 0.02),
+        ("m", 25.9, 419.6, 0.02, 0.02),
+        ("l", 44.9, 687.4, 0.02, 0.02),
+        ("xl", 173.0, 2446.8, 0.02, 0.035),
+    ],
+)
 def test_cityscapes_table6_with_the_stem_at_model_width(size, params, madds, tol_p, tol_m):
-    p, m = _count(f"axial_deeplab_{size}", CITYSCAPES, num_classes=19, stem_width=WIDTH[size],
-                  arrangement="deeplab2")
+    p, m = _count(f"axial_deeplab_{size}", CITYSCAPES, num_classes=19, stem_width=WIDTH[size], arrangement="deeplab2")
     assert _off(p, params) < tol_p, (p, params)
     assert _off(m, madds) < tol_m, (m, madds)
 
@@ -100,8 +109,13 @@ def test_closest_fit_reproduces_every_madds_row():
     rows = [(f"axial_deeplab_{s}", 65, m) for s, m in (("s", 220.8), ("m", 419.6), ("l", 687.4), ("xl", 2446.8))]
     rows += [("axial_deeplab_l", span, m) for span, m in ((5, 617.4), (9, 622.1), (17, 631.5), (33, 650.2))]
     for name, span, paper in rows:
-        model = build_on_meta(name, span=span, stem_width=WIDTH[name.rsplit("_", 1)[1]], arrangement="maxpool",
-                              instance_decoder_channels=256)
+        model = build_on_meta(
+            name,
+            span=span,
+            stem_width=WIDTH[name.rsplit("_", 1)[1]],
+            arrangement="maxpool",
+            instance_decoder_channels=256,
+        )
         madds = count_complexity(model, CITYSCAPES, strided_attention="computed")["total"]["madds"] / 1e9
         assert _off(madds, paper) < 0.015, (name, span, madds, paper)
 

@@ -1,5 +1,6 @@
 """Our axial26s loads a state dict in the PyTorch ImageNet port's layout and reproduces that
 port's forward math, computed here independently from the port's own equations."""
+
 import torch
 import torch.nn.functional as F
 
@@ -11,8 +12,9 @@ GROUPS = 8
 
 def _bn(x, sd, prefix, eps=1e-5):
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return ((x - sd[prefix + "running_mean"].view(shape)) / torch.sqrt(sd[prefix + "running_var"].view(shape) + eps)
-            * sd[prefix + "weight"].view(shape) + sd[prefix + "bias"].view(shape))
+    return (x - sd[prefix + "running_mean"].view(shape)) / torch.sqrt(
+        sd[prefix + "running_var"].view(shape) + eps
+    ) * sd[prefix + "weight"].view(shape) + sd[prefix + "bias"].view(shape)
 
 
 def port_axial_attention(x, sd, p, K, width, stride):
@@ -95,20 +97,20 @@ def make_port_state_dict(layers, s, image_size, num_classes, seed=0):
         K = ks[li]
         for b in range(n):
             p = f"layer{li + 1}.{b}."
-            sd[p + "conv_down.weight"] = rnd(planes, inplanes, 1, 1, scale=inplanes ** -0.5)
+            sd[p + "conv_down.weight"] = rnd(planes, inplanes, 1, 1, scale=inplanes**-0.5)
             bn(p + "bn1.", planes, sd)
             for att in ("hight_block.", "width_block."):
                 q = p + att
-                sd[q + "qkv_transform.weight"] = rnd(planes * 2, planes, 1, scale=planes ** -0.5)
+                sd[q + "qkv_transform.weight"] = rnd(planes * 2, planes, 1, scale=planes**-0.5)
                 bn(q + "bn_qkv.", planes * 2, sd)
                 bn(q + "bn_similarity.", GROUPS * 3, sd)
                 bn(q + "bn_output.", planes * 2, sd)
                 sd[q + "relative"] = rnd((planes // GROUPS) * 2, 2 * K - 1)
                 sd[q + "flatten_index"] = torch.zeros(K * K, dtype=torch.long)  # a buffer the port saves
-            sd[p + "conv_up.weight"] = rnd(planes * 2, planes, 1, 1, scale=planes ** -0.5)
+            sd[p + "conv_up.weight"] = rnd(planes * 2, planes, 1, 1, scale=planes**-0.5)
             bn(p + "bn2.", planes * 2, sd)
             if b == 0:
-                sd[p + "downsample.0.weight"] = rnd(planes * 2, inplanes, 1, 1, scale=inplanes ** -0.5)
+                sd[p + "downsample.0.weight"] = rnd(planes * 2, inplanes, 1, 1, scale=inplanes**-0.5)
                 bn(p + "downsample.1.", planes * 2, sd)
             inplanes = planes * 2
             if b == 0 and li > 0:
@@ -139,8 +141,9 @@ def test_axial26s_loads_port_state_dict_and_matches_port_math(tmp_path):
     assert ours.shape == (2, 10)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
     # the conversion is not a no-op: a model loaded without flipping the tables differs
-    assert not torch.allclose(convert_port_state_dict(sd)["layer1.0.attn_h.query_table"],
-                              sd["layer1.0.hight_block.relative"][:4])
+    assert not torch.allclose(
+        convert_port_state_dict(sd)["layer1.0.attn_h.query_table"], sd["layer1.0.hight_block.relative"][:4]
+    )
 
 
 def test_port_model_runs_at_other_sizes():

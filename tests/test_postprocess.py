@@ -1,5 +1,6 @@
 """Panoptic merge: round trip from ground truth, agreement with the loop reference, center
 selection, edge cases, and bounded memory at Cityscapes size."""
+
 import json
 import os
 import subprocess
@@ -35,21 +36,21 @@ def crowded_scene(h=90, w=120, seed=0, n=14):
     rng = np.random.default_rng(seed)
     sem = np.zeros((h, w), np.int64)
     sem[: h // 3] = 1
-    sem[h // 3: h // 2, : w // 2] = 2
+    sem[h // 3 : h // 2, : w // 2] = 2
     sem[-3:] = IGNORE
     inst = np.zeros((h, w), np.int64)
     # A row of touching boxes (no gap), then random overlapping ones on top.
     x = 2
     for i in range(1, 6):
         bw = int(rng.integers(10, 20))
-        sem[50:70, x:x + bw] = THINGS[i % 3]
-        inst[50:70, x:x + bw] = i
+        sem[50:70, x : x + bw] = THINGS[i % 3]
+        inst[50:70, x : x + bw] = i
         x += bw
     for i in range(6, n + 1):
         bh, bw = int(rng.integers(9, 25)), int(rng.integers(9, 25))
         y, x = int(rng.integers(0, h - 3 - bh)), int(rng.integers(0, w - bw))
-        sem[y:y + bh, x:x + bw] = THINGS[i % 3]
-        inst[y:y + bh, x:x + bw] = i
+        sem[y : y + bh, x : x + bw] = THINGS[i % 3]
+        inst[y : y + bh, x : x + bw] = i
     return torch.from_numpy(sem), torch.from_numpy(inst)
 
 
@@ -62,8 +63,9 @@ def perfect_outputs(sem, inst, sigma=3.0):
 
 
 def metadata():
-    return PanopticMetadata("toy", [f"c{i}" for i in range(NUM_CLASSES)], THINGS, label_divisor=1000,
-                            ignore_label=IGNORE)
+    return PanopticMetadata(
+        "toy", [f"c{i}" for i in range(NUM_CLASSES)], THINGS, label_divisor=1000, ignore_label=IGNORE
+    )
 
 
 def same_partition(pred, sem, inst):
@@ -71,9 +73,9 @@ def same_partition(pred, sem, inst):
     valid = sem != IGNORE
     gt_key = sem * 10_000 + inst
     pairs = torch.unique(torch.stack([gt_key[valid], pred[valid]]), dim=1)
-    return (len(torch.unique(pairs[0])) == pairs.shape[1] == len(torch.unique(pairs[1]))
-            and bool((torch.div(pairs[1], 1000, rounding_mode="floor") == torch.div(pairs[0], 10_000,
-                                                                                    rounding_mode="floor")).all()))
+    return len(torch.unique(pairs[0])) == pairs.shape[1] == len(torch.unique(pairs[1])) and bool(
+        (torch.div(pairs[1], 1000, rounding_mode="floor") == torch.div(pairs[0], 10_000, rounding_mode="floor")).all()
+    )
 
 
 @pytest.mark.parametrize("seed,sigma,nms_kernel", [(0, 3.0, 3), (1, 3.0, 7), (2, 8.0, 13)])
@@ -82,9 +84,17 @@ def test_round_trip_gives_back_the_ground_truth(seed, sigma, nms_kernel):
     probs, center, offset = perfect_outputs(sem, inst, sigma)
     sem2, inst2 = crowded_scene(seed=seed + 10)
     probs2, center2, offset2 = perfect_outputs(sem2, inst2, sigma)
-    results = panoptic_inference(torch.stack([probs, probs2]), torch.stack([center, center2]),
-                                 torch.stack([offset, offset2]), THINGS, label_divisor=1000, stuff_area=1,
-                                 threshold=0.1, nms_kernel=nms_kernel, top_k=200)
+    results = panoptic_inference(
+        torch.stack([probs, probs2]),
+        torch.stack([center, center2]),
+        torch.stack([offset, offset2]),
+        THINGS,
+        label_divisor=1000,
+        stuff_area=1,
+        threshold=0.1,
+        nms_kernel=nms_kernel,
+        top_k=200,
+    )
     pq = PanopticQuality(metadata())
     for result, (s, i) in zip(results, [(sem, inst), (sem2, inst2)]):
         pan = result["panoptic"]
@@ -109,8 +119,10 @@ def random_outputs(b=2, c=NUM_CLASSES, h=70, w=90, seed=0, offset_scale=15.0):
     return logits, heat, offset
 
 
-@pytest.mark.parametrize("seed,thing_ids,num_classes", [(0, THINGS, 6), (1, [0, 1, 2, 3, 4, 5], 6),
-                                                        (2, [], 6), (3, [0], 1), (4, [], 1), (5, [1], 3)])
+@pytest.mark.parametrize(
+    "seed,thing_ids,num_classes",
+    [(0, THINGS, 6), (1, [0, 1, 2, 3, 4, 5], 6), (2, [], 6), (3, [0], 1), (4, [], 1), (5, [1], 3)],
+)
 def test_vectorised_equals_loop_reference(seed, thing_ids, num_classes):
     logits, heat, offset = random_outputs(c=num_classes, seed=seed)
     kw = dict(label_divisor=1000, stuff_area=40, threshold=0.3, nms_kernel=5, top_k=40)
@@ -123,8 +135,9 @@ def test_vectorised_equals_loop_reference(seed, thing_ids, num_classes):
         for key in ("ids", "classes", "areas", "centers"):
             assert torch.equal(fast["instances"][key], ref["instances"][key]), key
         torch.testing.assert_close(fast["instances"]["scores"], ref["instances"]["scores"], rtol=1e-5, atol=1e-6)
-        assert [(s["id"], s["category_id"], s["isthing"], s["area"]) for s in fast["segments_info"]] == \
-               [(s["id"], s["category_id"], s["isthing"], s["area"]) for s in ref["segments_info"]]
+        assert [(s["id"], s["category_id"], s["isthing"], s["area"]) for s in fast["segments_info"]] == [
+            (s["id"], s["category_id"], s["isthing"], s["area"]) for s in ref["segments_info"]
+        ]
         if thing_ids and num_classes > 1:
             assert len(fast["instances"]["ids"]) > 3  # the case exercised the grouping
 
@@ -169,13 +182,13 @@ def test_exactly_k_centers_with_ties():
         heat[0, 0, y, x] = 0.5  # seven equal scores
     heat[0, 0, 35, 35] = 0.9
     for k in (1, 3, 7, 8, 50):
-        (centers, scores), = find_instance_centers(heat, threshold=0.1, nms_kernel=7, top_k=k)
+        ((centers, scores),) = find_instance_centers(heat, threshold=0.1, nms_kernel=7, top_k=k)
         assert len(centers) == min(k, 8)
         assert centers[0].tolist() == [35, 35]
-        assert [tuple(c) for c in centers[1:].tolist()] == peaks[:min(k, 8) - 1]  # ties: raster order
-    (centers, _), = find_instance_centers(heat, threshold=0.5, nms_kernel=7, top_k=50)
+        assert [tuple(c) for c in centers[1:].tolist()] == peaks[: min(k, 8) - 1]  # ties: raster order
+    ((centers, _),) = find_instance_centers(heat, threshold=0.5, nms_kernel=7, top_k=50)
     assert centers.tolist() == [[35, 35]]  # threshold is strict
-    (centers, _), = find_instance_centers(heat, threshold=0.1, nms_kernel=61, top_k=50)
+    ((centers, _),) = find_instance_centers(heat, threshold=0.1, nms_kernel=61, top_k=50)
     assert centers.tolist() == [[35, 35]]  # one window covers all
 
 
@@ -184,8 +197,7 @@ def test_empty_cases():
     probs[0, 2] = 1.0
     probs[0, 2, :, :4] = 0.0
     probs[0, 0, :, :4] = 1.0
-    no_centers = panoptic_inference(probs, torch.zeros(1, 1, 12, 14), torch.zeros(1, 2, 12, 14), [2],
-                                    stuff_area=1)[0]
+    no_centers = panoptic_inference(probs, torch.zeros(1, 1, 12, 14), torch.zeros(1, 2, 12, 14), [2], stuff_area=1)[0]
     assert (no_centers["panoptic"][:, 4:] == -1).all() and (no_centers["panoptic"][:, :4] == 0).all()
     assert no_centers["instances"]["ids"].numel() == 0
     heat = torch.zeros(1, 1, 12, 14)
@@ -261,8 +273,13 @@ MEMORY_SCRIPT = textwrap.dedent("""
 def test_memory_bounded_at_cityscapes_size_with_400_centers():
     """A K x H x W float32 distance tensor would be 400 * 1025 * 2049 * 4 B = 3.4 GB; the merge must
     stay far below (measured as the process's peak resident memory above its level before the call)."""
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["centers"] == 400 and stats["instances"] > 300

@@ -2,6 +2,7 @@
 million segment ids, all-void maps, one giant segment, NaN / inf outputs of a diverged model.
 Each case must finish without an exception, give a sensible result, and stay within generous
 time and memory bounds that a quadratic table or a K x H x W stack would break."""
+
 import json
 import os
 import subprocess
@@ -23,8 +24,7 @@ IGNORE = 255
 
 
 def md(label_divisor=1000):
-    return PanopticMetadata("load", ["road", "car", "person"], [1, 2], label_divisor=label_divisor,
-                            ignore_label=IGNORE)
+    return PanopticMetadata("load", ["road", "car", "person"], [1, 2], label_divisor=label_divisor, ignore_label=IGNORE)
 
 
 def checkerboard(n, num_classes=3, thing=1):
@@ -37,8 +37,13 @@ def checkerboard(n, num_classes=3, thing=1):
 
 
 def run_in_subprocess(script: str, timeout=120) -> dict:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                         timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -111,8 +116,7 @@ def test_a_million_segment_ids_in_pq_is_linear():
     r = ev.compute()
     assert r["All"]["pq"] == pytest.approx(1.0) and ev.tp[1] == n * n and ev.fp.sum() == ev.fn.sum() == 0
     assert elapsed < 20, f"{elapsed:.1f} s"
-    assert peak < 600 * 2 ** 20, f"{peak / 2 ** 20:.0f} MB"
-
+    assert peak < 600 * 2**20, f"{peak / 2**20:.0f} MB"
 
 
 def test_many_segment_ids_in_pq_files_are_linear(tmp_path):
@@ -127,23 +131,44 @@ def test_many_segment_ids_in_pq_files_are_linear(tmp_path):
     write_panoptic_png(tmp_path / "gt" / "a.png", np.ones((n, n), np.int64))
     write_panoptic_png(tmp_path / "pred" / "a.png", np.arange(1, n * n + 1, dtype=np.int64).reshape(n, n))
     cats = [{"id": 1, "name": "x", "isthing": 1}]
-    (tmp_path / "gt.json").write_text(json.dumps({
-        "categories": cats, "images": [{"id": 1, "file_name": "a.jpg", "height": n, "width": n}],
-        "annotations": [{"image_id": 1, "file_name": "a.png",
-                         "segments_info": [{"id": 1, "category_id": 1, "iscrowd": 0, "area": n * n}]}]}))
-    (tmp_path / "pred.json").write_text(json.dumps({"annotations": [{
-        "image_id": 1, "file_name": "a.png",
-        "segments_info": [{"id": i, "category_id": 1} for i in range(1, n * n + 1)]}]}))
+    (tmp_path / "gt.json").write_text(
+        json.dumps(
+            {
+                "categories": cats,
+                "images": [{"id": 1, "file_name": "a.jpg", "height": n, "width": n}],
+                "annotations": [
+                    {
+                        "image_id": 1,
+                        "file_name": "a.png",
+                        "segments_info": [{"id": 1, "category_id": 1, "iscrowd": 0, "area": n * n}],
+                    }
+                ],
+            }
+        )
+    )
+    (tmp_path / "pred.json").write_text(
+        json.dumps(
+            {
+                "annotations": [
+                    {
+                        "image_id": 1,
+                        "file_name": "a.png",
+                        "segments_info": [{"id": i, "category_id": 1} for i in range(1, n * n + 1)],
+                    }
+                ]
+            }
+        )
+    )
     tracemalloc.start()
     start = time.perf_counter()
-    r = pq_compute_files(tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred",
-                         workers=1)
+    r = pq_compute_files(tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred", workers=1)
     elapsed = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert r["per_class"][1]["fp"] == n * n and r["per_class"][1]["fn"] == 1 and r["All"]["pq"] == 0.0
     assert elapsed < 30, f"{elapsed:.1f} s"
-    assert peak < 600 * 2 ** 20, f"{peak / 2 ** 20:.0f} MB"
+    assert peak < 600 * 2**20, f"{peak / 2**20:.0f} MB"
+
 
 def test_shattered_prediction_against_one_segment():
     n = 512
@@ -160,15 +185,20 @@ def test_shattered_prediction_against_one_segment():
 def test_all_void_prediction_scores_zero_against_ground_truth():
     n = 64
     sem = np.zeros((n, n), np.int64)
-    sem[:, n // 2:] = 1
+    sem[:, n // 2 :] = 1
     inst = np.where(sem == 1, 1, 0)
     ev = PanopticQuality(md())
     ev.update(np.full((n, n), -1), sem, inst)
     r = ev.compute()
     assert r["All"]["pq"] == 0.0 and r["All"]["n"] == 2 and ev.fn.sum() == 2 and ev.fp.sum() == 0
     # The merge of an all-void output (no centers, stuff below stuff_area) is all void too.
-    out = panoptic_inference(torch.softmax(torch.zeros(1, 3, n, n), 1), torch.zeros(1, 1, n, n),
-                             torch.zeros(1, 2, n, n), [1, 2], stuff_area=n * n + 1)[0]
+    out = panoptic_inference(
+        torch.softmax(torch.zeros(1, 3, n, n), 1),
+        torch.zeros(1, 1, n, n),
+        torch.zeros(1, 2, n, n),
+        [1, 2],
+        stuff_area=n * n + 1,
+    )[0]
     assert (out["panoptic"] == -1).all() and out["segments_info"] == []
 
 
@@ -197,8 +227,9 @@ def test_one_giant_segment_is_matched():
     ev = PanopticQuality(md())
     ev.update(r["panoptic"], torch.ones(n, n, dtype=torch.long), torch.full((n, n), 7))
     assert ev.compute()["All"]["pq"] == pytest.approx(1.0) and ev.tp[1] == 1
-    stuff = panoptic_inference(torch.eye(3)[0].view(1, 3, 1, 1).expand(1, 3, n, n), heat,
-                               torch.zeros(1, 2, n, n), [1, 2])[0]
+    stuff = panoptic_inference(
+        torch.eye(3)[0].view(1, 3, 1, 1).expand(1, 3, n, n), heat, torch.zeros(1, 2, n, n), [1, 2]
+    )[0]
     assert (stuff["panoptic"] == 0).all()
     ev = PanopticQuality(md())
     ev.update(stuff["panoptic"], torch.zeros(n, n, dtype=torch.long), torch.zeros(n, n, dtype=torch.long))
@@ -215,16 +246,20 @@ def test_instance_ap_with_thousands_of_tiny_ground_truth_instances():
     inst = np.arange(n * n, dtype=np.int64).reshape(n, n) + 1
     ap = InstanceAP(meta)
     start = time.perf_counter()
-    ap.update({"masks": np.zeros((0, n, n), bool), "classes": np.zeros(0), "scores": np.zeros(0)},
-              {"semantic": sem, "instance": inst})
+    ap.update(
+        {"masks": np.zeros((0, n, n), bool), "classes": np.zeros(0), "scores": np.zeros(0)},
+        {"semantic": sem, "instance": inst},
+    )
     assert time.perf_counter() - start < 10
     assert len(ap.gt_annotations) == n * n and all(a["area"] == 1.0 for a in ap.gt_annotations[:10])
     # The same instances found by a perfect prediction of 300 of them score AP > 0.
     small = inst[:20, :15]
     ap = InstanceAP(meta)
     masks = small[None] == np.arange(1, 301)[:, None, None] + 0 * small.min()
-    ap.update({"masks": masks, "classes": np.ones(300), "scores": np.linspace(1, 0.5, 300)},
-              {"semantic": np.ones_like(small), "instance": small})
+    ap.update(
+        {"masks": masks, "classes": np.ones(300), "scores": np.linspace(1, 0.5, 300)},
+        {"semantic": np.ones_like(small), "instance": small},
+    )
     out = ap.compute()
     assert len(ap.gt_annotations) == 300 and 0.0 < out["ap50"] <= 1.0
 
@@ -244,7 +279,7 @@ def _scene(n=48):
     """Stuff class 0 on the left, two car instances on the right with their centers."""
     logits = torch.zeros(1, 3, n, n)
     logits[0, 0, :, : n // 2] = 10.0
-    logits[0, 1, :, n // 2:] = 10.0
+    logits[0, 1, :, n // 2 :] = 10.0
     heat = torch.zeros(1, 1, n, n)
     heat[0, 0, n // 4, 3 * n // 4] = 0.9
     heat[0, 0, 3 * n // 4, 3 * n // 4] = 0.8
@@ -272,7 +307,7 @@ def test_clean_scene_has_no_warning():
 def test_nan_semantic_logits_make_void_pixels_with_one_warning():
     logits, heat, offsets = _scene()
     clean = panoptic_inference(logits, heat, offsets, [1, 2], stuff_area=1, semantic_is_probs=False)[0]
-    logits[0, :, :5, :5] = float("nan")      # stuff corner
+    logits[0, :, :5, :5] = float("nan")  # stuff corner
     logits[0, 2, 30:34, 30:34] = float("inf")  # inside a car
     with pytest.warns(NonFiniteWarning, match=r"semantic \(75 NaN, 16 inf\)") as record:
         r = panoptic_inference(logits, heat, offsets, [1, 2], stuff_area=1, semantic_is_probs=False)[0]
@@ -300,8 +335,8 @@ def test_nan_probabilities_are_still_detected_as_probabilities():
 
 def test_nan_heatmap_neither_a_center_nor_suppresses_one():
     logits, heat, offsets = _scene()
-    heat[0, 0, 12, 33] = float("nan")   # next to the first center
-    heat[0, 0, 40, 5] = float("inf")    # on stuff
+    heat[0, 0, 12, 33] = float("nan")  # next to the first center
+    heat[0, 0, 40, 5] = float("inf")  # on stuff
     heat[0, 0, 0, 47] = float("-inf")
     with pytest.warns(NonFiniteWarning, match=r"center_heatmap \(1 NaN, 2 inf\)") as record:
         r = panoptic_inference(logits, heat, offsets, [1, 2], stuff_area=1, semantic_is_probs=False)[0]
@@ -314,9 +349,9 @@ def test_nan_heatmap_neither_a_center_nor_suppresses_one():
 def test_nan_and_huge_offsets_leave_those_thing_pixels_void():
     logits, heat, offsets = _scene()
     offsets[0, :, 40:, 40:] = float("nan")
-    offsets[0, 0, 0:4, 0:4] = float("nan")          # stuff pixels: offsets unused, stay stuff
+    offsets[0, 0, 0:4, 0:4] = float("nan")  # stuff pixels: offsets unused, stay stuff
     offsets64 = offsets.double()
-    offsets64[0, 1, 2, 30] = 1e300                   # finite in float64, inf in float32
+    offsets64[0, 1, 2, 30] = 1e300  # finite in float64, inf in float32
     with pytest.warns(NonFiniteWarning, match=r"offset_map \(144 NaN, 1 inf\)") as record:
         r = panoptic_inference(logits, heat, offsets64, [1, 2], stuff_area=1, semantic_is_probs=False)[0]
     _one_warning(record)
@@ -342,6 +377,9 @@ def test_everything_non_finite_is_all_void_and_one_warning_names_all_three():
     for r in out:
         assert (r["panoptic"] == -1).all() and r["segments_info"] == [] and len(r["centers"]) == 0
     ev = PanopticQuality(md())
-    ev.update(torch.stack([r["panoptic"] for r in out]), torch.zeros(2, n, n, dtype=torch.long),
-              torch.zeros(2, n, n, dtype=torch.long))
+    ev.update(
+        torch.stack([r["panoptic"] for r in out]),
+        torch.zeros(2, n, n, dtype=torch.long),
+        torch.zeros(2, n, n, dtype=torch.long),
+    )
     assert ev.compute()["All"]["pq"] == 0.0 and ev.fn[0] == 2

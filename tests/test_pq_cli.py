@@ -1,4 +1,5 @@
 """The ``axial-deeplab pq`` command on files in COCO-panoptic format."""
+
 import contextlib
 import io
 import json
@@ -25,9 +26,10 @@ def synthetic_files(tmp_path_factory):
     paths = ds.write_coco_panoptic(root / "gt")
     md = ds.metadata
     rng = np.random.default_rng(0)
-    with PanopticWriter(root / "perfect.json", root / "perfect", md) as perfect, PanopticWriter(
-        root / "degraded.json", root / "degraded", md
-    ) as degraded:
+    with (
+        PanopticWriter(root / "perfect.json", root / "perfect", md) as perfect,
+        PanopticWriter(root / "degraded.json", root / "degraded", md) as degraded,
+    ):
         for i in range(len(ds)):
             sc = ds.generate(i)
             sem = sc.semantic.astype(np.int64)
@@ -43,8 +45,19 @@ def test_perfect_prediction_scores_one(synthetic_files):
     root, paths = synthetic_files
     out_json = root / "perfect_result.json"
     code, out, _ = _run(
-        ["pq", "--gt-json", str(paths["json"]), "--gt-folder", str(paths["png_dir"]),
-         "--pred-json", str(root / "perfect.json"), "--pred-folder", str(root / "perfect"), "--json", str(out_json)]
+        [
+            "pq",
+            "--gt-json",
+            str(paths["json"]),
+            "--gt-folder",
+            str(paths["png_dir"]),
+            "--pred-json",
+            str(root / "perfect.json"),
+            "--pred-folder",
+            str(root / "perfect"),
+            "--json",
+            str(out_json),
+        ]
     )
     assert code == 0
     lines = {line.split("|")[0].strip(): line.split("|")[1].split() for line in out.splitlines() if "|" in line}
@@ -63,8 +76,22 @@ def test_degraded_prediction_matches_cityscapesscripts(synthetic_files, tmp_path
     with contextlib.redirect_stdout(io.StringIO()):
         theirs = evaluatePanoptic(*args, str(tmp_path / "cs.json"))
     code, out, _ = _run(
-        ["pq", "--gt-json", args[0], "--gt-folder", args[1], "--pred-json", args[2], "--pred-folder", args[3],
-         "--json", str(tmp_path / "ours.json"), "--workers", "2", "--per-class"]
+        [
+            "pq",
+            "--gt-json",
+            args[0],
+            "--gt-folder",
+            args[1],
+            "--pred-json",
+            args[2],
+            "--pred-folder",
+            args[3],
+            "--json",
+            str(tmp_path / "ours.json"),
+            "--workers",
+            "2",
+            "--per-class",
+        ]
     )
     assert code == 0
     ours = json.loads((tmp_path / "ours.json").read_text())
@@ -87,13 +114,33 @@ def test_errors_exit_2_and_name_the_file(synthetic_files, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(pred))
     code, _, err = _run(
-        ["pq", "--gt-json", str(paths["json"]), "--gt-folder", str(paths["png_dir"]),
-         "--pred-json", str(bad), "--pred-folder", str(root / "perfect"), "--workers", "1"]
+        [
+            "pq",
+            "--gt-json",
+            str(paths["json"]),
+            "--gt-folder",
+            str(paths["png_dir"]),
+            "--pred-json",
+            str(bad),
+            "--pred-folder",
+            str(root / "perfect"),
+            "--workers",
+            "1",
+        ]
     )
     assert code == 2
     assert "bad.json" in err and "unknown category_id 77" in err
     code, _, err = _run(
-        ["pq", "--gt-json", str(tmp_path / "missing.json"), "--gt-folder", str(paths["png_dir"]),
-         "--pred-json", str(bad), "--pred-folder", str(root / "perfect")]
+        [
+            "pq",
+            "--gt-json",
+            str(tmp_path / "missing.json"),
+            "--gt-folder",
+            str(paths["png_dir"]),
+            "--pred-json",
+            str(bad),
+            "--pred-folder",
+            str(root / "perfect"),
+        ]
     )
     assert code == 2 and "missing.json" in err

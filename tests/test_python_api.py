@@ -2,6 +2,7 @@
 config), ``Predictor`` on a path, a PIL image and an array (the same map ``axial-deeplab
 predict`` writes), and ``create_model(pretrained=<folder>)``. A tiny untrained checkpoint keeps
 it fast."""
+
 import json
 import shutil
 import warnings
@@ -9,11 +10,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from engine_testing import save_untrained_checkpoint, tiny_run
 
 import axial_deeplab
 from axial_deeplab.cli import main
 from axial_deeplab.data.panoptic_io import read_panoptic_png
-from engine_testing import save_untrained_checkpoint, tiny_run
 
 TINY = tiny_run(data={"options": {"val": {"length": 2}}}, eval={"batch_size": 1})
 

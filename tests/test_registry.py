@@ -1,5 +1,6 @@
 """The model registry is complete on a fresh interpreter whichever module is imported first
 (it used to miss every model until a model module happened to be imported)."""
+
 from __future__ import annotations
 
 import ast
@@ -32,12 +33,15 @@ def _fresh(code: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("imports", [
-    "import axial_deeplab as m",
-    "import axial_deeplab.models as m",
-    "import axial_deeplab.models.registry as m",
-    "import axial_deeplab.layers\nimport axial_deeplab.models.registry as m",  # layers first
-])
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import axial_deeplab as m",
+        "import axial_deeplab.models as m",
+        "import axial_deeplab.models.registry as m",
+        "import axial_deeplab.layers\nimport axial_deeplab.models.registry as m",  # layers first
+    ],
+)
 def test_registry_is_complete_on_a_fresh_import(imports):
     got = json.loads(_fresh(PROBE.format(imports=imports)))
     assert got["axial_resnet_s"] and got["axial_deeplab_s"] and not got["not_a_model"]

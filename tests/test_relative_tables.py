@@ -4,18 +4,19 @@ models of any span, exactly where the model can hold what the checkpoint compute
 The central check is the paper's fine-tuning protocol: ImageNet weights (global span) as the
 backbone of a span-65 Axial-DeepLab, whose features then equal the classifier's wherever span 65
 covers the whole axis."""
+
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from attention_testing import randomize_batch_norms
+from safetensors.torch import save_file
+from test_port_compat import make_port_state_dict
+
 from axial_deeplab.engine.checkpoint import save_checkpoint
 from axial_deeplab.layers import PositionSensitiveAxialAttention, attention_impl
 from axial_deeplab.models import create_model
 from axial_deeplab.models.weights import fit_relative_tables
-from test_port_compat import make_port_state_dict
 
 TABLES = ("query_table", "key_table", "value_table")
 
@@ -143,8 +144,11 @@ def test_imagenet_checkpoint_loads_into_span_65_axial_deeplab_s(tmp_path, quick_
     classifier = _randomized(create_model("axial_resnet_s", num_classes=10)).double()
     assert {m.span for m in classifier.modules() if isinstance(m, PositionSensitiveAxialAttention)} == {None}
     path = save_checkpoint(str(tmp_path / "step-1"), classifier, step=1)  # a folder, as training writes it
-    panoptic = create_model("axial_deeplab_s", num_classes=4, thing_ids=[2, 3], output_stride=32,
-                            pretrained_backbone=path).double().eval()
+    panoptic = (
+        create_model("axial_deeplab_s", num_classes=4, thing_ids=[2, 3], output_stride=32, pretrained_backbone=path)
+        .double()
+        .eval()
+    )
     spans = {m.span for m in panoptic.backbone.modules() if isinstance(m, PositionSensitiveAxialAttention)}
     assert spans == {65}
     classifier.features_only = True
@@ -160,8 +164,15 @@ def test_port_state_dict_loads_into_a_span_65_panoptic_model(tmp_path, quick_ini
     torch.save(sd, path)
     classifier = create_model("axial26s", num_classes=10, image_size=image_size, pretrained=str(path))
     assert stored_rows(classifier) == {15, 7, 3}
-    panoptic = create_model("axial_deeplab_s", backbone="axial26s", span=65, num_classes=4, thing_ids=[2, 3],
-                            output_stride=32, pretrained_backbone=str(path))
+    panoptic = create_model(
+        "axial_deeplab_s",
+        backbone="axial26s",
+        span=65,
+        num_classes=4,
+        thing_ids=[2, 3],
+        output_stride=32,
+        pretrained_backbone=str(path),
+    )
     assert stored_rows(panoptic.backbone) == {509}
     classifier.double().eval().features_only = True
     panoptic.double().eval()
@@ -173,7 +184,7 @@ def test_port_state_dict_loads_into_a_span_65_panoptic_model(tmp_path, quick_ini
             if isinstance(m, PositionSensitiveAxialAttention):
                 reach = classifier.get_submodule(name).table_reach
                 for t in m.relative_table_parameters():
-                    t[:, :254 - reach] = 0
-                    t[:, 254 + reach + 1:] = 0
+                    t[:, : 254 - reach] = 0
+                    t[:, 254 + reach + 1 :] = 0
     got, want = eval_features(panoptic.backbone, x), eval_features(classifier, x)
     assert not torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6)

@@ -7,17 +7,18 @@ fixture's categories and relative file names, at the ground truth's size, that o
 independent PQ written from the definition here both score exactly as ``evaluate`` itself did;
 ``predict`` writes integer ids (from ``--image-ids`` or 1..N with a file-name map).
 """
+
 import copy
 import json
 import shutil
 
 import numpy as np
 import pytest
+from engine_testing import tiny_run
 from PIL import Image
 
 from axial_deeplab.cli import main
 from axial_deeplab.engine.config import config_from_dict, dump_config
-from engine_testing import tiny_run
 
 IMAGE_IDS = [139, 285, 632]
 # synthetic category id -> (sparse id, supercategory); synthetic: 1 sky, 2 ground, 3 digit, 4 disc, 5 rectangle
@@ -88,8 +89,19 @@ def _write_config(setup, tmp_path, **changes):
 
 def _evaluate(setup, tmp_path, *extra, **changes):
     metrics = tmp_path / "metrics.json"
-    rc = main(["evaluate", "--checkpoint", setup["checkpoint"], "--config", _write_config(setup, tmp_path, **changes),
-               "--no-progress", "--json", str(metrics), *extra])
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            setup["checkpoint"],
+            "--config",
+            _write_config(setup, tmp_path, **changes),
+            "--no-progress",
+            "--json",
+            str(metrics),
+            *extra,
+        ]
+    )
     return rc, (json.loads(metrics.read_text()) if rc == 0 else None)
 
 
@@ -129,7 +141,9 @@ def oracle_pq(gt_json, gt_dir, pred_json, pred_dir):
         for pid, ps in psegs.items():
             if pid in matched_p:
                 continue
-            crowd = [gid for gid, gs in gsegs.items() if gs.get("iscrowd", 0) and gs["category_id"] == ps["category_id"]]
+            crowd = [
+                gid for gid, gs in gsegs.items() if gs.get("iscrowd", 0) and gs["category_id"] == ps["category_id"]
+            ]
             ignored = np.sum((p == pid) & ((g == 0) | np.isin(g, crowd)))
             if ignored / np.sum(p == pid) > 0.5:
                 continue
@@ -193,13 +207,34 @@ def test_evaluate_predictions_scored_by_pq_and_oracle_equal_evaluate(setup, tmp_
         cs_eval = None
     if cs_eval is not None:
         monkeypatch.setattr(cs_eval.multiprocessing, "cpu_count", lambda: 1)
-        _assert_scores_equal(metrics, cs_eval.evaluatePanoptic(
-            str(gt["json"]), str(gt["png_dir"]), str(out / "predictions.json"), str(out / "panoptic"),
-            str(tmp_path / "cs.json")))
+        _assert_scores_equal(
+            metrics,
+            cs_eval.evaluatePanoptic(
+                str(gt["json"]),
+                str(gt["png_dir"]),
+                str(out / "predictions.json"),
+                str(out / "panoptic"),
+                str(tmp_path / "cs.json"),
+            ),
+        )
     # and the pq command reads the files as they are
-    rc = main(["pq", "--gt-json", str(gt["json"]), "--gt-folder", str(gt["png_dir"]),
-               "--pred-json", str(out / "predictions.json"), "--pred-folder", str(out / "panoptic"),
-               "--workers", "1", "--json", str(tmp_path / "pq.json")])
+    rc = main(
+        [
+            "pq",
+            "--gt-json",
+            str(gt["json"]),
+            "--gt-folder",
+            str(gt["png_dir"]),
+            "--pred-json",
+            str(out / "predictions.json"),
+            "--pred-folder",
+            str(out / "panoptic"),
+            "--workers",
+            "1",
+            "--json",
+            str(tmp_path / "pq.json"),
+        ]
+    )
     assert rc == 0
     pq_json = json.loads((tmp_path / "pq.json").read_text())
     assert 100 * pq_json["All"]["pq"] == pytest.approx(metrics["PQ"], abs=1e-9)
@@ -229,16 +264,24 @@ def test_evaluate_predictions_refused_under_several_processes(setup, tmp_path, m
     import torch
 
     from axial_deeplab.engine import evaluate as ev
-    from axial_deeplab.engine.predict import load_checkpoint_model
     from axial_deeplab.engine.builders import build_dataset
+    from axial_deeplab.engine.predict import load_checkpoint_model
     from axial_deeplab.errors import UserError
 
-    model, cfg, metadata = load_checkpoint_model(setup["checkpoint"], torch.device("cpu"),
-                                                 _write_config(setup, tmp_path))
+    model, cfg, metadata = load_checkpoint_model(
+        setup["checkpoint"], torch.device("cpu"), _write_config(setup, tmp_path)
+    )
     monkeypatch.setattr(ev, "get_world_size", lambda: 2)
     with pytest.raises(UserError, match="one process only.*without torchrun"):
-        ev.evaluate_model(model, build_dataset(cfg, "val"), cfg, torch.device("cpu"), metadata=metadata,
-                          progress=False, predictions=str(tmp_path / "p"))
+        ev.evaluate_model(
+            model,
+            build_dataset(cfg, "val"),
+            cfg,
+            torch.device("cpu"),
+            metadata=metadata,
+            progress=False,
+            predictions=str(tmp_path / "p"),
+        )
     assert not (tmp_path / "p").exists()
 
 
@@ -301,8 +344,10 @@ def test_predict_image_ids_refuses_an_unlisted_image(setup, tmp_path, capsys):
 def test_metadata_keeps_the_dataset_categories():
     from axial_deeplab.data.meta import PanopticMetadata, cityscapes_metadata
 
-    cats = [{"id": 90, "name": "sky", "isthing": 0, "color": [1, 2, 3], "supercategory": "sky"},
-            {"id": 1, "name": "person", "isthing": 1, "color": [4, 5, 6], "supercategory": "human", "extra": 7}]
+    cats = [
+        {"id": 90, "name": "sky", "isthing": 0, "color": [1, 2, 3], "supercategory": "sky"},
+        {"id": 1, "name": "person", "isthing": 1, "color": [4, 5, 6], "supercategory": "human", "extra": 7},
+    ]
     md = PanopticMetadata.from_coco_categories(cats, name="x")
     assert md.coco_categories() == cats
     assert PanopticMetadata.from_dict(json.loads(json.dumps(md.to_dict()))).coco_categories() == cats
@@ -333,8 +378,10 @@ def _cityscapes_fixture(root):
     for img in doc["images"]:
         new = ids[str(img["id"])]
         (root / "leftImg8bit" / "val" / new.split("_")[0]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(src["image_dir"] / img["file_name"], root / "leftImg8bit" / "val" / new.split("_")[0]
-                    / f"{new}_leftImg8bit.png")
+        shutil.copy(
+            src["image_dir"] / img["file_name"],
+            root / "leftImg8bit" / "val" / new.split("_")[0] / f"{new}_leftImg8bit.png",
+        )
         img.update(id=new, file_name=f"{new}_gtFine_leftImg8bit.png")
     for ann in doc["annotations"]:
         new = ids[str(ann["image_id"])]
@@ -342,16 +389,25 @@ def _cityscapes_fixture(root):
         ann.update(image_id=new, file_name=f"{new}_gtFine_panoptic.png")
         for seg in ann["segments_info"]:
             seg["category_id"] = TRAIN_ID[seg["category_id"]]
-    doc["categories"] = [{"id": int(lb.trainId), "name": lb.name, "color": list(lb.color),
-                          "supercategory": lb.category, "isthing": 1 if lb.hasInstances else 0}
-                         for lb in labels if not lb.ignoreInEval]
+    doc["categories"] = [
+        {
+            "id": int(lb.trainId),
+            "name": lb.name,
+            "color": list(lb.color),
+            "supercategory": lb.category,
+            "isthing": 1 if lb.hasInstances else 0,
+        }
+        for lb in labels
+        if not lb.ignoreInEval
+    ]
     json_path = root / "gtFine" / "cityscapes_panoptic_val_trainId.json"
     json_path.write_text(json.dumps(doc))
     return {"json": json_path, "png_dir": png_dir, "doc": doc}
 
 
-def test_cityscapes_predictions_scored_by_evaluate_panoptic_equal_evaluate(tmp_path_factory, tmp_path, capsys,
-                                                                            monkeypatch):
+def test_cityscapes_predictions_scored_by_evaluate_panoptic_equal_evaluate(
+    tmp_path_factory, tmp_path, capsys, monkeypatch
+):
     pytest.importorskip("cityscapesscripts")
     from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as cs_eval
 
@@ -369,8 +425,18 @@ def test_cityscapes_predictions_scored_by_evaluate_panoptic_equal_evaluate(tmp_p
     cfg["data"]["options"] = {}
     checkpoint = train(config_from_dict(copy.deepcopy(cfg))).last_checkpoint
     out = tmp_path / "preds"
-    rc = main(["evaluate", "--checkpoint", checkpoint, "--no-progress", "--json", str(tmp_path / "m.json"),
-               "--predictions", str(out)])
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            checkpoint,
+            "--no-progress",
+            "--json",
+            str(tmp_path / "m.json"),
+            "--predictions",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "m.json").read_text())
     doc = json.loads((out / "predictions.json").read_text())
@@ -379,7 +445,12 @@ def test_cityscapes_predictions_scored_by_evaluate_panoptic_equal_evaluate(tmp_p
     assert [i["file_name"] for i in doc["images"]] == [i["file_name"] for i in gt["doc"]["images"]]
 
     monkeypatch.setattr(cs_eval.multiprocessing, "cpu_count", lambda: 1)
-    res = cs_eval.evaluatePanoptic(str(gt["json"]), str(gt["png_dir"]), str(out / "predictions.json"),
-                                   str(out / "panoptic"), str(tmp_path / "cs.json"))
+    res = cs_eval.evaluatePanoptic(
+        str(gt["json"]),
+        str(gt["png_dir"]),
+        str(out / "predictions.json"),
+        str(out / "panoptic"),
+        str(tmp_path / "cs.json"),
+    )
     _assert_scores_equal(metrics, res)
     assert metrics["PQ_st"] > 0 and metrics["PQ"] < 100

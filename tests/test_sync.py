@@ -2,6 +2,7 @@
 gradient of a sum of per-process losses backward (what the similarity-BN statistics need), and
 the same numbers as torch's ``torch.distributed.nn.functional.all_reduce``, which it is kept
 beside (deprecated in torch 2.13, a FutureWarning per call, refused under torch.compile)."""
+
 import os
 import socket
 import warnings

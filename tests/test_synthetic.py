@@ -1,4 +1,5 @@
 """The synthetic panoptic dataset: determinism, advertised content, COCO-panoptic export."""
+
 import hashlib
 import subprocess
 import sys

@@ -1,4 +1,5 @@
 """Panoptic-DeepLab targets against a per-instance loop written from Panoptic-DeepLab's rules."""
+
 import math
 
 import numpy as np
@@ -47,9 +48,9 @@ def crowded_scene(h=96, w=128, seed=0):
     for i in range(1, 13):
         bh, bw = rng.integers(6, 40), rng.integers(6, 40)
         y, x = rng.integers(0, h - bh), rng.integers(0, w - bw)
-        sem[y:y + bh, x:x + bw] = THINGS[i % 3]
-        inst[y:y + bh, x:x + bw] = 1000 * THINGS[i % 3] + i  # large, sparse ids
-        crowd[y:y + bh, x:x + bw] = i == 7
+        sem[y : y + bh, x : x + bw] = THINGS[i % 3]
+        inst[y : y + bh, x : x + bw] = 1000 * THINGS[i % 3] + i  # large, sparse ids
+        crowd[y : y + bh, x : x + bw] = i == 7
     sem[-5:] = IGNORE
     inst[-5:] = 0
     crowd[-5:] = False
@@ -126,8 +127,13 @@ def test_bad_inputs_name_the_field():
     with pytest.raises(ValueError, match="instance"):
         gen({"semantic": torch.zeros(4, 5, dtype=torch.long), "instance": torch.zeros(4, 6, dtype=torch.long)})
     with pytest.raises(ValueError, match="crowd"):
-        gen({"semantic": torch.zeros(4, 5, dtype=torch.long), "instance": torch.zeros(4, 5, dtype=torch.long),
-             "crowd": torch.zeros(5, 5, dtype=torch.bool)})
+        gen(
+            {
+                "semantic": torch.zeros(4, 5, dtype=torch.long),
+                "instance": torch.zeros(4, 5, dtype=torch.long),
+                "crowd": torch.zeros(5, 5, dtype=torch.bool),
+            }
+        )
     with pytest.raises(KeyError, match="instance"):
         gen({"semantic": torch.zeros(4, 5, dtype=torch.long)})
     with pytest.raises(ValueError, match="semantic"):

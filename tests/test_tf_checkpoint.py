@@ -4,6 +4,7 @@ The fixtures under tests/fixtures/tf_checkpoint/ and the values TensorFlow read 
 were made by make_fixtures.py there (in a scratch environment with TensorFlow); these tests
 need no TensorFlow. Corrupt copies are made in tmp_path.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,7 @@ def load_expected(name):
         if f"strlen_{i}" in z:
             raw, pos, items = z[f"value_{i}"].tobytes(), 0, []
             for n in z[f"strlen_{i}"]:
-                items.append(raw[pos:pos + n])
+                items.append(raw[pos : pos + n])
                 pos += n
             value = np.empty(len(items), dtype=object)
             value[:] = items
@@ -83,14 +84,25 @@ def test_crc32c_known_value():
 def test_reads_every_dtype_exactly_as_tensorflow():
     expected = load_expected("basic")
     dtypes = {e[0] for e in expected.values()}
-    assert {"float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool",
-            "string"} <= dtypes
+    assert {
+        "float16",
+        "float32",
+        "float64",
+        "bfloat16",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "bool",
+        "string",
+    } <= dtypes
     got = read_tf_checkpoint(BASIC)
     assert_same(got, expected)
     assert got["scalar/.ATTRIBUTES/VARIABLE_VALUE"].shape == ()
     assert got["empty/.ATTRIBUTES/VARIABLE_VALUE"].shape == (0, 3)
     assert got["text/.ATTRIBUTES/VARIABLE_VALUE"][()] == b"hello, checkpoint"
-    assert got["i64/.ATTRIBUTES/VARIABLE_VALUE"][0] == -(2 ** 63)
+    assert got["i64/.ATTRIBUTES/VARIABLE_VALUE"][0] == -(2**63)
     assert got["bf16/.ATTRIBUTES/VARIABLE_VALUE"].flags.writeable
 
 
@@ -161,7 +173,7 @@ def write_table(entries, per_block, restart_interval=4, ctype_of_block=None):
     per data block."""
     data, index = bytearray(), []
     for n, start in enumerate(range(0, len(entries), per_block)):
-        chunk = entries[start:start + per_block]
+        chunk = entries[start : start + per_block]
         blk = _block(chunk, restart_interval)
         index.append((chunk[-1][0], _varint(len(data)) + _varint(len(blk))))
         data += blk + _trailer(blk, ctype_of_block if n == (1 if ctype_of_block is not None else -1) else 0)
@@ -275,8 +287,11 @@ def test_corrupt_tensor_data(tmp_path):
 
 def test_snappy_block_refused(tmp_path):
     table = write_table(raw_entries(BASIC + ".index"), per_block=100, ctype_of_block=1)
-    with pytest.raises(TFCheckpointError, match=r"ckpt-1\.index: data block 1 at byte \d+ is snappy-compressed.*"
-                                                r"TensorFlow writes checkpoint indexes uncompressed by default"):
+    with pytest.raises(
+        TFCheckpointError,
+        match=r"ckpt-1\.index: data block 1 at byte \d+ is snappy-compressed.*"
+        r"TensorFlow writes checkpoint indexes uncompressed by default",
+    ):
         read_tf_checkpoint(copy_with_index(tmp_path, table))
 
 
@@ -365,15 +380,21 @@ def test_mapping_that_misses_keys_is_refused():
 def test_wrong_shape_names_the_variable():
     model = AttentionPair()
     model.attn_h = PositionSensitiveAxialAttention(6, 16, "height", num_heads=2, key_channels=4)
-    with pytest.raises(ConversionError, match=r"layer/_height_axis/qkv_kernel is \[6, 16\], attn_h needs \[6, 24\] "
-                                              r"\(2 heads, key depth 2, value depth 8 per head\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"layer/_height_axis/qkv_kernel is \[6, 16\], attn_h needs \[6, 24\] "
+        r"\(2 heads, key depth 2, value depth 8 per head\)",
+    ):
         convert_weights(read_tf_checkpoint(ATTENTION), model, pair_mapping)
 
 
 def test_absent_variable_is_named():
     with pytest.raises(ConversionError, match=r"no variable 'layer/_depth_axis/qkv_kernel'"):
-        convert_weights(read_tf_checkpoint(ATTENTION), AttentionPair(),
-                        lambda v, m: core.axial_attention(v, "layer/_depth_axis", "attn_h", m.attn_h))
+        convert_weights(
+            read_tf_checkpoint(ATTENTION),
+            AttentionPair(),
+            lambda v, m: core.axial_attention(v, "layer/_depth_axis", "attn_h", m.attn_h),
+        )
 
 
 class KerasNet(nn.Module):
@@ -411,8 +432,9 @@ def test_generic_conv_bn_dense_rules_and_left_out_variables():
     assert len(slots) == 5 and all(reasons.pop(n) == "optimizer slot" for n in slots)
     assert reasons and set(reasons.values()) == {"optimizer variable"}
     assert all(n.startswith(("optimizer/", "legacy_optimizer/")) for n in reasons)
-    assert sorted(k for _, k, _ in report.mapped) == sorted(k for k in model.state_dict()
-                                                            if not k.endswith("num_batches_tracked"))
+    assert sorted(k for _, k, _ in report.mapped) == sorted(
+        k for k in model.state_dict() if not k.endswith("num_batches_tracked")
+    )
 
 
 # ----------------------------------------------------------------------------- the command
@@ -424,8 +446,11 @@ def pair_model(monkeypatch):
     names = registry.list_models() + ["test_attention_pair"]
     monkeypatch.setattr(registry, "list_models", lambda *a, **k: names)
     original = registry.create_model
-    monkeypatch.setattr(registry, "create_model", lambda name, **kw: AttentionPair() if name == "test_attention_pair"
-                        else original(name, **kw))
+    monkeypatch.setattr(
+        registry,
+        "create_model",
+        lambda name, **kw: AttentionPair() if name == "test_attention_pair" else original(name, **kw),
+    )
     monkeypatch.setitem(deeplab2._MAPPINGS, "test_attention_pair", pair_mapping)
     return "test_attention_pair"
 
@@ -453,8 +478,10 @@ def test_convert_command_writes_checkpoint_folder(tmp_path, pair_model, capsys):
     # an existing output is refused unless --force
     rc = main(["convert", "--from", "deeplab2", ATTENTION, "--model", pair_model, "--output", str(out)])
     assert rc == 2 and "exists" in capsys.readouterr().err
-    assert main(["convert", "--from", "deeplab2", ATTENTION, "--model", pair_model, "--output", str(out),
-                 "--force", "-q"]) == 0
+    assert (
+        main(["convert", "--from", "deeplab2", ATTENTION, "--model", pair_model, "--output", str(out), "--force", "-q"])
+        == 0
+    )
     assert "  layer/" not in capsys.readouterr().out
 
 
@@ -463,14 +490,17 @@ def test_convert_command_refuses_and_writes_nothing(tmp_path, pair_model, capsys
     from axial_deeplab.convert import deeplab2
 
     out = tmp_path / "converted"
-    monkeypatch.setitem(deeplab2._MAPPINGS, pair_model,
-                        lambda v, m: core.axial_attention(v, "layer/_height_axis", "attn_h", m.attn_h))
+    monkeypatch.setitem(
+        deeplab2._MAPPINGS, pair_model, lambda v, m: core.axial_attention(v, "layer/_height_axis", "attn_h", m.attn_h)
+    )
     assert main(["convert", "--from", "deeplab2", ATTENTION, "--model", pair_model, "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "does not map onto AttentionPair" in err and "missing attn_w.qkv.weight" in err
     assert not out.exists() and os.listdir(tmp_path) == []
-    assert main(["convert", "--from", "deeplab2", str(tmp_path / "nope"), "--model", pair_model,
-                 "--output", str(out)]) == 2
+    assert (
+        main(["convert", "--from", "deeplab2", str(tmp_path / "nope"), "--model", pair_model, "--output", str(out)])
+        == 2
+    )
     assert "nope.index: checkpoint index not found" in capsys.readouterr().err
     assert main(["convert", "--from", "deeplab2", ATTENTION, "--model", "no_such_model", "--output", str(out)]) == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """timm's model API on our backbones: first without timm (the methods' meaning), then through timm's
 own registry, create_model, features_only wrapper, data config and optimizer factory."""
+
 import math
 import re
 
@@ -24,12 +25,22 @@ def _small(**kw):
 def _hybrid_with_decoder(**kw):
     """MaX-DeepLab-L's layout (wide ResNet + stacked decoder) at a toy width."""
     torch.manual_seed(0)
-    return HybridAxialResNet(layers=(1, 1, 1, 1), backbone_type="wider_resnet", width_multiplier=0.0625,
-                             stem_width_multiplier=0.0625, attention_bottleneck_expansion=4, key_expansion=2,
-                             value_expansion=4, num_heads=2, backbone_decoder_num_stacks=1, **kw).eval()
+    return HybridAxialResNet(
+        layers=(1, 1, 1, 1),
+        backbone_type="wider_resnet",
+        width_multiplier=0.0625,
+        stem_width_multiplier=0.0625,
+        attention_bottleneck_expansion=4,
+        key_expansion=2,
+        value_expansion=4,
+        num_heads=2,
+        backbone_decoder_num_stacks=1,
+        **kw,
+    ).eval()
 
 
 # -- without timm ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("make", [_small, _hybrid_with_decoder], ids=["axial_resnet", "hybrid_decoder"])
 def test_forward_is_forward_head_of_forward_features(make):
@@ -145,8 +156,16 @@ def test_pretrained_cfgs_name_real_modules_and_preprocessing():
     assert {k: pretrained_cfg_for("axial_swidernet_1_1_1")[k] for k in ("mean", "std")} == DEEPLAB2_NORM
     assert pretrained_cfg_for("axial_deeplab_s") is None  # panoptic models are not classifiers
     assert set(TIMM_MODELS) <= set(axial_deeplab.list_models())
-    for name in ("axial_resnet_s", "axial_resnet_l_conv", "axial_resnet_s_full", "resnet50", "axial26s",
-                 "axial_swidernet_1_1_1", "max_deeplab_l_backbone", "resnet50_beta"):
+    for name in (
+        "axial_resnet_s",
+        "axial_resnet_l_conv",
+        "axial_resnet_s_full",
+        "resnet50",
+        "axial26s",
+        "axial_swidernet_1_1_1",
+        "max_deeplab_l_backbone",
+        "resnet50_beta",
+    ):
         model = build_on_meta(name)
         keys = model.state_dict().keys()
         cfg = model.pretrained_cfg
@@ -179,6 +198,7 @@ def test_hybrid_prune_drops_decoder():
 
 
 # -- through timm ---------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def timm():
@@ -266,23 +286,25 @@ def test_timm_refuses_what_it_cannot_honour(timm):
 
 def test_timm_kwargs_and_local_weights(timm, tmp_path):
     torch.manual_seed(0)
-    src = timm.create_model("axial_deeplab.axial_resnet_tiny", drop_path_rate=0.1, drop_rate=0.2,
-                            global_pool="avgmax")
+    src = timm.create_model("axial_deeplab.axial_resnet_tiny", drop_path_rate=0.1, drop_rate=0.2, global_pool="avgmax")
     path = tmp_path / "model.safetensors"
     save_file(src.state_dict(), str(path))
-    same = timm.create_model("axial_deeplab.axial_resnet_tiny", pretrained=True,
-                             pretrained_cfg_overlay=dict(file=str(path)))
+    same = timm.create_model(
+        "axial_deeplab.axial_resnet_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
+    )
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), same.state_dict().values()))
     # a new head: timm drops the checkpoint's classifier (cfg 'classifier') for num_classes != 1000
-    new_head = timm.create_model("axial_deeplab.axial_resnet_tiny", pretrained=True, num_classes=10,
-                                 pretrained_cfg_overlay=dict(file=str(path)))
+    new_head = timm.create_model(
+        "axial_deeplab.axial_resnet_tiny", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path))
+    )
     assert new_head.fc.out_features == 10
     assert torch.equal(new_head.stem[0].weight, src.stem[0].weight)
     via_path = timm.create_model("axial_deeplab.axial_resnet_tiny", checkpoint_path=str(path))
     assert torch.equal(via_path.fc.weight, src.fc.weight)
     # in_chans=1 from 3-channel weights: timm sums the first conv over its input channels
-    gray = timm.create_model("axial_deeplab.axial_resnet_tiny", pretrained=True, in_chans=1,
-                             pretrained_cfg_overlay=dict(file=str(path)))
+    gray = timm.create_model(
+        "axial_deeplab.axial_resnet_tiny", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=str(path))
+    )
     assert torch.allclose(gray.stem[0].weight, src.stem[0].weight.sum(1, keepdim=True))
 
 

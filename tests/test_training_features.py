@@ -9,6 +9,7 @@
 * a run with accumulation, EMA and bf16 autocast (observed in the forward pass), crashed after
   a checkpoint and resumed, ends bit-for-bit where the uninterrupted run ends, EMA included.
 """
+
 import copy
 import json
 import os
@@ -16,6 +17,7 @@ import types
 
 import pytest
 import torch
+from engine_testing import tiny_run
 from torch import nn
 
 from axial_deeplab.engine import checkpoint as ck
@@ -25,7 +27,6 @@ from axial_deeplab.engine.hooks import PeriodicEval, RunCheckpointer
 from axial_deeplab.engine.metrics_log import MetricsLogger, read_metrics
 from axial_deeplab.engine.trainer import SimpleTrainer, split_batch
 from axial_deeplab.errors import UserError
-from engine_testing import tiny_run
 
 
 class _Checkpointer:
@@ -35,8 +36,21 @@ class _Checkpointer:
 def _trainer(model, compute_losses, k, lr=0.05, clip=None):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    return SimpleTrainer(model, compute_losses, opt, sched, None, torch.device("cpu"), clip, grad_accum_steps=k,
-                         loader=[], start_step=0, max_steps=10, checkpointer=_Checkpointer(), run_dir="run")
+    return SimpleTrainer(
+        model,
+        compute_losses,
+        opt,
+        sched,
+        None,
+        torch.device("cpu"),
+        clip,
+        grad_accum_steps=k,
+        loader=[],
+        start_step=0,
+        max_steps=10,
+        checkpointer=_Checkpointer(),
+        run_dir="run",
+    )
 
 
 def _assert_same_weights(a: nn.Module, b: nn.Module, rtol=1e-5, atol=1e-6):
@@ -46,10 +60,17 @@ def _assert_same_weights(a: nn.Module, b: nn.Module, rtol=1e-5, atol=1e-6):
 
 # ----------------------------------------------------------------------------- accumulation
 
+
 def _group_norm_net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
 
 
 def _classify(model):
@@ -77,8 +98,13 @@ def test_four_micro_batches_of_the_tiny_deeplab_equal_one_step_on_the_4x_batch()
     """The panoptic loss is a mean over images (per-image top-k, per-image weighted means), so
     with BatchNorm on its running statistics the gradient of 4 micro-batches is the batch's."""
     from axial_deeplab.data.collate import collate_panoptic
-    from axial_deeplab.engine.builders import (build_dataset, build_loss, build_model, build_train_transform,
-                                               dataset_metadata)
+    from axial_deeplab.engine.builders import (
+        build_dataset,
+        build_loss,
+        build_model,
+        build_train_transform,
+        dataset_metadata,
+    )
 
     cfg = config_from_dict(tiny_run(data={"options": {"train": {"length": 8}}}, loss={"semantic_top_k": 0.3}))
     ds = build_dataset(cfg, "train")
@@ -117,6 +143,7 @@ def test_split_batch_cuts_every_per_sample_entry():
 
 
 # ----------------------------------------------------------------------------- EMA
+
 
 def _bn_net(seed=0):
     torch.manual_seed(seed)
@@ -159,8 +186,9 @@ def test_best_keeps_the_ema_when_it_scores_higher(tmp_path):
         return {"PQ": scores[step][other is not None]}
 
     logger = MetricsLogger(str(tmp_path / "run"))
-    hook = PeriodicEval(evaluate, 1, False, "PQ", logger, checkpointer, types.SimpleNamespace(write=print), True,
-                        ema=ema)
+    hook = PeriodicEval(
+        evaluate, 1, False, "PQ", logger, checkpointer, types.SimpleNamespace(write=print), True, ema=ema
+    )
     best = tmp_path / "best"
     chosen = []
     for step in (1, 2, 3):
@@ -178,6 +206,7 @@ def test_best_keeps_the_ema_when_it_scores_higher(tmp_path):
 
 
 # ----------------------------------------------------------------------------- DDP (2 processes, gloo)
+
 
 def _ddp_worker(rank, init_file, out_dir):
     import torch.distributed as dist
@@ -198,8 +227,10 @@ def _ddp_worker(rank, init_file, out_dir):
         torch.manual_seed(100 + rank)  # each process sees other data: other BatchNorm statistics
         bn(torch.randn(4, 3, 6, 6))
         ema.update(bn)
-        torch.save({"net": net.state_dict(), "ema": ema.module.state_dict(), "bn": bn.state_dict()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"net": net.state_dict(), "ema": ema.module.state_dict(), "bn": bn.state_dict()},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -223,8 +254,17 @@ def test_under_ddp_accumulation_equals_the_global_batch_and_the_ema_is_the_same_
 
 RUN = tiny_run(
     data={"options": {"train": {"length": 8}, "val": {"length": 2}}},
-    solver={"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "max_steps": 4, "batch_size": 4,
-            "grad_accum_steps": 2, "ema_decay": 0.8, "amp": "bf16", "warmup_steps": 1},
+    solver={
+        "optimizer": "sgd",
+        "lr": 0.002,
+        "momentum": 0.9,
+        "max_steps": 4,
+        "batch_size": 4,
+        "grad_accum_steps": 2,
+        "ema_decay": 0.8,
+        "amp": "bf16",
+        "warmup_steps": 1,
+    },
     train={"log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_at_end": True},
 )
 
@@ -246,8 +286,7 @@ def _train(run_dir, crash_at=None, resume=False, **solver):
     def build_and_watch(*args, **kw):
         model = real_build(*args, **kw)
         conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-        conv.register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype,
-                                                                torch.is_autocast_enabled("cpu"))))
+        conv.register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype, torch.is_autocast_enabled("cpu"))))
         return model
 
     def on_log(step, values):
@@ -317,11 +356,15 @@ def test_resume_may_change_grad_accum_steps_but_not_the_ema(uninterrupted):
 
 # ----------------------------------------------------------------------------- settings
 
-@pytest.mark.parametrize("solver, match", [
-    ({"batch_size": 4, "grad_accum_steps": 3}, "grad_accum_steps=3 must divide solver.batch_size=4"),
-    ({"grad_accum_steps": 0}, "grad_accum_steps must be >= 1"),
-    ({"ema_decay": 1.0}, "ema_decay must be null or in"),
-])
+
+@pytest.mark.parametrize(
+    "solver, match",
+    [
+        ({"batch_size": 4, "grad_accum_steps": 3}, "grad_accum_steps=3 must divide solver.batch_size=4"),
+        ({"grad_accum_steps": 0}, "grad_accum_steps must be >= 1"),
+        ({"ema_decay": 1.0}, "ema_decay must be null or in"),
+    ],
+)
 def test_bad_solver_settings_name_the_key(solver, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"solver": solver})

@@ -6,19 +6,21 @@ parameter, and BatchNorm running statistics, for NCHW, channels_last and non-con
 inputs on both axes, global and local spans, every term switched off in turn, strides,
 several steps with the cumulative-average BN mode, and depths where the kernel's vector
 reads would leave the rows (the general path then takes over)."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from attention_testing import close_scaled, randomize_batch_norms, train_step
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, memory_efficient, ops, similarity_stats
-from attention_testing import close_scaled, randomize_batch_norms, train_step
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernel.available(),
-    reason="no C compiler: the compiled training path is not built (the PyTorch path is tested elsewhere)")
+    reason="no C compiler: the compiled training path is not built (the PyTorch path is tested elsewhere)",
+)
 
 
 def make_layer(seed=0, in_ch=6, out_ch=8, heads=2, key_ch=None, **kwargs):
@@ -132,8 +134,7 @@ def test_layer_pair_and_cumulative_running_stats_over_steps():
         torch.testing.assert_close(grads["memory_efficient"], grads["reference"], rtol=5e-5, atol=5e-5 * scale)
     for (name, b), (_, b_ref) in zip(runs["memory_efficient"].named_buffers(), runs["reference"].named_buffers()):
         torch.testing.assert_close(b.double(), b_ref.double(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    for (name, p), (_, p_ref) in zip(runs["memory_efficient"].named_parameters(),
-                                     runs["reference"].named_parameters()):
+    for (name, p), (_, p_ref) in zip(runs["memory_efficient"].named_parameters(), runs["reference"].named_parameters()):
         scale = max(1.0, float(p_ref.grad.abs().max()))
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
 
@@ -154,7 +155,7 @@ def test_row_moments_and_their_gradients_equal_the_general_closed_form():
     y_ref = y.detach().clone().requires_grad_(True)
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     qkv4 = y_ref.view(nseq, length, heads, 2 * dk + dv).permute(0, 2, 3, 1)
-    sums_r, sumsq_r, count_r = similarity_stats.similarity_moments(ref_layer, qkv4[:, :, :dk], qkv4[:, :, dk:2 * dk])
+    sums_r, sumsq_r, count_r = similarity_stats.similarity_moments(ref_layer, qkv4[:, :, :dk], qkv4[:, :, dk : 2 * dk])
     ((sums_r * w_sums).sum() + (sumsq_r * w_sq).sum()).backward()
     want = (sums_r.detach(), sumsq_r.detach(), y_ref.grad, ref_layer.query_table.grad, ref_layer.key_table.grad)
 

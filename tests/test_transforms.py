@@ -1,9 +1,15 @@
 """Transforms keep image and labels aligned, pad with the right values, and collate batches."""
+
 import numpy as np
 import pytest
 import torch
 
-from axial_deeplab.data import build_classification_transforms, build_eval_transforms, build_train_transforms, collate_panoptic
+from axial_deeplab.data import (
+    build_classification_transforms,
+    build_eval_transforms,
+    build_train_transforms,
+    collate_panoptic,
+)
 from axial_deeplab.data.transforms import (
     IMAGENET_MEAN,
     ColorJitter,

@@ -4,6 +4,7 @@ the model's stages, a query step, terms switched off and both dot precisions. A 
 that does not compile, or that needs more registers or shared memory than an SM has,
 would otherwise first fail on a GPU. (Speed needs the GPU; the registers and
 spills printed by benchmarks/triton_compile_report.py are the hint available here.)"""
+
 from __future__ import annotations
 
 import os
@@ -35,26 +36,31 @@ def check_usage(usage, what):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "q{}-k{}-w{}-s{}".format(*c))
 def test_forward_compiles_for_hopper_in_every_tuned_config(config):
     block_q, block_k, warps, stages = config
-    usage = compile_for_gpu("forward", block_q=block_q, block_k=block_k, num_warps=warps,
-                               num_stages=stages, precision="tf32")
+    usage = compile_for_gpu(
+        "forward", block_q=block_q, block_k=block_k, num_warps=warps, num_stages=stages, precision="tf32"
+    )
     check_usage(usage, config)
 
 
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[5], CONFIGS[-1]],
-                         ids=lambda c: "q{}-k{}-w{}-s{}".format(*c))
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[5], CONFIGS[-1]], ids=lambda c: "q{}-k{}-w{}-s{}".format(*c))
 def test_backward_compiles_for_hopper(config):
     block_q, block_k, warps, stages = config
-    usage = compile_for_gpu("backward", block_q=block_q, block_k=block_k, num_warps=warps,
-                               num_stages=stages, precision="tf32")
+    usage = compile_for_gpu(
+        "backward", block_q=block_q, block_k=block_k, num_warps=warps, num_stages=stages, precision="tf32"
+    )
     check_usage(usage, config)
 
 
 @pytest.mark.parametrize("kernel", ["forward", "backward"])
-@pytest.mark.parametrize("variant", [
-    dict(key_depth=4, value_depth=8, query_step=2, precision="tf32x3"),  # first stage of -S, stride 2
-    dict(key_depth=3, value_depth=5, terms=(False, True, False, True)),  # odd depths, terms off
-    dict(key_depth=16, value_depth=32, terms=(True, False, False, False)),  # plain attention
-], ids=["stage1-step2-tf32x3", "odd-depths-terms-off", "qk-only"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(key_depth=4, value_depth=8, query_step=2, precision="tf32x3"),  # first stage of -S, stride 2
+        dict(key_depth=3, value_depth=5, terms=(False, True, False, True)),  # odd depths, terms off
+        dict(key_depth=16, value_depth=32, terms=(True, False, False, False)),  # plain attention
+    ],
+    ids=["stage1-step2-tf32x3", "odd-depths-terms-off", "qk-only"],
+)
 def test_kernel_variants_compile_for_hopper(kernel, variant):
     check_usage(compile_for_gpu(kernel, **variant), variant)
 
@@ -64,8 +70,10 @@ def test_compile_report_reads_the_machine_code():
     compiled code, not a constant."""
     small = compile_for_gpu("forward", block_q=16, block_k=16, num_warps=4)
     large = compile_for_gpu("forward", block_q=64, block_k=64, num_warps=4)
-    assert (large["shared_bytes"], large["registers"] + large["spill_bytes"]) != \
-        (small["shared_bytes"], small["registers"] + small["spill_bytes"])
+    assert (large["shared_bytes"], large["registers"] + large["spill_bytes"]) != (
+        small["shared_bytes"],
+        small["registers"] + small["spill_bytes"],
+    )
     assert large["shared_bytes"] > small["shared_bytes"]
     # the key-block loop was found, with its tensor-core products and the gathers' shared-memory traffic
     for usage in (small, large):

@@ -10,6 +10,7 @@ Without a GPU the kernels run through Triton's interpreter, which must be switch
 before triton is imported: every interpreter check runs in one fresh subprocess (tiny
 shapes) and reports per check. The CUDA test runs the same comparison on a GPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,13 @@ import torch
 
 pytest.importorskip("triton", reason="the optional package triton is not installed (pip install triton)")
 
+from attention_testing import assert_equal_runs, close_scaled, forward_backward, randomize_batch_norms
+
 from axial_deeplab.layers import PositionSensitiveAxialAttention  # noqa: E402
 from axial_deeplab.layers import memory_efficient as ME  # noqa: E402
 from axial_deeplab.layers import recompute as RC  # noqa: E402
 from axial_deeplab.layers import triton_launch as TK  # noqa: E402
 from axial_deeplab.layers import triton_self_check as SC  # noqa: E402
-from attention_testing import assert_equal_runs, close_scaled, forward_backward, randomize_batch_norms
 
 
 # --------------------------------------------------------------------------- helpers
@@ -48,14 +50,19 @@ def compare_layer(kwargs, hw, modes, tol=1e-5, device="cpu", **layer_kw):
     layer = make_layer(kwargs, **layer_kw).to(device)
     x = torch.randn(2, layer.in_channels, *hw, generator=torch.Generator().manual_seed(1)).to(device)
     for mode in modes:
-        assert_equal_runs(run_layer(layer, "triton", x, mode), run_layer(layer, "reference", x, mode),
-                          tol, f"triton {kwargs} {hw} {mode}")
+        assert_equal_runs(
+            run_layer(layer, "triton", x, mode),
+            run_layer(layer, "reference", x, mode),
+            tol,
+            f"triton {kwargs} {hw} {mode}",
+        )
 
 
 def random_core_inputs(kwargs, length, step, dk, dv, heads=2, sequences=2, device="cpu", seed=3):
     """A layer (for its tables and switches) and random qkv / scales / incoming gradients."""
-    layer = make_layer(dict(kwargs, key_channels=heads * dk), channels=4, out_channels=heads * dv,
-                       heads=heads, seed=seed).to(device)
+    layer = make_layer(
+        dict(kwargs, key_channels=heads * dk), channels=4, out_channels=heads * dv, heads=heads, seed=seed
+    ).to(device)
     gen = torch.Generator().manual_seed(seed)
     nh = sequences * heads
     qkv = (0.7 * torch.randn(nh, 2 * dk + dv, length, generator=gen)).to(device)
@@ -190,11 +197,13 @@ def _check_autotuned_launch(traceback):
 
 def _perturbed(fn, which):
     """``fn`` with one value of its result ``which`` (an index into the returned tuple) moved."""
+
     def wrong(*args, **kwargs):
         out = list(fn(*args, **kwargs))
         out[which] = out[which].clone()
         out[which].view(-1)[3] += 0.5
         return tuple(out)
+
     return wrong
 
 
@@ -264,7 +273,8 @@ SELF_CHECKS = {
     "self-check-passes": _check_self_check_passes,
     "self-check-catches-forward-error": lambda: _check_self_check_catches("attend_triton", 0, "output"),
     "self-check-catches-backward-error": lambda: _check_self_check_catches(
-        "attention_backward_triton", 2, "gradient of query_table"),
+        "attention_backward_triton", 2, "gradient of query_table"
+    ),
     "untrusted-device-falls-back": _check_untrusted_device_falls_back,
 }
 
@@ -285,11 +295,10 @@ def interpreter_results():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return json.loads(lines[-1][len("RESULTS ") :])
 
 
-@pytest.mark.parametrize("check", list(LAYER_CHECKS) + list(BACKWARD_CHECKS) + ["autotuned-launch"]
-                         + list(SELF_CHECKS))
+@pytest.mark.parametrize("check", list(LAYER_CHECKS) + list(BACKWARD_CHECKS) + ["autotuned-launch"] + list(SELF_CHECKS))
 def test_triton_through_the_interpreter(interpreter_results, check):
     assert interpreter_results.get(check) == "ok", interpreter_results.get(check, "check did not run")
 
@@ -310,10 +319,11 @@ def test_triton_self_check_passes_on_gpu(tf32, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")
-@pytest.mark.parametrize("kwargs", [dict(axis="height", max_relative_distance=20),
-                                    dict(axis="width", span=7),
-                                    dict(axis="height", span=9, stride=2)],
-                         ids=["global-height", "local-width", "local-stride2"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(axis="height", max_relative_distance=20), dict(axis="width", span=7), dict(axis="height", span=9, stride=2)],
+    ids=["global-height", "local-width", "local-stride2"],
+)
 def test_triton_equals_reference_on_gpu(kwargs, monkeypatch):
     # Full fp32 on both sides (cuDNN's TF32 convolutions would differ by ~1e-3); the kernels
     # then use 3xTF32 products.
@@ -333,8 +343,16 @@ def test_triton_with_tf32_products_on_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     assert TK.dot_precision() == "tf32"
-    compare_layer(dict(axis="width", span=9), (17, 33), ("train", "eval"), tol=2e-2, device="cuda",
-                  channels=32, out_channels=32, heads=4)
+    compare_layer(
+        dict(axis="width", span=9),
+        (17, 33),
+        ("train", "eval"),
+        tol=2e-2,
+        device="cuda",
+        channels=32,
+        out_channels=32,
+        heads=4,
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter checks run on CPU)")

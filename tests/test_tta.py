@@ -1,5 +1,6 @@
 """Test-time augmentation: identity TTA equals plain inference; flipped and rescaled views are
 mapped back correctly (checked with an oracle model that reads the label hidden in its input)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,14 @@ class TinyBackbone(nn.Module):
     def __init__(self):
         super().__init__()
         self.feature_info = type("Info", (list,), {"channels": lambda self: [8, 12, 16, 20]})()
-        self.stages = nn.ModuleList([nn.Conv2d(3, 8, 3, 4, 1), nn.Conv2d(8, 12, 3, 2, 1),
-                                     nn.Conv2d(12, 16, 3, 2, 1), nn.Conv2d(16, 20, 3, 1, 1)])
+        self.stages = nn.ModuleList(
+            [
+                nn.Conv2d(3, 8, 3, 4, 1),
+                nn.Conv2d(8, 12, 3, 2, 1),
+                nn.Conv2d(12, 16, 3, 2, 1),
+                nn.Conv2d(16, 20, 3, 1, 1),
+            ]
+        )
 
     def forward(self, x):
         feats = []
@@ -56,18 +63,20 @@ def label_image(h=41, w=61):
     sem = torch.zeros(h, w, dtype=torch.long)
     inst = torch.zeros(h, w, dtype=torch.long)
     sem[: h // 3] = 1
-    for i, (y, x, bh, bw, c) in enumerate([(5, 3, 9, 11, 2), (14, 3, 9, 11, 3), (20, 30, 15, 21, 2),
-                                          (25, 14, 11, 15, 3)], start=1):
-        sem[y:y + bh, x:x + bw] = c
-        inst[y:y + bh, x:x + bw] = i
+    for i, (y, x, bh, bw, c) in enumerate(
+        [(5, 3, 9, 11, 2), (14, 3, 9, 11, 3), (20, 30, 15, 21, 2), (25, 14, 11, 15, 3)], start=1
+    ):
+        sem[y : y + bh, x : x + bw] = c
+        inst[y : y + bh, x : x + bw] = i
     image = torch.stack([sem / 10.0, inst / 100.0, torch.zeros(h, w)])
     return image[None], sem, inst
 
 
 def test_identity_tta_equals_plain_inference():
     torch.manual_seed(0)
-    model = PanopticDeepLab(TinyBackbone(), num_classes=NUM_CLASSES, thing_ids=THINGS, nms_kernel=5, top_k=30,
-                            stuff_area=1).eval()
+    model = PanopticDeepLab(
+        TinyBackbone(), num_classes=NUM_CLASSES, thing_ids=THINGS, nms_kernel=5, top_k=30, stuff_area=1
+    ).eval()
     with torch.no_grad():
         model.center_head[1].bias.fill_(0.3)
         x = torch.rand(2, 3, 33, 49)
@@ -110,8 +119,15 @@ def test_rescaled_views_give_offsets_in_input_pixels():
 def test_multi_scale_flip_tta_recovers_the_panoptic_label():
     image, sem, inst = label_image()
     out = tta_raw_outputs(OracleModel(), image, scales=[0.5, 1.0, 1.5], flip=True)
-    result = panoptic_inference(out["semantic_logits"], out["center_heatmap"], out["offset_map"], THINGS,
-                                stuff_area=1, nms_kernel=5, semantic_is_probs=False)[0]
+    result = panoptic_inference(
+        out["semantic_logits"],
+        out["center_heatmap"],
+        out["offset_map"],
+        THINGS,
+        stuff_area=1,
+        nms_kernel=5,
+        semantic_is_probs=False,
+    )[0]
     pan = result["panoptic"]
     for i in range(1, 5):
         ids, counts = pan[inst == i].unique(return_counts=True)

@@ -1,4 +1,5 @@
 """Axial-DeepLab in PyTorch."""
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "create_model", "is_model", "list_models", "load_model", "Predictor", "PanopticResult"]

@@ -1,5 +1,6 @@
 """The ``axial-deeplab`` command. Each subcommand lives in ``axial_deeplab.commands.<name>``
 and exposes ``register(subparsers)``, which adds its parser and sets ``func``."""
+
 from __future__ import annotations
 
 import argparse

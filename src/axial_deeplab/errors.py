@@ -1,5 +1,6 @@
 """The errors a user can act on. The command line prints each as one line naming the file,
 field or path at fault and exits with status 2; anything else is a bug and keeps its traceback."""
+
 from __future__ import annotations
 
 import errno

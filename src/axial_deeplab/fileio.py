@@ -1,5 +1,6 @@
 """Atomic file writes: a temporary file in the target folder, then one ``os.replace``, so a
 reader (or an interrupted run) sees either the old file or the whole new one, never a torn one."""
+
 from __future__ import annotations
 
 import contextlib

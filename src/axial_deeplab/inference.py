@@ -11,6 +11,7 @@ A checkpoint folder is self-describing: ``model.safetensors`` (the weights), ``c
 thing ids, label divisor, colours). The predictor runs the same steps as ``axial-deeplab
 predict`` (:func:`axial_deeplab.engine.predict.predict_panoptic`), so both give the same map.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,7 @@ class PanopticResult:
         from .engine.visualize import overlay_panoptic
 
         md = self.metadata
-        return overlay_panoptic(self.image, self.panoptic, md.palette(), md.label_divisor, md.thing_ids,
-                                alpha=alpha)
+        return overlay_panoptic(self.image, self.panoptic, md.palette(), md.label_divisor, md.thing_ids, alpha=alpha)
 
 
 def _as_rgb(image) -> np.ndarray:
@@ -95,8 +95,10 @@ class Predictor:
             cfg = config if config is not None else getattr(model, "config", None)
             metadata = metadata if metadata is not None else getattr(model, "metadata", None)
             if cfg is None or metadata is None:
-                raise ValueError("Predictor: this model carries no config and classes; load it with "
-                                 "axial_deeplab.load_model, or pass config= and metadata=")
+                raise ValueError(
+                    "Predictor: this model carries no config and classes; load it with "
+                    "axial_deeplab.load_model, or pass config= and metadata="
+                )
             if device is None:
                 device = next(model.parameters()).device
             model.to(device).eval()
@@ -104,8 +106,9 @@ class Predictor:
             model = load_model(path_or_model, device or "cpu", config, overrides)
             cfg, metadata = model.config, model.metadata
         if cfg.experiment.task != "panoptic":
-            raise ValueError(f"Predictor: the model is a {cfg.experiment.task} model; Predictor makes "
-                             f"panoptic predictions")
+            raise ValueError(
+                f"Predictor: the model is a {cfg.experiment.task} model; Predictor makes panoptic predictions"
+            )
         from .engine.builders import build_eval_transform
 
         self.model, self.config, self.metadata = model, cfg, metadata
@@ -118,8 +121,9 @@ class Predictor:
 
         rgb = _as_rgb(image)
         name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else ""
-        _, pan, scores = predict_panoptic(self.model, self.config, self.metadata, rgb, self.device,
-                                          self._transform, name)
+        _, pan, scores = predict_panoptic(
+            self.model, self.config, self.metadata, rgb, self.device, self._transform, name
+        )
         pan = pan.numpy().astype(np.int64)
         pan[pan < 0] = -1
         md = self.metadata
@@ -127,8 +131,14 @@ class Predictor:
         segments = []
         for v, a in zip(values.tolist(), areas.tolist()):
             c = v // md.label_divisor
-            seg = {"id": v, "class_id": c, "category_id": md.category_id(c), "class_name": md.class_names[c],
-                   "isthing": md.is_thing(c), "area": a}
+            seg = {
+                "id": v,
+                "class_id": c,
+                "category_id": md.category_id(c),
+                "class_name": md.class_names[c],
+                "isthing": md.is_thing(c),
+                "area": a,
+            }
             if v in scores:
                 seg["score"] = scores[v]
             segments.append(seg)

@@ -18,6 +18,7 @@ contributes 0. L1/MSE average over the channels of a pixel first (deeplab2's
 The returned components are already multiplied by their loss weights
 (1, 200, 0.01 by default), as deeplab2 reports them, and ``total`` is their sum.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
@@ -140,11 +141,15 @@ class PanopticDeepLabLoss(nn.Module):
         self.offset_weight = float(offset_weight)
 
     def extra_repr(self) -> str:
-        return (f"ignore_label={self.ignore_label}, top_k_fraction={self.top_k_fraction}, "
-                f"weights=(semantic {self.semantic_weight}, center {self.center_weight}, "
-                f"offset {self.offset_weight})")
+        return (
+            f"ignore_label={self.ignore_label}, top_k_fraction={self.top_k_fraction}, "
+            f"weights=(semantic {self.semantic_weight}, center {self.center_weight}, "
+            f"offset {self.offset_weight})"
+        )
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
         for key in ("semantic_logits", "center_heatmap", "offset_map"):
             if key not in outputs:
                 raise KeyError(f"model outputs lack {key!r}; got {sorted(outputs)}")
@@ -153,10 +158,16 @@ class PanopticDeepLabLoss(nn.Module):
                 raise KeyError(f"targets lack {key!r} (build them with PanopticTargetGenerator); got {sorted(targets)}")
         logits = outputs["semantic_logits"]
         semantic = self.semantic_weight * bootstrapped_cross_entropy(
-            logits, targets["semantic"], targets.get("semantic_weights"),
-            ignore_label=self.ignore_label, top_k_fraction=self.top_k_fraction)
+            logits,
+            targets["semantic"],
+            targets.get("semantic_weights"),
+            ignore_label=self.ignore_label,
+            top_k_fraction=self.top_k_fraction,
+        )
         center = self.center_weight * weighted_mse(
-            outputs["center_heatmap"], targets["center"].to(logits.dtype), targets["center_weights"])
+            outputs["center_heatmap"], targets["center"].to(logits.dtype), targets["center_weights"]
+        )
         offset = self.offset_weight * weighted_l1(
-            outputs["offset_map"], targets["offset"].to(logits.dtype), targets["offset_weights"])
+            outputs["offset_map"], targets["offset"].to(logits.dtype), targets["offset_weights"]
+        )
         return {"semantic": semantic, "center": center, "offset": offset, "total": semantic + center + offset}

@@ -22,6 +22,7 @@ and scores are ``bincount``/``cumsum`` over (instance, class) pairs.
 loop version of the same rules; tests compare the two and
 ``benchmarks/bench_postprocess.py`` times them.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,6 +48,7 @@ __all__ = [
 
 class NonFiniteWarning(RuntimeWarning):
     """Raised once per :func:`panoptic_inference` call whose inputs hold NaN or infinite values."""
+
 
 # Largest number of (pixel, candidate center) pairs held at once (~4 MB per float32 tensor).
 DEFAULT_MAX_ELEMENTS = 1 << 20
@@ -170,8 +172,14 @@ def nearest_center(
         raise ValueError("nearest_center needs at least one center")
     points = points.to(torch.float32)
     centers = centers.to(device=points.device, dtype=torch.float32)
-    return _nearest_center_yx(points[:, 0].contiguous(), points[:, 1].contiguous(),
-                              centers[:, 0].contiguous(), centers[:, 1].contiguous(), max_elements, cell_size)
+    return _nearest_center_yx(
+        points[:, 0].contiguous(),
+        points[:, 1].contiguous(),
+        centers[:, 0].contiguous(),
+        centers[:, 1].contiguous(),
+        max_elements,
+        cell_size,
+    )
 
 
 def _nearest_center_yx(py, px, cy, cx, max_elements=DEFAULT_MAX_ELEMENTS, cell_size=None):
@@ -182,8 +190,8 @@ def _nearest_center_yx(py, px, cy, cx, max_elements=DEFAULT_MAX_ELEMENTS, cell_s
         out = torch.empty(n, dtype=torch.long, device=py.device)
         chunk = max(1, max_elements // k)
         for s in range(0, n, chunk):
-            d = _squared_distance(py[s:s + chunk, None], px[s:s + chunk, None], cy[None], cx[None])
-            out[s:s + chunk] = d.argmin(dim=1)
+            d = _squared_distance(py[s : s + chunk, None], px[s : s + chunk, None], cy[None], cx[None])
+            out[s : s + chunk] = d.argmin(dim=1)
         return out
 
     table, counts, cell_of_point = _candidate_table(py, px, cy, cx, max_elements, cell_size)
@@ -193,12 +201,15 @@ def _nearest_center_yx(py, px, cy, cx, max_elements=DEFAULT_MAX_ELEMENTS, cell_s
     m = table.shape[1]
     chunk = max(1, max_elements // m)
     for s in range(0, undecided.numel(), chunk):
-        which = undecided[s:s + chunk]
+        which = undecided[s : s + chunk]
         candidates = table.index_select(0, cell_of_point.index_select(0, which))  # (chunk, M), ascending
         flat = candidates.reshape(-1)
-        d = _squared_distance(py.index_select(0, which)[:, None], px.index_select(0, which)[:, None],
-                              cy.index_select(0, flat).view_as(candidates),
-                              cx.index_select(0, flat).view_as(candidates))
+        d = _squared_distance(
+            py.index_select(0, which)[:, None],
+            px.index_select(0, which)[:, None],
+            cy.index_select(0, flat).view_as(candidates),
+            cx.index_select(0, flat).view_as(candidates),
+        )
         out.index_copy_(0, which, candidates.gather(1, d.argmin(dim=1, keepdim=True)).squeeze(1))
     return out
 
@@ -294,10 +305,10 @@ def semantic_argmax(probs: torch.Tensor, chunk: int = 1 << 15) -> Tuple[torch.Te
     code = torch.empty(flat.shape[1], dtype=torch.uint8)
     codes = torch.arange(num_classes, 0, -1, dtype=torch.uint8).view(num_classes, 1)
     for s in range(0, flat.shape[1], chunk):
-        block = flat[:, s:s + chunk]
-        block_best = torch.amax(block, dim=0, out=best[s:s + chunk])
+        block = flat[:, s : s + chunk]
+        block_best = torch.amax(block, dim=0, out=best[s : s + chunk])
         # block <= block_best everywhere, so >= marks the maxima (and runs faster than ==).
-        torch.amax((block >= block_best) * codes, dim=0, out=code[s:s + chunk])
+        torch.amax((block >= block_best) * codes, dim=0, out=code[s : s + chunk])
     index = num_classes - code.clamp_min_(1).long()  # code 0 only on NaN pixels: last class
     return best.reshape(probs.shape[1:]), index.reshape(probs.shape[1:])
 
@@ -324,8 +335,11 @@ def _looks_like_probabilities(semantic: torch.Tensor) -> bool:
         semantic = semantic.movedim(-3, -1)[finite.all(dim=-3)].T  # (C, pixels with no NaN)
         if semantic.numel() == 0:
             return True
-        return (float(semantic.min()) >= 0 and float(semantic.max()) <= 1
-                and bool(((semantic.sum(dim=0) - 1).abs() <= 1e-3).all()))
+        return (
+            float(semantic.min()) >= 0
+            and float(semantic.max()) <= 1
+            and bool(((semantic.sum(dim=0) - 1).abs() <= 1e-3).all())
+        )
     if float(semantic.min()) < 0 or float(semantic.max()) > 1:
         return False
     return bool(((semantic.sum(dim=-3) - 1).abs() <= 1e-3).all())
@@ -338,8 +352,19 @@ def _segments_info(ids, classes, is_thing, scores, areas) -> List[Dict]:
     ]
 
 
-def _merge_one(probs, offsets, centers, center_scores, thing_lut, label_divisor, stuff_area,
-               void_label, max_elements, void_pixels=None, ungrouped=None) -> Dict:
+def _merge_one(
+    probs,
+    offsets,
+    centers,
+    center_scores,
+    thing_lut,
+    label_divisor,
+    stuff_area,
+    void_label,
+    max_elements,
+    void_pixels=None,
+    ungrouped=None,
+) -> Dict:
     """Vectorised merge of one image: probs (C, H, W), offsets (2, H, W), centers (K, 2).
 
     ``void_pixels`` (H*W,) bool: pixels that join no segment (non-finite class scores);
@@ -356,11 +381,11 @@ def _merge_one(probs, offsets, centers, center_scores, thing_lut, label_divisor,
 
     # Stuff: one segment per class (thing-ness is per class, so class areas are segment areas).
     class_area = torch.bincount(merge_class, minlength=num_classes + 1)[:num_classes]
-    class_prob_sum = torch.bincount(merge_class, weights=sem_prob.reshape(-1),
-                                    minlength=num_classes + 1)[:num_classes]
+    class_prob_sum = torch.bincount(merge_class, weights=sem_prob.reshape(-1), minlength=num_classes + 1)[:num_classes]
     kept_stuff = (class_area >= max(stuff_area, 1)) & ~thing_lut
-    class_label = torch.where(kept_stuff, torch.arange(num_classes, device=device) * label_divisor,
-                              torch.full_like(class_area, void_label))
+    class_label = torch.where(
+        kept_stuff, torch.arange(num_classes, device=device) * label_divisor, torch.full_like(class_area, void_label)
+    )
     class_label = F.pad(class_label, (0, 1), value=void_label)
     panoptic = class_label.index_select(0, merge_class)  # stuff labels; thing and small-stuff pixels void for now
     stuff_classes = torch.nonzero(kept_stuff).squeeze(1)
@@ -370,9 +395,14 @@ def _merge_one(probs, offsets, centers, center_scores, thing_lut, label_divisor,
     # Things: pixel -> nearest center of (coordinate + offset), then per-instance statistics.
     k = centers.shape[0]
     empty_long = torch.zeros(0, dtype=torch.long, device=device)
-    instances = {"ids": empty_long, "classes": empty_long, "scores": torch.zeros(0, device=device),
-                 "areas": empty_long, "centers": empty_long.reshape(0, 2),
-                 "center_scores": torch.zeros(0, device=device)}
+    instances = {
+        "ids": empty_long,
+        "classes": empty_long,
+        "scores": torch.zeros(0, device=device),
+        "areas": empty_long,
+        "centers": empty_long.reshape(0, 2),
+        "center_scores": torch.zeros(0, device=device),
+    }
     thing_index = torch.nonzero(thing).squeeze(1) if k else empty_long
     if thing_index.numel():
         # Pointed-to positions (coordinate + offset); whole-map adds beat integer div/mod per pixel.
@@ -382,12 +412,10 @@ def _merge_one(probs, offsets, centers, center_scores, thing_lut, label_divisor,
         py = (offsets[0] + rows).reshape(-1).index_select(0, thing_index)
         px = (offsets[1] + cols).reshape(-1).index_select(0, thing_index)
         centers_f = centers.float()
-        assign = _nearest_center_yx(py, px, centers_f[:, 0].contiguous(), centers_f[:, 1].contiguous(),
-                                    max_elements)
+        assign = _nearest_center_yx(py, px, centers_f[:, 0].contiguous(), centers_f[:, 1].contiguous(), max_elements)
         del py, px
         pixel_semantic = semantic_flat.index_select(0, thing_index)
-        votes = torch.bincount(assign * num_classes + pixel_semantic,
-                               minlength=k * num_classes).reshape(k, num_classes)
+        votes = torch.bincount(assign * num_classes + pixel_semantic, minlength=k * num_classes).reshape(k, num_classes)
         areas = votes.sum(dim=1)
         classes = votes.argmax(dim=1)  # majority class, lowest id on ties
         present = areas > 0
@@ -404,14 +432,21 @@ def _merge_one(probs, offsets, centers, center_scores, thing_lut, label_divisor,
             class_prob.index_copy_(0, outvoted, probs.reshape(-1).index_select(0, where))
         mean_prob = torch.bincount(assign, weights=class_prob, minlength=k) / areas.clamp_min(1)
         scores = mean_prob.float() * center_scores.float()
-        instances = {"ids": panoptic_ids[present], "classes": classes[present], "scores": scores[present],
-                     "areas": areas[present], "centers": centers[present],
-                     "center_scores": center_scores[present]}
+        instances = {
+            "ids": panoptic_ids[present],
+            "classes": classes[present],
+            "scores": scores[present],
+            "areas": areas[present],
+            "centers": centers[present],
+            "center_scores": center_scores[present],
+        }
 
-    segments = _segments_info(instances["ids"], instances["classes"], [True] * len(instances["ids"]),
-                              instances["scores"], instances["areas"])
-    segments += _segments_info(stuff_classes * label_divisor, stuff_classes, [False] * len(stuff_classes),
-                               stuff_scores, stuff_areas)
+    segments = _segments_info(
+        instances["ids"], instances["classes"], [True] * len(instances["ids"]), instances["scores"], instances["areas"]
+    )
+    segments += _segments_info(
+        stuff_classes * label_divisor, stuff_classes, [False] * len(stuff_classes), stuff_scores, stuff_areas
+    )
     return {
         "panoptic": panoptic.reshape(height, width),
         "semantic": semantic,
@@ -435,8 +470,10 @@ def _prepare(semantic, center_heatmap, offset_map, semantic_is_probs):
         raise ValueError(f"offset_map has shape {tuple(offset_map.shape)}, expected {(b, 2, h, w)}")
     semantic, heat = semantic.detach(), center_heatmap.detach()
     offsets = offset_map.detach().float()  # float32 first: a huge float64 offset becomes inf here
-    found = [(name, _non_finite_counts(t)) for name, t in
-             (("semantic", semantic), ("center_heatmap", heat), ("offset_map", offsets))]
+    found = [
+        (name, _non_finite_counts(t))
+        for name, t in (("semantic", semantic), ("center_heatmap", heat), ("offset_map", offsets))
+    ]
     found = [(name, counts) for name, counts in found if counts is not None]
     if semantic_is_probs is None:
         semantic_is_probs = _looks_like_probabilities(semantic)
@@ -447,7 +484,10 @@ def _prepare(semantic, center_heatmap, offset_map, semantic_is_probs):
         warnings.warn(
             f"panoptic_inference: non-finite values in {what}; non-finite scores count as the lowest "
             f"(never a center or the winning class), pixels with non-finite class scores are void and "
-            f"thing pixels with non-finite offsets join no instance (void)", NonFiniteWarning, stacklevel=3)
+            f"thing pixels with non-finite offsets join no instance (void)",
+            NonFiniteWarning,
+            stacklevel=3,
+        )
         bad = ~torch.isfinite(probs)
         if bool(bad.any()):
             void_pixels = bad.any(dim=1).reshape(b, -1)
@@ -520,8 +560,9 @@ def panoptic_inference(
     """
     if label_divisor < 1:
         raise ValueError(f"label_divisor must be positive, got {label_divisor}")
-    batched, probs, heat, offsets, void_pixels, ungrouped = _prepare(semantic, center_heatmap, offset_map,
-                                                                     semantic_is_probs)
+    batched, probs, heat, offsets, void_pixels, ungrouped = _prepare(
+        semantic, center_heatmap, offset_map, semantic_is_probs
+    )
     if top_k is not None and top_k >= label_divisor:
         raise ValueError(f"top_k={top_k} instances need label_divisor > top_k (got {label_divisor})")
     thing_lut = _thing_lookup(thing_ids, probs.shape[1], probs.device)
@@ -529,12 +570,24 @@ def panoptic_inference(
     results = []
     for b, (centers, scores) in enumerate(found):
         if centers.shape[0] >= label_divisor:
-            raise ValueError(f"{centers.shape[0]} centers need label_divisor > {centers.shape[0]} "
-                             f"(got {label_divisor}); lower top_k")
-        results.append(_merge_one(probs[b], offsets[b], centers, scores, thing_lut,
-                                  label_divisor, stuff_area, void_label, max_elements,
-                                  None if void_pixels is None else void_pixels[b],
-                                  None if ungrouped is None else ungrouped[b]))
+            raise ValueError(
+                f"{centers.shape[0]} centers need label_divisor > {centers.shape[0]} (got {label_divisor}); lower top_k"
+            )
+        results.append(
+            _merge_one(
+                probs[b],
+                offsets[b],
+                centers,
+                scores,
+                thing_lut,
+                label_divisor,
+                stuff_area,
+                void_label,
+                max_elements,
+                None if void_pixels is None else void_pixels[b],
+                None if ungrouped is None else ungrouped[b],
+            )
+        )
     return results if batched else results[0]
 
 
@@ -556,8 +609,9 @@ def panoptic_inference_reference(
     the readable oracle for the tests and the comparison in ``benchmarks/bench_postprocess.py``.
     """
     num_classes, height, width = semantic_probs.shape
-    (centers, center_scores), = find_instance_centers(center_heatmap[None], threshold, nms_kernel, top_k,
-                                                      max_filter=_max_pool_filter)
+    ((centers, center_scores),) = find_instance_centers(
+        center_heatmap[None], threshold, nms_kernel, top_k, max_filter=_max_pool_filter
+    )
     sem_prob, semantic = semantic_probs.max(dim=0)
     thing_classes = sorted(set(int(t) for t in thing_ids))
     thing = torch.zeros_like(semantic, dtype=torch.bool)
@@ -585,8 +639,14 @@ def panoptic_inference_reference(
         pid = cls * label_divisor + next_id[cls]
         panoptic[mask] = pid
         score = float(semantic_probs[cls][mask].double().mean()) * float(center_scores[k])
-        for key, value in (("ids", pid), ("classes", cls), ("scores", score), ("areas", area),
-                           ("centers", centers[k].tolist()), ("center_scores", float(center_scores[k]))):
+        for key, value in (
+            ("ids", pid),
+            ("classes", cls),
+            ("scores", score),
+            ("areas", area),
+            ("centers", centers[k].tolist()),
+            ("center_scores", float(center_scores[k])),
+        ):
             inst[key].append(value)
         segments.append({"id": pid, "category_id": cls, "isthing": True, "score": score, "area": area})
 
@@ -601,11 +661,18 @@ def panoptic_inference_reference(
         score = float(sem_prob[mask].double().mean())
         segments.append({"id": c * label_divisor, "category_id": c, "isthing": False, "score": score, "area": area})
 
-    instances = {key: torch.tensor(value, dtype=torch.float32 if "score" in key else torch.long)
-                 for key, value in inst.items()}
+    instances = {
+        key: torch.tensor(value, dtype=torch.float32 if "score" in key else torch.long) for key, value in inst.items()
+    }
     instances["centers"] = instances["centers"].reshape(-1, 2)
-    return {"panoptic": panoptic, "semantic": semantic, "segments_info": segments, "instances": instances,
-            "centers": centers, "center_scores": center_scores}
+    return {
+        "panoptic": panoptic,
+        "semantic": semantic,
+        "segments_info": segments,
+        "instances": instances,
+        "centers": centers,
+        "center_scores": center_scores,
+    }
 
 
 def instance_masks(result: Dict) -> torch.Tensor:

@@ -7,6 +7,7 @@ has the same keys as ``model.predict_raw`` so the ordinary post-processing
 runs on it: ``semantic_logits`` holds log(mean probability) (its softmax is the
 mean probability), ``semantic_probs`` the mean probabilities themselves.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -34,8 +35,9 @@ def _unflip(outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def tta_raw_outputs(model, images: torch.Tensor, scales: Sequence[float] = DEFAULT_TTA_SCALES,
-                    flip: bool = True) -> Dict[str, torch.Tensor]:
+def tta_raw_outputs(
+    model, images: torch.Tensor, scales: Sequence[float] = DEFAULT_TTA_SCALES, flip: bool = True
+) -> Dict[str, torch.Tensor]:
     """Averaged raw outputs of ``model.predict_raw`` over ``scales`` x (identity, horizontal flip).
 
     Args:
@@ -52,16 +54,17 @@ def tta_raw_outputs(model, images: torch.Tensor, scales: Sequence[float] = DEFAU
     views = 0
     for scale in scales:
         view_size = scaled_size(size, scale)
-        x = images if view_size == size else F.interpolate(images, size=view_size, mode="bilinear",
-                                                           align_corners=True)
-        for mirrored in ((False, True) if flip else (False,)):
+        x = images if view_size == size else F.interpolate(images, size=view_size, mode="bilinear", align_corners=True)
+        for mirrored in (False, True) if flip else (False,):
             raw = model.predict_raw(x.flip(-1) if mirrored else x)
-            raw = resize_outputs({k: raw[k].float() for k in ("semantic_logits", "center_heatmap", "offset_map")},
-                                 size)
+            raw = resize_outputs({k: raw[k].float() for k in ("semantic_logits", "center_heatmap", "offset_map")}, size)
             if mirrored:
                 raw = _unflip(raw)
-            view = {"semantic_probs": raw["semantic_logits"].softmax(dim=1),
-                    "center_heatmap": raw["center_heatmap"], "offset_map": raw["offset_map"]}
+            view = {
+                "semantic_probs": raw["semantic_logits"].softmax(dim=1),
+                "center_heatmap": raw["center_heatmap"],
+                "offset_map": raw["offset_map"],
+            }
             totals = view if totals is None else {k: totals[k] + view[k] for k in totals}
             views += 1
     out = {k: v / views for k, v in totals.items()}

@@ -36,11 +36,21 @@ Adding a suite (e.g. one model against another):
 3. add ``<name>.SUITE`` to ``SUITES`` in ``suites/__init__.py``: ``--only <name>`` then
    runs it, and its rows appear in the table and the JSON file.
 """
+
 from __future__ import annotations
 
 from .attention import attention_impls, layer_pair, set_attention_impl
-from .harness import (Result, copy_bandwidth, failure_note, fill_ratios, measure, module_step,
-                      peak_memory_bytes, time_interleaved, time_runs)
+from .harness import (
+    Result,
+    copy_bandwidth,
+    failure_note,
+    fill_ratios,
+    measure,
+    module_step,
+    peak_memory_bytes,
+    time_interleaved,
+    time_runs,
+)
 from .report import format_table, machine_info, progress, table
 from .scripts import add_script_arguments, apply_script_threads, report_script_rows
 from .suites import SUITES, Settings, Suite
@@ -51,11 +61,41 @@ from .suites.models import MODEL_CASES, QUICK_MODEL_CASES, bench_models
 from .suites.postprocess import bench_postprocess, synthetic_panoptic_outputs
 
 __all__ = [
-    "GPU_LAYER_SHAPES", "LAYER_SHAPES", "MODEL_CASES", "QUICK_LAYER_SHAPES", "QUICK_MODEL_CASES", "SUITES",
-    "Result", "Settings", "Suite", "add_script_arguments", "apply_script_threads", "attention_impls",
-    "bench_core", "bench_deploy", "bench_layers", "bench_models", "bench_postprocess", "copy_bandwidth",
-    "core_functions", "failure_note", "fill_ratios", "format_deploy_table", "format_table", "layer_pair",
-    "machine_info", "max_rel_diff", "measure", "module_step", "onnxruntime_session", "peak_memory_bytes",
-    "progress", "report_script_rows", "set_attention_impl", "synthetic_panoptic_outputs", "table",
-    "time_interleaved", "time_runs",
+    "GPU_LAYER_SHAPES",
+    "LAYER_SHAPES",
+    "MODEL_CASES",
+    "QUICK_LAYER_SHAPES",
+    "QUICK_MODEL_CASES",
+    "SUITES",
+    "Result",
+    "Settings",
+    "Suite",
+    "add_script_arguments",
+    "apply_script_threads",
+    "attention_impls",
+    "bench_core",
+    "bench_deploy",
+    "bench_layers",
+    "bench_models",
+    "bench_postprocess",
+    "copy_bandwidth",
+    "core_functions",
+    "failure_note",
+    "fill_ratios",
+    "format_deploy_table",
+    "format_table",
+    "layer_pair",
+    "machine_info",
+    "max_rel_diff",
+    "measure",
+    "module_step",
+    "onnxruntime_session",
+    "peak_memory_bytes",
+    "progress",
+    "report_script_rows",
+    "set_attention_impl",
+    "synthetic_panoptic_outputs",
+    "table",
+    "time_interleaved",
+    "time_runs",
 ]

@@ -1,5 +1,6 @@
 """The axial-attention layers under test, and switching a module between implementations
 (the reference equation and every registered fast path)."""
+
 from __future__ import annotations
 
 from typing import List

@@ -9,6 +9,7 @@ Peak memory on CPU is the high-water mark of bytes allocated through PyTorch's C
 allocator during one run, relative to the start (read from ``torch.profiler``'s memory
 events); on CUDA it is ``torch.cuda.max_memory_allocated`` over the run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,9 @@ def time_runs(fn: Callable[[], object], repeats: int, device: torch.device, warm
     return statistics.median(walls), statistics.median(cpus), walls
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device,
-                     warmup: int = 1) -> Dict[str, tuple]:
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
+) -> Dict[str, tuple]:
     """:func:`time_runs` of several functions in turns (one call of each per round), so that a
     host whose speed drifts (other processes on shared cores) slows every side of a ratio
     alike. A function that raises is left out of the later rounds and maps to its exception."""
@@ -115,8 +117,11 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
     current = peak = 0
     for _, nbytes in events:
         current += nbytes
@@ -146,7 +151,7 @@ def _quiet_stderr():
 def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
     """Bytes per second of a large tensor copy (read + write): the memory bandwidth this
     device reaches in practice, the yardstick of the attention core's bandwidth fraction."""
-    n = mib * 2 ** 20 // 4
+    n = mib * 2**20 // 4
     src = torch.empty(n, device=device).uniform_()
     dst = torch.empty_like(src)
     median, _, _ = time_runs(lambda: dst.copy_(src), repeats, device)
@@ -157,14 +162,17 @@ def module_step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], o
     """One call of ``module`` on ``x``: a forward without autograd (``"eval"``), or a forward
     and the backward of the output's sum, gradients then dropped (``"train"``)."""
     if mode == "eval":
+
         def run():
             with torch.no_grad():
                 return module(x)
     else:
+
         def run():
             xg = x.detach().requires_grad_(True)
             module(xg).sum().backward()
             module.zero_grad(set_to_none=True)
+
     return run
 
 
@@ -173,8 +181,18 @@ def failure_note(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:70]}"
 
 
-def measure(group: str, case: str, mode: str, impl: str, fn: Callable[[], object], repeats: int,
-            device: torch.device, with_memory: bool = True, warmup: int = 1, timed=None) -> Result:
+def measure(
+    group: str,
+    case: str,
+    mode: str,
+    impl: str,
+    fn: Callable[[], object],
+    repeats: int,
+    device: torch.device,
+    with_memory: bool = True,
+    warmup: int = 1,
+    timed=None,
+) -> Result:
     """One row: times of ``fn`` (or ``timed``, its result of :func:`time_interleaved`) and its
     peak memory; a failure (e.g. out of memory at a large shape) is reported in the row."""
     res = Result(group, case, mode, impl)
@@ -186,7 +204,7 @@ def measure(group: str, case: str, mode: str, impl: str, fn: Callable[[], object
         res.median_ms, res.cpu_ms, res.times_ms = timed
         res.runs = repeats
         if with_memory:
-            res.peak_mib = peak_memory_bytes(fn, device) / 2 ** 20
+            res.peak_mib = peak_memory_bytes(fn, device) / 2**20
     except Exception as e:
         res.note = failure_note(e)
     return res
@@ -196,6 +214,7 @@ def fill_ratios(rows: List[Result], clock: str = "wall") -> None:
     """Set ``vs_conv`` (this / "conv3x3") and ``vs_reference`` ("reference" / this) between
     rows of the same group, case and mode, from the median wall times or the median
     process-CPU times (``clock="cpu"``: steadier when other processes share the cores)."""
+
     def t(r):
         return r.median_ms if clock == "wall" else r.cpu_ms
 

@@ -1,5 +1,6 @@
 """What a run shows: one progress line per row as it is measured, the rows as a table at
 the end, and the machine they were measured on (for the JSON file)."""
+
 from __future__ import annotations
 
 import os
@@ -14,9 +15,14 @@ from .harness import Result
 Column = Tuple[str, ...]
 
 COLUMNS: Sequence[Column] = [
-    ("group", "15s"), ("case", "28s"), ("mode", "5s"), ("impl", "17s"),
-    ("median_ms", "10.1f", "median ms"), ("cpu_ms", "9.1f", "cpu ms"),
-    ("vs_conv", "7.2f", "x conv"), ("vs_reference", "8.2f", "ref/this"),
+    ("group", "15s"),
+    ("case", "28s"),
+    ("mode", "5s"),
+    ("impl", "17s"),
+    ("median_ms", "10.1f", "median ms"),
+    ("cpu_ms", "9.1f", "cpu ms"),
+    ("vs_conv", "7.2f", "x conv"),
+    ("vs_reference", "8.2f", "ref/this"),
     ("peak_mib", "9.1f", "peak MiB"),
 ]
 
@@ -29,8 +35,10 @@ def progress(r: Result) -> str:
     """The line logged as soon as a row is measured."""
     if r.median_ms is None:
         return f"  {r.group:15s} {r.case:28s} {r.mode:5s} {r.impl:17s} {r.note}"
-    return (f"  {r.group:15s} {r.case:28s} {r.mode:5s} {r.impl:17s} {r.median_ms:10.1f} ms"
-            f"  peak {_fmt(r.peak_mib, '.0f')} MiB")
+    return (
+        f"  {r.group:15s} {r.case:28s} {r.mode:5s} {r.impl:17s} {r.median_ms:10.1f} ms"
+        f"  peak {_fmt(r.peak_mib, '.0f')} MiB"
+    )
 
 
 def format_table(rows: List[Result]) -> str:
@@ -51,8 +59,10 @@ def table(rows: List[Result], columns: Sequence[Column]) -> str:
     lines = [" ".join(head) + "  note"]
     lines.append("-" * len(lines[0]))
     for r in rows:
-        values = [format(getattr(r, f), spec) if text else format(_fmt(getattr(r, f), spec), f">{width}s")
-                  for f, spec, text, width in cells]
+        values = [
+            format(getattr(r, f), spec) if text else format(_fmt(getattr(r, f), spec), f">{width}s")
+            for f, spec, text, width in cells
+        ]
         lines.append(" ".join(values) + f"  {r.note}")
     return "\n".join(lines)
 

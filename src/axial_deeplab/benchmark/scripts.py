@@ -1,5 +1,6 @@
 """What the scripts in ``benchmarks/`` share: their common options and their output (the
 ``axial-deeplab benchmark`` command has its own, richer set of options)."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """``axial-deeplab benchmark``: runs the suites of :mod:`axial_deeplab.benchmark` and
 prints their tables (and, with ``--json``, writes every row with the machine)."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,28 +31,47 @@ def register(subparsers) -> None:
             "and the panoptic post-processing. Prints medians, ratios and peak memory."
         ),
     )
-    p.add_argument("--quick", action="store_true",
-                   help="fewer repeats, skip Axial-DeepLab-L and the slow reference/loop baselines of the "
-                        "big cases (about 2 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repeats, skip Axial-DeepLab-L and the slow reference/loop baselines of the "
+        "big cases (about 2 minutes on 2 CPU cores)",
+    )
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10, --quick 3)")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
-                   help="sections to run (default: all but whole_models and deploy; whole_models = "
-                        "Axial-ResNet-S vs ResNet-50 and Axial-DeepLab-S vs Panoptic-DeepLab-R50, eval and "
-                        "training step at 1 and 2 threads with peak memory, about 15 minutes on 2 cores, "
-                        "tiny inputs with --quick; deploy = eager vs torch.compile vs ONNX Runtime for "
-                        "Axial-ResNet-S and Axial-DeepLab-S, with compile and export times)")
-    p.add_argument("--impls", nargs="+", default=None,
-                   help="attention implementations to time (default: reference and every registered fast path)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(DEFAULT_SECTIONS),
+        help="sections to run (default: all but whole_models and deploy; whole_models = "
+        "Axial-ResNet-S vs ResNet-50 and Axial-DeepLab-S vs Panoptic-DeepLab-R50, eval and "
+        "training step at 1 and 2 threads with peak memory, about 15 minutes on 2 cores, "
+        "tiny inputs with --quick; deploy = eager vs torch.compile vs ONNX Runtime for "
+        "Axial-ResNet-S and Axial-DeepLab-S, with compile and export times)",
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        help="attention implementations to time (default: reference and every registered fast path)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time the ratios use: median wall time, or median process CPU time (steadier when "
-                        "other processes share the cores; with --threads 1 it is the single-core time)")
-    p.add_argument("--no-tf32", action="store_true",
-                   help="on a GPU, turn TF32 off for cuDNN's convolutions and the Triton kernels (full "
-                        "float32 accuracy; by default both use TF32 tensor cores, as PyTorch's convolutions do)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time the ratios use: median wall time, or median process CPU time (steadier when "
+        "other processes share the cores; with --threads 1 it is the single-core time)",
+    )
+    p.add_argument(
+        "--no-tf32",
+        action="store_true",
+        help="on a GPU, turn TF32 off for cuDNN's convolutions and the Triton kernels (full "
+        "float32 accuracy; by default both use TF32 tensor cores, as PyTorch's convolutions do)",
+    )
     p.set_defaults(func=run)
 
 
@@ -77,12 +97,17 @@ def _check_and_apply(args: argparse.Namespace) -> None:
 
 
 def _print_header(info: dict, device: torch.device, quick: bool) -> None:
-    print(f"axial-deeplab benchmark on {info['cpu']} ({info['torch_threads']} threads), torch {info['torch']}, "
-          f"device {device}{' (quick)' if quick else ''}", flush=True)
+    print(
+        f"axial-deeplab benchmark on {info['cpu']} ({info['torch_threads']} threads), torch {info['torch']}, "
+        f"device {device}{' (quick)' if quick else ''}",
+        flush=True,
+    )
     if device.type == "cuda":
-        print(f"GPU {info['gpu']}; cuDNN TF32 {'on' if info['cudnn_tf32'] else 'off'}, Triton dots "
-              f"{info.get('triton_dot', '(no triton)')}, float32 matmul precision {info['matmul_precision']}",
-              flush=True)
+        print(
+            f"GPU {info['gpu']}; cuDNN TF32 {'on' if info['cudnn_tf32'] else 'off'}, Triton dots "
+            f"{info.get('triton_dot', '(no triton)')}, float32 matmul precision {info['matmul_precision']}",
+            flush=True,
+        )
 
 
 def _print_tables(ran: List[Tuple[Suite, List[Result]]], clock: str) -> None:
@@ -115,21 +140,37 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats or (3 if args.quick else 10)
     info = machine_info(device)
     _print_header(info, device, args.quick)
-    settings = Settings(device, quick=args.quick, repeats=repeats, impls=args.impls,
-                        with_memory=not args.no_memory, clock=args.clock,
-                        log=lambda s: print(s, flush=True))
+    settings = Settings(
+        device,
+        quick=args.quick,
+        repeats=repeats,
+        impls=args.impls,
+        with_memory=not args.no_memory,
+        clock=args.clock,
+        log=lambda s: print(s, flush=True),
+    )
     start = time.perf_counter()
     ran = [(suite, suite.run(settings)) for suite in SUITES if suite.name in args.only]
     rows = [r for _, suite_rows in ran for r in suite_rows]
     elapsed = time.perf_counter() - start
     print()
     _print_tables(ran, args.clock)
-    print(f"\n{len(rows)} cases in {elapsed:.0f} s. Ratios from median {args.clock} times: 'x conv' = this / "
-          "conv3x3 on the same input; 'ref/this' = reference / this.")
+    print(
+        f"\n{len(rows)} cases in {elapsed:.0f} s. Ratios from median {args.clock} times: 'x conv' = this / "
+        "conv3x3 on the same input; 'ref/this' = reference / this."
+    )
     tuned = _print_triton_tiles() if device.type == "cuda" else {}
     if args.json_out:
-        atomic_write_json(args.json_out, {"machine": info, "quick": bool(args.quick), "clock": args.clock,
-                                          "seconds": elapsed, "triton_configs": tuned,
-                                          "results": [asdict(r) for r in rows]})
+        atomic_write_json(
+            args.json_out,
+            {
+                "machine": info,
+                "quick": bool(args.quick),
+                "clock": args.clock,
+                "seconds": elapsed,
+                "triton_configs": tuned,
+                "results": [asdict(r) for r in rows],
+            },
+        )
         print(f"wrote {args.json_out}")
     return 0

@@ -4,6 +4,7 @@ A real classification run that needs no download: the package ships scikit-learn
 digits (``axial_deeplab.data.digits``). Images are upsampled to 32x32; 20% are held out with a
 fixed seed.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,11 +33,12 @@ def random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tenso
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
-def train_digits(model_name="axial_resnet_tiny", epochs=8, batch_size=64, lr=3e-3, seed=0, progress=True,
-                 image_size=32):
+def train_digits(
+    model_name="axial_resnet_tiny", epochs=8, batch_size=64, lr=3e-3, seed=0, progress=True, image_size=32
+):
     from tqdm import tqdm
 
     from ..evaluation.classification import ClassificationAccuracy
@@ -55,7 +57,7 @@ def train_digits(model_name="axial_resnet_tiny", epochs=8, batch_size=64, lr=3e-
         model.train()
         order = torch.randperm(len(y_tr), generator=gen)
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             xb = random_shift(x_tr[idx], 2, gen)
             loss = F.cross_entropy(model(xb), y_tr[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -70,7 +72,7 @@ def train_digits(model_name="axial_resnet_tiny", epochs=8, batch_size=64, lr=3e-
     metric = ClassificationAccuracy(topk=(1, 5))
     with torch.no_grad():
         for i in range(0, len(y_te), 256):
-            metric.update(model(x_te[i:i + 256]), y_te[i:i + 256])
+            metric.update(model(x_te[i : i + 256]), y_te[i : i + 256])
     result = metric.compute()
     result.update(train_seconds=train_time, n_train=len(y_tr), n_test=len(y_te))
     return model, result
@@ -78,9 +80,11 @@ def train_digits(model_name="axial_resnet_tiny", epochs=8, batch_size=64, lr=3e-
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "classify-demo", help="train a tiny Axial-ResNet on scikit-learn's digits (CPU, ~2 min)",
+        "classify-demo",
+        help="train a tiny Axial-ResNet on scikit-learn's digits (CPU, ~2 min)",
         description="Train a tiny Axial-ResNet on scikit-learn's handwritten digits (shipped in the package, "
-                    "no download) and report top-1 on a fixed held-out 20%% split.")
+        "no download) and report top-1 on a fixed held-out 20%% split.",
+    )
     p.add_argument("--model", default="axial_resnet_tiny", help="registered model (default axial_resnet_tiny)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
@@ -92,6 +96,8 @@ def register(subparsers):
 
 def run(args) -> int:
     _, r = train_digits(args.model, args.epochs, args.batch_size, args.lr, args.seed, not args.no_progress)
-    print(f"digits held-out: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
-          f"({r['n_test']} images; trained on {r['n_train']} in {r['train_seconds']:.0f} s)")
+    print(
+        f"digits held-out: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
+        f"({r['n_test']} images; trained on {r['n_train']} in {r['train_seconds']:.0f} s)"
+    )
     return 0

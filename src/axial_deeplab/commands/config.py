@@ -1,5 +1,6 @@
 """``axial-deeplab config list|show``: the recipes shipped in the package, and what one of them
 (or any config file) trains after its ``base`` chain, defaults and overrides are applied."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,18 +16,22 @@ EPILOG = """examples:
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "config", help="list the shipped configs, or show one merged (axial-deeplab config list|show NAME)",
+        "config",
+        help="list the shipped configs, or show one merged (axial-deeplab config list|show NAME)",
         description="The shipped configs are addressable by name wherever a config is taken "
-                    "(train/evaluate/convert --config NAME); a path to a YAML file works too.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(train/evaluate/convert --config NAME); a path to a YAML file works too.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="config_command", metavar="{list,show}")
     ls = sub.add_parser("list", help="name and one-line description of every shipped config")
     ls.set_defaults(func=run_list)
     show = sub.add_parser("show", help="the config after inheritance (and overrides), as YAML")
     show.add_argument("name", metavar="NAME", help="a shipped config's name or a YAML file")
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides with dotted keys")
-    show.add_argument("--raw", action="store_true",
-                      help="only the keys the file and its bases set (no defaults, not validated)")
+    show.add_argument(
+        "--raw", action="store_true", help="only the keys the file and its bases set (no defaults, not validated)"
+    )
     show.set_defaults(func=run_show)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
 

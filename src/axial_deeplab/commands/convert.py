@@ -1,5 +1,6 @@
 """``axial-deeplab convert``: a deeplab2 (TensorFlow 2) checkpoint as our checkpoint folder,
 read without TensorFlow, with a report of every tensor mapped and every one left out."""
+
 from __future__ import annotations
 
 from ..cli import UserError
@@ -25,18 +26,29 @@ def register(subparsers):
     import argparse
 
     p = subparsers.add_parser(
-        "convert", help="convert a deeplab2 (TensorFlow) checkpoint into a checkpoint folder",
+        "convert",
+        help="convert a deeplab2 (TensorFlow) checkpoint into a checkpoint folder",
         description="Convert a TensorFlow 2 checkpoint of deeplab2 into our checkpoint folder "
-                    "(safetensors + config). TensorFlow is not needed.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(safetensors + config). TensorFlow is not needed.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint prefix, .index file, or folder")
     p.add_argument("--from", dest="source", required=True, help="where the checkpoint comes from: deeplab2")
     p.add_argument("--model", required=True, help="registered model name to convert into")
     p.add_argument("--output", "-o", required=True, help="checkpoint folder to write")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="classes of the head (default: the model's; Cityscapes for panoptic models)")
-    p.add_argument("--config", "-c", default=None,
-                   help="config to save with the weights (default: the defaults, with model.name=MODEL)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of the head (default: the model's; Cityscapes for panoptic models)",
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="config to save with the weights (default: the defaults, with model.name=MODEL)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--force", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", "-q", action="store_true", help="print the summary only, not every tensor")
@@ -79,8 +91,14 @@ def run(args) -> int:
     cfg.experiment.task = task
     if args.num_classes is not None:
         cfg.model.kwargs["num_classes"] = args.num_classes
-    info.update({"converted_from": os.path.abspath(prefix), "source": "deeplab2",
-                 "mapped": len(report.mapped), "left_out": len(report.left_out)})
+    info.update(
+        {
+            "converted_from": os.path.abspath(prefix),
+            "source": "deeplab2",
+            "mapped": len(report.mapped),
+            "left_out": len(report.left_out),
+        }
+    )
     path = save_checkpoint(args.output, model, step=0, config_text=dump_config(cfg), info=info)
     lines = report.lines()
     if args.quiet:

@@ -1,5 +1,6 @@
 """``axial-deeplab export``: a checkpoint or a registered model as ONNX, ExportedProgram (.pt2)
 or TorchScript, verified against the eager model before it is written."""
+
 from __future__ import annotations
 
 from ..cli import UserError
@@ -23,10 +24,13 @@ def register(subparsers):
     import argparse
 
     p = subparsers.add_parser(
-        "export", help="export a model to ONNX, ExportedProgram (.pt2) or TorchScript",
+        "export",
+        help="export a model to ONNX, ExportedProgram (.pt2) or TorchScript",
         description="Export a trained checkpoint (or a registered model with fresh weights) for deployment. "
-                    "The attention layers run their exportable decomposition (standard operators only).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "The attention layers run their exportable decomposition (standard operators only).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint folder, model.safetensors, or run folder")
     src.add_argument("--model", help="registered model name (random weights unless --weights)")
@@ -36,14 +40,20 @@ def register(subparsers):
     p.add_argument("--output", "-o", required=True, help="file to write (.onnx, .pt2, .pt)")
     p.add_argument("--input", default="3x224x224", help="example input size CxHxW (default 3x224x224)")
     dyn = p.add_mutually_exclusive_group()
-    dyn.add_argument("--dynamic", dest="dynamic", action="store_true", default=True,
-                     help="any H and W that are multiples of 32 (default; onnx and exported-program)")
+    dyn.add_argument(
+        "--dynamic",
+        dest="dynamic",
+        action="store_true",
+        default=True,
+        help="any H and W that are multiples of 32 (default; onnx and exported-program)",
+    )
     dyn.add_argument("--static", dest="dynamic", action="store_false", help="fix the file to --input")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     p.add_argument("--force", action="store_true", help="replace an existing --output")
     p.add_argument("--config", "-c", default=None, help="config file (default: the one saved with the checkpoint)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for --checkpoint, repeatable")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for --checkpoint, repeatable"
+    )
     p.set_defaults(func=run)
 
 
@@ -79,10 +89,13 @@ def run(args) -> int:
             raise UserError(f"unknown model {args.model!r}; see 'axial-deeplab info list'")
         kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
         model = create_model(args.model, pretrained=args.weights, **kwargs)
-    report = export_model(model, args.format, args.output, shape, dynamic=args.dynamic, opset=args.opset,
-                          overwrite=args.force)
+    report = export_model(
+        model, args.format, args.output, shape, dynamic=args.dynamic, opset=args.opset, overwrite=args.force
+    )
     checked = ", ".join(f"{h}x{w}: {d:.1e}" for (h, w), d in report.max_rel_diff.items())
     sizes = "H, W multiples of 32" if report.dynamic else "x".join(map(str, report.input_shape))
-    print(f"wrote {report.path} ({args.format}, input {sizes}, outputs {', '.join(report.output_names)}) in "
-          f"{report.export_seconds:.1f} s; verified against eager (max relative difference {checked})")
+    print(
+        f"wrote {report.path} ({args.format}, input {sizes}, outputs {', '.join(report.output_names)}) in "
+        f"{report.export_seconds:.1f} s; verified against eager (max relative difference {checked})"
+    )
     return 0

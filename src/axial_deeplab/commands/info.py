@@ -1,6 +1,7 @@
 """``axial-deeplab info MODEL``: parameters and multiply-adds per stage and in total, beside the
 paper's figure for the models it tabulates; ``--attention``: which attention path each distinct
 layer configuration runs, and why."""
+
 from __future__ import annotations
 
 from ..cli import UserError
@@ -20,25 +21,35 @@ def parse_input(text: str):
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "info", help="parameters and multiply-adds of a registered model",
+        "info",
+        help="parameters and multiply-adds of a registered model",
         description="Print parameters and multiply-adds per stage and in total. Attention matmuls are "
-                    "counted (common FLOP counters miss them). For the models the paper tabulates "
-                    "(Axial-DeepLab-S/M/L/XL at 3x1025x2049, Table 7's spans of L, ResNet-50 and "
-                    "Axial-ResNet-S at 3x224x224) the paper's figure and the difference follow. "
-                    "Use 'list' as MODEL to see all names.")
+        "counted (common FLOP counters miss them). For the models the paper tabulates "
+        "(Axial-DeepLab-S/M/L/XL at 3x1025x2049, Table 7's spans of L, ResNet-50 and "
+        "Axial-ResNet-S at 3x224x224) the paper's figure and the difference follow. "
+        "Use 'list' as MODEL to see all names.",
+    )
     p.add_argument("model", help="registered model name, e.g. axial_resnet_s or axial_deeplab_l")
     p.add_argument("--input", default="3x224x224", help="input size CxHxW (default 3x224x224)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of the head")
     p.add_argument("--features-only", action="store_true", help="count the backbone without its classifier")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="model overrides, e.g. span=65 output_stride=16")
-    p.add_argument("--strided-attention", choices=("kept", "computed"), default="kept",
-                   help="M-Adds of a strided attention layer: the queries it keeps (what runs here, default) "
-                        "or every query, subsampled afterwards (what deeplab2 computes)")
-    p.add_argument("--attention", action="store_true",
-                   help="instead of the counts, show for each distinct attention layer configuration the path "
-                        "that runs (impl='auto' unless forced by AXIAL_DEEPLAB_ATTENTION_IMPL) and why the faster "
-                        "ones were refused")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. span=65 output_stride=16"
+    )
+    p.add_argument(
+        "--strided-attention",
+        choices=("kept", "computed"),
+        default="kept",
+        help="M-Adds of a strided attention layer: the queries it keeps (what runs here, default) "
+        "or every query, subsampled afterwards (what deeplab2 computes)",
+    )
+    p.add_argument(
+        "--attention",
+        action="store_true",
+        help="instead of the counts, show for each distinct attention layer configuration the path "
+        "that runs (impl='auto' unless forced by AXIAL_DEEPLAB_ATTENTION_IMPL) and why the faster "
+        "ones were refused",
+    )
     p.add_argument("--train", action="store_true", help="with --attention: a training step (default: inference)")
     p.add_argument("--device", default="cpu", help="with --attention: the device to decide for (default cpu)")
     p.set_defaults(func=run)
@@ -57,8 +68,8 @@ def _parse_overrides(items):
 
 
 def run(args) -> int:
-    from ..models.complexity import build_on_meta, count_complexity
     from ..models import is_model, list_models
+    from ..models.complexity import build_on_meta, count_complexity
 
     if args.model == "list":
         print("\n".join(list_models()))
@@ -101,15 +112,20 @@ def paper_comparison(name, kwargs, shape, total) -> str:
         return ""
     h, w = fig.input_size
     if tuple(shape) != (1, 3, h, w):
-        return (f"paper ({fig.source}): {fig.params_m}M parameters, {fig.madds_b}B M-Adds at 3x{h}x{w}; "
-                f"rerun with --input 3x{h}x{w} to compare")
+        return (
+            f"paper ({fig.source}): {fig.params_m}M parameters, {fig.madds_b}B M-Adds at 3x{h}x{w}; "
+            f"rerun with --input 3x{h}x{w} to compare"
+        )
     params, madds = total["params"] / 1e6, total["madds"] / 1e9
-    return "\n".join([
-        f"{'':<12}{'params (M)':>12}{'M-Adds (B)':>14}   vs paper ({fig.source}, 3x{h}x{w})",
-        f"{'ours':<12}{params:>12.2f}{madds:>14.{2 if madds < 100 else 1}f}",
-        f"{'paper':<12}{fig.params_m:>12.1f}{fig.madds_b:>14.1f}",
-        f"{'difference':<12}{percent_diff(params, fig.params_m):>+11.1f}%{percent_diff(madds, fig.madds_b):>+13.1f}%",
-    ])
+    return "\n".join(
+        [
+            f"{'':<12}{'params (M)':>12}{'M-Adds (B)':>14}   vs paper ({fig.source}, 3x{h}x{w})",
+            f"{'ours':<12}{params:>12.2f}{madds:>14.{2 if madds < 100 else 1}f}",
+            f"{'paper':<12}{fig.params_m:>12.1f}{fig.madds_b:>14.1f}",
+            f"{'difference':<12}{percent_diff(params, fig.params_m):>+11.1f}%"
+            f"{percent_diff(madds, fig.madds_b):>+13.1f}%",
+        ]
+    )
 
 
 def attention_report(model, shape, train: bool = False, device: str = "cpu", name: str = "") -> str:
@@ -133,11 +149,13 @@ def attention_report(model, shape, train: bool = False, device: str = "cpu", nam
     originals = {}
     for mod_name, mod in model.named_modules():
         if isinstance(mod, PositionSensitiveAxialAttention):
+
             def record(x, _m=mod, _n=mod_name):
                 key = (_m.extra_repr(), int(x.shape[1]))
                 seen.setdefault(key, []).append((_n, tuple(x.shape[1:])))
                 layers.setdefault(key, _m)
                 return axial_attention_reference(_m, x)  # sizes only: meta tensors hold no values
+
             originals[mod] = mod.forward
             mod.forward = record
     was_training = model.training
@@ -150,8 +168,10 @@ def attention_report(model, shape, train: bool = False, device: str = "cpu", nam
             mod.forward = forward
         model.train(was_training)
     mode = "training step" if train else "inference"
-    out = [f"{name}  input {'x'.join(map(str, shape))}  {mode} on {dev}: "
-           f"{len(seen)} distinct attention layer configuration(s), {sum(map(len, seen.values()))} layers"]
+    out = [
+        f"{name}  input {'x'.join(map(str, shape))}  {mode} on {dev}: "
+        f"{len(seen)} distinct attention layer configuration(s), {sum(map(len, seen.values()))} layers"
+    ]
     for i, (key, names) in enumerate(seen.items(), 1):
         twin = copy.deepcopy(layers[key]).to_empty(device=dev).train(train)
         x = torch.empty((shape[0],) + names[0][1], device=dev)

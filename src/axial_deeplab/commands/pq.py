@@ -1,5 +1,6 @@
 """``axial-deeplab pq``: score COCO-panoptic prediction files against ground-truth files with
 panopticapi's rules and numbers, on all cores."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,4 +44,3 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json_out, results, indent=2)
         print(f"results written to {args.json_out}", file=sys.stderr)
     return 0
-

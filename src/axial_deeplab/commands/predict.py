@@ -1,5 +1,6 @@
 """``axial-deeplab predict --checkpoint CKPT INPUT... --output DIR``: panoptic predictions for
 image files and folders (COCO-panoptic PNG + JSON, and colour overlays)."""
+
 from __future__ import annotations
 
 import sys
@@ -30,38 +31,60 @@ def register(subparsers):
     import argparse
 
     p = subparsers.add_parser(
-        "predict", help="predict panoptic segmentations for images or folders",
+        "predict",
+        help="predict panoptic segmentations for images or folders",
         description="Run a trained checkpoint on images (files, or folders searched recursively). Writes "
-                    "OUTPUT/panoptic/<name>.png and OUTPUT/predictions.json in COCO-panoptic format (integer "
-                    "image ids, images[].file_name relative to the input folder) and "
-                    "OUTPUT/overlay/<name>.png (input beside the colour overlay with instance outlines). "
-                    "Unreadable images are skipped and named at the end (exit status 1).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "OUTPUT/panoptic/<name>.png and OUTPUT/predictions.json in COCO-panoptic format (integer "
+        "image ids, images[].file_name relative to the input folder) and "
+        "OUTPUT/overlay/<name>.png (input beside the colour overlay with instance outlines). "
+        "Unreadable images are skipped and named at the end (exit status 1).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, model.safetensors, or run folder")
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--config", "-c", default=None, help="config file (default: the one saved with the checkpoint)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable: --set eval.threshold=0.2 --set eval.flip=true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable: --set eval.threshold=0.2 --set eval.flip=true",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's experiment.device)")
-    p.add_argument("--image-ids", default=None, metavar="JSON",
-                   help="an image-info or ground-truth COCO JSON: each image gets the id its images[] lists for "
-                        "its file name (an image it does not list is refused)")
+    p.add_argument(
+        "--image-ids",
+        default=None,
+        metavar="JSON",
+        help="an image-info or ground-truth COCO JSON: each image gets the id its images[] lists for "
+        "its file name (an image it does not list is refused)",
+    )
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     earlier = p.add_mutually_exclusive_group()
-    earlier.add_argument("--add", action="store_true",
-                         help="the output folder holds predictions: add these images to them")
-    earlier.add_argument("--replace", action="store_true",
-                         help="the output folder holds predictions: delete them (predictions.json, panoptic/ and "
-                              "overlay/ PNGs; nothing else) and write the new ones")
+    earlier.add_argument(
+        "--add", action="store_true", help="the output folder holds predictions: add these images to them"
+    )
+    earlier.add_argument(
+        "--replace",
+        action="store_true",
+        help="the output folder holds predictions: delete them (predictions.json, panoptic/ and "
+        "overlay/ PNGs; nothing else) and write the new ones",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
 
-    from ..engine.predict import (OutputFolder, assign_image_ids, collect_images, load_checkpoint_model,
-                                  predict_images, read_image_ids)
+    from ..engine.predict import (
+        OutputFolder,
+        assign_image_ids,
+        collect_images,
+        load_checkpoint_model,
+        predict_images,
+        read_image_ids,
+    )
 
     existing = "add" if args.add else "replace" if args.replace else "refuse"
     skipped = []
@@ -88,14 +111,27 @@ def run(args) -> int:
             print(own, file=sys.stderr)
         model, cfg, metadata = load_checkpoint_model(args.checkpoint, device, args.config, overrides)
         if cfg.experiment.task != "panoptic":
-            raise UserError(f"{args.checkpoint}: predict needs a panoptic checkpoint "
-                            f"(this one is {cfg.experiment.task})")
-        report = predict_images(model, cfg, metadata, files, args.output, device, progress=not args.no_progress,
-                                inputs=args.inputs, overlays=not args.no_overlays, folder=folder,
-                                image_ids=image_ids)
+            raise UserError(
+                f"{args.checkpoint}: predict needs a panoptic checkpoint (this one is {cfg.experiment.task})"
+            )
+        report = predict_images(
+            model,
+            cfg,
+            metadata,
+            files,
+            args.output,
+            device,
+            progress=not args.no_progress,
+            inputs=args.inputs,
+            overlays=not args.no_overlays,
+            folder=folder,
+            image_ids=image_ids,
+        )
     added = f", added to the {len(folder.previous['annotations'])} earlier ones" if folder.previous else ""
-    print(f"{len(report.processed)} of {len(files)} images processed; predictions in {args.output} "
-          f"(predictions.json, panoptic/, overlay/{added})")
+    print(
+        f"{len(report.processed)} of {len(files)} images processed; predictions in {args.output} "
+        f"(predictions.json, panoptic/, overlay/{added})"
+    )
     if report.failed:
         print(f"could not process {len(report.failed)} image(s):", file=sys.stderr)
         for path, reason in report.failed:

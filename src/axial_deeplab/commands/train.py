@@ -2,6 +2,7 @@
 
 Runs as one process, or as every process of ``torchrun --nproc-per-node N``.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,21 +32,34 @@ def register(subparsers):
     import argparse
 
     p = subparsers.add_parser(
-        "train", help="train a model from a YAML config (single process or under torchrun)",
+        "train",
+        help="train a model from a YAML config (single process or under torchrun)",
         description="Train Axial-DeepLab (panoptic) or an Axial-ResNet (ImageNet) from a YAML config. "
-                    "Overrides use dotted keys, e.g. solver.lr=1e-3 data.root=/data/cityscapes. "
-                    "solver.batch_size is the global batch: under torchrun it is split over the processes. "
-                    "Checkpoints, metrics.jsonl/csv, TensorBoard logs and the training-curve plot go to "
-                    "experiment.output_dir (default runs/<experiment.name>).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "Overrides use dotted keys, e.g. solver.lr=1e-3 data.root=/data/cityscapes. "
+        "solver.batch_size is the global batch: under torchrun it is split over the processes. "
+        "Checkpoints, metrics.jsonl/csv, TensorBoard logs and the training-curve plot go to "
+        "experiment.output_dir (default runs/<experiment.name>).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", "-c", help="a shipped config's name (axial-deeplab config list) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides with dotted keys")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint of the run folder (from scratch if it has none)")
-    p.add_argument("--resume-from", metavar="CKPT", default=None,
-                   help="continue from the checkpoint folder CKPT (a step-*/ folder with training_state.pt)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the existing run folder and start over (refused for a folder that is not a run)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint of the run folder (from scratch if it has none)",
+    )
+    p.add_argument(
+        "--resume-from",
+        metavar="CKPT",
+        default=None,
+        help="continue from the checkpoint folder CKPT (a step-*/ folder with training_state.pt)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the existing run folder and start over (refused for a folder that is not a run)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--print-defaults", action="store_true", help="print every key with default and doc, and exit")
     p.set_defaults(func=run)
@@ -58,7 +72,10 @@ def run(args) -> int:
         print(describe_config(), end="")
         return 0
     if not args.config:
-        raise UserError("--config NAME|FILE is required (axial-deeplab config list names the shipped ones; --print-defaults lists the keys)")
+        raise UserError(
+            "--config NAME|FILE is required (axial-deeplab config list names the shipped ones; "
+            "--print-defaults lists the keys)"
+        )
     _refuse_old_resume_spelling(args)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -75,10 +92,18 @@ def run(args) -> int:
     except TrainingInterrupted as e:
         if detect_env().is_main:
             if e.checkpoint:
-                how = ("the same command with --resume in place of --resume-from" if args.resume_from
-                       else "the same command" if args.resume else "the same command plus --resume")
-                print(f"axial-deeplab train: interrupted after step {e.step}; checkpoint saved: {e.checkpoint}; "
-                      f"continue with {how}", file=sys.stderr)
+                how = (
+                    "the same command with --resume in place of --resume-from"
+                    if args.resume_from
+                    else "the same command"
+                    if args.resume
+                    else "the same command plus --resume"
+                )
+                print(
+                    f"axial-deeplab train: interrupted after step {e.step}; checkpoint saved: {e.checkpoint}; "
+                    f"continue with {how}",
+                    file=sys.stderr,
+                )
             else:
                 print("axial-deeplab train: interrupted before the first step; nothing saved", file=sys.stderr)
         return 130
@@ -98,5 +123,7 @@ def _refuse_old_resume_spelling(args) -> None:
         if "=" in word:
             continue
         if args.resume or os.path.exists(word) or os.sep in word or "step-" in word or word.endswith(".safetensors"):
-            raise UserError(f"{word!r} is not a KEY=VALUE override; to resume from a given checkpoint use "
-                            f"--resume-from {word} (--resume alone continues the newest checkpoint of the run folder)")
+            raise UserError(
+                f"{word!r} is not a KEY=VALUE override; to resume from a given checkpoint use "
+                f"--resume-from {word} (--resume alone continues the newest checkpoint of the run folder)"
+            )

@@ -16,6 +16,7 @@ Layouts: TensorFlow convolution kernels are HWIO (ours OIHW), dense kernels (in,
 (out, in)); Keras BatchNormalization's ``gamma/beta/moving_mean/moving_variance`` are our
 ``weight/bias/running_mean/running_var``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -128,8 +129,7 @@ class TFVariables:
 
 
 # ----------------------------------------------------------------------------- generic rules
-def conv(v: TFVariables, tf_prefix: str, key_prefix: str, bias: Optional[bool] = None,
-         depthwise: bool = False) -> None:
+def conv(v: TFVariables, tf_prefix: str, key_prefix: str, bias: Optional[bool] = None, depthwise: bool = False) -> None:
     """``tf_prefix/kernel`` (HWIO; depthwise HWC1) -> ``key_prefix.weight`` (OIHW), and
     ``tf_prefix/bias`` -> ``key_prefix.bias`` (when present, or when ``bias`` is True)."""
     name = f"{tf_prefix}/depthwise_kernel" if f"{tf_prefix}/depthwise_kernel" in v else f"{tf_prefix}/kernel"
@@ -214,13 +214,19 @@ def axial_attention(v: TFVariables, tf_prefix: str, key_prefix: str, layer: nn.M
     kernel = v.take(kernel_name)
     want = (layer.in_channels, len(perm))
     if tuple(kernel.shape) != want:
-        raise ConversionError(f"{v.source}: {kernel_name} is {list(kernel.shape)}, {key_prefix} needs {list(want)} "
-                              f"({heads} heads, key depth {dk}, value depth {dv} per head)")
+        raise ConversionError(
+            f"{v.source}: {kernel_name} is {list(kernel.shape)}, {key_prefix} needs {list(want)} "
+            f"({heads} heads, key depth {dk}, value depth {dv} per head)"
+        )
     v.put(f"{key_prefix}.qkv.weight", kernel[:, perm].T[:, :, None, None], [kernel_name])
     batch_norm(v, f"{tf_prefix}/_batch_norm_qkv", f"{key_prefix}.bn_qkv", reorder=lambda x: x[perm])
     batch_norm(v, f"{tf_prefix}/_batch_norm_similarity", f"{key_prefix}.bn_similarity")
-    batch_norm(v, f"{tf_prefix}/_batch_norm_retrieved_output", f"{key_prefix}.bn_output",
-               reorder=lambda x: x.reshape(2, heads * dv).T.reshape(-1))
+    batch_norm(
+        v,
+        f"{tf_prefix}/_batch_norm_retrieved_output",
+        f"{key_prefix}.bn_output",
+        reorder=lambda x: x.reshape(2, heads * dv).T.reshape(-1),
+    )
     own = dict(layer.named_parameters())
     for tf_name, ours in (("_query_rpe", "query_table"), ("_key_rpe", "key_table"), ("_value_rpe", "value_table")):
         if own.get(ours) is None:
@@ -229,8 +235,9 @@ def axial_attention(v: TFVariables, tf_prefix: str, key_prefix: str, layer: nn.M
         v.put(f"{key_prefix}.{ours}", _table(v.take(name), own[ours].shape[1], name, v.source), [name])
 
 
-def axial_attention_pair(v: TFVariables, tf_prefix: str, key_prefix_h: str, key_prefix_w: str,
-                         layer_h: nn.Module, layer_w: nn.Module) -> None:
+def axial_attention_pair(
+    v: TFVariables, tf_prefix: str, key_prefix_h: str, key_prefix_w: str, layer_h: nn.Module, layer_w: nn.Module
+) -> None:
     """deeplab2's ``AxialAttention2D`` at ``tf_prefix`` (``_height_axis`` then ``_width_axis``)
     -> our height and width layers."""
     axial_attention(v, f"{tf_prefix}/_height_axis", key_prefix_h, layer_h)
@@ -238,8 +245,9 @@ def axial_attention_pair(v: TFVariables, tf_prefix: str, key_prefix_h: str, key_
 
 
 # ----------------------------------------------------------------------------- the driver
-def convert_weights(tensors: Dict[str, np.ndarray], model: nn.Module, mapping: Callable,
-                    source: str = "checkpoint") -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
+def convert_weights(
+    tensors: Dict[str, np.ndarray], model: nn.Module, mapping: Callable, source: str = "checkpoint"
+) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
     """Apply ``mapping`` to the checkpoint's ``tensors`` for ``model``; return our state dict
     (dtypes and shapes of the model's) and the report. Raises :class:`ConversionError` listing
     every model key the mapping left unset, every shape that does not match, and keys the model
@@ -260,16 +268,19 @@ def convert_weights(tensors: Dict[str, np.ndarray], model: nn.Module, mapping: C
             continue
         value = v.state[key]
         if tuple(value.shape) != tuple(target.shape):
-            problems.append(f"{key}: checkpoint {' + '.join(v.sources[key])} gives {list(value.shape)}, "
-                            f"model {list(target.shape)}")
+            problems.append(
+                f"{key}: checkpoint {' + '.join(v.sources[key])} gives {list(value.shape)}, model {list(target.shape)}"
+            )
             continue
         state[key] = value.to(target.dtype).clone()
         report.mapped.append((v.sources[key], key, tuple(target.shape)))
     problems += [f"not in the model: {key} (from {' + '.join(v.sources[key])})" for key in v.state if key not in own]
     if problems:
         shown = "\n  ".join(problems[:40]) + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else "")
-        raise ConversionError(f"{source} does not map onto {type(model).__name__} "
-                              f"({len(problems)} problems):\n  {shown}")
-    report.left_out = sorted(v.skipped) + [(n + VALUE_SUFFIX, "not used by the mapping")
-                                           for n in v.names() if n not in v.used]
+        raise ConversionError(
+            f"{source} does not map onto {type(model).__name__} ({len(problems)} problems):\n  {shown}"
+        )
+    report.left_out = sorted(v.skipped) + [
+        (n + VALUE_SUFFIX, "not used by the mapping") for n in v.names() if n not in v.used
+    ]
     return state, report

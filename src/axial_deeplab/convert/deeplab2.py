@@ -33,6 +33,7 @@ Only deeplab2's arrangement computes deeplab2's function: an ``AxialResNet`` bui
 checkpoint does not record it). Relative embeddings ([509, depth], shared by the heads)
 become our tables as :func:`.core.axial_attention` describes.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
@@ -41,14 +42,23 @@ from torch import nn
 
 from .core import ConversionError, TFVariables, axial_attention_pair, batch_norm, conv
 
-__all__ = ["register_mapping", "mapping_for", "mapped_models", "map_encoder", "map_panoptic_deeplab",
-           "encoder_prefix", "require_deeplab2_numerics", "DEEPLAB2_BN_EPS"]
+__all__ = [
+    "register_mapping",
+    "mapping_for",
+    "mapped_models",
+    "map_encoder",
+    "map_panoptic_deeplab",
+    "encoder_prefix",
+    "require_deeplab2_numerics",
+    "DEEPLAB2_BN_EPS",
+]
 
 _MAPPINGS: Dict[str, Callable] = {}
 
 
 def register_mapping(*model_names: str):
     """Decorator: ``fn`` maps deeplab2 checkpoints onto the registered models ``model_names``."""
+
     def deco(fn: Callable) -> Callable:
         for name in model_names:
             _MAPPINGS[name] = fn
@@ -94,8 +104,7 @@ def _block(v: TFVariables, tf_prefix: str, key: str, block: nn.Module) -> None:
 
     _conv_bn(v, f"{tf_prefix}/_conv1_bn_act", f"{key}.conv1", f"{key}.bn1")
     if isinstance(block, AxialBlock):
-        axial_attention_pair(v, f"{tf_prefix}/_attention", f"{key}.attn_h", f"{key}.attn_w",
-                             block.attn_h, block.attn_w)
+        axial_attention_pair(v, f"{tf_prefix}/_attention", f"{key}.attn_h", f"{key}.attn_w", block.attn_h, block.attn_w)
         _conv_bn(v, f"{tf_prefix}/_conv3_bn", f"{key}.conv2", f"{key}.bn2")
     elif isinstance(block, ConvBottleneck):
         if not isinstance(block.conv3x3, nn.Conv2d):
@@ -109,8 +118,10 @@ def _block(v: TFVariables, tf_prefix: str, key: str, block: nn.Module) -> None:
     if isinstance(block.downsample, nn.Sequential):  # strided 1x1 conv + BN; else none or a subsample
         _conv_bn_seq(v, f"{tf_prefix}/_shortcut", f"{key}.downsample")
     elif f"{tf_prefix}/_shortcut/_conv/kernel" in v:
-        raise ConversionError(f"{v.source}: {tf_prefix} has a 1x1 shortcut conv where {key} has none "
-                              f"({type(block.downsample).__name__}): the arrangements differ")
+        raise ConversionError(
+            f"{v.source}: {tf_prefix} has a 1x1 shortcut conv where {key} has none "
+            f"({type(block.downsample).__name__}): the arrangements differ"
+        )
 
 
 def _inception_stem(v: TFVariables, tf_prefix: str, key: str) -> None:
@@ -129,7 +140,8 @@ def _classifier_free(model: nn.Module, v: TFVariables, name: str) -> None:
     if not getattr(model, "features_only", True):
         raise ConversionError(
             f"{v.source}: deeplab2's checkpoints hold no ImageNet classifier; convert into the backbone "
-            f"with features_only=True (e.g. --set model.kwargs.features_only=true), not {name} with its 'fc'")
+            f"with features_only=True (e.g. --set model.kwargs.features_only=true), not {name} with its 'fc'"
+        )
 
 
 DEEPLAB2_BN_EPS = 1e-3  # Keras' BatchNormalization epsilon, deeplab2's solver_options.batchnorm_epsilon default
@@ -142,22 +154,33 @@ def require_deeplab2_numerics(model: nn.Module, key: str = "") -> None:
     other than deeplab2's 1e-3 (a checkpoint does not record it)."""
     from ..layers.axial_attention import PositionSensitiveAxialAttention
 
-    spans = [(n, m.span) for n, m in model.named_modules()
-             if isinstance(m, PositionSensitiveAxialAttention) and m.span is not None]
-    eps = [(n, m.eps) for n, m in model.named_modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and abs(m.eps - DEEPLAB2_BN_EPS) > 1e-12]
+    spans = [
+        (n, m.span)
+        for n, m in model.named_modules()
+        if isinstance(m, PositionSensitiveAxialAttention) and m.span is not None
+    ]
+    eps = [
+        (n, m.eps)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and abs(m.eps - DEEPLAB2_BN_EPS) > 1e-12
+    ]
     problems = []
     if spans:
-        problems.append(f"{key}{spans[0][0]} (and {len(spans) - 1} more attention layers): local span "
-                        f"{spans[0][1]}, while deeplab2's axial attention is global along each axis; build the "
-                        "model with span=None (--set model.kwargs.span=null)")
+        problems.append(
+            f"{key}{spans[0][0]} (and {len(spans) - 1} more attention layers): local span "
+            f"{spans[0][1]}, while deeplab2's axial attention is global along each axis; build the "
+            "model with span=None (--set model.kwargs.span=null)"
+        )
     if eps:
-        problems.append(f"{key}{eps[0][0]} (and {len(eps) - 1} more BatchNorm layers): epsilon {eps[0][1]:g}, "
-                        f"while deeplab2's is {DEEPLAB2_BN_EPS:g}; build the model with bn_eps={DEEPLAB2_BN_EPS:g} "
-                        f"(--set model.kwargs.bn_eps={DEEPLAB2_BN_EPS:g})")
+        problems.append(
+            f"{key}{eps[0][0]} (and {len(eps) - 1} more BatchNorm layers): epsilon {eps[0][1]:g}, "
+            f"while deeplab2's is {DEEPLAB2_BN_EPS:g}; build the model with bn_eps={DEEPLAB2_BN_EPS:g} "
+            f"(--set model.kwargs.bn_eps={DEEPLAB2_BN_EPS:g})"
+        )
     if problems:
-        raise ConversionError("the model would compute other outputs than deeplab2's with these weights:\n  "
-                              + "\n  ".join(problems))
+        raise ConversionError(
+            "the model would compute other outputs than deeplab2's with these weights:\n  " + "\n  ".join(problems)
+        )
 
 
 def map_encoder(v: TFVariables, model: nn.Module, key: str = "", tf_prefix: Optional[str] = None) -> None:
@@ -173,15 +196,18 @@ def map_encoder(v: TFVariables, model: nn.Module, key: str = "", tf_prefix: Opti
             raise ConversionError(
                 f"{key or type(model).__name__}: arrangement {model.arrangement!r} computes another function "
                 "than deeplab2's network (stem max-pool, unstrided first stage); build the model with "
-                "arrangement='deeplab2'")
+                "arrangement='deeplab2'"
+            )
         stem = list(model.stem)
         if len(stem) == 9:  # Inception stem: three (conv, BN, act)
             _inception_stem(v, f"{tf}_stem", f"{key}stem")
         elif len(stem) == 3 and isinstance(stem[0], nn.Conv2d):  # 7x7 conv stem
             _conv_bn_seq(v, f"{tf}_stem", f"{key}stem")
         else:
-            raise ConversionError(f"{key}stem: deeplab2 has no counterpart for this stem ({len(stem)} modules; "
-                                  "the full-axial stem is ours)")
+            raise ConversionError(
+                f"{key}stem: deeplab2 has no counterpart for this stem ({len(stem)} modules; "
+                "the full-axial stem is ours)"
+            )
         for s in range(1, 5):  # our layer1..4 are deeplab2's stages 2..5
             for b, block in enumerate(getattr(model, f"layer{s}")):
                 _block(v, f"{tf}_stage{s + 1}/_block{b + 1}", f"{key}layer{s}.{b}", block)
@@ -201,7 +227,9 @@ def map_encoder(v: TFVariables, model: nn.Module, key: str = "", tf_prefix: Opti
                 if isinstance(proj, nn.Identity):
                     continue
                 tf_fuse = f"{tf}_{name}_resized_fuse"
-                kind = "_strided_conv_bn" if f"{tf_fuse}/_strided_conv_bn{j + 1}/_conv/kernel" in v else "_resized_conv_bn"
+                kind = (
+                    "_strided_conv_bn" if f"{tf_fuse}/_strided_conv_bn{j + 1}/_conv/kernel" in v else "_resized_conv_bn"
+                )
                 _conv_bn_seq(v, f"{tf_fuse}/{kind}{j + 1}", f"{key}{name}_resized_fuse.projections.{j}")
     else:
         raise ConversionError(f"no deeplab2 encoder mapping for a {type(model).__name__}")
@@ -235,8 +263,10 @@ def map_panoptic_deeplab(v: TFVariables, model: nn.Module) -> None:
     if not v.names("encoder/"):
         raise ConversionError(f"{v.source}: no encoder/ variables; not a deeplab2 model checkpoint")
     if not v.names("semantic_decoder/"):
-        raise ConversionError(f"{v.source}: no semantic_decoder/ variables; a backbone checkpoint converts "
-                              "into a backbone model (or use it as model.kwargs.pretrained_backbone once converted)")
+        raise ConversionError(
+            f"{v.source}: no semantic_decoder/ variables; a backbone checkpoint converts "
+            "into a backbone model (or use it as model.kwargs.pretrained_backbone once converted)"
+        )
     require_deeplab2_numerics(model)
     map_encoder(v, model.backbone, "backbone.", "encoder/")
     _decoder(v, "semantic_decoder", "semantic_decoder", model.semantic_decoder)
@@ -248,8 +278,15 @@ def map_panoptic_deeplab(v: TFVariables, model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- registrations
 _AXIAL_RESNETS = [f"axial_resnet_{s}{t}" for s in ("s", "m", "l", "xl") for t in ("", "_conv")] + ["resnet50"]
-_HYBRIDS = ["axial_swidernet_1_1_1", "axial_swidernet_1_1_3", "axial_swidernet_1_1_4_5", "max_deeplab_s_backbone",
-            "axial_resnet50", "resnet50_beta", "max_deeplab_l_backbone"]
+_HYBRIDS = [
+    "axial_swidernet_1_1_1",
+    "axial_swidernet_1_1_3",
+    "axial_swidernet_1_1_4_5",
+    "max_deeplab_s_backbone",
+    "axial_resnet50",
+    "resnet50_beta",
+    "max_deeplab_l_backbone",
+]
 
 
 @register_mapping(*_AXIAL_RESNETS, *_HYBRIDS)
@@ -261,9 +298,13 @@ def deeplab2_backbone(v: TFVariables, model: nn.Module) -> None:
 
 
 _PANOPTIC = [f"axial_deeplab_{s}" for s in ("s", "m", "l", "xl")] + [
-    "axial_deeplab_swidernet_1_1_1_cityscapes", "axial_deeplab_swidernet_1_1_3_cityscapes",
-    "axial_deeplab_swidernet_1_1_4_5_cityscapes", "axial_deeplab_max_s_backbone_cityscapes",
-    "axial_deeplab_max_l_backbone_cityscapes", "panoptic_deeplab_r50"]
+    "axial_deeplab_swidernet_1_1_1_cityscapes",
+    "axial_deeplab_swidernet_1_1_3_cityscapes",
+    "axial_deeplab_swidernet_1_1_4_5_cityscapes",
+    "axial_deeplab_max_s_backbone_cityscapes",
+    "axial_deeplab_max_l_backbone_cityscapes",
+    "panoptic_deeplab_r50",
+]
 
 
 @register_mapping(*_PANOPTIC)

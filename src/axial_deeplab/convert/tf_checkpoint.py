@@ -19,6 +19,7 @@ installed, else by NumPy (about 100 MB/s; reading a 100 MB checkpoint then takes
 instead of 0.1 s) or, for small buffers, a byte loop. ``bfloat16`` tensors are returned as
 ``float32`` (exact: NumPy has no bfloat16); :func:`list_tf_checkpoint` still reports ``bfloat16``.
 """
+
 from __future__ import annotations
 
 import os
@@ -215,7 +216,7 @@ def _proto_fields(buf: bytes, what: str):
             n, pos = _varint(buf, pos, end, what)
             if pos + n > end:
                 raise ValueError(f"truncated {what}")
-            value = bytes(buf[pos:pos + n])
+            value = bytes(buf[pos : pos + n])
             pos += n
         elif wire == 5:
             if pos + 4 > end:
@@ -251,7 +252,13 @@ _DTYPES: Dict[int, Tuple[str, Optional[str]]] = {
     23: ("uint64", "<u8"),
 }
 _DTYPE_NAMES = {
-    11: "qint8", 12: "quint8", 13: "qint32", 15: "qint16", 16: "quint16", 20: "resource", 21: "variant",
+    11: "qint8",
+    12: "quint8",
+    13: "qint32",
+    15: "qint16",
+    16: "quint16",
+    20: "resource",
+    21: "variant",
 }
 
 
@@ -325,13 +332,17 @@ class _Table:
     def footer(self) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         data = self.data
         if len(data) < FOOTER_SIZE:
-            raise self.fail(f"truncated: {len(data)} bytes, shorter than the {FOOTER_SIZE}-byte table footer "
-                            "(not a TensorFlow checkpoint index, or a partial copy)")
+            raise self.fail(
+                f"truncated: {len(data)} bytes, shorter than the {FOOTER_SIZE}-byte table footer "
+                "(not a TensorFlow checkpoint index, or a partial copy)"
+            )
         start = len(data) - FOOTER_SIZE
         magic = struct.unpack_from("<Q", data, len(data) - 8)[0]
         if magic != TABLE_MAGIC:
-            raise self.fail(f"bad magic number 0x{magic:016x} at the end of the file (expected 0x{TABLE_MAGIC:016x}): "
-                            "not a TensorFlow checkpoint index, or a truncated one")
+            raise self.fail(
+                f"bad magic number 0x{magic:016x} at the end of the file (expected 0x{TABLE_MAGIC:016x}): "
+                "not a TensorFlow checkpoint index, or a truncated one"
+            )
         try:
             meta_off, pos = _varint(data, start, len(data) - 8, "footer")
             meta_size, pos = _varint(data, pos, len(data) - 8, "footer")
@@ -345,18 +356,22 @@ class _Table:
         offset, size = handle
         end = offset + size + BLOCK_TRAILER
         if offset < 0 or end > len(self.data) - FOOTER_SIZE:
-            raise self.fail(f"truncated or corrupt: {what} at bytes {offset}..{end} runs past the table "
-                            f"({len(self.data) - FOOTER_SIZE} bytes before the footer)")
-        contents = self.data[offset:offset + size]
+            raise self.fail(
+                f"truncated or corrupt: {what} at bytes {offset}..{end} runs past the table "
+                f"({len(self.data) - FOOTER_SIZE} bytes before the footer)"
+            )
+        contents = self.data[offset : offset + size]
         ctype = self.data[offset + size]
         stored = struct.unpack_from("<I", self.data, offset + size + 1)[0]
-        actual = crc32c(self.data[offset:offset + size + 1])
+        actual = crc32c(self.data[offset : offset + size + 1])
         if _unmask(stored) != actual:
             raise self.fail(f"checksum mismatch in {what} at byte {offset} (the file is corrupt)")
         if ctype == 1:
-            raise self.fail(f"{what} at byte {offset} is snappy-compressed, which this reader does not decode; "
-                            "TensorFlow writes checkpoint indexes uncompressed by default: re-save the "
-                            "checkpoint with TensorFlow (tf.train.Checkpoint.write) to get one")
+            raise self.fail(
+                f"{what} at byte {offset} is snappy-compressed, which this reader does not decode; "
+                "TensorFlow writes checkpoint indexes uncompressed by default: re-save the "
+                "checkpoint with TensorFlow (tf.train.Checkpoint.write) to get one"
+            )
         if ctype != 0:
             raise self.fail(f"{what} at byte {offset} has unknown compression type {ctype}")
         return contents
@@ -379,9 +394,9 @@ class _Table:
                 vlen, pos = _varint(contents, pos, limit, what)
                 if shared > len(key) or pos + unshared + vlen > limit or (at in restarts and shared):
                     raise ValueError(f"bad entry at block offset {at}")
-                key = key[:shared] + contents[pos:pos + unshared]
+                key = key[:shared] + contents[pos : pos + unshared]
                 pos += unshared
-                yield key, contents[pos:pos + vlen]
+                yield key, contents[pos : pos + vlen]
                 pos += vlen
         except ValueError as e:
             raise self.fail(f"corrupt {what} ({e})") from None
@@ -417,8 +432,9 @@ def _read_index(index_path: str) -> Tuple[dict, Dict[str, TensorEntry]]:
     if header is None:
         raise table.fail("no bundle header (empty key): not a TensorFlow 2 (TensorBundle) checkpoint index")
     if header["endianness"] != 0:
-        raise table.fail("big-endian checkpoint: only little-endian bundles (what TensorFlow writes on "
-                         "x86 and ARM) are supported")
+        raise table.fail(
+            "big-endian checkpoint: only little-endian bundles (what TensorFlow writes on x86 and ARM) are supported"
+        )
     return header, entries
 
 
@@ -478,8 +494,9 @@ def _decode_strings(raw: bytes, count: int, shard: str, name: str, entry_crc: Op
             raise TFCheckpointError(f"{shard}: corrupt string tensor {name!r}: no length checksum")
         crc = crc32c(struct.pack(f"<{count}I", *[n & 0xFFFFFFFF for n in lengths]))
         if _unmask(struct.unpack_from("<I", raw, pos)[0]) != crc:
-            raise TFCheckpointError(f"{shard}: checksum mismatch in the lengths of string tensor {name!r} "
-                                    "(the file is corrupt)")
+            raise TFCheckpointError(
+                f"{shard}: checksum mismatch in the lengths of string tensor {name!r} (the file is corrupt)"
+            )
         if verify and entry_crc is not None and crc32c(raw[pos:], crc) != _unmask(entry_crc):
             raise TFCheckpointError(f"{shard}: checksum mismatch in {name!r} (the file is corrupt)")
         pos += 4
@@ -487,7 +504,7 @@ def _decode_strings(raw: bytes, count: int, shard: str, name: str, entry_crc: Op
         raise TFCheckpointError(f"{shard}: corrupt string tensor {name!r}: lengths do not add up to its size")
     out = np.empty(count, dtype=object)
     for i, n in enumerate(lengths):
-        out[i] = raw[pos:pos + n]
+        out[i] = raw[pos : pos + n]
         pos += n
     return out
 
@@ -516,7 +533,8 @@ def read_tf_checkpoint(path: str | os.PathLike, names=None, verify: bool = True)
         if e.num_slices:
             raise TFCheckpointError(
                 f"{index_path}: {name!r} is a sliced (partitioned) variable saved in {e.num_slices} slices; "
-                "re-save it unpartitioned with TensorFlow")
+                "re-save it unpartitioned with TensorFlow"
+            )
         if e.dtype_enum not in _DTYPES:
             raise TFCheckpointError(f"{index_path}: {name!r} has unsupported dtype {e.dtype}")
         if e.shard_id >= num_shards:
@@ -538,13 +556,15 @@ def read_tf_checkpoint(path: str | os.PathLike, names=None, verify: bool = True)
 
 def _read_tensor(f, shard: str, length: int, name: str, e: TensorEntry, verify: bool) -> np.ndarray:
     if e.offset < 0 or e.size < 0 or e.offset + e.size > length:
-        raise TFCheckpointError(f"{shard}: truncated: {name!r} needs bytes {e.offset}..{e.offset + e.size}, "
-                                f"the file has {length}")
+        raise TFCheckpointError(
+            f"{shard}: truncated: {name!r} needs bytes {e.offset}..{e.offset + e.size}, the file has {length}"
+        )
     _, np_dtype = _DTYPES[e.dtype_enum]
     count = int(np.prod(e.shape, dtype=np.int64))
     if np_dtype is not None and count * np.dtype(np_dtype).itemsize != e.size:
-        raise TFCheckpointError(f"{shard}: {name!r} is {e.size} bytes, expected {count} x {e.dtype} "
-                                f"for shape {list(e.shape)}")
+        raise TFCheckpointError(
+            f"{shard}: {name!r} is {e.size} bytes, expected {count} x {e.dtype} for shape {list(e.shape)}"
+        )
     buf = bytearray(e.size)
     f.seek(e.offset)
     if f.readinto(buf) != e.size:

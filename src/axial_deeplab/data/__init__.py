@@ -3,6 +3,7 @@
 A dataset item is a dict: image (3, H, W) float in [0, 1], semantic / instance (H, W) int64,
 crowd (H, W) bool, image_id, file_name, orig_size; datasets expose ``.metadata``.
 """
+
 from .cityscapes import CityscapesPanoptic
 from .coco import CocoPanoptic, CocoPanopticDataset
 from .collate import collate_panoptic

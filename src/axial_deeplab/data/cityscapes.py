@@ -5,6 +5,7 @@
 ``csCreatePanopticImgs --use-train-id``: 19 classes (category ids are train ids 0..18),
 8 things (person..bicycle), label divisor 1000.
 """
+
 from __future__ import annotations
 
 import os

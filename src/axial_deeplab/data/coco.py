@@ -6,6 +6,7 @@ segment, no image twice, not empty: :func:`~.panoptic_io.check_panoptic_json`); 
 are read per item, each PNG checked against its JSON entry both ways (ids in the PNG but not the
 JSON and the reverse), and every problem names the file at fault. ``pq`` runs the same checks.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,7 +71,10 @@ class CocoPanopticDataset(Dataset):
         data = read_panoptic_json(self.json_path, require_categories=metadata is None)
         if metadata is None:
             metadata = PanopticMetadata.from_coco_categories(
-                data["categories"], name=name, label_divisor=label_divisor, ignore_label=ignore_label,
+                data["categories"],
+                name=name,
+                label_divisor=label_divisor,
+                ignore_label=ignore_label,
                 source=str(self.json_path),
             )
         self.metadata = metadata
@@ -81,8 +85,12 @@ class CocoPanopticDataset(Dataset):
                 raise PanopticFormatError(f"{self.json_path}: images[{i}] needs 'id' and 'file_name'")
             images[img["id"]] = img
         check_panoptic_json(
-            data, self.json_path, metadata.category_ids or range(metadata.num_classes), what="panoptic JSON",
-            split=split, folders=(self.image_dir, self.png_dir),
+            data,
+            self.json_path,
+            metadata.category_ids or range(metadata.num_classes),
+            what="panoptic JSON",
+            split=split,
+            folders=(self.image_dir, self.png_dir),
         )
         self.items: list[tuple[dict, dict | None]] = [(ann, images.get(ann["image_id"])) for ann in data["annotations"]]
 
@@ -116,7 +124,9 @@ class CocoPanopticDataset(Dataset):
         img_path = self.image_path(ann, info)
         png_path = self.png_path(ann)
         if not img_path.is_file():
-            raise FileNotFoundError(f"{img_path}: image of image_id {ann['image_id']!r} (from {self.json_path}) not found")
+            raise FileNotFoundError(
+                f"{img_path}: image of image_id {ann['image_id']!r} (from {self.json_path}) not found"
+            )
         if not png_path.is_file():
             raise FileNotFoundError(
                 f"{png_path}: panoptic PNG of image_id {ann['image_id']!r} (from {self.json_path}) not found"
@@ -135,7 +145,9 @@ class CocoPanopticDataset(Dataset):
                     f"({info['width']}x{info['height']})"
                 )
         semantic, instance, crowd = decode_panoptic(
-            ids, ann["segments_info"], self.metadata,
+            ids,
+            ann["segments_info"],
+            self.metadata,
             source=f"{png_path} (image_id {ann['image_id']!r} of JSON {self.json_path})",
         )
         return {

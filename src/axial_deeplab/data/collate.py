@@ -1,4 +1,5 @@
 """Batching of sample dicts: tensors of one shape are stacked, everything else stays a list."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -18,9 +19,7 @@ def collate_panoptic(samples: Sequence[dict]) -> dict[str, Any]:
     keys = list(samples[0].keys())
     for i, s in enumerate(samples[1:], 1):
         if set(s.keys()) != set(keys):
-            raise ValueError(
-                f"collate_panoptic: sample {i} has keys {sorted(s.keys())}, sample 0 has {sorted(keys)}"
-            )
+            raise ValueError(f"collate_panoptic: sample {i} has keys {sorted(s.keys())}, sample 0 has {sorted(keys)}")
     batch: dict[str, Any] = {}
     for key in keys:
         values = [s[key] for s in samples]

@@ -6,6 +6,7 @@ counts 0..16; a test checks the copy against scikit-learn when it is installed):
 of the UCI "Optical Recognition of Handwritten Digits" data (E. Alpaydin and C. Kaynak, 1998;
 https://archive.ics.uci.edu/dataset/80, CC BY 4.0).
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """ImageNet-layout classification data: ``root/<class name>/<image>``, classes sorted by name."""
+
 from __future__ import annotations
 
 import os
@@ -27,9 +28,7 @@ class ImageFolderDataset(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for c in self.classes:
-            files = sorted(
-                p for p in (self.root / c).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            files = sorted(p for p in (self.root / c).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             self.samples.extend((p, self.class_to_idx[c]) for p in files)
         if not self.samples:
             raise FileNotFoundError(f"{self.root}: no images with suffix {IMAGE_SUFFIXES} in the class folders")

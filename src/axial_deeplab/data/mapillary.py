@@ -4,6 +4,7 @@ Looks under ``root/{training|validation}/`` for ``images/*.jpg`` and, in this or
 ``panoptic/panoptic_2018.json`` (v1.x), ``v1.2/panoptic/panoptic_2018.json`` or
 ``v2.0/panoptic/panoptic_2020.json``, the PNGs sitting next to the JSON.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,6 +39,11 @@ class MapillaryVistasPanoptic(CocoPanopticDataset):
                 f"{tried[0]}: Mapillary Vistas panoptic JSON not found (looked for {', '.join(map(str, tried))})"
             )
         super().__init__(
-            base / "images", found, found.parent, name=kw.pop("name", "mapillary_vistas"), transform=transform,
-            split=kw.pop("split", split), **kw
+            base / "images",
+            found,
+            found.parent,
+            name=kw.pop("name", "mapillary_vistas"),
+            transform=transform,
+            split=kw.pop("split", split),
+            **kw,
         )

@@ -5,6 +5,7 @@ things), how panoptic ids are packed (``class * label_divisor + instance``) and
 how they map back to the dataset's own category ids, so every part of the
 pipeline agrees without passing datasets around.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,8 +60,10 @@ class PanopticMetadata:
             got = sorted((int(cat["id"]), str(cat["name"]), int(cat.get("isthing", 0))) for cat in self.categories)
             want = sorted((self.category_id(k), self.class_names[k], int(self.is_thing(k))) for k in range(c))
             if got != want:
-                raise ValueError(f"metadata {self.name!r}: categories (id, name, isthing) {got[:5]} do not match the "
-                                 f"classes {want[:5]}")
+                raise ValueError(
+                    f"metadata {self.name!r}: categories (id, name, isthing) {got[:5]} do not match the "
+                    f"classes {want[:5]}"
+                )
 
     @property
     def num_classes(self) -> int:
@@ -98,8 +101,12 @@ class PanopticMetadata:
         supers = _SUPERCATEGORIES.get(self.name, {})
         out = []
         for c in range(self.num_classes):
-            cat = {"id": self.category_id(c), "name": self.class_names[c], "isthing": 1 if self.is_thing(c) else 0,
-                   "color": list(pal[c])}
+            cat = {
+                "id": self.category_id(c),
+                "name": self.class_names[c],
+                "isthing": 1 if self.is_thing(c) else 0,
+                "color": list(pal[c]),
+            }
             if self.class_names[c] in supers:
                 cat["supercategory"] = supers[self.class_names[c]]
             out.append(cat)
@@ -114,8 +121,16 @@ class PanopticMetadata:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PanopticMetadata":
-        known = {"name", "class_names", "thing_ids", "label_divisor", "ignore_label", "colors", "category_ids",
-                 "categories"}
+        known = {
+            "name",
+            "class_names",
+            "thing_ids",
+            "label_divisor",
+            "ignore_label",
+            "colors",
+            "category_ids",
+            "categories",
+        }
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"metadata: unknown fields {sorted(unknown)}")
@@ -175,21 +190,48 @@ def _default_color(c: int) -> tuple[int, int, int]:
 
 # Cityscapes train ids (19 evaluated classes; things are person..bicycle) and their official colours.
 _CITYSCAPES = [
-    ("road", (128, 64, 128)), ("sidewalk", (244, 35, 232)), ("building", (70, 70, 70)),
-    ("wall", (102, 102, 156)), ("fence", (190, 153, 153)), ("pole", (153, 153, 153)),
-    ("traffic light", (250, 170, 30)), ("traffic sign", (220, 220, 0)), ("vegetation", (107, 142, 35)),
-    ("terrain", (152, 251, 152)), ("sky", (70, 130, 180)), ("person", (220, 20, 60)),
-    ("rider", (255, 0, 0)), ("car", (0, 0, 142)), ("truck", (0, 0, 70)), ("bus", (0, 60, 100)),
-    ("train", (0, 80, 100)), ("motorcycle", (0, 0, 230)), ("bicycle", (119, 11, 32)),
+    ("road", (128, 64, 128)),
+    ("sidewalk", (244, 35, 232)),
+    ("building", (70, 70, 70)),
+    ("wall", (102, 102, 156)),
+    ("fence", (190, 153, 153)),
+    ("pole", (153, 153, 153)),
+    ("traffic light", (250, 170, 30)),
+    ("traffic sign", (220, 220, 0)),
+    ("vegetation", (107, 142, 35)),
+    ("terrain", (152, 251, 152)),
+    ("sky", (70, 130, 180)),
+    ("person", (220, 20, 60)),
+    ("rider", (255, 0, 0)),
+    ("car", (0, 0, 142)),
+    ("truck", (0, 0, 70)),
+    ("bus", (0, 60, 100)),
+    ("train", (0, 80, 100)),
+    ("motorcycle", (0, 0, 230)),
+    ("bicycle", (119, 11, 32)),
 ]
 
 
 # Cityscapes' own category of each class (cityscapesscripts' labels.py), its panoptic supercategory.
 _CITYSCAPES_SUPER = {
-    "road": "flat", "sidewalk": "flat", "building": "construction", "wall": "construction",
-    "fence": "construction", "pole": "object", "traffic light": "object", "traffic sign": "object",
-    "vegetation": "nature", "terrain": "nature", "sky": "sky", "person": "human", "rider": "human",
-    "car": "vehicle", "truck": "vehicle", "bus": "vehicle", "train": "vehicle", "motorcycle": "vehicle",
+    "road": "flat",
+    "sidewalk": "flat",
+    "building": "construction",
+    "wall": "construction",
+    "fence": "construction",
+    "pole": "object",
+    "traffic light": "object",
+    "traffic sign": "object",
+    "vegetation": "nature",
+    "terrain": "nature",
+    "sky": "sky",
+    "person": "human",
+    "rider": "human",
+    "car": "vehicle",
+    "truck": "vehicle",
+    "bus": "vehicle",
+    "train": "vehicle",
+    "motorcycle": "vehicle",
     "bicycle": "vehicle",
 }
 _SUPERCATEGORIES = {"cityscapes": _CITYSCAPES_SUPER}
@@ -280,8 +322,11 @@ def check_metadata_compatible(
         with_id = a.category_ids is not None and b.category_ids is not None
         per_class = []
         for c in range(min(a.num_classes, b.num_classes)):
-            same = (a.class_names[c] == b.class_names[c] and a.is_thing(c) == b.is_thing(c)
-                    and (not with_id or a.category_id(c) == b.category_id(c)))
+            same = (
+                a.class_names[c] == b.class_names[c]
+                and a.is_thing(c) == b.is_thing(c)
+                and (not with_id or a.category_id(c) == b.category_id(c))
+            )
             if not same:
                 per_class.append(f"class {c}: {na} {describe(a, c, with_id)} vs {nb} {describe(b, c, with_id)}")
         if len(per_class) > 12:

@@ -4,6 +4,7 @@ This is the exchange format of the official tools (panopticapi, cityscapesscript
 datasets read it, our predictions are written in it, and the ``pq`` command scores it. Every
 failure names the file and what is wrong with it.
 """
+
 from __future__ import annotations
 
 import io
@@ -88,7 +89,8 @@ def image_to_rgb8(im, source: str = "image", sixteen_bit: bool | None = None) ->
         if gray.size and (gray.min() < 0 or gray.max() > 65535):
             raise PanopticFormatError(
                 f"{source}: 16-bit grayscale values outside 0..65535 ([{gray.min()}, {gray.max()}]); "
-                f"save it as 8-bit or 16-bit unsigned")
+                f"save it as 8-bit or 16-bit unsigned"
+            )
         return np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=2)
     if mode in _EIGHT_BIT_MODES:
         if mode == "P" and "transparency" in im.info:
@@ -100,7 +102,8 @@ def image_to_rgb8(im, source: str = "image", sixteen_bit: bool | None = None) ->
     desc = _MODE_NAMES.get(mode, "an unsupported pixel format")
     raise PanopticFormatError(
         f"{source}: image mode {mode} ({desc}) has no known value range to map to 8-bit RGB; "
-        f"save it as 8-bit or 16-bit RGB or grayscale")
+        f"save it as 8-bit or 16-bit RGB or grayscale"
+    )
 
 
 def _read_rgb(path: str | os.PathLike, what: str, modes=None) -> np.ndarray:
@@ -117,8 +120,7 @@ def _read_rgb(path: str | os.PathLike, what: str, modes=None) -> np.ndarray:
             rawmode = _tile_rawmode(im)
             if modes is not None and (im.mode not in modes or ";16" in rawmode):
                 got = f"mode {im.mode}" + (f", 16 bits per channel ({rawmode})" if ";16" in rawmode else "")
-                raise PanopticFormatError(
-                    f"{path}: {what} must be 8-bit RGB (id = R + 256*G + 256^2*B), got {got}")
+                raise PanopticFormatError(f"{path}: {what} must be 8-bit RGB (id = R + 256*G + 256^2*B), got {got}")
             sixteen_bit = rawmode.startswith("I;16") or im.format in ("PNG", "PPM")
             im.load()
             return image_to_rgb8(im, f"{path}: {what}", sixteen_bit=sixteen_bit)
@@ -213,6 +215,7 @@ def read_panoptic_json(path: str | os.PathLike, require_categories: bool = True)
 def check_isthing(categories: Sequence[Mapping[str, Any]], source: str) -> None:
     """Every category must say whether it is a thing: without ``isthing`` it would silently count
     as stuff (no instances, wrong PQ Things/Stuff). panopticapi requires the field too."""
+
     def named(c):
         return f"id {c.get('id')} {c.get('name', '')!r}"
 
@@ -255,8 +258,8 @@ def check_panoptic_json(
         of_split = f" of split {split!r}" if split else ""
         extra = f" (with {', '.join(map(str, folders))})" if folders else ""
         raise PanopticFormatError(
-            f"{path}: {what}{of_split} has no annotations, so no images to use{extra}; "
-            f"check the split and the files")
+            f"{path}: {what}{of_split} has no annotations, so no images to use{extra}; check the split and the files"
+        )
     for key, items, field in (("annotations", anns, "image_id"), ("images", data.get("images") or [], "id")):
         counts: dict = {}
         for item in items:
@@ -265,7 +268,8 @@ def check_panoptic_json(
         dup = [k for k, n in counts.items() if n > 1]
         if dup:
             raise PanopticFormatError(
-                f"{path}: {key} lists {field}s more than once: {_listing(dup)}; each image must appear once")
+                f"{path}: {key} lists {field}s more than once: {_listing(dup)}; each image must appear once"
+            )
     known = {int(c) for c in category_ids}
     unknown = [
         (ann["image_id"], seg["id"], seg["category_id"])
@@ -293,12 +297,14 @@ def check_segment_ids(present, listed, source: str) -> None:
     if extra.size:
         raise PanopticFormatError(
             f"{source}: segment ids {_listing(extra.tolist(), 5)} in the PNG are absent from the JSON "
-            f"(no segments_info entry for segment id {extra[0]})")
+            f"(no segments_info entry for segment id {extra[0]})"
+        )
     missing = np.setdiff1d(listed, present)
     if missing.size:
         raise PanopticFormatError(
             f"{source}: the JSON lists segment ids {_listing(missing.tolist(), 5)} that are absent from the PNG "
-            f"(no pixel has segment id {missing[0]})")
+            f"(no pixel has segment id {missing[0]})"
+        )
 
 
 # -------------------------------------------------------------------------------------------
@@ -404,7 +410,8 @@ def encode_prediction(
         classes = np.unique(pan[valid] // metadata.label_divisor)
         bad = classes[classes >= metadata.num_classes]
         raise ValueError(
-            f"encode_prediction: panoptic values decode to classes {bad[:5].tolist()} outside 0..{metadata.num_classes - 1}"
+            f"encode_prediction: panoptic values decode to classes {bad[:5].tolist()} "
+            f"outside 0..{metadata.num_classes - 1}"
         )
 
     def describe(key):
@@ -544,8 +551,11 @@ class PanopticWriter:
     def close(self) -> None:
         obj = dict(self.extra)
         obj.update(
-            {"images": self.images, "annotations": self.annotations,
-             "categories": self.categories if self.categories is not None else self.metadata.coco_categories()}
+            {
+                "images": self.images,
+                "annotations": self.annotations,
+                "categories": self.categories if self.categories is not None else self.metadata.coco_categories(),
+            }
         )
         write_json(self.json_path, obj)
 
@@ -570,4 +580,3 @@ def to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-

@@ -5,12 +5,14 @@ smooth noise, and 3-7 things of three classes: real handwritten digits (scikit-l
 ``load_digits``, shipped in the package: :mod:`axial_deeplab.data.digits`; upscaled), shaded
 discs and striped rotated rectangles. Things touch and occlude each other (an occluded thing
 keeps at least ``min_visible_fraction`` of its area), their sizes span a 4x range, and with
-``crowd_probability`` a cluster of small discs is labelled as one crowd segment. Things left smaller than ``min_instance_area`` pixels become void.
+``crowd_probability`` a cluster of small discs is labelled as one crowd segment. Things left
+smaller than ``min_instance_area`` pixels become void.
 
 Scenes are a pure function of (seed, split, index): every item draws from its own
 ``numpy.random.Generator`` seeded with ``[seed, split, index]``, so items are byte-identical
 across runs and processes, need no cache, and the "train" and "val" splits never share a stream.
 """
+
 from __future__ import annotations
 
 import functools
@@ -219,7 +221,9 @@ class SyntheticPanoptic(Dataset):
             object_size = (min(h, w) // 8, min(h, w) // 2)
         lo, hi = int(object_size[0]), int(object_size[1])
         if not 8 <= lo <= hi <= min(h, w):
-            raise ValueError(f"SyntheticPanoptic: object_size must satisfy 8 <= min <= max <= image side, got {object_size}")
+            raise ValueError(
+                f"SyntheticPanoptic: object_size must satisfy 8 <= min <= max <= image side, got {object_size}"
+            )
         if not 0 <= num_objects[0] <= num_objects[1]:
             raise ValueError(f"SyntheticPanoptic: bad num_objects {num_objects}")
         self.split = split
@@ -280,8 +284,7 @@ class SyntheticPanoptic(Dataset):
                     continue  # mostly outside the image
                 under = np.bincount(instance[ya:yb, xa:xb][m], minlength=len(visible))
                 ok = all(
-                    visible[i] - under[i] >= self.min_visible_fraction * full[i]
-                    for i in np.flatnonzero(under[1:]) + 1
+                    visible[i] - under[i] >= self.min_visible_fraction * full[i] for i in np.flatnonzero(under[1:]) + 1
                 )
                 if not ok:
                     continue
@@ -294,9 +297,7 @@ class SyntheticPanoptic(Dataset):
                 semantic[ya:yb, xa:xb][m] = cls
                 instance[ya:yb, xa:xb][m] = new_id
                 crowd[ya:yb, xa:xb][m] = is_crowd
-                objects.append(
-                    SyntheticObject(cls, new_id, size, (cy, cx), area, area, is_crowd, digit_index)
-                )
+                objects.append(SyntheticObject(cls, new_id, size, (cy, cx), area, area, is_crowd, digit_index))
                 return
 
         smin, smax = self.object_size

@@ -19,6 +19,7 @@ Targets added to the sample:
   thing pixels, 0 elsewhere.
 * ``offset_weights`` (float32 HxW): 1 on non-crowd thing pixels.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable
@@ -80,10 +81,12 @@ class PanopticTargetGenerator:
         self._kernel = gaussian_kernel(self.sigma)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(thing_ids={self.thing_ids}, ignore_label={self.ignore_label}, "
-                f"sigma={self.sigma}, small_instance_area={self.small_instance_area}, "
-                f"small_instance_weight={self.small_instance_weight}, "
-                f"ignore_crowd_in_semantic={self.ignore_crowd_in_semantic})")
+        return (
+            f"{type(self).__name__}(thing_ids={self.thing_ids}, ignore_label={self.ignore_label}, "
+            f"sigma={self.sigma}, small_instance_area={self.small_instance_area}, "
+            f"small_instance_weight={self.small_instance_weight}, "
+            f"ignore_crowd_in_semantic={self.ignore_crowd_in_semantic})"
+        )
 
     def __call__(self, sample: Dict) -> Dict:
         for key in ("semantic", "instance"):
@@ -166,5 +169,5 @@ class PanopticTargetGenerator:
         height, width = heatmap.shape
         y0, y1 = max(cy - radius, 0), min(cy + radius + 1, height)
         x0, x1 = max(cx - radius, 0), min(cx + radius + 1, width)
-        window = kernel[y0 - (cy - radius): y1 - (cy - radius), x0 - (cx - radius): x1 - (cx - radius)]
+        window = kernel[y0 - (cy - radius) : y1 - (cy - radius), x0 - (cx - radius) : x1 - (cx - radius)]
         np.maximum(heatmap[y0:y1, x0:x1], window, out=heatmap[y0:y1, x0:x1])

@@ -1,14 +1,15 @@
 """Augmentations on sample dicts, applied identically to the image and the label maps.
 
 Images are resized bilinearly and padded with a constant: the pixel the model's input
-normalisation maps to 0 (:func:`model_pad_value`; the ImageNet mean by default); ``semantic`` / ``instance`` / ``crowd`` use nearest
-neighbour with half-pixel centres and are padded with ``ignore_label`` / 0 / False. Pure torch,
-no torchvision. Randomness comes from torch's generator (seeded per DataLoader worker), or from
-the ``generator`` given to a transform.
+normalisation maps to 0 (:func:`model_pad_value`; the ImageNet mean by default);
+``semantic`` / ``instance`` / ``crowd`` use nearest neighbour with half-pixel centres and are
+padded with ``ignore_label`` / 0 / False. Pure torch, no torchvision. Randomness comes from
+torch's generator (seeded per DataLoader worker), or from the ``generator`` given to a transform.
 
 Padding transforms record ``valid_size`` (the content size before padding) so predictions can
 be cropped back before scoring.
 """
+
 from __future__ import annotations
 
 import math
@@ -143,7 +144,9 @@ class RandomScale:
 class Resize:
     """Resize to a fixed (H, W), or (``long_side``) so the longer side has that length."""
 
-    def __init__(self, size: int | Sequence[int] | None = None, long_side: int | None = None, resize_labels: bool = True):
+    def __init__(
+        self, size: int | Sequence[int] | None = None, long_side: int | None = None, resize_labels: bool = True
+    ):
         if (size is None) == (long_side is None):
             raise ValueError("Resize: give exactly one of size and long_side")
         self.size = None if size is None else _pair(size)

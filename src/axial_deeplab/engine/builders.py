@@ -2,6 +2,7 @@
 in their official layouts, transform pipelines, the model, and the loss. The only place
 where config keys meet the data and model packages, so the loops stay generic.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,10 @@ def _check_options(cls, dataset: str, options: Dict[str, Any], where: str = "dat
     valid = (valid - {"metadata"}) | set(also)  # metadata is an object, not a config value
     unknown = sorted(k for k in options if k not in valid)
     if unknown:
-        raise ConfigError(f"{', '.join(f'{where}.{k}' for k in unknown)}: unknown option for the {dataset!r} dataset; "
-                          f"valid options: {', '.join(sorted(valid)) or 'none'}")
+        raise ConfigError(
+            f"{', '.join(f'{where}.{k}' for k in unknown)}: unknown option for the {dataset!r} dataset; "
+            f"valid options: {', '.join(sorted(valid)) or 'none'}"
+        )
 
 
 def build_dataset(cfg: Config, split: str, transform: Optional[Callable] = None):
@@ -101,8 +104,9 @@ def build_dataset(cfg: Config, split: str, transform: Optional[Callable] = None)
 
         spec = opts.get(split)
         if isinstance(spec, dict):
-            _check_options(CocoPanopticDataset, name, spec, f"data.options.{split}",
-                           also=("image_dir", "json_path", "png_dir"))
+            _check_options(
+                CocoPanopticDataset, name, spec, f"data.options.{split}", also=("image_dir", "json_path", "png_dir")
+            )
         if not isinstance(spec, dict) or not {"image_dir", "json_path", "png_dir"} <= set(spec):
             raise ConfigError(
                 f"data.options.{split}: a custom COCO-panoptic dataset needs image_dir, json_path and png_dir "
@@ -113,14 +117,21 @@ def build_dataset(cfg: Config, split: str, transform: Optional[Callable] = None)
         shared = ("label_divisor", "ignore_label", "name")
         stray = sorted(k for k, v in opts.items() if k not in shared and not isinstance(v, dict))
         if stray:
-            raise ConfigError(f"{', '.join(f'data.options.{k}' for k in stray)}: unknown option for the {name!r} "
-                              f"dataset; valid: {', '.join(shared)}, or a split name holding image_dir, json_path, "
-                              f"png_dir")
+            raise ConfigError(
+                f"{', '.join(f'data.options.{k}' for k in stray)}: unknown option for the {name!r} "
+                f"dataset; valid: {', '.join(shared)}, or a split name holding image_dir, json_path, "
+                f"png_dir"
+            )
         for k in ("label_divisor", "ignore_label", "name"):
             if k in opts and k not in kw:
                 kw[k] = opts[k]
-        return CocoPanopticDataset(os.path.join(root, spec["image_dir"]), os.path.join(root, spec["json_path"]),
-                                   os.path.join(root, spec["png_dir"]), transform=transform, **kw)
+        return CocoPanopticDataset(
+            os.path.join(root, spec["image_dir"]),
+            os.path.join(root, spec["json_path"]),
+            os.path.join(root, spec["png_dir"]),
+            transform=transform,
+            **kw,
+        )
     if name == "imagenet":
         from ..data.image_folder import ImageFolderDataset
 
@@ -161,8 +172,14 @@ def build_train_transform(cfg: Config, metadata=None, model=None) -> Callable:
     from ..data.transforms import Compose, Resize, build_train_transforms, model_pad_value
 
     pipeline = build_train_transforms(
-        d.crop_size, min_scale=d.min_scale, max_scale=d.max_scale, scale_step=d.scale_step, flip=d.flip,
-        jitter=d.photometric, ignore_label=metadata.ignore_label, pad_value=model_pad_value(model),
+        d.crop_size,
+        min_scale=d.min_scale,
+        max_scale=d.max_scale,
+        scale_step=d.scale_step,
+        flip=d.flip,
+        jitter=d.photometric,
+        ignore_label=metadata.ignore_label,
+        pad_value=model_pad_value(model),
         extra=[_target_generator(cfg, metadata)],
     )
     if d.resize_long_side:
@@ -182,8 +199,14 @@ def build_eval_transform(cfg: Config, metadata=None, with_targets: bool = False,
     extra = [_target_generator(cfg, metadata)] if with_targets else []
     # A fixed evaluation size (e.g. Cityscapes 1025x2049) is used as is; otherwise pad to the stride.
     divisor = None if d.eval_size else INPUT_DIVISOR
-    return build_eval_transforms(long_side=d.resize_long_side, pad_to=d.eval_size, divisor=divisor,
-                                 ignore_label=metadata.ignore_label, pad_value=model_pad_value(model), extra=extra)
+    return build_eval_transforms(
+        long_side=d.resize_long_side,
+        pad_to=d.eval_size,
+        divisor=divisor,
+        ignore_label=metadata.ignore_label,
+        pad_value=model_pad_value(model),
+        extra=extra,
+    )
 
 
 def model_kwargs_for(cfg: Config, metadata=None, num_classes: Optional[int] = None) -> Dict[str, Any]:
@@ -212,10 +235,14 @@ def build_loss(cfg: Config, metadata=None):
         return torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
     from ..losses import PanopticDeepLabLoss
 
-    l = cfg.loss
-    return PanopticDeepLabLoss(ignore_label=metadata.ignore_label, top_k_fraction=l.semantic_top_k,
-                               semantic_weight=l.semantic_weight, center_weight=l.center_weight,
-                               offset_weight=l.offset_weight)
+    loss_cfg = cfg.loss
+    return PanopticDeepLabLoss(
+        ignore_label=metadata.ignore_label,
+        top_k_fraction=loss_cfg.semantic_top_k,
+        semantic_weight=loss_cfg.semantic_weight,
+        center_weight=loss_cfg.center_weight,
+        offset_weight=loss_cfg.offset_weight,
+    )
 
 
 def compile_model(model, cfg: Config, dynamic: bool = True):

@@ -18,6 +18,7 @@ to ``NAME.old.tmp-*``. Either way a kill at any instant leaves a complete copy: 
 real name, or (for a moment) under a ``.done.``/``.old.`` name, from which the next start
 restores it. Other leftovers of a killed write are removed on the next start.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -71,6 +72,7 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 # ----------------------------------------------------------------------------- atomic files
+
 
 def _fsync_dir(path: str) -> None:
     try:
@@ -132,8 +134,14 @@ def _restore_missing(parent: str, name: str) -> Optional[str]:
     for entry in os.listdir(parent):
         m = _TMP_DIR_RE.match(entry)
         path = os.path.join(parent, entry)
-        if m and m.group("name") == name and m.group("kind") and os.path.isdir(path) \
-                and not os.path.islink(path) and os.path.isfile(os.path.join(path, MODEL_FILE)):
+        if (
+            m
+            and m.group("name") == name
+            and m.group("kind")
+            and os.path.isdir(path)
+            and not os.path.islink(path)
+            and os.path.isfile(os.path.join(path, MODEL_FILE))
+        ):
             candidates.append((m.group("kind") == "done", os.stat(path).st_mtime, path))
     if not candidates:
         return None
@@ -155,13 +163,15 @@ def _write_failure(err: BaseException) -> Optional[BaseException]:
         return OSError(code, os.strerror(code))
     if isinstance(err, RuntimeError) and text.startswith("Parent directory ") and "does not exist" in text:
         return OSError(errno.ENOENT, os.strerror(errno.ENOENT))  # torch.save into a vanished folder
-    if isinstance(err, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter" in text
-                                         or "file write failed" in text):
+    if isinstance(err, RuntimeError) and (
+        "unexpected pos" in text or "PytorchStreamWriter" in text or "file write failed" in text
+    ):
         return err  # torch.save's zip writer; output_error reads "unexpected pos" as a full disk
     return None
 
 
 # ----------------------------------------------------------------------------- RNG state
+
 
 def capture_rng_state() -> Dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) generator states as plain tensors/lists."""
@@ -187,8 +197,9 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
+    np.random.set_state(
+        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
@@ -197,6 +208,7 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- save / load
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare model inside DDP / DataParallel / torch.compile wrappers."""
@@ -245,12 +257,18 @@ def save_checkpoint(
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
         os.chmod(tmp, 0o777 & ~current_umask())
-        save_file(_model_tensors(model), os.path.join(tmp, MODEL_FILE),
-                  metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(model)})
+        save_file(
+            _model_tensors(model),
+            os.path.join(tmp, MODEL_FILE),
+            metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(model)},
+        )
         os.chmod(os.path.join(tmp, MODEL_FILE), 0o666 & ~current_umask())  # safetensors writes 0600 files
         if ema_model is not None:
-            save_file(_model_tensors(ema_model), os.path.join(tmp, EMA_FILE),
-                      metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(ema_model)})
+            save_file(
+                _model_tensors(ema_model),
+                os.path.join(tmp, EMA_FILE),
+                metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(ema_model)},
+            )
             os.chmod(os.path.join(tmp, EMA_FILE), 0o666 & ~current_umask())
         state: Dict[str, Any] = {
             "step": int(step),
@@ -277,7 +295,7 @@ def save_checkpoint(
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
         # complete from here on: the .done. name lets a later start restore it if need be
-        suffix = os.path.basename(tmp)[len(name) + len(".tmp-"):]
+        suffix = os.path.basename(tmp)[len(name) + len(".tmp-") :]
         done = os.path.join(parent, f"{name}.done.tmp-{suffix}")
         os.replace(tmp, done)
         tmp = done
@@ -441,16 +459,21 @@ def check_arrangement(model: nn.Module, path: str, prefix: str = "", warn: bool 
     if record is None:
         return
     if prefix:
-        record = {("*" if k == "*" else k[len(prefix):].lstrip(".")): v for k, v in record.items()
-                  if k == "*" or k == prefix or k.startswith(prefix + ".")}
+        record = {
+            ("*" if k == "*" else k[len(prefix) :].lstrip(".")): v
+            for k, v in record.items()
+            if k == "*" or k == prefix or k.startswith(prefix + ".")
+        }
     bad = arrangement_mismatches(unwrap_model(model), record)
     if bad:
         name, have, want = bad[0]
         when = " (saved before checkpoints recorded it; all Axial-ResNets then had it)" if legacy else ""
-        msg = (f"{_model_file(path)}: the weights were trained with arrangement={want!r}{when}, but "
-               f"{'the model' if not name else name!r} is built with arrangement={have!r}; build the model "
-               f"with arrangement={want!r} (config: model.kwargs.arrangement={want}; Python: "
-               f"create_model(..., arrangement={want!r}))")
+        msg = (
+            f"{_model_file(path)}: the weights were trained with arrangement={want!r}{when}, but "
+            f"{'the model' if not name else name!r} is built with arrangement={have!r}; build the model "
+            f"with arrangement={want!r} (config: model.kwargs.arrangement={want}; Python: "
+            f"create_model(..., arrangement={want!r}))"
+        )
         if not warn:
             raise ValueError(msg)
         import warnings
@@ -488,8 +511,11 @@ def load_model_weights(model: nn.Module, path: str, strict: bool = True) -> nn.M
 
     tensors = fit_relative_tables(target, tensors, source=file)  # tables of another span or reach fit exactly
     own = target.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in tensors.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if mismatched:
         raise ValueError(
             f"{file}: {len(mismatched)} tensor(s) have other shapes than the model's "
@@ -541,21 +567,25 @@ def _fit_table_state(value: torch.Tensor, layer, name: str, what: str, source: s
 
     have, reach, used = (value.shape[1] - 1) // 2, layer.table_reach, layer.max_relative_distance
     rows = 2 * reach + 1
-    if have < used or (have > reach and moment and bool(torch.cat(
-            [value[:, :have - reach], value[:, have + reach + 1:]], 1).any())):
+    if have < used or (
+        have > reach and moment and bool(torch.cat([value[:, : have - reach], value[:, have + reach + 1 :]], 1).any())
+    ):
         raise UserError(
             f"{source}: the optimizer state ({what}) of {name} has {value.shape[1]} rows, but the layer now "
             f"stores {rows} and its attention uses {2 * used + 1}: the run cannot continue exactly; start a new run "
-            f"from its weights instead (model.pretrained=<this checkpoint>, in another experiment.output_dir)")
+            f"from its weights instead (model.pretrained=<this checkpoint>, in another experiment.output_dir)"
+        )
     if not moment:
         return fit_relative_table(value, reach)
     out = value.new_zeros(value.shape[0], rows)
     keep = min(have, reach)
-    out[:, reach - keep:reach + keep + 1] = value[:, have - keep:have + keep + 1]
+    out[:, reach - keep : reach + keep + 1] = value[:, have - keep : have + keep + 1]
     return out
 
 
-def fit_optimizer_state(model: nn.Module, optimizer, state: Dict[str, Any], source: str = "checkpoint") -> Dict[str, Any]:
+def fit_optimizer_state(
+    model: nn.Module, optimizer, state: Dict[str, Any], source: str = "checkpoint"
+) -> Dict[str, Any]:
     """``state`` (``optimizer.state_dict()`` of a checkpoint) with the per-parameter tensors of
     relative tables fitted to the model's table rows, so a run saved when local-span tables held
     only their span's rows resumes exactly (moments of the added rows are zero, as for rows that
@@ -581,10 +611,17 @@ def fit_optimizer_state(model: nn.Module, optimizer, state: Dict[str, Any], sour
         per_param = base["state"].get(saved_id)
         if isinstance(per_param, dict):
             fitted_base["state"][saved_id] = {
-                k: (_fit_table_state(v, layer, name, k, source, moment=True)
-                    if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == p.shape[0]
-                    and v.shape[1] != p.shape[1] and v.shape[1] % 2 else v)
-                for k, v in per_param.items()}
+                k: (
+                    _fit_table_state(v, layer, name, k, source, moment=True)
+                    if isinstance(v, torch.Tensor)
+                    and v.dim() == 2
+                    and v.shape[0] == p.shape[0]
+                    and v.shape[1] != p.shape[1]
+                    and v.shape[1] % 2
+                    else v
+                )
+                for k, v in per_param.items()
+            }
     if not lookahead:
         return fitted_base
     slow = list(state["lookahead_slow"])
@@ -592,8 +629,13 @@ def fit_optimizer_state(model: nn.Module, optimizer, state: Dict[str, Any], sour
         entry = tables.get(id(p))
         if entry is not None and index < len(slow):
             v = slow[index]
-            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == p.shape[0] \
-                    and v.shape[1] != p.shape[1] and v.shape[1] % 2:
+            if (
+                isinstance(v, torch.Tensor)
+                and v.dim() == 2
+                and v.shape[0] == p.shape[0]
+                and v.shape[1] != p.shape[1]
+                and v.shape[1] % 2
+            ):
                 slow[index] = _fit_table_state(v, entry[1], entry[0], "Lookahead slow weights", source, moment=False)
     return dict(state, base=fitted_base, lookahead_slow=slow)
 
@@ -613,8 +655,9 @@ def read_checkpoint_info(path: str) -> Dict[str, Any]:
         with open(file, "r", encoding="utf-8") as f:
             info = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{file}: corrupt checkpoint info, not valid JSON ({e}); restore it from a copy "
-                         f"of the checkpoint") from None
+        raise ValueError(
+            f"{file}: corrupt checkpoint info, not valid JSON ({e}); restore it from a copy of the checkpoint"
+        ) from None
     if not isinstance(info, dict):
         raise ValueError(f"{file}: corrupt checkpoint info, expected a JSON object, got {type(info).__name__}")
     return info

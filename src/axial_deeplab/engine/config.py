@@ -14,6 +14,7 @@ wheel as in a checkout. ``load_config`` takes a path or a recipe's name (``synth
 ``coco_axial_deeplab_s``); a missing ``configs/NAME.yaml`` (the path the docs used before the
 recipes moved into the package) falls back to the shipped recipe of that name.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,39 +72,52 @@ class ExperimentConfig:
     deterministic: bool = _doc("Ask PyTorch for deterministic kernels (slower on GPU).", False)
     device: str = _doc("'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.", "auto")
     threads: Optional[int] = _doc("CPU threads per process (torch.set_num_threads); null keeps PyTorch's choice.", None)
-    compile: bool = _doc("Run the model through torch.compile in train (static shapes) and evaluate (dynamic "
-                         "shapes); the first steps then include the compile time.", False)
+    compile: bool = _doc(
+        "Run the model through torch.compile in train (static shapes) and evaluate (dynamic "
+        "shapes); the first steps then include the compile time.",
+        False,
+    )
 
 
 @dataclass
 class ModelConfig:
-    name: str = _doc("Registry name, e.g. axial_deeplab_s / _m / _l / _xl, panoptic_deeplab_r50, axial_resnet_s.",
-                     "axial_deeplab_s")
-    kwargs: Dict[str, Any] = _doc("Extra keyword arguments for create_model (span, drop_path_rate, width ...).",
-                                  default_factory=dict)
+    name: str = _doc(
+        "Registry name, e.g. axial_deeplab_s / _m / _l / _xl, panoptic_deeplab_r50, axial_resnet_s.", "axial_deeplab_s"
+    )
+    kwargs: Dict[str, Any] = _doc(
+        "Extra keyword arguments for create_model (span, drop_path_rate, width ...).", default_factory=dict
+    )
     pretrained: Optional[str] = _doc("Local checkpoint to initialise from (never downloaded).", None)
     sync_bn: bool = _doc("Use synchronised BatchNorm across processes when distributed.", True)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = _doc("'synthetic', 'cityscapes', 'coco', 'mapillary', 'coco_panoptic' (custom data in "
-                        "COCO-panoptic format) or 'imagenet' (image folders).", "synthetic")
+    dataset: str = _doc(
+        "'synthetic', 'cityscapes', 'coco', 'mapillary', 'coco_panoptic' (custom data in "
+        "COCO-panoptic format) or 'imagenet' (image folders).",
+        "synthetic",
+    )
     root: Optional[str] = _doc("Dataset root folder in its official layout (not used by 'synthetic').", None)
     train_split: str = _doc("Split used for training.", "train")
     eval_split: str = _doc("Split used for evaluation.", "val")
     options: Dict[str, Any] = _doc("Extra keyword arguments for the dataset class.", default_factory=dict)
-    resize_long_side: Optional[int] = _doc("Resize every image so its longer side has this length before "
-                                           "augmentation and evaluation (COCO 641); null keeps the size.", None)
-    crop_size: List[int] = _doc("Training crop [height, width] (classification: the square crop side).",
-                                default_factory=lambda: [1025, 2049])
+    resize_long_side: Optional[int] = _doc(
+        "Resize every image so its longer side has this length before "
+        "augmentation and evaluation (COCO 641); null keeps the size.",
+        None,
+    )
+    crop_size: List[int] = _doc(
+        "Training crop [height, width] (classification: the square crop side).", default_factory=lambda: [1025, 2049]
+    )
     min_scale: float = _doc("Smallest random rescale factor during training.", 0.5)
     max_scale: float = _doc("Largest random rescale factor during training.", 2.0)
     scale_step: float = _doc("Step between random scale factors (0 = continuous).", 0.1)
     flip: bool = _doc("Random horizontal flips during training.", True)
     photometric: bool = _doc("Random brightness/contrast/saturation jitter during training.", False)
-    eval_size: Optional[List[int]] = _doc("Pad evaluation images (bottom/right) to [H, W]; null pads to a "
-                                          "multiple of 32.", None)
+    eval_size: Optional[List[int]] = _doc(
+        "Pad evaluation images (bottom/right) to [H, W]; null pads to a multiple of 32.", None
+    )
     num_workers: int = _doc("DataLoader worker processes per training process.", 4)
     eval_num_workers: Optional[int] = _doc("Workers for evaluation loaders (default: num_workers).", None)
 
@@ -118,8 +132,9 @@ class TargetConfig:
 
 @dataclass
 class LossConfig:
-    semantic_top_k: float = _doc("Fraction of hardest pixels kept by the bootstrapped cross-entropy "
-                                 "(0.2 Cityscapes, 1.0 COCO).", 0.2)
+    semantic_top_k: float = _doc(
+        "Fraction of hardest pixels kept by the bootstrapped cross-entropy (0.2 Cityscapes, 1.0 COCO).", 0.2
+    )
     semantic_weight: float = _doc("Weight of the semantic loss.", 1.0)
     center_weight: float = _doc("Weight of the center-heatmap MSE.", 200.0)
     offset_weight: float = _doc("Weight of the offset L1.", 0.01)
@@ -146,15 +161,24 @@ class SolverConfig:
     max_epochs: Optional[float] = _doc("If set, max_steps = ceil(max_epochs * len(train set) / batch_size).", None)
     warmup_epochs: Optional[float] = _doc("If set, warmup_steps in epochs (like max_epochs).", None)
     batch_size: int = _doc("GLOBAL batch size; split evenly over the distributed processes.", 32)
-    grad_accum_steps: int = _doc("Run each process's share of the batch as this many micro-batches (forward + "
-                                 "backward each), one optimizer step per global batch: the recipe of batch_size "
-                                 "in the memory of a micro-batch; BatchNorm normalises each micro-batch alone.", 1)
-    ema_decay: Optional[float] = _doc("Keep an exponential moving average of the weights with this decay (e.g. "
-                                      "0.9998; null = none): evaluated beside the model, kept as best when it "
-                                      "scores higher, saved as ema.safetensors in checkpoints.", None)
+    grad_accum_steps: int = _doc(
+        "Run each process's share of the batch as this many micro-batches (forward + "
+        "backward each), one optimizer step per global batch: the recipe of batch_size "
+        "in the memory of a micro-batch; BatchNorm normalises each micro-batch alone.",
+        1,
+    )
+    ema_decay: Optional[float] = _doc(
+        "Keep an exponential moving average of the weights with this decay (e.g. "
+        "0.9998; null = none): evaluated beside the model, kept as best when it "
+        "scores higher, saved as ema.safetensors in checkpoints.",
+        None,
+    )
     grad_clip_norm: Optional[float] = _doc("Clip the global gradient norm to this value (null = off).", None)
-    amp: str = _doc("Mixed precision: 'auto' (bf16 on capable GPUs, else fp16 on GPU, off on CPU), "
-                    "'bf16' (GPU, or CPU autocast), 'fp16' (GPU only) or 'none'.", "auto")
+    amp: str = _doc(
+        "Mixed precision: 'auto' (bf16 on capable GPUs, else fp16 on GPU, off on CPU), "
+        "'bf16' (GPU, or CPU autocast), 'fp16' (GPU only) or 'none'.",
+        "auto",
+    )
 
 
 @dataclass
@@ -201,6 +225,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- conversion
+
 
 def _is_dataclass_type(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
@@ -322,44 +347,66 @@ def validate_config(cfg: Config) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    need(cfg.experiment.task in ("panoptic", "classification"),
-         f"experiment.task must be 'panoptic' or 'classification', got {cfg.experiment.task!r}")
-    need(cfg.experiment.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", cfg.experiment.device),
-         f"experiment.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.experiment.device!r}")
-    need(len(cfg.data.crop_size) == 2 and all(v > 0 for v in cfg.data.crop_size),
-         f"data.crop_size must be [height, width] with positive values, got {cfg.data.crop_size}")
-    need(cfg.data.eval_size is None or (len(cfg.data.eval_size) == 2 and all(v > 0 for v in cfg.data.eval_size)),
-         f"data.eval_size must be null or [height, width], got {cfg.data.eval_size}")
-    need(0 < cfg.data.min_scale <= cfg.data.max_scale,
-         f"data.min_scale/max_scale must satisfy 0 < min <= max, got {cfg.data.min_scale}, {cfg.data.max_scale}")
-    need(cfg.solver.optimizer in ("adam", "adamw", "radam_lookahead", "sgd"),
-         f"solver.optimizer must be adam, adamw, radam_lookahead or sgd, got {cfg.solver.optimizer!r}")
-    need(cfg.solver.schedule in ("poly", "cosine", "constant"),
-         f"solver.schedule must be poly, cosine or constant, got {cfg.solver.schedule!r}")
+    need(
+        cfg.experiment.task in ("panoptic", "classification"),
+        f"experiment.task must be 'panoptic' or 'classification', got {cfg.experiment.task!r}",
+    )
+    need(
+        cfg.experiment.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", cfg.experiment.device),
+        f"experiment.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.experiment.device!r}",
+    )
+    need(
+        len(cfg.data.crop_size) == 2 and all(v > 0 for v in cfg.data.crop_size),
+        f"data.crop_size must be [height, width] with positive values, got {cfg.data.crop_size}",
+    )
+    need(
+        cfg.data.eval_size is None or (len(cfg.data.eval_size) == 2 and all(v > 0 for v in cfg.data.eval_size)),
+        f"data.eval_size must be null or [height, width], got {cfg.data.eval_size}",
+    )
+    need(
+        0 < cfg.data.min_scale <= cfg.data.max_scale,
+        f"data.min_scale/max_scale must satisfy 0 < min <= max, got {cfg.data.min_scale}, {cfg.data.max_scale}",
+    )
+    need(
+        cfg.solver.optimizer in ("adam", "adamw", "radam_lookahead", "sgd"),
+        f"solver.optimizer must be adam, adamw, radam_lookahead or sgd, got {cfg.solver.optimizer!r}",
+    )
+    need(
+        cfg.solver.schedule in ("poly", "cosine", "constant"),
+        f"solver.schedule must be poly, cosine or constant, got {cfg.solver.schedule!r}",
+    )
     need(cfg.solver.lr > 0, f"solver.lr must be positive, got {cfg.solver.lr}")
     need(cfg.solver.max_steps > 0, f"solver.max_steps must be positive, got {cfg.solver.max_steps}")
     need(cfg.solver.batch_size > 0, f"solver.batch_size must be positive, got {cfg.solver.batch_size}")
-    need(cfg.solver.grad_accum_steps >= 1,
-         f"solver.grad_accum_steps must be >= 1, got {cfg.solver.grad_accum_steps}")
-    need(cfg.solver.batch_size % cfg.solver.grad_accum_steps == 0,
-         f"solver.grad_accum_steps={cfg.solver.grad_accum_steps} must divide solver.batch_size="
-         f"{cfg.solver.batch_size} (the global batch is cut into equal micro-batches)")
-    need(cfg.solver.ema_decay is None or 0 < cfg.solver.ema_decay < 1,
-         f"solver.ema_decay must be null or in (0, 1), got {cfg.solver.ema_decay}")
+    need(cfg.solver.grad_accum_steps >= 1, f"solver.grad_accum_steps must be >= 1, got {cfg.solver.grad_accum_steps}")
+    need(
+        cfg.solver.batch_size % cfg.solver.grad_accum_steps == 0,
+        f"solver.grad_accum_steps={cfg.solver.grad_accum_steps} must divide solver.batch_size="
+        f"{cfg.solver.batch_size} (the global batch is cut into equal micro-batches)",
+    )
+    need(
+        cfg.solver.ema_decay is None or 0 < cfg.solver.ema_decay < 1,
+        f"solver.ema_decay must be null or in (0, 1), got {cfg.solver.ema_decay}",
+    )
     need(cfg.solver.warmup_steps >= 0, f"solver.warmup_steps must be >= 0, got {cfg.solver.warmup_steps}")
     need(len(cfg.solver.betas) == 2, f"solver.betas must have two values, got {cfg.solver.betas}")
-    need(cfg.solver.amp in ("auto", "bf16", "fp16", "none"),
-         f"solver.amp must be auto, bf16, fp16 or none, got {cfg.solver.amp!r}")
+    need(
+        cfg.solver.amp in ("auto", "bf16", "fp16", "none"),
+        f"solver.amp must be auto, bf16, fp16 or none, got {cfg.solver.amp!r}",
+    )
     need(0 < cfg.loss.semantic_top_k <= 1, f"loss.semantic_top_k must be in (0, 1], got {cfg.loss.semantic_top_k}")
     need(cfg.train.checkpoint_every > 0, f"train.checkpoint_every must be positive, got {cfg.train.checkpoint_every}")
     need(cfg.train.log_every > 0, f"train.log_every must be positive, got {cfg.train.log_every}")
     need(cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {cfg.train.keep_checkpoints}")
-    need(len(cfg.eval.scales) >= 1 and all(s > 0 for s in cfg.eval.scales),
-         f"eval.scales must be a non-empty list of positive factors, got {cfg.eval.scales}")
+    need(
+        len(cfg.eval.scales) >= 1 and all(s > 0 for s in cfg.eval.scales),
+        f"eval.scales must be a non-empty list of positive factors, got {cfg.eval.scales}",
+    )
     need(cfg.eval.batch_size > 0, f"eval.batch_size must be positive, got {cfg.eval.batch_size}")
 
 
 # ----------------------------------------------------------------------------- YAML + overrides
+
 
 def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(base)
@@ -446,7 +493,7 @@ def config_description(path: str) -> str:
     for i, ch in enumerate(line):
         depth += ch == "("
         depth -= ch == ")"
-        if depth == 0 and line[i:i + 2] in (": ", "; "):
+        if depth == 0 and line[i : i + 2] in (": ", "; "):
             return line[:i]
     return line
 
@@ -520,6 +567,8 @@ def describe_config() -> str:
         inst = cls()
         for f in dataclasses.fields(cls):
             default = getattr(inst, f.name)
-            lines.append(f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
-                         f"    # {f.metadata.get('doc', '')}")
+            lines.append(
+                f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+                f"    # {f.metadata.get('doc', '')}"
+            )
     return "\n".join(lines) + "\n"

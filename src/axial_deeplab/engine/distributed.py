@@ -7,6 +7,7 @@ PyTorch's ``nn.SyncBatchNorm`` only runs on accelerators, so on CPU (gloo) the m
 collectives. Either way a batch of B images split over N processes normalises exactly like
 one process seeing all B.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -16,9 +17,9 @@ from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..layers.sync import differentiable_all_reduce  # noqa: F401  (re-exported)
-from torch import nn
 
 __all__ = [
     "DistEnv",
@@ -61,13 +62,18 @@ class DistEnv:
 
 def detect_env() -> DistEnv:
     """Read torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
+
     def _int(name, default):
         v = os.environ.get(name)
         return int(v) if v not in (None, "") else default
 
     world = _int("WORLD_SIZE", 1)
-    return DistEnv(rank=_int("RANK", 0), world_size=world, local_rank=_int("LOCAL_RANK", 0),
-                   local_world_size=_int("LOCAL_WORLD_SIZE", world))
+    return DistEnv(
+        rank=_int("RANK", 0),
+        world_size=world,
+        local_rank=_int("LOCAL_RANK", 0),
+        local_world_size=_int("LOCAL_WORLD_SIZE", world),
+    )
 
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
@@ -100,13 +106,18 @@ def resolve_device(name: Optional[str], setting: str = "experiment.device", loca
             if index < 0:
                 raise UserError(f"{setting}={name}: not a device; choose {DEVICE_CHOICES} (N a GPU number)")
         if not torch.cuda.is_available():
-            why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
-                   else "no GPU is visible to PyTorch (check the driver and CUDA_VISIBLE_DEVICES)")
+            why = (
+                "this PyTorch is built without CUDA"
+                if torch.version.cuda is None
+                else "no GPU is visible to PyTorch (check the driver and CUDA_VISIBLE_DEVICES)"
+            )
             raise UserError(f"{setting}={name}: {why}; use cpu or auto")
         count = torch.cuda.device_count()
         if text != "cuda" and index >= count:
-            raise UserError(f"{setting}={name}: there {'is' if count == 1 else 'are'} only {count} GPU(s) "
-                            f"(cuda:0 to cuda:{count - 1})")
+            raise UserError(
+                f"{setting}={name}: there {'is' if count == 1 else 'are'} only {count} GPU(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
         return torch.device("cuda", index % max(count, 1))
     raise UserError(f"{setting}={name}: unknown device; choose {DEVICE_CHOICES}")
 
@@ -269,8 +280,9 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 def _convert_cpu(module: nn.Module) -> nn.Module:
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+        out = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             with torch.no_grad():
                 out.weight = module.weight
@@ -290,16 +302,18 @@ def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: boo
     if not is_dist():
         return model
     if device.type == "cuda":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index,
-                                                   find_unused_parameters=find_unused_parameters)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index], output_device=device.index, find_unused_parameters=find_unused_parameters
+        )
     return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
 
 
 def split_batch_size(global_batch: int, world_size: int, what: str = "solver.batch_size") -> int:
     """Per-process batch for a global batch; the global batch must divide evenly."""
     if global_batch % world_size:
-        raise ValueError(f"{what}={global_batch} is the global batch and must be divisible by the number of "
-                         f"processes ({world_size})")
+        raise ValueError(
+            f"{what}={global_batch} is the global batch and must be divisible by the number of processes ({world_size})"
+        )
     return global_batch // world_size
 
 

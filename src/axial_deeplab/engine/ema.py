@@ -14,6 +14,7 @@ Under ``torchrun`` every process holds its own EMA. The parameters are equal on 
 the EMA's buffers are broadcast from rank 0 after each update (what DDP does with the model's
 own buffers): every process evaluates the same weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -103,7 +104,9 @@ class ModelEma:
         """Restore the EMA saved in ``checkpoint_dir`` with its training-state entry ``state``."""
         path = os.path.join(checkpoint_dir, EMA_FILE)
         if not os.path.isfile(path) or not state:
-            raise UserError(f"--resume: {checkpoint_dir} holds no EMA of the weights ({EMA_FILE}) although "
-                            f"solver.ema_decay is set; it was trained without one")
+            raise UserError(
+                f"--resume: {checkpoint_dir} holds no EMA of the weights ({EMA_FILE}) although "
+                f"solver.ema_decay is set; it was trained without one"
+            )
         ckpt.load_model_weights(self.module, path)
         self.averaged.n_averaged.fill_(int(state["updates"]))

@@ -3,6 +3,7 @@ augmentation), the panoptic merge, and streaming PQ / mIoU / mask AP (panoptic) 
 top-1 / top-5 (classification). Every process scores its own shard and the statistics
 are summed across processes, so N processes report what one would.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,9 +50,17 @@ def postprocess_outputs(raw: Dict[str, torch.Tensor], metadata, cfg: Config, ful
 
     e = cfg.eval
     results = panoptic_inference(
-        raw["semantic_logits"], raw["center_heatmap"], raw["offset_map"], metadata.thing_ids,
-        label_divisor=metadata.label_divisor, stuff_area=e.stuff_area, threshold=e.threshold,
-        nms_kernel=e.nms_kernel, top_k=e.top_k, void_label=-1, semantic_is_probs=False,
+        raw["semantic_logits"],
+        raw["center_heatmap"],
+        raw["offset_map"],
+        metadata.thing_ids,
+        label_divisor=metadata.label_divisor,
+        stuff_area=e.stuff_area,
+        threshold=e.threshold,
+        nms_kernel=e.nms_kernel,
+        top_k=e.top_k,
+        void_label=-1,
+        semantic_is_probs=False,
     )
     return results if full else [r["panoptic"] for r in results]
 
@@ -61,8 +70,11 @@ def _instances_for_ap(result: Dict[str, Any], h: int, w: int) -> Dict[str, Any]:
     inst = result["instances"]
     ids = torch.as_tensor(inst["ids"]).to(pan.device)
     masks = pan[None] == ids.view(-1, 1, 1) if ids.numel() else torch.zeros((0, h, w), dtype=torch.bool)
-    return {"masks": masks.cpu(), "classes": torch.as_tensor(inst["classes"]).cpu(),
-            "scores": torch.as_tensor(inst["scores"]).float().cpu()}
+    return {
+        "masks": masks.cpu(),
+        "classes": torch.as_tensor(inst["classes"]).cpu(),
+        "scores": torch.as_tensor(inst["scores"]).float().cpu(),
+    }
 
 
 def write_overlay(path: str, image, panoptic, gt_sample: Optional[Dict[str, Any]], metadata) -> str:
@@ -124,8 +136,13 @@ def dataset_label(dataset, split: Optional[str] = None, name: Optional[str] = No
     return " ".join(parts)
 
 
-def match_classes(metadata, dataset, map_classes_by_name: bool = False, model_source: Optional[str] = None,
-                  dataset_source: Optional[str] = None):
+def match_classes(
+    metadata,
+    dataset,
+    map_classes_by_name: bool = False,
+    model_source: Optional[str] = None,
+    dataset_source: Optional[str] = None,
+):
     """``(metadata to score with, class_map)`` for a model whose classes are ``metadata`` on ``dataset``.
 
     The two must agree class by class (names, things/stuff, category ids, label divisor), else
@@ -146,22 +163,34 @@ def match_classes(metadata, dataset, map_classes_by_name: bool = False, model_so
     what = f"{model_label} vs dataset {dataset_source or dataset_label(dataset)}"
     hints = []
     if metadata.label_divisor != ds_md.label_divisor:
-        hints.append(f"Give the dataset the checkpoint's label divisor (data.options.label_divisor="
-                     f"{metadata.label_divisor}) or evaluate on the dataset the model was trained on.")
+        hints.append(
+            f"Give the dataset the checkpoint's label divisor (data.options.label_divisor="
+            f"{metadata.label_divisor}) or evaluate on the dataset the model was trained on."
+        )
     kinds = {(n, metadata.is_thing(c)) for c, n in enumerate(metadata.class_names)}
     same_classes = sorted(metadata.class_names) == sorted(ds_md.class_names) and kinds == {
-        (n, ds_md.is_thing(c)) for c, n in enumerate(ds_md.class_names)}
+        (n, ds_md.is_thing(c)) for c, n in enumerate(ds_md.class_names)
+    }
     if not same_classes:
         hints.append("Evaluate on a dataset with the classes the model was trained on.")
-    elif not map_classes_by_name and (metadata.class_names != ds_md.class_names
-                                      or None not in (metadata.category_ids, ds_md.category_ids)
-                                      and metadata.category_ids != ds_md.category_ids):
-        hints.append("The same class names are listed in another order or under other ids: pass "
-                     "--map-classes-by-name (map_classes_by_name=True) to match them by name.")
+    elif not map_classes_by_name and (
+        metadata.class_names != ds_md.class_names
+        or None not in (metadata.category_ids, ds_md.category_ids)
+        and metadata.category_ids != ds_md.category_ids
+    ):
+        hints.append(
+            "The same class names are listed in another order or under other ids: pass "
+            "--map-classes-by-name (map_classes_by_name=True) to match them by name."
+        )
     hint = " ".join(hints)
-    class_map = check_metadata_compatible(metadata, ds_md, what=what,
-                                          names=("checkpoint" if model_source else "model", "dataset"),
-                                          map_by_name=map_classes_by_name, hint=hint)
+    class_map = check_metadata_compatible(
+        metadata,
+        ds_md,
+        what=what,
+        names=("checkpoint" if model_source else "model", "dataset"),
+        map_by_name=map_classes_by_name,
+        hint=hint,
+    )
     return ds_md, class_map
 
 
@@ -190,21 +219,27 @@ class PredictionFiles:
         from .predict import PREDICTIONS_JSON, _writing
 
         if folder.existing == "add":
-            raise ValueError(f"{folder.path}: evaluation predictions cannot be added to earlier ones "
-                             f"(use existing='refuse' or 'replace')")
+            raise ValueError(
+                f"{folder.path}: evaluation predictions cannot be added to earlier ones "
+                f"(use existing='refuse' or 'replace')"
+            )
         self.folder = folder
         self.metadata = metadata
         self.json_path = folder.path / PREDICTIONS_JSON
         self.png_dir = folder.path / "panoptic"
         self._writing = _writing
         self.written: List[str] = []
-        self.entries = {str(ann["image_id"]): (ann, info) for ann, info in getattr(dataset, "items", [])
-                        if isinstance(ann, dict) and "image_id" in ann}
+        self.entries = {
+            str(ann["image_id"]): (ann, info)
+            for ann, info in getattr(dataset, "items", [])
+            if isinstance(ann, dict) and "image_id" in ann
+        }
         self.image_dir = getattr(dataset, "image_dir", None)
         folder.prepare([], metadata, overlays=False)
         with _writing(self.png_dir):
-            self.writer = PanopticWriter(self.json_path, self.png_dir, metadata,
-                                         categories=self._categories(dataset, metadata))
+            self.writer = PanopticWriter(
+                self.json_path, self.png_dir, metadata, categories=self._categories(dataset, metadata)
+            )
 
     @staticmethod
     def _categories(dataset, metadata):
@@ -278,8 +313,10 @@ def _open_prediction_files(predictions, dataset, metadata):
     from .predict import OutputFolder
 
     if get_world_size() > 1:
-        raise UserError(f"--predictions {predictions}: prediction files are written by one process only; run "
-                        f"evaluate --predictions without torchrun (the scores are the same)")
+        raise UserError(
+            f"--predictions {predictions}: prediction files are written by one process only; run "
+            f"evaluate --predictions without torchrun (the scores are the same)"
+        )
     if isinstance(predictions, OutputFolder):
         return PredictionFiles(predictions, dataset, metadata), None
     folder = OutputFolder(predictions, "refuse", option="--predictions", command="evaluate", flags=("--replace",))
@@ -291,11 +328,22 @@ def _open_prediction_files(predictions, dataset, metadata):
 
 
 @torch.no_grad()
-def evaluate_panoptic(model, dataset, cfg: Config, device, metadata=None, progress: bool = True,
-                      desc: str = "eval", overlay_dir: Optional[str] = None, num_overlays: int = 0,
-                      max_images: Optional[int] = None, map_classes_by_name: bool = False,
-                      model_source: Optional[str] = None, dataset_source: Optional[str] = None,
-                      predictions=None) -> Dict[str, Any]:
+def evaluate_panoptic(
+    model,
+    dataset,
+    cfg: Config,
+    device,
+    metadata=None,
+    progress: bool = True,
+    desc: str = "eval",
+    overlay_dir: Optional[str] = None,
+    num_overlays: int = 0,
+    max_images: Optional[int] = None,
+    map_classes_by_name: bool = False,
+    model_source: Optional[str] = None,
+    dataset_source: Optional[str] = None,
+    predictions=None,
+) -> Dict[str, Any]:
     """PQ/SQ/RQ (All, Things, Stuff, per class), mIoU and optionally mask AP, in percent.
 
     ``metadata`` are the model's classes; they are checked against the dataset's first (see
@@ -308,8 +356,20 @@ def evaluate_panoptic(model, dataset, cfg: Config, device, metadata=None, progre
     if predictions is not None:
         files, own_folder = _open_prediction_files(predictions, dataset, metadata)
     try:
-        out = _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progress, desc, overlay_dir,
-                                 num_overlays, max_images, files)
+        out = _evaluate_panoptic(
+            model,
+            dataset,
+            cfg,
+            device,
+            metadata,
+            class_map,
+            progress,
+            desc,
+            overlay_dir,
+            num_overlays,
+            max_images,
+            files,
+        )
         if files is not None:
             out["predictions_json"] = files.close()
     except BaseException:
@@ -322,8 +382,9 @@ def evaluate_panoptic(model, dataset, cfg: Config, device, metadata=None, progre
     return out
 
 
-def _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progress, desc, overlay_dir,
-                       num_overlays, max_images, files) -> Dict[str, Any]:
+def _evaluate_panoptic(
+    model, dataset, cfg, device, metadata, class_map, progress, desc, overlay_dir, num_overlays, max_images, files
+) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     model.eval()
@@ -336,8 +397,14 @@ def _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progres
         consumers.append(files)
     if overlay_dir and num_overlays > 0 and is_main_process():
         consumers.append(_Overlays(overlay_dir, num_overlays, metadata))
-    batches = tqdm(loader, desc=desc, unit="img" if cfg.eval.batch_size == 1 else "batch", disable=not progress,
-                   dynamic_ncols=True, leave=False)
+    batches = tqdm(
+        loader,
+        desc=desc,
+        unit="img" if cfg.eval.batch_size == 1 else "batch",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     for batch in batches:
         reraise_carried(batch)
         for scored in _predict_batch(model, batch, cfg, device, metadata, class_map, at_original_size):
@@ -346,8 +413,9 @@ def _evaluate_panoptic(model, dataset, cfg, device, metadata, class_map, progres
     return scores.evaluate()
 
 
-def _panoptic_loader(dataset, cfg: Config, device, metadata, at_original_size: bool,
-                     max_images: Optional[int], model=None) -> DataLoader:
+def _panoptic_loader(
+    dataset, cfg: Config, device, metadata, at_original_size: bool, max_images: Optional[int], model=None
+) -> DataLoader:
     """This process's shard of ``dataset`` (up to the image limit), with the evaluation transform;
     ``at_original_size`` keeps the untransformed labels too."""
     from ..data.collate import collate_panoptic
@@ -359,15 +427,23 @@ def _panoptic_loader(dataset, cfg: Config, device, metadata, at_original_size: b
     limit = max_images if max_images is not None else cfg.eval.max_images
     sampler = ShardSampler(len(dataset), get_rank(), get_world_size(), limit=limit)
     workers = cfg.data.eval_num_workers if cfg.data.eval_num_workers is not None else cfg.data.num_workers
-    return DataLoader(wrapped, batch_size=cfg.eval.batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=CarryingCollate(collate_panoptic), generator=torch.Generator(),
-                      pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
+    return DataLoader(
+        wrapped,
+        batch_size=cfg.eval.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=CarryingCollate(collate_panoptic),
+        generator=torch.Generator(),
+        pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_sigint,
+    )
 
 
 @dataclass
 class ScoredImage:
     """One image's prediction and ground truth at the resolution it is scored at (the dataset's
     own with ``at_original_size``, else the valid part of the model's input)."""
+
     image_id: Any
     file_name: Optional[str]
     image: torch.Tensor  # (3, H, W) in [0, 1]
@@ -408,8 +484,9 @@ def _scored_image(batch, i: int, r: Dict[str, Any], input_hw, at_original_size: 
     else:
         gt = {k: batch[k][i][:h, :w] for k in ("semantic", "instance", "crowd")}
     ids, names = batch.get("image_id"), batch.get("file_name")
-    return ScoredImage(ids[i] if ids is not None else None, names[i] if names is not None else None, image, r,
-                       pan, sem_pred, gt, h, w)
+    return ScoredImage(
+        ids[i] if ids is not None else None, names[i] if names is not None else None, image, r, pan, sem_pred, gt, h, w
+    )
 
 
 class _PanopticScores:
@@ -464,14 +541,20 @@ class _Overlays:
     def process(self, s: ScoredImage) -> None:
         if self.written >= self.limit:
             return
-        write_overlay(os.path.join(self.folder, f"{s.image_id}.png"), s.image.clamp(0, 1), s.panoptic,
-                      {"semantic": s.gt["semantic"], "instance": s.gt["instance"]}, metadata=self.metadata)
+        write_overlay(
+            os.path.join(self.folder, f"{s.image_id}.png"),
+            s.image.clamp(0, 1),
+            s.panoptic,
+            {"semantic": s.gt["semantic"], "instance": s.gt["instance"]},
+            metadata=self.metadata,
+        )
         self.written += 1
 
 
 @torch.no_grad()
-def evaluate_classification(model, dataset, cfg: Config, device, progress: bool = True,
-                            desc: str = "eval", max_images: Optional[int] = None) -> Dict[str, Any]:
+def evaluate_classification(
+    model, dataset, cfg: Config, device, progress: bool = True, desc: str = "eval", max_images: Optional[int] = None
+) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from ..evaluation import ClassificationAccuracy
@@ -483,9 +566,15 @@ def evaluate_classification(model, dataset, cfg: Config, device, progress: bool 
     limit = max_images if max_images is not None else cfg.eval.max_images
     sampler = ShardSampler(len(dataset), get_rank(), get_world_size(), limit=limit)
     workers = cfg.data.eval_num_workers if cfg.data.eval_num_workers is not None else cfg.data.num_workers
-    loader = DataLoader(wrapped, batch_size=max(cfg.eval.batch_size, 1), sampler=sampler, num_workers=workers,
-                        collate_fn=CarryingCollate(default_collate), generator=torch.Generator(),
-                        worker_init_fn=ignore_sigint)
+    loader = DataLoader(
+        wrapped,
+        batch_size=max(cfg.eval.batch_size, 1),
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=CarryingCollate(default_collate),
+        generator=torch.Generator(),
+        worker_init_fn=ignore_sigint,
+    )
     acc = ClassificationAccuracy(topk=(1, 5))
     for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         reraise_carried(batch)
@@ -510,19 +599,25 @@ def _refuse_empty(dataset, max_images: Optional[int], cfg: Config, source: Optio
     if len(dataset) == 0:
         raise UserError(f"nothing to evaluate: {where} has no images")
     if limit is not None and int(limit) < 1:
-        raise UserError(f"nothing to evaluate: the image limit is {limit} (--max-images / eval.max_images "
-                        f"must be at least 1, or null for all)")
+        raise UserError(
+            f"nothing to evaluate: the image limit is {limit} (--max-images / eval.max_images "
+            f"must be at least 1, or null for all)"
+        )
 
 
-def evaluate_model(model, dataset, cfg: Config, device, metadata=None, progress: bool = True,
-                   desc: str = "eval", **kw) -> Dict[str, Any]:
+def evaluate_model(
+    model, dataset, cfg: Config, device, metadata=None, progress: bool = True, desc: str = "eval", **kw
+) -> Dict[str, Any]:
     _refuse_empty(dataset, kw.get("max_images"), cfg, kw.get("dataset_source"))
     if cfg.experiment.task == "classification":
         if kw.get("predictions") is not None:
-            raise UserError("--predictions: prediction files are panoptic (COCO-panoptic PNG + JSON); this is a "
-                            "classification model")
-        return evaluate_classification(model, dataset, cfg, device, progress=progress, desc=desc,
-                                       max_images=kw.get("max_images"))
+            raise UserError(
+                "--predictions: prediction files are panoptic (COCO-panoptic PNG + JSON); this is a "
+                "classification model"
+            )
+        return evaluate_classification(
+            model, dataset, cfg, device, progress=progress, desc=desc, max_images=kw.get("max_images")
+        )
     return evaluate_panoptic(model, dataset, cfg, device, metadata=metadata, progress=progress, desc=desc, **kw)
 
 
@@ -545,8 +640,7 @@ def format_results(metrics: Dict[str, Any], metadata=None, per_class: bool = Fal
         lines.append("   ".join(extra) + f"   ({metrics.get('num_images', '?')} images)")
         if per_class and "_miou_results" in metrics:
             iou = metrics["_miou_results"].get("per_class", {})
-            lines.append("per-class IoU: " + ", ".join(
-                f"{k} {100 * v:.1f}" for k, v in iou.items() if v == v))
+            lines.append("per-class IoU: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in iou.items() if v == v))
     else:
         lines.append("   ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
     return "\n".join(lines)

@@ -12,6 +12,7 @@ Each file is written under a temporary name, loaded back, run and compared with 
 model; only a file that matches is renamed into place. A mismatch or a failed export leaves
 whatever was at the output path untouched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,12 +96,13 @@ def _check_shape(input_shape: Sequence[int], dynamic: bool, format: str) -> Tupl
         raise UserError(f"input shape must be 3xHxW (RGB), got {'x'.join(map(str, input_shape))}")
     _, h, w = shape
     if dynamic and format != "torchscript":
-        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or min(h, w) < 2 * SIZE_MULTIPLE \
-                or max(h, w) > MAX_DYNAMIC_SIZE:
-            raise UserError(f"a dynamic export takes an example input whose H and W are multiples of "
-                            f"{SIZE_MULTIPLE} between {2 * SIZE_MULTIPLE} and {MAX_DYNAMIC_SIZE} "
-                            f"(got {h}x{w}); the file then runs at any such size. Use --static "
-                            f"(dynamic=False) for a file fixed to another size")
+        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or min(h, w) < 2 * SIZE_MULTIPLE or max(h, w) > MAX_DYNAMIC_SIZE:
+            raise UserError(
+                f"a dynamic export takes an example input whose H and W are multiples of "
+                f"{SIZE_MULTIPLE} between {2 * SIZE_MULTIPLE} and {MAX_DYNAMIC_SIZE} "
+                f"(got {h}x{w}); the file then runs at any such size. Use --static "
+                f"(dynamic=False) for a file fixed to another size"
+            )
     return shape
 
 
@@ -122,8 +124,9 @@ def _require(*modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            raise MissingExtraError("ONNX export", "onnx", f"onnx, onnxscript and onnxruntime ({name} is missing)") \
-                from None
+            raise MissingExtraError(
+                "ONNX export", "onnx", f"onnx, onnxscript and onnxruntime ({name} is missing)"
+            ) from None
 
 
 def _export_onnx(wrapper, example, tmp, names, dynamic_shapes, opset):
@@ -131,16 +134,26 @@ def _export_onnx(wrapper, example, tmp, names, dynamic_shapes, opset):
     import onnx
 
     with torch.no_grad():  # inference graph: the decomposition's eval forms
-        program = torch.onnx.export(wrapper, (example,), input_names=["image"], output_names=names,
-                                    opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                    external_data=False, verbose=False)
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            input_names=["image"],
+            output_names=names,
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
     program.save(tmp)
     onnx.checker.check_model(tmp, full_check=True)
     graph = onnx.load(tmp)
     foreign = sorted({n.domain for n in graph.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign or graph.functions:
-        raise UserError(f"the ONNX graph uses non-standard operators (domains {foreign}, "
-                        f"{len(graph.functions)} local functions); refusing to write it")
+        raise UserError(
+            f"the ONNX graph uses non-standard operators (domains {foreign}, "
+            f"{len(graph.functions)} local functions); refusing to write it"
+        )
 
     import onnxruntime as ort
 
@@ -178,9 +191,18 @@ def _export_torchscript(wrapper, example, tmp):
     return run
 
 
-def export_model(model: nn.Module, format: str, output: str, input_shape: Sequence[int] = (3, 224, 224),
-                 dynamic: bool = True, batch: int = 1, opset: int = DEFAULT_OPSET, rtol: float = 1e-4,
-                 overwrite: bool = False, seed: int = 0) -> ExportReport:
+def export_model(
+    model: nn.Module,
+    format: str,
+    output: str,
+    input_shape: Sequence[int] = (3, 224, 224),
+    dynamic: bool = True,
+    batch: int = 1,
+    opset: int = DEFAULT_OPSET,
+    rtol: float = 1e-4,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> ExportReport:
     """Export ``model`` (CPU, eval mode) to ``output`` and verify the written file.
 
     Args:
@@ -244,8 +266,10 @@ def export_model(model: nn.Module, format: str, output: str, input_shape: Sequen
                 diff = _rel_diff(run(x), want)
                 report.max_rel_diff[(sh, sw)] = diff
                 if not diff <= rtol:
-                    raise UserError(f"the exported {format} file differs from the eager model at {sh}x{sw} "
-                                    f"(max relative difference {diff:.2e} > {rtol:g}); nothing was written")
+                    raise UserError(
+                        f"the exported {format} file differs from the eager model at {sh}x{sw} "
+                        f"(max relative difference {diff:.2e} > {rtol:g}); nothing was written"
+                    )
         return report
     finally:
         model.train(was_training)

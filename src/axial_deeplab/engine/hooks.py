@@ -3,6 +3,7 @@ bar, the loss log, TensorBoard images, evaluation, step checkpoints, and the met
 their curves. :class:`RunCheckpointer` is what the checkpoint and evaluation hooks (and an
 interruption) write checkpoints with, so the newest and the best are known in one place.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,16 @@ from .distributed import all_reduce_tensor, barrier
 from .metrics_log import MetricsLogger, read_metrics
 from .trainer import HookBase
 
-__all__ = ["RunCheckpointer", "ProgressBar", "LossLogger", "TrainingImages", "EmaUpdate", "PeriodicEval",
-           "PeriodicCheckpoint", "MetricFiles"]
+__all__ = [
+    "RunCheckpointer",
+    "ProgressBar",
+    "LossLogger",
+    "TrainingImages",
+    "EmaUpdate",
+    "PeriodicEval",
+    "PeriodicCheckpoint",
+    "MetricFiles",
+]
 
 
 def _every(step: int, period: Optional[int]) -> bool:
@@ -32,9 +41,22 @@ class RunCheckpointer:
     better (its info.json says which, ``"weights": "model" | "ema"``). With ``ema`` (a
     :class:`~.ema.ModelEma`) step checkpoints also hold the EMA (``ema.safetensors``)."""
 
-    def __init__(self, ckpt_root: str, model, optimizer, scheduler, scaler, config_text: str, info: Dict[str, Any],
-                 keep: int, is_main: bool, resume_from: Optional[str] = None, start_step: int = 0,
-                 best_metric: Optional[float] = None, ema=None):
+    def __init__(
+        self,
+        ckpt_root: str,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        config_text: str,
+        info: Dict[str, Any],
+        keep: int,
+        is_main: bool,
+        resume_from: Optional[str] = None,
+        start_step: int = 0,
+        best_metric: Optional[float] = None,
+        ema=None,
+    ):
         self.ckpt_root = ckpt_root
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.config_text = config_text
@@ -57,11 +79,13 @@ class RunCheckpointer:
         if value is not None and (self.best_metric is None or value > self.best_metric):
             self.best_metric = float(value)
             model = self.ema.module if weights == "ema" else self.model
-            self.best_path = self._save(step, "best", weights_only=True, model=model,
-                                        extra_info={"metrics": scalars, "weights": weights})
+            self.best_path = self._save(
+                step, "best", weights_only=True, model=model, extra_info={"metrics": scalars, "weights": weights}
+            )
 
-    def _save(self, step: int, name: Optional[str] = None, weights_only: bool = False, model=None,
-              extra_info=None) -> Optional[str]:
+    def _save(
+        self, step: int, name: Optional[str] = None, weights_only: bool = False, model=None, extra_info=None
+    ) -> Optional[str]:
         if not self.is_main:
             return None
         path = os.path.join(self.ckpt_root, name or f"step-{step:06d}")
@@ -69,13 +93,28 @@ class RunCheckpointer:
         meta.update(extra_info or {})
         extra_state: Dict[str, Any] = {"best_metric": self.best_metric}
         if weights_only:
-            return ckpt.save_checkpoint(path, model if model is not None else self.model, step=step,
-                                        config_text=self.config_text, info=meta, extra_state=extra_state)
+            return ckpt.save_checkpoint(
+                path,
+                model if model is not None else self.model,
+                step=step,
+                config_text=self.config_text,
+                info=meta,
+                extra_state=extra_state,
+            )
         if self.ema is not None:
             extra_state["ema"] = self.ema.state()
-        out = ckpt.save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler, step=step,
-                                   extra_state=extra_state, config_text=self.config_text, info=meta,
-                                   ema_model=self.ema.module if self.ema is not None else None)
+        out = ckpt.save_checkpoint(
+            path,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            step=step,
+            extra_state=extra_state,
+            config_text=self.config_text,
+            info=meta,
+            ema_model=self.ema.module if self.ema is not None else None,
+        )
         ckpt.prune_checkpoints(self.ckpt_root, self.keep)
         return out
 
@@ -92,8 +131,15 @@ class ProgressBar(HookBase):
         from tqdm.auto import tqdm
 
         t = self.trainer
-        self.bar = tqdm(total=t.max_steps, initial=t.step, desc="train", unit="it", dynamic_ncols=True,
-                        disable=not self.enabled, smoothing=0.1)
+        self.bar = tqdm(
+            total=t.max_steps,
+            initial=t.step,
+            desc="train",
+            unit="it",
+            dynamic_ncols=True,
+            disable=not self.enabled,
+            smoothing=0.1,
+        )
 
     def after_step(self) -> None:
         self.bar.update(1)
@@ -114,8 +160,14 @@ class LossLogger(HookBase):
     row and over the processes, the learning rate and the speed, to the metric files, the bar
     and ``on_log``."""
 
-    def __init__(self, logger: MetricsLogger, progress: ProgressBar, every: int, batch_size: int,
-                 on_log: Optional[Callable[[int, Dict[str, float]], None]] = None):
+    def __init__(
+        self,
+        logger: MetricsLogger,
+        progress: ProgressBar,
+        every: int,
+        batch_size: int,
+        on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    ):
         self.logger = logger
         self.progress = progress
         self.every = every
@@ -183,8 +235,13 @@ class TrainingImages(HookBase):
             bare.train(was_training)
         pal = md.palette()
         gt = panoptic_from_labels(batch["semantic"][0], batch["instance"][0], md.label_divisor, md.ignore_label)
-        panel = make_panel([image[0], overlay_panoptic(image[0], pan, pal, md.label_divisor, md.thing_ids),
-                            overlay_panoptic(image[0], gt, pal, md.label_divisor, md.thing_ids)])
+        panel = make_panel(
+            [
+                image[0],
+                overlay_panoptic(image[0], pan, pal, md.label_divisor, md.thing_ids),
+                overlay_panoptic(image[0], gt, pal, md.label_divisor, md.thing_ids),
+            ]
+        )
         self.logger.log_image("train/input_prediction_groundtruth", step, panel)
 
 
@@ -210,9 +267,18 @@ class PeriodicEval(HookBase):
     With ``ema`` the EMA of the weights is evaluated too, logged as kind ``eval_ema``, and
     kept as "best" when it scores higher than every earlier evaluation of either."""
 
-    def __init__(self, evaluate: Callable[..., Dict[str, Any]], every: Optional[int], at_end: bool,
-                 metric: str, logger: MetricsLogger, checkpointer: RunCheckpointer, progress: ProgressBar,
-                 is_main: bool, ema=None):
+    def __init__(
+        self,
+        evaluate: Callable[..., Dict[str, Any]],
+        every: Optional[int],
+        at_end: bool,
+        metric: str,
+        logger: MetricsLogger,
+        checkpointer: RunCheckpointer,
+        progress: ProgressBar,
+        is_main: bool,
+        ema=None,
+    ):
         self.evaluate = evaluate
         self.every = every
         self.at_end = at_end
@@ -242,8 +308,9 @@ class PeriodicEval(HookBase):
         barrier()
         if self.is_main:
             label = "" if weights == "model" else " (EMA)"
-            self.progress.write(f"step {step}{label}: " + ", ".join(f"{k} {scalars[k]:.2f}" for k in SUMMARY_KEYS
-                                                                    if k in scalars))
+            self.progress.write(
+                f"step {step}{label}: " + ", ".join(f"{k} {scalars[k]:.2f}" for k in SUMMARY_KEYS if k in scalars)
+            )
         return metrics
 
 
@@ -284,7 +351,8 @@ class MetricFiles(HookBase):
         from .visualize import plot_training_curves
 
         try:
-            plot_training_curves(read_metrics(self.run_dir), os.path.join(self.run_dir, "training_curves.png"),
-                                 title=self.curves)
+            plot_training_curves(
+                read_metrics(self.run_dir), os.path.join(self.run_dir, "training_curves.png"), title=self.curves
+            )
         except Exception as e:  # a plot must never lose a finished run
             print(f"warning: could not draw the training curves: {e}", flush=True)

@@ -4,6 +4,7 @@ TensorBoard scalars and image panels when tensorboard is installed.
 Only rank 0 writes. On resume the log is cut back to the checkpoint's step, so the
 rows after a resume continue the curve instead of duplicating the steps redone.
 """
+
 from __future__ import annotations
 
 import csv

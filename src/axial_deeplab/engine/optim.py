@@ -8,6 +8,7 @@ Lookahead (Zhang et al. 2019) is written here as a thin wrapper around any
 (slow weights, inner-step counter) is part of ``state_dict`` so a resumed run continues
 exactly.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Tuple
@@ -55,11 +56,13 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> List[Dic
                 decay_names.append(full)
     groups = []
     if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, "group_name": "decay",
-                       "param_names": decay_names})
+        groups.append(
+            {"params": decay, "weight_decay": weight_decay, "group_name": "decay", "param_names": decay_names}
+        )
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "group_name": "no_decay",
-                       "param_names": no_decay_names})
+        groups.append(
+            {"params": no_decay, "weight_decay": 0.0, "group_name": "no_decay", "param_names": no_decay_names}
+        )
     return groups
 
 
@@ -156,6 +159,7 @@ def build_optimizer(model: nn.Module, solver) -> torch.optim.Optimizer:
         base = torch.optim.RAdam(groups, lr=solver.lr, betas=betas, eps=solver.eps)
         return Lookahead(base, k=solver.lookahead_steps, alpha=solver.lookahead_alpha)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum,
-                               nesterov=bool(solver.nesterov and solver.momentum > 0))
+        return torch.optim.SGD(
+            groups, lr=solver.lr, momentum=solver.momentum, nesterov=bool(solver.nesterov and solver.momentum > 0)
+        )
     raise ValueError(f"solver.optimizer: unknown optimizer {name!r}")

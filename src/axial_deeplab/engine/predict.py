@@ -7,6 +7,7 @@ replaced when asked, predict never reads its own outputs as input, and a failed 
 the run with the path named, removing what this run wrote (predictions.json is written last,
 atomically).
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,18 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
-__all__ = ["IMAGE_SUFFIXES", "EXISTING_MODES", "OutputFolder", "collect_images", "load_checkpoint_model",
-           "predict_images", "predict_panoptic", "PredictReport", "read_image_ids", "assign_image_ids"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "EXISTING_MODES",
+    "OutputFolder",
+    "collect_images",
+    "load_checkpoint_model",
+    "predict_images",
+    "predict_panoptic",
+    "PredictReport",
+    "read_image_ids",
+    "assign_image_ids",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PREDICTIONS_JSON = "predictions.json"
@@ -65,8 +76,9 @@ def _own_outputs(inputs: Sequence[str], output_dir: str) -> List[Path]:
     return [out]
 
 
-def collect_images(inputs: Sequence[str], output_dir: Optional[str] = None,
-                   skipped: Optional[List[Path]] = None) -> List[Path]:
+def collect_images(
+    inputs: Sequence[str], output_dir: Optional[str] = None, skipped: Optional[List[Path]] = None
+) -> List[Path]:
     """Files given directly, plus every image file below the given folders (sorted).
 
     With ``output_dir`` predict's own outputs are never taken as input (a second run into
@@ -97,8 +109,9 @@ def collect_images(inputs: Sequence[str], output_dir: Optional[str] = None,
     return unique
 
 
-def load_checkpoint_model(checkpoint: str, device: torch.device, config_path: Optional[str] = None,
-                          overrides: Sequence[str] = ()):
+def load_checkpoint_model(
+    checkpoint: str, device: torch.device, config_path: Optional[str] = None, overrides: Sequence[str] = ()
+):
     """``(model in eval mode, config, metadata)`` from a checkpoint folder (or a weights file
     with ``config_path``). The dataset is only opened when the checkpoint lacks metadata."""
     path = ckpt.resolve_checkpoint(checkpoint)
@@ -120,11 +133,15 @@ def load_checkpoint_model(checkpoint: str, device: torch.device, config_path: Op
             from .builders import build_dataset, dataset_metadata
 
             metadata = dataset_metadata(build_dataset(cfg, cfg.data.eval_split))
-            warnings.warn(f"{path}: the checkpoint does not record its classes (no 'metadata' in an info.json "
-                          f"beside its weights); assuming those of dataset {cfg.data.dataset!r} "
-                          f"split {cfg.data.eval_split!r} "
-                          f"({metadata.num_classes} classes: {', '.join(metadata.class_names[:8])}"
-                          f"{', ...' if metadata.num_classes > 8 else ''})", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: the checkpoint does not record its classes (no 'metadata' in an info.json "
+                f"beside its weights); assuming those of dataset {cfg.data.dataset!r} "
+                f"split {cfg.data.eval_split!r} "
+                f"({metadata.num_classes} classes: {', '.join(metadata.class_names[:8])}"
+                f"{', ...' if metadata.num_classes > 8 else ''})",
+                UserWarning,
+                stacklevel=2,
+            )
         model = build_model(cfg, metadata)
     else:
         classes = info.get("classes")
@@ -139,12 +156,18 @@ def load_checkpoint_model(checkpoint: str, device: torch.device, config_path: Op
         if arrangement_mismatches(model, record):  # rebuilt as trained: stem max-pool
             import warnings
 
-            warnings.warn(f"{path}: saved before checkpoints recorded the backbone arrangement; building "
-                          f"{cfg.model.name} with arrangement='maxpool' (stem max-pool), as it was trained",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: saved before checkpoints recorded the backbone arrangement; building "
+                f"{cfg.model.name} with arrangement='maxpool' (stem max-pool), as it was trained",
+                UserWarning,
+                stacklevel=2,
+            )
             cfg.model.kwargs["arrangement"] = "maxpool"
-            model = (build_model(cfg, metadata) if cfg.experiment.task == "panoptic"
-                     else build_model(cfg, None, num_classes=len(metadata)))
+            model = (
+                build_model(cfg, metadata)
+                if cfg.experiment.task == "panoptic"
+                else build_model(cfg, None, num_classes=len(metadata))
+            )
     ckpt.load_model_weights(model, path)
     model.to(device).eval()
     return model, cfg, metadata
@@ -186,8 +209,10 @@ def read_image_ids(path) -> dict:
     data = load_json(path, "image-id JSON")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list) or not images:
-        raise PanopticFormatError(f"{path}: no 'images' list (the image-info or ground-truth COCO JSON lists "
-                                  f"each image's id and file_name there)")
+        raise PanopticFormatError(
+            f"{path}: no 'images' list (the image-info or ground-truth COCO JSON lists "
+            f"each image's id and file_name there)"
+        )
     out: dict = {}
     seen_ids: dict = {}
     for i, img in enumerate(images):
@@ -203,8 +228,13 @@ def read_image_ids(path) -> dict:
     return out
 
 
-def assign_image_ids(files: Sequence[Path], inputs: Sequence[str], image_ids: Optional[dict] = None,
-                     source: str = "--image-ids", start: int = 1) -> Tuple[list, List[str]]:
+def assign_image_ids(
+    files: Sequence[Path],
+    inputs: Sequence[str],
+    image_ids: Optional[dict] = None,
+    source: str = "--image-ids",
+    start: int = 1,
+) -> Tuple[list, List[str]]:
     """``(image id, images[].file_name)`` per file. With ``image_ids`` (see :func:`read_image_ids`)
     a file gets the id its path relative to its input folder has there, else the id of its base
     name where that is listed once; a file not listed is refused by name. Without, the ids are
@@ -226,8 +256,10 @@ def assign_image_ids(files: Sequence[Path], inputs: Sequence[str], image_ids: Op
             missing.append(r)
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise UserError(f"{source}: {len(missing)} input image(s) not listed in its images[].file_name: {shown}; "
-                        f"predict only the images it lists, or leave out --image-ids for ids 1..N")
+        raise UserError(
+            f"{source}: {len(missing)} input image(s) not listed in its images[].file_name: {shown}; "
+            f"predict only the images it lists, or leave out --image-ids for ids 1..N"
+        )
     seen: dict = {}
     for r, iid in zip(rel, ids):
         if str(iid) in seen:
@@ -262,8 +294,9 @@ def _check_folder_path(path: Path, option: str = "--output") -> None:
                 return
             if p == path:
                 raise UserError(f"{option} {path}: is a file, not a folder; choose a folder for the predictions")
-            raise UserError(f"{option} {path}: {p} is a file, so no folder can be made below it; "
-                            f"choose another output folder")
+            raise UserError(
+                f"{option} {path}: {p} is a file, so no folder can be made below it; choose another output folder"
+            )
 
 
 class OutputFolder:
@@ -281,8 +314,14 @@ class OutputFolder:
     (``evaluate --predictions`` offers ``--replace`` only: its files are one dataset's whole set).
     """
 
-    def __init__(self, path, existing: str = "refuse", option: str = "--output", command: str = "predict",
-                 flags: Sequence[str] = ("--add", "--replace")):
+    def __init__(
+        self,
+        path,
+        existing: str = "refuse",
+        option: str = "--output",
+        command: str = "predict",
+        flags: Sequence[str] = ("--add", "--replace"),
+    ):
         if existing not in EXISTING_MODES:
             raise ValueError(f"existing must be one of {', '.join(EXISTING_MODES)}, got {existing!r}")
         self.path = Path(path)
@@ -313,8 +352,10 @@ class OutputFolder:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"{self.option} {self.path}: another {self.command} run is writing into this folder "
-                                f"(it holds {lock_path}); wait for it to finish or choose another folder") from None
+                raise UserError(
+                    f"{self.option} {self.path}: another {self.command} run is writing into this folder "
+                    f"(it holds {lock_path}); wait for it to finish or choose another folder"
+                ) from None
             raise output_error(lock_path, e) from None
         self._lock_fd = fd
 
@@ -336,8 +377,11 @@ class OutputFolder:
             what = sorted({e.split("/")[0] + ("/" if "/" in e else "") for e in earlier})
             how = {"--add": "--add to add these images to them", "--replace": "--replace to replace them"}
             offer = " or ".join(how.get(f, f) for f in self.flags)
-            raise UserError(f"{self.option} {self.path} already holds predictions ({', '.join(what)}); "
-                            + (f"pass {offer}, or " if offer else "") + "choose another folder")
+            raise UserError(
+                f"{self.option} {self.path} already holds predictions ({', '.join(what)}); "
+                + (f"pass {offer}, or " if offer else "")
+                + "choose another folder"
+            )
         if self.existing == "add" and self.json_path.exists():
             from ..data.panoptic_io import read_panoptic_json
 
@@ -360,22 +404,32 @@ class OutputFolder:
             return
         taken = set()
         if self.previous is not None:
+
             def key(c):
                 return int(c["id"]), str(c["name"]), int(bool(c.get("isthing", 0)))
 
             old = sorted(key(c) for c in self.previous.get("categories") or [])
             if old != sorted(key(c) for c in metadata.coco_categories()):
-                raise UserError(f"{self.json_path}: its categories differ from this checkpoint's, so the new "
-                                f"predictions cannot join it; use --replace or choose another folder")
+                raise UserError(
+                    f"{self.json_path}: its categories differ from this checkpoint's, so the new "
+                    f"predictions cannot join it; use --replace or choose another folder"
+                )
             for a in self.previous["annotations"]:
                 taken.add(Path(str(a["file_name"])).stem)  # the names; image ids are checked by the caller
-        clash = [n for n in names if n in taken or (self.path / "panoptic" / f"{n}.png").exists()
-                 or (overlays and (self.path / "overlay" / f"{n}.png").exists())]
+        clash = [
+            n
+            for n in names
+            if n in taken
+            or (self.path / "panoptic" / f"{n}.png").exists()
+            or (overlays and (self.path / "overlay" / f"{n}.png").exists())
+        ]
         if clash:
             shown = ", ".join(clash[:5]) + (", ..." if len(clash) > 5 else "")
-            raise UserError(f"--output {self.path} already has predictions named {shown} ({len(clash)} of these "
-                            f"images); --add only adds new names: use --replace to predict everything again, "
-                            f"or choose another folder")
+            raise UserError(
+                f"--output {self.path} already has predictions named {shown} ({len(clash)} of these "
+                f"images); --add only adds new names: use --replace to predict everything again, "
+                f"or choose another folder"
+            )
 
     def close(self) -> None:
         """Release the lock (the lock file stays: removing it would race with a waiting run)."""
@@ -392,10 +446,20 @@ class OutputFolder:
 
 
 @torch.no_grad()
-def predict_images(model, cfg: Config, metadata, files: Sequence[Path], output_dir: str, device: torch.device,
-                   progress: bool = True, inputs: Sequence[str] = (), overlays: bool = True,
-                   existing: str = "refuse", folder: Optional[OutputFolder] = None,
-                   image_ids=None) -> PredictReport:
+def predict_images(
+    model,
+    cfg: Config,
+    metadata,
+    files: Sequence[Path],
+    output_dir: str,
+    device: torch.device,
+    progress: bool = True,
+    inputs: Sequence[str] = (),
+    overlays: bool = True,
+    existing: str = "refuse",
+    folder: Optional[OutputFolder] = None,
+    image_ids=None,
+) -> PredictReport:
     """Write ``panoptic/<name>.png`` + ``predictions.json`` (COCO panoptic) and
     ``overlay/<name>.png`` for each readable image; collect the images that could not be read
     or predicted.
@@ -419,8 +483,9 @@ def predict_images(model, cfg: Config, metadata, files: Sequence[Path], output_d
             image_ids = read_image_ids(image_ids)
         else:
             source = "--image-ids"
-        return _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder,
-                        image_ids, source)
+        return _predict(
+            model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder, image_ids, source
+        )
     finally:
         if own:
             folder.close()
@@ -456,13 +521,28 @@ def predict_panoptic(model, cfg: Config, metadata, rgb, device, transform=None, 
 
 def _next_id(previous: Optional[dict]) -> int:
     """The first integer id after those of earlier predictions (1 when there are none)."""
-    ints = [a["image_id"] for a in (previous or {}).get("annotations", [])
-            if isinstance(a.get("image_id"), int) and not isinstance(a.get("image_id"), bool)]
+    ints = [
+        a["image_id"]
+        for a in (previous or {}).get("annotations", [])
+        if isinstance(a.get("image_id"), int) and not isinstance(a.get("image_id"), bool)
+    ]
     return max(ints, default=0) + 1
 
 
-def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, overlays, folder,
-             image_ids=None, source="--image-ids") -> PredictReport:
+def _predict(
+    model,
+    cfg,
+    metadata,
+    files,
+    output_dir,
+    device,
+    progress,
+    inputs,
+    overlays,
+    folder,
+    image_ids=None,
+    source="--image-ids",
+) -> PredictReport:
     from tqdm.auto import tqdm
 
     from ..data.panoptic_io import PanopticWriter, encode_prediction, read_image
@@ -480,9 +560,11 @@ def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, 
         earlier = {str(a["image_id"]) for a in folder.previous["annotations"]}
         both = [f"{iid!r}" for iid in ids_of if str(iid) in earlier]
         if both:
-            raise UserError(f"--output {folder.path}: its predictions.json already has image ids "
-                            f"{', '.join(both[:5])}{', ...' if len(both) > 5 else ''}; use --replace to predict "
-                            f"everything again, or choose another folder")
+            raise UserError(
+                f"--output {folder.path}: its predictions.json already has image ids "
+                f"{', '.join(both[:5])}{', ...' if len(both) > 5 else ''}; use --replace to predict "
+                f"everything again, or choose another folder"
+            )
     json_path = os.path.join(output_dir, PREDICTIONS_JSON)
     png_dir = os.path.join(output_dir, "panoptic")
     pal, div, things = metadata.palette(), metadata.label_divisor, metadata.thing_ids
@@ -495,8 +577,9 @@ def _predict(model, cfg, metadata, files, output_dir, device, progress, inputs, 
             writer.extra = {k: v for k, v in prev.items() if k not in ("images", "annotations", "categories")}
             writer.images[:0] = list(prev.get("images") or [])
             writer.annotations[:0] = list(prev["annotations"])
-        for f, name, image_id, rel in zip(tqdm(files, desc="predict", unit="img", disable=not progress,
-                                               dynamic_ncols=True), names, ids_of, rel_names):
+        for f, name, image_id, rel in zip(
+            tqdm(files, desc="predict", unit="img", disable=not progress, dynamic_ncols=True), names, ids_of, rel_names
+        ):
             try:
                 rgb = read_image(f)
             except Exception as e:  # unreadable / corrupt file: name it and go on

@@ -1,6 +1,7 @@
 """Which settings a resumed run may change. Exact resume needs the recipe the checkpoint was
 trained with: a resume whose config differs in anything but :data:`RESUME_MAY_CHANGE` is
 refused, listing ``key: old -> new``, before any weight is loaded."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,22 +16,22 @@ __all__ = ["RESUME_MAY_CHANGE", "resume_config_changes", "check_resolved_steps",
 # evaluation and data loading, not the path the weights take. A key ending in "." stands for
 # every key below it. Any other difference is refused (see resume_config_changes).
 RESUME_MAY_CHANGE = (
-    "experiment.name",            # the run folder's name / place
+    "experiment.name",  # the run folder's name / place
     "experiment.output_dir",
-    "experiment.device",          # the checkpoint is device-independent
+    "experiment.device",  # the checkpoint is device-independent
     "experiment.threads",
-    "experiment.deterministic",   # kernel choice, not the recipe
-    "experiment.compile",         # the same math, compiled
-    "solver.grad_accum_steps",    # memory only: the same global batch, samples, schedule and optimizer
-                                  # steps (BatchNorm then sees other micro-batches: exact only if unchanged)
-    "model.pretrained",           # unused on resume: the checkpoint holds every weight
-    "data.root",                  # the same data moved elsewhere
+    "experiment.deterministic",  # kernel choice, not the recipe
+    "experiment.compile",  # the same math, compiled
+    "solver.grad_accum_steps",  # memory only: the same global batch, samples, schedule and optimizer
+    # steps (BatchNorm then sees other micro-batches: exact only if unchanged)
+    "model.pretrained",  # unused on resume: the checkpoint holds every weight
+    "data.root",  # the same data moved elsewhere
     "data.num_workers",
     "data.eval_num_workers",
     "data.eval_split",
     "data.eval_size",
-    "train.",                     # log / checkpoint / eval cadence, keep_checkpoints, bars, TensorBoard, plots
-    "eval.",                      # evaluation settings
+    "train.",  # log / checkpoint / eval cadence, keep_checkpoints, bars, TensorBoard, plots
+    "eval.",  # evaluation settings
 )
 
 
@@ -123,7 +124,8 @@ def _refuse_resume(checkpoint: str, refused: List[str]) -> UserError:
         f"cannot resume from {checkpoint} with other training settings than it was trained with: "
         f"{'; '.join(refused)}. Drop these overrides to continue the run as it was, or start a new run "
         f"(another experiment.output_dir, or --overwrite; model.pretrained=CKPT starts from its weights). "
-        f"Settings that may change on resume: {may_change}")
+        f"Settings that may change on resume: {may_change}"
+    )
 
 
 def check_resolved_steps(cfg: Config, saved: Optional[Config], checkpoint: str) -> None:
@@ -131,10 +133,12 @@ def check_resolved_steps(cfg: Config, saved: Optional[Config], checkpoint: str) 
     a resumed run must come out at the steps it was trained with."""
     if saved is None:
         return
-    refused = [f"solver.{k}: {getattr(saved.solver, k)} -> {getattr(cfg.solver, k)} (from solver.{e}="
-               f"{getattr(cfg.solver, e)} on this dataset)"
-               for k, e in (("max_steps", "max_epochs"), ("warmup_steps", "warmup_epochs"))
-               if getattr(cfg.solver, e) and getattr(saved.solver, k) != getattr(cfg.solver, k)]
+    refused = [
+        f"solver.{k}: {getattr(saved.solver, k)} -> {getattr(cfg.solver, k)} (from solver.{e}="
+        f"{getattr(cfg.solver, e)} on this dataset)"
+        for k, e in (("max_steps", "max_epochs"), ("warmup_steps", "warmup_epochs"))
+        if getattr(cfg.solver, e) and getattr(saved.solver, k) != getattr(cfg.solver, k)
+    ]
     if refused:
         raise _refuse_resume(checkpoint, refused)
 

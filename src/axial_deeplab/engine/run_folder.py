@@ -1,6 +1,7 @@
 """What a training run folder is, and what may be deleted in it: ``train --overwrite`` empties
 only a folder that a run made and that holds nothing else, and a new run never replaces a file
 it did not write."""
+
 from __future__ import annotations
 
 import os
@@ -11,13 +12,13 @@ from ..fileio import atomic_write_text
 from . import checkpoint as ckpt
 from .metrics_log import CSV, JSONL
 
-__all__ = ["RUN_MARKER", "RUN_ENTRIES", "is_run_folder", "check_overwritable", "check_fresh_start",
-           "prepare_run_dir"]
+__all__ = ["RUN_MARKER", "RUN_ENTRIES", "is_run_folder", "check_overwritable", "check_fresh_start", "prepare_run_dir"]
 
 RUN_MARKER = ".axial-deeplab-run"
 # Everything a run (and the demo, which trains into its folder) writes at the top of its folder.
-RUN_ENTRIES = frozenset({RUN_MARKER, ckpt.CONFIG_FILE, "checkpoints", JSONL, CSV, "tensorboard",
-                         "training_curves.png", "overlays"})
+RUN_ENTRIES = frozenset(
+    {RUN_MARKER, ckpt.CONFIG_FILE, "checkpoints", JSONL, CSV, "tensorboard", "training_curves.png", "overlays"}
+)
 
 
 def _ours(name: str) -> bool:
@@ -33,7 +34,8 @@ def is_run_folder(run_dir: str) -> bool:
     if os.path.isfile(os.path.join(run_dir, RUN_MARKER)):
         return True
     return os.path.isfile(os.path.join(run_dir, ckpt.CONFIG_FILE)) and (
-        os.path.isdir(os.path.join(run_dir, "checkpoints")) or os.path.isfile(os.path.join(run_dir, JSONL)))
+        os.path.isdir(os.path.join(run_dir, "checkpoints")) or os.path.isfile(os.path.join(run_dir, JSONL))
+    )
 
 
 def check_overwritable(run_dir: str) -> None:
@@ -42,8 +44,10 @@ def check_overwritable(run_dir: str) -> None:
     if not os.path.lexists(run_dir):
         return
     if not os.path.isdir(run_dir):
-        raise UserError(f"--overwrite: experiment.output_dir {run_dir} is a file, not a run folder; "
-                        f"choose another experiment.output_dir")
+        raise UserError(
+            f"--overwrite: experiment.output_dir {run_dir} is a file, not a run folder; "
+            f"choose another experiment.output_dir"
+        )
     entries = sorted(os.listdir(run_dir))
     if not entries:
         return
@@ -53,12 +57,14 @@ def check_overwritable(run_dir: str) -> None:
         raise UserError(
             f"--overwrite: refusing to delete {run_dir}: it is not a training run folder (no {RUN_MARKER}, "
             f"nor {ckpt.CONFIG_FILE} with checkpoints/ or {JSONL}) and holds {os.path.join(run_dir, example)}"
-            f"{_and_more(len(entries) - 1)}; choose another experiment.output_dir")
+            f"{_and_more(len(entries) - 1)}; choose another experiment.output_dir"
+        )
     if foreign:
         raise UserError(
             f"--overwrite: refusing to delete {run_dir}: besides the run it holds "
             f"{os.path.join(run_dir, foreign[0])}{_and_more(len(foreign) - 1)}, which train did not write; "
-            f"move it away or choose another experiment.output_dir")
+            f"move it away or choose another experiment.output_dir"
+        )
 
 
 def _and_more(n: int) -> str:
@@ -73,7 +79,8 @@ def check_fresh_start(run_dir: str) -> None:
     if clash:
         raise UserError(
             f"{run_dir} is not a training run folder but holds {os.path.join(run_dir, clash[0])}, which a run "
-            f"would replace; choose another experiment.output_dir")
+            f"would replace; choose another experiment.output_dir"
+        )
 
 
 def prepare_run_dir(run_dir: str, ckpt_root: str, overwrite: bool) -> None:
@@ -91,8 +98,9 @@ def prepare_run_dir(run_dir: str, ckpt_root: str, overwrite: bool) -> None:
         os.makedirs(run_dir, exist_ok=True)
         marker = os.path.join(run_dir, RUN_MARKER)
         if not os.path.isfile(marker):
-            atomic_write_text(marker, "An axial-deeplab training run: `axial-deeplab train --overwrite` may "
-                                           "delete this folder.\n")
+            atomic_write_text(
+                marker, "An axial-deeplab training run: `axial-deeplab train --overwrite` may delete this folder.\n"
+            )
     except UserError:
         raise
     except OSError as e:

@@ -12,6 +12,7 @@ process as the same error, with the same message, that loading in the main proce
 (:class:`CarriedError`): PyTorch would otherwise re-raise it with the worker's whole
 traceback as its message.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -25,8 +26,18 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from ..errors import UserError
 
-__all__ = ["StepBatchSampler", "SeededDataset", "sample_seed", "epoch_permutation", "ShardSampler",
-           "CarriedError", "CarryingCollate", "reraise_carried", "ignore_sigint", "INPUT_ERRORS"]
+__all__ = [
+    "StepBatchSampler",
+    "SeededDataset",
+    "sample_seed",
+    "epoch_permutation",
+    "ShardSampler",
+    "CarriedError",
+    "CarryingCollate",
+    "reraise_carried",
+    "ignore_sigint",
+    "INPUT_ERRORS",
+]
 
 # Errors that mean "this input is bad" (the command line prints them as one line); anything
 # else is a bug and keeps its traceback, from a worker too.
@@ -94,8 +105,17 @@ class StepBatchSampler(Sampler[List[Tuple[int, int]]]):
     """Yields, for steps ``start_step .. max_steps-1``, this process's share of each global
     batch as ``(dataset_index, sample_seed)`` pairs (consumed by :class:`SeededDataset`)."""
 
-    def __init__(self, dataset_len: int, global_batch: int, max_steps: int, seed: int = 0,
-                 start_step: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        dataset_len: int,
+        global_batch: int,
+        max_steps: int,
+        seed: int = 0,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         if dataset_len <= 0:
             raise ValueError("the training dataset is empty")
         if global_batch % world_size:
@@ -113,8 +133,9 @@ class StepBatchSampler(Sampler[List[Tuple[int, int]]]):
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: epoch_permutation(self.n, self.seed, epoch) if self.shuffle
-                                else torch.arange(self.n)}
+            self._perm_cache = {
+                epoch: epoch_permutation(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
+            }
         return self._perm_cache[epoch]
 
     def batch_for_step(self, step: int) -> List[Tuple[int, int]]:

@@ -3,6 +3,7 @@
 The schedule is a pure function of the step, so its whole state is the step number:
 resuming sets the step and the learning rates follow exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,15 @@ from typing import Dict, List
 __all__ = ["lr_factor", "WarmupPolyLR"]
 
 
-def lr_factor(step: int, max_steps: int, warmup_steps: int = 0, warmup_start_factor: float = 0.001,
-              power: float = 0.9, kind: str = "poly", end_factor: float = 0.0) -> float:
+def lr_factor(
+    step: int,
+    max_steps: int,
+    warmup_steps: int = 0,
+    warmup_start_factor: float = 0.001,
+    power: float = 0.9,
+    kind: str = "poly",
+    end_factor: float = 0.0,
+) -> float:
     """Multiplier of the base LR at optimizer step ``step`` (0-based).
 
     Warm-up: from ``warmup_start_factor`` at step 0 linearly to 1 at ``warmup_steps``.
@@ -45,8 +53,16 @@ class WarmupPolyLR:
     ``param_groups`` (including :class:`~axial_deeplab.engine.optim.Lookahead`).
     """
 
-    def __init__(self, optimizer, max_steps: int, warmup_steps: int = 0, warmup_start_factor: float = 0.001,
-                 power: float = 0.9, kind: str = "poly", end_lr: float = 0.0):
+    def __init__(
+        self,
+        optimizer,
+        max_steps: int,
+        warmup_steps: int = 0,
+        warmup_start_factor: float = 0.001,
+        power: float = 0.9,
+        kind: str = "poly",
+        end_lr: float = 0.0,
+    ):
         self.optimizer = optimizer
         self.max_steps = int(max_steps)
         self.warmup_steps = int(warmup_steps)
@@ -62,8 +78,7 @@ class WarmupPolyLR:
 
     def factor(self, step: int, base_lr: float) -> float:
         end = self.end_lr / base_lr if base_lr > 0 else 0.0
-        return lr_factor(step, self.max_steps, self.warmup_steps, self.warmup_start_factor,
-                         self.power, self.kind, end)
+        return lr_factor(step, self.max_steps, self.warmup_steps, self.warmup_start_factor, self.power, self.kind, end)
 
     def _apply(self):
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -77,8 +92,13 @@ class WarmupPolyLR:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> Dict:
-        return {"last_step": self.last_step, "base_lrs": list(self.base_lrs), "max_steps": self.max_steps,
-                "warmup_steps": self.warmup_steps, "kind": self.kind}
+        return {
+            "last_step": self.last_step,
+            "base_lrs": list(self.base_lrs),
+            "max_steps": self.max_steps,
+            "warmup_steps": self.warmup_steps,
+            "kind": self.kind,
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         self.last_step = int(state["last_step"])

@@ -22,6 +22,7 @@ What it guarantees:
   :class:`~axial_deeplab.errors.UserError`) before the step is applied;
 * metrics go to metrics.jsonl / metrics.csv and TensorBoard; progress bars show rate and ETA.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,13 +39,26 @@ from torch.utils.data import DataLoader
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from . import checkpoint as ckpt
-from .builders import (build_dataset, build_loss, build_model, build_train_transform, compile_model,
-                       dataset_metadata)
+from .builders import build_dataset, build_loss, build_model, build_train_transform, compile_model, dataset_metadata
 from .config import Config, ConfigError, dump_config
-from .distributed import (barrier, cleanup_distributed, convert_sync_batchnorm, init_distributed, split_batch_size,
-                          wrap_ddp)
-from .hooks import (EmaUpdate, LossLogger, MetricFiles, PeriodicCheckpoint, PeriodicEval, ProgressBar,
-                    RunCheckpointer, TrainingImages)
+from .distributed import (
+    barrier,
+    cleanup_distributed,
+    convert_sync_batchnorm,
+    init_distributed,
+    split_batch_size,
+    wrap_ddp,
+)
+from .hooks import (
+    EmaUpdate,
+    LossLogger,
+    MetricFiles,
+    PeriodicCheckpoint,
+    PeriodicEval,
+    ProgressBar,
+    RunCheckpointer,
+    TrainingImages,
+)
 from .metrics_log import MetricsLogger
 from .optim import build_optimizer
 from .resume import check_resolved_steps, describe_changes, resume_config_changes
@@ -53,8 +67,17 @@ from .sampling import CarryingCollate, SeededDataset, StepBatchSampler, ignore_s
 from .schedule import WarmupPolyLR
 from .trainer import SimpleTrainer, TrainingDiverged, TrainingInterrupted, move_to_device
 
-__all__ = ["train", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "setup_runtime", "amp_settings",
-           "move_to_device", "primary_metric_name", "RUN_MARKER"]
+__all__ = [
+    "train",
+    "TrainResult",
+    "TrainingInterrupted",
+    "TrainingDiverged",
+    "setup_runtime",
+    "amp_settings",
+    "move_to_device",
+    "primary_metric_name",
+    "RUN_MARKER",
+]
 
 
 @dataclass
@@ -107,8 +130,10 @@ def amp_settings(cfg: Config, device: torch.device):
     if device.type == "cpu" and mode == "bf16":
         return True, torch.bfloat16, False
     hint = "bf16 (CPU autocast) or none" if device.type == "cpu" else "none"
-    raise ConfigError(f"solver.amp={mode} cannot run on the {device.type} device (fp16 needs CUDA; bf16 runs on "
-                      f"CUDA and CPU); use solver.amp={hint}")
+    raise ConfigError(
+        f"solver.amp={mode} cannot run on the {device.type} device (fp16 needs CUDA; bf16 runs on "
+        f"CUDA and CPU); use solver.amp={hint}"
+    )
 
 
 def _resolve_steps(cfg: Config, train_len: int) -> None:
@@ -169,13 +194,19 @@ def _resolve_resume(resume, ckpt_root: str) -> Optional[str]:
         return ckpt.latest_checkpoint(ckpt_root)
     path = ckpt.resolve_checkpoint(str(resume))
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, ckpt.STATE_FILE)):
-        raise ConfigError(f"--resume-from {resume}: {path} has no {ckpt.STATE_FILE}; a weights-only file cannot "
-                          f"resume training (use model.pretrained=... to start from it)")
+        raise ConfigError(
+            f"--resume-from {resume}: {path} has no {ckpt.STATE_FILE}; a weights-only file cannot "
+            f"resume training (use model.pretrained=... to start from it)"
+        )
     return path
 
 
-def train(cfg: Config, resume: Union[None, bool, str] = None, overwrite: bool = False,
-          on_log: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainResult:
+def train(
+    cfg: Config,
+    resume: Union[None, bool, str] = None,
+    overwrite: bool = False,
+    on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
+) -> TrainResult:
     """Train according to ``cfg``; ``resume`` is True/"auto" (newest checkpoint of the run
     folder, if any) or a checkpoint path. ``overwrite`` empties an existing run folder once
     the config, data and model are checked (never a folder that is not a run: see
@@ -206,8 +237,9 @@ def train(cfg: Config, resume: Union[None, bool, str] = None, overwrite: bool = 
         changes, saved = ({}, None)
         if resume_from:
             changes, saved = resume_config_changes(cfg, resume_from)
-        trainer = _build_trainer(cfg, env, device, resume_from, on_log, overwrite=overwrite, changes=changes,
-                                 saved=saved)
+        trainer = _build_trainer(
+            cfg, env, device, resume_from, on_log, overwrite=overwrite, changes=changes, saved=saved
+        )
         trainer.train()
         return _result(trainer, t_start)
     finally:
@@ -215,14 +247,14 @@ def train(cfg: Config, resume: Union[None, bool, str] = None, overwrite: bool = 
             cleanup_distributed()
 
 
-
-
 # ----------------------------------------------------------------------------- set-up
+
 
 @dataclass
 class _Data:
     """The training set with its transform and classes (``metadata`` is None for classification),
     and the evaluation set when training will need it (built early so its errors come first)."""
+
     train_set: Any
     transform: Any
     metadata: Any
@@ -261,6 +293,7 @@ def _build_seeded_model(cfg: Config, data: _Data, resume_from: Optional[str]):
 class _StartPoint:
     """Where training starts: step 0, or a checkpoint's step with its training state, its best
     metric and the record of the settings each resume changed (kept in every checkpoint)."""
+
     step: int = 0
     best_metric: Optional[float] = None
     state: Optional[Dict[str, Any]] = None
@@ -295,9 +328,15 @@ class _Solver:
 def _build_solver(cfg: Config, model, device: torch.device) -> _Solver:
     s = cfg.solver
     optimizer = build_optimizer(model, s)
-    scheduler = WarmupPolyLR(optimizer, max_steps=s.max_steps, warmup_steps=s.warmup_steps,
-                             warmup_start_factor=s.warmup_start_factor, power=s.poly_power, kind=s.schedule,
-                             end_lr=s.end_lr)
+    scheduler = WarmupPolyLR(
+        optimizer,
+        max_steps=s.max_steps,
+        warmup_steps=s.warmup_steps,
+        warmup_start_factor=s.warmup_start_factor,
+        power=s.poly_power,
+        kind=s.schedule,
+        end_lr=s.end_lr,
+    )
     amp_on, amp_dtype, use_scaler = amp_settings(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_on else contextlib.nullcontext()
@@ -323,8 +362,9 @@ def _restore_solver(solver: _Solver, state: Dict[str, Any], model, resume_from: 
     relative tables saved with another row count are fitted first (``fit_optimizer_state``)."""
     if "optimizer" in state:
         source = os.path.join(resume_from, ckpt.STATE_FILE) if resume_from else "checkpoint"
-        solver.optimizer.load_state_dict(ckpt.fit_optimizer_state(model, solver.optimizer, state["optimizer"],
-                                                                  source=source))
+        solver.optimizer.load_state_dict(
+            ckpt.fit_optimizer_state(model, solver.optimizer, state["optimizer"], source=source)
+        )
     if "scheduler" in state:
         solver.scheduler.load_state_dict(state["scheduler"])
     if solver.scaler is not None and "scaler" in state:
@@ -345,13 +385,25 @@ def _run_info(cfg: Config, data: _Data, history) -> Dict[str, Any]:
 
 
 def _build_loader(cfg: Config, data: _Data, start_step: int, env, device: torch.device) -> DataLoader:
-    sampler = StepBatchSampler(len(data.train_set), cfg.solver.batch_size, cfg.solver.max_steps,
-                               seed=cfg.experiment.seed, start_step=start_step, rank=env.rank,
-                               world_size=env.world_size)
-    return DataLoader(SeededDataset(data.train_set, data.transform, carry_errors=True), batch_sampler=sampler,
-                      num_workers=cfg.data.num_workers, collate_fn=CarryingCollate(_collate_fn(cfg)),
-                      pin_memory=device.type == "cuda", generator=torch.Generator(),
-                      persistent_workers=False, worker_init_fn=ignore_sigint)
+    sampler = StepBatchSampler(
+        len(data.train_set),
+        cfg.solver.batch_size,
+        cfg.solver.max_steps,
+        seed=cfg.experiment.seed,
+        start_step=start_step,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    return DataLoader(
+        SeededDataset(data.train_set, data.transform, carry_errors=True),
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=CarryingCollate(_collate_fn(cfg)),
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+        persistent_workers=False,
+        worker_init_fn=ignore_sigint,
+    )
 
 
 def _make_evaluate(cfg: Config, data: _Data, model, device: torch.device, main: bool) -> Callable[[int], Dict]:
@@ -364,13 +416,27 @@ def _make_evaluate(cfg: Config, data: _Data, model, device: torch.device, main: 
         if data.eval_set is None:
             data.eval_set = build_dataset(cfg, cfg.data.eval_split)
         if other is not None:
-            return evaluate_model(other, data.eval_set, cfg, device, metadata=data.metadata,
-                                  progress=cfg.train.progress and main, desc=f"eval-ema@{step}")
+            return evaluate_model(
+                other,
+                data.eval_set,
+                cfg,
+                device,
+                metadata=data.metadata,
+                progress=cfg.train.progress and main,
+                desc=f"eval-ema@{step}",
+            )
         bare = ckpt.unwrap_model(model)
         bare.eval()
         try:
-            return evaluate_model(bare, data.eval_set, cfg, device, metadata=data.metadata,
-                                  progress=cfg.train.progress and main, desc=f"eval@{step}")
+            return evaluate_model(
+                bare,
+                data.eval_set,
+                cfg,
+                device,
+                metadata=data.metadata,
+                progress=cfg.train.progress and main,
+                desc=f"eval@{step}",
+            )
         finally:
             bare.train()
 
@@ -388,18 +454,37 @@ def _hooks(cfg: Config, trainer: SimpleTrainer, data: _Data, logger: MetricsLogg
         images = TrainingImages(logger, t.image_every, data.metadata, cfg)
     evaluate = _make_evaluate(cfg, data, trainer.model, trainer.device, main)
     curves = f"{cfg.experiment.name} ({cfg.model.name})" if main and t.plot_curves else None
-    return [progress,
-            EmaUpdate(ema) if ema is not None else None,
-            LossLogger(logger, progress, t.log_every, cfg.solver.batch_size, on_log),
-            images,
-            PeriodicEval(evaluate, t.eval_every, t.eval_at_end, primary_metric_name(cfg), logger, trainer.checkpointer,
-                         progress, main, ema=ema),
-            PeriodicCheckpoint(trainer.checkpointer, t.checkpoint_every),
-            MetricFiles(logger, cfg.output_dir, curves)]
+    return [
+        progress,
+        EmaUpdate(ema) if ema is not None else None,
+        LossLogger(logger, progress, t.log_every, cfg.solver.batch_size, on_log),
+        images,
+        PeriodicEval(
+            evaluate,
+            t.eval_every,
+            t.eval_at_end,
+            primary_metric_name(cfg),
+            logger,
+            trainer.checkpointer,
+            progress,
+            main,
+            ema=ema,
+        ),
+        PeriodicCheckpoint(trainer.checkpointer, t.checkpoint_every),
+        MetricFiles(logger, cfg.output_dir, curves),
+    ]
 
 
-def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional[str], on_log, overwrite=False,
-                   changes=None, saved=None) -> SimpleTrainer:
+def _build_trainer(
+    cfg: Config,
+    env,
+    device: torch.device,
+    resume_from: Optional[str],
+    on_log,
+    overwrite=False,
+    changes=None,
+    saved=None,
+) -> SimpleTrainer:
     """Everything is checked and built before the run folder is touched; the order of the steps
     that draw random numbers is what makes a resume exact."""
     main = env.is_main
@@ -407,9 +492,11 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
     ckpt_root = os.path.join(run_dir, "checkpoints")
     local_batch = split_batch_size(cfg.solver.batch_size, env.world_size)  # the global batch must divide evenly
     if local_batch % cfg.solver.grad_accum_steps:
-        raise ConfigError(f"solver.grad_accum_steps={cfg.solver.grad_accum_steps} must divide the batch of each "
-                          f"process, solver.batch_size / processes = {cfg.solver.batch_size} / {env.world_size} = "
-                          f"{local_batch}")
+        raise ConfigError(
+            f"solver.grad_accum_steps={cfg.solver.grad_accum_steps} must divide the batch of each "
+            f"process, solver.batch_size / processes = {cfg.solver.batch_size} / {env.world_size} = "
+            f"{local_batch}"
+        )
     amp_settings(cfg, device)  # a precision the device cannot run is refused before any work
     data = _build_data(cfg, resume_from, saved)
     model = _build_seeded_model(cfg, data, resume_from)
@@ -433,16 +520,37 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
     if main:
         atomic_write_text(os.path.join(run_dir, "config.yaml"), config_text)
         logger.truncate_after(start.step)  # later rows are of steps about to be redone; a fresh start keeps none
-    checkpointer = RunCheckpointer(ckpt_root, model, solver.optimizer, solver.scheduler, solver.scaler, config_text,
-                                   _run_info(cfg, data, start.history), cfg.train.keep_checkpoints, main,
-                                   resume_from=resume_from, start_step=start.step, best_metric=start.best_metric,
-                                   ema=ema)
-    trainer = SimpleTrainer(model, lambda batch: _compute_losses(cfg, model, loss_fn, batch, solver.autocast),
-                            solver.optimizer, solver.scheduler, solver.scaler, device, cfg.solver.grad_clip_norm,
-                            grad_accum_steps=cfg.solver.grad_accum_steps,
-                            loader=_build_loader(cfg, data, start.step, env, device), start_step=start.step,
-                            max_steps=cfg.solver.max_steps, checkpointer=checkpointer, run_dir=run_dir,
-                            distributed=env.distributed)
+    checkpointer = RunCheckpointer(
+        ckpt_root,
+        model,
+        solver.optimizer,
+        solver.scheduler,
+        solver.scaler,
+        config_text,
+        _run_info(cfg, data, start.history),
+        cfg.train.keep_checkpoints,
+        main,
+        resume_from=resume_from,
+        start_step=start.step,
+        best_metric=start.best_metric,
+        ema=ema,
+    )
+    trainer = SimpleTrainer(
+        model,
+        lambda batch: _compute_losses(cfg, model, loss_fn, batch, solver.autocast),
+        solver.optimizer,
+        solver.scheduler,
+        solver.scaler,
+        device,
+        cfg.solver.grad_clip_norm,
+        grad_accum_steps=cfg.solver.grad_accum_steps,
+        loader=_build_loader(cfg, data, start.step, env, device),
+        start_step=start.step,
+        max_steps=cfg.solver.max_steps,
+        checkpointer=checkpointer,
+        run_dir=run_dir,
+        distributed=env.distributed,
+    )
     trainer.register_hooks(_hooks(cfg, trainer, data, logger, on_log, main))
     if main and resume_from:
         print(f"resuming from {resume_from} at step {start.step}", flush=True)
@@ -453,9 +561,15 @@ def _build_trainer(cfg: Config, env, device: torch.device, resume_from: Optional
 def _result(trainer: SimpleTrainer, t_start: float) -> TrainResult:
     ck = trainer.checkpointer
     evals = next((h for h in trainer.hooks if isinstance(h, PeriodicEval)), None)
-    return TrainResult(run_dir=trainer.run_dir, step=trainer.step, last_checkpoint=ck.last,
-                       best_checkpoint=ck.best_path, best_metric=ck.best_metric,
-                       final_metrics=evals.final_metrics if evals else {},
-                       seconds=time.time() - t_start, model=ckpt.unwrap_model(trainer.model),
-                       ema_model=ck.ema.module if ck.ema is not None else None,
-                       final_ema_metrics=evals.final_ema_metrics if evals else {})
+    return TrainResult(
+        run_dir=trainer.run_dir,
+        step=trainer.step,
+        last_checkpoint=ck.last,
+        best_checkpoint=ck.best_path,
+        best_metric=ck.best_metric,
+        final_metrics=evals.final_metrics if evals else {},
+        seconds=time.time() - t_start,
+        model=ckpt.unwrap_model(trainer.model),
+        ema_model=ck.ema.module if ck.ema is not None else None,
+        final_ema_metrics=evals.final_ema_metrics if evals else {},
+    )

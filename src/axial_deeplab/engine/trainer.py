@@ -8,6 +8,7 @@ What the loop guarantees on its own: a SIGINT ends the step in progress, which i
 (:class:`TrainingInterrupted`); a non-finite loss stops training before the step is applied
 (:class:`TrainingDiverged`); under ``torchrun`` every process stops at the same step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,16 @@ from ..errors import UserError
 from .distributed import all_reduce_tensor, barrier
 from .sampling import reraise_carried
 
-__all__ = ["TrainingInterrupted", "TrainingDiverged", "StopRequest", "HookBase", "TrainerBase", "SimpleTrainer",
-           "move_to_device", "split_batch"]
+__all__ = [
+    "TrainingInterrupted",
+    "TrainingDiverged",
+    "StopRequest",
+    "HookBase",
+    "TrainerBase",
+    "SimpleTrainer",
+    "move_to_device",
+    "split_batch",
+]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -65,12 +74,18 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.requested = True
-        print("\ninterrupted: finishing the current step and saving a checkpoint"
-              + (" (Ctrl-C again to stop at once)" if self.escalate else ""), file=sys.stderr, flush=True)
+        print(
+            "\ninterrupted: finishing the current step and saving a checkpoint"
+            + (" (Ctrl-C again to stop at once)" if self.escalate else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -116,8 +131,7 @@ class TrainerBase:
     ``checkpointer`` (see :class:`~.hooks.RunCheckpointer`) is what an interruption saves the
     last completed step with, and what a divergence message names as intact."""
 
-    def __init__(self, loader, start_step: int, max_steps: int, checkpointer, run_dir: str,
-                 distributed: bool = False):
+    def __init__(self, loader, start_step: int, max_steps: int, checkpointer, run_dir: str, distributed: bool = False):
         self.loader = loader
         self.step = start_step
         self.max_steps = max_steps
@@ -180,9 +194,18 @@ class SimpleTrainer(TrainerBase):
     so the schedule, the data position and a resume count optimizer steps. Under DDP the
     gradients are all-reduced once, on the last micro-batch (``no_sync`` before)."""
 
-    def __init__(self, model, compute_losses: Callable[[Any], Dict[str, torch.Tensor]], optimizer, scheduler,
-                 scaler, device: torch.device, grad_clip_norm: Optional[float] = None, grad_accum_steps: int = 1,
-                 **kw):
+    def __init__(
+        self,
+        model,
+        compute_losses: Callable[[Any], Dict[str, torch.Tensor]],
+        optimizer,
+        scheduler,
+        scaler,
+        device: torch.device,
+        grad_clip_norm: Optional[float] = None,
+        grad_accum_steps: int = 1,
+        **kw,
+    ):
         super().__init__(**kw)
         self.model = model
         self.compute_losses = compute_losses
@@ -228,7 +251,7 @@ class SimpleTrainer(TrainerBase):
         sums: Dict[str, torch.Tensor] = {}
         for i, part in enumerate(parts):
             part = move_to_device(part, self.device)
-            with (_no_sync(self.model) if i < k - 1 else contextlib.nullcontext()):
+            with _no_sync(self.model) if i < k - 1 else contextlib.nullcontext():
                 losses = self.compute_losses(part)
                 self._backward(losses["total"] / k)
             for name, value in losses.items():
@@ -258,7 +281,8 @@ class SimpleTrainer(TrainerBase):
             kept = f"the last checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
             raise TrainingDiverged(
                 f"training diverged: the loss became {value} at step {self.step + 1} (not applied); lower "
-                f"solver.lr, set solver.grad_clip_norm, or check the data; {kept}")
+                f"solver.lr, set solver.grad_clip_norm, or check the data; {kept}"
+            )
         return True
 
     def _apply(self) -> None:

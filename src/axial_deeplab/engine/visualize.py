@@ -6,6 +6,7 @@ deterministic per-instance amount, so touching instances of one class stay apart
 every segment border is outlined. Matplotlib is used only for the curve plot, with the
 Agg backend (no display needed).
 """
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,9 @@ def _instance_shift(instance: np.ndarray) -> np.ndarray:
     return (shifts * 120) // 255 - 60
 
 
-def colorize_panoptic(panoptic, palette: Sequence[Sequence[int]], label_divisor: int,
-                      thing_ids: Sequence[int] = (), void_color=(0, 0, 0)) -> np.ndarray:
+def colorize_panoptic(
+    panoptic, palette: Sequence[Sequence[int]], label_divisor: int, thing_ids: Sequence[int] = (), void_color=(0, 0, 0)
+) -> np.ndarray:
     """(H, W) panoptic ids (class * label_divisor + instance, void < 0) -> (H, W, 3) uint8."""
     pan = _np_map(panoptic)
     pal = np.asarray(list(palette) + [void_color], dtype=np.int64)
@@ -90,8 +92,15 @@ def segment_boundaries(panoptic, thickness: int = 1) -> np.ndarray:
     return edge
 
 
-def overlay_panoptic(image, panoptic, palette, label_divisor: int, thing_ids: Sequence[int] = (),
-                     alpha: float = 0.55, outline_color=(255, 255, 255)) -> np.ndarray:
+def overlay_panoptic(
+    image,
+    panoptic,
+    palette,
+    label_divisor: int,
+    thing_ids: Sequence[int] = (),
+    alpha: float = 0.55,
+    outline_color=(255, 255, 255),
+) -> np.ndarray:
     """Blend the coloured panoptic map over the image and draw every segment outline."""
     img = to_uint8_image(image).astype(np.float32)
     color = colorize_panoptic(panoptic, palette, label_divisor, thing_ids).astype(np.float32)
@@ -121,7 +130,7 @@ def make_panel(images: Sequence[np.ndarray], titles: Optional[Sequence[str]] = N
     canvas = np.full((h + title_h, w, 3), 255, dtype=np.uint8)
     x = 0
     for im in ims:
-        canvas[title_h:title_h + im.shape[0], x:x + im.shape[1]] = im
+        canvas[title_h : title_h + im.shape[0], x : x + im.shape[1]] = im
         x += im.shape[1] + gap
     if titles:
         from PIL import Image, ImageDraw
@@ -195,8 +204,14 @@ def plot_training_curves(records: List[Dict], path: str, title: str = "training"
     last_step = max([r["step"] for r in records] + [1])
     if has_eval:
         ax = axes[2]
-        for k, color in (("PQ", "tab:blue"), ("SQ", "tab:green"), ("RQ", "tab:orange"), ("mIoU", "tab:red"),
-                         ("top1", "tab:blue"), ("top5", "tab:green")):
+        for k, color in (
+            ("PQ", "tab:blue"),
+            ("SQ", "tab:green"),
+            ("RQ", "tab:orange"),
+            ("mIoU", "tab:red"),
+            ("top1", "tab:blue"),
+            ("top5", "tab:green"),
+        ):
             pts = [(r["step"], r[k]) for r in evals if k in r and r[k] is not None]
             if pts:
                 xs, ys = zip(*pts)

@@ -3,6 +3,7 @@
 All follow the official tools' semantics (panopticapi for PQ, pycocotools for AP) and keep
 statistics that merge across processes: ``state()`` / ``merge(state)`` / ``all_reduce()``.
 """
+
 from .classification import ClassificationAccuracy
 from .instance_ap import InstanceAP
 from .panoptic_quality import PanopticQuality, accumulate_image_stats, format_pq_table, summarize_pq

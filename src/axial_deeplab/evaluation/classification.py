@@ -1,4 +1,5 @@
 """Top-k classification accuracy, streamed as integer counts that sum across processes."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence

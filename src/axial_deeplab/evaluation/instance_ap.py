@@ -3,6 +3,7 @@
 Masks are kept run-length encoded (small), so the evaluator streams over a dataset; its state is
 a list of JSON-able annotations that concatenates across processes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -149,7 +150,11 @@ class InstanceAP:
 
     # -- distributed ---------------------------------------------------------------------------
     def state(self) -> dict[str, list]:
-        return {"images": list(self.images), "gt_annotations": list(self.gt_annotations), "detections": list(self.detections)}
+        return {
+            "images": list(self.images),
+            "gt_annotations": list(self.gt_annotations),
+            "detections": list(self.detections),
+        }
 
     def merge(self, state: Mapping[str, list]) -> None:
         offset = len(self.images)

@@ -10,6 +10,7 @@ TP + FP + FN > 0.
 The statistics are four per-class sums (IoU, TP, FP, FN), so evaluators can stream over a
 dataset without storing predictions and be summed across processes.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, MutableMapping, Sequence
@@ -55,9 +56,7 @@ def accumulate_image_stats(
             continue
         if gt["category_id"] != pred_segments[pred_id]["category_id"]:
             continue
-        union = (
-            pred_segments[pred_id]["area"] + gt["area"] - inter - intersections.get((VOID, pred_id), 0)
-        )
+        union = pred_segments[pred_id]["area"] + gt["area"] - inter - intersections.get((VOID, pred_id), 0)
         iou = inter / union
         if iou > 0.5:
             e = entry(gt["category_id"])
@@ -177,8 +176,12 @@ def summarize_pq(
             sq = iou[k] / tp[k] if tp[k] != 0 else 0.0
             rq = tp[k] / denom
         per_class[label] = {
-            "pq": float(pq), "sq": float(sq), "rq": float(rq),
-            "tp": int(tp[k]), "fp": int(fp[k]), "fn": int(fn[k]),
+            "pq": float(pq),
+            "sq": float(sq),
+            "rq": float(rq),
+            "tp": int(tp[k]),
+            "fp": int(fp[k]),
+            "fn": int(fn[k]),
         }
     for name, want in (("All", None), ("Things", True), ("Stuff", False)):
         pq = sq = rq = 0.0
@@ -211,9 +214,7 @@ def format_pq_table(results: Mapping[str, Any], class_names: Mapping[Any, str] |
     lines.append(f"{'':24s}| {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s} {'N':>5s}")
     for name in ("All", "Things", "Stuff"):
         r = results[name]
-        lines.append(
-            f"{name:24s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f} {r['n']:5d}"
-        )
+        lines.append(f"{name:24s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f} {r['n']:5d}")
     return "\n".join(lines)
 
 
@@ -315,7 +316,9 @@ class PanopticQuality:
         for key in ("iou", "tp", "fp", "fn"):
             value = to_numpy(state[key])
             if value.shape != (self.num_classes,):
-                raise ValueError(f"PanopticQuality.merge: {key} has shape {value.shape}, expected ({self.num_classes},)")
+                raise ValueError(
+                    f"PanopticQuality.merge: {key} has shape {value.shape}, expected ({self.num_classes},)"
+                )
             getattr(self, key)[...] += value.astype(getattr(self, key).dtype)
 
     def all_reduce(self, group=None) -> None:

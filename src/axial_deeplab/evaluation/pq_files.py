@@ -10,6 +10,7 @@ categories, not empty; per image, the PNG's ids and the JSON's the same set both
 do the predictions (except that they may list extra images); sizes that differ and a missing
 prediction are refused too.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -127,7 +128,9 @@ def pq_compute_files(
     for ann in gt["annotations"]:
         pred_ann = pred_by_image.get(ann["image_id"]) or pred_by_text.get(str(ann["image_id"]))
         if pred_ann is None:
-            raise PanopticFormatError(f"{pred_json}: no prediction for image_id {ann['image_id']!r} (listed in {gt_json})")
+            raise PanopticFormatError(
+                f"{pred_json}: no prediction for image_id {ann['image_id']!r} (listed in {gt_json})"
+            )
         pairs.append((ann, pred_ann))
 
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))

@@ -2,6 +2,7 @@
 
 The whole state is one (C, C) count matrix, so it merges across processes by summation.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -44,7 +45,9 @@ class SemanticIoU:
             raise ValueError(f"SemanticIoU.update: gt values {np.unique(g[bad_g])[:5].tolist()} outside 0..{C - 1}")
         bad_p = (p < 0) | (p >= C)
         if bad_p.any():
-            raise ValueError(f"SemanticIoU.update: predicted values {np.unique(p[bad_p])[:5].tolist()} outside 0..{C - 1}")
+            raise ValueError(
+                f"SemanticIoU.update: predicted values {np.unique(p[bad_p])[:5].tolist()} outside 0..{C - 1}"
+            )
         self.confusion += np.bincount(g * C + p, minlength=C * C).reshape(C, C)
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ folding shared by every path), :mod:`.reference` (the oracle and the export deco
 :mod:`.ops` (the torch.library operators), :mod:`.cpu_kernel` (the C kernel, ctypes), and
 :mod:`.triton_kernels` / :mod:`.triton_launch` / :mod:`.triton_self_check` (the GPU path);
 :mod:`.sync` (statistics summed over processes) and :mod:`.attention2d` (2-D attention layers)."""
+
+from . import builtin_paths  # noqa: F401,E402  (registers the built-in paths)
 from .axial_attention import PositionSensitiveAxialAttention  # noqa: F401
 from .dispatch import (  # noqa: F401
     attention_impl,
@@ -20,4 +22,3 @@ from .dispatch import (  # noqa: F401
     select_backend,
 )
 from .reference import axial_attention_reference  # noqa: F401
-from . import builtin_paths  # noqa: F401,E402  (registers the built-in paths)

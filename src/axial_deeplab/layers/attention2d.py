@@ -8,6 +8,7 @@
 Relative offsets (dy, dx) index a 2-D table of (2D+1)^2 rows, clipped beyond +-D, so any input
 size runs. Like the axial layer: 1x1 projection + BN, heads concatenated, stride after the layer.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,8 +23,10 @@ class _Attention2dBase(nn.Module):
         super().__init__()
         key_channels = out_channels // 2 if key_channels is None else key_channels
         if out_channels % num_heads or key_channels % num_heads:
-            raise ValueError(f"out_channels ({out_channels}) and key_channels ({key_channels}) "
-                             f"must be divisible by num_heads ({num_heads})")
+            raise ValueError(
+                f"out_channels ({out_channels}) and key_channels ({key_channels}) "
+                f"must be divisible by num_heads ({num_heads})"
+            )
         self.num_heads, self.stride = num_heads, stride
         self.dk, self.dv = key_channels // num_heads, out_channels // num_heads
         self.out_channels = out_channels
@@ -35,7 +38,7 @@ class _Attention2dBase(nn.Module):
         self.query_table = nn.Parameter(torch.randn(self.dk, rows))
         self.key_table = nn.Parameter(torch.randn(self.dk, rows)) if position_sensitive else None
         self.value_table = nn.Parameter(torch.randn(self.dv, rows)) if position_sensitive else None
-        nn.init.trunc_normal_(self.qkv.weight, std=in_channels ** -0.5)
+        nn.init.trunc_normal_(self.qkv.weight, std=in_channels**-0.5)
 
     def _project(self, x):
         B, _, H, W = x.shape
@@ -54,8 +57,16 @@ class _Attention2dBase(nn.Module):
 
 
 class GlobalSelfAttention2d(_Attention2dBase):
-    def __init__(self, in_channels: int, out_channels: int, num_heads: int = 8, key_channels: Optional[int] = None,
-                 position_sensitive: bool = True, max_distance: int = 64, stride: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_heads: int = 8,
+        key_channels: Optional[int] = None,
+        position_sensitive: bool = True,
+        max_distance: int = 64,
+        stride: int = 1,
+    ):
         super().__init__(in_channels, out_channels, num_heads, key_channels, position_sensitive, max_distance, stride)
 
     def forward(self, x):
@@ -76,12 +87,21 @@ class GlobalSelfAttention2d(_Attention2dBase):
 
 
 class LocalSelfAttention2d(_Attention2dBase):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, num_heads: int = 8,
-                 key_channels: Optional[int] = None, position_sensitive: bool = False, stride: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 7,
+        num_heads: int = 8,
+        key_channels: Optional[int] = None,
+        position_sensitive: bool = False,
+        stride: int = 1,
+    ):
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        super().__init__(in_channels, out_channels, num_heads, key_channels, position_sensitive,
-                         (kernel_size - 1) // 2, stride)
+        super().__init__(
+            in_channels, out_channels, num_heads, key_channels, position_sensitive, (kernel_size - 1) // 2, stride
+        )
         self.kernel_size = kernel_size
 
     def _neighbours(self, t, H, W):

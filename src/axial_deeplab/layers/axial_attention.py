@@ -26,6 +26,7 @@ names) hold all ``2D+1`` rows; ``table_reach`` is ``D``. Loading a state dict wh
 have another length fits them (:func:`fit_relative_table`): see
 ``PositionSensitiveAxialAttention._load_from_state_dict``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -73,10 +74,13 @@ def _table_view(name: str):
         start = self.table_reach - self.max_relative_distance  # python ints: a static slice
         if table is None or start == 0:
             return table
-        return table[:, start:start + self.table_rows]
+        return table[:, start : start + self.table_rows]
 
-    return property(get, doc=f"The rows of the ``{name}`` parameter that the attention uses "
-                             f"(the centre ``span`` rows for a local span, else all).")
+    return property(
+        get,
+        doc=f"The rows of the ``{name}`` parameter that the attention uses "
+        f"(the centre ``span`` rows for a local span, else all).",
+    )
 
 
 class PositionSensitiveAxialAttention(nn.Module):
@@ -152,13 +156,16 @@ class PositionSensitiveAxialAttention(nn.Module):
         self.stride = stride
         self.stride_mode = stride_mode
         if max_relative_distance is None:
-            reach = DEFAULT_MAX_RELATIVE_DISTANCE if span is None else max(DEFAULT_MAX_RELATIVE_DISTANCE,
-                                                                            (span - 1) // 2)
+            reach = (
+                DEFAULT_MAX_RELATIVE_DISTANCE if span is None else max(DEFAULT_MAX_RELATIVE_DISTANCE, (span - 1) // 2)
+            )
         else:
             reach = int(max_relative_distance)
             if reach < 0 or (span is not None and reach < (span - 1) // 2):
-                raise ValueError(f"max_relative_distance must be >= 0 and, with span {span}, >= "
-                                 f"{(span - 1) // 2 if span else 0}; got {max_relative_distance}")
+                raise ValueError(
+                    f"max_relative_distance must be >= 0 and, with span {span}, >= "
+                    f"{(span - 1) // 2 if span else 0}; got {max_relative_distance}"
+                )
         self.table_reach = reach  # the stored tables: 2 * reach + 1 rows
         # the reach the attention uses (offsets beyond it are clipped, or never occur)
         self.max_relative_distance = reach if span is None else (span - 1) // 2
@@ -179,9 +186,11 @@ class PositionSensitiveAxialAttention(nn.Module):
         # One BN channel per (value channel, retrieval), interleaved: [c0 a.v, c0 a.r^v, c1 ...].
         self.bn_output = nn.BatchNorm1d(2 * out_channels, eps=bn_eps, momentum=bn_momentum)
         rows = 2 * self.table_reach + 1
-        for name, depth, on in (("query_table", self.key_depth, use_query_rpe),
-                                ("key_table", self.key_depth, use_key_rpe),
-                                ("value_table", self.value_depth, use_value_rpe)):
+        for name, depth, on in (
+            ("query_table", self.key_depth, use_query_rpe),
+            ("key_table", self.key_depth, use_key_rpe),
+            ("value_table", self.value_depth, use_value_rpe),
+        ):
             self.register_parameter(name, nn.Parameter(torch.empty(depth, rows)) if on else None)
         self.reset_parameters()
 
@@ -192,8 +201,9 @@ class PositionSensitiveAxialAttention(nn.Module):
 
     def reset_parameters(self):
         # deeplab2: qkv kernel ~ truncated normal, std C_in^-0.5; tables ~ N(0, 1).
-        nn.init.trunc_normal_(self.qkv.weight, std=self.in_channels ** -0.5,
-                              a=-2 * self.in_channels ** -0.5, b=2 * self.in_channels ** -0.5)
+        nn.init.trunc_normal_(
+            self.qkv.weight, std=self.in_channels**-0.5, a=-2 * self.in_channels**-0.5, b=2 * self.in_channels**-0.5
+        )
         for t in self.relative_table_parameters():
             if t is not None:
                 nn.init.normal_(t, 0.0, 1.0)
@@ -223,28 +233,41 @@ class PositionSensitiveAxialAttention(nn.Module):
         fitted = fit_relative_table(table, self.table_reach)
         have = (table.shape[1] - 1) // 2
         if self.span is None and have > self.table_reach:
-            return fitted, (f"its {name} reaches offset {have}, this global-span layer {self.table_reach}: "
-                            f"outputs on axes longer than {self.table_reach + 1} differ from the checkpoint's "
-                            f"(offsets beyond {self.table_reach} are clipped)")
+            return fitted, (
+                f"its {name} reaches offset {have}, this global-span layer {self.table_reach}: "
+                f"outputs on axes longer than {self.table_reach + 1} differ from the checkpoint's "
+                f"(offsets beyond {self.table_reach} are clipped)"
+            )
         return fitted, None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Tables of another length (another reach, or a span-sized table of an older checkpoint) fit
         # this layer's (fit_table); other shape errors are left to nn.Module's own message.
         note = None
         for name in TABLE_NAMES:
             own, table = self._parameters.get(name), state_dict.get(prefix + name)
-            if (own is None or not isinstance(table, torch.Tensor) or table.dim() != 2
-                    or table.shape[0] != own.shape[0] or table.shape[1] == own.shape[1] or table.shape[1] % 2 == 0):
+            if (
+                own is None
+                or not isinstance(table, torch.Tensor)
+                or table.dim() != 2
+                or table.shape[0] != own.shape[0]
+                or table.shape[1] == own.shape[1]
+                or table.shape[1] % 2 == 0
+            ):
                 continue
             state_dict[prefix + name], cropped = self.fit_table(name, table)
             note = note or cropped
         if note:  # one warning per layer (its tables share one length)
-            warnings.warn(f"{prefix.rstrip('.') or type(self).__name__}: a checkpoint's relative table was "
-                          f"cropped: {note}", UserWarning, stacklevel=2)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+            warnings.warn(
+                f"{prefix.rstrip('.') or type(self).__name__}: a checkpoint's relative table was cropped: {note}",
+                UserWarning,
+                stacklevel=2,
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def resolve_impl(self, x: torch.Tensor) -> str:
         """The name of the path ``self(x)`` runs (see :mod:`.dispatch`; ``explain`` says why)."""
@@ -256,7 +279,8 @@ class PositionSensitiveAxialAttention(nn.Module):
         raise RuntimeError(
             "torch.jit.script does not support PositionSensitiveAxialAttention (its attention paths are "
             "chosen in Python); use torch.jit.trace, torch.export / torch.compile, or "
-            "`axial-deeplab export --format torchscript|exported-program|onnx`")
+            "`axial-deeplab export --format torchscript|exported-program|onnx`"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -266,11 +290,20 @@ class PositionSensitiveAxialAttention(nn.Module):
         return dispatch.run(self, x)
 
     def extra_repr(self) -> str:
-        terms = [n for n, on in (("qk", self.use_qk), ("qr", self.use_query_rpe),
-                                 ("kr", self.use_key_rpe), ("rv", self.use_value_rpe)) if on]
+        terms = [
+            n
+            for n, on in (
+                ("qk", self.use_qk),
+                ("qr", self.use_query_rpe),
+                ("kr", self.use_key_rpe),
+                ("rv", self.use_value_rpe),
+            )
+            if on
+        ]
         span = "global" if self.span is None else self.span
-        return (f"{self.in_channels}->{self.out_channels}, axis={self.axis}, heads={self.num_heads}, "
-                f"key_channels={self.key_channels}, span={span}, stride={self.stride}, "
-                f"table_rows={self.table_rows}/{2 * self.table_reach + 1}, terms={'+'.join(terms)}, "
-                f"impl={self.impl}")
-
+        return (
+            f"{self.in_channels}->{self.out_channels}, axis={self.axis}, heads={self.num_heads}, "
+            f"key_channels={self.key_channels}, span={span}, stride={self.stride}, "
+            f"table_rows={self.table_rows}/{2 * self.table_reach + 1}, terms={'+'.join(terms)}, "
+            f"impl={self.impl}"
+        )

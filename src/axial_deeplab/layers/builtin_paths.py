@@ -13,6 +13,7 @@
 * ``triton`` (:mod:`.triton_self_check`): Triton kernels for forward and backward (the default
   on CUDA when installed).
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,10 @@ def c_kernel_state() -> str:
     if not cpu_kernel.ENABLED:
         return "C kernel: switched off (AXIAL_DEEPLAB_NO_C_KERNEL); the operators run their PyTorch code"
     if not cpu_kernel.available():
-        return ("C kernel: not built (no C compiler, or the build failed: see its warning); "
-                "the operators run their PyTorch code")
+        return (
+            "C kernel: not built (no C compiler, or the build failed: see its warning); "
+            "the operators run their PyTorch code"
+        )
     return "C kernel: loaded (float32 runs it; other dtypes the PyTorch code)"
 
 
@@ -66,28 +69,52 @@ def _triton_can_run(layer, x) -> Optional[str]:
 
 def _triton_auto_refusal(layer, x) -> Optional[str]:
     if not triton_self_check.trusted(x.device):
-        return (f"the Triton kernels failed their self-check on {x.device} (see its warning; "
-                f"impl='triton' by name warns and runs the PyTorch memory-efficient path)")
+        return (
+            f"the Triton kernels failed their self-check on {x.device} (see its warning; "
+            f"impl='triton' by name warns and runs the PyTorch memory-efficient path)"
+        )
     return None
 
 
-register_backend(Backend(
-    "reference", "the equation as written, every L x L tensor stored (the oracle)",
-    axial_attention_reference))
-register_backend(Backend(
-    "banded", "the reference math in O(L x span) memory from standard ops (the export decomposition)",
-    axial_attention_banded))
-register_backend(Backend(
-    "fast", "fused C kernel in inference, chunked PyTorch forward with autograd's backward",
-    axial_attention_fast, can_run=_fast_can_run, notes=_cpu_notes))
-register_backend(Backend(
-    "memory_efficient", "recompute-in-backward attention: CPU operators, else chunked PyTorch",
-    axial_attention_memory_efficient, can_run=memory_efficient.refusal,
-    routes=memory_efficient.routes, notes=_cpu_notes,
-    route_descriptions=ROUTE_DESCRIPTIONS))
+register_backend(
+    Backend("reference", "the equation as written, every L x L tensor stored (the oracle)", axial_attention_reference)
+)
+register_backend(
+    Backend(
+        "banded",
+        "the reference math in O(L x span) memory from standard ops (the export decomposition)",
+        axial_attention_banded,
+    )
+)
+register_backend(
+    Backend(
+        "fast",
+        "fused C kernel in inference, chunked PyTorch forward with autograd's backward",
+        axial_attention_fast,
+        can_run=_fast_can_run,
+        notes=_cpu_notes,
+    )
+)
+register_backend(
+    Backend(
+        "memory_efficient",
+        "recompute-in-backward attention: CPU operators, else chunked PyTorch",
+        axial_attention_memory_efficient,
+        can_run=memory_efficient.refusal,
+        routes=memory_efficient.routes,
+        notes=_cpu_notes,
+        route_descriptions=ROUTE_DESCRIPTIONS,
+    )
+)
 if triton_available():  # optional; on CPU only through Triton's interpreter (TRITON_INTERPRET=1)
-    register_backend(Backend(
-        "triton", "Triton kernels for the forward and the recompute backward",
-        triton_self_check.axial_attention_triton, can_run=_triton_can_run, auto_refusal=_triton_auto_refusal))
+    register_backend(
+        Backend(
+            "triton",
+            "Triton kernels for the forward and the recompute backward",
+            triton_self_check.axial_attention_triton,
+            can_run=_triton_can_run,
+            auto_refusal=_triton_auto_refusal,
+        )
+    )
 else:
     register_unavailable("triton", "Triton is not installed")

@@ -32,6 +32,7 @@ or without a C compiler.
 autograd's (it keeps the chunk tensors); :mod:`.memory_efficient` wraps the same
 forward in a custom autograd function that recomputes them instead.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,17 @@ from typing import List, Optional
 import torch
 
 from . import cpu_kernel
-from .geometry import (LOG2E, apply_stride, bn_affine, eval_bn, from_sequences, layer_query_step,
-                       pair_table_rows, span_radius, to_sequences)
+from .geometry import (
+    LOG2E,
+    apply_stride,
+    bn_affine,
+    eval_bn,
+    from_sequences,
+    layer_query_step,
+    pair_table_rows,
+    span_radius,
+    to_sequences,
+)
 from .similarity_stats import similarity_scales
 
 __all__ = [
@@ -189,11 +199,12 @@ class Operands:
     shift_col: int  # index of the -shift column in qo
 
 
-def prepare_operands(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int,
-                     local: bool, diagonal_shift: bool = True) -> Operands:
+def prepare_operands(
+    layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int, local: bool, diagonal_shift: bool = True
+) -> Operands:
     dk = layer.key_depth
     nh, _, length = qkv.shape
-    q, k, v = qkv[:, :dk], qkv[:, dk:2 * dk], qkv[:, 2 * dk:]
+    q, k, v = qkv[:, :dk], qkv[:, dk : 2 * dk], qkv[:, 2 * dk :]
     qsl = slice(0, length, query_step)
     s = scales * LOG2E
     q_qk = q[:, :, qsl] * _head_scale(s[0], nh) if layer.use_qk else None
@@ -235,12 +246,15 @@ def split_operands(ops: Operands, step: int) -> List[Operands]:
     """Views of the operands for consecutive chunks of ``step`` sequence-heads, made
     with ``torch.split`` so autograd concatenates their gradients once (slicing each
     chunk would allocate a full-size zero gradient per chunk)."""
+
     def parts(t, dim):
         return [None] * n if t is None else list(torch.split(t, step, dim))
 
     n = -(-ops.k.shape[0] // step)
-    return [Operands(*fields, ops.shift_col) for fields in zip(
-        parts(ops.qo, 1), parts(ops.qt, 0), parts(ops.k, 0), parts(ops.ko, 1), parts(ops.v, 0))]
+    return [
+        Operands(*fields, ops.shift_col)
+        for fields in zip(parts(ops.qo, 1), parts(ops.qt, 0), parts(ops.k, 0), parts(ops.ko, 1), parts(ops.v, 0))
+    ]
 
 
 def _narrow(t: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
@@ -287,8 +301,7 @@ def chunk_size_for(blocks, nh: int) -> int:
     return min(chunk_size(nh, b.num_queries, b.k1 - b.k0) for b in blocks)
 
 
-def attend(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1,
-           return_lse: bool = False):
+def attend(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1, return_lse: bool = False):
     """sum_p a_op v_p and sum_p a_op r^v_{p-o} for qkv (nh, 2dk+dv, L).
 
     Returns ``(sv, sve)``, each (nh, dv, L_out) with L_out = ceil(L / query_step)
@@ -338,7 +351,7 @@ def _attend_blocks(layer, ops: Operands, blocks, radius, qkv, exact_max: bool):
                 e = logits.sub_(shift.unsqueeze(-1)).exp2_()
             else:
                 e = logits.exp2_()
-                shift = -ch.qo[o0:o0 + nq, :, ops.shift_col].t()
+                shift = -ch.qo[o0 : o0 + nq, :, ops.shift_col].t()
             sum_b.append(e.sum(-1))  # (nh_c, Bq)
             shift_b.append(shift)
             sv_b.append(torch.bmm(_narrow(ch.v, 2, block.k0, block.k1), e.transpose(1, 2)))
@@ -363,8 +376,9 @@ def _cat(parts, dim):
 
 
 # --------------------------------------------------------------------------- output
-def finish_output(layer, sv: torch.Tensor, sve: Optional[torch.Tensor], batch: int,
-                  height: int, width: int, out_dtype) -> torch.Tensor:
+def finish_output(
+    layer, sv: torch.Tensor, sve: Optional[torch.Tensor], batch: int, height: int, width: int, out_dtype
+) -> torch.Tensor:
     """bn_output on the two retrievals (interleaved channels), their sum, back to
     (B, C, H, W). In eval the BN is an affine map on the small outputs."""
     nh, dv, length = sv.shape
@@ -404,7 +418,7 @@ def run_layer(layer, x: torch.Tensor, core) -> torch.Tensor:
         dk = layer.key_depth
         n = qkv.shape[0] // layer.num_heads
         shape4 = (n, layer.num_heads, dk, qkv.shape[-1])
-        scales = similarity_scales(layer, qkv[:, :dk].reshape(shape4), qkv[:, dk:2 * dk].reshape(shape4))
+        scales = similarity_scales(layer, qkv[:, :dk].reshape(shape4), qkv[:, dk : 2 * dk].reshape(shape4))
         step = layer_query_step(layer)
         sv, sve = core(layer, qkv, scales, step)
         y = finish_output(layer, sv, sve, batch, height, width, out_dtype)

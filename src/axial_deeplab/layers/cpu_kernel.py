@@ -26,6 +26,7 @@ or with ``AXIAL_DEEPLAB_NO_C_KERNEL=1``, the fast path uses its PyTorch implemen
 instead (same results within float32 rounding); a build that fails warns once with the
 compiler's message and falls back the same way.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -44,11 +45,30 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .geometry import (LOG2E, apply_stride, attention_radius, eval_bn, folded_constants, folded_projection,
-                       layer_query_step, offset_table_rows)
+from .geometry import (
+    LOG2E,
+    apply_stride,
+    attention_radius,
+    eval_bn,
+    folded_constants,
+    folded_projection,
+    layer_query_step,
+    offset_table_rows,
+)
 
-__all__ = ["available", "supports", "kernel_operands", "run_kernel", "attend_eval", "forward_eval",
-           "eval_with_operands", "attention_backward", "backward_strided", "ENABLED", "MAX_KEY_DEPTH"]
+__all__ = [
+    "available",
+    "supports",
+    "kernel_operands",
+    "run_kernel",
+    "attend_eval",
+    "forward_eval",
+    "eval_with_operands",
+    "attention_backward",
+    "backward_strided",
+    "ENABLED",
+    "MAX_KEY_DEPTH",
+]
 
 # Tests switch this off to exercise the PyTorch implementation.
 ENABLED = os.environ.get("AXIAL_DEEPLAB_NO_C_KERNEL", "") in ("", "0")
@@ -56,28 +76,59 @@ MAX_KEY_DEPTH = 256
 _PAD = 8  # floats of zero padding after each offset-table row (one vector)
 
 # The kernel's C source, shipped as package data; its header comment describes the layout.
-_SOURCE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "csrc", "axial_attention_cpu.c")
+_SOURCE_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "axial_attention_cpu.c"
+)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # _Args and _BackArgs mirror the C structs AxialArgs and AxialBackArgs field for field.
 
 
 class _Args(ctypes.Structure):
-    _fields_ = ([(n, _I64) for n in ("Lq", "L", "qstep", "radius", "dk", "dv", "heads", "nseq", "n_inner")]
-                + [("qkv", _PTR)] + [(n, _I64) for n in ("s_b", "s_n", "s_h", "s_c", "s_p")]
-                + [("scale", _PTR), ("rqe", _PTR), ("rke", _PTR), ("Jp", _I64), ("rvt", _PTR), ("rv_hs", _I64),
-                   ("out", _PTR), ("out2", _PTR)] + [(n, _I64) for n in ("o_bs", "o_ns", "o_hs", "o_rs")]
-                + [("beta", _PTR), ("lse", _PTR)])
+    _fields_ = (
+        [(n, _I64) for n in ("Lq", "L", "qstep", "radius", "dk", "dv", "heads", "nseq", "n_inner")]
+        + [("qkv", _PTR)]
+        + [(n, _I64) for n in ("s_b", "s_n", "s_h", "s_c", "s_p")]
+        + [
+            ("scale", _PTR),
+            ("rqe", _PTR),
+            ("rke", _PTR),
+            ("Jp", _I64),
+            ("rvt", _PTR),
+            ("rv_hs", _I64),
+            ("out", _PTR),
+            ("out2", _PTR),
+        ]
+        + [(n, _I64) for n in ("o_bs", "o_ns", "o_hs", "o_rs")]
+        + [("beta", _PTR), ("lse", _PTR)]
+    )
 
 
 class _BackArgs(ctypes.Structure):
-    _fields_ = ([(n, _I64) for n in ("L", "radius", "dk", "dv", "heads")]
-                + [("qkv", _PTR)] + [(n, _I64) for n in ("s_n", "s_h", "s_c", "s_p")]
-                + [("scale", _PTR)] + [(n, _I64) for n in ("use_qk", "use_qr", "use_kr", "use_rv")]
-                + [("rqe", _PTR), ("rke", _PTR), ("Jp", _I64), ("rvT", _PTR), ("lse", _PTR), ("delta", _PTR),
-                   ("gsv", _PTR), ("gsve", _PTR), ("g_n", _I64), ("g_h", _I64), ("g_c", _I64), ("g_o", _I64),
-                   ("gqkv", _PTR), ("osv", _PTR), ("osve", _PTR)])
+    _fields_ = (
+        [(n, _I64) for n in ("L", "radius", "dk", "dv", "heads")]
+        + [("qkv", _PTR)]
+        + [(n, _I64) for n in ("s_n", "s_h", "s_c", "s_p")]
+        + [("scale", _PTR)]
+        + [(n, _I64) for n in ("use_qk", "use_qr", "use_kr", "use_rv")]
+        + [
+            ("rqe", _PTR),
+            ("rke", _PTR),
+            ("Jp", _I64),
+            ("rvT", _PTR),
+            ("lse", _PTR),
+            ("delta", _PTR),
+            ("gsv", _PTR),
+            ("gsve", _PTR),
+            ("g_n", _I64),
+            ("g_h", _I64),
+            ("g_c", _I64),
+            ("g_o", _I64),
+            ("gqkv", _PTR),
+            ("osv", _PTR),
+            ("osve", _PTR),
+        ]
+    )
 
 
 _lock = threading.Lock()
@@ -155,9 +206,11 @@ def _build(compiler: List[str], flags: List[str], source: bytes, target: str) ->
 
 
 def _warn_unbuilt(reason: str) -> None:
-    warnings.warn(f"axial attention C kernel unavailable, the layer uses its slower PyTorch path: {reason}\n"
-                  "(set CC to a working C compiler, or AXIAL_DEEPLAB_NO_C_KERNEL=1 to skip the build)",
-                  stacklevel=2)
+    warnings.warn(
+        f"axial attention C kernel unavailable, the layer uses its slower PyTorch path: {reason}\n"
+        "(set CC to a working C compiler, or AXIAL_DEEPLAB_NO_C_KERNEL=1 to skip the build)",
+        stacklevel=2,
+    )
 
 
 def _compile() -> Optional[ctypes.CDLL]:
@@ -176,8 +229,9 @@ def _compile() -> Optional[ctypes.CDLL]:
     common = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
     error = None
     for flags in (common + ["-march=native"], common):  # the second for compilers without -march=native
-        key = hashlib.sha256(b"\0".join([source, *(s.encode() for s in [*compiler, *flags, platform.machine(),
-                                                                          _cpu_model()])])).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"\0".join([source, *(s.encode() for s in [*compiler, *flags, platform.machine(), _cpu_model()])])
+        ).hexdigest()[:16]
         target = os.path.join(_cache_dir(), f"axial_attention_{key}.so")
         if not os.path.exists(target):
             error = _build(compiler, flags, source, target)
@@ -273,8 +327,12 @@ def _tables(layer, length: int):
 
 
 def supports(layer, t: torch.Tensor) -> bool:
-    return (t.dtype == torch.float32 and t.device.type == "cpu" and layer.key_depth <= MAX_KEY_DEPTH
-            and _library() is not None)
+    return (
+        t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and layer.key_depth <= MAX_KEY_DEPTH
+        and _library() is not None
+    )
 
 
 def kernel_operands(layer, length: int, scales: torch.Tensor, alpha_r=None, beta=None):
@@ -303,8 +361,20 @@ def kernel_operands(layer, length: int, scales: torch.Tensor, alpha_r=None, beta
     return scale, rqe, rke, jp, rvt, rv_hs, beta
 
 
-def run_kernel(layer, qkv: torch.Tensor, q_strides, nseq: int, n_inner: int, length: int, step: int,
-         operands, out: torch.Tensor, o_strides, out2=None, lse=None) -> bool:
+def run_kernel(
+    layer,
+    qkv: torch.Tensor,
+    q_strides,
+    nseq: int,
+    n_inner: int,
+    length: int,
+    step: int,
+    operands,
+    out: torch.Tensor,
+    o_strides,
+    out2=None,
+    lse=None,
+) -> bool:
     """Run the kernel over every (sequence, head, query) row.
 
     qkv element (n, h, ch, p) of sequence n = nb * n_inner + ni sits at
@@ -315,14 +385,34 @@ def run_kernel(layer, qkv: torch.Tensor, q_strides, nseq: int, n_inner: int, len
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     lq = len(range(0, length, step))
     scale, rqe, rke, jp, rvt, rv_hs, beta = operands
-    args = _Args(lq, length, step, attention_radius(layer), dk, dv, heads, nseq, max(1, n_inner),
-                 qkv.data_ptr(), *q_strides, scale.data_ptr(), rqe.data_ptr(), rke.data_ptr(), jp,
-                 rvt.data_ptr(), rv_hs, out.data_ptr(), _ptr(out2), *o_strides, _ptr(beta), _ptr(lse))
+    args = _Args(
+        lq,
+        length,
+        step,
+        attention_radius(layer),
+        dk,
+        dv,
+        heads,
+        nseq,
+        max(1, n_inner),
+        qkv.data_ptr(),
+        *q_strides,
+        scale.data_ptr(),
+        rqe.data_ptr(),
+        rke.data_ptr(),
+        jp,
+        rvt.data_ptr(),
+        rv_hs,
+        out.data_ptr(),
+        _ptr(out2),
+        *o_strides,
+        _ptr(beta),
+        _ptr(lse),
+    )
     return _run_rows(_library(), args, nseq * heads * lq)
 
 
-def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1,
-                return_lse: bool = False):
+def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1, return_lse: bool = False):
     """Same contract as :func:`.chunked.attend` (qkv (nh, 2dk+dv, L) -> sv, sve (nh, dv, Lq)
     [, lse]) for float32 CPU tensors without gradients; None when the kernel is unavailable."""
     if not supports(layer, qkv):
@@ -336,9 +426,20 @@ def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int 
         sv = torch.empty(nh, lq, dv)
         sve = torch.empty(nh, lq, dv) if layer.use_value_rpe else None
         lse = torch.empty(nh, lq) if return_lse else None
-        if not run_kernel(layer, qkv, (0, heads * c2h * length, c2h * length, length, 1), n, n, length,
-                          query_step, kernel_operands(layer, length, scales), sv, (0, heads * lq * dv, lq * dv, dv),
-                          out2=sve, lse=lse):
+        if not run_kernel(
+            layer,
+            qkv,
+            (0, heads * c2h * length, c2h * length, length, 1),
+            n,
+            n,
+            length,
+            query_step,
+            kernel_operands(layer, length, scales),
+            sv,
+            (0, heads * lq * dv, lq * dv, dv),
+            out2=sve,
+            lse=lse,
+        ):
             return None
         sv = sv.transpose(1, 2)
         sve = sve.transpose(1, 2) if sve is not None else None
@@ -360,8 +461,12 @@ def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     tensor in ``torch.channels_last`` memory format, so the next layer of a pair reads it in
     place. Constants folded from the parameters are kept until a parameter or statistic
     changes."""
-    if (torch.is_grad_enabled() or not supports(layer, x) or torch.is_autocast_enabled("cpu")
-            or not all(eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output))):
+    if (
+        torch.is_grad_enabled()
+        or not supports(layer, x)
+        or torch.is_autocast_enabled("cpu")
+        or not all(eval_bn(bn) for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output))
+    ):
         return None
     height, width = x.shape[2:]
     cache = folded_constants(layer)
@@ -382,8 +487,9 @@ def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     return y
 
 
-def _eval_rows(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, operands, height_axis: bool,
-               step: int) -> Optional[torch.Tensor]:
+def _eval_rows(
+    layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, operands, height_axis: bool, step: int
+) -> Optional[torch.Tensor]:
     """The kernel part of :func:`forward_eval` on folded operands (``weight``, ``bias``: the
     projection; ``operands``: from :func:`kernel_operands`): (B, C, Lq, W) or (B, C, H, Lq) in
     channels_last memory format, or None when the kernel refused."""
@@ -426,9 +532,17 @@ def _eval_rows(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 _EVAL_OPERANDS: dict = {}
 
 
-def eval_with_operands(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sim_scales: torch.Tensor,
-                       alpha_r: Optional[torch.Tensor], beta: torch.Tensor, height_axis: bool,
-                       step: int) -> Optional[torch.Tensor]:
+def eval_with_operands(
+    layer,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    sim_scales: torch.Tensor,
+    alpha_r: Optional[torch.Tensor],
+    beta: torch.Tensor,
+    height_axis: bool,
+    step: int,
+) -> Optional[torch.Tensor]:
     """:func:`forward_eval` for folded operands given as tensors (the body of the
     ``axial_deeplab::attention_eval`` operator; ``layer`` holds the geometry and the tables).
     The kernel operands built from them are kept while the same tables (storage and version)
@@ -443,8 +557,9 @@ def eval_with_operands(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch
         return _eval_rows(layer, x, weight, bias, operands, height_axis, step)
     key = (tuple((t.data_ptr(), t._version) for t in tables), length)
     hit = _EVAL_OPERANDS.get(key)
-    if hit is not None and all((a is None) == (b is None) and (a is None or torch.equal(a, b))
-                               for a, b in zip(hit[1], small)):
+    if hit is not None and all(
+        (a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(hit[1], small)
+    ):
         operands = hit[2]
     else:
         operands = kernel_operands(layer, length, sim_scales, alpha_r=alpha_r, beta=beta)
@@ -455,8 +570,15 @@ def eval_with_operands(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch
     return _eval_rows(layer, x, weight, bias, operands, height_axis, step)
 
 
-def attention_backward(layer, qkv: torch.Tensor, scales: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-                       g_sv: torch.Tensor, g_sve: Optional[torch.Tensor]):
+def attention_backward(
+    layer,
+    qkv: torch.Tensor,
+    scales: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    g_sv: torch.Tensor,
+    g_sve: Optional[torch.Tensor],
+):
     """Backward of :func:`attend_eval` (query step 1) by recomputation, one thread per share
     of the sequence-heads. qkv (nh, 2dk+dv, L); lse, delta (nh, L) with delta_o = sum_c
     g_sv*sv + g_sve*sve; g_sv, g_sve (nh, dv, L), read through their strides. Returns
@@ -473,14 +595,28 @@ def attention_backward(layer, qkv: torch.Tensor, scales: torch.Tensor, lse: torc
         g_qkv = torch.empty_like(qkv)
         q_strides = (heads * c2h * length, c2h * length, length, 1)
         g_strides = (heads * g_sv.stride(0), g_sv.stride(0), g_sv.stride(1), g_sv.stride(2))
-        grads = backward_strided(layer, qkv, q_strides, nh // heads, length, scales, lse, delta,
-                                 g_sv, g_sve, g_strides, g_qkv)
+        grads = backward_strided(
+            layer, qkv, q_strides, nh // heads, length, scales, lse, delta, g_sv, g_sve, g_strides, g_qkv
+        )
     return None if grads is None else (g_qkv, *grads)
 
 
-def backward_strided(layer, qkv: torch.Tensor, q_strides, nseq: int, length: int, scales: torch.Tensor,
-                     lse: torch.Tensor, delta: Optional[torch.Tensor], g_sv: torch.Tensor,
-                     g_sve: Optional[torch.Tensor], g_strides, g_qkv: torch.Tensor, sv=None, sve=None):
+def backward_strided(
+    layer,
+    qkv: torch.Tensor,
+    q_strides,
+    nseq: int,
+    length: int,
+    scales: torch.Tensor,
+    lse: torch.Tensor,
+    delta: Optional[torch.Tensor],
+    g_sv: torch.Tensor,
+    g_sve: Optional[torch.Tensor],
+    g_strides,
+    g_qkv: torch.Tensor,
+    sv=None,
+    sve=None,
+):
     """The backward kernel on operands where they lie: qkv element (n, h, ch, p) at
     ``n*s_n + h*s_h + ch*s_c + p*s_p`` (``q_strides``) of ``qkv``; its gradient is written
     with the same strides into ``g_qkv`` (every element of the (n, h, ch, p) grid); the
@@ -508,22 +644,52 @@ def backward_strided(layer, qkv: torch.Tensor, q_strides, nseq: int, length: int
         delta = delta.contiguous()
     elif sv is None or (layer.use_value_rpe and sve is None):
         raise ValueError("backward_strided needs delta, or sv (and sve) to form it")
-    args = _BackArgs(length, attention_radius(layer), dk, dv, heads, qkv.data_ptr(), *q_strides,
-                     scale.data_ptr(), int(layer.use_qk), int(layer.use_query_rpe), int(layer.use_key_rpe),
-                     int(layer.use_value_rpe), _ptr(rqe), _ptr(rke), jp, _ptr(rvT), lse.data_ptr(),
-                     _ptr(delta), g_sv.data_ptr(), _ptr(g_sve if layer.use_value_rpe else None), *g_strides,
-                     g_qkv.data_ptr(), _ptr(sv), _ptr(sve if layer.use_value_rpe else None))
+    args = _BackArgs(
+        length,
+        attention_radius(layer),
+        dk,
+        dv,
+        heads,
+        qkv.data_ptr(),
+        *q_strides,
+        scale.data_ptr(),
+        int(layer.use_qk),
+        int(layer.use_query_rpe),
+        int(layer.use_key_rpe),
+        int(layer.use_value_rpe),
+        _ptr(rqe),
+        _ptr(rke),
+        jp,
+        _ptr(rvT),
+        lse.data_ptr(),
+        _ptr(delta),
+        g_sv.data_ptr(),
+        _ptr(g_sve if layer.use_value_rpe else None),
+        *g_strides,
+        g_qkv.data_ptr(),
+        _ptr(sv),
+        _ptr(sve if layer.use_value_rpe else None),
+    )
     workers = max(1, min(torch.get_num_threads(), nh))
     fn = lib.axial_attention_backward_f32
     scratch_size = lib.axial_attention_backward_scratch_floats(ctypes.byref(args))
-    buffers = [(torch.zeros(dk, jp), torch.zeros(dk, jp), torch.zeros(dv, jp), torch.zeros(3, heads))
-               for _ in range(workers)]
+    buffers = [
+        (torch.zeros(dk, jp), torch.zeros(dk, jp), torch.zeros(dv, jp), torch.zeros(3, heads)) for _ in range(workers)
+    ]
 
     def share(i):
         g_rq, g_rk, g_rv, g_s = buffers[i]
         scratch = torch.empty(scratch_size)
-        return fn(ctypes.byref(args), nh * i // workers, nh * (i + 1) // workers, scratch.data_ptr(),
-                  g_rq.data_ptr(), g_rk.data_ptr(), g_rv.data_ptr(), g_s.data_ptr())
+        return fn(
+            ctypes.byref(args),
+            nh * i // workers,
+            nh * (i + 1) // workers,
+            scratch.data_ptr(),
+            g_rq.data_ptr(),
+            g_rk.data_ptr(),
+            g_rv.data_ptr(),
+            g_s.data_ptr(),
+        )
 
     status = [share(0)] if workers == 1 else list(_pool(workers).map(share, range(workers)))
     if any(status):

@@ -25,6 +25,7 @@ the chosen path once per layer configuration, device, dtype and mode.
 This module is a leaf: it imports no attention path. The built-in paths are registered by
 :mod:`.builtin_paths`, imported on first use.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +36,25 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Backend", "register_backend", "unregister_backend", "register_unavailable", "register_attention_impl",
-           "available_attention_impls", "get_backend", "priority", "select_backend", "explain", "attention_impl", "run",
-           "tracing_refusal", "graph_recorder", "ENV_IMPL", "ENV_DEBUG", "logger"]
+__all__ = [
+    "Backend",
+    "register_backend",
+    "unregister_backend",
+    "register_unavailable",
+    "register_attention_impl",
+    "available_attention_impls",
+    "get_backend",
+    "priority",
+    "select_backend",
+    "explain",
+    "attention_impl",
+    "run",
+    "tracing_refusal",
+    "graph_recorder",
+    "ENV_IMPL",
+    "ENV_DEBUG",
+    "logger",
+]
 
 ENV_IMPL = "AXIAL_DEEPLAB_ATTENTION_IMPL"
 ENV_DEBUG = "AXIAL_DEEPLAB_ATTENTION_DEBUG"
@@ -117,8 +134,13 @@ def register_unavailable(name: str, reason: str) -> None:
         _UNAVAILABLE[name] = reason
 
 
-def register_attention_impl(name: str, fn: Callable, auto_devices: Sequence[str] = (),
-                            can_run: Callable[..., Refusal] = _always, description: Optional[str] = None) -> None:
+def register_attention_impl(
+    name: str,
+    fn: Callable,
+    auto_devices: Sequence[str] = (),
+    can_run: Callable[..., Refusal] = _always,
+    description: Optional[str] = None,
+) -> None:
     """Register ``fn(layer, x) -> y`` as the path ``name``. ``auto_devices`` lists device types
     whose ``impl="auto"`` should try it first (in both modes; the last one registered so comes
     first)."""
@@ -148,8 +170,9 @@ def get_backend(name: str) -> Backend:
     except KeyError:
         if name in _UNAVAILABLE:
             raise ValueError(f"attention impl {name!r} is not available: {_UNAVAILABLE[name]}") from None
-        raise ValueError(f"unknown attention impl {name!r}; available: "
-                         f"{['auto'] + available_attention_impls()}") from None
+        raise ValueError(
+            f"unknown attention impl {name!r}; available: {['auto'] + available_attention_impls()}"
+        ) from None
 
 
 def mode_of(layer) -> str:
@@ -165,7 +188,7 @@ def priority(device_type: str, mode: str, include_unavailable: bool = False) -> 
 
 
 def graph_recorder() -> Optional[str]:
-    """"ONNX export" or "torch.jit.trace" while one records a graph from Python calls (so a
+    """ "ONNX export" or "torch.jit.trace" while one records a graph from Python calls (so a
     call it cannot see would be missing from the graph), else None. Cheap: the ONNX query
     (the slow one) is made only while tracing or compiling."""
     tracing = torch.jit.is_tracing()
@@ -259,9 +282,12 @@ def explain(layer, x: torch.Tensor) -> str:
     mode = mode_of(layer)
     name, source = _requested(layer)
     shape = tuple(int(d) for d in x.shape)
-    lines = [f"{_signature(layer)}", f"input {shape} {x.dtype} on {x.device}, mode {mode} "
-             f"({'gradients off' if not torch.is_grad_enabled() else 'gradients on'}, "
-             f"layer {'training' if layer.training else 'in eval'})"]
+    lines = [
+        f"{_signature(layer)}",
+        f"input {shape} {x.dtype} on {x.device}, mode {mode} "
+        f"({'gradients off' if not torch.is_grad_enabled() else 'gradients on'}, "
+        f"layer {'training' if layer.training else 'in eval'})",
+    ]
     width = max(len(n) for n in list(_BACKENDS) + list(_UNAVAILABLE)) + 2
 
     def describe(bname: str, status: str) -> None:
@@ -274,8 +300,7 @@ def explain(layer, x: torch.Tensor) -> str:
         if backend.routes is not None and not status.startswith("could run"):
             chosen, routes = _route(backend, layer, x)
             for route, why in routes:
-                mark = ("runs" if route == chosen
-                        else f"refused: {why}" if why else "not tried (an earlier route runs)")
+                mark = "runs" if route == chosen else f"refused: {why}" if why else "not tried (an earlier route runs)"
                 lines.append(f"      route {route:<10}{mark}")
         if runs and backend.notes is not None:
             lines.extend(f"      {note}" for note in backend.notes(layer, x))
@@ -313,8 +338,11 @@ def explain(layer, x: torch.Tensor) -> str:
     if selected is not None:
         chosen, _ = _route(_BACKENDS[selected], layer, x)
         about = _BACKENDS[selected].route_descriptions or {}
-        lines.append(f"selected: {selected} (route {chosen}: {about.get(chosen, '')})".replace(": )", ")")
-                     if chosen else f"selected: {selected}: {_BACKENDS[selected].description}")
+        lines.append(
+            f"selected: {selected} (route {chosen}: {about.get(chosen, '')})".replace(": )", ")")
+            if chosen
+            else f"selected: {selected}: {_BACKENDS[selected].description}"
+        )
     others = [n for n in sorted(_BACKENDS) if n != selected and not any(ln.startswith(f"  {n} ") for ln in lines)]
     if others:
         lines.append(f"also available by name: {', '.join(others)}")
@@ -345,5 +373,4 @@ def _log_once(layer, x, name: str) -> None:
     _LOGGED.add(key)
     chosen, _ = _route(_BACKENDS[name], layer, x)
     route = f" (route {chosen})" if chosen else ""
-    logger.debug("%s on %s %s, %s: %s%s", key[0], x.device.type, str(x.dtype).replace("torch.", ""), mode,
-                 name, route)
+    logger.debug("%s on %s %s, %s: %s%s", key[0], x.device.type, str(x.dtype).replace("torch.", ""), mode, name, route)

@@ -9,6 +9,7 @@ Conventions: a layer attends along one axis of length L; ``layer.max_relative_di
 is the reach the attention uses and the tables it reads have ``layer.table_rows`` = 2D+1 rows,
 offsets -D..D (longer offsets are clipped to the edge rows).
 """
+
 from __future__ import annotations
 
 import math
@@ -146,7 +147,7 @@ def folded_projection(layer):
     scale, shift = bn_affine(layer.bn_qkv)
     oscale, oshift = (t.view(heads * dv, 2) for t in bn_affine(layer.bn_output))
     mult = torch.ones(heads, c2h, dtype=scale.dtype, device=scale.device)
-    mult[:, 2 * dk:] = oscale[:, 0].view(heads, dv)
+    mult[:, 2 * dk :] = oscale[:, 0].view(heads, dv)
     scale, shift = scale * mult.view(-1), shift * mult.view(-1)
     w = (layer.qkv.weight.flatten(1) * scale[:, None]).contiguous()
     alpha_r = oscale[:, 1] if layer.use_value_rpe else None
@@ -169,12 +170,15 @@ def folded_constants(layer) -> dict:
         return {}
     key = [(t, t._version, t.data_ptr()) for t in tensors]
     key += [bn.eps for bn in (layer.bn_qkv, layer.bn_similarity, layer.bn_output)]
-    key += [layer.use_qk, layer.use_query_rpe, layer.use_key_rpe, layer.use_value_rpe,
-            layer.max_relative_distance]
+    key += [layer.use_qk, layer.use_query_rpe, layer.use_key_rpe, layer.use_value_rpe, layer.max_relative_distance]
     cached = layer.__dict__.get("_axial_folded_constants")
-    if cached is None or len(cached[0]) != len(key) or not all(
-            (a[0] is b[0] and a[1:] == b[1:]) if isinstance(a, tuple) else a == b
-            for a, b in zip(cached[0], key)):
+    if (
+        cached is None
+        or len(cached[0]) != len(key)
+        or not all(
+            (a[0] is b[0] and a[1:] == b[1:]) if isinstance(a, tuple) else a == b for a, b in zip(cached[0], key)
+        )
+    ):
         cached = (key, {})
         layer.__dict__["_axial_folded_constants"] = cached  # a plain attribute: not state, not a buffer
     return cached[1]

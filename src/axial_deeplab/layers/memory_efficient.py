@@ -17,6 +17,7 @@ operator's kernels reading the projection and the gradients where they lie, the 
 moments of a global span with a closed-form backward (:class:`.similarity_stats.RowMoments`).
 The sequence-layout function above stays the path of other devices and the operators' fallback.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -33,8 +34,17 @@ from .recompute import recompute_backward
 from .similarity_stats import similarity_moments_rows, similarity_scales
 from .sync import should_sync
 
-__all__ = ["axial_attention_memory_efficient", "AxialAttentionFunction", "memory_efficient_core",
-           "run_layer_position_major", "run_layer_eval_op", "routes", "select_route", "refusal", "ROUTES"]
+__all__ = [
+    "axial_attention_memory_efficient",
+    "AxialAttentionFunction",
+    "memory_efficient_core",
+    "run_layer_position_major",
+    "run_layer_eval_op",
+    "routes",
+    "select_route",
+    "refusal",
+    "ROUTES",
+]
 
 
 class AxialAttentionFunction(torch.autograd.Function):
@@ -46,8 +56,9 @@ class AxialAttentionFunction(torch.autograd.Function):
     supply both halves (the Triton path)."""
 
     @staticmethod
-    def forward(ctx, qkv, scales, query_table, key_table, value_table, layer, query_step, attend_fn=attend,
-                backward_fn=None):
+    def forward(
+        ctx, qkv, scales, query_table, key_table, value_table, layer, query_step, attend_fn=attend, backward_fn=None
+    ):
         with torch.no_grad():
             sv, sve, lse = attend_fn(layer, qkv, scales, query_step, return_lse=True)
         if sve is None:
@@ -75,8 +86,8 @@ def memory_efficient_core(layer, qkv, scales, step, attend_fn=attend, backward_f
     if not needs_grad(layer, qkv, scales):
         return attend_fn(layer, qkv, scales, step)
     sv, sve = AxialAttentionFunction.apply(
-        qkv, scales, layer.query_table, layer.key_table, layer.value_table, layer, step, attend_fn,
-        backward_fn)
+        qkv, scales, layer.query_table, layer.key_table, layer.value_table, layer, step, attend_fn, backward_fn
+    )
     return sv, (sve if layer.use_value_rpe else None)
 
 
@@ -151,8 +162,10 @@ def _op_refusal(layer, x: torch.Tensor) -> Optional[str]:
     if recorder == "ONNX export":
         return "ONNX export is running and ONNX has no axial_deeplab operators"
     if recorder is not None:
-        return ("torch.jit.trace is running and a trace holding axial_deeplab operators "
-                "would load only where this package is imported")
+        return (
+            "torch.jit.trace is running and a trace holding axial_deeplab operators "
+            "would load only where this package is imported"
+        )
     return None
 
 
@@ -160,8 +173,10 @@ def _route_refusal(route: str, layer, x: torch.Tensor) -> Optional[str]:
     if route == "chunked":
         recorder = graph_recorder()
         if recorder is not None:
-            return (f"{recorder} is running and this route calls the C kernel through ctypes (on CPU) and "
-                    f"branches on tensor values (invisible to the tracer: the trace would be silently wrong)")
+            return (
+                f"{recorder} is running and this route calls the C kernel through ctypes (on CPU) and "
+                f"branches on tensor values (invisible to the tracer: the trace would be silently wrong)"
+            )
         if x.device.type == "meta":
             return "meta tensors hold no values (this route branches on them)"
         if x.device.type == "cpu" and torch.compiler.is_compiling():
@@ -224,9 +239,23 @@ def run_layer_eval_op(layer, x: torch.Tensor) -> torch.Tensor:
         folded = cache["projection"]
     w, shift, alpha_r, beta, sim_scales = folded
     step = layer_query_step(layer)
-    y = ops.attention_eval(x, w, shift, sim_scales, *_tables(layer), alpha_r, beta, layer.num_heads,
-                           layer.key_depth, layer.value_depth, attention_radius(layer),
-                           layer.max_relative_distance, layer.use_qk, layer.axis == "height", step)
+    y = ops.attention_eval(
+        x,
+        w,
+        shift,
+        sim_scales,
+        *_tables(layer),
+        alpha_r,
+        beta,
+        layer.num_heads,
+        layer.key_depth,
+        layer.value_depth,
+        attention_radius(layer),
+        layer.max_relative_distance,
+        layer.use_qk,
+        layer.axis == "height",
+        step,
+    )
     return apply_stride(y, layer) if step == 1 else y
 
 
@@ -245,8 +274,18 @@ def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
     y = rows_in.reshape(nseq * length, cin) @ layer.qkv.weight.flatten(1).t()  # (N*L, C2)
     y = _batch_norm_rows(layer.bn_qkv, y)
     scales = similarity_scales(layer, None, None, moments=lambda: similarity_moments_rows(layer, y, nseq, length))
-    out, _ = ops.attention_rows(y, scales, *_tables(layer), nseq, heads, dk, dv, attention_radius(layer),
-                                layer.max_relative_distance, layer.use_qk)
+    out, _ = ops.attention_rows(
+        y,
+        scales,
+        *_tables(layer),
+        nseq,
+        heads,
+        dk,
+        dv,
+        attention_radius(layer),
+        layer.max_relative_distance,
+        layer.use_qk,
+    )
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
     perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
     out = _batch_norm_rows(layer.bn_output, out, perm)
@@ -272,5 +311,6 @@ def axial_attention_memory_efficient(layer, x: torch.Tensor) -> torch.Tensor:
         return run_layer_position_major(layer, x)
     if route == "chunked":  # other devices (CUDA without Triton) and dtypes
         return run_layer(layer, x, memory_efficient_core)
-    raise ValueError("attention impl 'memory_efficient' cannot run here: "
-                     + "; ".join(f"{r}: {why}" for r, why in routes(layer, x)))
+    raise ValueError(
+        "attention impl 'memory_efficient' cannot run here: " + "; ".join(f"{r}: {why}" for r, why in routes(layer, x))
+    )

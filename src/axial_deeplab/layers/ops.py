@@ -18,6 +18,7 @@ Each CPU implementation runs the C kernel when it takes the operands (float32, k
 compiled) and otherwise the chunked PyTorch path of :mod:`.chunked` / :mod:`.recompute`
 (same results within float32 rounding; float64 too).
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -35,16 +36,34 @@ __all__ = ["attention_eval", "attention_rows", "attention_rows_backward", "layer
 _NS = "axial_deeplab"
 
 
-def layer_from_args(heads: int, dk: int, dv: int, radius: int, max_distance: int, use_qk: bool,
-             query_table: Optional[Tensor], key_table: Optional[Tensor], value_table: Optional[Tensor]):
+def layer_from_args(
+    heads: int,
+    dk: int,
+    dv: int,
+    radius: int,
+    max_distance: int,
+    use_qk: bool,
+    query_table: Optional[Tensor],
+    key_table: Optional[Tensor],
+    value_table: Optional[Tensor],
+):
     """The attributes of a layer that the kernels read, rebuilt from operator arguments
     (``radius`` < 0: global span)."""
     return SimpleNamespace(
-        num_heads=heads, key_depth=dk, value_depth=dv, span=None if radius < 0 else 2 * radius + 1,
-        max_relative_distance=max_distance, table_rows=2 * max_distance + 1, use_qk=use_qk,
-        use_query_rpe=query_table is not None, use_key_rpe=key_table is not None,
-        use_value_rpe=value_table is not None, query_table=query_table, key_table=key_table,
-        value_table=value_table)
+        num_heads=heads,
+        key_depth=dk,
+        value_depth=dv,
+        span=None if radius < 0 else 2 * radius + 1,
+        max_relative_distance=max_distance,
+        table_rows=2 * max_distance + 1,
+        use_qk=use_qk,
+        use_query_rpe=query_table is not None,
+        use_key_rpe=key_table is not None,
+        use_value_rpe=value_table is not None,
+        query_table=query_table,
+        key_table=key_table,
+        value_table=value_table,
+    )
 
 
 def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -54,8 +73,7 @@ def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
 def _rows_kernel_applies(geo, qkv: Tensor) -> bool:
     dk, dv = geo.key_depth, geo.value_depth
     # the kernel reads q and k channels 8 at a time: the rest must stay inside the rows
-    return (cpu_kernel.supports(geo, qkv) and (-2 * dk) % 8 <= dv
-            and dv <= 4 * cpu_kernel.MAX_KEY_DEPTH)
+    return cpu_kernel.supports(geo, qkv) and (-2 * dk) % 8 <= dv and dv <= 4 * cpu_kernel.MAX_KEY_DEPTH
 
 
 def _to_sequences(rows: Tensor, nseq: int, heads: int) -> Tensor:
@@ -72,13 +90,33 @@ def _to_rows(seq: Tensor, nseq: int) -> Tensor:
 
 # --------------------------------------------------------------------------- training core
 @torch.library.custom_op(f"{_NS}::attention_rows", mutates_args=())
-def attention_rows(qkv: Tensor, scales: Tensor, query_table: Optional[Tensor], key_table: Optional[Tensor],
-                   value_table: Optional[Tensor], nseq: int, heads: int, dk: int, dv: int, radius: int,
-                   max_distance: int, use_qk: bool) -> Tuple[Tensor, Tensor]:
+def attention_rows(
+    qkv: Tensor,
+    scales: Tensor,
+    query_table: Optional[Tensor],
+    key_table: Optional[Tensor],
+    value_table: Optional[Tensor],
+    nseq: int,
+    heads: int,
+    dk: int,
+    dv: int,
+    radius: int,
+    max_distance: int,
+    use_qk: bool,
+) -> Tuple[Tensor, Tensor]:
     """qkv rows (N*L, heads*(2dk+dv)), scales (3, heads) natural-unit similarity multipliers ->
     (out (N*L, 2*heads*dv) = [sv | sve], lse (N*heads, L) log2-sum-exp2 of each row)."""
-    geo = layer_from_args(heads, dk, dv, radius, max_distance, use_qk, _detached(query_table),
-                   _detached(key_table), _detached(value_table))
+    geo = layer_from_args(
+        heads,
+        dk,
+        dv,
+        radius,
+        max_distance,
+        use_qk,
+        _detached(query_table),
+        _detached(key_table),
+        _detached(value_table),
+    )
     qkv = qkv.detach().contiguous()
     scales = scales.detach()
     length = qkv.shape[0] // nseq
@@ -86,9 +124,20 @@ def attention_rows(qkv: Tensor, scales: Tensor, query_table: Optional[Tensor], k
     if _rows_kernel_applies(geo, qkv):
         out = torch.empty(nseq * length, 2 * c)
         lse = torch.empty(nseq * heads, length)
-        if cpu_kernel.run_kernel(geo, qkv, (0, length * c2, 2 * dk + dv, 1, c2), nseq, nseq, length, 1,
-                                 cpu_kernel.kernel_operands(geo, length, scales), out,
-                                 (0, length * 2 * c, dv, 2 * c), out2=out[:, c:], lse=lse):
+        if cpu_kernel.run_kernel(
+            geo,
+            qkv,
+            (0, length * c2, 2 * dk + dv, 1, c2),
+            nseq,
+            nseq,
+            length,
+            1,
+            cpu_kernel.kernel_operands(geo, length, scales),
+            out,
+            (0, length * 2 * c, dv, 2 * c),
+            out2=out[:, c:],
+            lse=lse,
+        ):
             return out, lse
     with torch.no_grad():
         sv, sve, lse = attend(geo, _to_sequences(qkv, nseq, heads), scales, 1, return_lse=True)
@@ -104,14 +153,36 @@ def _(qkv, scales, query_table, key_table, value_table, nseq, heads, dk, dv, rad
 
 
 @torch.library.custom_op(f"{_NS}::attention_rows_backward", mutates_args=())
-def attention_rows_backward(qkv: Tensor, scales: Tensor, query_table: Optional[Tensor],
-                            key_table: Optional[Tensor], value_table: Optional[Tensor], out: Tensor,
-                            lse: Tensor, g_out: Tensor, nseq: int, heads: int, dk: int, dv: int, radius: int,
-                            max_distance: int, use_qk: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def attention_rows_backward(
+    qkv: Tensor,
+    scales: Tensor,
+    query_table: Optional[Tensor],
+    key_table: Optional[Tensor],
+    value_table: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    g_out: Tensor,
+    nseq: int,
+    heads: int,
+    dk: int,
+    dv: int,
+    radius: int,
+    max_distance: int,
+    use_qk: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`attention_rows` by recomputation: (g_qkv, g_scales, g_query_table,
     g_key_table, g_value_table); the gradient of an absent table is an empty tensor."""
-    geo = layer_from_args(heads, dk, dv, radius, max_distance, use_qk, _detached(query_table),
-                   _detached(key_table), _detached(value_table))
+    geo = layer_from_args(
+        heads,
+        dk,
+        dv,
+        radius,
+        max_distance,
+        use_qk,
+        _detached(query_table),
+        _detached(key_table),
+        _detached(value_table),
+    )
     qkv, out, lse, g_out = (t.detach().contiguous() for t in (qkv, out, lse, g_out))
     length = qkv.shape[0] // nseq
     c2, c = qkv.shape[1], heads * dv
@@ -120,32 +191,64 @@ def attention_rows_backward(qkv: Tensor, scales: Tensor, query_table: Optional[T
         g_qkv = torch.empty_like(qkv)
         # delta = sum_c g_sv*sv + g_sve*sve is formed in the kernel
         grads = cpu_kernel.backward_strided(
-            geo, qkv, (length * c2, 2 * dk + dv, 1, c2), nseq, length, scales.detach(), lse, None,
-            g_out, g_out[:, c:], (length * 2 * c, dv, 1, 2 * c), g_qkv, sv=out, sve=out[:, c:])
+            geo,
+            qkv,
+            (length * c2, 2 * dk + dv, 1, c2),
+            nseq,
+            length,
+            scales.detach(),
+            lse,
+            None,
+            g_out,
+            g_out[:, c:],
+            (length * 2 * c, dv, 1, 2 * c),
+            g_qkv,
+            sv=out,
+            sve=out[:, c:],
+        )
         if grads is not None:
             grads = (g_qkv, *grads)
     if grads is None:
+
         def seq(t):
             return _to_sequences(t, nseq, heads)
 
         with torch.no_grad():
-            g_qkv, *rest = recompute_backward(geo, 1, seq(qkv), scales.detach(), seq(out[:, :c]),
-                                              seq(out[:, c:]), lse, seq(g_out[:, :c]), seq(g_out[:, c:]))
+            g_qkv, *rest = recompute_backward(
+                geo,
+                1,
+                seq(qkv),
+                scales.detach(),
+                seq(out[:, :c]),
+                seq(out[:, c:]),
+                lse,
+                seq(g_out[:, :c]),
+                seq(g_out[:, c:]),
+            )
         grads = (_to_rows(g_qkv, nseq), *rest)
     g_qkv, g_scales, g_rq, g_rk, g_rv = grads
     empty = qkv.new_empty(0)
-    return (g_qkv.contiguous(), g_scales.to(scales.dtype).contiguous(),
-            *(empty if g is None else g.to(qkv.dtype).contiguous() for g in (g_rq, g_rk, g_rv)))
+    return (
+        g_qkv.contiguous(),
+        g_scales.to(scales.dtype).contiguous(),
+        *(empty if g is None else g.to(qkv.dtype).contiguous() for g in (g_rq, g_rk, g_rv)),
+    )
 
 
 @attention_rows_backward.register_fake
-def _(qkv, scales, query_table, key_table, value_table, out, lse, g_out, nseq, heads, dk, dv, radius,
-      max_distance, use_qk):
+def _(
+    qkv, scales, query_table, key_table, value_table, out, lse, g_out, nseq, heads, dk, dv, radius, max_distance, use_qk
+):
     def table_grad(t):
         return qkv.new_empty(0) if t is None else qkv.new_empty(t.shape)
 
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), scales.new_empty(scales.shape),
-            table_grad(query_table), table_grad(key_table), table_grad(value_table))
+    return (
+        torch.empty_like(qkv, memory_format=torch.contiguous_format),
+        scales.new_empty(scales.shape),
+        table_grad(query_table),
+        table_grad(key_table),
+        table_grad(value_table),
+    )
 
 
 def _rows_setup_context(ctx, inputs, output):
@@ -159,9 +262,22 @@ def _rows_backward(ctx, g_out, g_lse):
     qkv, scales, rq, rk, rv, out, lse = ctx.saved_tensors
     # lse is an auxiliary output: its gradient is not propagated (it only feeds the backward)
     g_qkv, g_scales, g_rq, g_rk, g_rv = attention_rows_backward(
-        qkv, scales, rq, rk, rv, out, lse, g_out.contiguous(), *ctx.args)
-    return (g_qkv, g_scales, g_rq if rq is not None else None, g_rk if rk is not None else None,
-            g_rv if rv is not None else None, None, None, None, None, None, None, None)
+        qkv, scales, rq, rk, rv, out, lse, g_out.contiguous(), *ctx.args
+    )
+    return (
+        g_qkv,
+        g_scales,
+        g_rq if rq is not None else None,
+        g_rk if rk is not None else None,
+        g_rv if rv is not None else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 attention_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
@@ -169,18 +285,34 @@ attention_rows.register_autograd(_rows_backward, setup_context=_rows_setup_conte
 
 # --------------------------------------------------------------------------- whole layer in inference
 @torch.library.custom_op(f"{_NS}::attention_eval", mutates_args=())
-def attention_eval(x: Tensor, weight: Tensor, bias: Tensor, sim_scales: Tensor, query_table: Optional[Tensor],
-                   key_table: Optional[Tensor], value_table: Optional[Tensor], value_scale: Optional[Tensor],
-                   out_bias: Tensor, heads: int, dk: int, dv: int, radius: int, max_distance: int, use_qk: bool,
-                   height_axis: bool, query_step: int) -> Tensor:
+def attention_eval(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    sim_scales: Tensor,
+    query_table: Optional[Tensor],
+    key_table: Optional[Tensor],
+    value_table: Optional[Tensor],
+    value_scale: Optional[Tensor],
+    out_bias: Tensor,
+    heads: int,
+    dk: int,
+    dv: int,
+    radius: int,
+    max_distance: int,
+    use_qk: bool,
+    height_axis: bool,
+    query_step: int,
+) -> Tensor:
     """The layer in inference with every BN folded: ``weight`` (heads*(2dk+dv), C_in) and ``bias``
     the projection (bn_qkv and the output BN's a.v scale folded in), ``sim_scales`` (3, heads),
     ``value_scale`` (heads*dv) the output BN's a.r^v scale, ``out_bias`` (heads*dv) its shift.
     Returns (B, heads*dv, Lq, W) or (B, heads*dv, H, Lq) in channels_last memory format."""
     geo = layer_from_args(heads, dk, dv, radius, max_distance, use_qk, query_table, key_table, value_table)
     if cpu_kernel.supports(geo, x):
-        y = cpu_kernel.eval_with_operands(geo, x, weight, bias, sim_scales, value_scale, out_bias,
-                                          height_axis, query_step)
+        y = cpu_kernel.eval_with_operands(
+            geo, x, weight, bias, sim_scales, value_scale, out_bias, height_axis, query_step
+        )
         if y is not None:
             return y
     return _attention_eval_torch(geo, x, weight, bias, sim_scales, value_scale, out_bias, height_axis, query_step)
@@ -210,8 +342,25 @@ def _attention_eval_torch(geo, x, weight, bias, sim_scales, value_scale, out_bia
 
 
 @attention_eval.register_fake
-def _(x, weight, bias, sim_scales, query_table, key_table, value_table, value_scale, out_bias, heads, dk, dv,
-      radius, max_distance, use_qk, height_axis, query_step):
+def _(
+    x,
+    weight,
+    bias,
+    sim_scales,
+    query_table,
+    key_table,
+    value_table,
+    value_scale,
+    out_bias,
+    heads,
+    dk,
+    dv,
+    radius,
+    max_distance,
+    use_qk,
+    height_axis,
+    query_step,
+):
     batch, _, height, width = x.shape
     if height_axis:
         shape = (batch, (height + query_step - 1) // query_step, width, heads * dv)

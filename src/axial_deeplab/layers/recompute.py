@@ -15,6 +15,7 @@ g_sv / g_sve the incoming gradients of sum_p P v_p and sum_p P r^v_{p-o}:
     dq = a_qk dY k + a_qr sum_p dY r^q_{p-o};   dk = a_qk dY^T q + a_kr sum_o dY r^k_{p-o}
     da_t = sum dY * S_t  (= q . (dY k) etc., from the same products)
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,9 @@ def recompute_backward(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve):
         delta = (g_sv * sv).sum(1)
         if layer.use_value_rpe:
             delta = delta + (g_sve * sve).sum(1)
-        out = cpu_kernel.attention_backward(layer, qkv, scales, lse, delta, g_sv,
-                                            g_sve if layer.use_value_rpe else None)
+        out = cpu_kernel.attention_backward(
+            layer, qkv, scales, lse, delta, g_sv, g_sve if layer.use_value_rpe else None
+        )
         if out is not None:
             return out
     return recompute_backward_torch(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve)
@@ -60,7 +62,7 @@ def recompute_backward_torch(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve
     ops = prepare_operands(layer, qkv, scales, step, radius is not None, diagonal_shift=False)
 
     q_sub = qkv[:, :dk, ::step].contiguous()  # (nh, dk, Lq) raw queries at the outputs
-    k, v = qkv[:, dk:2 * dk], qkv[:, 2 * dk:]
+    k, v = qkv[:, dk : 2 * dk], qkv[:, 2 * dk :]
     lq = q_sub.shape[-1]
     head = torch.arange(nh, device=qkv.device) % heads
     a = scales[:, head]  # (3, nh) natural-unit term scales

@@ -9,6 +9,7 @@ from standard tensor ops only: the path ``axial-deeplab export`` decomposes the 
 Neither path looks at tensor values in Python: masks and branches come from sizes and the
 layer's settings, so both trace (torch.export, ONNX, torch.jit.trace) with symbolic H and W.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .geometry import apply_stride, bn_affine, from_sequences, pair_table_rows, to_sequences
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
-__all__ = ["axial_attention_reference", "axial_attention_banded", "relative_index", "span_mask",
-           "span_covers_axis", "masked_batch_norm"]
+__all__ = [
+    "axial_attention_reference",
+    "axial_attention_banded",
+    "relative_index",
+    "span_mask",
+    "span_covers_axis",
+    "masked_batch_norm",
+]
 
 
 def relative_index(length: int, max_distance: int, device=None) -> torch.Tensor:
@@ -49,8 +56,9 @@ def span_covers_axis(length, span) -> bool:
     return statically_known_true(length - 1 <= (span - 1) // 2)
 
 
-def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, bn: nn.BatchNorm2d, sync: bool = False,
-                      full: bool = False) -> torch.Tensor:
+def masked_batch_norm(
+    x: torch.Tensor, mask: torch.Tensor, bn: nn.BatchNorm2d, sync: bool = False, full: bool = False
+) -> torch.Tensor:
     """BatchNorm2d over (N, C, A, B) whose statistics use only entries where ``mask`` (A, B)
     is true, with nn.BatchNorm2d's running-statistics semantics. ``full``: the caller
     knows from sizes that ``mask`` is all true (plain ``bn``). ``sync``: sum the statistics
@@ -105,8 +113,9 @@ def axial_attention_reference(layer, x: torch.Tensor) -> torch.Tensor:
     else:
         kr = zeros
     stacked = torch.cat([qk, qr, kr], dim=1)  # (N, 3*heads, L, L)
-    stacked = masked_batch_norm(stacked, mask, layer.bn_similarity, sync=should_sync(layer),
-                                full=span_covers_axis(L, layer.span))
+    stacked = masked_batch_norm(
+        stacked, mask, layer.bn_similarity, sync=should_sync(layer), full=span_covers_axis(L, layer.span)
+    )
     stacked = stacked.reshape(N, 3, heads, L, L)
     on = [layer.use_qk, layer.use_query_rpe, layer.use_key_rpe]
     logits = sum(stacked[:, t] for t in range(3) if on[t])
@@ -151,8 +160,9 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     and the block count is the only size derived from L (export keeps H and W symbolic)."""
     # inference forms drop the similarity-BN shifts (they cancel in the softmax), so with
     # gradients on (or BN training/synchronised) the plain forms keep every parameter in the graph
-    inference = not (layer.bn_similarity.training or layer.bn_output.training or should_sync(layer)
-                     or torch.is_grad_enabled())
+    inference = not (
+        layer.bn_similarity.training or layer.bn_output.training or should_sync(layer) or torch.is_grad_enabled()
+    )
     if layer.span is None:
         return _global_eval(layer, x) if inference else axial_attention_reference(layer, x)
     if inference:
@@ -245,7 +255,7 @@ def _skew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     rows, cols = x.shape[-2], x.shape[-1]
     lead = x.shape[:-2]
     x = F.pad(x, (0, width + 1 - cols)).reshape(*lead, rows * (width + 1))
-    return x[..., :rows * width].reshape(*lead, rows, width)
+    return x[..., : rows * width].reshape(*lead, rows, width)
 
 
 def _unskew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -309,8 +319,9 @@ def _banded_eval(layer, x: torch.Tensor) -> torch.Tensor:
     if not layer.use_key_rpe:  # keys beyond the axis: an additive -inf from sizes
         o = torch.arange(padded, device=dev)[:, None]
         p = o - r + torch.arange(m, device=dev)[None, :]
-        logits = logits + torch.zeros(padded, m, device=dev, dtype=q.dtype).masked_fill((p < 0) | (p >= L),
-                                                                                          float("-inf"))
+        logits = logits + torch.zeros(padded, m, device=dev, dtype=q.dtype).masked_fill(
+            (p < 0) | (p >= L), float("-inf")
+        )
     attn = torch.softmax(logits, dim=-1)  # over the span's keys
 
     ab = _skew_rows(attn.reshape(N, heads, blocks, b, m), w)  # (n, h, k, i, t)

@@ -10,6 +10,7 @@ statistics as the reference, with gradients to q, k and the tables by ordinary a
 (:class:`RowMoments`). :func:`similarity_scales` turns them into the per-(term, head)
 multipliers every fast path applies, updating the running statistics as the reference does.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -120,10 +121,9 @@ def _windowed_gram_quadratic(qd, kd, lo, hi, budget: int = 1 << 22):
     step = max(1, budget // max(per_seq, 1))
     total = qd.new_zeros(heads)
     for s in range(0, n, step):
-        qc, kc = qd[s:s + step], kd[s:s + step]
+        qc, kc = qd[s : s + step], kd[s : s + step]
         if torch.is_grad_enabled() and (qc.requires_grad or kc.requires_grad):
-            total = total + torch.utils.checkpoint.checkpoint(
-                _gram_chunk, qc, kc, lo, hi, use_reentrant=False)
+            total = total + torch.utils.checkpoint.checkpoint(_gram_chunk, qc, kc, lo, hi, use_reentrant=False)
         else:
             total = total + _gram_chunk(qc, kc, lo, hi)
     return total
@@ -256,7 +256,7 @@ def similarity_moments_rows(layer, y: torch.Tensor, nseq: int, length: int):
         sums, sumsq = RowMoments.apply(y, layer.query_table, layer.key_table, layer, nseq, length)
         return sums, sumsq, nseq * length * length
     qkv4 = y.view(nseq, length, heads, 2 * dk + dv).permute(0, 2, 3, 1)  # (N, heads, c2h, L) view
-    return similarity_moments(layer, qkv4[:, :, :dk], qkv4[:, :, dk:2 * dk])
+    return similarity_moments(layer, qkv4[:, :, :dk], qkv4[:, :, dk : 2 * dk])
 
 
 def similarity_scales(layer, q: Optional[torch.Tensor], k: Optional[torch.Tensor], moments=None) -> torch.Tensor:

@@ -5,6 +5,7 @@ pairs, or in closed form by the fast paths), so SyncBatchNorm cannot synchronise
 whose ``sync_statistics`` flag is set (``engine.distributed.convert_sync_batchnorm`` sets it)
 sums them over processes with a differentiable all-reduce instead.
 """
+
 from __future__ import annotations
 
 import torch

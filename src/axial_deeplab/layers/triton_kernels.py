@@ -23,6 +23,7 @@ keys (at least 16 each, as ``tl.dot`` needs) and ``JB``, the width of a tile's o
 window (:func:`offset_window`); the caller passes them explicitly. Triton is optional:
 without it the kernels are None.
 """
+
 from __future__ import annotations
 
 try:  # optional dependency
@@ -31,8 +32,15 @@ try:  # optional dependency
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-__all__ = ["triton", "triton_available", "next_pow2", "offset_window", "kernel_constants",
-           "axial_forward_kernel", "axial_backward_kernel"]
+__all__ = [
+    "triton",
+    "triton_available",
+    "next_pow2",
+    "offset_window",
+    "kernel_constants",
+    "axial_forward_kernel",
+    "axial_backward_kernel",
+]
 
 
 def triton_available() -> bool:
@@ -54,8 +62,17 @@ def kernel_constants(dk: int, dv: int, terms, precision: str) -> dict:
     """The compile-time constants both kernels take, tiles aside (depths padded for ``tl.dot``);
     terms: (q.k, q.r^q, k.r^k, r^v) switched on; precision: ``tl.dot``'s input precision."""
     use_qk, use_qr, use_kr, use_rv = (bool(t) for t in terms)
-    return dict(DK=dk, DV=dv, DKP=max(16, next_pow2(dk)), DVP=max(16, next_pow2(dv)), DOT=precision,
-                USE_QK=use_qk, USE_QR=use_qr, USE_KR=use_kr, USE_RV=use_rv)
+    return dict(
+        DK=dk,
+        DV=dv,
+        DKP=max(16, next_pow2(dk)),
+        DVP=max(16, next_pow2(dv)),
+        DOT=precision,
+        USE_QK=use_qk,
+        USE_QR=use_qr,
+        USE_KR=use_kr,
+        USE_RV=use_rv,
+    )
 
 
 if triton is not None:
@@ -73,8 +90,7 @@ if triton is not None:
         return (lo // BLOCK_K) * BLOCK_K, hi
 
     @triton.jit
-    def _tile(qb, kb0, L, LQ, QSTEP, RADIUS,
-              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, JB: tl.constexpr):
+    def _tile(qb, kb0, L, LQ, QSTEP, RADIUS, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, JB: tl.constexpr):
         """Geometry of one tile. Offsets p - o of the tile lie in a window of the offset
         table starting at column r0; pair (i, j) sits at window column u = shift_i + j with
         shift_i = (BLOCK_Q - 1 - i) * QSTEP. Returns query indices, key positions, masks, the
@@ -109,9 +125,23 @@ if triton is not None:
         return tl.where(ok, tl.gather(x, tl.where(ok, src, 0), 1), 0.0)
 
     @triton.jit
-    def _tile_logits(q, kt, rq, rk, s_qk, s_qr, s_kr, u, inside, DOT: tl.constexpr,
-                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr):
+    def _tile_logits(
+        q,
+        kt,
+        rq,
+        rk,
+        s_qk,
+        s_qr,
+        s_kr,
+        u,
+        inside,
+        DOT: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_QK: tl.constexpr,
+        USE_QR: tl.constexpr,
+        USE_KR: tl.constexpr,
+    ):
         """Logits of a tile in log2 units (the scales carry log2 e), -inf outside the span;
         q: (BLOCK_Q, DKP), kt: (DKP, BLOCK_K), rq / rk: offset windows (JB, DKP). The forward
         and the backward's recomputation share this one code."""
@@ -126,11 +156,32 @@ if triton is not None:
 
     @triton.jit
     def axial_forward_kernel(
-        qkv, rqe, rke, rve, scale, sv, sve, lse,
-        L, LQ, QSTEP, RADIUS, HEADS, C2H,
-        DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, JB: tl.constexpr, DOT: tl.constexpr,
-        USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr, USE_RV: tl.constexpr,
+        qkv,
+        rqe,
+        rke,
+        rve,
+        scale,
+        sv,
+        sve,
+        lse,
+        L,
+        LQ,
+        QSTEP,
+        RADIUS,
+        HEADS,
+        C2H,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        DKP: tl.constexpr,
+        DVP: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        JB: tl.constexpr,
+        DOT: tl.constexpr,
+        USE_QK: tl.constexpr,
+        USE_QR: tl.constexpr,
+        USE_KR: tl.constexpr,
+        USE_RV: tl.constexpr,
     ):
         nh = tl.program_id(0)
         qb = tl.program_id(1)
@@ -154,13 +205,11 @@ if triton is not None:
         acc_e = tl.zeros((BLOCK_Q, DVP), dtype=tl.float32)
         k_start, k_end = _key_range(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K)
         for kb0 in range(k_start, k_end, BLOCK_K):
-            iq, o, p, mq, mk, inside, shift, col, mcol, u = _tile(
-                qb, kb0, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K, JB)
+            iq, o, p, mq, mk, inside, shift, col, mcol, u = _tile(qb, kb0, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K, JB)
             kt = tl.trans(_load_rows(base + DK * L, p, mk, ck, mck, L))  # (DKP, BLOCK_K)
             rq = _load_rows(rqe, col, mcol, ck, mck & USE_QR, J)  # (JB, DKP)
             rk = _load_rows(rke, col, mcol, ck, mck & USE_KR, J)
-            z = _tile_logits(q, kt, rq, rk, s_qk, s_qr, s_kr, u, inside, DOT,
-                             BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
+            z = _tile_logits(q, kt, rq, rk, s_qk, s_qr, s_kr, u, inside, DOT, BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
@@ -170,8 +219,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(e, v, input_precision=DOT)
             if USE_RV:
                 rv = _load_rows(rve, col, mcol, cv, mcv, J)  # (JB, DVP)
-                acc_e = acc_e * alpha[:, None] + tl.dot(_to_offsets(e, shift, BLOCK_K, JB), rv,
-                                                         input_precision=DOT)
+                acc_e = acc_e * alpha[:, None] + tl.dot(_to_offsets(e, shift, BLOCK_K, JB), rv, input_precision=DOT)
             m_i = m_new
         l_safe = tl.where(mq, l_i, 1.0)
         out_mask = mq[:, None] & mcv[None, :]
@@ -183,13 +231,41 @@ if triton is not None:
 
     @triton.jit
     def axial_backward_kernel(
-        qkv, rqe, rke, rve, scale, nscale, lse, delta, gsv, gsve,
-        gqkv, grq_part, grk_part, grv_part, gscale_part,
-        L, LQ, QSTEP, RADIUS, HEADS, C2H, SLOTS,
-        DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, JB: tl.constexpr, DOT: tl.constexpr,
+        qkv,
+        rqe,
+        rke,
+        rve,
+        scale,
+        nscale,
+        lse,
+        delta,
+        gsv,
+        gsve,
+        gqkv,
+        grq_part,
+        grk_part,
+        grv_part,
+        gscale_part,
+        L,
+        LQ,
+        QSTEP,
+        RADIUS,
+        HEADS,
+        C2H,
+        SLOTS,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        DKP: tl.constexpr,
+        DVP: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        JB: tl.constexpr,
+        DOT: tl.constexpr,
         ATOMIC_KV: tl.constexpr,
-        USE_QK: tl.constexpr, USE_QR: tl.constexpr, USE_KR: tl.constexpr, USE_RV: tl.constexpr,
+        USE_QK: tl.constexpr,
+        USE_QR: tl.constexpr,
+        USE_KR: tl.constexpr,
+        USE_RV: tl.constexpr,
     ):
         nh = tl.program_id(0)
         qb = tl.program_id(1)
@@ -223,15 +299,13 @@ if triton is not None:
         ga_kr = tl.zeros((BLOCK_K, DKP), dtype=tl.float32)
         k_start, k_end = _key_range(qb, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K)
         for kb0 in range(k_start, k_end, BLOCK_K):
-            iq, o, p, mq, mk, inside, shift, col, mcol, u = _tile(
-                qb, kb0, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K, JB)
+            iq, o, p, mq, mk, inside, shift, col, mcol, u = _tile(qb, kb0, L, LQ, QSTEP, RADIUS, BLOCK_Q, BLOCK_K, JB)
             k = _load_rows(base + DK * L, p, mk, ck, mck, L)  # (BLOCK_K, DKP)
             kt = tl.trans(k)
             v = _load_rows(base + 2 * DK * L, p, mk, cv, mcv, L)  # (BLOCK_K, DVP)
             rq = _load_rows(rqe, col, mcol, ck, mck & USE_QR, J)  # (JB, DKP)
             rk = _load_rows(rke, col, mcol, ck, mck & USE_KR, J)
-            z = _tile_logits(q, kt, rq, rk, s_qk, s_qr, s_kr, u, inside, DOT,
-                             BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
+            z = _tile_logits(q, kt, rq, rk, s_qk, s_qr, s_kr, u, inside, DOT, BLOCK_Q, BLOCK_K, USE_QK, USE_QR, USE_KR)
             pr = tl.where(inside, tl.exp2(z - row_lse[:, None]), 0.0)
 
             # dP = g_sv . v_p + g_sve . r^v_{p-o}; dY, the gradient of the natural logits
@@ -254,8 +328,9 @@ if triton is not None:
                 dq += a_qr * t
                 ga_qr += q * t
                 g = a_qr * tl.dot(tl.trans(sdy), q, input_precision=DOT)  # (JB, DKP)
-                tl.atomic_add(grq_part + slot * DK * J + ck[None, :] * J + col[:, None], g,
-                              mask=mcol[:, None] & mck[None, :])
+                tl.atomic_add(
+                    grq_part + slot * DK * J + ck[None, :] * J + col[:, None], g, mask=mcol[:, None] & mck[None, :]
+                )
             if USE_KR:
                 # column j of dY to offset coordinates: T[w, j] = dY[i, j] where shift_i = w - j
                 w = tl.arange(0, JB)[:, None] - tl.arange(0, BLOCK_K)[None, :]
@@ -266,12 +341,14 @@ if triton is not None:
                 gk += a_kr * t
                 ga_kr += k * t
                 g = a_kr * tl.dot(tdy, k, input_precision=DOT)  # (JB, DKP)
-                tl.atomic_add(grk_part + slot * DK * J + ck[None, :] * J + col[:, None], g,
-                              mask=mcol[:, None] & mck[None, :])
+                tl.atomic_add(
+                    grk_part + slot * DK * J + ck[None, :] * J + col[:, None], g, mask=mcol[:, None] & mck[None, :]
+                )
             if USE_RV:
                 g = tl.dot(tl.trans(_to_offsets(pr, shift, BLOCK_K, JB)), g2, input_precision=DOT)  # (JB, DVP)
-                tl.atomic_add(grv_part + slot * DV * J + cv[None, :] * J + col[:, None], g,
-                              mask=mcol[:, None] & mcv[None, :])
+                tl.atomic_add(
+                    grv_part + slot * DV * J + cv[None, :] * J + col[:, None], g, mask=mcol[:, None] & mcv[None, :]
+                )
             k_at = gbase + (DK + ck[None, :]) * L + p[:, None]
             v_at = gbase + (2 * DK + cv[None, :]) * L + p[:, None]
             mk_k = mk[:, None] & mck[None, :]

@@ -20,6 +20,7 @@ Triton 3.9, and would run on the CUDA cores) (:func:`dot_precision`).
 On a CPU the kernels run only through Triton's interpreter (``TRITON_INTERPRET=1``, tests on
 tiny shapes); speed figures need a GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,19 +31,48 @@ import torch
 from .chunked import run_layer
 from .geometry import LOG2E, attention_radius, num_queries, offset_table_rows, offset_tables
 from .memory_efficient import memory_efficient_core
-from .triton_kernels import (axial_backward_kernel, axial_forward_kernel, kernel_constants, next_pow2,
-                             offset_window, triton, triton_available)
+from .triton_kernels import (
+    axial_backward_kernel,
+    axial_forward_kernel,
+    kernel_constants,
+    next_pow2,
+    offset_window,
+    triton,
+    triton_available,
+)
 
-__all__ = ["triton_available", "attend_triton", "attention_backward_triton", "triton_layer", "block_sizes",
-           "dot_precision", "tuned_configs", "reset_autotuning", "BLOCK_SIZES", "CONFIGS", "TABLE_GRAD_SLOTS"]
+__all__ = [
+    "triton_available",
+    "attend_triton",
+    "attention_backward_triton",
+    "triton_layer",
+    "block_sizes",
+    "dot_precision",
+    "tuned_configs",
+    "reset_autotuning",
+    "BLOCK_SIZES",
+    "CONFIGS",
+    "TABLE_GRAD_SLOTS",
+]
 
 # Process default of the tiles, (query rows, keys) optionally with (num_warps, num_stages); None:
 # the autotuner picks on a GPU, :func:`block_sizes` elsewhere. Tests set small values to run
 # several blocks.
 BLOCK_SIZES: Optional[Tuple[int, ...]] = None
 # (BLOCK_Q, BLOCK_K, num_warps, num_stages) the autotuner times on a GPU.
-CONFIGS = [(16, 16, 2, 1), (16, 16, 4, 1), (16, 16, 4, 2), (16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 2, 1),
-           (32, 32, 4, 1), (32, 32, 8, 1), (32, 32, 4, 2), (64, 32, 8, 1), (64, 64, 8, 1)]
+CONFIGS = [
+    (16, 16, 2, 1),
+    (16, 16, 4, 1),
+    (16, 16, 4, 2),
+    (16, 32, 4, 1),
+    (32, 16, 4, 1),
+    (32, 32, 2, 1),
+    (32, 32, 4, 1),
+    (32, 32, 8, 1),
+    (32, 32, 4, 2),
+    (64, 32, 8, 1),
+    (64, 64, 8, 1),
+]
 # Partial buffers of the table gradients: programs add into slot (program id mod this).
 TABLE_GRAD_SLOTS = 32
 _TUNE_KEY = ["L", "LQ", "QSTEP", "RADIUS", "DK", "DV", "DOT", "USE_QK", "USE_QR", "USE_KR", "USE_RV"]
@@ -83,8 +113,11 @@ def _tile_rows(args) -> int:
 def _prune(configs, named_args, **kwargs):
     """Drop tiles larger than the sequence needs (keep the smallest when all are)."""
     length, lq = named_args["L"], named_args["LQ"]
-    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= max(16, next_pow2(length))
-           and c.kwargs["BLOCK_Q"] <= max(16, next_pow2(lq))]
+    fit = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_K"] <= max(16, next_pow2(length)) and c.kwargs["BLOCK_Q"] <= max(16, next_pow2(lq))
+    ]
     return fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_Q"] * c.kwargs["BLOCK_K"], c.num_warps))]
 
 
@@ -92,16 +125,18 @@ def _tuned_kernels():
     """The autotuned kernels (built once, from :data:`CONFIGS`); the autotuner passes the
     tiles of the config it runs, and the heuristics JB and ATOMIC_KV derived from them."""
     if _tuned["forward"] is None:
-        configs = [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                   for bq, bk, w, s in CONFIGS]
+        configs = [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in CONFIGS]
         prune = {"early_config_prune": _prune}
         _tuned["forward"] = triton.autotune(configs, key=_TUNE_KEY, prune_configs_by=prune)(
-            triton.heuristics({"JB": _tile_rows})(axial_forward_kernel))
+            triton.heuristics({"JB": _tile_rows})(axial_forward_kernel)
+        )
         _tuned["backward"] = triton.autotune(
-            configs, key=_TUNE_KEY, prune_configs_by=prune,
-            reset_to_zero=["gqkv", "grq_part", "grk_part", "grv_part"])(
-            triton.heuristics({"JB": _tile_rows,
-                               "ATOMIC_KV": lambda a: _atomic_kv(a["LQ"], a["BLOCK_Q"])})(axial_backward_kernel))
+            configs, key=_TUNE_KEY, prune_configs_by=prune, reset_to_zero=["gqkv", "grq_part", "grk_part", "grv_part"]
+        )(
+            triton.heuristics({"JB": _tile_rows, "ATOMIC_KV": lambda a: _atomic_kv(a["LQ"], a["BLOCK_Q"])})(
+                axial_backward_kernel
+            )
+        )
     return _tuned["forward"], _tuned["backward"]
 
 
@@ -126,15 +161,15 @@ def _autotuning(device: torch.device) -> bool:
 
 
 # --------------------------------------------------------------------------- launch
-def _launch(backward: bool, args: tuple, layer, length: int, lq: int, query_step: int,
-            blocks: Optional[Sequence[int]]) -> int:
+def _launch(
+    backward: bool, args: tuple, layer, length: int, lq: int, query_step: int, blocks: Optional[Sequence[int]]
+) -> int:
     """One program per (sequence-head, query block), tiles passed explicitly (see the module
     docstring for their choice). Returns the BLOCK_Q that ran (the backward's partial sums need it)."""
     nh, device = args[0].shape[0], args[0].device
     terms = (layer.use_qk, layer.use_query_rpe, layer.use_key_rpe, layer.use_value_rpe)
     # fused multiply-adds on (Triton 3.9 warns that its default will turn them off)
-    options = {**kernel_constants(layer.key_depth, layer.value_depth, terms, dot_precision()),
-               "enable_fp_fusion": True}
+    options = {**kernel_constants(layer.key_depth, layer.value_depth, terms, dot_precision()), "enable_fp_fusion": True}
     blocks = BLOCK_SIZES if blocks is None else blocks
     if blocks is None and _autotuning(device):
         tuned = _tuned_kernels()[int(backward)]
@@ -160,8 +195,14 @@ def _placeholder(t: Optional[torch.Tensor], device) -> torch.Tensor:
     return torch.zeros(1, device=device) if t is None else t
 
 
-def attend_triton(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1,
-                  return_lse: bool = False, blocks: Optional[Sequence[int]] = None):
+def attend_triton(
+    layer,
+    qkv: torch.Tensor,
+    scales: torch.Tensor,
+    query_step: int = 1,
+    return_lse: bool = False,
+    blocks: Optional[Sequence[int]] = None,
+):
     """Same contract as :func:`.chunked.attend`, computed by the Triton kernel (no autograd;
     :class:`.memory_efficient.AxialAttentionFunction` provides the backward)."""
     _require_triton()
@@ -174,19 +215,40 @@ def attend_triton(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: in
     sv = torch.empty(nh, dv, lq, device=device)
     sve = torch.empty(nh, dv, lq, device=device) if layer.use_value_rpe else None
     lse = torch.empty(nh, lq, device=device)
-    args = (qkv, _placeholder(rqe, device), _placeholder(rke, device), _placeholder(rve, device), scale,
-            sv, _placeholder(sve, device), lse, length, lq, query_step, attention_radius(layer), layer.num_heads,
-            c2h)
+    args = (
+        qkv,
+        _placeholder(rqe, device),
+        _placeholder(rke, device),
+        _placeholder(rve, device),
+        scale,
+        sv,
+        _placeholder(sve, device),
+        lse,
+        length,
+        lq,
+        query_step,
+        attention_radius(layer),
+        layer.num_heads,
+        c2h,
+    )
     _launch(False, args, layer, length, lq, query_step, blocks)
     if return_lse:
         return sv, sve, lse
     return sv, sve
 
 
-def attention_backward_triton(layer, query_step: int, qkv: torch.Tensor, scales: torch.Tensor,
-                              sv: torch.Tensor, sve: torch.Tensor, lse: torch.Tensor,
-                              g_sv: Optional[torch.Tensor], g_sve: Optional[torch.Tensor],
-                              blocks: Optional[Sequence[int]] = None):
+def attention_backward_triton(
+    layer,
+    query_step: int,
+    qkv: torch.Tensor,
+    scales: torch.Tensor,
+    sv: torch.Tensor,
+    sve: torch.Tensor,
+    lse: torch.Tensor,
+    g_sv: Optional[torch.Tensor],
+    g_sve: Optional[torch.Tensor],
+    blocks: Optional[Sequence[int]] = None,
+):
     """Backward of :func:`attend_triton` by recomputation in one Triton kernel; the
     ``backward_fn`` of :class:`.memory_efficient.AxialAttentionFunction` (same contract
     as :func:`.recompute.recompute_backward`). Returns ``(g_qkv, g_scales (3, heads),
@@ -225,9 +287,30 @@ def attention_backward_triton(layer, query_step: int, qkv: torch.Tensor, scales:
     def ptr(t):
         return _placeholder(t, device)
 
-    args = (x, ptr(rqe), ptr(rke), ptr(rve), scale, nscale, lse.detach().to(f32).contiguous(), delta,
-            g_sv, ptr(g_sve), g_qkv, ptr(g_rq_part), ptr(g_rk_part), ptr(g_rv_part), g_scale_part,
-            length, lq, query_step, attention_radius(layer), heads, c2h, slots)
+    args = (
+        x,
+        ptr(rqe),
+        ptr(rke),
+        ptr(rve),
+        scale,
+        nscale,
+        lse.detach().to(f32).contiguous(),
+        delta,
+        g_sv,
+        ptr(g_sve),
+        g_qkv,
+        ptr(g_rq_part),
+        ptr(g_rk_part),
+        ptr(g_rv_part),
+        g_scale_part,
+        length,
+        lq,
+        query_step,
+        attention_radius(layer),
+        heads,
+        c2h,
+        slots,
+    )
     num_qb = triton.cdiv(lq, _launch(True, args, layer, length, lq, query_step, blocks))
 
     # Deterministic reductions of the partial sums, back to the parameters' rows.
@@ -251,6 +334,7 @@ def triton_layer(layer, x: torch.Tensor, blocks: Optional[Sequence[int]] = None)
     """The layer with the Triton forward; in training, the memory-efficient autograd function
     with the Triton backward (both kernels fused, nothing kept but the inputs, the small
     outputs and one log-sum-exp per row). No self-check: see :mod:`.triton_self_check`."""
+
     def attend_fn(layer_, qkv, scales, step, return_lse=False):
         return attend_triton(layer_, qkv, scales, step, return_lse=return_lse, blocks=blocks)
 

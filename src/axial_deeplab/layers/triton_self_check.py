@@ -6,6 +6,7 @@ GPU runs :func:`self_check` (a tiny layer through the kernels and through the re
 that GPU); should it fail, the layer warns once and runs the PyTorch memory-efficient path
 there instead (same results, slower).
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,11 @@ def axial_attention_triton(layer, x: torch.Tensor) -> torch.Tensor:
 def trusted(device: torch.device) -> bool:
     """Whether the Triton kernels may run on ``device``: :func:`self_check` once per process,
     device and product precision; a failure warns once, naming the reason."""
-    if (device.type not in SELF_CHECK_DEVICE_TYPES
-            or os.environ.get("AXIAL_DEEPLAB_TRITON_SELF_CHECK", "1") in ("0", "false", "no")):
+    if device.type not in SELF_CHECK_DEVICE_TYPES or os.environ.get("AXIAL_DEEPLAB_TRITON_SELF_CHECK", "1") in (
+        "0",
+        "false",
+        "no",
+    ):
         return True
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -57,7 +61,9 @@ def trusted(device: torch.device) -> bool:
                 f"impl='triton': the Triton kernels failed their self-check on {device} ({reason}); "
                 f"this process runs the PyTorch memory-efficient path there instead (same results, "
                 f"slower). Please report it, with these versions: {name}, torch {torch.__version__}, "
-                f"triton {triton.__version__}.", RuntimeWarning)
+                f"triton {triton.__version__}.",
+                RuntimeWarning,
+            )
     return _TRUST[key]
 
 
@@ -75,15 +81,15 @@ def self_check(device: torch.device) -> Optional[str]:
         return triton_launch.triton_layer(layer, x, blocks=SELF_CHECK_BLOCKS)
 
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
-                torch.autocast(device.type, enabled=False):
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             torch.manual_seed(0)
             gen = torch.Generator().manual_seed(1)
             x = torch.randn(1, 8, 2, 37, generator=gen).to(device)
             g = torch.randn(1, 16, 2, 37, generator=gen).to(device)
             for span in (None, 7):
-                layer = PositionSensitiveAxialAttention(8, 16, axis="width", num_heads=2, span=span,
-                                                        max_relative_distance=20).to(device)
+                layer = PositionSensitiveAxialAttention(
+                    8, 16, axis="width", num_heads=2, span=span, max_relative_distance=20
+                ).to(device)
                 runs = {}
                 for name, fn in (("triton", kernels), ("reference", axial_attention_reference)):
                     probe = copy.deepcopy(layer)
@@ -93,8 +99,12 @@ def self_check(device: torch.device) -> Optional[str]:
                     probe.eval()
                     with torch.no_grad():
                         y_eval = fn(probe, x)
-                    runs[name] = {"output": y.detach(), "eval output": y_eval, "input gradient": xi.grad,
-                                  **{f"gradient of {n}": p.grad for n, p in probe.named_parameters()}}
+                    runs[name] = {
+                        "output": y.detach(),
+                        "eval output": y_eval,
+                        "input gradient": xi.grad,
+                        **{f"gradient of {n}": p.grad for n, p in probe.named_parameters()},
+                    }
                 for what, want in runs["reference"].items():
                     got = runs["triton"][what]
                     bound = tol * max(1.0, float(want.abs().max()))

@@ -39,6 +39,7 @@ ours                                deeplab2                      paper
                                     on ``axial_deeplab_s``
 ==================================  ============================  =========================
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -50,9 +51,21 @@ from ..layers.axial_attention import PositionSensitiveAxialAttention
 from .registry import register_model
 from .timm_api import FeatureInfo, TimmModelMixin
 
-__all__ = ["AxialResNet", "AxialBlock", "ConvBottleneck", "FeatureInfo", "DropPath", "Subsample", "make_shortcut",
-           "build_stem", "make_activation", "init_conv_", "ARRANGEMENTS", "model_arrangements",
-           "arrangement_mismatches"]
+__all__ = [
+    "AxialResNet",
+    "AxialBlock",
+    "ConvBottleneck",
+    "FeatureInfo",
+    "DropPath",
+    "Subsample",
+    "make_shortcut",
+    "build_stem",
+    "make_activation",
+    "init_conv_",
+    "ARRANGEMENTS",
+    "model_arrangements",
+    "arrangement_mismatches",
+]
 
 
 class DropPath(nn.Module):
@@ -109,7 +122,7 @@ class Subsample(nn.Module):
         self.stride = int(stride)
 
     def forward(self, x):
-        return x[:, :, ::self.stride, ::self.stride]
+        return x[:, :, :: self.stride, :: self.stride]
 
     def extra_repr(self):
         return f"stride={self.stride}"
@@ -133,8 +146,18 @@ class _Bottleneck(nn.Module):
     deeplab2 applies the activation at the next block's input instead; the results are the same.
     """
 
-    def _build_pointwise(self, in_channels, width, out_channels, stride, drop_path, bn_kw,
-                         activation="relu", shortcut="projection", conv_init="torch"):
+    def _build_pointwise(
+        self,
+        in_channels,
+        width,
+        out_channels,
+        stride,
+        drop_path,
+        bn_kw,
+        activation="relu",
+        shortcut="projection",
+        conv_init="torch",
+    ):
         self.conv1 = init_conv_(nn.Conv2d(in_channels, width, 1, bias=False), conv_init)
         self.bn1 = nn.BatchNorm2d(width, **bn_kw)
         self.conv2 = init_conv_(nn.Conv2d(width, out_channels, 1, bias=False), conv_init)
@@ -161,25 +184,48 @@ class _Bottleneck(nn.Module):
 class AxialBlock(_Bottleneck):
     """Bottleneck with the 3x3 conv replaced by height- then width-axis attention."""
 
-    def __init__(self, in_channels, width, out_channels, stride=1, num_heads=8, key_channels=None,
-                 span=None, stride_mode="subsample", max_relative_distance=None, drop_path=0.0,
-                 bn_kw=None, attention_kw=None, activation="relu", shortcut="projection", conv_init="torch"):
+    def __init__(
+        self,
+        in_channels,
+        width,
+        out_channels,
+        stride=1,
+        num_heads=8,
+        key_channels=None,
+        span=None,
+        stride_mode="subsample",
+        max_relative_distance=None,
+        drop_path=0.0,
+        bn_kw=None,
+        attention_kw=None,
+        activation="relu",
+        shortcut="projection",
+        conv_init="torch",
+    ):
         super().__init__()
         bn_kw = bn_kw or {}
-        att = dict(num_heads=num_heads, key_channels=key_channels, span=span,
-                   max_relative_distance=max_relative_distance,
-                   bn_eps=bn_kw.get("eps", 1e-5), bn_momentum=bn_kw.get("momentum", 0.1))
+        att = dict(
+            num_heads=num_heads,
+            key_channels=key_channels,
+            span=span,
+            max_relative_distance=max_relative_distance,
+            bn_eps=bn_kw.get("eps", 1e-5),
+            bn_momentum=bn_kw.get("momentum", 0.1),
+        )
         att.update(attention_kw or {})
-        self._build_pointwise(in_channels, width, out_channels, stride, drop_path, bn_kw,
-                              activation, shortcut, conv_init)
+        self._build_pointwise(
+            in_channels, width, out_channels, stride, drop_path, bn_kw, activation, shortcut, conv_init
+        )
         if stride_mode == "avgpool2d":  # the port: 2-D pooling after the width layer only
             h_stride, w_stride = 1, stride
         else:
             h_stride = w_stride = stride
-        self.attn_h = PositionSensitiveAxialAttention(width, width, axis="height", stride=h_stride,
-                                                      stride_mode=stride_mode, **att)
-        self.attn_w = PositionSensitiveAxialAttention(width, width, axis="width", stride=w_stride,
-                                                      stride_mode=stride_mode, **att)
+        self.attn_h = PositionSensitiveAxialAttention(
+            width, width, axis="height", stride=h_stride, stride_mode=stride_mode, **att
+        )
+        self.attn_w = PositionSensitiveAxialAttention(
+            width, width, axis="width", stride=w_stride, stride_mode=stride_mode, **att
+        )
 
     def spatial(self, x):
         return self.relu(self.attn_w(self.attn_h(x)))
@@ -189,21 +235,43 @@ class ConvBottleneck(_Bottleneck):
     """ResNet-50 bottleneck (1x1, 3x3, 1x1), the convolutional baseline. ``spatial`` swaps the 3x3
     conv for a 2-D attention baseline ("local": m x m stand-alone attention, "global")."""
 
-    def __init__(self, in_channels, width, out_channels, stride=1, drop_path=0.0, bn_kw=None,
-                 spatial="conv", num_heads=8, span=None, position_sensitive=True, activation="relu",
-                 shortcut="projection", conv_init="torch", **_unused):
+    def __init__(
+        self,
+        in_channels,
+        width,
+        out_channels,
+        stride=1,
+        drop_path=0.0,
+        bn_kw=None,
+        spatial="conv",
+        num_heads=8,
+        span=None,
+        position_sensitive=True,
+        activation="relu",
+        shortcut="projection",
+        conv_init="torch",
+        **_unused,
+    ):
         super().__init__()
         bn_kw = bn_kw or {}
-        self._build_pointwise(in_channels, width, out_channels, stride, drop_path, bn_kw,
-                              activation, shortcut, conv_init)
+        self._build_pointwise(
+            in_channels, width, out_channels, stride, drop_path, bn_kw, activation, shortcut, conv_init
+        )
         if spatial == "conv":
             self.conv3x3 = init_conv_(nn.Conv2d(width, width, 3, stride, 1, bias=False), conv_init)
         elif spatial == "local":
-            self.conv3x3 = LocalSelfAttention2d(width, width, kernel_size=span or 7, num_heads=num_heads,
-                                                position_sensitive=position_sensitive, stride=stride)
+            self.conv3x3 = LocalSelfAttention2d(
+                width,
+                width,
+                kernel_size=span or 7,
+                num_heads=num_heads,
+                position_sensitive=position_sensitive,
+                stride=stride,
+            )
         elif spatial == "global":
-            self.conv3x3 = GlobalSelfAttention2d(width, width, num_heads=num_heads,
-                                                 position_sensitive=position_sensitive, stride=stride)
+            self.conv3x3 = GlobalSelfAttention2d(
+                width, width, num_heads=num_heads, position_sensitive=position_sensitive, stride=stride
+            )
         else:
             raise ValueError(f"unknown spatial layer {spatial!r}")
         self.bn3x3 = nn.BatchNorm2d(width, **bn_kw)
@@ -217,8 +285,17 @@ def _conv_bn_relu(cin, cout, k, stride, bn_kw, activation="relu", conv_init="tor
     return [conv, nn.BatchNorm2d(cout, **bn_kw), make_activation(activation)]
 
 
-def build_stem(kind: str, width: float, bn_kw, stem_span=15, num_heads=8, max_pool: bool = True,
-               activation: str = "relu", conv_init: str = "torch", in_chans: int = 3):
+def build_stem(
+    kind: str,
+    width: float,
+    bn_kw,
+    stem_span=15,
+    num_heads=8,
+    max_pool: bool = True,
+    activation: str = "relu",
+    conv_init: str = "torch",
+    in_chans: int = 3,
+):
     """Returns (stem module, output channels). Every stem strides by 2, then a 3x3/2 max-pool
     (``max_pool=True``, torchvision's ResNet) brings it to stride 4; deeplab2 has no max-pool and
     strides the first block of the next stage instead."""
@@ -228,8 +305,11 @@ def build_stem(kind: str, width: float, bn_kw, stem_span=15, num_heads=8, max_po
         layers = _conv_bn_relu(in_chans, c, 7, 2, bn_kw, **act)
     elif kind == "inception":  # three 3x3 convs (first strided): 64, 64, 128 channels x width
         c1, c3 = int(64 * width), int(128 * width)
-        layers = (_conv_bn_relu(in_chans, c1, 3, 2, bn_kw, **act) + _conv_bn_relu(c1, c1, 3, 1, bn_kw, **act)
-                  + _conv_bn_relu(c1, c3, 3, 1, bn_kw, **act))
+        layers = (
+            _conv_bn_relu(in_chans, c1, 3, 2, bn_kw, **act)
+            + _conv_bn_relu(c1, c1, 3, 1, bn_kw, **act)
+            + _conv_bn_relu(c1, c3, 3, 1, bn_kw, **act)
+        )
         c = c3
     elif kind == "axial":
         # Full axial stem (our reading of the paper: no spatial conv at all): a 1x1 conv lifts
@@ -279,16 +359,36 @@ class AxialResNet(TimmModelMixin, nn.Module):
             convolutions outside the attention layers.
     """
 
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000, width: float = 1.0,
-                 block: str = "axial", stem: str = "inception", output_stride: int = 32,
-                 span: Optional[int] = None, num_heads: int = 8, stage_filters=(64, 128, 256, 512),
-                 width_factor: Optional[float] = None, out_factor: float = 4.0,
-                 stem_width: Optional[float] = None, drop_path_rate: float = 0.0,
-                 stride_mode: str = "subsample", max_relative_distance=None,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1, features_only: bool = False,
-                 attention_kw: Optional[dict] = None, in_chans: int = 3, position_sensitive: bool = True,
-                 arrangement: str = "maxpool", activation: str = "relu", conv_init: str = "torch",
-                 out_indices=None, global_pool: str = "avg", drop_rate: float = 0.0):
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        num_classes: int = 1000,
+        width: float = 1.0,
+        block: str = "axial",
+        stem: str = "inception",
+        output_stride: int = 32,
+        span: Optional[int] = None,
+        num_heads: int = 8,
+        stage_filters=(64, 128, 256, 512),
+        width_factor: Optional[float] = None,
+        out_factor: float = 4.0,
+        stem_width: Optional[float] = None,
+        drop_path_rate: float = 0.0,
+        stride_mode: str = "subsample",
+        max_relative_distance=None,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+        features_only: bool = False,
+        attention_kw: Optional[dict] = None,
+        in_chans: int = 3,
+        position_sensitive: bool = True,
+        arrangement: str = "maxpool",
+        activation: str = "relu",
+        conv_init: str = "torch",
+        out_indices=None,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         if arrangement not in ARRANGEMENTS:
             raise ValueError(f"unknown arrangement {arrangement!r}; choose one of {ARRANGEMENTS}")
@@ -303,13 +403,19 @@ class AxialResNet(TimmModelMixin, nn.Module):
         if block not in ("axial", "conv", "local", "global"):
             raise ValueError(f"unknown block {block!r}; choose axial, conv, local or global")
         width_factor = (1.0 if block == "conv" else 2.0) if width_factor is None else width_factor
-        self.stem, in_ch = build_stem(stem, width if stem_width is None else stem_width, bn_kw, num_heads=num_heads,
-                                      max_pool=not deeplab2, activation=activation, conv_init=conv_init,
-                                      in_chans=in_chans)
+        self.stem, in_ch = build_stem(
+            stem,
+            width if stem_width is None else stem_width,
+            bn_kw,
+            num_heads=num_heads,
+            max_pool=not deeplab2,
+            activation=activation,
+            conv_init=conv_init,
+            in_chans=in_chans,
+        )
         block_cls = AxialBlock if block == "axial" else ConvBottleneck
         extra = {} if block == "axial" else dict(spatial=block, position_sensitive=position_sensitive)
-        extra.update(activation=activation, conv_init=conv_init,
-                     shortcut="subsample" if deeplab2 else "projection")
+        extra.update(activation=activation, conv_init=conv_init, shortcut="subsample" if deeplab2 else "projection")
         total = sum(layers)
         index = 0
         self.feature_info = FeatureInfo()
@@ -320,12 +426,22 @@ class AxialResNet(TimmModelMixin, nn.Module):
             blocks = []
             for b in range(n):
                 dp = drop_path_rate * index / max(total - 1, 1)
-                blocks.append(block_cls(in_ch, int(f * width_factor), int(f * out_factor),
-                                        stride=stride if b == 0 else 1, num_heads=num_heads,
-                                        span=span,
-                                        stride_mode=stride_mode,
-                                        max_relative_distance=_per_block(max_relative_distance, s, b),
-                                        drop_path=dp, bn_kw=bn_kw, attention_kw=attention_kw, **extra))
+                blocks.append(
+                    block_cls(
+                        in_ch,
+                        int(f * width_factor),
+                        int(f * out_factor),
+                        stride=stride if b == 0 else 1,
+                        num_heads=num_heads,
+                        span=span,
+                        stride_mode=stride_mode,
+                        max_relative_distance=_per_block(max_relative_distance, s, b),
+                        drop_path=dp,
+                        bn_kw=bn_kw,
+                        attention_kw=attention_kw,
+                        **extra,
+                    )
+                )
                 in_ch = int(f * out_factor)
                 index += 1
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
@@ -378,7 +494,8 @@ def _make_sized(size: str, stem: str):
 
     builder.__name__ = f"axial_resnet_{size}" + {"inception": "", "conv": "_conv", "axial": "_full"}[stem]
     builder.__doc__ = f"Axial-ResNet-{size.upper()} ({stem} stem)." + (
-        "" if stem == "axial" else " deeplab2's arrangement; ``arrangement='maxpool'`` for the stem max-pool.")
+        "" if stem == "axial" else " deeplab2's arrangement; ``arrangement='maxpool'`` for the stem max-pool."
+    )
     return builder
 
 
@@ -407,10 +524,20 @@ def _port(layers, s, image_size=224, **kwargs):
         # (56, 56, 28, 14; K halves after a stage's first, strided block); beyond, we clip.
         kwargs["max_relative_distance"] = [
             [k - 1 if b == 0 else (k if i == 0 else k // 2) - 1 for b in range(n)]
-            for i, (n, k) in enumerate(zip(layers, (image_size // 4, image_size // 4, image_size // 8, image_size // 16)))
+            for i, (n, k) in enumerate(
+                zip(layers, (image_size // 4, image_size // 4, image_size // 8, image_size // 16))
+            )
         ]
-    return AxialResNet(layers=layers, width=s, block="axial", stage_filters=(128, 256, 512, 1024),
-                       width_factor=1.0, out_factor=2.0, stem_width=s, **kwargs)
+    return AxialResNet(
+        layers=layers,
+        width=s,
+        block="axial",
+        stage_filters=(128, 256, 512, 1024),
+        width_factor=1.0,
+        out_factor=2.0,
+        stem_width=s,
+        **kwargs,
+    )
 
 
 @register_model
@@ -443,4 +570,6 @@ def axial_resnet_tiny(**kwargs):
     kwargs.setdefault("stem", "conv")
     kwargs.setdefault("num_heads", 4)
     kwargs.setdefault("stem_width", 0.25)
-    return AxialResNet(layers=kwargs.pop("layers", (1, 1, 1, 1)), width=kwargs.pop("width", 0.25), block="axial", **kwargs)
+    return AxialResNet(
+        layers=kwargs.pop("layers", (1, 1, 1, 1)), width=kwargs.pop("width", 0.25), block="axial", **kwargs
+    )

@@ -39,6 +39,7 @@ trainable weights without a classification head, which ours equal):
 
 The MaX-DeepLab backbones live in :mod:`.max_deeplab`.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,13 +48,20 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .axial_resnet import (AxialBlock, ConvBottleneck, DropPath, FeatureInfo, make_shortcut, build_stem,
-                           init_conv_, make_activation)
+from .axial_resnet import (
+    AxialBlock,
+    ConvBottleneck,
+    DropPath,
+    FeatureInfo,
+    build_stem,
+    init_conv_,
+    make_activation,
+    make_shortcut,
+)
 from .registry import register_model
 from .timm_api import TimmModelMixin, take_indices
 
-__all__ = ["HybridAxialResNet", "BasicBlock", "ResizedFuse", "BACKBONE_TYPES",
-           "DROP_PATH_SCHEDULES"]
+__all__ = ["HybridAxialResNet", "BasicBlock", "ResizedFuse", "BACKBONE_TYPES", "DROP_PATH_SCHEDULES"]
 
 BACKBONE_TYPES = ("resnet", "resnet_beta", "wider_resnet")
 DROP_PATH_SCHEDULES = ("constant", "linear")
@@ -63,8 +71,18 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv-BN (the second BN's gamma starts at 0) + shortcut, then the activation:
     SWideRNet's block below the attention stages. The first conv strides."""
 
-    def __init__(self, in_channels, out_channels, stride=1, drop_path=0.0, bn_kw=None, activation="relu",
-                 shortcut="subsample", conv_init="he_normal", dilation=(1, 1)):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        stride=1,
+        drop_path=0.0,
+        bn_kw=None,
+        activation="relu",
+        shortcut="subsample",
+        conv_init="he_normal",
+        dilation=(1, 1),
+    ):
         super().__init__()
         bn_kw = bn_kw or {}
         d1, d2 = dilation
@@ -123,18 +141,38 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
     ``forward_features`` is the decoder's output (what the classifier reads).
     """
 
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), backbone_type: str = "resnet_beta",
-                 num_classes: int = 1000, backbone_layer_multiplier: float = 1.0, width_multiplier: float = 1.0,
-                 stem_width_multiplier: float = 1.0, use_axial_beyond_stride: int = 16,
-                 attention_bottleneck_expansion: float = 2, key_expansion: float = 1,
-                 value_expansion: float = 2, num_heads: int = 8, output_stride: int = 32,
-                 span: Optional[int] = None, max_relative_distance: Optional[int] = None,
-                 activation: str = "relu", bn_eps: float = 1e-3, bn_momentum: float = 0.01,
-                 conv_init: str = "he_normal", drop_path_rate: float = 0.0,
-                 drop_path_schedule: str = "linear", drop_path_beyond_stride: int = 16,
-                 backbone_decoder_num_stacks: int = 0, backbone_decoder_blocks_per_stage: int = 1,
-                 features_only: bool = False, attention_kw: Optional[dict] = None, in_chans: int = 3,
-                 out_indices=None, global_pool: str = "avg", drop_rate: float = 0.0):
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        backbone_type: str = "resnet_beta",
+        num_classes: int = 1000,
+        backbone_layer_multiplier: float = 1.0,
+        width_multiplier: float = 1.0,
+        stem_width_multiplier: float = 1.0,
+        use_axial_beyond_stride: int = 16,
+        attention_bottleneck_expansion: float = 2,
+        key_expansion: float = 1,
+        value_expansion: float = 2,
+        num_heads: int = 8,
+        output_stride: int = 32,
+        span: Optional[int] = None,
+        max_relative_distance: Optional[int] = None,
+        activation: str = "relu",
+        bn_eps: float = 1e-3,
+        bn_momentum: float = 0.01,
+        conv_init: str = "he_normal",
+        drop_path_rate: float = 0.0,
+        drop_path_schedule: str = "linear",
+        drop_path_beyond_stride: int = 16,
+        backbone_decoder_num_stacks: int = 0,
+        backbone_decoder_blocks_per_stage: int = 1,
+        features_only: bool = False,
+        attention_kw: Optional[dict] = None,
+        in_chans: int = 3,
+        out_indices=None,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         if backbone_type not in BACKBONE_TYPES:
             raise ValueError(f"unknown backbone_type {backbone_type!r}; choose one of {BACKBONE_TYPES}")
@@ -150,8 +188,10 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if value_expansion != attention_bottleneck_expansion:
             # the attention pair maps its input width to the value depth and back
-            raise ValueError(f"value_expansion ({value_expansion}) must equal attention_bottleneck_expansion "
-                             f"({attention_bottleneck_expansion})")
+            raise ValueError(
+                f"value_expansion ({value_expansion}) must equal attention_bottleneck_expansion "
+                f"({attention_bottleneck_expansion})"
+            )
         make_activation(activation)
         init_conv_(nn.Conv2d(1, 1, 1), conv_init)
         bn_kw = dict(eps=bn_eps, momentum=bn_momentum)
@@ -164,9 +204,15 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
         elif backbone_type == "resnet":
             self.stem = _conv_stem(stem_channels, 7, bn_kw, activation, conv_init, in_chans)
         else:
-            self.stem, stem_channels = build_stem("inception", stem_width_multiplier, bn_kw, max_pool=False,
-                                                  activation=activation, conv_init=conv_init,
-                                                  in_chans=in_chans)
+            self.stem, stem_channels = build_stem(
+                "inception",
+                stem_width_multiplier,
+                bn_kw,
+                max_pool=False,
+                activation=activation,
+                conv_init=conv_init,
+                in_chans=in_chans,
+            )
 
         def make_block(in_ch, f, stride, nominal, stage_out):
             """deeplab2's block for one running at stride ``nominal`` (before its own striding) in a
@@ -177,10 +223,19 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
             else:
                 dp = 0.0
             if nominal >= use_axial_beyond_stride > 0:
-                return AxialBlock(in_ch, int(round(f * attention_bottleneck_expansion)), 4 * f, stride=stride,
-                                  num_heads=num_heads, key_channels=int(round(f * key_expansion)), span=span,
-                                  max_relative_distance=max_relative_distance, drop_path=dp,
-                                  attention_kw=attention_kw, **conv_kw)
+                return AxialBlock(
+                    in_ch,
+                    int(round(f * attention_bottleneck_expansion)),
+                    4 * f,
+                    stride=stride,
+                    num_heads=num_heads,
+                    key_channels=int(round(f * key_expansion)),
+                    span=span,
+                    max_relative_distance=max_relative_distance,
+                    drop_path=dp,
+                    attention_kw=attention_kw,
+                    **conv_kw,
+                )
             # beyond the output stride, convolutions dilate instead (deeplab2's atrous rates)
             rate = max(nominal // output_stride, 1)
             if not wide:
@@ -190,8 +245,10 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
             if stage_out < 32:
                 second = max(stage_out // output_stride, 1) if nominal * 2 == stage_out else rate
                 return BasicBlock(in_ch, 4 * f, stride=stride, drop_path=dp, dilation=(rate, second), **conv_kw)
-            raise ValueError("a wider ResNet's block at stride 32 without attention (deeplab2's expanded "
-                             "bottleneck) is not implemented; use use_axial_beyond_stride <= 16")
+            raise ValueError(
+                "a wider ResNet's block at stride 32 without attention (deeplab2's expanded "
+                "bottleneck) is not implemented; use use_axial_beyond_stride <= 16"
+            )
 
         # deeplab2's five stages: (input stride, stride) = (1, 2), (2, 2), (4, 2), (8, 2), (16, 2);
         # a wider ResNet's stem takes the first stride, so its first stage runs at stride 2, unstrided.
@@ -206,7 +263,7 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
         self.feature_info = FeatureInfo()
         for s in range(first, 5):
             mult = stem_width_multiplier if (wide and s == 0) else width_multiplier
-            f = int(round(2 ** s * 32 * mult))  # from the stride before the stem's change: 32 * 1, 2, 4, 8, 16
+            f = int(round(2**s * 32 * mult))  # from the stride before the stem's change: 32 * 1, 2, 4, 8, 16
             nominal = in_strides[s]  # the stride the block runs at, were no stage atrous
             blocks = []
             for b in range(blocks_per_stage[s]):
@@ -230,10 +287,12 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
         self.decoder_plan = []  # (stage name, stride, [which earlier features to fuse])
         if backbone_decoder_num_stacks:
             # pre-activation features by stride, as (name, channels), in deeplab2's order
-            by_stride = {min(2, output_stride): [("stage1" if wide else "stem", stage_channels.get(1, stem_channels))],
-                         min(4, output_stride): [("stage2", stage_channels[2])],
-                         min(8, output_stride): [("stage3", stage_channels[3])],
-                         min(16, output_stride): [("stage4", stage_channels[4])]}
+            by_stride = {
+                min(2, output_stride): [("stage1" if wide else "stem", stage_channels.get(1, stem_channels))],
+                min(4, output_stride): [("stage2", stage_channels[2])],
+                min(8, output_stride): [("stage3", stage_channels[3])],
+                min(16, output_stride): [("stage4", stage_channels[4])],
+            }
             by_stride[min(32, output_stride)] = [("stage5", stage_channels[5])]
             stack, stride, going_down, index = 0, output_stride, True, 0
             while True:
@@ -248,8 +307,9 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
                 channels = int(round(stride_original * 64 * width_multiplier))
                 inputs = [("current", in_ch)] + by_stride[stride][-2:]
                 name = f"decoder_stage{index}"
-                self.add_module(f"{name}_resized_fuse", ResizedFuse([c for _, c in inputs], channels, bn_kw,
-                                                                    activation, conv_init))
+                self.add_module(
+                    f"{name}_resized_fuse", ResizedFuse([c for _, c in inputs], channels, bn_kw, activation, conv_init)
+                )
                 f = channels // 4
                 blocks, in_ch = [], channels
                 for _ in range(backbone_decoder_blocks_per_stage):
@@ -292,8 +352,15 @@ class HybridAxialResNet(TimmModelMixin, nn.Module):
             return self.forward_decoder(x)
         return super().forward_features(x)
 
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x,
+        indices=None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """As :meth:`.TimmModelMixin.forward_intermediates`; with a decoder (and neither
         ``intermediates_only`` nor ``stop_early``) the final features are the decoder's."""
         if not self.decoder_plan or intermediates_only or stop_early:
@@ -345,9 +412,13 @@ class ResizedFuse(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.projections = nn.ModuleList(
-            nn.Identity() if c == out_channels else nn.Sequential(
-                init_conv_(nn.Conv2d(c, out_channels, 1, bias=False), conv_init), nn.BatchNorm2d(out_channels, **bn_kw))
-            for c in in_channels)
+            nn.Identity()
+            if c == out_channels
+            else nn.Sequential(
+                init_conv_(nn.Conv2d(c, out_channels, 1, bias=False), conv_init), nn.BatchNorm2d(out_channels, **bn_kw)
+            )
+            for c in in_channels
+        )
         # not in place: the decoder keeps the pre-activation features
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
 
@@ -379,9 +450,15 @@ def _axial_swidernet(default_layer_multiplier: float, **kwargs) -> HybridAxialRe
     kwargs.setdefault("width_multiplier", 1.0)
     kwargs.setdefault("backbone_layer_multiplier", default_layer_multiplier)
     kwargs.setdefault("drop_path_beyond_stride", 4)
-    return HybridAxialResNet(layers=kwargs.pop("layers", (3, 6, 3, 3)), backbone_type="wider_resnet",
-                             use_axial_beyond_stride=kwargs.pop("use_axial_beyond_stride", 16),
-                             attention_bottleneck_expansion=4, key_expansion=2, value_expansion=4, **kwargs)
+    return HybridAxialResNet(
+        layers=kwargs.pop("layers", (3, 6, 3, 3)),
+        backbone_type="wider_resnet",
+        use_axial_beyond_stride=kwargs.pop("use_axial_beyond_stride", 16),
+        attention_bottleneck_expansion=4,
+        key_expansion=2,
+        value_expansion=4,
+        **kwargs,
+    )
 
 
 @register_model

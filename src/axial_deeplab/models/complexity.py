@@ -8,6 +8,7 @@ Axial-DeepLab-XL at 1025x2049 is counted instantly without memory.
 ``PAPER_FIGURES`` holds the paper's own parameter and M-Adds figures (Tables 1, 6 and 7) with the
 input size they were measured at; :func:`paper_figure` finds the one that matches a model build.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,6 @@ import torch
 from torch import nn
 
 from ..layers.axial_attention import PositionSensitiveAxialAttention
-
 
 STRIDED_ATTENTION = ("kept", "computed")
 
@@ -60,8 +60,9 @@ def _group(name: str, depth: int) -> str:
     return ".".join(parts[:depth]) if parts[0] != "" else "(root)"
 
 
-def count_complexity(model: nn.Module, input_shape: Tuple[int, ...], depth: int = 1,
-                     strided_attention: str = "kept") -> Dict[str, Dict[str, int]]:
+def count_complexity(
+    model: nn.Module, input_shape: Tuple[int, ...], depth: int = 1, strided_attention: str = "kept"
+) -> Dict[str, Dict[str, int]]:
     """Returns ``{group: {"params": n, "madds": n}}`` plus a ``"total"`` row, for one forward pass of a
     (B, C, H, W) input. ``depth`` sets how many name components form a group (1: stem, layer1, ...).
     ``strided_attention``: see :func:`attention_madds`."""
@@ -86,6 +87,7 @@ def count_complexity(model: nn.Module, input_shape: Tuple[int, ...], depth: int 
 
     for name, mod in model.named_modules():
         if isinstance(mod, PositionSensitiveAxialAttention):
+
             def att_forward(x, _m=mod, _n=name):
                 row_for(_n)["madds"] += attention_madds(_m, x.shape, strided_attention)
                 y = _m.qkv(x)  # lets the conv hook count the projection
@@ -94,13 +96,17 @@ def count_complexity(model: nn.Module, input_shape: Tuple[int, ...], depth: int 
             originals[mod] = mod.forward
             mod.forward = att_forward
         elif isinstance(mod, nn.Conv2d):
+
             def conv_hook(m, inp, out, _n=name):
                 k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
                 row_for(_n)["madds"] += out.numel() * k
+
             hooks.append(mod.register_forward_hook(conv_hook))
         elif isinstance(mod, nn.Linear):
+
             def linear_hook(m, inp, out, _n=name):
                 row_for(_n)["madds"] += out.numel() * m.in_features
+
             hooks.append(mod.register_forward_hook(linear_hook))
 
     was_training = model.training
@@ -116,8 +122,10 @@ def count_complexity(model: nn.Module, input_shape: Tuple[int, ...], depth: int 
             mod.forward = fwd
         model.train(was_training)
     rows = OrderedDict((k, v) for k, v in rows.items() if v["params"] or v["madds"])
-    rows["total"] = {"params": sum(p.numel() for p in model.parameters()),
-                     "madds": sum(v["madds"] for v in rows.values())}
+    rows["total"] = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "madds": sum(v["madds"] for v in rows.values()),
+    }
     return rows
 
 
@@ -168,8 +176,20 @@ def paper_figure(name: str, kwargs: Optional[Mapping] = None) -> Optional[PaperF
     classes = kwargs.pop("num_classes", None)
     if classes is not None and classes != (19 if panoptic else 1000):
         return None  # the paper counts 19 Cityscapes classes, 1000 ImageNet classes
-    other_network = {"width", "layers", "block", "stem", "num_heads", "output_stride", "features_only",
-                     "backbone", "stage_filters", "width_factor", "out_factor", "key_channels"}
+    other_network = {
+        "width",
+        "layers",
+        "block",
+        "stem",
+        "num_heads",
+        "output_stride",
+        "features_only",
+        "backbone",
+        "stage_filters",
+        "width_factor",
+        "out_factor",
+        "key_channels",
+    }
     if other_network & set(kwargs):
         return None
     if name == "axial_deeplab_l":

@@ -25,6 +25,7 @@ trainable weights without a classification head, which ours equal):
   Its size depends on the output stride (one more step each way at 32), so this builder defaults
   to deeplab2's output stride 16; the others default to 32 like every classification model here.
 """
+
 from __future__ import annotations
 
 from .axial_swidernet import HybridAxialResNet
@@ -36,8 +37,14 @@ __all__ = ["max_deeplab_s_backbone", "max_deeplab_l_backbone", "axial_resnet50",
 def _max_s(**kwargs) -> HybridAxialResNet:
     kwargs.setdefault("use_axial_beyond_stride", 16)
     kwargs.setdefault("drop_path_beyond_stride", 16)
-    return HybridAxialResNet(layers=kwargs.pop("layers", (3, 4, 6, 3)), backbone_type="resnet_beta",
-                             attention_bottleneck_expansion=2, key_expansion=1, value_expansion=2, **kwargs)
+    return HybridAxialResNet(
+        layers=kwargs.pop("layers", (3, 4, 6, 3)),
+        backbone_type="resnet_beta",
+        attention_bottleneck_expansion=2,
+        key_expansion=1,
+        value_expansion=2,
+        **kwargs,
+    )
 
 
 @register_model
@@ -72,5 +79,11 @@ def max_deeplab_l_backbone(**kwargs):
     kwargs.setdefault("use_axial_beyond_stride", 16)
     kwargs.setdefault("drop_path_beyond_stride", 4)
     kwargs.setdefault("backbone_decoder_num_stacks", 1)
-    return HybridAxialResNet(layers=kwargs.pop("layers", (3, 6, 3, 3)), backbone_type="wider_resnet",
-                             attention_bottleneck_expansion=4, key_expansion=2, value_expansion=4, **kwargs)
+    return HybridAxialResNet(
+        layers=kwargs.pop("layers", (3, 6, 3, 3)),
+        backbone_type="wider_resnet",
+        attention_bottleneck_expansion=4,
+        key_expansion=2,
+        value_expansion=4,
+        **kwargs,
+    )

@@ -27,6 +27,7 @@ inputs scaled to [-1, 1] as deeplab2's ``x / 127.5 - 1``, he_normal init,
 here besides ``axial_deeplab_{s,m,l,xl}``: the five Cityscapes models of
 deeplab2's ``configs/cityscapes/axial_deeplab/`` (see ``DEEPLAB2_CITYSCAPES``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -38,8 +39,17 @@ from torch import nn
 
 from .registry import create_model, register_model
 
-__all__ = ["PanopticDeepLab", "ASPP", "SingleDecoder", "PanopticHead", "DepthwiseSeparableConv",
-           "resize_outputs", "DEEPLAB2_PANOPTIC", "DEEPLAB2_CITYSCAPES", "CONV_INITS"]
+__all__ = [
+    "PanopticDeepLab",
+    "ASPP",
+    "SingleDecoder",
+    "PanopticHead",
+    "DepthwiseSeparableConv",
+    "resize_outputs",
+    "DEEPLAB2_PANOPTIC",
+    "DEEPLAB2_CITYSCAPES",
+    "CONV_INITS",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,8 +82,16 @@ def _bn(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
 
 
 class ConvBNReLU(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel: int = 1, dilation: int = 1, groups: int = 1,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+    ):
         padding = dilation * (kernel - 1) // 2
         super().__init__(
             nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, groups=groups, bias=False),
@@ -99,8 +117,16 @@ class ASPP(nn.Module):
     (deeplab2's ``aspp_use_only_1x1_proj_conv``).
     """
 
-    def __init__(self, cin: int, cout: int = 256, atrous_rates: Sequence[int] = (6, 12, 18),
-                 only_1x1: bool = True, dropout: float = 0.1, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+    def __init__(
+        self,
+        cin: int,
+        cout: int = 256,
+        atrous_rates: Sequence[int] = (6, 12, 18),
+        only_1x1: bool = True,
+        dropout: float = 0.1,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+    ):
         super().__init__()
         bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
         self.only_1x1 = only_1x1
@@ -110,7 +136,8 @@ class ASPP(nn.Module):
         if len(atrous_rates) != 3:
             raise ValueError(f"ASPP needs three atrous rates, got {list(atrous_rates)}")
         self.branches = nn.ModuleList(
-            [ConvBNReLU(cin, cout, 1, **bn)] + [ConvBNReLU(cin, cout, 3, dilation=r, **bn) for r in atrous_rates])
+            [ConvBNReLU(cin, cout, 1, **bn)] + [ConvBNReLU(cin, cout, 3, dilation=r, **bn) for r in atrous_rates]
+        )
         self.pool_branch = ConvBNReLU(cin, cout, 1, **bn)
         self.project = nn.Sequential(ConvBNReLU(5 * cout, cout, 1, **bn), nn.Dropout(dropout))
 
@@ -130,9 +157,18 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
 class SingleDecoder(nn.Module):
     """res5 projection, then fusion with res3 and res2 (1x1 projection, upsample, concat, 5x5 dw-sep)."""
 
-    def __init__(self, high_channels: int, low_channels: Sequence[int], low_projections: Sequence[int],
-                 decoder_channels: int, aspp_channels: int = 256, use_aspp: bool = False,
-                 atrous_rates: Sequence[int] = (6, 12, 18), bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+    def __init__(
+        self,
+        high_channels: int,
+        low_channels: Sequence[int],
+        low_projections: Sequence[int],
+        decoder_channels: int,
+        aspp_channels: int = 256,
+        use_aspp: bool = False,
+        atrous_rates: Sequence[int] = (6, 12, 18),
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+    ):
         super().__init__()
         if len(low_channels) != len(low_projections):
             raise ValueError(f"{len(low_channels)} low-level features but {len(low_projections)} projections")
@@ -140,8 +176,9 @@ class SingleDecoder(nn.Module):
         self.aspp = ASPP(high_channels, aspp_channels, atrous_rates, only_1x1=not use_aspp, **bn)
         self.projections = nn.ModuleList(ConvBNReLU(c, p, 1, **bn) for c, p in zip(low_channels, low_projections))
         fuse_in = [aspp_channels] + [decoder_channels] * (len(low_channels) - 1)
-        self.fusions = nn.ModuleList(DepthwiseSeparableConv(f + p, decoder_channels, 5, **bn)
-                                     for f, p in zip(fuse_in, low_projections))
+        self.fusions = nn.ModuleList(
+            DepthwiseSeparableConv(f + p, decoder_channels, 5, **bn) for f, p in zip(fuse_in, low_projections)
+        )
 
     def forward(self, high: torch.Tensor, lows: Sequence[torch.Tensor]) -> torch.Tensor:
         x = self.aspp(high)
@@ -233,12 +270,14 @@ class PanopticDeepLab(nn.Module):
             raise ValueError(f"thing_ids {thing_ids} outside 0..{num_classes - 1}")
         info = getattr(backbone, "feature_info", None)
         if info is None or not hasattr(info, "channels"):
-            raise ValueError(f"backbone {type(backbone).__name__} has no feature_info.channels(); "
-                             "build it with features_only=True")
+            raise ValueError(
+                f"backbone {type(backbone).__name__} has no feature_info.channels(); build it with features_only=True"
+            )
         pixel_mean, pixel_std = [float(v) for v in pixel_mean], [float(v) for v in pixel_std]
         if len(pixel_mean) != 3 or len(pixel_std) != 3 or min(pixel_std) <= 0:
-            raise ValueError(f"pixel_mean and pixel_std must be 3 values each (std > 0), "
-                             f"got {pixel_mean} and {pixel_std}")
+            raise ValueError(
+                f"pixel_mean and pixel_std must be 3 values each (std > 0), got {pixel_mean} and {pixel_std}"
+            )
         channels = list(info.channels())
         if len(channels) < 3:
             raise ValueError(f"backbone must return [res2, res3, ..., res5] features, got {len(channels)} levels")
@@ -254,16 +293,36 @@ class PanopticDeepLab(nn.Module):
         self.top_k = int(top_k)
         bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
         high, lows = channels[-1], [channels[1], channels[0]]  # res5; res3 then res2
-        self.semantic_decoder = SingleDecoder(high, lows, semantic_low_level_channels, semantic_decoder_channels,
-                                              aspp_channels, use_aspp, atrous_rates, **bn)
-        self.instance_decoder = SingleDecoder(high, lows, instance_low_level_channels, instance_decoder_channels,
-                                              aspp_channels if instance_aspp_channels is None
-                                              else instance_aspp_channels, use_aspp, atrous_rates, **bn)
+        self.semantic_decoder = SingleDecoder(
+            high,
+            lows,
+            semantic_low_level_channels,
+            semantic_decoder_channels,
+            aspp_channels,
+            use_aspp,
+            atrous_rates,
+            **bn,
+        )
+        self.instance_decoder = SingleDecoder(
+            high,
+            lows,
+            instance_low_level_channels,
+            instance_decoder_channels,
+            aspp_channels if instance_aspp_channels is None else instance_aspp_channels,
+            use_aspp,
+            atrous_rates,
+            **bn,
+        )
         self.semantic_head = PanopticHead(semantic_decoder_channels, semantic_head_channels, num_classes, **bn)
         self.center_head = PanopticHead(instance_decoder_channels, instance_head_channels, 1, **bn)
         self.offset_head = PanopticHead(instance_decoder_channels, instance_head_channels, 2, **bn)
-        for part in (self.semantic_decoder, self.instance_decoder,
-                     self.semantic_head[0], self.center_head[0], self.offset_head[0]):
+        for part in (
+            self.semantic_decoder,
+            self.instance_decoder,
+            self.semantic_head[0],
+            self.center_head[0],
+            self.offset_head[0],
+        ):
             _init_decoder_convs_(part, conv_init)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
@@ -303,8 +362,7 @@ class PanopticDeepLab(nn.Module):
         return self.postprocess(raw, return_instance_masks=return_instance_masks)
 
     @torch.no_grad()
-    def postprocess(self, raw: Dict[str, torch.Tensor], return_instance_masks: bool = False,
-                    **overrides) -> List[Dict]:
+    def postprocess(self, raw: Dict[str, torch.Tensor], return_instance_masks: bool = False, **overrides) -> List[Dict]:
         """Merge raw outputs (``predict_raw`` or ``tta.tta_raw_outputs``; ``semantic_probs`` is used
         when present) into per-image results as :meth:`forward` returns them in eval mode.
         ``overrides`` replace the stored ``stuff_area``, ``threshold``, ``nms_kernel``, ``top_k``."""
@@ -314,20 +372,32 @@ class PanopticDeepLab(nn.Module):
         if probs is None:
             probs = raw["semantic_logits"].float().softmax(dim=1)
         results = panoptic_inference(
-            probs, raw["center_heatmap"], raw["offset_map"], self.thing_ids,
+            probs,
+            raw["center_heatmap"],
+            raw["offset_map"],
+            self.thing_ids,
             label_divisor=self.label_divisor,
             stuff_area=overrides.pop("stuff_area", self.stuff_area),
             threshold=overrides.pop("threshold", self.center_threshold),
             nms_kernel=overrides.pop("nms_kernel", self.nms_kernel),
             top_k=overrides.pop("top_k", self.top_k),
-            void_label=-1, semantic_is_probs=True, **overrides)
+            void_label=-1,
+            semantic_is_probs=True,
+            **overrides,
+        )
         outputs = []
         for b, r in enumerate(results):
             instances = dict(r["instances"])
             if return_instance_masks:
                 instances["masks"] = instance_masks(r)
-            outputs.append({"sem_seg": probs[b], "panoptic_seg": (r["panoptic"], r["segments_info"]),
-                            "instances": instances, "semantic": r["semantic"]})
+            outputs.append(
+                {
+                    "sem_seg": probs[b],
+                    "panoptic_seg": (r["panoptic"], r["segments_info"]),
+                    "instances": instances,
+                    "semantic": r["semantic"],
+                }
+            )
         return outputs
 
 
@@ -335,9 +405,16 @@ class PanopticDeepLab(nn.Module):
 _MODEL_ARGS = set(inspect.signature(PanopticDeepLab.__init__).parameters) - {"self", "backbone"}
 
 
-def _build(default_backbone: str, backbone: Optional[str] = None, metadata=None, output_stride: int = 16,
-           pretrained_backbone: Optional[str] = None, backbone_kwargs: Optional[dict] = None,
-           default_backbone_kwargs: Optional[dict] = None, **kwargs) -> PanopticDeepLab:
+def _build(
+    default_backbone: str,
+    backbone: Optional[str] = None,
+    metadata=None,
+    output_stride: int = 16,
+    pretrained_backbone: Optional[str] = None,
+    backbone_kwargs: Optional[dict] = None,
+    default_backbone_kwargs: Optional[dict] = None,
+    **kwargs,
+) -> PanopticDeepLab:
     """Split ``kwargs`` between the meta-architecture (its constructor's arguments) and the backbone
     (everything else, e.g. ``span``, ``drop_path_rate``), build both."""
     if metadata is not None:
@@ -362,8 +439,13 @@ def _build(default_backbone: str, backbone: Optional[str] = None, metadata=None,
 
 def _load_backbone(net: nn.Module, path: str) -> None:
     """Backbone weights from a classification (ImageNet) checkpoint: the classifier is dropped."""
-    from .weights import (convert_port_state_dict, is_port_state_dict, load_state_dict_strict, read_state_dict,
-                          resolve_weights_file)
+    from .weights import (
+        convert_port_state_dict,
+        is_port_state_dict,
+        load_state_dict_strict,
+        read_state_dict,
+        resolve_weights_file,
+    )
 
     # a file, checkpoint folder or run folder; tables of any span or reach fit (load_state_dict_strict)
     path = resolve_weights_file(path)
@@ -372,7 +454,7 @@ def _load_backbone(net: nn.Module, path: str) -> None:
         sd = convert_port_state_dict(sd)
     panoptic = any(k.startswith("backbone.") for k in sd)
     if panoptic:  # a whole panoptic checkpoint: take its backbone
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     from ..engine.checkpoint import check_arrangement  # an initialisation: warn on another arrangement
 
@@ -386,8 +468,10 @@ def _axial_deeplab(size: str):
         return _build(f"axial_resnet_{size}", default_backbone_kwargs={"span": 65}, **kwargs)
 
     builder.__name__ = f"axial_deeplab_{size}"
-    builder.__doc__ = (f"Axial-DeepLab-{size.upper()}: Panoptic-DeepLab on Axial-ResNet-{size.upper()} "
-                       "(Inception stem, output stride 16, span 65, 1x1 projection instead of ASPP).")
+    builder.__doc__ = (
+        f"Axial-DeepLab-{size.upper()}: Panoptic-DeepLab on Axial-ResNet-{size.upper()} "
+        "(Inception stem, output stride 16, span 65, 1x1 projection instead of ASPP)."
+    )
     return builder
 
 
@@ -398,8 +482,14 @@ for _size in ("s", "m", "l", "xl"):
 # deeplab2's Panoptic-DeepLab as its Cityscapes configs build it: Keras BN (epsilon 1e-3, momentum
 # 0.99), inputs x / 127.5 - 1 on 0..255 pixels, he_normal convs, evaluator keep_k_centers 400
 # (stuff area 2048, threshold 0.1, NMS 13 are already our defaults).
-DEEPLAB2_PANOPTIC = dict(bn_eps=1e-3, bn_momentum=0.01, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5),
-                         conv_init="he_normal", top_k=400)
+DEEPLAB2_PANOPTIC = dict(
+    bn_eps=1e-3,
+    bn_momentum=0.01,
+    pixel_mean=(0.5, 0.5, 0.5),
+    pixel_std=(0.5, 0.5, 0.5),
+    conv_init="he_normal",
+    top_k=400,
+)
 
 # Our name -> (deeplab2 config in configs/cityscapes/axial_deeplab/ and model zoo checkpoint
 # "<config>_axial_deeplab_cityscapes_trainfine", our backbone, model zoo name). All five share
@@ -407,16 +497,31 @@ DEEPLAB2_PANOPTIC = dict(bn_eps=1e-3, bn_momentum=0.01, pixel_mean=(0.5, 0.5, 0.
 # projections 64/32, head 256 -> 19; instance decoder 128 with projections 32/16, heads 32 -> 1
 # (centre) and 32 -> 2 (offsets); drop path keep probability 0.8, linear schedule.
 DEEPLAB2_CITYSCAPES = {
-    "axial_deeplab_swidernet_1_1_1_cityscapes":
-        ("axial_swidernet_1_1_1_os16", "axial_swidernet_1_1_1", "Axial-SWideRNet-(1, 1, 1)"),
-    "axial_deeplab_swidernet_1_1_3_cityscapes":
-        ("axial_swidernet_1_1_3_os16", "axial_swidernet_1_1_3", "Axial-SWideRNet-(1, 1, 3)"),
-    "axial_deeplab_swidernet_1_1_4_5_cityscapes":
-        ("axial_swidernet_1_1_4.5_os16", "axial_swidernet_1_1_4_5", "Axial-SWideRNet-(1, 1, 4.5)"),
-    "axial_deeplab_max_s_backbone_cityscapes":
-        ("max_deeplab_s_backbone_os16", "max_deeplab_s_backbone", "MaX-DeepLab-S-Backbone"),
-    "axial_deeplab_max_l_backbone_cityscapes":
-        ("max_deeplab_l_backbone_os16", "max_deeplab_l_backbone", "MaX-DeepLab-L-Backbone"),
+    "axial_deeplab_swidernet_1_1_1_cityscapes": (
+        "axial_swidernet_1_1_1_os16",
+        "axial_swidernet_1_1_1",
+        "Axial-SWideRNet-(1, 1, 1)",
+    ),
+    "axial_deeplab_swidernet_1_1_3_cityscapes": (
+        "axial_swidernet_1_1_3_os16",
+        "axial_swidernet_1_1_3",
+        "Axial-SWideRNet-(1, 1, 3)",
+    ),
+    "axial_deeplab_swidernet_1_1_4_5_cityscapes": (
+        "axial_swidernet_1_1_4.5_os16",
+        "axial_swidernet_1_1_4_5",
+        "Axial-SWideRNet-(1, 1, 4.5)",
+    ),
+    "axial_deeplab_max_s_backbone_cityscapes": (
+        "max_deeplab_s_backbone_os16",
+        "max_deeplab_s_backbone",
+        "MaX-DeepLab-S-Backbone",
+    ),
+    "axial_deeplab_max_l_backbone_cityscapes": (
+        "max_deeplab_l_backbone_os16",
+        "max_deeplab_l_backbone",
+        "MaX-DeepLab-L-Backbone",
+    ),
 }
 
 
@@ -430,13 +535,16 @@ def _deeplab2_cityscapes(name: str):
             kwargs["metadata"] = cityscapes_metadata()
         for key, value in DEEPLAB2_PANOPTIC.items():
             kwargs.setdefault(key, value)
-        return _build(backbone_name, default_backbone_kwargs={"drop_path_rate": 0.2, "drop_path_schedule": "linear"},
-                      **kwargs)
+        return _build(
+            backbone_name, default_backbone_kwargs={"drop_path_rate": 0.2, "drop_path_schedule": "linear"}, **kwargs
+        )
 
     builder.__name__ = name
-    builder.__doc__ = (f"Axial-DeepLab with the {zoo_name} backbone on Cityscapes (19 classes), deeplab2's "
-                       f"configs/cityscapes/axial_deeplab/{config}.textproto: Panoptic-DeepLab at output "
-                       "stride 16 with deeplab2's BN, input scaling and init.")
+    builder.__doc__ = (
+        f"Axial-DeepLab with the {zoo_name} backbone on Cityscapes (19 classes), deeplab2's "
+        f"configs/cityscapes/axial_deeplab/{config}.textproto: Panoptic-DeepLab at output "
+        "stride 16 with deeplab2's BN, input scaling and init."
+    )
     return builder
 
 

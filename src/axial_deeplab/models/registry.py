@@ -4,6 +4,7 @@ A leaf module: the model modules import it to register their builders, and
 ``axial_deeplab.models`` (which Python runs before this module) imports them, so the built-in
 models are registered by the time any of these functions can be called.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -52,4 +53,3 @@ def create_model(name: str, pretrained: Optional[str] = None, **kwargs):
 
         load_pretrained(model, pretrained)
     return model
-

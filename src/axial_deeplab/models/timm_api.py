@@ -13,6 +13,7 @@
 ``pretrained_cfg`` does (``timm.data.resolve_data_config`` reads it), with the preprocessing our
 weights actually expect; see :func:`pretrained_cfg_for`.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -22,8 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeatureInfo", "GlobalPool", "TimmModelMixin", "take_indices", "pretrained_cfg_for", "PRETRAINED_CFGS",
-           "RAW_RGB", "IMAGENET_NORM", "DEEPLAB2_NORM"]
+__all__ = [
+    "FeatureInfo",
+    "GlobalPool",
+    "TimmModelMixin",
+    "take_indices",
+    "pretrained_cfg_for",
+    "PRETRAINED_CFGS",
+    "RAW_RGB",
+    "IMAGENET_NORM",
+    "DEEPLAB2_NORM",
+]
 
 IndicesT = Union[int, Sequence[int], None]
 
@@ -70,8 +80,10 @@ def take_indices(num_features: int, indices: IndicesT = None) -> Tuple[List[int]
         for i in indices:
             idx = num_features + i if i < 0 else i
             if not 0 <= idx < num_features:
-                raise ValueError(f"feature index {i} is out of range (0 to {num_features - 1}): the features "
-                                 f"are res2 .. res5, indices 0 .. {num_features - 1}")
+                raise ValueError(
+                    f"feature index {i} is out of range (0 to {num_features - 1}): the features "
+                    f"are res2 .. res5, indices 0 .. {num_features - 1}"
+                )
             take.append(idx)
         if not take:
             raise ValueError("out_indices / indices is empty")
@@ -87,8 +99,10 @@ class GlobalPool(nn.Module):
     def __init__(self, pool_type: str = "avg"):
         super().__init__()
         if pool_type not in self.POOL_TYPES:
-            raise ValueError(f"global_pool {pool_type!r} is not supported; choose one of "
-                             f"{', '.join(repr(p) for p in self.POOL_TYPES)}")
+            raise ValueError(
+                f"global_pool {pool_type!r} is not supported; choose one of "
+                f"{', '.join(repr(p) for p in self.POOL_TYPES)}"
+            )
         self.pool_type = pool_type
 
     def is_identity(self) -> bool:
@@ -118,8 +132,14 @@ class TimmModelMixin:
     _group_prefix = "layer"
     grad_checkpointing = False
 
-    def _init_head(self, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.0,
-                   features_only: bool = False, out_indices: IndicesT = None) -> None:
+    def _init_head(
+        self,
+        num_classes: int,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        features_only: bool = False,
+        out_indices: IndicesT = None,
+    ) -> None:
         self.num_classes = num_classes
         self.drop_rate = float(drop_rate)
         self.head_hidden_size = self.num_features
@@ -137,8 +157,9 @@ class TimmModelMixin:
 
     def _make_fc(self, num_classes: int) -> nn.Module:
         if num_classes > 0 and self.global_pool.is_identity():
-            raise ValueError("global_pool='' (no pooling) needs num_classes=0: the linear classifier takes "
-                             "pooled (B, C) features")
+            raise ValueError(
+                "global_pool='' (no pooling) needs num_classes=0: the linear classifier takes pooled (B, C) features"
+            )
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # -- running the network --------------------------------------------------------------------
@@ -172,8 +193,15 @@ class TimmModelMixin:
             return self.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x, indices: IndicesT = None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x,
+        indices: IndicesT = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """timm's: the res2 .. res5 features picked by ``indices`` (None: all, int: the last n,
         sequence: those), and unless ``intermediates_only`` the final features first, as
         ``(final, [features])``. ``stop_early`` stops after the last feature asked for (the
@@ -197,14 +225,15 @@ class TimmModelMixin:
             return intermediates
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: IndicesT = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(
+        self, indices: IndicesT = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
         """Drop the stages after the last feature in ``indices`` (emptied, so the state dict of
         what is kept is unchanged) and, with ``prune_head`` or when the end is cut, the head
         (``reset_classifier(0, '')``). Returns the absolute indices kept, as timm's."""
         take, max_index = take_indices(len(self.feature_info), indices)
         last_needed = self._feature_stages[max_index]
-        for name in self._stage_names[self._stage_names.index(last_needed) + 1:]:
+        for name in self._stage_names[self._stage_names.index(last_needed) + 1 :]:
             setattr(self, name, nn.Sequential())
         prune_end = max_index < len(self.feature_info) - 1
         if prune_end:
@@ -217,8 +246,9 @@ class TimmModelMixin:
 
     def _need_head(self, what: str) -> None:
         if self.features_only:
-            raise RuntimeError(f"{what}: a features_only=True model has no classification head; build it "
-                               f"without features_only")
+            raise RuntimeError(
+                f"{what}: a features_only=True model has no classification head; build it without features_only"
+            )
 
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         """The classifier module (``fc``), or its name."""
@@ -286,9 +316,22 @@ _NORMS = (
 #: The classification backbones that have a pretrained_cfg (and a timm registration).
 TIMM_MODELS = tuple(
     [f"axial_resnet_{s}{k}" for s in ("s", "m", "l", "xl") for k in ("", "_conv", "_full")]
-    + ["axial_resnet_tiny", "resnet50", "axial26s", "axial50s", "axial50m", "axial50l",
-       "axial_swidernet_1_1_1", "axial_swidernet_1_1_3", "axial_swidernet_1_1_4_5",
-       "max_deeplab_s_backbone", "max_deeplab_l_backbone", "axial_resnet50", "resnet50_beta"])
+    + [
+        "axial_resnet_tiny",
+        "resnet50",
+        "axial26s",
+        "axial50s",
+        "axial50m",
+        "axial50l",
+        "axial_swidernet_1_1_1",
+        "axial_swidernet_1_1_3",
+        "axial_swidernet_1_1_4_5",
+        "max_deeplab_s_backbone",
+        "max_deeplab_l_backbone",
+        "axial_resnet50",
+        "resnet50_beta",
+    ]
+)
 
 
 def pretrained_cfg_for(name: str) -> Optional[dict]:
@@ -300,9 +343,19 @@ def pretrained_cfg_for(name: str) -> Optional[dict]:
     if name not in TIMM_MODELS:
         return None
     norm = next(n for pattern, n, _ in _NORMS if fnmatch.fnmatch(name, pattern))
-    return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                crop_mode="center", interpolation="bilinear", fixed_input_size=False,
-                first_conv="stem.0", classifier="fc", license="apache-2.0", **norm)
+    return dict(
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=0.875,
+        crop_mode="center",
+        interpolation="bilinear",
+        fixed_input_size=False,
+        first_conv="stem.0",
+        classifier="fc",
+        license="apache-2.0",
+        **norm,
+    )
 
 
 PRETRAINED_CFGS: Dict[str, dict] = {name: pretrained_cfg_for(name) for name in TIMM_MODELS}

@@ -11,6 +11,7 @@ include_tags=True)`` lists them. Nothing here is imported unless asked: timm sta
 Registration: :func:`register_timm_models` (imports timm); importing ``axial_deeplab.models``
 after timm does it too.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -66,8 +67,7 @@ def _resolve_name(pretrained_cfg) -> str:
     return tag
 
 
-def axial_deeplab(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
-                  **kwargs):
+def axial_deeplab(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
     """timm entrypoint of the ``axial_deeplab`` namespace (see the module docstring)."""
     from timm.models import build_model_with_cfg
 
@@ -76,21 +76,31 @@ def axial_deeplab(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_
     name = _resolve_name(pretrained_cfg)
     unsupported = sorted(set(kwargs) - _accepted_kwargs(name))
     if unsupported:
-        raise TypeError(f"{timm_name(name)} does not support the argument(s) {', '.join(unsupported)}; "
-                        f"it takes: {', '.join(sorted(_accepted_kwargs(name)))}")
+        raise TypeError(
+            f"{timm_name(name)} does not support the argument(s) {', '.join(unsupported)}; "
+            f"it takes: {', '.join(sorted(_accepted_kwargs(name)))}"
+        )
     if pretrained:
         overlay = pretrained_cfg_overlay or {}
         given = pretrained_cfg if isinstance(pretrained_cfg, dict) else {}
         if not any(overlay.get(k) or given.get(k) for k in ("url", "file", "hf_hub_id", "state_dict")):
-            raise ValueError(f"{timm_name(name)}: no published weights to download; load yours with "
-                             f"pretrained_cfg_overlay=dict(file='.../model.safetensors') or checkpoint_path=...")
+            raise ValueError(
+                f"{timm_name(name)}: no published weights to download; load yours with "
+                f"pretrained_cfg_overlay=dict(file='.../model.safetensors') or checkpoint_path=..."
+            )
     if isinstance(pretrained_cfg, str) or pretrained_cfg is None:
         pretrained_cfg = name
     return build_model_with_cfg(
-        _MODELS[name], NAMESPACE, pretrained, pretrained_cfg=pretrained_cfg,
-        pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir,
+        _MODELS[name],
+        NAMESPACE,
+        pretrained,
+        pretrained_cfg=pretrained_cfg,
+        pretrained_cfg_overlay=pretrained_cfg_overlay,
+        cache_dir=cache_dir,
         # timm's features_only goes through our forward_intermediates / prune_intermediate_layers
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
 
 
 def register_timm_models() -> None:
@@ -98,14 +108,16 @@ def register_timm_models() -> None:
     try:
         from timm.models import generate_default_cfgs, is_model, model_entrypoint, register_model
     except ImportError as e:
-        raise ImportError("timm is not installed (pip install timm); axial_deeplab does not need it "
-                          "otherwise") from e
+        raise ImportError("timm is not installed (pip install timm); axial_deeplab does not need it otherwise") from e
     if is_model(NAMESPACE) and model_entrypoint(NAMESPACE) is axial_deeplab:
         return
     global default_cfgs
-    default_cfgs = generate_default_cfgs({
-        timm_name(n): dict(PRETRAINED_CFGS[n], paper_name="Axial-DeepLab", paper_ids="arXiv:2003.07853")
-        for n in TIMM_MODELS})
+    default_cfgs = generate_default_cfgs(
+        {
+            timm_name(n): dict(PRETRAINED_CFGS[n], paper_name="Axial-DeepLab", paper_ids="arXiv:2003.07853")
+            for n in TIMM_MODELS
+        }
+    )
     register_model(axial_deeplab)
 
 

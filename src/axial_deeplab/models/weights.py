@@ -5,6 +5,7 @@ Also converts state dicts saved by the PyTorch ImageNet port (csrhddlam/axial-de
 relative tables of any length to the model's (:func:`fit_relative_tables`), so any ImageNet checkpoint
 loads into a model of any span.
 """
+
 from __future__ import annotations
 
 import os
@@ -89,8 +90,9 @@ def convert_port_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return out
 
 
-def fit_relative_tables(model: nn.Module, sd: Dict[str, torch.Tensor],
-                        source: str = "state dict") -> Dict[str, torch.Tensor]:
+def fit_relative_tables(
+    model: nn.Module, sd: Dict[str, torch.Tensor], source: str = "state dict"
+) -> Dict[str, torch.Tensor]:
     """``sd`` with every relative table of an attention layer of ``model`` fitted to that layer's
     stored length (``PositionSensitiveAxialAttention.fit_table``): a span-sized table of an older
     checkpoint, the port's 2K-1 rows or another reach all load. Shorter tables extend by their edge
@@ -106,8 +108,14 @@ def fit_relative_tables(model: nn.Module, sd: Dict[str, torch.Tensor],
         prefix = f"{name}." if name else ""
         for table_name, own in zip(TABLE_NAMES, module.relative_table_parameters()):
             table = sd.get(prefix + table_name)
-            if (own is None or table is None or table.dim() != 2 or table.shape[0] != own.shape[0]
-                    or table.shape[1] == own.shape[1] or table.shape[1] % 2 == 0):
+            if (
+                own is None
+                or table is None
+                or table.dim() != 2
+                or table.shape[0] != own.shape[0]
+                or table.shape[1] == own.shape[1]
+                or table.shape[1] % 2 == 0
+            ):
                 continue
             out[prefix + table_name], note = module.fit_table(table_name, table)
             if note and (not cropped or cropped[-1][0] != name):
@@ -115,9 +123,12 @@ def fit_relative_tables(model: nn.Module, sd: Dict[str, torch.Tensor],
     if cropped:
         shown = "; ".join(f"{name}: {note}" for name, note in cropped[:3])
         more = f"; and {len(cropped) - 3} more layers" if len(cropped) > 3 else ""
-        warnings.warn(f"{source}: relative tables longer than {len(cropped)} global-span layer(s) of "
-                      f"{type(model).__name__} can hold were centre-cropped ({shown}{more})",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{source}: relative tables longer than {len(cropped)} global-span layer(s) of "
+            f"{type(model).__name__} can hold were centre-cropped ({shown}{more})",
+            UserWarning,
+            stacklevel=2,
+        )
     return out
 
 
@@ -128,17 +139,24 @@ def load_state_dict_strict(model: nn.Module, sd: Dict[str, torch.Tensor], source
     own = model.state_dict()
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own)
-    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in sd if k in own and sd[k].shape != own[k].shape)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    )
     if missing or unexpected or mismatched:
+
         def fmt(title, items):
             if not items:
                 return ""
             shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
             return f"\n  {title} ({len(items)}):\n    {shown}"
+
         raise CheckpointError(
             f"{source} does not match {type(model).__name__}:"
-            + fmt("missing keys", missing) + fmt("unexpected keys", unexpected) + fmt("shape mismatches", mismatched)
+            + fmt("missing keys", missing)
+            + fmt("unexpected keys", unexpected)
+            + fmt("shape mismatches", mismatched)
         )
     model.load_state_dict(sd, strict=True)
 

@@ -1,4 +1,5 @@
 """The suites, in the order the command runs and reports them."""
+
 from __future__ import annotations
 
 from typing import List

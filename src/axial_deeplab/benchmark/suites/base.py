@@ -1,5 +1,6 @@
 """What a suite is to the ``axial-deeplab benchmark`` command: a name for ``--only`` and a
 function from the command's settings to rows."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """The attention core alone (qkv -> both retrievals; no projection, no BN), per axis, in
 inference: how close each fast path comes to the device's memory bandwidth."""
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
@@ -27,8 +28,9 @@ def core_functions(device: torch.device) -> Dict[str, Callable]:
     return fns
 
 
-def bench_core(device: torch.device, shapes=LAYER_SHAPES, repeats: int = 5, log=print,
-               bandwidth: Optional[float] = None) -> List[Result]:
+def bench_core(
+    device: torch.device, shapes=LAYER_SHAPES, repeats: int = 5, log=print, bandwidth: Optional[float] = None
+) -> List[Result]:
     """Median time, the bytes the core must move (qkv in, the two retrievals out), their
     rate as a fraction of the copy bandwidth, and the multiply-add rate of the L x L work."""
     from ...layers import PositionSensitiveAxialAttention
@@ -49,17 +51,20 @@ def bench_core(device: torch.device, shapes=LAYER_SHAPES, repeats: int = 5, log=
             macs = nh * length * length * (3 * dk + 2 * dv)
             case = f"{'x'.join(map(str, shape))} {axis}"
             for impl, fn in core_functions(device).items():
+
                 def step(fn=fn):
                     with torch.no_grad():
                         return fn(layer, qkv, scales)
+
                 r = measure("attention core", case, "eval", impl, step, repeats, device, with_memory=False)
                 if r.median_ms:
                     seconds = r.median_ms / 1e3
                     r.gb_per_s = moved / seconds / 1e9
                     r.bandwidth_fraction = moved / seconds / bandwidth
                     r.gmac_per_s = macs / seconds / 1e9
-                    r.note = (f"{r.gb_per_s:.1f} GB/s = {100 * r.bandwidth_fraction:.0f}% of copy; "
-                              f"{r.gmac_per_s:.1f} GMAC/s")
+                    r.note = (
+                        f"{r.gb_per_s:.1f} GB/s = {100 * r.bandwidth_fraction:.0f}% of copy; {r.gmac_per_s:.1f} GMAC/s"
+                    )
                 rows.append(r)
                 log(progress(rows[-1]) + "  " + r.note)
     return rows

@@ -3,6 +3,7 @@ step) and against ONNX Runtime (eval; the file ``axial-deeplab export`` writes, 
 CPU only), timed in turns in one process, each faster path checked against eager's outputs.
 Compiling and exporting whole models takes minutes on a CPU, so the command runs this suite
 only when ``--only deploy`` asks for it."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,15 @@ QUICK_DEPLOY_CASES = [("axial_resnet_s", (1, 3, 224, 224)), ("axial_deeplab_s", 
 DEPLOY_TRAIN_CASES = [("axial_resnet_s", (4, 3, 224, 224))]
 QUICK_DEPLOY_TRAIN_CASES = [("axial_resnet_s", (2, 3, 160, 160))]
 
-DEPLOY_COLUMNS = [("case", "28s"), ("mode", "5s"), ("impl", "12s"), ("median_ms", "10.1f", "median ms"),
-                  ("cpu_ms", "9.1f", "cpu ms"), ("vs_eager", "8.2f", "x eager"), ("setup_s", "8.1f", "setup s")]
+DEPLOY_COLUMNS = [
+    ("case", "28s"),
+    ("mode", "5s"),
+    ("impl", "12s"),
+    ("median_ms", "10.1f", "median ms"),
+    ("cpu_ms", "9.1f", "cpu ms"),
+    ("vs_eager", "8.2f", "x eager"),
+    ("setup_s", "8.1f", "setup s"),
+]
 
 
 class RawOutputs(nn.Module):
@@ -62,10 +70,12 @@ def max_rel_diff(got, want) -> float:
 def train_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], object]:
     """One forward + cross-entropy + backward of a classifier (no optimizer step, so every
     round sees the same weights; BatchNorm's running statistics still move, as in training)."""
+
     def run():
         loss = nn.functional.cross_entropy(model(x), labels)
         loss.backward()
         return loss.detach()
+
     return run
 
 
@@ -95,8 +105,7 @@ def _deploy_rows(case, mode, steps, setup, notes, want, outputs, repeats, device
     rows = []
     for name in list(steps) + [n for n in notes if n not in steps]:
         if name in steps:
-            r = measure("deploy", case, mode, name, steps[name], repeats, device, with_memory=False,
-                        timed=timed[name])
+            r = measure("deploy", case, mode, name, steps[name], repeats, device, with_memory=False, timed=timed[name])
         else:  # failed before timing (compile or export)
             r = Result("deploy", case, mode, name)
         r.setup_s = setup.get(name)
@@ -110,13 +119,17 @@ def _deploy_rows(case, mode, steps, setup, notes, want, outputs, repeats, device
     for r in rows:
         if eager is not None and t(eager) and t(r):
             r.vs_eager = t(r) / t(eager)
-        log(progress(r) + (f"  x eager {r.vs_eager:.2f}" if r.vs_eager else "")
-            + (f"  setup {r.setup_s:.1f} s" if r.setup_s is not None else ""))
+        log(
+            progress(r)
+            + (f"  x eager {r.vs_eager:.2f}" if r.vs_eager else "")
+            + (f"  setup {r.setup_s:.1f} s" if r.setup_s is not None else "")
+        )
     return rows
 
 
-def _eval_case(model, name, shape, device, tmp, threads, repeats, log, clock, compile_backend,
-               with_compile, with_onnx) -> List[Result]:
+def _eval_case(
+    model, name, shape, device, tmp, threads, repeats, log, clock, compile_backend, with_compile, with_onnx
+) -> List[Result]:
     """Eager, compiled and ONNX Runtime inference of one model at one input size."""
     case = f"{name} {'x'.join(map(str, shape))}"
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -130,6 +143,7 @@ def _eval_case(model, name, shape, device, tmp, threads, repeats, log, clock, co
     def eager():
         with torch.no_grad():
             return model(x)
+
     steps["eager"] = eager
     if with_compile:
         compiled = torch.compile(model, dynamic=True, backend=compile_backend)
@@ -137,6 +151,7 @@ def _eval_case(model, name, shape, device, tmp, threads, repeats, log, clock, co
         def run_compiled():
             with torch.no_grad():
                 return compiled(x)
+
         try:
             outputs["compiled"], setup["compiled"] = _first_call(run_compiled)
             steps["compiled"] = run_compiled
@@ -154,14 +169,16 @@ def _eval_case(model, name, shape, device, tmp, threads, repeats, log, clock, co
 
             def run_ort():
                 return session.run(None, {"image": feed})
+
             out = run_ort()
             # the file's outputs are in export order; the eager wrapper sorts panoptic names
             order = export_outputs(model.model)
             outputs["onnxruntime"] = [torch.from_numpy(out[order.index(k)]) for k in sorted(order)]
             steps["onnxruntime"] = run_ort
             setup["onnxruntime"] = report.export_seconds
-            notes["onnxruntime"] = (f"export {report.export_seconds:.1f} s; ORT {threads} thread"
-                                    f"{'s' if threads > 1 else ''}")
+            notes["onnxruntime"] = (
+                f"export {report.export_seconds:.1f} s; ORT {threads} thread{'s' if threads > 1 else ''}"
+            )
         except Exception as e:
             notes["onnxruntime"] = failure_note(e)
     return _deploy_rows(case, "eval", steps, setup, notes, want, outputs, repeats, device, log, clock)
@@ -185,10 +202,19 @@ def _train_case(model, name, shape, device, repeats, log, clock, compile_backend
     return _deploy_rows(case, "train", steps, setup, notes, None, {}, repeats, device, log, clock)
 
 
-def bench_deploy(device: torch.device, cases=DEPLOY_CASES, train_cases=DEPLOY_TRAIN_CASES, repeats: int = 5,
-                 log=print, compile_backend: str = "inductor", with_compile: bool = True,
-                 with_onnx: bool = True, models: Optional[Dict[str, Callable[[], nn.Module]]] = None,
-                 workdir: Optional[str] = None, clock: str = "wall") -> List[Result]:
+def bench_deploy(
+    device: torch.device,
+    cases=DEPLOY_CASES,
+    train_cases=DEPLOY_TRAIN_CASES,
+    repeats: int = 5,
+    log=print,
+    compile_backend: str = "inductor",
+    with_compile: bool = True,
+    with_onnx: bool = True,
+    models: Optional[Dict[str, Callable[[], nn.Module]]] = None,
+    workdir: Optional[str] = None,
+    clock: str = "wall",
+) -> List[Result]:
     """Deployment rows (see the module doc). ``setup_s`` is the compile time (the compiled
     function's first call) or the export time (export, check and verification of the file);
     ``vs_eager`` is this / eager. ``models`` maps a case's name to a builder (default:
@@ -204,8 +230,9 @@ def bench_deploy(device: torch.device, cases=DEPLOY_CASES, train_cases=DEPLOY_TR
         for name, shape in cases:
             torch.manual_seed(0)
             model = RawOutputs(build(name)).to(device).eval()
-            rows += _eval_case(model, name, shape, device, tmp, threads, repeats, log, clock, compile_backend,
-                               with_compile, with_onnx)
+            rows += _eval_case(
+                model, name, shape, device, tmp, threads, repeats, log, clock, compile_backend, with_compile, with_onnx
+            )
             del model
         for name, shape in train_cases if with_compile else ():
             torch.manual_seed(0)
@@ -221,11 +248,21 @@ def format_deploy_table(rows: List[Result]) -> str:
 
 
 def run(s: Settings) -> List[Result]:
-    return bench_deploy(s.device, QUICK_DEPLOY_CASES if s.quick else DEPLOY_CASES,
-                        QUICK_DEPLOY_TRAIN_CASES if s.quick else DEPLOY_TRAIN_CASES,
-                        repeats=s.repeats, log=s.log, clock=s.clock)
+    return bench_deploy(
+        s.device,
+        QUICK_DEPLOY_CASES if s.quick else DEPLOY_CASES,
+        QUICK_DEPLOY_TRAIN_CASES if s.quick else DEPLOY_TRAIN_CASES,
+        repeats=s.repeats,
+        log=s.log,
+        clock=s.clock,
+    )
 
 
-SUITE = Suite("deploy", run, default=False, table=format_deploy_table,
-              footnote="deploy: 'x eager' = this / eager from the same interleaved rounds (median {clock} times); "
-                       "'setup s' = torch.compile's first call, or the ONNX export with its verification.")
+SUITE = Suite(
+    "deploy",
+    run,
+    default=False,
+    table=format_deploy_table,
+    footnote="deploy: 'x eager' = this / eager from the same interleaved rounds (median {clock} times); "
+    "'setup s' = torch.compile's first call, or the ONNX export with its verification.",
+)

@@ -1,5 +1,6 @@
 """Layer pairs: height+width axial attention, in every implementation, against a 3x3 conv
 of the same width, eval forward and train forward+backward, timed in turns."""
+
 from __future__ import annotations
 
 from copy import deepcopy
@@ -20,9 +21,16 @@ QUICK_LAYER_SHAPES = LAYER_SHAPES
 GPU_LAYER_SHAPES = LAYER_SHAPES + [(8, 256, 65, 129)]
 
 
-def bench_layers(device: torch.device, shapes=LAYER_SHAPES, modes=("eval", "train"),
-                 impls: Optional[Sequence[str]] = None, repeats: int = 5, with_memory: bool = True,
-                 log=print, clock: str = "wall") -> List[Result]:
+def bench_layers(
+    device: torch.device,
+    shapes=LAYER_SHAPES,
+    modes=("eval", "train"),
+    impls: Optional[Sequence[str]] = None,
+    repeats: int = 5,
+    with_memory: bool = True,
+    log=print,
+    clock: str = "wall",
+) -> List[Result]:
     impls = list(impls) if impls is not None else attention_impls(device)
     rows: List[Result] = []
     for shape in shapes:
@@ -44,8 +52,9 @@ def bench_layers(device: torch.device, shapes=LAYER_SHAPES, modes=("eval", "trai
                 steps[impl] = module_step(copy, x, mode)
             timed = time_interleaved(steps, repeats, device)
             for name, step in steps.items():
-                rows.append(measure("layer pair", case, mode, name, step, repeats, device, with_memory,
-                                    timed=timed[name]))
+                rows.append(
+                    measure("layer pair", case, mode, name, step, repeats, device, with_memory, timed=timed[name])
+                )
                 log(progress(rows[-1]))
     fill_ratios(rows, clock)
     return rows
@@ -59,8 +68,9 @@ def layer_shapes(s: Settings):
 
 
 def run(s: Settings) -> List[Result]:
-    return bench_layers(s.device, layer_shapes(s), impls=s.impls, repeats=s.repeats,
-                        with_memory=s.with_memory, log=s.log, clock=s.clock)
+    return bench_layers(
+        s.device, layer_shapes(s), impls=s.impls, repeats=s.repeats, with_memory=s.with_memory, log=s.log, clock=s.clock
+    )
 
 
 SUITE = Suite("layers", run)

@@ -1,5 +1,6 @@
 """The panoptic post-processing alone: the vectorised merge against the per-instance loop
 version, on network-like outputs of a Cityscapes-sized frame."""
+
 from __future__ import annotations
 
 from typing import List
@@ -11,8 +12,16 @@ from ..report import progress
 from .base import Settings, Suite
 
 
-def bench_postprocess(device: torch.device, height: int = 1025, width: int = 2049, centers: int = 200,
-                      repeats: int = 3, with_loop: bool = True, log=print, clock: str = "wall") -> List[Result]:
+def bench_postprocess(
+    device: torch.device,
+    height: int = 1025,
+    width: int = 2049,
+    centers: int = 200,
+    repeats: int = 3,
+    with_loop: bool = True,
+    log=print,
+    clock: str = "wall",
+) -> List[Result]:
     try:
         from ...postprocess import panoptic_inference, panoptic_inference_reference
     except ImportError as e:
@@ -22,15 +31,34 @@ def bench_postprocess(device: torch.device, height: int = 1025, width: int = 204
     probs, heat, offsets, thing_ids = synthetic_panoptic_outputs(height, width, centers)
     probs, heat, offsets = probs.to(device), heat.to(device), offsets.to(device)
     case = f"{height}x{width}, {centers} centers"
-    rows = [measure("post-processing", case, "eval", "vectorised",
-                    lambda: panoptic_inference(probs, heat, offsets, thing_ids, top_k=centers),
-                    repeats, device)]
+    rows = [
+        measure(
+            "post-processing",
+            case,
+            "eval",
+            "vectorised",
+            lambda: panoptic_inference(probs, heat, offsets, thing_ids, top_k=centers),
+            repeats,
+            device,
+        )
+    ]
     log(progress(rows[-1]))
     if with_loop:
-        rows.append(measure("post-processing", case, "eval", "reference",
-                            lambda: panoptic_inference_reference(probs[0].cpu(), heat[0].cpu(), offsets[0].cpu(),
-                                                                 thing_ids, top_k=centers),
-                            1, device, with_memory=False, warmup=0))
+        rows.append(
+            measure(
+                "post-processing",
+                case,
+                "eval",
+                "reference",
+                lambda: panoptic_inference_reference(
+                    probs[0].cpu(), heat[0].cpu(), offsets[0].cpu(), thing_ids, top_k=centers
+                ),
+                1,
+                device,
+                with_memory=False,
+                warmup=0,
+            )
+        )
         log(progress(rows[-1]))
     fill_ratios(rows, clock)
     return rows

@@ -19,6 +19,7 @@ fit on an 80 GB GPU.
 Off by default (about 15 minutes on 2 CPU cores); ``--only whole_models`` runs it and
 ``--quick`` runs it at tiny sizes (seconds: a check that it runs, not figures).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ QUICK_CASES: List[Case] = [
     (*PANOPTIC, "train", (1, 3, 33, 65)),
 ]
 FULL_RESOLUTION = (1025, 2049)  # Cityscapes, where the activation memory per image is estimated
-GPU_BYTES = 80 * 10 ** 9
+GPU_BYTES = 80 * 10**9
 BIG_PIXELS = 512 * 512  # above this (batch x H x W) a case is timed at most 3 times
 
 
@@ -84,13 +85,16 @@ def model_step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[
     forward = getattr(model, "predict_raw", model)
     model.train(mode == "train")
     if mode == "eval":
+
         def run():
             with torch.no_grad():
                 return forward(x)
     else:
+
         def run():
             _total(forward(x)).backward()
             model.zero_grad(set_to_none=True)
+
     return run
 
 
@@ -99,9 +103,16 @@ def thread_counts() -> List[int]:
     return sorted({1, max(2, torch.get_num_threads())})
 
 
-def bench_whole_models(device: torch.device, cases: Sequence[Case] = CASES, threads: Optional[Sequence[int]] = None,
-                       repeats: int = 5, with_memory: bool = True, log=print, clock: str = "wall",
-                       models: Optional[Dict[str, Callable[[], torch.nn.Module]]] = None) -> List[ModelResult]:
+def bench_whole_models(
+    device: torch.device,
+    cases: Sequence[Case] = CASES,
+    threads: Optional[Sequence[int]] = None,
+    repeats: int = 5,
+    with_memory: bool = True,
+    log=print,
+    clock: str = "wall",
+    models: Optional[Dict[str, Callable[[], torch.nn.Module]]] = None,
+) -> List[ModelResult]:
     """Rows for each case at each thread count: the axial model and the conv model timed in
     turns, ``vs_conv`` = axial / conv time (``clock``), ``peak_vs_conv`` = axial / conv peak.
     ``models`` maps a name to a builder (default: ``create_model``). Ends with the memory
@@ -131,8 +142,17 @@ def bench_whole_models(device: torch.device, cases: Sequence[Case] = CASES, thre
                 timed = time_interleaved(steps, n, device)
                 case_rows = {}
                 for name, step in steps.items():
-                    r = measure("whole model", _shape(shape), mode, name, step, n, device,
-                                with_memory and i == 0, timed=timed[name])
+                    r = measure(
+                        "whole model",
+                        _shape(shape),
+                        mode,
+                        name,
+                        step,
+                        n,
+                        device,
+                        with_memory and i == 0,
+                        timed=timed[name],
+                    )
                     case_rows[name] = ModelResult(**vars(r), threads=t)
                 _ratios(case_rows[axial], case_rows[conv], clock)
                 for name in (axial, conv):
@@ -157,15 +177,20 @@ def _ratios(axial: ModelResult, conv: ModelResult, clock: str) -> None:
         axial.peak_vs_conv, conv.peak_vs_conv = axial.peak_mib / conv.peak_mib, 1.0
 
 
-def memory_estimates(rows: Sequence[ModelResult], params: Dict[str, int], pairs: Optional[Dict[str, str]] = None,
-                     size: Tuple[int, int] = FULL_RESOLUTION, gpu_bytes: int = GPU_BYTES) -> List[ModelResult]:
+def memory_estimates(
+    rows: Sequence[ModelResult],
+    params: Dict[str, int],
+    pairs: Optional[Dict[str, str]] = None,
+    size: Tuple[int, int] = FULL_RESOLUTION,
+    gpu_bytes: int = GPU_BYTES,
+) -> List[ModelResult]:
     """Per model with training peaks at two or more input sizes: a row with the estimated
     training activation memory of one image at ``size`` (``peak_mib``), from the line through
     the smallest and the largest input (peak = fixed + per-pixel x batch x H x W), and in its
     note the batch that fits in ``gpu_bytes`` after the weights, their gradients and two
     optimizer moments (16 bytes a parameter, float32), assuming the float32 activations a GPU
-    keeps are those the CPU run allocates (no cuDNN workspaces, no allocator slack). ``pairs`` (axial -> conv model) sets
-    ``peak_vs_conv``."""
+    keeps are those the CPU run allocates (no cuDNN workspaces, no allocator slack). ``pairs``
+    (axial -> conv model) sets ``peak_vs_conv``."""
     by_model: Dict[str, List[Tuple[int, float]]] = {}
     for r in rows:
         if r.group == "whole model" and r.mode == "train" and r.peak_mib is not None:
@@ -178,12 +203,22 @@ def memory_estimates(rows: Sequence[ModelResult], params: Dict[str, int], pairs:
             continue
         per_pixel = (m1 - m0) / (p1 - p0)  # MiB
         per_image = per_pixel * size[0] * size[1]
-        batch = max(0, math.floor((gpu_bytes - 16 * params.get(name, 0)) / (per_image * 2 ** 20)))
-        out.append(ModelResult(
-            "memory estimate", f"1x3x{size[0]}x{size[1]}", "train", name, peak_mib=per_image, threads=None,
-            note=(f"{per_image / 1024:.1f} GiB activations per image ({per_pixel * 2 ** 20 / 1024:.1f} KiB/pixel, "
-                  f"line through the {_px(p0)} and {_px(p1)} training peaks); "
-                  f"batch per {gpu_bytes / 1e9:.0f} GB GPU: {batch}")))
+        batch = max(0, math.floor((gpu_bytes - 16 * params.get(name, 0)) / (per_image * 2**20)))
+        out.append(
+            ModelResult(
+                "memory estimate",
+                f"1x3x{size[0]}x{size[1]}",
+                "train",
+                name,
+                peak_mib=per_image,
+                threads=None,
+                note=(
+                    f"{per_image / 1024:.1f} GiB activations per image ({per_pixel * 2**20 / 1024:.1f} KiB/pixel, "
+                    f"line through the {_px(p0)} and {_px(p1)} training peaks); "
+                    f"batch per {gpu_bytes / 1e9:.0f} GB GPU: {batch}"
+                ),
+            )
+        )
     est = {r.impl: r for r in out}
     for axial, conv in (pairs or {}).items():
         if axial in est and conv in est:
@@ -192,13 +227,20 @@ def memory_estimates(rows: Sequence[ModelResult], params: Dict[str, int], pairs:
 
 
 def _px(pixels: int) -> str:
-    return f"{pixels / 1e6:.2f} Mpx" if pixels >= 10 ** 5 else f"{pixels} px"
+    return f"{pixels / 1e6:.2f} Mpx" if pixels >= 10**5 else f"{pixels} px"
 
 
 COLUMNS = [
-    ("group", "15s"), ("case", "16s"), ("mode", "5s"), ("impl", "21s"), ("threads", "7.0f"),
-    ("median_ms", "10.1f", "median ms"), ("cpu_ms", "9.1f", "cpu ms"), ("vs_conv", "7.2f", "x conv"),
-    ("peak_mib", "9.1f", "peak MiB"), ("peak_vs_conv", "8.2f", "mem x cv"),
+    ("group", "15s"),
+    ("case", "16s"),
+    ("mode", "5s"),
+    ("impl", "21s"),
+    ("threads", "7.0f"),
+    ("median_ms", "10.1f", "median ms"),
+    ("cpu_ms", "9.1f", "cpu ms"),
+    ("vs_conv", "7.2f", "x conv"),
+    ("peak_mib", "9.1f", "peak MiB"),
+    ("peak_vs_conv", "8.2f", "mem x cv"),
 ]
 
 
@@ -215,8 +257,10 @@ def scaling_table(rows: Sequence[ModelResult]) -> str:
     if len(counts) < 2:
         return "(one thread count: no scaling table)"
     lo, hi = counts[0], counts[-1]
-    head = (f"{'case':16s} {'mode':5s} {'model':21s} {f'ms {lo}T':>10s} {f'ms {hi}T':>10s} {'speedup':>8s} "
-            f"{f'x conv {lo}T':>10s} {f'x conv {hi}T':>10s}")
+    head = (
+        f"{'case':16s} {'mode':5s} {'model':21s} {f'ms {lo}T':>10s} {f'ms {hi}T':>10s} {'speedup':>8s} "
+        f"{f'x conv {lo}T':>10s} {f'x conv {hi}T':>10s}"
+    )
     lines = ["thread scaling", head, "-" * len(head)]
     keyed = {(r.case, r.mode, r.impl, r.threads): r for r in timed}
     seen = set()
@@ -228,8 +272,10 @@ def scaling_table(rows: Sequence[ModelResult]) -> str:
         a, b = keyed.get(key + (lo,)), keyed.get(key + (hi,))
         if a is None or b is None:
             continue
-        lines.append(f"{r.case:16s} {r.mode:5s} {r.impl:21s} {a.median_ms:10.1f} {b.median_ms:10.1f} "
-                     f"{a.median_ms / b.median_ms:8.2f} {_f(a.vs_conv):>10s} {_f(b.vs_conv):>10s}")
+        lines.append(
+            f"{r.case:16s} {r.mode:5s} {r.impl:21s} {a.median_ms:10.1f} {b.median_ms:10.1f} "
+            f"{a.median_ms / b.median_ms:8.2f} {_f(a.vs_conv):>10s} {_f(b.vs_conv):>10s}"
+        )
     return "\n".join(lines)
 
 
@@ -239,12 +285,26 @@ def _f(v) -> str:
 
 def run(s: Settings) -> List[Result]:
     threads = thread_counts() if s.device.type == "cpu" else [torch.get_num_threads()]
-    return bench_whole_models(s.device, QUICK_CASES if s.quick else CASES, threads=threads,
-                              repeats=s.repeats, with_memory=s.with_memory, log=s.log, clock=s.clock)
+    return bench_whole_models(
+        s.device,
+        QUICK_CASES if s.quick else CASES,
+        threads=threads,
+        repeats=s.repeats,
+        with_memory=s.with_memory,
+        log=s.log,
+        clock=s.clock,
+    )
 
 
-SUITE = Suite("whole_models", run, default=False, table=format_whole_model_table,
-              footnote=("whole models: 'x conv' = this / the conv model on the same input and threads "
-                        "(median {clock} times, timed in turns); 'mem x cv' = peak / the conv model's peak "
-                        "(peak measured at the first thread count only); panoptic models time predict_raw; "
-                        "train = forward + backward of the summed outputs (no optimizer step)."))
+SUITE = Suite(
+    "whole_models",
+    run,
+    default=False,
+    table=format_whole_model_table,
+    footnote=(
+        "whole models: 'x conv' = this / the conv model on the same input and threads "
+        "(median {clock} times, timed in turns); 'mem x cv' = peak / the conv model's peak "
+        "(peak measured at the first thread count only); panoptic models time predict_raw; "
+        "train = forward + backward of the summed outputs (no optimizer step)."
+    ),
+)
