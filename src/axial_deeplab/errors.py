@@ -3,10 +3,11 @@ field or path at fault and exits with status 2; anything else is a bug and keeps
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
-__all__ = ["UserError", "OutputError", "MissingExtraError", "output_error", "require_extra"]
+__all__ = ["UserError", "OutputError", "MissingExtraError", "output_error", "writing_to", "require_extra"]
 
 
 class UserError(Exception):
@@ -59,3 +60,14 @@ def output_error(path: str | os.PathLike, err: BaseException) -> OutputError:
     out = OutputError(f"cannot write {os.fspath(path)}: {advice}")
     out.errno = code
     return out
+
+
+@contextlib.contextmanager
+def writing_to(path: str | os.PathLike):
+    """Turn an OSError of a write (disk full, read-only folder, ...) into an OutputError naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        raise output_error(path, e) from e

@@ -229,6 +229,42 @@ def _model_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     return tensors
 
 
+def _save_weights(model: nn.Module, path: str, step: int) -> None:
+    """Weights as safetensors, with the step and the backbone arrangement in the metadata."""
+    from safetensors.torch import save_file
+
+    save_file(
+        _model_tensors(model), path, metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(model)}
+    )
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600 files
+
+
+def _write_contents(
+    folder, model, optimizer, scheduler, scaler, step, extra_state, config_text, info, rng_state, ema_model
+) -> None:
+    """Every file of a checkpoint into ``folder`` (a temporary one), each flushed to disk."""
+    _save_weights(model, os.path.join(folder, MODEL_FILE), step)
+    if ema_model is not None:
+        _save_weights(ema_model, os.path.join(folder, EMA_FILE), step)
+    state: Dict[str, Any] = {"step": int(step), "rng": rng_state if rng_state is not None else capture_rng_state()}
+    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            state[key] = obj.state_dict()
+    if extra_state:
+        state["extra"] = extra_state
+    torch.save(state, os.path.join(folder, STATE_FILE))
+    if config_text is not None:
+        with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(config_text)
+    meta = {"step": int(step)}
+    meta.update(info or {})
+    with open(os.path.join(folder, INFO_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, default=json_default)
+    for entry in os.listdir(folder):
+        with open(os.path.join(folder, entry), "rb") as f:
+            os.fsync(f.fileno())
+
+
 def save_checkpoint(
     directory: str,
     model: nn.Module,
@@ -248,8 +284,6 @@ def save_checkpoint(
     yourself to store the state of an earlier moment). ``ema_model``: an average of the weights
     written as ``ema.safetensors`` beside the model's.
     """
-    from safetensors.torch import save_file
-
     directory = os.path.abspath(directory)
     parent, name = os.path.split(directory)
     tmp = aside = None
@@ -257,42 +291,9 @@ def save_checkpoint(
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
         os.chmod(tmp, 0o777 & ~current_umask())
-        save_file(
-            _model_tensors(model),
-            os.path.join(tmp, MODEL_FILE),
-            metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(model)},
+        _write_contents(
+            tmp, model, optimizer, scheduler, scaler, step, extra_state, config_text, info, rng_state, ema_model
         )
-        os.chmod(os.path.join(tmp, MODEL_FILE), 0o666 & ~current_umask())  # safetensors writes 0600 files
-        if ema_model is not None:
-            save_file(
-                _model_tensors(ema_model),
-                os.path.join(tmp, EMA_FILE),
-                metadata={"step": str(int(step)), ARRANGEMENT_KEY: _arrangement_record(ema_model)},
-            )
-            os.chmod(os.path.join(tmp, EMA_FILE), 0o666 & ~current_umask())
-        state: Dict[str, Any] = {
-            "step": int(step),
-            "rng": rng_state if rng_state is not None else capture_rng_state(),
-        }
-        if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        if extra_state:
-            state["extra"] = extra_state
-        torch.save(state, os.path.join(tmp, STATE_FILE))
-        if config_text is not None:
-            with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-                f.write(config_text)
-        meta = {"step": int(step)}
-        meta.update(info or {})
-        with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, default=json_default)
-        for entry in os.listdir(tmp):
-            with open(os.path.join(tmp, entry), "rb") as f:
-                os.fsync(f.fileno())
         _fsync_dir(tmp)
         # complete from here on: the .done. name lets a later start restore it if need be
         suffix = os.path.basename(tmp)[len(name) + len(".tmp-") :]

@@ -216,7 +216,8 @@ class PredictionFiles:
 
     def __init__(self, folder, dataset, metadata):
         from ..data.panoptic_io import PanopticWriter
-        from .predict import PREDICTIONS_JSON, _writing
+        from ..errors import writing_to
+        from .predict import PREDICTIONS_JSON
 
         if folder.existing == "add":
             raise ValueError(
@@ -227,7 +228,7 @@ class PredictionFiles:
         self.metadata = metadata
         self.json_path = folder.path / PREDICTIONS_JSON
         self.png_dir = folder.path / "panoptic"
-        self._writing = _writing
+        self._writing = writing_to
         self.written: List[str] = []
         self.entries = {
             str(ann["image_id"]): (ann, info)
@@ -236,7 +237,7 @@ class PredictionFiles:
         }
         self.image_dir = getattr(dataset, "image_dir", None)
         folder.prepare([], metadata, overlays=False)
-        with _writing(self.png_dir):
+        with writing_to(self.png_dir):
             self.writer = PanopticWriter(
                 self.json_path, self.png_dir, metadata, categories=self._categories(dataset, metadata)
             )

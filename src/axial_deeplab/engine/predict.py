@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import errno
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import OutputError, UserError, output_error
+from ..errors import UserError, output_error, writing_to
 from . import checkpoint as ckpt
 from .builders import build_eval_transform, build_model
 from .config import Config, ConfigError, load_config
@@ -275,17 +274,6 @@ def _is_ours(name: str, stem: str = "") -> bool:
     return name.endswith(".png") or (".png." in name and name.endswith(".tmp"))
 
 
-@contextmanager
-def _writing(path):
-    """Turn an OSError of a write (disk full, read-only folder, ...) into an OutputError naming ``path``."""
-    try:
-        yield
-    except OutputError:
-        raise
-    except OSError as e:
-        raise output_error(path, e) from e
-
-
 def _check_folder_path(path: Path, option: str = "--output") -> None:
     """The output path must be a folder or creatable as one: name the file in the way."""
     for p in (path, *path.parents):
@@ -331,7 +319,7 @@ class OutputFolder:
         self.previous: Optional[dict] = None  # the earlier predictions.json that "add" extends
         self._lock_fd: Optional[int] = None
         _check_folder_path(self.path, option)
-        with _writing(self.path):
+        with writing_to(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
@@ -342,7 +330,7 @@ class OutputFolder:
 
     def _lock(self) -> None:
         lock_path = self.path / LOCK_FILE
-        with _writing(lock_path):
+        with writing_to(lock_path):
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         if fcntl is None:
             self._lock_fd = fd
@@ -529,6 +517,33 @@ def _next_id(previous: Optional[dict]) -> int:
     return max(ints, default=0) + 1
 
 
+def _refuse_earlier_ids(folder, ids_of) -> None:
+    """With ``--add``, an image id already in the folder's predictions.json is refused."""
+    if folder.previous is None:
+        return
+    earlier = {str(a["image_id"]) for a in folder.previous["annotations"]}
+    both = [f"{iid!r}" for iid in ids_of if str(iid) in earlier]
+    if both:
+        raise UserError(
+            f"--output {folder.path}: its predictions.json already has image ids "
+            f"{', '.join(both[:5])}{', ...' if len(both) > 5 else ''}; use --replace to predict "
+            f"everything again, or choose another folder"
+        )
+
+
+def _start_writer(json_path, png_dir, metadata, previous):
+    """The COCO-panoptic writer; with ``--add`` it starts with the earlier images, in their order."""
+    from ..data.panoptic_io import PanopticWriter
+
+    with writing_to(png_dir):
+        writer = PanopticWriter(json_path, png_dir, metadata)
+    if previous is not None:
+        writer.extra = {k: v for k, v in previous.items() if k not in ("images", "annotations", "categories")}
+        writer.images[:0] = list(previous.get("images") or [])
+        writer.annotations[:0] = list(previous["annotations"])
+    return writer
+
+
 def _predict(
     model,
     cfg,
@@ -545,7 +560,7 @@ def _predict(
 ) -> PredictReport:
     from tqdm.auto import tqdm
 
-    from ..data.panoptic_io import PanopticWriter, encode_prediction, read_image
+    from ..data.panoptic_io import encode_prediction, read_image
     from .visualize import make_panel, overlay_panoptic, save_png
 
     report = PredictReport(output_dir=output_dir)
@@ -556,27 +571,13 @@ def _predict(
     ids_of, rel_names = assign_image_ids(files, inputs, image_ids, source, start=_next_id(folder.previous))
     next_id = _next_id(folder.previous)  # without image_ids: 1..N over the images written, in order
     folder.prepare(names, metadata, overlays)
-    if folder.previous is not None:
-        earlier = {str(a["image_id"]) for a in folder.previous["annotations"]}
-        both = [f"{iid!r}" for iid in ids_of if str(iid) in earlier]
-        if both:
-            raise UserError(
-                f"--output {folder.path}: its predictions.json already has image ids "
-                f"{', '.join(both[:5])}{', ...' if len(both) > 5 else ''}; use --replace to predict "
-                f"everything again, or choose another folder"
-            )
+    _refuse_earlier_ids(folder, ids_of)
     json_path = os.path.join(output_dir, PREDICTIONS_JSON)
     png_dir = os.path.join(output_dir, "panoptic")
     pal, div, things = metadata.palette(), metadata.label_divisor, metadata.thing_ids
     written: List[str] = []
     try:
-        with _writing(png_dir):
-            writer = PanopticWriter(json_path, png_dir, metadata)
-        if folder.previous is not None:  # "add": the earlier images first, then the new ones
-            prev = folder.previous
-            writer.extra = {k: v for k, v in prev.items() if k not in ("images", "annotations", "categories")}
-            writer.images[:0] = list(prev.get("images") or [])
-            writer.annotations[:0] = list(prev["annotations"])
+        writer = _start_writer(json_path, png_dir, metadata, folder.previous)
         for f, name, image_id, rel in zip(
             tqdm(files, desc="predict", unit="img", disable=not progress, dynamic_ncols=True), names, ids_of, rel_names
         ):
@@ -595,7 +596,7 @@ def _predict(
             # A failed write is no per-image failure: it stops the run (the next would fail too).
             png = os.path.join(png_dir, f"{name}.png")
             written.append(png)
-            with _writing(png):
+            with writing_to(png):
                 if image_ids is None:
                     image_id = next_id
                 writer.add(image_id, ids, segs, image_file_name=rel, png_name=f"{name}.png")
@@ -603,10 +604,10 @@ def _predict(
             if overlays:
                 ov = os.path.join(output_dir, "overlay", f"{name}.png")
                 written.append(ov)
-                with _writing(ov):
+                with writing_to(ov):
                     save_png(ov, panel)
             report.processed.append(str(f))
-        with _writing(json_path):
+        with writing_to(json_path):
             writer.close()
     except BaseException:
         for p in written:  # new names only (see OutputFolder.prepare): nothing earlier is removed

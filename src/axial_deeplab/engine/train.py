@@ -475,6 +475,17 @@ def _hooks(cfg: Config, trainer: SimpleTrainer, data: _Data, logger: MetricsLogg
     ]
 
 
+def _check_batch_split(cfg: Config, world_size: int) -> None:
+    """The global batch divides over the processes, and each process's over the micro-batches."""
+    local_batch = split_batch_size(cfg.solver.batch_size, world_size)
+    if local_batch % cfg.solver.grad_accum_steps:
+        raise ConfigError(
+            f"solver.grad_accum_steps={cfg.solver.grad_accum_steps} must divide the batch of each "
+            f"process, solver.batch_size / processes = {cfg.solver.batch_size} / {world_size} = "
+            f"{local_batch}"
+        )
+
+
 def _build_trainer(
     cfg: Config,
     env,
@@ -490,13 +501,7 @@ def _build_trainer(
     main = env.is_main
     run_dir = cfg.output_dir
     ckpt_root = os.path.join(run_dir, "checkpoints")
-    local_batch = split_batch_size(cfg.solver.batch_size, env.world_size)  # the global batch must divide evenly
-    if local_batch % cfg.solver.grad_accum_steps:
-        raise ConfigError(
-            f"solver.grad_accum_steps={cfg.solver.grad_accum_steps} must divide the batch of each "
-            f"process, solver.batch_size / processes = {cfg.solver.batch_size} / {env.world_size} = "
-            f"{local_batch}"
-        )
+    _check_batch_split(cfg, env.world_size)
     amp_settings(cfg, device)  # a precision the device cannot run is refused before any work
     data = _build_data(cfg, resume_from, saved)
     model = _build_seeded_model(cfg, data, resume_from)
