@@ -31,23 +31,9 @@ def eval_layer(in_ch, out_ch, heads, key_ch=None, seed=0, reach=5, **kwargs):
     return layer.eval()
 
 
-def train_step(layer, impl, x, seed=5):
-    """Forward + backward (of a fixed random projection of the output) of a training-mode copy
-    of ``layer`` with ``impl``: (output, {"input" and parameter name: gradient}, buffers, copy)."""
-    layer = copy.deepcopy(layer)
-    layer.impl = impl
-    layer.train()
-    x = x.detach().clone().requires_grad_(True)
-    y = layer(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
-    (y * g).sum().backward()
-    grads = {"input": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-    return y.detach(), grads, {n: b.clone() for n, b in layer.named_buffers()}, layer
-
-
 def forward_backward(layer, impl, x, mode="train", seed=5):
     """Forward + backward (of a fixed random projection of the output) of a copy of ``layer``
-    with ``impl``: (output, {"input" and parameter name: gradient}, buffers). mode: "train",
+    with ``impl``: (output, {"input" and parameter name: gradient}, buffers, the copy). mode: "train",
     "eval", or "frozen-output-bn" (training with bn_output in eval: strided layers then compute
     only the subsampled query rows, with gradients)."""
     layer = copy.deepcopy(layer)
@@ -55,12 +41,12 @@ def forward_backward(layer, impl, x, mode="train", seed=5):
     layer.train(mode != "eval")
     if mode == "frozen-output-bn":
         layer.bn_output.eval()
-    x = x.clone().requires_grad_(True)
+    x = x.detach().clone().requires_grad_(True)
     y = layer(x)
     g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
     (y * g).sum().backward()
     grads = {"input": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-    return y.detach(), grads, {n: b.clone() for n, b in layer.named_buffers()}
+    return y.detach(), grads, {n: b.clone() for n, b in layer.named_buffers()}, layer
 
 
 def assert_equal_runs(got, want, tol, what) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_testing import close_scaled, randomize_batch_norms, train_step
+from attention_testing import close_scaled, forward_backward, randomize_batch_norms
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, ops
 
@@ -49,14 +49,14 @@ def run_path(path, layer, x, monkeypatch):
         return out
 
     monkeypatch.setattr(cpu_kernel, name, counting)
-    y, grads, _, _ = train_step(layer, "memory_efficient", x)
+    y, grads, _, _ = forward_backward(layer, "memory_efficient", x)
     assert calls and all(calls), f"the C backward ({name}) did not run"
     return y, grads
 
 
 def assert_matches_reference(layer, x, path, monkeypatch, tol=3e-5):
     y, grads = run_path(path, layer, x, monkeypatch)
-    y_ref, grads_ref, _, _ = train_step(layer, "reference", x)
+    y_ref, grads_ref, _, _ = forward_backward(layer, "reference", x)
     close_scaled(y, y_ref, tol, "output")
     assert grads.keys() == grads_ref.keys()
     for name in grads_ref:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_testing import close_scaled, kernel_eval, randomize_batch_norms, reference_eval, train_step
+from attention_testing import close_scaled, forward_backward, kernel_eval, randomize_batch_norms, reference_eval
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel
 
@@ -126,8 +126,8 @@ def test_training_step_matches_reference(dk, dv, axis, span):
     x = torch.randn(2, 6, 9, 10, generator=torch.Generator().manual_seed(4))
     if axis == "width":
         x = x.contiguous(memory_format=torch.channels_last)
-    y, grads, _, _ = train_step(layer, "memory_efficient", x)
-    y_ref, grads_ref, _, _ = train_step(layer, "reference", x.contiguous())
+    y, grads, _, _ = forward_backward(layer, "memory_efficient", x)
+    y_ref, grads_ref, _, _ = forward_backward(layer, "reference", x.contiguous())
     close_scaled(y, y_ref, 1e-5, "output")
     for name in grads_ref:
         close_scaled(grads[name], grads_ref[name], 3e-5, f"grad {name}")

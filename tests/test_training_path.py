@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from attention_testing import close_scaled, randomize_batch_norms, train_step
+from attention_testing import close_scaled, forward_backward, randomize_batch_norms
 
 from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, memory_efficient, ops, similarity_stats
 
@@ -33,8 +33,8 @@ def make_layer(seed=0, in_ch=6, out_ch=8, heads=2, key_ch=None, **kwargs):
 
 
 def assert_matches_reference(layer, x, tol=1e-5):
-    y, grads, buffers, _ = train_step(layer, "memory_efficient", x)
-    y_ref, grads_ref, buffers_ref, _ = train_step(layer, "reference", x.contiguous())
+    y, grads, buffers, _ = forward_backward(layer, "memory_efficient", x)
+    y_ref, grads_ref, buffers_ref, _ = forward_backward(layer, "reference", x.contiguous())
 
     close_scaled(y, y_ref, tol, "output")
     assert grads.keys() == grads_ref.keys()
