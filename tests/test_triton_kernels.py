@@ -43,7 +43,9 @@ def make_layer(kwargs, channels=6, out_channels=8, heads=2, dtype=torch.float32,
     return layer
 
 
-run_layer = forward_backward  # (layer, impl, x, mode): "train", "eval" or "frozen-output-bn"
+def run_layer(layer, impl, x, mode="train"):
+    """(output, gradients, buffers) of one forward + backward; mode "train", "eval" or "frozen-output-bn"."""
+    return forward_backward(layer, impl, x, mode)[:3]
 
 
 def compare_layer(kwargs, hw, modes, tol=1e-5, device="cpu", **layer_kw):
