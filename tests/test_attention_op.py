@@ -159,6 +159,36 @@ def test_compile_layer_pair_training_step_no_recompile(no_recompile):
         torch.testing.assert_close(a, b)
 
 
+def test_compile_training_across_the_span_no_recompile(no_recompile):
+    # span 5 (radius 2): widths 3 (every key in span), 11 and 7 (banded); the similarity
+    # statistics must not branch on L vs the span, or crossing it recompiles
+    torch.manual_seed(0)
+    net = nn.Sequential(_layer("height", span=5), _layer("width", span=5)).train()
+    twin = nn.Sequential(_layer("height", span=5), _layer("width", span=5)).train()
+    twin.load_state_dict(net.state_dict())
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in [(2, 16, 9, 3), (3, 16, 4, 11), (2, 16, 13, 7)]:
+        x = torch.randn(shape)
+        net.zero_grad(), twin.zero_grad()
+        y, g = _grads(net, x)
+        yc, gc = _grads(compiled, x)
+        torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+        for a, b in zip(gc, g):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_similarity_pair_count_and_span_radius_are_symbolic_safe():
+    from axial_deeplab.layers.geometry import in_span_pairs, span_radius
+
+    for length in range(1, 9):
+        for r in range(0, 6):
+            want = sum(abs(p - o) <= r for o in range(length) for p in range(length))
+            assert in_span_pairs(length, r) == want
+    layer = _layer("width", span=5)
+    assert span_radius(layer, 3) is None and span_radius(layer, 4) == 2
+    assert span_radius(_layer("width"), 100) is None
+
+
 def _narrow(name, **kw):
     torch.manual_seed(0)
     return axial_deeplab.create_model(name, width=0.125, layers=(1, 1, 1, 1), **kw)

@@ -106,6 +106,10 @@ _state = {"builtins": False, "env_logging": False}
 
 
 def _ensure_builtins() -> None:
+    # while torch.compile traces, the paths are registered (the package imports them): reading
+    # the flag there would guard on it, and the first compiled call, which sets it, recompiles
+    if torch.compiler.is_compiling():
+        return
     if not _state["builtins"]:
         _state["builtins"] = True
         from . import builtin_paths  # noqa: F401  (registers the built-in paths)

@@ -17,11 +17,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "LOG2E",
     "attention_radius",
     "span_radius",
+    "in_span_pairs",
     "layer_query_step",
     "num_queries",
     "pair_table_rows",
@@ -46,13 +48,25 @@ def attention_radius(layer) -> int:
     return -1 if layer.span is None else (layer.span - 1) // 2
 
 
-def span_radius(layer, length: int) -> Optional[int]:
+def span_radius(layer, length) -> Optional[int]:
     """Half-width r of the local span on an axis of ``length``, or None when every key is in
-    span (global span, or an axis no longer than the span)."""
+    span (global span, or an axis no longer than the span).
+
+    A symbolic ``length`` (torch.compile / export with dynamic sizes) gives r unless the shape
+    environment already knows the axis is covered: comparing would guard on L vs the span and
+    recompile when an axis crosses it. Callers handle r >= L - 1 (every window clamped to the
+    axis; :func:`in_span_pairs`)."""
     if layer.span is None:
         return None
     r = (layer.span - 1) // 2
-    return None if r >= length - 1 else r
+    return None if statically_known_true(r >= length - 1) else r  # plain ints: the comparison
+
+
+def in_span_pairs(length, radius: int):
+    """Number of (query, key) pairs with |p - o| <= radius on an axis of ``length``, for any
+    radius (an int, or a SymInt without a guard: ``torch.sym_min``)."""
+    r = torch.sym_min(radius, length - 1)
+    return length * (2 * r + 1) - r * (r + 1)  # each edge loses r(r+1)/2 of the 2r+1 per query
 
 
 def layer_query_step(layer) -> int:
@@ -122,7 +136,10 @@ def apply_stride(y: torch.Tensor, layer) -> torch.Tensor:
     if layer.stride_mode == "avgpool":
         k = (s, 1) if layer.axis == "height" else (1, s)
         return F.avg_pool2d(y, k, k, ceil_mode=True)
-    return y[:, :, ::s, :] if layer.axis == "height" else y[:, :, :, ::s]
+    y = y[:, :, ::s, :] if layer.axis == "height" else y[:, :, :, ::s]
+    # traced, a node rather than a strided view: Inductor (dynamic shapes) fails ordering the
+    # symbolic strides of a 4-D view it keeps for a convolution's backward
+    return y.clone(memory_format=torch.preserve_format) if torch.compiler.is_compiling() else y
 
 
 # --------------------------------------------------------------------------- BatchNorm folding

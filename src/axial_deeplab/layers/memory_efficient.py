@@ -285,6 +285,7 @@ def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
         attention_radius(layer),
         layer.max_relative_distance,
         layer.use_qk,
+        length,
     )
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
     perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)

@@ -103,9 +103,12 @@ def attention_rows(
     radius: int,
     max_distance: int,
     use_qk: bool,
+    length: int = -1,
 ) -> Tuple[Tensor, Tensor]:
     """qkv rows (N*L, heads*(2dk+dv)), scales (3, heads) natural-unit similarity multipliers ->
-    (out (N*L, 2*heads*dv) = [sv | sve], lse (N*heads, L) log2-sum-exp2 of each row)."""
+    (out (N*L, 2*heads*dv) = [sv | sve], lse (N*heads, L) log2-sum-exp2 of each row).
+    ``length``: L when the caller knows it (traced with symbolic sizes, (N*L)//N is an
+    expression the compiler cannot reduce to L, and it guards on it); -1: (N*L)//N."""
     geo = layer_from_args(
         heads,
         dk,
@@ -119,7 +122,7 @@ def attention_rows(
     )
     qkv = qkv.detach().contiguous()
     scales = scales.detach()
-    length = qkv.shape[0] // nseq
+    length = qkv.shape[0] // nseq if length < 0 else length
     c2, c = qkv.shape[1], heads * dv
     if _rows_kernel_applies(geo, qkv):
         out = torch.empty(nseq * length, 2 * c)
@@ -147,8 +150,8 @@ def attention_rows(
 
 
 @attention_rows.register_fake
-def _(qkv, scales, query_table, key_table, value_table, nseq, heads, dk, dv, radius, max_distance, use_qk):
-    length = qkv.shape[0] // nseq
+def _(qkv, scales, query_table, key_table, value_table, nseq, heads, dk, dv, radius, max_distance, use_qk, length=-1):
+    length = qkv.shape[0] // nseq if length < 0 else length
     return qkv.new_empty(qkv.shape[0], 2 * heads * dv), qkv.new_empty(nseq * heads, length)
 
 
@@ -252,7 +255,7 @@ def _(
 
 
 def _rows_setup_context(ctx, inputs, output):
-    qkv, scales, rq, rk, rv, nseq, heads, dk, dv, radius, max_distance, use_qk = inputs
+    qkv, scales, rq, rk, rv, nseq, heads, dk, dv, radius, max_distance, use_qk = inputs[:12]
     out, lse = output
     ctx.save_for_backward(qkv, scales, rq, rk, rv, out, lse)
     ctx.args = (nseq, heads, dk, dv, radius, max_distance, use_qk)
@@ -270,6 +273,7 @@ def _rows_backward(ctx, g_out, g_lse):
         g_rq if rq is not None else None,
         g_rk if rk is not None else None,
         g_rv if rv is not None else None,
+        None,
         None,
         None,
         None,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .geometry import pair_table_rows, span_radius
+from .geometry import in_span_pairs, pair_table_rows, span_radius
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
 __all__ = ["similarity_moments", "similarity_moments_rows", "similarity_scales", "RowMoments"]
@@ -46,7 +46,7 @@ def similarity_moments(layer, q: torch.Tensor, k: torch.Tensor):
         pairs = length * length
     else:
         mask = ((pos[None, :] - pos[:, None]).abs() <= r).to(torch.float64)  # (o, p)
-        pairs = length * (2 * r + 1) - r * (r + 1)  # in-span pairs (r < L - 1): each edge loses r(r+1)/2
+        pairs = in_span_pairs(length, r)
     count = n * pairs
     qd, kd = q.to(torch.float64), k.to(torch.float64)
     zero = qd.new_zeros(heads)
@@ -259,6 +259,11 @@ def similarity_moments_rows(layer, y: torch.Tensor, nseq: int, length: int):
     return similarity_moments(layer, qkv4[:, :, :dk], qkv4[:, :, dk : 2 * dk])
 
 
+def _at_least_one(n):
+    """max(n, 1) for an int, a SymInt (no guard on a symbolic size) or a tensor (summed counts)."""
+    return n.clamp(min=1) if isinstance(n, torch.Tensor) else torch.sym_max(n, 1)
+
+
 def similarity_scales(layer, q: Optional[torch.Tensor], k: Optional[torch.Tensor], moments=None) -> torch.Tensor:
     """Per (term, head) multipliers a_t = gamma_t / sqrt(var_t + eps) of the similarity
     BN, shape (3, heads); the BN shifts cancel in the softmax. In training the batch
@@ -282,7 +287,7 @@ def similarity_scales(layer, q: Optional[torch.Tensor], k: Optional[torch.Tensor
                 bn.num_batches_tracked += 1
                 f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
                 m = mean.detach().reshape(-1).to(bn.running_mean.dtype)
-                v = (var.detach() * count / max(count - 1, 1)).reshape(-1).to(bn.running_var.dtype)
+                v = (var.detach() * count / _at_least_one(count - 1)).reshape(-1).to(bn.running_var.dtype)
                 bn.running_mean.mul_(1 - f).add_(f * m)
                 bn.running_var.mul_(1 - f).add_(f * v)
         var = var.to(dtype).reshape(3, heads)
