@@ -7,6 +7,21 @@ Lookahead (Zhang et al. 2019) is written here as a thin wrapper around any
 ``alpha`` towards the fast weights and the fast weights restart from them. Its state
 (slow weights, inner-step counter) is part of ``state_dict`` so a resumed run continues
 exactly.
+
+Both have twins in timm (``timm.optim.Lookahead``, ``timm.optim.param_groups_weight_decay``),
+kept here because timm is an optional extra, and importing it imports torchvision, whose CPU-torch
+import fails outright unless patched (``operator torchvision::nms does not exist``). They are not
+drop-in equal either (tests/test_optim_twins.py runs both side by side):
+
+- timm's groups decay every parameter with two or more dimensions, so the 2-D ``*_table``
+  relative-position embeddings are decayed; with ``no_weight_decay_list=("*_table",)`` its groups
+  hold exactly our parameters (on every registered model). deeplab2 does put L2 on its relative
+  embeddings; the paper's panoptic recipes train with ``weight_decay: 0``, so they are unaffected.
+- timm's Lookahead creates each slow weight at the first sync from the fast weights of that moment,
+  so the first sync is a no-op and the slow weights start at step ``k``, not at the initial weights
+  as in the paper's Algorithm 1 (ours). After that the updates are the same: ours wrapped around a
+  base optimizer that has already taken ``k`` plain steps reproduces timm's run bit for bit. timm also
+  skips parameters whose ``.grad`` is None at a sync, and allows ``alpha=0``.
 """
 
 from __future__ import annotations
@@ -36,7 +51,10 @@ def _is_no_decay(module: nn.Module, param_name: str) -> bool:
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> List[Dict]:
     """Two groups: ``decay`` (conv/linear/attention projections) and ``no_decay`` (norm
-    weights and biases, all biases, and parameters whose name ends with ``_table``)."""
+    weights and biases, all biases, and parameters whose name ends with ``_table``).
+
+    Equals timm's ``param_groups_weight_decay(model, wd, no_weight_decay_list=("*_table",))`` up to
+    group order; the ``group_name``/``param_names`` keys are what logs and tests read."""
     decay, no_decay = [], []
     decay_names, no_decay_names = [], []
     seen = set()
@@ -72,6 +90,9 @@ class Lookahead:
     Exposes ``param_groups``, ``state``, ``step``, ``zero_grad``, ``state_dict`` and
     ``load_state_dict`` like a ``torch.optim.Optimizer`` so schedules, gradient scalers
     and checkpoints treat it the same way.
+
+    The slow weights are the weights at construction (the paper's phi_0), so the first sync already
+    pulls back; timm's starts them at the first sync instead (see the module docstring).
     """
 
     def __init__(self, base: torch.optim.Optimizer, k: int = 6, alpha: float = 0.5):
