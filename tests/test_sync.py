@@ -45,6 +45,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             results[name] = (x.detach().clone(), y.detach().clone(), x.grad.clone())
             torch.manual_seed(rank)  # the same x for the second function
         torch.save({"results": results, "warnings": caught}, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # neither process tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
