@@ -9,23 +9,11 @@ from torch import nn
 
 import axial_deeplab
 from axial_deeplab.engine.optim import Lookahead, param_groups_weight_decay
-from axial_deeplab.layers import PositionSensitiveAxialAttention
 
 timm_optim = pytest.importorskip("timm.optim", reason="timm (dev extra) is not installed")
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.attn = PositionSensitiveAxialAttention(8, 8, axis="height", num_heads=2, span=5)
-        self.gn = nn.GroupNorm(2, 8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = self.gn(self.attn(torch.relu(self.bn(self.conv(x)))))
-        return self.head(x.mean((2, 3)))
+from test_engine_optim import _Net  # noqa: E402  (the same small net the optimizer tests use)
 
 
 def _ids(groups, weight_decay):
