@@ -243,8 +243,8 @@ def test_max_rel_diff_compares_every_output():
 def test_the_command_runs_the_registered_suites_in_order():
     from axial_deeplab.commands import benchmark as command
 
-    assert command.SECTIONS == ("layers", "core", "models", "whole_models", "postprocess", "deploy")
-    # the whole-model comparison and deploy only when asked
+    assert command.SECTIONS == ("layers", "core", "models", "whole_models", "span_scaling", "postprocess", "deploy")
+    # the whole-model comparison, the span scaling and deploy only when asked
     assert command.DEFAULT_SECTIONS == ("layers", "core", "models", "postprocess")
 
 
@@ -332,3 +332,29 @@ def test_whole_model_scaling_table_and_memory_estimate():
     rows = [row("axial", 1, 1.0, 10 + 2 * 64 / 1024, "2x3x8x8"), row("axial", 1, 1.0, 10 + 4 * 256 / 1024, "4x3x16x16")]
     (est,) = wm.memory_estimates(rows, {"axial": 0}, gpu_bytes=10 * 2**30)
     assert abs(est.peak_mib - 1025 * 2049 / 1024) < 1e-6 and est.note.endswith("batch per 11 GB GPU: 4")
+
+
+def test_span_scaling_rows_count_in_span_pairs_and_fill_the_table():
+    from axial_deeplab.benchmark.suites import span_scaling
+
+    # the pair count against a brute-force count of |p - o| <= r
+    for length, span in ((9, 3), (9, 5), (9, None), (4, 17)):
+        r = length if span is None else (span - 1) // 2
+        brute = sum(abs(p - o) <= r for o in range(length) for p in range(length))
+        assert span_scaling.pairs_per_sequence(length, span) == brute
+
+    rows = span_scaling.bench_span_scaling(
+        torch.device("cpu"), lengths=(9, 17), spans=(3, None), modes=("eval", "train"), repeats=1, log=lambda s: None
+    )
+    assert [(r.case, r.mode, r.impl) for r in rows][:4] == [
+        ("L=9", "eval", "span 3"),
+        ("L=9", "eval", "global"),
+        ("L=9", "train", "span 3"),
+        ("L=9", "train", "global"),
+    ]
+    assert len(rows) == 8 and all(r.median_ms and r.median_ms > 0 for r in rows)
+    pairs = span_scaling.COLUMNS * span_scaling.pairs_per_sequence(17, None)
+    ns = float(rows[-1].note.split()[0])
+    assert abs(ns - rows[-1].median_ms * 1e6 / pairs) <= 0.05 + 1e-3 * ns
+    text = span_scaling.format_span_table(rows)
+    assert text.count("span 3") == 2 and "global" in text and " 17 " in text

@@ -16,7 +16,7 @@ from ..benchmark.suites import SUITES, Settings, Suite
 from ..fileio import atomic_write_json
 
 SECTIONS = tuple(s.name for s in SUITES)
-# "whole_models" and "deploy" time whole models (minutes on a CPU): run only when asked for
+# "whole_models", "span_scaling" and "deploy" time big cases (minutes on a CPU): run only when asked for
 DEFAULT_SECTIONS = tuple(s.name for s in SUITES if s.default)
 
 
@@ -45,11 +45,12 @@ def register(subparsers) -> None:
         nargs="+",
         choices=SECTIONS,
         default=list(DEFAULT_SECTIONS),
-        help="sections to run (default: all but whole_models and deploy; whole_models = "
+        help="sections to run (default: all but whole_models, span_scaling and deploy; whole_models = "
         "Axial-ResNet-S vs ResNet-50 and Axial-DeepLab-S vs Panoptic-DeepLab-R50, eval and "
         "training step at 1 and 2 threads with peak memory, about 15 minutes on 2 cores, "
         "tiny inputs with --quick; deploy = eager vs torch.compile vs ONNX Runtime for "
-        "Axial-ResNet-S and Axial-DeepLab-S, with compile and export times)",
+        "Axial-ResNet-S and Axial-DeepLab-S, with compile and export times; span_scaling = one "
+        "axial layer at L = 65..513 and span 17, 33, 65, global: the O(L x m) cost, a few minutes)",
     )
     p.add_argument(
         "--impls",

@@ -32,17 +32,22 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
+def model_builder(name: str) -> Callable:
+    """The registered builder of ``name`` (for wrappers such as the timm entrypoint)."""
+    if name not in _MODELS:
+        close = fnmatch.filter(_MODELS, f"*{name}*")
+        hint = f" Similar: {close}." if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} See axial_deeplab.list_models().")
+    return _MODELS[name]
+
+
 def create_model(name: str, pretrained: Optional[str] = None, **kwargs):
     """Build a registered model; ``pretrained`` is a local weights file, checkpoint folder or run
     folder (its best/, else newest checkpoint), never a download.
 
     Overrides (``num_classes=...``, ``span=...``, ``features_only=True`` ...) go to the builder.
     """
-    if name not in _MODELS:
-        close = fnmatch.filter(_MODELS, f"*{name}*")
-        hint = f" Similar: {close}." if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} See axial_deeplab.list_models().")
-    model = _MODELS[name](**kwargs)
+    model = model_builder(name)(**kwargs)
     from .timm_api import pretrained_cfg_for
 
     cfg = pretrained_cfg_for(name)

@@ -71,7 +71,7 @@ def axial_deeplab(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_
     """timm entrypoint of the ``axial_deeplab`` namespace (see the module docstring)."""
     from timm.models import build_model_with_cfg
 
-    from .registry import _MODELS
+    from .registry import model_builder
 
     name = _resolve_name(pretrained_cfg)
     unsupported = sorted(set(kwargs) - _accepted_kwargs(name))
@@ -91,7 +91,7 @@ def axial_deeplab(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_
     if isinstance(pretrained_cfg, str) or pretrained_cfg is None:
         pretrained_cfg = name
     return build_model_with_cfg(
-        _MODELS[name],
+        model_builder(name),
         NAMESPACE,
         pretrained,
         pretrained_cfg=pretrained_cfg,
