@@ -184,6 +184,28 @@ def test_cityscapes_layout_made_by_cityscapesscripts(tmp_path):
         torch.tensor(np.random.default_rng(0).integers(0, 255, (16, 32, 3), dtype=np.uint8)[0, 0], dtype=torch.float32),
     )
 
+    # the official label-id ground truth (without --use-train-id): the same classes and samples,
+    # category ids 7..33; "auto" takes the train-id JSON while it is there, else this one
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert2panoptic(str(gt), str(gt), useTrainId=False, setNames=["val"])
+    lab = CityscapesPanoptic(tmp_path, "val", ids="label")
+    assert lab.json_path == gt / "cityscapes_panoptic_val.json" and lab.png_dir == gt / "cityscapes_panoptic_val"
+    assert lab.metadata.class_names == md.class_names and lab.metadata.thing_ids == md.thing_ids
+    assert [lab.metadata.category_id(c) for c in (0, 10, 11, 13, 18)] == [7, 23, 24, 26, 33]  # labels.py ids
+    for i in range(len(ds)):
+        a, b = ds[i], lab[i]
+        assert a["image_id"] == b["image_id"]
+        for key in ("image", "semantic", "instance", "crowd"):
+            assert torch.equal(a[key], b[key]), key
+    assert CityscapesPanoptic(tmp_path, "val").ids == "train"
+    (gt / "cityscapes_panoptic_val_trainId.json").rename(tmp_path / "trainId.json")
+    assert CityscapesPanoptic(tmp_path, "val").ids == "label"
+    with pytest.raises(FileNotFoundError, match="cityscapes_panoptic_val_trainId.json.*--use-train-id"):
+        CityscapesPanoptic(tmp_path, "val", ids="train")
+    with pytest.raises(ValueError, match="'labels' is not one of auto, train, label"):
+        CityscapesPanoptic(tmp_path, "val", ids="labels")
+    (tmp_path / "trainId.json").rename(gt / "cityscapes_panoptic_val_trainId.json")
+
     # the label-id JSON (without --use-train-id) is refused with a hint
     (tmp_path / "labelids").mkdir()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -191,6 +213,12 @@ def test_cityscapes_layout_made_by_cityscapesscripts(tmp_path):
     (tmp_path / "labelids" / "cityscapes_panoptic_val.json").replace(gt / "cityscapes_panoptic_val_trainId.json")
     with pytest.raises(PanopticFormatError, match="use-train-id"):
         CityscapesPanoptic(tmp_path, "val")
+    # and the train-id JSON in the label-id one's place is refused naming it
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert2panoptic(str(gt), str(tmp_path / "labelids"), useTrainId=True, setNames=["val"])
+    (tmp_path / "labelids" / "cityscapes_panoptic_val_trainId.json").replace(gt / "cityscapes_panoptic_val.json")
+    with pytest.raises(PanopticFormatError, match=r"cityscapes_panoptic_val\.json: categories are not .* label ids 7"):
+        CityscapesPanoptic(tmp_path, "val", ids="label")
 
 
 def test_mapillary_layout(tmp_path):

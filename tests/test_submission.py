@@ -5,7 +5,9 @@ A COCO-format fixture with integer image ids (139, 285, 632) and sparse category
 for a few steps. ``evaluate --predictions`` must write files keyed by those ids, with the
 fixture's categories and relative file names, at the ground truth's size, that our ``pq`` and an
 independent PQ written from the definition here both score exactly as ``evaluate`` itself did;
-``predict`` writes integer ids (from ``--image-ids`` or 1..N with a file-name map).
+``predict`` writes integer ids (from ``--image-ids`` or 1..N with a file-name map). A Cityscapes
+fixture in both ``csCreatePanopticImgs`` layouts (train ids and the official label ids) is scored
+by cityscapesscripts' own ``evaluatePanoptic`` against each.
 """
 
 import copy
@@ -363,10 +365,28 @@ CITY_IDS = ["frankfurt_000000_000294", "frankfurt_000000_000576", "lindau_000001
 TRAIN_ID = {1: 10, 2: 0, 3: 11, 4: 13, 5: 18}
 
 
-def _cityscapes_fixture(root):
-    """The synthetic val split in the layout ``csCreatePanopticImgs --use-train-id`` writes, with
-    its categories made the way that script makes them."""
+def _cs_categories(use_train_id):
+    """The categories list as cityscapesscripts' createPanopticImgs writes it."""
     from cityscapesscripts.helpers.labels import labels
+
+    return [
+        {
+            "id": int(lb.trainId) if use_train_id else int(lb.id),
+            "name": lb.name,
+            "color": list(lb.color),
+            "supercategory": lb.category,
+            "isthing": 1 if lb.hasInstances else 0,
+        }
+        for lb in labels
+        if not lb.ignoreInEval
+    ]
+
+
+def _cityscapes_fixture(root):
+    """The synthetic val split in the layout ``csCreatePanopticImgs`` writes, both with
+    ``--use-train-id`` (``"train"``) and without (``"label"``: the official label ids): the same
+    PNGs, the category ids and categories made the way that script makes them."""
+    from cityscapesscripts.helpers.labels import trainId2label
 
     from axial_deeplab.data.synthetic import SyntheticPanoptic
 
@@ -389,28 +409,30 @@ def _cityscapes_fixture(root):
         ann.update(image_id=new, file_name=f"{new}_gtFine_panoptic.png")
         for seg in ann["segments_info"]:
             seg["category_id"] = TRAIN_ID[seg["category_id"]]
-    doc["categories"] = [
-        {
-            "id": int(lb.trainId),
-            "name": lb.name,
-            "color": list(lb.color),
-            "supercategory": lb.category,
-            "isthing": 1 if lb.hasInstances else 0,
-        }
-        for lb in labels
-        if not lb.ignoreInEval
-    ]
+    doc["categories"] = _cs_categories(use_train_id=True)
     json_path = root / "gtFine" / "cityscapes_panoptic_val_trainId.json"
     json_path.write_text(json.dumps(doc))
-    return {"json": json_path, "png_dir": png_dir, "doc": doc}
+    out = {"train": {"json": json_path, "png_dir": png_dir, "doc": doc}}
+
+    label_doc = copy.deepcopy(doc)
+    for ann in label_doc["annotations"]:
+        for seg in ann["segments_info"]:
+            seg["category_id"] = int(trainId2label[seg["category_id"]].id)
+    label_doc["categories"] = _cs_categories(use_train_id=False)
+    label_json, label_png = (
+        root / "gtFine" / "cityscapes_panoptic_val.json",
+        root / "gtFine" / "cityscapes_panoptic_val",
+    )
+    shutil.copytree(png_dir, label_png)
+    label_json.write_text(json.dumps(label_doc))
+    out["label"] = {"json": label_json, "png_dir": label_png, "doc": label_doc}
+    return out
 
 
-def test_cityscapes_predictions_scored_by_evaluate_panoptic_equal_evaluate(
-    tmp_path_factory, tmp_path, capsys, monkeypatch
-):
+@pytest.fixture(scope="module")
+def city(tmp_path_factory):
+    """Both Cityscapes ground truths and a tiny model trained on the train-id one ("auto" picks it)."""
     pytest.importorskip("cityscapesscripts")
-    from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as cs_eval
-
     from axial_deeplab.engine.train import train
 
     root = tmp_path_factory.mktemp("cityscapes")
@@ -423,34 +445,114 @@ def test_cityscapes_predictions_scored_by_evaluate_panoptic_equal_evaluate(
         eval={"batch_size": 2, "threshold": 0.05},
     )
     cfg["data"]["options"] = {}
-    checkpoint = train(config_from_dict(copy.deepcopy(cfg))).last_checkpoint
-    out = tmp_path / "preds"
-    rc = main(
-        [
-            "evaluate",
-            "--checkpoint",
-            checkpoint,
-            "--no-progress",
-            "--json",
-            str(tmp_path / "m.json"),
-            "--predictions",
-            str(out),
-        ]
-    )
-    assert rc == 0, capsys.readouterr().err
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    doc = json.loads((out / "predictions.json").read_text())
-    assert [a["image_id"] for a in doc["annotations"]] == CITY_IDS
-    assert doc["categories"] == gt["doc"]["categories"]
-    assert [i["file_name"] for i in doc["images"]] == [i["file_name"] for i in gt["doc"]["images"]]
+    return dict(gt, root=root, checkpoint=train(config_from_dict(copy.deepcopy(cfg))).last_checkpoint)
+
+
+def _city_evaluate(city, tmp_path, ids, *extra):
+    metrics = tmp_path / f"metrics_{ids}.json"
+    args = ["evaluate", "--checkpoint", city["checkpoint"], "--no-progress", "--json", str(metrics), *extra]
+    rc = main(args + [f"data.options.ids={ids}"])
+    return rc, (json.loads(metrics.read_text()) if rc == 0 else None)
+
+
+def _evaluate_panoptic(monkeypatch, tmp_path, gt, out):
+    """cityscapesscripts' own scorer, with its defaults otherwise."""
+    from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as cs_eval
 
     monkeypatch.setattr(cs_eval.multiprocessing, "cpu_count", lambda: 1)
-    res = cs_eval.evaluatePanoptic(
+    return cs_eval.evaluatePanoptic(
         str(gt["json"]),
         str(gt["png_dir"]),
         str(out / "predictions.json"),
         str(out / "panoptic"),
         str(tmp_path / "cs.json"),
     )
-    _assert_scores_equal(metrics, res)
-    assert metrics["PQ_st"] > 0 and metrics["PQ"] < 100
+
+
+def test_cityscapes_predictions_scored_by_evaluate_panoptic_equal_evaluate(city, tmp_path, capsys, monkeypatch):
+    """Train-id and official label-id ground truth: the same scores, each one's ids in the files,
+    and cityscapesscripts' ``evaluatePanoptic`` scores each against its ground truth as ``evaluate`` did."""
+    metrics, docs = {}, {}
+    for ids in ("train", "label"):
+        gt, out = city[ids], tmp_path / ids
+        rc, metrics[ids] = _city_evaluate(city, tmp_path, ids, "--predictions", str(out))
+        assert rc == 0, capsys.readouterr().err
+        doc = docs[ids] = json.loads((out / "predictions.json").read_text())
+        assert [a["image_id"] for a in doc["annotations"]] == CITY_IDS
+        assert doc["categories"] == gt["doc"]["categories"]
+        assert [i["file_name"] for i in doc["images"]] == [i["file_name"] for i in gt["doc"]["images"]]
+        _assert_scores_equal(metrics[ids], _evaluate_panoptic(monkeypatch, tmp_path, gt, out))
+    assert metrics["train"]["PQ_st"] > 0 and metrics["train"]["PQ"] < 100
+    for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU"):  # a train-id model scores alike on label ids
+        assert metrics["label"][k] == metrics["train"][k], k
+    # the same segments, under the label ids that labels.py gives each train id
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    used = {ids: [[s["category_id"] for s in a["segments_info"]] for a in docs[ids]["annotations"]] for ids in docs}
+    assert used["label"] == [[trainId2label[c].id for c in segs] for segs in used["train"]]
+    assert {c for segs in used["label"] for c in segs} & {24, 26, 33} and not {
+        c for segs in used["label"] for c in segs
+    } & set(range(7))
+
+
+def test_cityscapes_label_ids_with_wrong_categories_refused(city, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(city["root"] / "leftImg8bit", bad / "leftImg8bit")
+    (bad / "gtFine").mkdir()
+    shutil.copytree(city["label"]["png_dir"], bad / "gtFine" / "cityscapes_panoptic_val")
+    doc = copy.deepcopy(city["label"]["doc"])
+    doc["categories"] = _cs_categories(use_train_id=True)  # the train-id list under the label-id name
+    (bad / "gtFine" / "cityscapes_panoptic_val.json").write_text(json.dumps(doc))
+    rc, _ = _city_evaluate(city, tmp_path, "label", f"data.root={bad}")
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad / "gtFine" / "cityscapes_panoptic_val.json") in err, err
+    assert "label ids 7..33" in err and "csCreatePanopticImgs" in err, err
+
+
+def test_cityscapes_predict_writes_the_label_ids_of_a_label_id_ground_truth(city, tmp_path, capsys, monkeypatch):
+    """A train-id model's ``predict --image-ids`` with the official JSON writes its label ids and
+    categories (cityscapesscripts scores them); without it, the checkpoint's train ids."""
+    images = city["root"] / "leftImg8bit" / "val"
+    for ids in ("label", "train"):
+        gt, out = city[ids], tmp_path / ids
+        rc = main(
+            ["predict", "--checkpoint", city["checkpoint"], str(images), "--output", str(out), "--no-progress"]
+            + ["--no-overlays", "--image-ids", str(gt["json"])]
+        )
+        assert rc == 0, capsys.readouterr().err
+        doc = json.loads((out / "predictions.json").read_text())
+        assert doc["categories"] == gt["doc"]["categories"]
+        cats = {c["id"] for c in gt["doc"]["categories"]}
+        assert {s["category_id"] for a in doc["annotations"] for s in a["segments_info"]} <= cats
+        assert sorted(a["image_id"] for a in doc["annotations"]) == CITY_IDS
+        res = _evaluate_panoptic(monkeypatch, tmp_path, gt, out)
+        assert res["All"]["n"] > 0 and res["All"]["pq"] > 0
+    rc = main(
+        ["predict", "--checkpoint", city["checkpoint"], str(images), "-o", str(tmp_path / "plain")]
+        + ["--no-progress", "--no-overlays"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((tmp_path / "plain" / "predictions.json").read_text())
+    assert sorted(c["id"] for c in doc["categories"]) == list(range(19))
+
+
+def test_cityscapes_id_schemes_are_one_class_list_and_nothing_else():
+    from axial_deeplab.data.meta import (
+        MetadataMismatchError,
+        PanopticMetadata,
+        check_metadata_compatible,
+        cityscapes_metadata,
+        same_classes_other_ids,
+        with_category_ids_of,
+    )
+
+    train, label = cityscapes_metadata(), cityscapes_metadata("label")
+    assert check_metadata_compatible(train, label) is None and check_metadata_compatible(label, train) is None
+    assert with_category_ids_of(train, _cs_categories(use_train_id=False)).coco_categories() == _cs_categories(False)
+    # other ids for the same names are still other classes
+    shuffled = PanopticMetadata.from_dict(dict(label.to_dict(), category_ids=[c + 100 for c in label.category_ids]))
+    assert not same_classes_other_ids(train, shuffled)
+    with pytest.raises(MetadataMismatchError, match="id 0.*id 107"):
+        check_metadata_compatible(train, shuffled)
+    assert with_category_ids_of(train, shuffled.coco_categories()) is train

@@ -237,8 +237,18 @@ _CITYSCAPES_SUPER = {
 _SUPERCATEGORIES = {"cityscapes": _CITYSCAPES_SUPER}
 
 
-def cityscapes_metadata() -> PanopticMetadata:
-    """Cityscapes panoptic with train ids: 19 classes, 8 things (11..18), label divisor 1000."""
+# Cityscapes label ids (cityscapesscripts' labels.py ``id``) of the 19 evaluated classes, in train-id
+# order: the category ids of ``csCreatePanopticImgs`` without --use-train-id and of the benchmark.
+_CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+CITYSCAPES_IDS = ("train", "label")
+
+
+def cityscapes_metadata(ids: str = "train") -> PanopticMetadata:
+    """Cityscapes panoptic: 19 classes, 8 things (11..18), label divisor 1000. ``ids`` says which
+    category ids the dataset's JSON uses: ``"train"`` (train ids 0..18, ``--use-train-id``) or
+    ``"label"`` (the label ids 7..33 of the official ground truth); the classes are the same."""
+    if ids not in CITYSCAPES_IDS:
+        raise ValueError(f"cityscapes_metadata: ids must be one of {', '.join(CITYSCAPES_IDS)}, not {ids!r}")
     return PanopticMetadata(
         name="cityscapes",
         class_names=[n for n, _ in _CITYSCAPES],
@@ -246,7 +256,45 @@ def cityscapes_metadata() -> PanopticMetadata:
         label_divisor=1000,
         ignore_label=255,
         colors=[c for _, c in _CITYSCAPES],
-        category_ids=list(range(19)),
+        category_ids=list(range(19)) if ids == "train" else list(_CITYSCAPES_LABEL_IDS),
+    )
+
+
+# A dataset's alternative category-id schemes for the same class list: Cityscapes' train ids and
+# label ids name the same 19 classes, class by class.
+_ID_SCHEMES = {"cityscapes": (tuple(range(19)), tuple(_CITYSCAPES_LABEL_IDS))}
+
+
+def same_classes_other_ids(a: PanopticMetadata, b: PanopticMetadata) -> bool:
+    """True when ``a`` and ``b`` are one dataset's classes under two of its id schemes (Cityscapes
+    train ids and label ids): a model trained on one scores and writes predictions on the other."""
+    schemes = _ID_SCHEMES.get(a.name)
+    return (
+        schemes is not None
+        and a.name == b.name
+        and a.category_ids is not None
+        and b.category_ids is not None
+        and tuple(a.category_ids) in schemes
+        and tuple(b.category_ids) in schemes
+        and a.class_names == b.class_names
+        and a.thing_ids == b.thing_ids
+    )
+
+
+def with_category_ids_of(metadata: PanopticMetadata, categories) -> PanopticMetadata:
+    """``metadata`` under the category ids of ``categories`` (a COCO-panoptic JSON's list, kept
+    unchanged for writing) when they are its classes under another id scheme of the same dataset
+    (Cityscapes label ids for a train-id model); else ``metadata`` itself."""
+    try:
+        other = PanopticMetadata.from_coco_categories(
+            categories, name=metadata.name, label_divisor=metadata.label_divisor, ignore_label=metadata.ignore_label
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return metadata
+    if not same_classes_other_ids(metadata, other) or other.category_ids == metadata.category_ids:
+        return metadata
+    return PanopticMetadata.from_dict(
+        dict(metadata.to_dict(), category_ids=list(other.category_ids), categories=[dict(c) for c in categories])
     )
 
 
@@ -269,8 +317,9 @@ def check_metadata_compatible(
 ) -> list[int] | None:
     """Refuse two metadata (``a`` a model's, ``b`` a dataset's) that give class ids other meanings.
 
-    Compared: class names, things/stuff, dataset category ids (where both know them) and the
-    label divisor, class by class; every difference is listed in one message. With
+    Compared: class names, things/stuff, dataset category ids (where both know them, and unless
+    they are one dataset's two id schemes: Cityscapes train ids and label ids) and the label
+    divisor, class by class; every difference is listed in one message. With
     ``map_by_name`` the classes may be listed in another order (and under other category ids):
     returns ``perm`` with ``perm[j]`` = the class of ``a`` named like class ``j`` of ``b``, so a
     model's per-class outputs reordered with it follow ``b``; a name present on one side only,
@@ -319,7 +368,8 @@ def check_metadata_compatible(
                 diffs.append(f"only in the {nb}: {only_b}")
             if only_a:
                 diffs.append(f"only in the {na}: {only_a}")
-        with_id = a.category_ids is not None and b.category_ids is not None
+        # Where both know category ids they must agree, unless they are one dataset's two id schemes.
+        with_id = a.category_ids is not None and b.category_ids is not None and not same_classes_other_ids(a, b)
         per_class = []
         for c in range(min(a.num_classes, b.num_classes)):
             same = (

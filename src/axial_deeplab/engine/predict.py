@@ -200,9 +200,17 @@ def _relative_file_name(f: Path, roots: Iterable[Path]) -> str:
     return f.name
 
 
+class ImageIds(dict):
+    """``{images[].file_name: images[].id}``, with the JSON's ``categories`` list (None when it has none)."""
+
+    categories: Optional[list] = None
+
+
 def read_image_ids(path) -> dict:
     """``{images[].file_name: images[].id}`` of a COCO JSON (image info or ground truth), ids as
-    the JSON has them (COCO's are ints). Errors name the file and the entry."""
+    the JSON has them (COCO's are ints), as an :class:`ImageIds` that keeps its categories: where
+    they are the model's classes under another id scheme of the dataset (Cityscapes label ids for
+    a model trained on train ids), predict writes those ids. Errors name the file and the entry."""
     from ..data.panoptic_io import PanopticFormatError, load_json
 
     data = load_json(path, "image-id JSON")
@@ -212,7 +220,9 @@ def read_image_ids(path) -> dict:
             f"{path}: no 'images' list (the image-info or ground-truth COCO JSON lists "
             f"each image's id and file_name there)"
         )
-    out: dict = {}
+    out = ImageIds()
+    cats = data.get("categories")
+    out.categories = cats if isinstance(cats, list) else None
     seen_ids: dict = {}
     for i, img in enumerate(images):
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
@@ -236,15 +246,20 @@ def assign_image_ids(
 ) -> Tuple[list, List[str]]:
     """``(image id, images[].file_name)`` per file. With ``image_ids`` (see :func:`read_image_ids`)
     a file gets the id its path relative to its input folder has there, else the id of its base
-    name where that is listed once; a file not listed is refused by name. Without, the ids are
-    ``start, start + 1, ...`` in file order (the file name says which image each is)."""
+    name where that is listed once (Cityscapes' ``<id>_leftImg8bit.png`` under the
+    ``<id>_gtFine_leftImg8bit.png`` its panoptic JSON lists); a file not listed is refused by
+    name. Without, the ids are ``start, start + 1, ...`` in file order (the file name says which
+    image each is)."""
     roots = [Path(i) for i in inputs if Path(i).is_dir()]
     rel = [_relative_file_name(f, roots) for f in files]
     if image_ids is None:
         return list(range(start, start + len(files))), rel
     by_base: dict = {}
     for name, iid in image_ids.items():
-        by_base.setdefault(name.rsplit("/", 1)[-1], []).append(iid)
+        base = name.rsplit("/", 1)[-1]
+        by_base.setdefault(base, []).append(iid)
+        if base.endswith("_gtFine_leftImg8bit.png"):  # cityscapesscripts' name for "<id>_leftImg8bit.png"
+            by_base.setdefault(base[: -len("_gtFine_leftImg8bit.png")] + "_leftImg8bit.png", []).append(iid)
     ids, missing = [], []
     for r in rel:
         if r in image_ids:
@@ -569,6 +584,10 @@ def _predict(
     taken: set = set()
     names = [_output_name(f, roots, taken) for f in files]
     ids_of, rel_names = assign_image_ids(files, inputs, image_ids, source, start=_next_id(folder.previous))
+    if getattr(image_ids, "categories", None):
+        from ..data.meta import with_category_ids_of
+
+        metadata = with_category_ids_of(metadata, image_ids.categories)  # e.g. Cityscapes label ids
     next_id = _next_id(folder.previous)  # without image_ids: 1..N over the images written, in order
     folder.prepare(names, metadata, overlays)
     _refuse_earlier_ids(folder, ids_of)

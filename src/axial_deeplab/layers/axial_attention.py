@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import dispatch
+from .activation_recompute import recompute_applies, run_recomputed
 from .dispatch import available_attention_impls, register_attention_impl  # noqa: F401  (public API)
 
 __all__ = [
@@ -106,6 +107,9 @@ class PositionSensitiveAxialAttention(nn.Module):
         impl: ``"auto"`` (the dispatcher's priority list for the device and mode), or a path
             by name: ``"reference"``, ``"banded"``, ``"memory_efficient"``, ``"fast"``, ``"triton"``
             (see ``axial_deeplab.layers.explain``).
+        recompute_activations: in training, keep only the input and replay the forward in the
+            backward (less activation memory for one more forward; exact, see
+            :mod:`.activation_recompute`).
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class PositionSensitiveAxialAttention(nn.Module):
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
         impl: str = "auto",
+        recompute_activations: bool = False,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -174,6 +179,7 @@ class PositionSensitiveAxialAttention(nn.Module):
         self.use_key_rpe = use_key_rpe
         self.use_value_rpe = use_value_rpe
         self.impl = impl
+        self.recompute_activations = bool(recompute_activations)
         # Set by engine.distributed.convert_sync_batchnorm: sum the similarity-BN statistics,
         # which the attention math forms itself, over processes (see layers.sync).
         self.sync_statistics = False
@@ -287,6 +293,11 @@ class PositionSensitiveAxialAttention(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
+        if self.recompute_activations and recompute_applies(self):
+            return run_recomputed(self, self._run, x)
+        return dispatch.run(self, x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.run(self, x)
 
     def extra_repr(self) -> str:
@@ -305,5 +316,5 @@ class PositionSensitiveAxialAttention(nn.Module):
             f"{self.in_channels}->{self.out_channels}, axis={self.axis}, heads={self.num_heads}, "
             f"key_channels={self.key_channels}, span={span}, stride={self.stride}, "
             f"table_rows={self.table_rows}/{2 * self.table_reach + 1}, terms={'+'.join(terms)}, "
-            f"impl={self.impl}"
+            f"impl={self.impl}" + (", recompute_activations=True" if self.recompute_activations else "")
         )

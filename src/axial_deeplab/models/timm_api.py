@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.activation_recompute import run_recomputed
+
 __all__ = [
     "FeatureInfo",
     "GlobalPool",
@@ -168,7 +170,7 @@ class TimmModelMixin:
         stage = getattr(self, name)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in stage:  # each block's activations recomputed in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = run_recomputed(block, block, x)
             return x
         return stage(x)
 
@@ -274,8 +276,9 @@ class TimmModelMixin:
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Run every block under ``torch.utils.checkpoint`` (non-reentrant) while gradients are
-        on: activations recomputed in backward instead of kept. BatchNorm's running statistics
-        then see each training batch twice (as in timm)."""
+        on: activations recomputed in backward instead of kept. Unlike timm's, BatchNorm's running
+        statistics see each training batch once (restored after the replay), so a step equals one
+        without checkpointing (see ``layers.activation_recompute``)."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore

@@ -38,6 +38,13 @@ Case = Tuple[str, str, str, Shape]
 
 CLASSIFIERS = ("axial_resnet_s", "resnet50")
 PANOPTIC = ("axial_deeplab_s", "panoptic_deeplab_r50")
+# Axial-DeepLab-S with each attention layer's activations recomputed in the backward
+# (layers.activation_recompute): the memory comparison with and without.
+RECOMPUTE = "axial_deeplab_s+recompute"
+PANOPTIC_RECOMPUTE = (RECOMPUTE, "panoptic_deeplab_r50")
+VARIANTS: Dict[str, Callable[[], torch.nn.Module]] = {
+    RECOMPUTE: lambda: _create("axial_deeplab_s", attention_kw={"recompute_activations": True}),
+}
 CASES: List[Case] = [
     (*CLASSIFIERS, "eval", (1, 3, 224, 224)),
     (*CLASSIFIERS, "train", (4, 3, 224, 224)),
@@ -45,6 +52,8 @@ CASES: List[Case] = [
     (*PANOPTIC, "train", (2, 3, 257, 257)),
     (*PANOPTIC, "train", (1, 3, 513, 1025)),  # a Cityscapes crop at half resolution (fits in RAM here)
     (*PANOPTIC, "train", (2, 3, 513, 513)),  # the memory comparison's step
+    (*PANOPTIC_RECOMPUTE, "train", (2, 3, 257, 257)),
+    (*PANOPTIC_RECOMPUTE, "train", (2, 3, 513, 513)),
 ]
 QUICK_CASES: List[Case] = [
     (*CLASSIFIERS, "eval", (1, 3, 32, 32)),
@@ -52,6 +61,7 @@ QUICK_CASES: List[Case] = [
     (*PANOPTIC, "eval", (1, 3, 33, 65)),
     (*PANOPTIC, "train", (1, 3, 33, 33)),
     (*PANOPTIC, "train", (1, 3, 33, 65)),
+    (*PANOPTIC_RECOMPUTE, "train", (1, 3, 33, 65)),
 ]
 FULL_RESOLUTION = (1025, 2049)  # Cityscapes, where the activation memory per image is estimated
 GPU_BYTES = 80 * 10**9
@@ -64,6 +74,12 @@ class ModelResult(Result):
 
     threads: Optional[int] = 1
     peak_vs_conv: Optional[float] = None
+
+
+def _create(name: str, **kwargs) -> torch.nn.Module:
+    from ... import create_model
+
+    return create_model(name, **kwargs)
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -115,7 +131,7 @@ def bench_whole_models(
 ) -> List[ModelResult]:
     """Rows for each case at each thread count: the axial model and the conv model timed in
     turns, ``vs_conv`` = axial / conv time (``clock``), ``peak_vs_conv`` = axial / conv peak.
-    ``models`` maps a name to a builder (default: ``create_model``). Ends with the memory
+    ``models`` maps a name to a builder (default: :data:`VARIANTS`, else ``create_model``). Ends with the memory
     estimate rows (:func:`memory_estimates`)."""
     from ... import create_model
 
@@ -125,7 +141,7 @@ def bench_whole_models(
     def get(name):
         if name not in built:
             torch.manual_seed(0)
-            build = (models or {}).get(name) or (lambda: create_model(name))
+            build = {**VARIANTS, **(models or {})}.get(name) or (lambda: create_model(name))
             built[name] = build().to(device)
         return built[name]
 
