@@ -1,8 +1,10 @@
 """Config loading: defaults, base files, dotted overrides, clear errors, and the shipped
 recipes (numbers from the Axial-DeepLab and Panoptic-DeepLab papers)."""
 
+import dataclasses
 import glob
 import os
+from typing import get_args
 
 import pytest
 import yaml
@@ -10,11 +12,14 @@ import yaml
 from axial_deeplab.engine.config import (
     Config,
     ConfigError,
+    DeviceKind,
     config_from_dict,
     describe_config,
     dump_config,
+    literal_fields,
     load_config,
     parse_override,
+    validate_config,
 )
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "src", "axial_deeplab", "configs")  # shipped in the package
@@ -60,6 +65,93 @@ def test_base_inheritance_merges_sections(tmp_path):
 def test_bad_values_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(data)
+
+
+def test_literal_fields_are_the_enum_like_keys():
+    # a key that falls back to plain ``str`` would drop out of here and lose its check
+    assert set(literal_fields()) == {
+        "experiment.task",
+        "data.dataset",
+        "solver.optimizer",
+        "solver.schedule",
+        "solver.amp",
+    }
+
+
+def test_bad_choice_names_key_value_and_allowed():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"solver": {"schedule": "cosin"}})
+    assert str(e.value) == "solver.schedule: 'cosin' is not one of 'poly', 'cosine', 'constant'"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.dataset=cityscape"])
+    assert "data.dataset: 'cityscape' is not one of 'synthetic', 'cityscapes', 'coco'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"solver.amp: False is not one of 'auto', 'bf16', 'fp16', 'none'"):
+        config_from_dict({"solver": {"amp": False}})  # YAML's `off`
+
+
+@pytest.mark.parametrize("key", sorted(literal_fields()))
+def test_every_allowed_choice_loads_and_others_are_refused(key, tmp_path):
+    sec, name = key.split(".")
+    allowed = literal_fields()[key]
+    for value in allowed:
+        assert getattr(getattr(load_config(None, [f"{key}={value}"]), sec), name) == value
+    p = tmp_path / "bad.yaml"
+    p.write_text(f"{sec}:\n  {name}: {allowed[0]}x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert f"bad.yaml: {key}: '{allowed[0]}x' is not one of " in str(e.value)
+    assert all(repr(v) in str(e.value) for v in allowed)
+
+
+@pytest.mark.parametrize("key", sorted(literal_fields()))
+def test_choice_docs_list_every_allowed_value(key):
+    sec, name = key.split(".")
+    (f,) = [f for f in dataclasses.fields(type(getattr(Config(), sec))) if f.name == name]
+    assert all(f"'{v}'" in f.metadata["doc"] for v in literal_fields()[key]), f.metadata["doc"]
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "USAGE.md"), encoding="utf-8").read()
+    (row,) = [line for line in doc.splitlines() if line.startswith(f"| `{name}`")]
+    assert all(f"`{v}`" in row for v in literal_fields()[key]), row
+
+
+def test_validate_config_checks_choices_of_a_config_built_in_code():
+    cfg = Config()
+    cfg.solver.optimizer = "adagrad"
+    with pytest.raises(ConfigError, match="solver.optimizer: 'adagrad' is not one of 'adam', 'adamw'"):
+        validate_config(cfg)
+
+
+def test_device_takes_the_fixed_names_and_cuda_n():
+    for device in get_args(DeviceKind) + ("cuda:0", "cuda:12"):
+        assert config_from_dict({"experiment": {"device": device}}).experiment.device == device
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU"):
+        with pytest.raises(ConfigError, match=f"experiment.device: '{bad}' is not one of 'auto', 'cpu'.*'cuda:N'"):
+            config_from_dict({"experiment": {"device": bad}})
+
+
+def test_every_dataset_choice_has_a_builder():
+    from axial_deeplab.engine.builders import DATASETS, build_dataset
+
+    assert DATASETS == literal_fields()["data.dataset"]
+    assert DATASETS[0] == "synthetic"  # the one that needs no folder
+    assert len(build_dataset(config_from_dict({"data": {"options": {"length": 2}}}), "train")) == 2
+    for name in DATASETS[1:]:  # those with a root folder ask for it; none is an unknown name
+        with pytest.raises(ConfigError, match=r"^data\.(root|options\.train): "):
+            build_dataset(config_from_dict({"data": {"dataset": name}}), "train")
+
+
+def test_every_amp_choice_is_handled_on_cpu():
+    import torch
+
+    from axial_deeplab.engine.train import amp_settings
+
+    for mode in literal_fields()["solver.amp"]:
+        cfg = config_from_dict({"solver": {"amp": mode}})
+        if mode == "fp16":
+            with pytest.raises(ConfigError, match="solver.amp=fp16 cannot run on the cpu device"):
+                amp_settings(cfg, torch.device("cpu"))
+        else:
+            enabled, dtype, scaler = amp_settings(cfg, torch.device("cpu"))
+            assert (enabled, dtype) == ((True, torch.bfloat16) if mode == "bf16" else (False, None)) and not scaler
 
 
 def test_bad_files_name_the_file(tmp_path):

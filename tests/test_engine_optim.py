@@ -2,12 +2,13 @@
 
 import copy
 import math
+from typing import get_args
 
 import pytest
 import torch
 from torch import nn
 
-from axial_deeplab.engine.config import SolverConfig
+from axial_deeplab.engine.config import OptimizerName, ScheduleKind, SolverConfig, config_from_dict
 from axial_deeplab.engine.optim import Lookahead, build_optimizer, param_groups_weight_decay
 from axial_deeplab.engine.schedule import WarmupPolyLR, lr_factor
 from axial_deeplab.layers import PositionSensitiveAxialAttention
@@ -100,6 +101,29 @@ def test_lookahead_state_dict_resumes_exactly():
     assert torch.equal(w1.detach(), w3.detach())
 
 
+def test_decay_relative_tables_moves_only_the_tables():
+    off = {g["group_name"]: set(g["param_names"]) for g in param_groups_weight_decay(_Net(), 1e-4)}
+    on = {g["group_name"]: set(g["param_names"]) for g in param_groups_weight_decay(_Net(), 1e-4, decay_tables=True)}
+    tables = {"attn.query_table", "attn.key_table", "attn.value_table"}
+    assert on["decay"] == off["decay"] | tables and on["no_decay"] == off["no_decay"] - tables
+    # the config key reaches the optimizer's groups; the default keeps the tables undecayed
+    net = _Net()
+    table_ids = {id(p) for n, p in net.named_parameters() if n.endswith("_table")}
+    for flag, want in ((False, 0.0), (True, 1e-4)):
+        opt = build_optimizer(net, SolverConfig(optimizer="adam", weight_decay=1e-4, decay_relative_tables=flag))
+        got = {g["weight_decay"] for g in opt.param_groups for p in g["params"] if id(p) in table_ids}
+        assert got == {want}
+    assert SolverConfig().decay_relative_tables is False
+
+
+def test_every_optimizer_name_builds():
+    net = _Net()
+    for name in get_args(OptimizerName):
+        assert build_optimizer(net, SolverConfig(optimizer=name, lr=0.01)).param_groups
+    with pytest.raises(ValueError, match="solver.optimizer: 'adagrad' is not one of 'adam', 'adamw'"):
+        build_optimizer(net, SolverConfig(optimizer="adagrad"))
+
+
 def test_build_optimizer_kinds():
     net = _Net()
     for name, cls in (("adam", torch.optim.Adam), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
@@ -137,6 +161,28 @@ def test_warmup_is_linear_then_poly():
     assert all(f(s) < f(s + 1) for s in range(0, 9))
     cos = lr_factor(50, max_steps=100, kind="cosine")
     assert math.isclose(cos, 0.5)
+
+
+def test_every_schedule_kind_runs_and_others_are_refused():
+    for kind in get_args(ScheduleKind):
+        assert lr_factor(0, 10, kind=kind) == 1.0 and 0.0 <= lr_factor(7, 10, kind=kind) <= 1.0
+    with pytest.raises(ValueError, match="'cosin' is not one of 'poly', 'cosine', 'constant'"):
+        lr_factor(3, 10, kind="cosin")
+
+
+def test_constant_schedule_keeps_the_base_lr_after_the_warmup():
+    s = config_from_dict({"solver": {"schedule": "constant", "lr": 0.2, "end_lr": 0.05, "max_steps": 30}}).solver
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=s.lr)
+    sched = WarmupPolyLR(
+        opt, max_steps=s.max_steps, warmup_steps=4, warmup_start_factor=0.5, kind=s.schedule, end_lr=s.end_lr
+    )
+    lrs = []
+    for _ in range(s.max_steps + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert [math.isclose(v, 0.2 * (0.5 + 0.5 * i / 4)) for i, v in enumerate(lrs[:4])] == [True] * 4
+    assert lrs[4:] == [0.2] * (s.max_steps + 1 - 4)  # end_lr does not apply
 
 
 def test_schedule_resume_sets_same_lr():

@@ -10,14 +10,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from engine_testing import tiny_run
+from engine_testing import SUBPROCESS_ENV, run_torchrun, tiny_run
 
 from axial_deeplab.cli import main
 from axial_deeplab.engine import checkpoint as ck
@@ -45,8 +44,6 @@ TINY = tiny_run(
     train={"log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_at_end": True},
     eval={"batch_size": 2},
 )
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 def _config(run_dir, **sections):
@@ -79,12 +76,6 @@ def reference(tmp_path_factory):
         "losses": _losses(run_dir),
         "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
     }
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DDP_WORKER = textwrap.dedent("""
@@ -122,23 +113,7 @@ def test_two_processes_match_one_process(reference, tmp_path, variant):
             "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
         }
     cfg = _config(tmp_path / "ddp", model={"name": TINY["model"]["name"], "kwargs": model_kwargs})
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(worker),
-        _write_config(cfg, tmp_path / "ddp.yaml"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    proc = run_torchrun(tmp_path, DDP_WORKER, _write_config(cfg, tmp_path / "ddp.yaml"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(str(tmp_path / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "rank1.safetensors"))
@@ -215,7 +190,7 @@ def test_sigkill_then_resume_matches_uninterrupted(reference, tmp_path, mode, ki
     driver.write_text(KILL_DRIVER)
     proc = subprocess.run(
         [sys.executable, str(driver), cfg_path, mode, str(kill_step)],
-        env=ENV,
+        env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
         timeout=180,

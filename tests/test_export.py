@@ -197,43 +197,14 @@ def checkpoint(tmp_path_factory):
 
 def test_cli_exports_a_checkpoint(checkpoint, tmp_path, capsys):
     out = tmp_path / "tiny.pt"
-    assert (
-        main(
-            [
-                "export",
-                "--checkpoint",
-                checkpoint,
-                "--format",
-                "torchscript",
-                "--output",
-                str(out),
-                "--input",
-                "3x64x64",
-            ]
-        )
-        == 0
-    )
+    argv = ["export", "--checkpoint", checkpoint, "--format", "torchscript", "--output", str(out), "--input", "3x64x64"]
+    assert main(argv) == 0
     assert "verified against eager" in capsys.readouterr().out
     outputs = torch.jit.load(str(out))(torch.rand(1, 3, 64, 64))
     assert [tuple(o.shape[1:]) for o in outputs[1:]] == [(1, 64, 64), (2, 64, 64)]
     assert tuple(outputs[0].shape[2:]) == (64, 64)
     # an existing file is refused unless --force
-    assert (
-        main(
-            [
-                "export",
-                "--checkpoint",
-                checkpoint,
-                "--format",
-                "torchscript",
-                "--output",
-                str(out),
-                "--input",
-                "3x64x64",
-            ]
-        )
-        == 2
-    )
+    assert main(argv) == 2
     assert "exists" in capsys.readouterr().err
 
 
@@ -256,6 +227,30 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+def _banded_and_reference(length, axis, terms, x_scale=1.0, **layer_kw):
+    """``(banded, reference)`` outputs in eval of one layer (random BN statistics) on one input;
+    ``terms`` switches q.k, q.r^q, k.r^k, r^v."""
+    torch.manual_seed(0)
+    ref = PositionSensitiveAxialAttention(
+        8,
+        8,
+        axis=axis,
+        num_heads=2,
+        use_qk=bool(terms[0]),
+        use_query_rpe=bool(terms[1]),
+        use_key_rpe=bool(terms[2]),
+        use_value_rpe=bool(terms[3]),
+        impl="reference",
+        **layer_kw,
+    )
+    _randomise_bn(ref).eval()
+    banded = copy.deepcopy(ref)
+    banded.impl = "banded"
+    x = torch.randn((2, 8, length, 6) if axis == "height" else (2, 8, 6, length)) * x_scale
+    with torch.no_grad():  # the inference form (export runs without gradients)
+        return banded(x), ref(x)
+
+
 @pytest.mark.parametrize(
     "distance,length,axis,stride,mode,terms",
     [
@@ -267,28 +262,9 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
 )
 def test_banded_global_span_in_eval_equals_reference(distance, length, axis, stride, mode, terms):
     # global spans in eval take their own export-friendly form (BN folded, no concat/mask)
-    torch.manual_seed(0)
-    ref = PositionSensitiveAxialAttention(
-        8,
-        8,
-        axis=axis,
-        num_heads=2,
-        span=None,
-        max_relative_distance=distance,
-        stride=stride,
-        stride_mode=mode,
-        use_qk=bool(terms[0]),
-        use_query_rpe=bool(terms[1]),
-        use_key_rpe=bool(terms[2]),
-        use_value_rpe=bool(terms[3]),
-        impl="reference",
+    y, y_ref = _banded_and_reference(
+        length, axis, terms, span=None, max_relative_distance=distance, stride=stride, stride_mode=mode
     )
-    _randomise_bn(ref).eval()
-    banded = copy.deepcopy(ref)
-    banded.impl = "banded"
-    x = torch.randn((2, 8, length, 6) if axis == "height" else (2, 8, 6, length))
-    with torch.no_grad():  # the inference form (export runs without gradients)
-        y_ref, y = ref(x), banded(x)
     assert rel_diff(y, y_ref) < 1e-5
 
 
@@ -314,26 +290,14 @@ def test_torch_jit_script_refuses_with_a_clear_error():
 )
 def test_banded_local_span_in_eval_equals_reference(span, length, axis, stride, mode, terms):
     # local spans in eval take their own export-friendly form (query-relative logits, BN folded)
-    torch.manual_seed(0)
-    ref = PositionSensitiveAxialAttention(
-        8,
-        8,
-        axis=axis,
-        num_heads=2,
+    y, y_ref = _banded_and_reference(
+        length,
+        axis,
+        terms,
+        x_scale=3,
         span=span,
         stride=stride,
-        stride_mode=mode,
-        use_qk=bool(terms[0]),
-        use_query_rpe=bool(terms[1]),
-        use_key_rpe=bool(terms[2]),
-        use_value_rpe=bool(terms[3]),
-        impl="reference",
+        stride_mode=mode,  # x3: peaked softmax rows
     )
-    _randomise_bn(ref).eval()
-    banded = copy.deepcopy(ref)
-    banded.impl = "banded"
-    x = torch.randn((2, 8, length, 6) if axis == "height" else (2, 8, 6, length)) * 3  # peaked softmax rows
-    with torch.no_grad():  # the inference form (export runs without gradients)
-        y_ref, y = ref(x), banded(x)
     assert torch.isfinite(y).all()
     assert rel_diff(y, y_ref) < 1e-5

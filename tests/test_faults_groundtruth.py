@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+from engine_testing import TINY_MODEL, save_untrained_checkpoint
 from PIL import Image
 
 from axial_deeplab.cli import main
@@ -341,54 +342,20 @@ def test_pq_prediction_checks(gt_files, tmp_path):
 # -------------------------------------------------------------------------------------------
 # ... through `axial-deeplab evaluate` with a tiny untrained checkpoint
 # -------------------------------------------------------------------------------------------
-TINY_MODEL = {
-    "name": "axial_deeplab_s",
-    "kwargs": {
-        "backbone": "axial_resnet_tiny",
-        "layers": [1, 1, 1, 1],
-        "width": 0.125,
-        "stem": "conv",
-        "stem_width": 0.125,
-        "num_heads": 2,
-        "span": None,
-        "aspp_channels": 16,
-        "semantic_decoder_channels": 16,
-        "semantic_low_level_channels": [8, 8],
-        "semantic_head_channels": 16,
-        "instance_decoder_channels": 16,
-        "instance_low_level_channels": [8, 8],
-        "instance_head_channels": 8,
-    },
-}
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(gt_files, tmp_path_factory):
-    import torch
-
-    from axial_deeplab.engine import checkpoint as ck
-    from axial_deeplab.engine.builders import build_model
-    from axial_deeplab.engine.config import config_from_dict, dump_config
-
     split = {
         "image_dir": str(gt_files["image_dir"]),
         "json_path": str(gt_files["json"]),
         "png_dir": str(gt_files["png_dir"]),
     }
-    cfg = config_from_dict(
-        {
-            "experiment": {"name": "tiny", "seed": 0, "device": "cpu", "threads": 1},
-            "model": TINY_MODEL,
-            "data": {"dataset": "coco_panoptic", "options": {"train": split, "val": split}, "num_workers": 0},
-            "eval": {"batch_size": 1, "stuff_area": 16, "nms_kernel": 5, "top_k": 20},
-        }
-    )
-    metadata = _dataset(gt_files).metadata
-    torch.manual_seed(0)
-    model = build_model(cfg, metadata)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    ck.save_checkpoint(str(path), model, step=0, config_text=dump_config(cfg), info={"metadata": metadata.to_dict()})
-    return path
+    config = {
+        "experiment": {"name": "tiny", "seed": 0, "device": "cpu", "threads": 1},
+        "model": TINY_MODEL,
+        "data": {"dataset": "coco_panoptic", "options": {"train": split, "val": split}, "num_workers": 0},
+        "eval": {"batch_size": 1, "stuff_area": 16, "nms_kernel": 5, "top_k": 20},
+    }
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", config)
 
 
 def test_evaluate_refuses_inconsistent_ground_truth(gt_files, tiny_checkpoint, tmp_path):

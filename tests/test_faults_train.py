@@ -15,8 +15,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from engine_testing import SUBPROCESS_ENV, run_torchrun
 from PIL import Image
-from test_engine_train import ENV, STEPS, _check_checkpoints, _config, _losses, _write_config
+from test_engine_train import STEPS, _check_checkpoints, _config, _losses, _write_config
 
 from axial_deeplab.cli import build_parser, main
 from axial_deeplab.engine import checkpoint as ck
@@ -238,7 +239,7 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_uninterrupted(reference, t
     driver.write_text(SIGINT_DRIVER)
     proc = subprocess.run(
         [sys.executable, str(driver), "3", "train", "--config", cfg_path],
-        env=ENV,
+        env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
         timeout=180,
@@ -273,7 +274,7 @@ def test_ctrl_c_at_a_terminal_with_data_workers(tmp_path):
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "axial_deeplab.cli", "train", "--config", cfg_path],
-        env=ENV,
+        env=SUBPROCESS_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -314,31 +315,9 @@ DDP_SIGINT_WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sigint_under_torchrun_stops_every_process_at_one_step(tmp_path):
-    from test_engine_train import _free_port
-
     run_dir = tmp_path / "run"
     cfg_path = _cfg_file(tmp_path, run_dir, train={"eval_at_end": False})
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_SIGINT_WORKER)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(_free_port()),
-            str(worker),
-            cfg_path,
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_torchrun(tmp_path, DDP_SIGINT_WORKER, cfg_path)
     assert "rank 0 stopped after step 3" in proc.stdout and "rank 1 stopped after step 3" in proc.stdout, (
         proc.stdout[-2000:] + proc.stderr[-3000:]
     )

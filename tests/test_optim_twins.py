@@ -34,6 +34,17 @@ def test_weight_decay_groups_equal_timm_with_tables_excluded(make):
     assert tables and _ids(timm_default, 1e-4) - _ids(ours, 1e-4) == tables
 
 
+@pytest.mark.parametrize("make", [_Net, lambda: axial_deeplab.create_model("axial_resnet_tiny")], ids=["net", "tiny"])
+def test_weight_decay_groups_with_tables_decayed_equal_timm_default(make):
+    torch.manual_seed(0)
+    model = make()
+    ours = param_groups_weight_decay(model, 1e-4, decay_tables=True)
+    timm_default = timm_optim.param_groups_weight_decay(model, 1e-4)
+    assert _ids(ours, 1e-4) == _ids(timm_default, 1e-4)
+    assert _ids(ours, 0.0) == _ids(timm_default, 0.0)
+    assert len(_ids(ours, 1e-4)) + len(_ids(ours, 0.0)) == len(list(model.parameters()))
+
+
 def _problem():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))

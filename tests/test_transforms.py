@@ -145,3 +145,22 @@ def test_classification_transforms():
     assert build_classification_transforms(32, train=True, generator=g)(img).shape == (3, 32, 32)
     out = build_classification_transforms(32, train=False)(img)
     assert out.shape == (3, 32, 32)
+
+
+def test_jitter_leaves_the_crop_padding_at_the_pad_value():
+    # a 6x5 image cropped to 10x9: padding on every side of some draws; the jittered pixels
+    # are exactly the image's, the rest exactly the pad value, labels aligned with them
+    pad = (0.25, 0.5, 0.75)
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        s = {"image": torch.rand(3, 6, 5), "semantic": torch.zeros(6, 5, dtype=torch.long)}
+        crop = RandomCrop((10, 9), pad_value=pad, generator=g, photometric=ColorJitter(0.4, 0.4, 0.4, generator=g))
+        out = crop(s)
+        real = out["semantic"] != 255
+        assert int(real.sum()) == 30 and out["image"].shape == (3, 10, 9)
+        for c in range(3):
+            assert torch.all(out["image"][c][~real] == pad[c])
+        inside = out["image"][:, real].reshape(3, 6, 5)
+        assert not torch.equal(inside, s["image"])  # jittered
+        plain = RandomCrop((10, 9), pad_value=pad, generator=torch.Generator().manual_seed(seed))(s)
+        assert torch.equal(plain["semantic"], out["semantic"])  # same place with and without jitter

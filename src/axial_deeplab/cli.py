@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"axial-deeplab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"axial_deeplab.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"axial_deeplab.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"axial_deeplab.commands.{name}").register(sub)
     return parser
 
 

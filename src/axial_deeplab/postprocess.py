@@ -25,14 +25,17 @@ loop version of the same rules; tests compare the two and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "PostprocessSettings",
+    "merge_raw_outputs",
     "panoptic_inference",
     "panoptic_inference_reference",
     "find_instance_centers",
@@ -56,6 +59,61 @@ DEFAULT_MAX_ELEMENTS = 1 << 20
 _GRID_MIN_CENTERS = 16
 
 
+# --------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class PostprocessSettings:
+    """How raw outputs become a panoptic map; the one definition of the defaults, which are
+    Panoptic-DeepLab's Cityscapes settings as deeplab2's Cityscapes configs have them (centre
+    threshold 0.1, NMS kernel 13, stuff area 2048), except that deeplab2 keeps 400 centres
+    (its ``keep_k_centers``) where the default keeps 200.
+
+    A panoptic model holds one (``model.postprocess_settings``); the engine sets it from the
+    config's ``eval`` section (:meth:`from_config`) when it builds or loads a model, and
+    evaluation, ``predict`` and the model's eval-mode forward all merge with it
+    (:func:`merge_raw_outputs`). ``replace(**changes)`` gives a changed copy.
+
+    Attributes:
+        threshold: centre heatmap score a centre must exceed.
+        nms_kernel: max-pool window of the centre NMS (positive, odd).
+        top_k: most centres kept per image (``None``: all).
+        stuff_area: stuff segments with fewer pixels become void.
+    """
+
+    threshold: float = 0.1
+    nms_kernel: int = 13
+    top_k: Optional[int] = 200
+    stuff_area: int = 2048
+
+    def __post_init__(self):
+        _check_center_args(self.threshold, self.nms_kernel, self.top_k)
+        if isinstance(self.stuff_area, bool) or not isinstance(self.stuff_area, int) or self.stuff_area < 0:
+            raise ValueError(f"stuff_area must be a non-negative integer, got {self.stuff_area!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "PostprocessSettings":
+        """The settings of a :class:`~axial_deeplab.engine.config.Config`'s ``eval`` section
+        (``eval.threshold``, ``eval.nms_kernel``, ``eval.top_k``, ``eval.stuff_area``); a bad
+        value is refused naming its key."""
+        from .engine.config import ConfigError
+
+        values = {f.name: getattr(cfg.eval, f.name) for f in dataclasses.fields(cls)}
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ConfigError(f"eval.{e}") from None
+
+    def replace(self, **changes) -> "PostprocessSettings":
+        """A copy with ``changes``; an unknown name is refused, naming the known ones."""
+        unknown = sorted(set(changes) - set(self.as_kwargs()))
+        if unknown:
+            raise TypeError(f"unknown post-processing settings {unknown}; known: {sorted(self.as_kwargs())}")
+        return dataclasses.replace(self, **changes)
+
+    def as_kwargs(self) -> Dict[str, Any]:
+        """The settings as :func:`panoptic_inference` keyword arguments."""
+        return dataclasses.asdict(self)
+
+
 # --------------------------------------------------------------------------- centers
 def _check_center_args(threshold: float, nms_kernel: int, top_k: Optional[int]) -> None:
     if not isinstance(nms_kernel, int) or nms_kernel < 1 or nms_kernel % 2 == 0:
@@ -64,6 +122,9 @@ def _check_center_args(threshold: float, nms_kernel: int, top_k: Optional[int]) 
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold!r}")
+
+
+_DEFAULTS = PostprocessSettings()
 
 
 def max_filter2d(x: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -97,9 +158,9 @@ def _sliding_max(x: torch.Tensor, window: int, dim: int) -> torch.Tensor:
 
 def find_instance_centers(
     center_heatmap: torch.Tensor,
-    threshold: float = 0.1,
-    nms_kernel: int = 13,
-    top_k: Optional[int] = 200,
+    threshold: float = _DEFAULTS.threshold,
+    nms_kernel: int = _DEFAULTS.nms_kernel,
+    top_k: Optional[int] = _DEFAULTS.top_k,
     max_filter=max_filter2d,
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Heatmap peaks of a batch: ``center_heatmap`` (B, 1, H, W).
@@ -524,10 +585,10 @@ def panoptic_inference(
     offset_map: torch.Tensor,
     thing_ids: Sequence[int],
     label_divisor: int = 1000,
-    stuff_area: int = 2048,
-    threshold: float = 0.1,
-    nms_kernel: int = 13,
-    top_k: Optional[int] = 200,
+    stuff_area: int = _DEFAULTS.stuff_area,
+    threshold: float = _DEFAULTS.threshold,
+    nms_kernel: int = _DEFAULTS.nms_kernel,
+    top_k: Optional[int] = _DEFAULTS.top_k,
     void_label: int = -1,
     semantic_is_probs: Optional[bool] = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
@@ -591,16 +652,47 @@ def panoptic_inference(
     return results if batched else results[0]
 
 
+def merge_raw_outputs(
+    raw: Mapping[str, torch.Tensor],
+    thing_ids: Sequence[int],
+    label_divisor: int,
+    settings: Optional[PostprocessSettings] = None,
+    **kwargs,
+) -> List[Dict]:
+    """The panoptic merge of a batch of raw outputs with ``settings``: the one call behind
+    evaluation, ``predict`` and ``PanopticDeepLab.postprocess``.
+
+    ``raw``: ``semantic_logits``, ``center_heatmap``, ``offset_map`` as ``predict_raw`` returns
+    them; ``semantic_probs`` is merged instead of the logits' softmax when present (test-time
+    augmentation averages probabilities). ``kwargs`` go to :func:`panoptic_inference`
+    (e.g. ``max_elements``). Void pixels are -1. Returns :func:`panoptic_inference`'s dicts.
+    """
+    settings = _DEFAULTS if settings is None else settings
+    probs = raw.get("semantic_probs")
+    semantic = raw["semantic_logits"] if probs is None else probs
+    return panoptic_inference(
+        semantic,
+        raw["center_heatmap"],
+        raw["offset_map"],
+        thing_ids,
+        label_divisor=label_divisor,
+        void_label=-1,
+        semantic_is_probs=probs is not None,
+        **settings.as_kwargs(),
+        **kwargs,
+    )
+
+
 def panoptic_inference_reference(
     semantic_probs: torch.Tensor,
     center_heatmap: torch.Tensor,
     offset_map: torch.Tensor,
     thing_ids: Sequence[int],
     label_divisor: int = 1000,
-    stuff_area: int = 2048,
-    threshold: float = 0.1,
-    nms_kernel: int = 13,
-    top_k: Optional[int] = 200,
+    stuff_area: int = _DEFAULTS.stuff_area,
+    threshold: float = _DEFAULTS.threshold,
+    nms_kernel: int = _DEFAULTS.nms_kernel,
+    top_k: Optional[int] = _DEFAULTS.top_k,
     void_label: int = -1,
 ) -> Dict:
     """Plain loop version of :func:`panoptic_inference` for one image (probabilities (C, H, W)).

@@ -3,9 +3,10 @@
 Every view's raw outputs are brought back to the input size (offsets rescaled
 with the resize factor, flipped views flipped back with dx negated) and
 averaged: semantic *probabilities*, center heatmaps and offsets. The result
-has the same keys as ``model.predict_raw`` so the ordinary post-processing
-runs on it: ``semantic_logits`` holds log(mean probability) (its softmax is the
-mean probability), ``semantic_probs`` the mean probabilities themselves.
+has the keys of ``model.predict_raw`` plus ``semantic_probs``, the mean
+probabilities, which the panoptic merge (``postprocess.merge_raw_outputs``)
+uses as they are; ``semantic_logits`` holds log(mean probability) for code
+that reads logits (its softmax is the mean probability, up to rounding).
 """
 
 from __future__ import annotations

@@ -165,24 +165,40 @@ class Resize:
 
 class RandomCrop:
     """Crop ``size`` = (H, W) at a random place; smaller samples are first padded (placed at a
-    random offset) with ``pad_value`` for the image and ignore / 0 / False for the labels."""
+    random offset) with ``pad_value`` for the image and ignore / 0 / False for the labels.
 
-    def __init__(self, size, pad_value=IMAGENET_MEAN, ignore_label: int = 255, generator=None):
+    ``photometric`` (e.g. :class:`ColorJitter`) runs on the image pixels the crop keeps before
+    the padding is added, so the padding keeps ``pad_value`` and takes no part in the jitter's
+    statistics (jittering after the crop would change the padded pixels too).
+    """
+
+    def __init__(self, size, pad_value=IMAGENET_MEAN, ignore_label: int = 255, generator=None, photometric=None):
         self.size = _pair(size)
         self.pad_value = pad_value
         self.ignore_label = ignore_label
         self.generator = generator
+        self.photometric = photometric
 
     def __call__(self, sample: dict) -> dict:
         ch, cw = self.size
         h, w = sample["image"].shape[-2:]
         ph, pw = max(ch - h, 0), max(cw - w, 0)
-        if ph or pw:
-            top, left = _randint(ph, self.generator), _randint(pw, self.generator)
-            sample = pad_sample(sample, top, ph - top, left, pw - left, self.pad_value, self.ignore_label)
-            h, w = sample["image"].shape[-2:]
-        y, x = _randint(h - ch, self.generator), _randint(w - cw, self.generator)
-        return crop_sample(sample, y, x, ch, cw)
+        top = _randint(ph, self.generator) if ph or pw else 0
+        left = _randint(pw, self.generator) if ph or pw else 0
+        y, x = _randint(h + ph - ch, self.generator), _randint(w + pw - cw, self.generator)
+        # the window [y, y + ch) x [x, x + cw) of the padded sample, in the unpadded one
+        y0, x0 = max(y - top, 0), max(x - left, 0)
+        y1, x1 = min(y + ch - top, h), min(x + cw - left, w)
+        out = crop_sample(sample, y0, x0, y1 - y0, x1 - x0)
+        if self.photometric is not None:
+            out = self.photometric(out)
+        return pad_sample(
+            out, y0 + top - y, y + ch - top - y1, x0 + left - x, x + cw - left - x1, self.pad_value, self.ignore_label
+        )
+
+    def __repr__(self) -> str:
+        jitter = type(self.photometric).__name__ if self.photometric is not None else None
+        return f"RandomCrop(size={self.size}, photometric={jitter})"
 
 
 class PadTo:
@@ -266,16 +282,16 @@ def build_train_transforms(
     extra: Sequence[Callable[[dict], dict]] = (),
     generator: torch.Generator | None = None,
 ) -> Compose:
-    """Random scale -> random crop (with padding) -> flip -> photometric jitter -> ``extra``
-    (e.g. the panoptic target generator, which must follow the geometric transforms)."""
+    """Random scale -> random crop (photometric jitter on the cropped image pixels, then padding)
+    -> flip -> ``extra`` (e.g. the panoptic target generator, which must follow the geometric
+    transforms)."""
     ts: list = []
     if (min_scale, max_scale) != (1.0, 1.0):
         ts.append(RandomScale(min_scale, max_scale, scale_step, generator=generator))
-    ts.append(RandomCrop(crop_size, pad_value, ignore_label, generator=generator))
+    photometric = ColorJitter(generator=generator) if jitter else None
+    ts.append(RandomCrop(crop_size, pad_value, ignore_label, generator=generator, photometric=photometric))
     if flip:
         ts.append(RandomHorizontalFlip(0.5, generator=generator))
-    if jitter:
-        ts.append(ColorJitter(generator=generator))
     ts.extend(extra)
     return Compose(ts)
 

@@ -6,9 +6,9 @@ where config keys meet the data and model packages, so the loops stay generic.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, get_args
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, DatasetName
 
 __all__ = [
     "DATASETS",
@@ -23,7 +23,7 @@ __all__ = [
     "compile_model",
 ]
 
-DATASETS = ("synthetic", "cityscapes", "coco", "mapillary", "coco_panoptic", "imagenet")
+DATASETS = get_args(DatasetName)  # the names data.dataset takes; build_dataset has a branch for each
 
 # Evaluation inputs are padded to a multiple of this (the backbone's largest stride).
 INPUT_DIVISOR = 32
@@ -223,9 +223,30 @@ def build_model(cfg: Config, metadata=None, num_classes: Optional[int] = None):
 
     kwargs = model_kwargs_for(cfg, metadata, num_classes)
     try:
-        return create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+        model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
     except TypeError as e:
         raise ConfigError(f"model.kwargs: {cfg.model.name} does not accept these arguments ({e})") from None
+    if hasattr(model, "postprocess_settings"):  # a panoptic model merges with the config's eval settings
+        from ..postprocess import PostprocessSettings
+
+        model.postprocess_settings = PostprocessSettings.from_config(cfg)
+        _warn_replaced_postprocess_kwargs(cfg)
+    return model
+
+
+def _warn_replaced_postprocess_kwargs(cfg: Config) -> None:
+    """model.kwargs may name the model's post-processing arguments, but the eval section decides."""
+    import warnings
+
+    names = {"center_threshold": "threshold", "nms_kernel": "nms_kernel", "top_k": "top_k", "stuff_area": "stuff_area"}
+    for arg, key in names.items():
+        if arg in cfg.model.kwargs and cfg.model.kwargs[arg] != getattr(cfg.eval, key):
+            warnings.warn(
+                f"model.kwargs.{arg}={cfg.model.kwargs[arg]!r} is replaced by eval.{key}="
+                f"{getattr(cfg.eval, key)!r}: the eval section sets a built model's post-processing",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def build_loss(cfg: Config, metadata=None):

@@ -20,6 +20,11 @@ The rest stays ours either way: ``base:`` file inheritance, the cross-field chec
 ``validate_config``, recipe names and the per-key help text of ``describe_config``. OmegaConf is
 not installed in any of our environments, and every command (``train`` included) reads a config,
 so it would become a core dependency for those 130 lines.
+
+Enum-like keys are ``Literal`` annotations (``ScheduleKind``, ``OptimizerName`` ...): the annotation
+is the one list of allowed values, read with ``typing.get_args`` by the loader, by
+``validate_config`` and by the modules that act on the value, so a misspelt value is one error
+naming the key, the value and the allowed ones.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -45,6 +50,13 @@ __all__ = [
     "TrainLoopConfig",
     "EvalConfig",
     "ConfigError",
+    "TaskName",
+    "DeviceKind",
+    "DatasetName",
+    "OptimizerName",
+    "ScheduleKind",
+    "AmpMode",
+    "literal_fields",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -63,6 +75,20 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key at fault."""
 
 
+# The allowed values of the enum-like keys; ``typing.get_args(X)`` is the tuple of them.
+TaskName = Literal["panoptic", "classification"]
+# experiment.device also takes "cuda:N" (any GPU number), so it stays ``str`` checked against these and that pattern.
+DeviceKind = Literal["auto", "cpu", "cuda", "mps"]
+DatasetName = Literal["synthetic", "cityscapes", "coco", "mapillary", "coco_panoptic", "imagenet"]
+OptimizerName = Literal["adam", "adamw", "radam_lookahead", "sgd"]
+ScheduleKind = Literal["poly", "cosine", "constant"]
+AmpMode = Literal["auto", "bf16", "fp16", "none"]
+
+
+def _not_one_of(where: str, value, allowed: Sequence) -> ConfigError:
+    return ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+
+
 def _doc(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MISSING):
     kw = {"metadata": {"doc": text}}
     if default_factory is not dataclasses.MISSING:
@@ -74,7 +100,7 @@ def _doc(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MIS
 class ExperimentConfig:
     name: str = _doc("Run name; the default output folder is runs/<name>.", "experiment")
     output_dir: Optional[str] = _doc("Folder for checkpoints, logs and pictures (default runs/<name>).", None)
-    task: str = _doc("'panoptic' (Axial-DeepLab) or 'classification' (Axial-ResNet on ImageNet).", "panoptic")
+    task: TaskName = _doc("'panoptic' (Axial-DeepLab) or 'classification' (Axial-ResNet on ImageNet).", "panoptic")
     seed: int = _doc("Seed for weights, data order and augmentation (same seed -> same run).", 0)
     deterministic: bool = _doc("Ask PyTorch for deterministic kernels (slower on GPU).", False)
     device: str = _doc("'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.", "auto")
@@ -100,7 +126,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _doc(
+    dataset: DatasetName = _doc(
         "'synthetic', 'cityscapes', 'coco', 'mapillary', 'coco_panoptic' (custom data in "
         "COCO-panoptic format) or 'imagenet' (image folders).",
         "synthetic",
@@ -150,16 +176,27 @@ class LossConfig:
 
 @dataclass
 class SolverConfig:
-    optimizer: str = _doc("'adam', 'adamw', 'radam_lookahead' (the paper's) or 'sgd' (Nesterov).", "adam")
+    optimizer: OptimizerName = _doc("'adam', 'adamw', 'radam_lookahead' (the paper's) or 'sgd' (Nesterov).", "adam")
     lr: float = _doc("Base learning rate.", 1e-4)
-    weight_decay: float = _doc("Weight decay; never applied to norms, biases or relative tables.", 0.0)
+    weight_decay: float = _doc(
+        "Weight decay; never applied to norms or biases, nor to relative tables unless decay_relative_tables.", 0.0
+    )
+    decay_relative_tables: bool = _doc(
+        "Also decay the relative-position *_table parameters (deeplab2 and timm decay them; off keeps the "
+        "groups of runs made before this key).",
+        False,
+    )
     betas: List[float] = _doc("Adam/RAdam betas.", default_factory=lambda: [0.9, 0.999])
     eps: float = _doc("Adam/RAdam epsilon.", 1e-8)
     momentum: float = _doc("SGD momentum.", 0.9)
     nesterov: bool = _doc("SGD Nesterov momentum.", True)
     lookahead_steps: int = _doc("Lookahead: fast steps between slow-weight syncs (k).", 6)
     lookahead_alpha: float = _doc("Lookahead: slow-weight step size (alpha).", 0.5)
-    schedule: str = _doc("'poly' (power poly_power) or 'cosine', after the linear warm-up.", "poly")
+    schedule: ScheduleKind = _doc(
+        "After the linear warm-up: 'poly' (power poly_power, to end_lr), 'cosine' (half cosine to end_lr) "
+        "or 'constant' (the base LR; end_lr and poly_power unused).",
+        "poly",
+    )
     poly_power: float = _doc("Power of the poly schedule.", 0.9)
     end_lr: float = _doc("Learning rate reached at the last step.", 0.0)
     warmup_steps: int = _doc("Linear warm-up steps.", 0)
@@ -181,7 +218,7 @@ class SolverConfig:
         None,
     )
     grad_clip_norm: Optional[float] = _doc("Clip the global gradient norm to this value (null = off).", None)
-    amp: str = _doc(
+    amp: AmpMode = _doc(
         "Mixed precision: 'auto' (bf16 on capable GPUs, else fp16 on GPU, off on CPU), "
         "'bf16' (GPU, or CPU autocast), 'fp16' (GPU only) or 'none'.",
         "auto",
@@ -261,6 +298,10 @@ def _coerce(value, tp, where: str):
         raise last or ConfigError(f"{where}: invalid value {value!r}")
     if value is None:
         raise ConfigError(f"{where}: must not be null")
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise _not_one_of(where, value, args)
     if origin in (list, List, Sequence):
         if isinstance(value, tuple):
             value = list(value)
@@ -349,19 +390,32 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def literal_fields() -> Dict[str, tuple]:
+    """``{"solver.schedule": ("poly", "cosine", "constant"), ...}``: every enum-like key and its
+    allowed values, read from the ``Literal`` annotations."""
+    out = {}
+    for sec in dataclasses.fields(Config):
+        cls = _field_types(Config)[sec.name]
+        for name, tp in _field_types(cls).items():
+            if typing.get_origin(tp) is Literal:
+                out[f"{sec.name}.{name}"] = typing.get_args(tp)
+    return out
+
+
 def validate_config(cfg: Config) -> None:
     def need(cond, msg):
         if not cond:
             raise ConfigError(msg)
 
-    need(
-        cfg.experiment.task in ("panoptic", "classification"),
-        f"experiment.task must be 'panoptic' or 'classification', got {cfg.experiment.task!r}",
-    )
-    need(
-        cfg.experiment.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", cfg.experiment.device),
-        f"experiment.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.experiment.device!r}",
-    )
+    # again here for a Config built or changed in code, which never passed through _coerce
+    for key, allowed in literal_fields().items():
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if value not in allowed:
+            raise _not_one_of(key, value, allowed)
+    device = cfg.experiment.device
+    if not (device in typing.get_args(DeviceKind) or re.fullmatch(r"cuda:\d+", str(device))):
+        raise _not_one_of("experiment.device", device, typing.get_args(DeviceKind) + ("cuda:N",))
     need(
         len(cfg.data.crop_size) == 2 and all(v > 0 for v in cfg.data.crop_size),
         f"data.crop_size must be [height, width] with positive values, got {cfg.data.crop_size}",
@@ -373,14 +427,6 @@ def validate_config(cfg: Config) -> None:
     need(
         0 < cfg.data.min_scale <= cfg.data.max_scale,
         f"data.min_scale/max_scale must satisfy 0 < min <= max, got {cfg.data.min_scale}, {cfg.data.max_scale}",
-    )
-    need(
-        cfg.solver.optimizer in ("adam", "adamw", "radam_lookahead", "sgd"),
-        f"solver.optimizer must be adam, adamw, radam_lookahead or sgd, got {cfg.solver.optimizer!r}",
-    )
-    need(
-        cfg.solver.schedule in ("poly", "cosine", "constant"),
-        f"solver.schedule must be poly, cosine or constant, got {cfg.solver.schedule!r}",
     )
     need(cfg.solver.lr > 0, f"solver.lr must be positive, got {cfg.solver.lr}")
     need(cfg.solver.max_steps > 0, f"solver.max_steps must be positive, got {cfg.solver.max_steps}")
@@ -397,10 +443,6 @@ def validate_config(cfg: Config) -> None:
     )
     need(cfg.solver.warmup_steps >= 0, f"solver.warmup_steps must be >= 0, got {cfg.solver.warmup_steps}")
     need(len(cfg.solver.betas) == 2, f"solver.betas must have two values, got {cfg.solver.betas}")
-    need(
-        cfg.solver.amp in ("auto", "bf16", "fp16", "none"),
-        f"solver.amp must be auto, bf16, fp16 or none, got {cfg.solver.amp!r}",
-    )
     need(0 < cfg.loss.semantic_top_k <= 1, f"loss.semantic_top_k must be in (0, 1], got {cfg.loss.semantic_top_k}")
     need(cfg.train.checkpoint_every > 0, f"train.checkpoint_every must be positive, got {cfg.train.checkpoint_every}")
     need(cfg.train.log_every > 0, f"train.log_every must be positive, got {cfg.train.log_every}")

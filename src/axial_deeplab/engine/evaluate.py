@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from ..errors import UserError
 from .builders import build_eval_transform, dataset_metadata
+from .checkpoint import unwrap_model
 from .config import Config
 from .distributed import all_reduce_tensor, get_rank, get_world_size, is_main_process, reduce_evaluator_states
 from .sampling import CarryingCollate, SeededDataset, ShardSampler, ignore_sigint, reraise_carried
@@ -22,6 +23,7 @@ from .sampling import CarryingCollate, SeededDataset, ShardSampler, ignore_sigin
 __all__ = [
     "raw_outputs",
     "postprocess_outputs",
+    "postprocess_settings",
     "evaluate_model",
     "evaluate_panoptic",
     "match_classes",
@@ -44,24 +46,35 @@ def raw_outputs(model, images: torch.Tensor, cfg: Config) -> Dict[str, torch.Ten
     return tta_raw_outputs(model, images, scales=scales, flip=cfg.eval.flip)
 
 
-def postprocess_outputs(raw: Dict[str, torch.Tensor], metadata, cfg: Config, full: bool = False) -> List[Any]:
-    """Panoptic maps (or the full merge dicts with ``full``) for a batch of raw outputs."""
-    from ..postprocess import panoptic_inference
+def postprocess_settings(model, cfg: Config):
+    """The post-processing settings a model is evaluated with: its own ``postprocess_settings``
+    (set from ``cfg.eval`` when the engine builds or loads it), else ``cfg.eval``'s. Settings
+    that differ from ``cfg.eval``'s (a model built or changed in Python) win, with a warning."""
+    from ..postprocess import PostprocessSettings
 
-    e = cfg.eval
-    results = panoptic_inference(
-        raw["semantic_logits"],
-        raw["center_heatmap"],
-        raw["offset_map"],
-        metadata.thing_ids,
-        label_divisor=metadata.label_divisor,
-        stuff_area=e.stuff_area,
-        threshold=e.threshold,
-        nms_kernel=e.nms_kernel,
-        top_k=e.top_k,
-        void_label=-1,
-        semantic_is_probs=False,
-    )
+    configured = PostprocessSettings.from_config(cfg)
+    own = getattr(unwrap_model(model), "postprocess_settings", None)
+    if own is None:
+        return configured
+    if own != configured:
+        import warnings
+
+        warnings.warn(
+            f"the model's post-processing settings {own} differ from the config's eval section "
+            f"{configured}; using the model's (set model.postprocess_settings = "
+            f"PostprocessSettings.from_config(cfg) to use the config's)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return own
+
+
+def postprocess_outputs(raw: Dict[str, torch.Tensor], metadata, settings, full: bool = False) -> List[Any]:
+    """Panoptic maps (or the full merge dicts with ``full``) for a batch of raw outputs, merged
+    with ``settings`` (see :func:`postprocess_settings`) for ``metadata``'s classes."""
+    from ..postprocess import merge_raw_outputs
+
+    results = merge_raw_outputs(raw, metadata.thing_ids, metadata.label_divisor, settings)
     return results if full else [r["panoptic"] for r in results]
 
 
@@ -199,7 +212,7 @@ def _reorder_classes(raw: Dict[str, torch.Tensor], class_map: Optional[List[int]
     if class_map is None:
         return raw
     index = torch.as_tensor(class_map, device=raw["semantic_logits"].device)
-    return dict(raw, semantic_logits=raw["semantic_logits"].index_select(1, index))
+    return {k: v.index_select(1, index) if k in ("semantic_logits", "semantic_probs") else v for k, v in raw.items()}
 
 
 class PredictionFiles:
@@ -463,9 +476,10 @@ def _predict_batch(model, batch, cfg: Config, device, metadata, class_map, at_or
         groups = [(img[None], [i]) for i, img in enumerate(images)]
     else:
         groups = [(images, list(range(len(images))))]
+    settings = postprocess_settings(model, cfg)
     for imgs, idxs in groups:
         raw = _reorder_classes(raw_outputs(model, imgs.to(device, non_blocking=True), cfg), class_map)
-        results = postprocess_outputs(raw, metadata, cfg, full=True)
+        results = postprocess_outputs(raw, metadata, settings, full=True)
         for r, i in zip(results, idxs):
             yield _scored_image(batch, i, r, tuple(imgs.shape[-2:]), at_original_size)
 

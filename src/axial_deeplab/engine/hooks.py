@@ -221,7 +221,7 @@ class TrainingImages(HookBase):
 
     @torch.no_grad()
     def _log_panel(self, step: int, model, batch) -> None:
-        from .evaluate import postprocess_outputs
+        from .evaluate import postprocess_outputs, postprocess_settings
         from .visualize import make_panel, overlay_panoptic, panoptic_from_labels
 
         md = self.metadata
@@ -230,7 +230,7 @@ class TrainingImages(HookBase):
         bare.eval()
         try:
             image = batch["image"][:1]
-            pan = postprocess_outputs(bare.predict_raw(image), md, self.cfg)[0]
+            pan = postprocess_outputs(bare.predict_raw(image), md, postprocess_settings(bare, self.cfg))[0]
         finally:
             bare.train(was_training)
         pal = md.palette()

@@ -1,6 +1,7 @@
 """Optimizers of the paper's recipes: Adam (deeplab2), RAdam + Lookahead (the paper's
 choice for Axial-DeepLab), SGD with Nesterov momentum (ImageNet), with parameter groups
-that keep weight decay off norms, biases and relative-position tables.
+that keep weight decay off norms, biases and (unless ``solver.decay_relative_tables``)
+relative-position tables.
 
 Lookahead (Zhang et al. 2019) is written here as a thin wrapper around any
 ``torch.optim`` optimizer: every ``k`` inner steps the slow weights move a fraction
@@ -17,6 +18,8 @@ drop-in equal either (tests/test_optim_twins.py runs both side by side):
   relative-position embeddings are decayed; with ``no_weight_decay_list=("*_table",)`` its groups
   hold exactly our parameters (on every registered model). deeplab2 does put L2 on its relative
   embeddings; the paper's panoptic recipes train with ``weight_decay: 0``, so they are unaffected.
+  ``decay_tables=True`` (``solver.decay_relative_tables``) decays the tables as both of them do, and
+  the groups then equal timm's default ``param_groups_weight_decay(model, wd)``.
 - timm's Lookahead creates each slow weight at the first sync from the fast weights of that moment,
   so the first sync is a no-op and the slow weights start at step ``k``, not at the initial weights
   as in the paper's Algorithm 1 (ours). After that the updates are the same: ours wrapped around a
@@ -26,10 +29,12 @@ drop-in equal either (tests/test_optim_twins.py runs both side by side):
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple, get_args
 
 import torch
 from torch import nn
+
+from .config import OptimizerName
 
 __all__ = ["Lookahead", "param_groups_weight_decay", "build_optimizer", "NO_DECAY_NORM_TYPES"]
 
@@ -41,20 +46,22 @@ NO_DECAY_NORM_TYPES: Tuple[type, ...] = (
 )
 
 
-def _is_no_decay(module: nn.Module, param_name: str) -> bool:
+def _is_no_decay(module: nn.Module, param_name: str, decay_tables: bool) -> bool:
     if isinstance(module, NO_DECAY_NORM_TYPES):
         return True
-    if param_name == "bias" or param_name.endswith("_table"):
+    if param_name == "bias" or (param_name.endswith("_table") and not decay_tables):
         return True
     return False
 
 
-def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> List[Dict]:
+def param_groups_weight_decay(model: nn.Module, weight_decay: float, decay_tables: bool = False) -> List[Dict]:
     """Two groups: ``decay`` (conv/linear/attention projections) and ``no_decay`` (norm
-    weights and biases, all biases, and parameters whose name ends with ``_table``).
+    weights and biases, all biases, and, unless ``decay_tables``, parameters whose name ends
+    with ``_table``).
 
     Equals timm's ``param_groups_weight_decay(model, wd, no_weight_decay_list=("*_table",))`` up to
-    group order; the ``group_name``/``param_names`` keys are what logs and tests read."""
+    group order, and with ``decay_tables`` timm's ``param_groups_weight_decay(model, wd)``; the
+    ``group_name``/``param_names`` keys are what logs and tests read."""
     decay, no_decay = [], []
     decay_names, no_decay_names = [], []
     seen = set()
@@ -66,7 +73,7 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> List[Dic
             if not p.requires_grad:
                 continue
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if _is_no_decay(module, p_name):
+            if _is_no_decay(module, p_name, decay_tables):
                 no_decay.append(p)
                 no_decay_names.append(full)
             else:
@@ -165,8 +172,11 @@ class Lookahead:
 
 def build_optimizer(model: nn.Module, solver) -> torch.optim.Optimizer:
     """Optimizer from a :class:`~axial_deeplab.engine.config.SolverConfig`-like object
-    (fields optimizer, lr, weight_decay, betas, eps, momentum, nesterov, lookahead_*)."""
-    groups = param_groups_weight_decay(model, solver.weight_decay)
+    (fields optimizer, lr, weight_decay, decay_relative_tables, betas, eps, momentum, nesterov,
+    lookahead_*); an object without decay_relative_tables keeps the tables undecayed."""
+    groups = param_groups_weight_decay(
+        model, solver.weight_decay, decay_tables=bool(getattr(solver, "decay_relative_tables", False))
+    )
     for g in groups:
         g.pop("param_names", None)
     name = solver.optimizer
@@ -183,4 +193,4 @@ def build_optimizer(model: nn.Module, solver) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             groups, lr=solver.lr, momentum=solver.momentum, nesterov=bool(solver.nesterov and solver.momentum > 0)
         )
-    raise ValueError(f"solver.optimizer: unknown optimizer {name!r}")
+    raise ValueError(f"solver.optimizer: {name!r} is not one of {', '.join(map(repr, get_args(OptimizerName)))}")

@@ -504,7 +504,7 @@ def predict_panoptic(model, cfg: Config, metadata, rgb, device, transform=None, 
     :func:`build_eval_transform`'s (built here when not given)."""
     from ..data.panoptic_io import image_to_tensor
     from ..data.transforms import resize_sample
-    from .evaluate import postprocess_outputs, raw_outputs
+    from .evaluate import postprocess_outputs, postprocess_settings, raw_outputs
 
     if transform is None:
         transform = build_eval_transform(cfg, metadata, model=model)
@@ -514,7 +514,7 @@ def predict_panoptic(model, cfg: Config, metadata, rgb, device, transform=None, 
     x = sample["image"]
     vh, vw = sample.get("valid_size", tuple(x.shape[-2:]))
     raw = raw_outputs(model, x[None].to(device), cfg)
-    result = postprocess_outputs(raw, metadata, cfg, full=True)[0]
+    result = postprocess_outputs(raw, metadata, postprocess_settings(model, cfg), full=True)[0]
     pan = result["panoptic"][:vh, :vw].cpu()
     if (vh, vw) != (h0, w0):  # resized for the network: back to the input's size
         pan = resize_sample({"image": x[:, :vh, :vw], "semantic": pan}, (h0, w0))["semantic"]

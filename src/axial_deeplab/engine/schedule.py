@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warm-up, then poly decay (power 0.9, DeepLab's) or cosine.
+"""Learning-rate schedule: linear warm-up, then poly decay (power 0.9, DeepLab's), cosine, or a
+constant learning rate; the kinds are those of ``solver.schedule`` (``config.ScheduleKind``).
 
 The schedule is a pure function of the step, so its whole state is the step number:
 resuming sets the step and the learning rates follow exactly.
@@ -7,7 +8,9 @@ resuming sets the step and the learning rates follow exactly.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, get_args
+
+from .config import ScheduleKind
 
 __all__ = ["lr_factor", "WarmupPolyLR"]
 
@@ -18,7 +21,7 @@ def lr_factor(
     warmup_steps: int = 0,
     warmup_start_factor: float = 0.001,
     power: float = 0.9,
-    kind: str = "poly",
+    kind: ScheduleKind = "poly",
     end_factor: float = 0.0,
 ) -> float:
     """Multiplier of the base LR at optimizer step ``step`` (0-based).
@@ -26,7 +29,7 @@ def lr_factor(
     Warm-up: from ``warmup_start_factor`` at step 0 linearly to 1 at ``warmup_steps``.
     Then ``poly``: ``end + (1 - end) * (1 - t)^power`` with ``t = step / max_steps``
     (as DeepLab's PolynomialDecay, decaying over all steps); ``cosine``: half cosine to
-    ``end``; ``constant``: 1. Both are multiplied by the warm-up factor while it is below 1.
+    ``end``; ``constant``: 1 (``end`` unused). Each is multiplied by the warm-up factor while it is below 1.
     """
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
@@ -39,7 +42,7 @@ def lr_factor(
     elif kind == "constant":
         decay = 1.0
     else:
-        raise ValueError(f"unknown schedule {kind!r} (poly, cosine, constant)")
+        raise ValueError(f"schedule kind {kind!r} is not one of {', '.join(map(repr, get_args(ScheduleKind)))}")
     if warmup_steps > 0 and step < warmup_steps:
         alpha = step / warmup_steps
         decay *= warmup_start_factor + (1.0 - warmup_start_factor) * alpha
@@ -60,7 +63,7 @@ class WarmupPolyLR:
         warmup_steps: int = 0,
         warmup_start_factor: float = 0.001,
         power: float = 0.9,
-        kind: str = "poly",
+        kind: ScheduleKind = "poly",
         end_lr: float = 0.0,
     ):
         self.optimizer = optimizer

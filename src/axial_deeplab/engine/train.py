@@ -38,13 +38,13 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserError
 from ..fileio import atomic_write_text
+from ..layers.sync_batchnorm import convert_sync_batchnorm
 from . import checkpoint as ckpt
 from .builders import build_dataset, build_loss, build_model, build_train_transform, compile_model, dataset_metadata
 from .config import Config, ConfigError, dump_config
 from .distributed import (
     barrier,
     cleanup_distributed,
-    convert_sync_batchnorm,
     init_distributed,
     split_batch_size,
     wrap_ddp,

@@ -10,7 +10,8 @@ folding shared by every path), :mod:`.reference` (the oracle and the export deco
 :mod:`.recompute` (the recompute backward), :mod:`.memory_efficient` (the default path),
 :mod:`.ops` (the torch.library operators), :mod:`.cpu_kernel` (the C kernel, ctypes), and
 :mod:`.triton_kernels` / :mod:`.triton_launch` / :mod:`.triton_self_check` (the GPU path);
-:mod:`.sync` (statistics summed over processes) and :mod:`.attention2d` (2-D attention layers)."""
+:mod:`.sync` (statistics summed over processes), :mod:`.sync_batchnorm` (synchronised
+BatchNorm for data-parallel training) and :mod:`.attention2d` (2-D attention layers)."""
 
 from . import builtin_paths  # noqa: F401,E402  (registers the built-in paths)
 from .axial_attention import PositionSensitiveAxialAttention  # noqa: F401

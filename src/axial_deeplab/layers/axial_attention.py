@@ -180,7 +180,7 @@ class PositionSensitiveAxialAttention(nn.Module):
         self.use_value_rpe = use_value_rpe
         self.impl = impl
         self.recompute_activations = bool(recompute_activations)
-        # Set by engine.distributed.convert_sync_batchnorm: sum the similarity-BN statistics,
+        # Set by layers.sync_batchnorm.convert_sync_batchnorm: sum the similarity-BN statistics,
         # which the attention math forms itself, over processes (see layers.sync).
         self.sync_statistics = False
 

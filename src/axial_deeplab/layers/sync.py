@@ -2,7 +2,7 @@
 
 The similarity BatchNorm's statistics are formed inside the attention math (over in-span
 pairs, or in closed form by the fast paths), so SyncBatchNorm cannot synchronise them. A layer
-whose ``sync_statistics`` flag is set (``engine.distributed.convert_sync_batchnorm`` sets it)
+whose ``sync_statistics`` flag is set (``sync_batchnorm.convert_sync_batchnorm`` sets it)
 sums them over processes with a differentiable all-reduce instead.
 """
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..postprocess import PostprocessSettings
 from .registry import create_model, register_model
 
 __all__ = [
@@ -225,7 +226,10 @@ class PanopticDeepLab(nn.Module):
         use_aspp: real ASPP (rates ``atrous_rates``) instead of the 1x1 projection.
         Channel arguments default to Panoptic-DeepLab's (above); ``instance_aspp_channels``
             (default: ``aspp_channels``) is deeplab2's ``instance_decoder_override.aspp_channels``.
-        stuff_area, center_threshold, nms_kernel, top_k: post-processing used by eval ``forward``.
+        stuff_area, center_threshold, nms_kernel, top_k: the post-processing settings
+            (:class:`~axial_deeplab.postprocess.PostprocessSettings`, held as
+            ``postprocess_settings``) that eval ``forward`` and :meth:`postprocess` use; the
+            engine sets them from the config's ``eval`` section when it builds a model.
         bn_eps, bn_momentum: BatchNorm of the decoders and heads (PyTorch momentum; Keras'
             0.99 is 0.01).
         pixel_mean, pixel_std: input normalisation of [0, 1] RGB images (ImageNet's by default;
@@ -252,10 +256,10 @@ class PanopticDeepLab(nn.Module):
         instance_low_level_channels: Sequence[int] = (32, 16),
         instance_head_channels: int = 32,
         instance_aspp_channels: Optional[int] = None,
-        stuff_area: int = 2048,
-        center_threshold: float = 0.1,
-        nms_kernel: int = 13,
-        top_k: int = 200,
+        stuff_area: int = PostprocessSettings.stuff_area,
+        center_threshold: float = PostprocessSettings.threshold,
+        nms_kernel: int = PostprocessSettings.nms_kernel,
+        top_k: Optional[int] = PostprocessSettings.top_k,
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
@@ -287,10 +291,12 @@ class PanopticDeepLab(nn.Module):
         self.label_divisor = int(label_divisor)
         self.ignore_label = int(ignore_label)
         self.class_names = list(class_names) if class_names is not None else None
-        self.stuff_area = int(stuff_area)
-        self.center_threshold = float(center_threshold)
-        self.nms_kernel = int(nms_kernel)
-        self.top_k = int(top_k)
+        self.postprocess_settings = PostprocessSettings(
+            threshold=float(center_threshold),
+            nms_kernel=int(nms_kernel),
+            top_k=None if top_k is None else int(top_k),
+            stuff_area=int(stuff_area),
+        )
         bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
         high, lows = channels[-1], [channels[1], channels[0]]  # res5; res3 then res2
         self.semantic_decoder = SingleDecoder(
@@ -326,6 +332,27 @@ class PanopticDeepLab(nn.Module):
             _init_decoder_convs_(part, conv_init)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    # The settings under their constructor names (views of ``postprocess_settings``).
+    stuff_area = property(
+        lambda self: self.postprocess_settings.stuff_area,
+        lambda self, v: self._set_postprocess(stuff_area=int(v)),
+    )
+    center_threshold = property(
+        lambda self: self.postprocess_settings.threshold,
+        lambda self, v: self._set_postprocess(threshold=float(v)),
+    )
+    nms_kernel = property(
+        lambda self: self.postprocess_settings.nms_kernel,
+        lambda self, v: self._set_postprocess(nms_kernel=int(v)),
+    )
+    top_k = property(
+        lambda self: self.postprocess_settings.top_k,
+        lambda self, v: self._set_postprocess(top_k=None if v is None else int(v)),
+    )
+
+    def _set_postprocess(self, **changes) -> None:
+        self.postprocess_settings = self.postprocess_settings.replace(**changes)
 
     @property
     def pad_value(self) -> Tuple[float, float, float]:
@@ -364,26 +391,21 @@ class PanopticDeepLab(nn.Module):
     @torch.no_grad()
     def postprocess(self, raw: Dict[str, torch.Tensor], return_instance_masks: bool = False, **overrides) -> List[Dict]:
         """Merge raw outputs (``predict_raw`` or ``tta.tta_raw_outputs``; ``semantic_probs`` is used
-        when present) into per-image results as :meth:`forward` returns them in eval mode.
-        ``overrides`` replace the stored ``stuff_area``, ``threshold``, ``nms_kernel``, ``top_k``."""
-        from ..postprocess import instance_masks, panoptic_inference
+        when present) into per-image results as :meth:`forward` returns them in eval mode, with
+        ``postprocess_settings`` through :func:`~axial_deeplab.postprocess.merge_raw_outputs`
+        (what evaluation and ``predict`` call). ``overrides`` replace settings for this call
+        (``stuff_area``, ``threshold``, ``nms_kernel``, ``top_k``); others go to
+        :func:`~axial_deeplab.postprocess.panoptic_inference` (e.g. ``max_elements``)."""
+        from ..postprocess import instance_masks, merge_raw_outputs
 
         probs = raw.get("semantic_probs")  # test-time augmentation averages probabilities
         if probs is None:
             probs = raw["semantic_logits"].float().softmax(dim=1)
-        results = panoptic_inference(
-            probs,
-            raw["center_heatmap"],
-            raw["offset_map"],
-            self.thing_ids,
-            label_divisor=self.label_divisor,
-            stuff_area=overrides.pop("stuff_area", self.stuff_area),
-            threshold=overrides.pop("threshold", self.center_threshold),
-            nms_kernel=overrides.pop("nms_kernel", self.nms_kernel),
-            top_k=overrides.pop("top_k", self.top_k),
-            void_label=-1,
-            semantic_is_probs=True,
-            **overrides,
+        names = set(self.postprocess_settings.as_kwargs())
+        settings = self.postprocess_settings.replace(**{k: v for k, v in overrides.items() if k in names})
+        extra = {k: v for k, v in overrides.items() if k not in names}
+        results = merge_raw_outputs(
+            dict(raw, semantic_probs=probs), self.thing_ids, self.label_divisor, settings, **extra
         )
         outputs = []
         for b, r in enumerate(results):
@@ -481,7 +503,8 @@ for _size in ("s", "m", "l", "xl"):
 
 # deeplab2's Panoptic-DeepLab as its Cityscapes configs build it: Keras BN (epsilon 1e-3, momentum
 # 0.99), inputs x / 127.5 - 1 on 0..255 pixels, he_normal convs, evaluator keep_k_centers 400
-# (stuff area 2048, threshold 0.1, NMS 13 are already our defaults).
+# (stuff area 2048, threshold 0.1, NMS 13 are already PostprocessSettings' defaults). A model the
+# engine builds takes its post-processing from the config's eval section instead (eval.top_k=400).
 DEEPLAB2_PANOPTIC = dict(
     bn_eps=1e-3,
     bn_momentum=0.01,
