@@ -5,16 +5,18 @@ function keeps only its inputs, its two small outputs and one log-sum-exp per qu
 row, and recomputes the L x L logits in the backward (as memory-efficient / flash
 attention does): row by row in the compiled kernel of :mod:`.cpu_kernel` (float32 on
 CPU), else chunk by chunk in PyTorch (both in :mod:`.recompute`).
-The similarity BN batch statistics are exact and come from the closed form of
-:func:`.similarity_stats.similarity_moments` (ordinary autograd, no logits), so no L x L tensor
-of any term is ever kept for the backward; the live L x L memory is one chunk's.
+The similarity BN batch statistics are exact and come from :mod:`.similarity_stats` (closed
+forms for a global span, banded blocks of in-span logits for a local one, each with its own
+backward), so no L x L tensor of any term is ever kept for the backward; the live L x L memory
+is one chunk's.
 
 On CPU (float32 and float64) the layer runs through the registered operators of :mod:`.ops`
 instead, so ``torch.compile`` and ``torch.export`` see it: inference as one operator with every
 BN folded (:func:`run_layer_eval_op`), training in position-major layout (rows of channels,
 :func:`run_layer_position_major`): no sequence-layout copies, both BatchNorms on rows, the
 operator's kernels reading the projection and the gradients where they lie, the similarity
-moments of a global span with a closed-form backward (:class:`.similarity_stats.RowMoments`).
+moments with closed-form or banded backwards (:class:`.similarity_stats.RowMoments`,
+:class:`.similarity_stats.BandMoments`).
 The sequence-layout function above stays the path of other devices and the operators' fallback.
 """
 

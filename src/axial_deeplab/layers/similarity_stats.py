@@ -5,10 +5,13 @@ mean and variance over every in-span (query, key) pair. Only the variance matter
 output (the mean and the BN bias cancel in the softmax), and both are exact functions of
 (d x d) Gram matrices, prefix sums and the compact tables, so the paths that never form
 the logits (the chunked PyTorch path, the operators, the Triton kernels) get the same
-statistics as the reference, with gradients to q, k and the tables by ordinary autograd
-(:func:`similarity_moments`) or by a closed-form backward for position-major rows
-(:class:`RowMoments`). :func:`similarity_scales` turns them into the per-(term, head)
-multipliers every fast path applies, updating the running statistics as the reference does.
+statistics as the reference. A global span uses (d x d) Gram matrices (:class:`RowMoments`
+for position-major rows, with a closed-form backward); a local span forms its in-span logits
+block by block in the input's dtype, centred on each sequence's exact float64 mean so that
+no cancellation can cost the variance digits, with a closed-form backward that recomputes
+them (:class:`BandMoments`). :func:`similarity_scales` turns the moments into the
+per-(term, head) multipliers every fast path applies, updating the running statistics as
+the reference does.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from .geometry import in_span_pairs, pair_table_rows, span_radius
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
-__all__ = ["similarity_moments", "similarity_moments_rows", "similarity_scales", "RowMoments"]
+__all__ = ["similarity_moments", "similarity_moments_rows", "similarity_scales", "RowMoments", "BandMoments"]
 
 
 def similarity_moments(layer, q: torch.Tensor, k: torch.Tensor):
@@ -31,15 +34,18 @@ def similarity_moments(layer, q: torch.Tensor, k: torch.Tensor):
     q, k: (N, heads, dk, L). Returns ``(sums, sumsq, count)`` with sums/sumsq of shape
     (3, heads) in float64 (term order qk, q.r^q, k.r^k; switched-off terms are 0).
 
-    * q.k: sum = sum_o q_o . (sum_{p in span(o)} k_p); sum of squares =
-      sum_o q_o^T (sum_{p in span(o)} k_p k_p^T) q_o (Gram matrices; windowed by
-      prefix sums for a local span).
-    * q.r^q and k.r^k: the same with the table rows each position meets, whose sums
-      and Grams depend on positions only.
+    * global span: q.k sum = sum_o q_o . (sum_p k_p), sum of squares =
+      sum_o q_o^T (sum_p k_p k_p^T) q_o (Gram matrices); q.r^q and k.r^k the same with the
+      table rows each position meets, whose sums and Grams depend on positions only.
+    * local span (eager): :class:`BandMoments`, the in-span logits block by block (L x ~1.5
+      span per head, never L x L); traced by torch.compile, the windowed Gram form below
+      (prefix sums of k_p k_p^T), which has no data-dependent loop.
     """
     n, heads, dk, length = q.shape
     device = q.device
     r = span_radius(layer, length)
+    if r is not None and not torch.compiler.is_compiling():
+        return _local_moments(layer, q, k, r)
     pos = torch.arange(length, device=device)
     if r is None:
         mask = None
@@ -178,7 +184,12 @@ class RowMoments(torch.autograd.Function):
             sumsq[0] = (gram[..., :dk, :dk] * gram[..., dk:, dk:]).sum((0, 2, 3))
             saved["seq"] = (xt32, xs, gram)  # the backward is float32: its products are 10x faster
         if any(on_table):  # (L, h, 2d, N): Grams batched over (o, h)
-            counts = _table_counts(layer, length, y.device)
+            # only the rows of offsets -(L-1)..L-1 meet any pair: the other rows of a long table
+            # (509 by default) would cost products of zeros
+            reach = layer.max_relative_distance
+            lo, hi = max(0, reach - (length - 1)), min(layer.table_rows, reach + length)
+            counts = tuple(cnt[:, lo:hi] for cnt in _table_counts(layer, length, y.device))
+            ctx.row_range = (lo, hi, layer.table_rows)
             xl32 = torch.empty(length, heads, d2, nseq, dtype=y.dtype).copy_(qk.permute(1, 2, 3, 0))
             xl = xl32.to(f64)
             xx = torch.bmm(xl.view(-1, d2, nseq), xl.view(-1, d2, nseq).transpose(1, 2)).view(length, heads, d2, d2)
@@ -188,7 +199,7 @@ class RowMoments(torch.autograd.Function):
                 if not on_table[t - 1]:
                     continue
                 c = slice(0, dk) if t == 1 else slice(dk, d2)
-                tab = table.detach().to(f64)
+                tab = table.detach()[:, lo:hi].to(f64)
                 row_sum = counts[t - 1] @ tab.t()  # (L, d)
                 outer = (tab.t()[:, :, None] * tab.t()[:, None, :]).reshape(-1, dk * dk)
                 tgram = (counts[t - 1] @ outer).view(length, 1, dk, dk)  # (L, 1, d, d)
@@ -234,7 +245,8 @@ class RowMoments(torch.autograd.Function):
                 xb = (xx[..., c, c] * b.view(1, heads, 1, 1)).sum(1).reshape(length, -1)
                 m = (cnt.t() @ xb).view(-1, dk, dk)
                 g_tab = g_tab + torch.bmm(m, tab.t().unsqueeze(-1)).squeeze(-1).t()
-                g_tables[t - 1] = g_tab.to(ctx.y_dtype)
+                lo, hi, rows = ctx.row_range
+                g_tables[t - 1] = F.pad(g_tab, (lo, rows - hi)).to(ctx.y_dtype)
             gl = torch.bmm(w.view(-1, d2, d2).to(xl.dtype), xl.view(-1, d2, nseq)).view(xl.shape)
             gl += shift.unsqueeze(-1).to(xl.dtype)
             gl = gl.permute(3, 0, 1, 2)  # (N, L, h, 2d) view
@@ -247,6 +259,264 @@ class RowMoments(torch.autograd.Function):
         return g_y.view(nseq * length, -1), g_rq, g_rk, None, None, None
 
 
+# --------------------------------------------------------------------------- local span
+# Budget (elements) of one chunk's block of in-span logits in the banded products: 1 MB in
+# float32, so the few passes over a block stay in a core's L2 cache.
+BAND_CHUNK_ELEMENTS = 1 << 18
+
+
+def _local_moments(layer, q: torch.Tensor, k: Optional[torch.Tensor], r: int, rows=None):
+    """:func:`similarity_moments` of a local span of radius r < L - 1: q.k from the band of
+    in-span logits (:class:`BandMoments`); q.r^q and k.r^k the same way for deep heads, else
+    (d*d small against the span) from position-only table Grams (d x d per position,
+    shared by every sequence)."""
+    n, heads, d, length = q.shape if rows is None else (rows[0], rows[2], rows[3], rows[1])
+    tables = (
+        layer.query_table if layer.use_query_rpe else None,
+        layer.key_table if layer.use_key_rpe else None,
+    )
+    by_band = d * d > 2 * (2 * r + 1)
+    sums, sumsq = BandMoments.apply(q, k, *tables, layer.use_qk, r, by_band, rows)
+    return sums, sumsq, n * in_span_pairs(length, r)
+
+
+def _band_blocks(length: int, r: int):
+    """Query blocks ``(q0, q1, k0, k1)`` of about r+1 positions with their in-span key windows
+    (about 1.5 x the span wide: a third of a block's logits lie outside the band)."""
+    size = max(16, r + 1)
+    return [(s, min(length, s + size), max(0, s - r), min(length, s + size + r)) for s in range(0, length, size)]
+
+
+def _window_sums(xt: torch.Tensor, r: int) -> torch.Tensor:
+    """(nh, L, d) -> (nh, L, d): sum of x_p over |p - o| <= r (clipped to the axis), by one
+    cumulative sum and two slices (edge-replicated prefix sums, no gather)."""
+    nh, length, d = xt.shape
+    c = F.pad(xt.cumsum(1), (0, 0, 1, 0))  # (nh, L+1, d): c[j] = sum_{p<j} x_p
+    c = torch.cat([c[:, :1].expand(nh, r, d), c, c[:, -1:].expand(nh, r, d)], 1)  # c'[i] = c[clamp(i-r, 0, L)]
+    return c[:, 2 * r + 1 : 2 * r + 1 + length] - c[:, :length]
+
+
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) -> (b,) float64: sum of squares of each batch entry (one dot product each)."""
+    f = x.reshape(x.shape[0], -1)
+    return torch.linalg.vecdot(f, f).double()
+
+
+class BandMoments(torch.autograd.Function):
+    """:func:`similarity_moments` of a local span, from the in-span logits themselves, block
+    by block, with a closed-form backward that recomputes them.
+
+    Why not the Gram form of a global span: windowed (d x d) Gram matrices need prefix sums of
+    k_p k_p^T at every position (float64 tensors of d*d per position, gathers, autograd through
+    all of it), while the band is only ~1.5 x span logits per query: batched products in the
+    input's dtype that stay in cache. Exact where it matters:
+
+    * the sums are float64 closed forms (window sums of k and of the table rows), so each
+      (sequence, head) mean c of each term is known before the logits are formed;
+    * the products form the *centred* logits x - c (c rides along as one more column of the
+      operands), and the sum of their squares is accumulated in float64, so
+      sumsq = sum (x-c)^2 + 2 c sum x - pairs c^2 (an identity for any c) suffers no
+      cancellation however large the mean: the variance is as accurate as the reference's,
+      which normalises the stored logits;
+    * the backward: d/dx of (a.sums + b.sumsq) is a + 2 b x on every in-span pair, formed by
+      the same products (a and 2b ride along in the operands), then dq = D k and dk = D^T q
+      (q.k), dq = D r^T and dr = q^T D (q.r^q), the same for k.r^k.
+
+    Inputs q, k (N, heads, d, L) any strides; tables (d, 2r+1) or None (term off). Returns
+    (sums, sumsq), (3, heads) float64."""
+
+    @staticmethod
+    def forward(ctx, q, k, query_table, key_table, use_qk, r, tables_by_band=True, rows=None):
+        ctx.rows = rows
+        if rows is not None:  # q is the position-major projection y (N*L, heads*c2h), k is None
+            n, length, heads, d, c2h = rows
+            y4 = q.detach().view(n, length, heads, c2h)
+            q, k = y4[..., :d].permute(0, 2, 3, 1), y4[..., d : 2 * d].permute(0, 2, 3, 1)
+        n, heads, d, length = q.shape
+        nh = n * heads
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dev = q.device
+        # Operands with two extra channels: qa = [q, -c_qk, 1], ka = [k, 1, 0]; then
+        # qa.ka = q.k - c_qk, qa.[r; 0; -c_qr] = q.r - c_qr, ka.[r; -c_kr; 0] = k.r - c_kr.
+        # Padded with zero channels to a multiple of 8, queries position-major and keys
+        # channel-major: the layouts in which these small products run fastest (2-3x).
+        width = -(-(d + 2) // 8) * 8
+        qa = torch.zeros(nh, length, width, dtype=dtype, device=dev)
+        ka_t = torch.zeros(nh, width, length, dtype=dtype, device=dev)
+        qa.view(n, heads, length, width)[..., :d] = q.detach().transpose(2, 3)
+        ka_t.view(n, heads, width, length)[:, :, :d] = k.detach()
+        qa[..., d + 1] = 1.0
+        ka_t[:, d] = 1.0
+        q64, k64 = qa[..., :d].double(), ka_t[:, :d].transpose(1, 2).double()  # (nh, L, d)
+        pairs = in_span_pairs(length, r)
+        pos = torch.arange(length, device=dev)
+        offsets = torch.arange(-r, r + 1, device=dev)
+        # in-span (position, table row) pairs: query o meets row j iff o + j - r is on the axis,
+        # key p meets row j iff p - (j - r) is
+        qmask = ((pos[:, None] + offsets[None, :]) >= 0) & ((pos[:, None] + offsets[None, :]) < length)
+        kmask = qmask.flip(1)
+        tables = {1: query_table, 2: key_table}
+        terms = [t for t, on in ((0, use_qk), (1, query_table is not None), (2, key_table is not None)) if on]
+        band = [t for t in terms if t == 0 or tables_by_band]
+        ka = ka_t.transpose(1, 2).contiguous() if 2 in band else None  # rows for k.r^k
+        grams = {}
+        s1 = torch.zeros(3, nh, dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            if 0 in terms:
+                s1[0] = (q64 * _window_sums(k64, r)).sum((1, 2))
+            for t in (1, 2):
+                if t in terms:
+                    mask = qmask if t == 1 else kmask
+                    tab64 = tables[t].detach().t().to(torch.float64)  # (m, d)
+                    rows = mask.to(torch.float64) @ tab64  # (L, d): sum of the rows each position meets
+                    x64 = q64 if t == 1 else k64
+                    s1[t] = (x64 * rows).sum((1, 2))
+                    if t not in band:  # sumsq = sum_o x_o^T T_o x_o with T_o the Gram of those rows
+                        outer = (tab64[:, :, None] * tab64[:, None, :]).reshape(-1, d * d)
+                        gram = (mask.to(torch.float64) @ outer).view(length, d, d)
+                        x_l = x64.transpose(0, 1).contiguous()  # (L, nh, d)
+                        t_x = torch.bmm(x_l, gram)  # (L, nh, d): T_o x_o (T symmetric)
+                        grams[t] = (x_l, t_x, rows)
+            c = (s1 / pairs).to(dtype)  # the centring constant of each (term, sequence, head)
+            qa[..., d] = -c[0][:, None]
+            css = torch.zeros(3, nh, dtype=torch.float64, device=dev)
+            if 0 in terms:
+                blocks = _band_blocks(length, r)
+                masks = [_block_mask(b, r, dtype, dev) for b in blocks]
+                step = max(1, BAND_CHUNK_ELEMENTS // max(m.numel() for m in masks))
+                for c0 in range(0, nh, step):
+                    c1 = min(nh, c0 + step)
+                    for (q0, q1, k0, k1), mask in zip(blocks, masks):
+                        x = torch.bmm(qa[c0:c1, q0:q1], ka_t[c0:c1, :, k0:k1]).mul_(mask)
+                        css[0, c0:c1] += _sum_squares(x)
+            for t in (1, 2):
+                if t in grams:
+                    x_l, t_x, _ = grams[t]
+                    css[t] = (x_l * t_x).sum((0, 2))
+                elif t in band:
+                    mask = (qmask if t == 1 else kmask).to(dtype)
+                    x_op = qa if t == 1 else ka
+                    step = max(1, BAND_CHUNK_ELEMENTS // mask.numel())
+                    for c0 in range(0, nh, step):
+                        c1 = min(nh, c0 + step)
+                        ra = _augmented_table(tables[t], t, -c[t, c0:c1], dtype, width)
+                        x = torch.bmm(x_op[c0:c1], ra).mul_(mask)
+                        css[t, c0:c1] += _sum_squares(x)
+            c64 = c.double()
+            c64[list(grams)] = 0.0  # the Gram terms give the plain sum of squares
+            s2 = css + 2 * c64 * s1 - pairs * c64 * c64
+        ctx.save = (qa, ka_t, ka, qmask, kmask, grams)
+        ctx.args = (n, heads, d, length, r, terms, q.dtype, dtype)
+        ctx.save_for_backward(query_table, key_table)
+        sums = s1.view(3, n, heads).sum(1)
+        sumsq = s2.view(3, n, heads).sum(1)
+        return sums, sumsq
+
+    @staticmethod
+    def backward(ctx, g_sums, g_sumsq):
+        qa, ka_t, ka, qmask, kmask, grams = ctx.save
+        n, heads, d, length, r, terms, in_dtype, dtype = ctx.args
+        query_table, key_table = ctx.saved_tensors
+        tables = {1: query_table, 2: key_table}
+        nh = n * heads
+        dev = qa.device
+        a = torch.zeros(3, heads, dtype=torch.float64, device=dev) if g_sums is None else g_sums.double()
+        b2 = torch.zeros(3, heads, dtype=torch.float64, device=dev) if g_sumsq is None else 2 * g_sumsq.double()
+        # per (sequence, head): head is the fast index of nh
+        a_nh = a.to(dtype).repeat(1, n)  # (3, nh)
+        b_nh = b2.to(dtype).repeat(1, n)
+        q_t = qa[..., :d].transpose(1, 2).contiguous()  # (nh, d, L)
+        k_t = ka_t[:, :d]  # (nh, d, L) view
+        gq_t = torch.zeros(nh, d, length, dtype=dtype, device=dev)  # channel-major, as the inputs
+        gk_t = torch.zeros(nh, d, length, dtype=dtype, device=dev)
+        g_tab = {}
+        if 0 in terms:  # D = a + 2b q.k on the band: qb.ka with qb = [2b q, a, 0]
+            qb = torch.zeros_like(qa)
+            qb[..., :d] = qa[..., :d] * b_nh[0].view(nh, 1, 1)
+            qb[..., d] = a_nh[0].view(nh, 1)
+            blocks = _band_blocks(length, r)
+            masks = [_block_mask(blk, r, dtype, dev) for blk in blocks]
+            step = max(1, BAND_CHUNK_ELEMENTS // max(m.numel() for m in masks))
+            for c0 in range(0, nh, step):
+                c1 = min(nh, c0 + step)
+                for (q0, q1, k0, k1), mask in zip(blocks, masks):
+                    dmat = torch.bmm(qb[c0:c1, q0:q1], ka_t[c0:c1, :, k0:k1]).mul_(mask)  # (nh_c, B, W)
+                    gq_t[c0:c1, :, q0:q1] += torch.bmm(k_t[c0:c1, :, k0:k1], dmat.transpose(1, 2))
+                    gk_t[c0:c1, :, k0:k1] += torch.bmm(q_t[c0:c1, :, q0:q1], dmat)
+        for t in (1, 2):
+            if t not in terms:
+                continue
+            if t in grams:
+                g_tab[t] = _gram_backward(grams[t], qmask if t == 1 else kmask, tables[t], a[t], b2[t], n, heads)
+                x_l, t_x, rows = grams[t]
+                # d/dx_o = a R_o + 2b T_o x_o
+                g_x = rows[:, None, :] * a[t].repeat(n)[None, :, None] + t_x * b2[t].repeat(n)[None, :, None]
+                (gq_t if t == 1 else gk_t).add_(g_x.permute(1, 2, 0).to(dtype))
+                continue
+            mask = (qmask if t == 1 else kmask).to(dtype)
+            x_op, x_t, g_t = (qa, q_t, gq_t) if t == 1 else (ka, k_t, gk_t)
+            tab = tables[t].detach().to(dtype)  # (d, m)
+            gt = torch.zeros(d, 2 * r + 1, dtype=dtype, device=dev)
+            step = max(1, BAND_CHUNK_ELEMENTS // mask.numel())
+            for c0 in range(0, nh, step):
+                c1 = min(nh, c0 + step)
+                # D = a + 2b x.r: the operand rows [x, ., .] against [2b r; a; 0] or [2b r; 0; a]
+                # (the channel of ones is d+1 in qa, d in ka)
+                rb = torch.zeros(c1 - c0, qa.shape[-1], 2 * r + 1, dtype=dtype, device=dev)
+                rb[:, :d] = tab * b_nh[t, c0:c1].view(-1, 1, 1)
+                rb[:, d + 1 if t == 1 else d] = a_nh[t, c0:c1].view(-1, 1)
+                dmat = torch.bmm(x_op[c0:c1], rb).mul_(mask)  # (nh_c, L, m)
+                g_t[c0:c1] += torch.matmul(tab, dmat.transpose(1, 2))
+                gt += torch.bmm(x_t[c0:c1], dmat).sum(0)
+            g_tab[t] = gt
+        if ctx.rows is not None:  # the gradient of y in its own layout, written once
+            c2h = ctx.rows[-1]
+            g_q = torch.zeros(n, length, heads, c2h, dtype=in_dtype, device=dev)
+            g_q[..., :d] = gq_t.view(n, heads, d, length).permute(0, 3, 1, 2)
+            g_q[..., d : 2 * d] = gk_t.view(n, heads, d, length).permute(0, 3, 1, 2)
+            g_q, g_k = g_q.view(n * length, heads * c2h), None
+        else:
+            g_q = gq_t.view(n, heads, d, length).to(in_dtype) if ctx.needs_input_grad[0] else None
+            g_k = gk_t.view(n, heads, d, length).to(in_dtype) if ctx.needs_input_grad[1] else None
+        g_rq = g_tab[1].to(query_table.dtype) if 1 in g_tab and ctx.needs_input_grad[2] else None
+        g_rk = g_tab[2].to(key_table.dtype) if 2 in g_tab and ctx.needs_input_grad[3] else None
+        return g_q, g_k, g_rq, g_rk, None, None, None, None
+
+
+def _gram_backward(
+    saved, mask: torch.Tensor, table: torch.Tensor, a: torch.Tensor, b2: torch.Tensor, n: int, heads: int
+):
+    """Gradient (d, m) of a.sums + b.sumsq of a table term in Gram form with respect to the
+    table: d/dr_j = sum_o mask[o, j] (sum_nh a x_o + (sum_nh 2b x_o x_o^T) r_j)."""
+    x_l, _, _ = saved  # (L, nh, d) float64
+    length, nh, d = x_l.shape
+    m64 = mask.to(torch.float64)
+    a_x = (x_l * a.repeat(n)[None, :, None]).sum(1)  # (L, d)
+    xx = torch.bmm((x_l * b2.repeat(n)[None, :, None]).transpose(1, 2), x_l)  # (L, d, d)
+    per_row = (m64.t() @ xx.reshape(length, d * d)).view(-1, d, d)  # (m, d, d)
+    tab = table.detach().to(torch.float64)  # (d, m)
+    g = m64.t() @ a_x + torch.bmm(per_row, tab.t().unsqueeze(-1)).squeeze(-1)  # (m, d)
+    return g.t()
+
+
+def _block_mask(block, r: int, dtype, device) -> torch.Tensor:
+    """(q1-q0, k1-k0) 1 on the in-span pairs of a query block, 0 elsewhere."""
+    q0, q1, k0, k1 = block
+    o = torch.arange(q0, q1, device=device)
+    p = torch.arange(k0, k1, device=device)
+    return ((p[None, :] - o[:, None]).abs() <= r).to(dtype)
+
+
+def _augmented_table(table: torch.Tensor, term: int, shift: torch.Tensor, dtype, width: int) -> torch.Tensor:
+    """(nh_c, width, m): the table with the centring row ``shift`` (nh_c,) where the operand
+    holds its column of ones (d+1 for queries, d for keys) and zeros in the others."""
+    d, m = table.shape
+    out = torch.zeros(shift.shape[0], width, m, dtype=dtype, device=table.device)
+    out[:, :d] = table.detach().to(dtype)
+    out[:, d + 1 if term == 1 else d] = shift.view(-1, 1)
+    return out
+
+
 def similarity_moments_rows(layer, y: torch.Tensor, nseq: int, length: int):
     """:func:`similarity_moments` for the position-major projection ``y`` (N*L, C2):
     the closed-form-backward :class:`RowMoments` for a global span, else the general
@@ -255,6 +525,8 @@ def similarity_moments_rows(layer, y: torch.Tensor, nseq: int, length: int):
     if span_radius(layer, length) is None:
         sums, sumsq = RowMoments.apply(y, layer.query_table, layer.key_table, layer, nseq, length)
         return sums, sumsq, nseq * length * length
+    if not torch.compiler.is_compiling():
+        return _local_moments(layer, y, None, span_radius(layer, length), rows=(nseq, length, heads, dk, 2 * dk + dv))
     qkv4 = y.view(nseq, length, heads, 2 * dk + dv).permute(0, 2, 3, 1)  # (N, heads, c2h, L) view
     return similarity_moments(layer, qkv4[:, :, :dk], qkv4[:, :, dk : 2 * dk])
 
