@@ -5,7 +5,8 @@
 #     bash benchmarks/gpu_check.sh [tests] [bench] [bench-fp32] [models] [sweep]   # default: tests bench
 # Figures go to $OUT if set, else the current directory.
 #   tests:      the CUDA tests: Triton forward+backward against the reference on the GPU (TF32 off and
-#               on, the autotuned launch), CUDA post-processing;
+#               on, the autotuned launch), the Triton operators (opcheck, torch.compile(fullgraph=True)
+#               of a triton layer against eager, eval and training), CUDA post-processing;
 #   bench:      the benchmark's layers and core sections on the GPU (PyTorch's default: TF32 on for
 #               cuDNN's convs and the Triton dots): layer pairs incl. 8x256x65x129 against cuDNN's 3x3
 #               conv, the attention core's fraction of copy bandwidth; the autotuner's choices;
@@ -23,7 +24,8 @@ failed=()
 run_stage() {  # one stage; a failing stage does not stop the others
     local stage=$1
     case "$stage" in
-        tests) python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" tests/test_triton_kernels.py tests/test_postprocess.py ;;
+        tests) python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" tests/test_triton_kernels.py \
+                   tests/test_triton_ops.py tests/test_postprocess.py ;;
         bench) python3 -m axial_deeplab benchmark --device cuda --only layers core --json "$out/benchmark_cuda.json" ;;
         bench-fp32) python3 -m axial_deeplab benchmark --device cuda --only layers core --no-tf32 \
                         --json "$out/benchmark_cuda_fp32.json" ;;

@@ -244,3 +244,65 @@ def test_export_narrow_model_dynamic_hw(name):
             got, want = exported(x), model(x)
         for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the export decomposition
+def _eval_twins(span, stride, mode, terms, axis):
+    """(reference, banded) twins in eval with equal weights and BN statistics that are not the identity."""
+    on = dict(zip(("use_qk", "use_query_rpe", "use_key_rpe", "use_value_rpe"), map(bool, terms)))
+    torch.manual_seed(0)
+    ref = _layer(axis, span=span, impl="reference", stride=stride, stride_mode=mode, **on)
+    gen = torch.Generator().manual_seed(1)
+    for bn in (ref.bn_qkv, ref.bn_similarity, ref.bn_output):
+        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen) * 0.1)
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
+        bn.weight.data.copy_(torch.rand(bn.weight.shape, generator=gen) + 0.5)
+    banded = _layer(axis, span=span, impl="banded", stride=stride, stride_mode=mode, **on)
+    banded.load_state_dict(ref.state_dict())
+    return ref.eval(), banded.eval()
+
+
+@pytest.mark.parametrize(
+    "span,length,stride,mode,terms",
+    [
+        (9, 5, 1, "subsample", (1, 1, 1, 1)),  # every key in span: the exact L x L form
+        (9, 9, 1, "subsample", (1, 1, 1, 1)),  # L <= m: the L x L form with the span's mask
+        (9, 17, 2, "subsample", (0, 1, 1, 1)),  # 9 strided queries <= m: masked, subsampled queries
+        (9, 9, 1, "subsample", (1, 1, 0, 1)),  # mask without k . r^k
+        (5, 11, 2, "subsample", (1, 1, 1, 0)),  # 6 strided queries > m: the query blocks
+        (None, 13, 2, "subsample", (1, 1, 1, 1)),  # global span, subsampled queries
+        (None, 12, 3, "subsample", (1, 0, 1, 1)),
+        (9, 12, 2, "avgpool", (1, 1, 1, 1)),  # pooled stride: every query computed
+    ],
+)
+@pytest.mark.parametrize("axis", ["height", "width"])
+def test_static_size_eval_decomposition_equals_reference(span, length, stride, mode, terms, axis):
+    ref, banded = _eval_twins(span, stride, mode, terms, axis)
+    x = torch.randn((2, 16, length, 5) if axis == "height" else (2, 16, 5, length)) * 3  # peaked softmax rows
+    with torch.no_grad():  # the inference forms (what export traces)
+        want, got = ref(x), banded(x)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_static_short_axis_exports_without_query_blocks():
+    """A static axis no longer than the span exports the plain L x L form (no padding, windows
+    or skews of the query blocks); the same layer exported with a dynamic axis keeps the blocks,
+    so the graph still runs at sizes beyond the span."""
+    _, layer = _eval_twins(9, 1, "subsample", (1, 1, 1, 1), "width")
+
+    def pads(program):
+        return sum("pad" in str(n.target) for n in program.graph.nodes)
+
+    with torch.no_grad():
+        static = torch.export.export(layer, (torch.randn(1, 16, 3, 4),))  # L = 4 <= r + 1
+        # widths 8, 12, ..., 64 (a multiple keeps the blocks' reshapes free of guards)
+        width = 4 * torch.export.Dim("w", min=2, max=16)
+        dynamic = torch.export.export(layer, (torch.randn(1, 16, 3, 8),), dynamic_shapes={"x": {3: width}})
+    assert pads(static) == 0 and pads(dynamic) > 0
+    # within the span and beyond it; a width the query blocks fill exactly (40 = 8 blocks of 5)
+    # trips a guard of torch.export's program (the blocks' padding is then empty)
+    for w in (8, 12, 44):
+        xi = torch.randn(1, 16, 3, w)
+        with torch.no_grad():
+            torch.testing.assert_close(dynamic.module()(xi), layer(xi), rtol=1e-5, atol=1e-5)

@@ -191,6 +191,33 @@ def _export_torchscript(wrapper, example, tmp):
     return run
 
 
+def _check_export_args(format: str, opset: int, input_shape, dynamic: bool, output, overwrite: bool):
+    """``(input shape, output path)`` of valid :func:`export_model` arguments; else a UserError."""
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "onnx" and opset < 17:
+        raise UserError(f"ONNX export needs opset 17 or newer (got {opset})")
+    shape = _check_shape(input_shape, dynamic, format)
+    output = os.fspath(output)
+    if os.path.isdir(output):
+        raise UserError(f"output {output} is a folder; give a file name such as model{FORMATS[format]}")
+    if os.path.exists(output) and not overwrite:
+        raise UserError(f"output {output} exists; remove it or pass --force (overwrite=True) to replace it")
+    return shape, output
+
+
+def _dynamic_shapes_and_sizes(h: int, w: int, dynamic: bool):
+    """``(dynamic_shapes for torch.export, the sizes the written file is checked at)``: the example
+    size, and for a dynamic export a second size (one multiple of 32 away) as well."""
+    if not dynamic:
+        return None, [(h, w)]
+    dim_h = torch.export.Dim("h", min=2, max=MAX_DYNAMIC_SIZE // SIZE_MULTIPLE)
+    dim_w = torch.export.Dim("w", min=2, max=MAX_DYNAMIC_SIZE // SIZE_MULTIPLE)
+    dynamic_shapes = {"image": {2: SIZE_MULTIPLE * dim_h, 3: SIZE_MULTIPLE * dim_w}}
+    second = (h + SIZE_MULTIPLE, w - SIZE_MULTIPLE) if w > 2 * SIZE_MULTIPLE else (h + SIZE_MULTIPLE, w)
+    return dynamic_shapes, [(h, w), second if max(second) <= MAX_DYNAMIC_SIZE else (h - SIZE_MULTIPLE, w)]
+
+
 def export_model(
     model: nn.Module,
     format: str,
@@ -218,17 +245,7 @@ def export_model(
     The file is written to a temporary name, loaded, run at the example size (and, when dynamic,
     at a second size) and compared with the eager model; only then is it renamed to ``output``.
     Raises :class:`UserError` on bad arguments or a mismatch."""
-    if format not in FORMATS:
-        raise UserError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if format == "onnx" and opset < 17:
-        raise UserError(f"ONNX export needs opset 17 or newer (got {opset})")
-    shape = _check_shape(input_shape, dynamic, format)
-    output = os.fspath(output)
-    if os.path.isdir(output):
-        raise UserError(f"output {output} is a folder; give a file name such as model{FORMATS[format]}")
-    if os.path.exists(output) and not overwrite:
-        raise UserError(f"output {output} exists; remove it or pass --force (overwrite=True) to replace it")
-
+    shape, output = _check_export_args(format, opset, input_shape, dynamic, output, overwrite)
     was_training = model.training
     model = model.cpu().eval()
     wrapper = _RawOutputs(model).eval()
@@ -236,14 +253,7 @@ def export_model(
     _, h, w = shape
     gen = torch.Generator().manual_seed(seed)
     example = torch.rand((batch,) + shape, generator=gen)
-    sizes = [(h, w)]
-    dynamic_shapes = None
-    if dynamic and format != "torchscript":
-        dim_h = torch.export.Dim("h", min=2, max=MAX_DYNAMIC_SIZE // SIZE_MULTIPLE)
-        dim_w = torch.export.Dim("w", min=2, max=MAX_DYNAMIC_SIZE // SIZE_MULTIPLE)
-        dynamic_shapes = {"image": {2: SIZE_MULTIPLE * dim_h, 3: SIZE_MULTIPLE * dim_w}}
-        second = (h + SIZE_MULTIPLE, w - SIZE_MULTIPLE) if w > 2 * SIZE_MULTIPLE else (h + SIZE_MULTIPLE, w)
-        sizes.append(second if max(second) <= MAX_DYNAMIC_SIZE else (h - SIZE_MULTIPLE, w))
+    dynamic_shapes, sizes = _dynamic_shapes_and_sizes(h, w, dynamic and format != "torchscript")
 
     try:
         with atomic_output(output, suffix=".tmp" + FORMATS[format]) as tmp:

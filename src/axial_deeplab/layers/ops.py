@@ -29,9 +29,10 @@ from torch import Tensor
 
 from . import cpu_kernel
 from .chunked import attend
+from .geometry import attention_radius
 from .recompute import recompute_backward
 
-__all__ = ["attention_eval", "attention_rows", "attention_rows_backward", "layer_from_args"]
+__all__ = ["attention_eval", "attention_rows", "attention_rows_backward", "layer_from_args", "layer_args"]
 
 _NS = "axial_deeplab"
 
@@ -66,8 +67,25 @@ def layer_from_args(
     )
 
 
-def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach()
+def layer_args(layer) -> Tuple[int, int, int, int, int, bool]:
+    """(heads, dk, dv, radius, max_distance, use_qk): a layer's geometry as operator arguments
+    (the inverse of :func:`layer_from_args`, tables aside)."""
+    return (
+        layer.num_heads,
+        layer.key_depth,
+        layer.value_depth,
+        attention_radius(layer),
+        layer.max_relative_distance,
+        layer.use_qk,
+    )
+
+
+def _detached_geometry(heads, dk, dv, radius, max_distance, use_qk, tables):
+    """:func:`layer_from_args` of the training operators' arguments, the (query, key, value)
+    ``tables`` detached: their gradients come from the registered backward, not from autograd
+    through the kernels."""
+    rq, rk, rv = (None if t is None else t.detach() for t in tables)
+    return layer_from_args(heads, dk, dv, radius, max_distance, use_qk, rq, rk, rv)
 
 
 def _rows_kernel_applies(geo, qkv: Tensor) -> bool:
@@ -109,17 +127,7 @@ def attention_rows(
     (out (N*L, 2*heads*dv) = [sv | sve], lse (N*heads, L) log2-sum-exp2 of each row).
     ``length``: L when the caller knows it (traced with symbolic sizes, (N*L)//N is an
     expression the compiler cannot reduce to L, and it guards on it); -1: (N*L)//N."""
-    geo = layer_from_args(
-        heads,
-        dk,
-        dv,
-        radius,
-        max_distance,
-        use_qk,
-        _detached(query_table),
-        _detached(key_table),
-        _detached(value_table),
-    )
+    geo = _detached_geometry(heads, dk, dv, radius, max_distance, use_qk, (query_table, key_table, value_table))
     qkv = qkv.detach().contiguous()
     scales = scales.detach()
     length = qkv.shape[0] // nseq if length < 0 else length
@@ -175,17 +183,7 @@ def attention_rows_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`attention_rows` by recomputation: (g_qkv, g_scales, g_query_table,
     g_key_table, g_value_table); the gradient of an absent table is an empty tensor."""
-    geo = layer_from_args(
-        heads,
-        dk,
-        dv,
-        radius,
-        max_distance,
-        use_qk,
-        _detached(query_table),
-        _detached(key_table),
-        _detached(value_table),
-    )
+    geo = _detached_geometry(heads, dk, dv, radius, max_distance, use_qk, (query_table, key_table, value_table))
     qkv, out, lse, g_out = (t.detach().contiguous() for t in (qkv, out, lse, g_out))
     length = qkv.shape[0] // nseq
     c2, c = qkv.shape[1], heads * dv

@@ -4,7 +4,9 @@ Written straight from the equation, materialising every L x L tensor. It is slow
 on purpose: it is the oracle every faster path is tested against.
 
 :func:`axial_attention_banded` is the same math for local spans in O(L x span) memory, built
-from standard tensor ops only: the path ``axial-deeplab export`` decomposes the layer into.
+from standard tensor ops only: the path ``axial-deeplab export`` decomposes the layer into. In
+inference it takes the form that exported graph runs fastest: query blocks for long or symbolic
+axes, plain (queries x L) tensors on a static axis with at most ``span`` queries.
 
 Neither path looks at tensor values in Python: masks and branches come from sizes and the
 layer's settings, so both trace (torch.export, ONNX, torch.jit.trace) with symbolic H and W.
@@ -17,7 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .geometry import apply_stride, bn_affine, from_sequences, pair_table_rows, to_sequences
+from .geometry import (
+    apply_stride,
+    bn_affine,
+    from_sequences,
+    layer_query_step,
+    num_queries,
+    pair_table_rows,
+    to_sequences,
+)
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
 __all__ = [
@@ -166,6 +176,15 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.span is None:
         return _global_eval(layer, x) if inference else axial_attention_reference(layer, x)
     if inference:
+        length = x.shape[2] if layer.axis == "height" else x.shape[3]
+        r = layer.max_relative_distance
+        # a static length (a plain int; never a SymInt, so a dynamic export is not specialised)
+        # with at most m queries (a subsampling stride computes every s-th) takes the queries x L
+        # form, within L x m: exact when every key is in every query's span, else with an additive
+        # mask; ONNX Runtime runs it faster than the query blocks (their padding, windows and
+        # skews) there, and slower from about 2m queries on
+        if type(length) is int and num_queries(length, layer_query_step(layer)) <= 2 * r + 1:
+            return _global_eval(layer, x, radius=None if length - 1 <= r else r)
         return _banded_eval(layer, x)
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
@@ -213,21 +232,29 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     return _output(layer, sv, sve, B, H, W)
 
 
-def _global_eval(layer, x: torch.Tensor) -> torch.Tensor:
-    """The reference for a global span in inference, in few passes over L x L tensors (what an
-    exported graph pays for): the similarity BN's scales go into q and k and its shifts are
-    dropped (constant along each softmax row, they cancel); no concatenation, split or mask of
-    the logits; the output BN and the sum of the two retrievals are one affine combination.
-    Einsums, not matmuls with transposed operands: ONNX Runtime runs those without copies."""
+def _global_eval(layer, x: torch.Tensor, radius=None) -> torch.Tensor:
+    """The reference in inference as (queries x L) tensors, in few passes (what an exported
+    graph pays for): global spans, and local ones on a short static axis. The similarity BN's
+    scales go into q and k and its shifts are dropped (constant along each softmax row, they
+    cancel); no concatenation or split of the logits; the output BN and the sum of the two
+    retrievals are one affine combination. Einsums, not matmuls with transposed operands: ONNX
+    Runtime runs those without copies. ``radius``: a local span's r, keys farther away get an
+    additive -inf (from sizes). With ``stride_mode="subsample"`` only the kept queries are
+    computed (every key still attended)."""
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    step = layer_query_step(layer)
 
     qkv = to_sequences(layer.bn_qkv(layer.qkv(x)), layer.axis)
     N = qkv.shape[0]
     q, k, v = qkv.reshape(N, heads, 2 * dk + dv, L).split([dk, dk, dv], dim=2)  # (n, h, d, L)
+    keys = torch.arange(L, device=x.device)
+    queries = keys if step == 1 else torch.arange(0, L, step, device=x.device)
+    if step > 1:
+        q = q[..., ::step]
     sim = bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
-    idx = relative_index(L, layer.max_relative_distance, x.device)  # (L_o, L_p): table row
+    idx = pair_table_rows(queries, keys, layer.max_relative_distance)  # (L_o, L_p): table row
 
     terms = []
     if layer.use_qk:
@@ -236,7 +263,10 @@ def _global_eval(layer, x: torch.Tensor) -> torch.Tensor:
         terms.append(torch.einsum("nhco,cop->nhop", q * sim[1], layer.query_table[:, idx]))
     if layer.use_key_rpe:  # k_p . r^k_{p-o}
         terms.append(torch.einsum("nhcp,cop->nhop", k * sim[2], layer.key_table[:, idx]))
-    logits = sum(terms[1:], terms[0]) if terms else q.new_zeros(N, heads, L, L)
+    logits = sum(terms[1:], terms[0]) if terms else q.new_zeros(N, heads, q.shape[-1], L)
+    if radius is not None:  # keys beyond the span: an additive -inf (every query keeps its own key)
+        far = (keys[None, :] - queries[:, None]).abs() > radius
+        logits = logits + torch.zeros(far.shape, device=x.device, dtype=logits.dtype).masked_fill(far, float("-inf"))
     attn = torch.softmax(logits, dim=-1)  # over keys p
 
     scale, shift = bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
@@ -245,8 +275,13 @@ def _global_eval(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.use_value_rpe:
         sve = torch.einsum("nhop,cop->nhco", attn, layer.value_table[:, idx])  # sum a * r^v_{p-o}
         out = out + sve * scale[..., 1:] + shift[..., 1:]
-    y = from_sequences(out.reshape(N, heads * dv, L), layer.axis, B, H, W)
-    return apply_stride(y, layer)
+    out = out.reshape(N, heads * dv, out.shape[-1])
+    if step > 1:  # the queries were the strided ones already
+        lq = out.shape[-1]
+        return from_sequences(
+            out, layer.axis, B, lq if layer.axis == "height" else H, W if layer.axis == "height" else lq
+        )
+    return apply_stride(from_sequences(out, layer.axis, B, H, W), layer)
 
 
 def _skew_rows(x: torch.Tensor, width: int) -> torch.Tensor:

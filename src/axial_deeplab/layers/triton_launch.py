@@ -9,7 +9,8 @@ kernel explicitly, chosen in this order:
   self-check, the tile sweep;
 * else :data:`BLOCK_SIZES`, the process default (None unless tests or benchmarks set it);
 * else on a GPU ``triton.autotune`` over :data:`CONFIGS` at the first call of each shape, and
-  elsewhere (Triton's interpreter) :func:`block_sizes`.
+  elsewhere (Triton's interpreter), or while traced (``torch.compile``, the fake runs of the
+  operators of :mod:`.triton_ops`, where a launch is a ``wrap_triton`` graph node), :func:`block_sizes`.
 
 The layer stands in for a convolution, so its products follow PyTorch's switch for
 convolutions, ``torch.backends.cudnn.allow_tf32`` (on by default): TF32 tensor-core
@@ -27,6 +28,8 @@ import os
 from typing import Optional, Sequence, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
 
 from .chunked import run_layer
 from .geometry import LOG2E, attention_radius, num_queries, offset_table_rows, offset_tables
@@ -171,7 +174,8 @@ def _launch(
     # fused multiply-adds on (Triton 3.9 warns that its default will turn them off)
     options = {**kernel_constants(layer.key_depth, layer.value_depth, terms, dot_precision()), "enable_fp_fusion": True}
     blocks = BLOCK_SIZES if blocks is None else blocks
-    if blocks is None and _autotuning(device):
+    traced = _traced(args[0])
+    if blocks is None and _autotuning(device) and not traced:
         tuned = _tuned_kernels()[int(backward)]
         tuned[lambda meta: (nh, triton.cdiv(lq, meta["BLOCK_Q"]))](*args, **options)
         return tuned.best_config.kwargs["BLOCK_Q"]
@@ -181,8 +185,15 @@ def _launch(
     kernel = axial_backward_kernel if backward else axial_forward_kernel
     if backward:
         options["ATOMIC_KV"] = _atomic_kv(lq, block_q)
+    if traced:  # a node of the graph (torch.compile / the operator's fake run), not a launch
+        kernel = wrap_triton(kernel)
     kernel[(nh, triton.cdiv(lq, block_q))](*args, BLOCK_Q=block_q, BLOCK_K=block_k, JB=jb, **options)
     return block_q
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether this launch is being traced (fake tensors, torch.compile) rather than run."""
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
 def _require_triton():

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import triton_launch
+from . import triton_launch, triton_ops
 from .axial_attention import PositionSensitiveAxialAttention
 from .memory_efficient import axial_attention_memory_efficient
 from .reference import axial_attention_reference
@@ -33,11 +33,12 @@ _TRUST: dict = {}  # (device, dot precision) -> passed
 
 
 def axial_attention_triton(layer, x: torch.Tensor) -> torch.Tensor:
-    """``impl="triton"``: :func:`.triton_launch.triton_layer`; on a device where the kernels
-    failed :func:`self_check`, the PyTorch memory-efficient path instead (after one warning)."""
+    """``impl="triton"``: :func:`.triton_ops.triton_layer_op` (the kernels as operators); on a
+    device where the kernels failed :func:`self_check`, the PyTorch memory-efficient path
+    instead (after one warning)."""
     if not trusted(x.device):
         return axial_attention_memory_efficient(layer, x)
-    return triton_launch.triton_layer(layer, x)
+    return triton_ops.triton_layer_op(layer, x)
 
 
 def trusted(device: torch.device) -> bool:
