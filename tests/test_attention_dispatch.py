@@ -270,12 +270,15 @@ def test_register_attention_impl_adds_a_path_and_auto_devices_put_it_first():
 
 # --------------------------------------------------------------------------- no import circles
 def _top_level_imports(path: Path):
-    """Sibling modules of layers/ imported when ``path`` is imported (function bodies excluded)."""
+    """Sibling modules of layers/ imported when ``path`` is imported (function bodies and
+    ``if TYPE_CHECKING:`` blocks, which never run, excluded)."""
     found = set()
 
     def visit(node):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.If) and ast.unparse(child.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
                 continue
             if isinstance(child, ast.ImportFrom) and child.level == 1:
                 if child.module:

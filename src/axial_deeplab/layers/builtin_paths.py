@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
@@ -27,6 +27,9 @@ from .dispatch import Backend, register_backend, register_unavailable, tracing_r
 from .memory_efficient import ROUTE_DESCRIPTIONS, axial_attention_memory_efficient
 from .reference import axial_attention_banded, axial_attention_reference
 from .triton_kernels import triton_available
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__: List[str] = []
 
@@ -45,11 +48,11 @@ def c_kernel_state() -> str:
     return "C kernel: loaded (float32 runs it; other dtypes the PyTorch code)"
 
 
-def _cpu_notes(layer, x) -> List[str]:
+def _cpu_notes(layer: PositionSensitiveAxialAttention, x) -> List[str]:
     return [c_kernel_state()] if x.device.type == "cpu" else []
 
 
-def _fast_can_run(layer, x) -> Optional[str]:
+def _fast_can_run(layer: PositionSensitiveAxialAttention, x) -> Optional[str]:
     reason = tracing_refusal(_CTYPES)
     if reason is None and x.device.type == "cpu" and torch.compiler.is_compiling():
         reason = "torch.compile/export is tracing and this path calls the C kernel through ctypes"
@@ -58,7 +61,7 @@ def _fast_can_run(layer, x) -> Optional[str]:
     return reason
 
 
-def _triton_can_run(layer, x) -> Optional[str]:
+def _triton_can_run(layer: PositionSensitiveAxialAttention, x) -> Optional[str]:
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if x.device.type == "cpu" and not interpreted:
         return "the Triton kernels run on GPUs (on CPU only through TRITON_INTERPRET=1)"
@@ -67,7 +70,7 @@ def _triton_can_run(layer, x) -> Optional[str]:
     return tracing_refusal("launches its kernels by hand (invisible to the tracer)")
 
 
-def _triton_auto_refusal(layer, x) -> Optional[str]:
+def _triton_auto_refusal(layer: PositionSensitiveAxialAttention, x) -> Optional[str]:
     if not triton_self_check.trusted(x.device):
         return (
             f"the Triton kernels failed their self-check on {x.device} (see its warning; "

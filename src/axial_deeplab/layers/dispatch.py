@@ -32,9 +32,12 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = [
     "Backend",
@@ -63,7 +66,7 @@ logger = logging.getLogger("axial_deeplab.attention")
 Refusal = Optional[str]  # None: can run; else why not
 
 
-def _always(layer, x) -> Refusal:
+def _always(layer: PositionSensitiveAxialAttention, x) -> Refusal:
     return None
 
 
@@ -179,7 +182,7 @@ def get_backend(name: str) -> Backend:
         ) from None
 
 
-def mode_of(layer) -> str:
+def mode_of(layer: PositionSensitiveAxialAttention) -> str:
     return "eval" if not torch.is_grad_enabled() and not layer.training else "train"
 
 
@@ -222,7 +225,7 @@ def attention_impl(name: str) -> Iterator[None]:
         _FORCED.pop()
 
 
-def _requested(layer) -> Tuple[str, str]:
+def _requested(layer: PositionSensitiveAxialAttention) -> Tuple[str, str]:
     """(name, who asked): the layer's impl, else attention_impl(), else the environment."""
     if layer.impl != "auto":
         return layer.impl, "the layer's impl"
@@ -241,7 +244,7 @@ def _refusal(backend: Backend, layer, x, auto: bool) -> Refusal:
     return reason
 
 
-def select_backend(layer, x: torch.Tensor) -> str:
+def select_backend(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> str:
     """The name of the path ``layer(x)`` runs; ValueError when a forced path cannot run."""
     name, source = _requested(layer)
     if name != "auto":
@@ -256,7 +259,7 @@ def select_backend(layer, x: torch.Tensor) -> str:
     return "reference"
 
 
-def run(layer, x: torch.Tensor) -> torch.Tensor:
+def run(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` through the selected path (the layer's forward)."""
     name = select_backend(layer, x)
     if not torch.compiler.is_compiling() and _debug_enabled():
@@ -265,7 +268,7 @@ def run(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- explaining
-def _signature(layer) -> str:
+def _signature(layer: PositionSensitiveAxialAttention) -> str:
     text = layer.extra_repr()
     return f"{type(layer).__name__}({text})"
 
@@ -278,7 +281,7 @@ def _route(backend: Backend, layer, x) -> Tuple[Optional[str], List[Tuple[str, R
     return chosen, routes
 
 
-def explain(layer, x: torch.Tensor) -> str:
+def explain(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> str:
     """Which path ``layer(x)`` runs and why: every candidate in priority order with "runs" or
     the reason it was refused, and the inner route of the path that runs. Never raises for a
     path that cannot run (it says what the forward would raise)."""
@@ -369,7 +372,7 @@ def _debug_enabled() -> bool:
     return logger.isEnabledFor(logging.DEBUG)
 
 
-def _log_once(layer, x, name: str) -> None:
+def _log_once(layer: PositionSensitiveAxialAttention, x, name: str) -> None:
     mode = mode_of(layer)
     key = (_signature(layer), x.device.type, x.dtype, mode)
     if key in _LOGGED:

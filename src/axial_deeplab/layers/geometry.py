@@ -13,11 +13,14 @@ offsets -D..D (longer offsets are clipped to the edge rows).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = [
     "LOG2E",
@@ -43,12 +46,12 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 # --------------------------------------------------------------------------- spans and queries
-def attention_radius(layer) -> int:
+def attention_radius(layer: PositionSensitiveAxialAttention) -> int:
     """Half-width (m-1)/2 of a local span m, or -1 for a global span (the kernels' convention)."""
     return -1 if layer.span is None else (layer.span - 1) // 2
 
 
-def span_radius(layer, length) -> Optional[int]:
+def span_radius(layer: PositionSensitiveAxialAttention, length) -> Optional[int]:
     """Half-width r of the local span on an axis of ``length``, or None when every key is in
     span (global span, or an axis no longer than the span).
 
@@ -69,7 +72,7 @@ def in_span_pairs(length, radius: int):
     return length * (2 * r + 1) - r * (r + 1)  # each edge loses r(r+1)/2 of the 2r+1 per query
 
 
-def layer_query_step(layer) -> int:
+def layer_query_step(layer: PositionSensitiveAxialAttention) -> int:
     """Query positions computed directly: every ``stride``-th with ``stride_mode="subsample"``
     when ``bn_output`` normalises with running statistics (its batch statistics would need every
     position); else 1 and the stride is applied to the output (:func:`apply_stride`)."""
@@ -89,14 +92,14 @@ def pair_table_rows(q_pos: torch.Tensor, k_pos: torch.Tensor, max_distance: int)
     return (k_pos[None, :] - q_pos[:, None]).clamp(-max_distance, max_distance) + max_distance
 
 
-def offset_table_rows(layer, length: int, device=None) -> torch.Tensor:
+def offset_table_rows(layer: PositionSensitiveAxialAttention, length: int, device=None) -> torch.Tensor:
     """Table row of each offset -(L-1)..L-1 (2L-1 entries, clipped to the reach): the column
     order of the offset ("skewed") tables the C and Triton kernels read."""
     d = layer.max_relative_distance
     return torch.arange(-(length - 1), length, device=device).clamp(-d, d) + d
 
 
-def offset_tables(layer, length: int, dtype=torch.float32, device=None):
+def offset_tables(layer: PositionSensitiveAxialAttention, length: int, dtype=torch.float32, device=None):
     """(query, key, value) tables gathered over offsets -(L-1)..L-1, each (depth, 2L-1),
     detached and contiguous; None where a term is off."""
     offsets = offset_table_rows(layer, length, device)
@@ -154,7 +157,7 @@ def bn_affine(bn):
     return scale, bn.bias - bn.running_mean * scale
 
 
-def folded_projection(layer):
+def folded_projection(layer: PositionSensitiveAxialAttention):
     """The layer's eval BatchNorms folded: (weight (c2, C_in), bias (c2)) of the projection with
     bn_qkv and the output BN's scale of a.v folded in (sum_p a_p (s v_p) = s sum_p a_p v_p), the
     output BN's per-channel scale of a.r^v (None when r^v is off), its shift (both retrievals'
@@ -173,7 +176,7 @@ def folded_projection(layer):
     return w, shift.contiguous(), alpha_r, beta, sim_scales
 
 
-def folded_constants(layer) -> dict:
+def folded_constants(layer: PositionSensitiveAxialAttention) -> dict:
     """A dict for constants derived from the layer's parameters and BN statistics (the folded
     projection, kernel operands), emptied whenever one of them changes: replaced, updated in
     place (tensor version) or given new data (``.data =``, as ``module.to`` does: storage

@@ -22,7 +22,7 @@ The sequence-layout function above stays the path of other devices and the opera
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from .geometry import apply_stride, attention_radius, eval_bn, folded_constants,
 from .recompute import recompute_backward
 from .similarity_stats import similarity_moments_rows, similarity_scales
 from .sync import should_sync
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = [
     "axial_attention_memory_efficient",
@@ -81,7 +84,9 @@ class AxialAttentionFunction(torch.autograd.Function):
         return g_qkv, g_scales, g_rq, g_rk, g_rv, None, None, None, None
 
 
-def memory_efficient_core(layer, qkv, scales, step, attend_fn=attend, backward_fn=None):
+def memory_efficient_core(
+    layer: PositionSensitiveAxialAttention, qkv, scales, step, attend_fn=attend, backward_fn=None
+):
     """``attend_fn(layer, qkv, scales, step)`` (default :func:`.chunked.attend`) with the
     recompute-in-backward function around it when gradients are needed (its backward
     ``backward_fn``, default :func:`recompute_backward`)."""
@@ -145,7 +150,7 @@ def _batch_norm_rows(bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None) -
 # inside, the PyTorch path when it cannot run), so torch.compile / torch.export see one opaque
 # node with known shapes. Nothing here reads tensor values: every data-dependent choice is made
 # inside the operators.
-def _op_refusal(layer, x: torch.Tensor) -> Optional[str]:
+def _op_refusal(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> Optional[str]:
     """Why the operators of :mod:`.ops` cannot take this layer and input, or None."""
     plain_bn = (nn.BatchNorm1d, nn.BatchNorm2d)
     if x.device.type != "cpu":
@@ -202,13 +207,13 @@ ROUTE_DESCRIPTIONS = {
 }
 
 
-def routes(layer, x: torch.Tensor):
+def routes(layer: PositionSensitiveAxialAttention, x: torch.Tensor):
     """``[(route, None or why not)]`` in the order :func:`axial_attention_memory_efficient`
     tries them: the eval operator, the rows operator, the chunked sequence-layout path."""
     return [(r, _route_refusal(r, layer, x)) for r in ROUTES]
 
 
-def refusal(layer, x: torch.Tensor) -> Optional[str]:
+def refusal(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> Optional[str]:
     """None when some route can run (the chunked one, the cheapest to ask, first), else every
     route's reason."""
     if _route_refusal("chunked", layer, x) is None or select_route(layer, x) is not None:
@@ -216,7 +221,7 @@ def refusal(layer, x: torch.Tensor) -> Optional[str]:
     return "; ".join(f"{route}: {why}" for route, why in routes(layer, x))
 
 
-def select_route(layer, x: torch.Tensor) -> Optional[str]:
+def select_route(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> Optional[str]:
     """The first route that can run, or None."""
     for route in ROUTES:
         if _route_refusal(route, layer, x) is None:
@@ -224,11 +229,11 @@ def select_route(layer, x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _tables(layer):
+def _tables(layer: PositionSensitiveAxialAttention):
     return layer.query_table, layer.key_table, layer.value_table
 
 
-def run_layer_eval_op(layer, x: torch.Tensor) -> torch.Tensor:
+def run_layer_eval_op(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """Inference with every BN folded, through ``axial_deeplab::attention_eval``. In eager the
     folded constants are kept on the layer until a parameter changes; traced, they are
     ordinary operations of the graph."""
@@ -261,7 +266,7 @@ def run_layer_eval_op(layer, x: torch.Tensor) -> torch.Tensor:
     return apply_stride(y, layer) if step == 1 else y
 
 
-def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
+def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """The layer in position-major layout, the attention as ``axial_deeplab::attention_rows``
     (training, or inference with batch statistics)."""
     batch, cin, height, width = x.shape
@@ -305,7 +310,7 @@ def run_layer_position_major(layer, x: torch.Tensor) -> torch.Tensor:
     return apply_stride(y4, layer)
 
 
-def axial_attention_memory_efficient(layer, x: torch.Tensor) -> torch.Tensor:
+def axial_attention_memory_efficient(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """``impl="memory_efficient"``: recompute-in-backward training path."""
     route = select_route(layer, x)
     if route == "eval_op":

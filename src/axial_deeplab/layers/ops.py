@@ -22,7 +22,7 @@ compiled) and otherwise the chunked PyTorch path of :mod:`.chunked` / :mod:`.rec
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ from . import cpu_kernel
 from .chunked import attend
 from .geometry import attention_radius
 from .recompute import recompute_backward
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = ["attention_eval", "attention_rows", "attention_rows_backward", "layer_from_args", "layer_args"]
 
@@ -67,7 +70,7 @@ def layer_from_args(
     )
 
 
-def layer_args(layer) -> Tuple[int, int, int, int, int, bool]:
+def layer_args(layer: PositionSensitiveAxialAttention) -> Tuple[int, int, int, int, int, bool]:
     """(heads, dk, dv, radius, max_distance, use_qk): a layer's geometry as operator arguments
     (the inverse of :func:`layer_from_args`, tables aside)."""
     return (

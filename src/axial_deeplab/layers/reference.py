@@ -14,6 +14,8 @@ layer's settings, so both trace (torch.export, ONNX, torch.jit.trace) with symbo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,9 @@ from .geometry import (
     to_sequences,
 )
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = [
     "axial_attention_reference",
@@ -99,7 +104,7 @@ def masked_batch_norm(
     return y * bn.weight.view(shape) + bn.bias.view(shape)
 
 
-def axial_attention_reference(layer, x: torch.Tensor) -> torch.Tensor:
+def axial_attention_reference(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
@@ -140,7 +145,9 @@ def axial_attention_reference(layer, x: torch.Tensor) -> torch.Tensor:
     return _output(layer, sv, sve, B, H, W)
 
 
-def _output(layer, sv: torch.Tensor, sve: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
+def _output(
+    layer: PositionSensitiveAxialAttention, sv: torch.Tensor, sve: torch.Tensor, B: int, H: int, W: int
+) -> torch.Tensor:
     """Output BN over the interleaved [a.v, a.r^v] channels, their sum, back to (B, C, H', W')."""
     N, heads, dv, L = sv.shape
     out = torch.stack([sv, sve], dim=3).reshape(N, 2 * heads * dv, L)  # interleaved [c, retrieval]
@@ -159,7 +166,7 @@ def _query_blocks(L, b: int):
     return blocks.clamp(min=2) if isinstance(blocks, torch.Tensor) else torch.sym_max(2, blocks)
 
 
-def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
+def axial_attention_banded(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """The reference math for a local span m = 2r+1 in O(L x m) memory (global spans: the
     reference itself, which is O(L^2) by nature).
 
@@ -232,7 +239,7 @@ def axial_attention_banded(layer, x: torch.Tensor) -> torch.Tensor:
     return _output(layer, sv, sve, B, H, W)
 
 
-def _global_eval(layer, x: torch.Tensor, radius=None) -> torch.Tensor:
+def _global_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor, radius=None) -> torch.Tensor:
     """The reference in inference as (queries x L) tensors, in few passes (what an exported
     graph pays for): global spans, and local ones on a short static axis. The similarity BN's
     scales go into q and k and its shifts are dropped (constant along each softmax row, they
@@ -313,7 +320,7 @@ def _windows(t: torch.Tensor, blocks, b: int, w: int, left: int, right: int) -> 
     return torch.index_select(t, 2, index).reshape(*t.shape[:2], blocks, w, t.shape[-1])
 
 
-def _banded_eval(layer, x: torch.Tensor) -> torch.Tensor:
+def _banded_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """:func:`axial_attention_banded` in inference, in few passes over the (.., L, span) tensors
     (what an exported graph pays for). Logits live in query-relative form (o, j), key
     p = o - r + j, so q . r^q, k . r^k and a . r^v are plain matmuls with the tables; only

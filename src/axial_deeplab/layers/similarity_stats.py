@@ -16,7 +16,7 @@ the reference does.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,13 @@ import torch.nn.functional as F
 from .geometry import in_span_pairs, pair_table_rows, span_radius
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
+
 __all__ = ["similarity_moments", "similarity_moments_rows", "similarity_scales", "RowMoments", "BandMoments"]
 
 
-def similarity_moments(layer, q: torch.Tensor, k: torch.Tensor):
+def similarity_moments(layer: PositionSensitiveAxialAttention, q: torch.Tensor, k: torch.Tensor):
     """Exact sum and sum of squares over (sequences, in-span pairs) of each similarity
     term, per head, without forming any L x L logits.
 
@@ -142,7 +145,7 @@ def _gram_chunk(qc, kc, lo, hi):
     return torch.einsum("nhco,nhcdo,nhdo->h", qc, win, qc)
 
 
-def _table_counts(layer, length: int, device):
+def _table_counts(layer: PositionSensitiveAxialAttention, length: int, device):
     """(L, rows) counts of how often each table row meets each query / each key among
     the pairs of a global span."""
     pos = torch.arange(length, device=device)
@@ -265,7 +268,9 @@ class RowMoments(torch.autograd.Function):
 BAND_CHUNK_ELEMENTS = 1 << 18
 
 
-def _local_moments(layer, q: torch.Tensor, k: Optional[torch.Tensor], r: int, rows=None):
+def _local_moments(
+    layer: PositionSensitiveAxialAttention, q: torch.Tensor, k: Optional[torch.Tensor], r: int, rows=None
+):
     """:func:`similarity_moments` of a local span of radius r < L - 1: q.k from the band of
     in-span logits (:class:`BandMoments`); q.r^q and k.r^k the same way for deep heads, else
     (d*d small against the span) from position-only table Grams (d x d per position,
@@ -517,7 +522,7 @@ def _augmented_table(table: torch.Tensor, term: int, shift: torch.Tensor, dtype,
     return out
 
 
-def similarity_moments_rows(layer, y: torch.Tensor, nseq: int, length: int):
+def similarity_moments_rows(layer: PositionSensitiveAxialAttention, y: torch.Tensor, nseq: int, length: int):
     """:func:`similarity_moments` for the position-major projection ``y`` (N*L, C2):
     the closed-form-backward :class:`RowMoments` for a global span, else the general
     function on strided views."""
@@ -536,7 +541,9 @@ def _at_least_one(n):
     return n.clamp(min=1) if isinstance(n, torch.Tensor) else torch.sym_max(n, 1)
 
 
-def similarity_scales(layer, q: Optional[torch.Tensor], k: Optional[torch.Tensor], moments=None) -> torch.Tensor:
+def similarity_scales(
+    layer: PositionSensitiveAxialAttention, q: Optional[torch.Tensor], k: Optional[torch.Tensor], moments=None
+) -> torch.Tensor:
     """Per (term, head) multipliers a_t = gamma_t / sqrt(var_t + eps) of the similarity
     BN, shape (3, heads); the BN shifts cancel in the softmax. In training the batch
     variance over in-span pairs is used and the running statistics are updated exactly

@@ -8,8 +8,13 @@ sums them over processes with a differentiable all-reduce instead.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 
 def is_distributed() -> bool:
@@ -45,7 +50,7 @@ def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(t)
 
 
-def should_sync(layer) -> bool:
+def should_sync(layer: PositionSensitiveAxialAttention) -> bool:
     return bool(getattr(layer, "sync_statistics", False)) and is_distributed()
 
 

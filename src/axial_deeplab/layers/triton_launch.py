@@ -25,7 +25,7 @@ tiny shapes); speed figures need a GPU.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -43,6 +43,9 @@ from .triton_kernels import (
     triton,
     triton_available,
 )
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = [
     "triton_available",
@@ -341,7 +344,9 @@ def attention_backward_triton(
     return g_qkv.to(qkv.dtype), g_scales.to(scales.dtype), g_rq, g_rk, g_rv
 
 
-def triton_layer(layer, x: torch.Tensor, blocks: Optional[Sequence[int]] = None) -> torch.Tensor:
+def triton_layer(
+    layer: PositionSensitiveAxialAttention, x: torch.Tensor, blocks: Optional[Sequence[int]] = None
+) -> torch.Tensor:
     """The layer with the Triton forward; in training, the memory-efficient autograd function
     with the Triton backward (both kernels fused, nothing kept but the inputs, the small
     outputs and one log-sum-exp per row). No self-check: see :mod:`.triton_self_check`."""

@@ -18,7 +18,7 @@ operators exist only where Triton imports; importing this module launches and co
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from . import triton_launch
 from .chunked import run_layer
 from .ops import layer_args, layer_from_args
 from .triton_kernels import triton_available
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = ["OPERATORS", "attend_op", "triton_layer_op"]
 
@@ -106,7 +109,9 @@ if triton_available():
     triton_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attend_op(layer, qkv: Tensor, scales: Tensor, query_step: int, return_lse: bool = False):
+def attend_op(
+    layer: PositionSensitiveAxialAttention, qkv: Tensor, scales: Tensor, query_step: int, return_lse: bool = False
+):
     """:func:`.triton_launch.attend_triton` through the operator (same contract); autograd
     records it (the operator's backward) when an input or a table needs a gradient."""
     sv, sve, lse = torch.ops.axial_deeplab.triton_attention(
@@ -116,7 +121,7 @@ def attend_op(layer, qkv: Tensor, scales: Tensor, query_step: int, return_lse: b
     return (sv, sve, lse) if return_lse else (sv, sve)
 
 
-def triton_layer_op(layer, x: Tensor) -> Tensor:
+def triton_layer_op(layer: PositionSensitiveAxialAttention, x: Tensor) -> Tensor:
     """The layer with its attention core as the Triton operator (autograd: the operator's
     registered backward); :func:`.triton_launch.triton_layer` is the same with the kernels
     launched directly (explicit tiles: the self-check, the tile sweep)."""

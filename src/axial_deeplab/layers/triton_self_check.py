@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -21,6 +21,9 @@ from .axial_attention import PositionSensitiveAxialAttention
 from .memory_efficient import axial_attention_memory_efficient
 from .reference import axial_attention_reference
 from .triton_kernels import triton
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = ["axial_attention_triton", "trusted", "self_check", "SELF_CHECK_DEVICE_TYPES", "SELF_CHECK_BLOCKS"]
 
@@ -32,7 +35,7 @@ SELF_CHECK_BLOCKS = (16, 16, 4, 1)
 _TRUST: dict = {}  # (device, dot precision) -> passed
 
 
-def axial_attention_triton(layer, x: torch.Tensor) -> torch.Tensor:
+def axial_attention_triton(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """``impl="triton"``: :func:`.triton_ops.triton_layer_op` (the kernels as operators); on a
     device where the kernels failed :func:`self_check`, the PyTorch memory-efficient path
     instead (after one warning)."""
@@ -78,7 +81,7 @@ def self_check(device: torch.device) -> Optional[str]:
     3e-2 of the largest value, else 1e-3)."""
     tol = 3e-2 if triton_launch.dot_precision() == "tf32" else 1e-3
 
-    def kernels(layer, x):
+    def kernels(layer: PositionSensitiveAxialAttention, x):
         return triton_launch.triton_layer(layer, x, blocks=SELF_CHECK_BLOCKS)
 
     try:
