@@ -1029,6 +1029,64 @@ static void sweep_sequence(const AxialBackArgs* a, int64_t n, float* rows_in) {
         }
 }
 
+/* Lines of the next position-major sequence (every head: its qkv rows, incoming gradients, the
+   forward's outputs, and the qkv-gradient rows it will write) to fetch into L2 while the current
+   sequence is computed, a few before each block of rows: a sequence's rows are read once per head
+   at a stride of a whole row, which the hardware prefetchers do not follow, so without this the
+   backward waits on memory for every new sequence (the forward does the same, prefetch_ahead). */
+typedef struct {
+    const float* base[6]; /* row 0 of each region; a region's row p at base + p * stride */
+    int64_t stride[6], width[6];
+    int write[6];
+    int nreg, r;          /* regions; the current one (nreg: every line asked for) */
+    int64_t p, c, step;   /* the next line: row p, floats from c; lines per call */
+} BackAhead;
+
+static void back_ahead_start(const AxialBackArgs* a, int64_t n, int64_t blocks, BackAhead* f) {
+    const int64_t H = a->heads, c2h = 2 * a->dk + a->dv;
+    const int64_t gw = (H - 1) * a->g_h + a->dv;
+    int k = 0;
+#define REGION(b, st, w, wr) \
+    do {                         \
+        f->base[k] = (b);        \
+        f->stride[k] = (st);     \
+        f->width[k] = (w);       \
+        f->write[k] = (wr);      \
+        k++;                     \
+    } while (0)
+    REGION(a->qkv + n * a->s_n, a->s_p, (H - 1) * a->s_h + c2h, 0);
+    REGION(a->gsv + n * a->g_n, a->g_o, gw, 0);
+    if (a->use_rv) REGION(a->gsve + n * a->g_n, a->g_o, gw, 0);
+    if (!a->delta) {
+        REGION(a->osv + n * a->g_n, a->g_o, gw, 0);
+        if (a->use_rv) REGION(a->osve + n * a->g_n, a->g_o, gw, 0);
+    }
+    REGION(a->gqkv + n * a->s_n, a->s_p, (H - 1) * a->s_h + c2h, 1);
+#undef REGION
+    int64_t lines = 0;
+    for (int i = 0; i < k; i++) lines += a->L * ((f->width[i] + 15) / 16 + 1);
+    f->nreg = k;
+    f->r = 0;
+    f->p = 0;
+    f->c = 0;
+    f->step = lines / (blocks > 0 ? blocks : 1) + 1;
+}
+
+static void back_ahead(const AxialBackArgs* a, BackAhead* f) {
+    for (int64_t k = 0; k < f->step && f->r < f->nreg; k++) {
+        const float* line = f->base[f->r] + f->p * f->stride[f->r] + f->c;
+        if (f->write[f->r])
+            __builtin_prefetch(line, 1, 2);
+        else
+            __builtin_prefetch(line, 0, 2);
+        if ((f->c += 16) < f->width[f->r] + 15) continue;
+        f->c = 0;
+        if (++f->p < a->L) continue;
+        f->p = 0;
+        f->r++;
+    }
+}
+
 /* Sequence-heads [nh0, nh1). scratch: axial_attention_backward_scratch_floats(a) floats.
    g_rqe, g_rke: (dk, Jp), g_rvT: (dv, Jp), g_scale: (3, heads), accumulated (+=).
    Query rows go BROWS at a time (the last L mod BROWS one by one), global and local spans alike. */
@@ -1053,6 +1111,8 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
     float *qL = rows_in, *gsL, *gseL, *dL;
     memset(scratch, 0, sizeof(float) * axial_attention_backward_scratch_floats(a));
     BackRows w;
+    BackAhead ahead;
+    ahead.nreg = ahead.r = 0;
     float* rows[5 * MAXDK];  /* channel rows of keys then values, and of their gradients */
     float* grows[5 * MAXDK];
     for (int64_t c = 0; c < dk + dv; c++) {
@@ -1075,6 +1135,11 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
         if (position_major && n != swept) {  /* every head's rows of sequence n in one sweep */
             sweep_sequence(a, n, rows_in);
             swept = n;
+            /* the next sequence's lines, spread over this one's blocks of rows (if it is ours) */
+            ahead.nreg = 0;
+            ahead.r = 0;
+            if ((n + 1) * H < nh1)
+                back_ahead_start(a, n + 1, imin(H, nh1 - n * H) * ((L + BROWS - 1) / BROWS), &ahead);
         }
         qL = rows_in + (position_major ? h * head_floats : 0);
         gsL = qL + L * dk;
@@ -1110,7 +1175,11 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
         PROF_ADD_B(4, b4);
         double ga[3] = {0.0, 0.0, 0.0};
         int64_t o = 0;
-        for (; o + BROWS <= L; o += BROWS) back_rows_4(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
+        for (; o + BROWS <= L; o += BROWS) {
+            back_ahead(a, &ahead);
+            back_rows_4(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
+        }
+        if (o < L) back_ahead(a, &ahead);
         for (; o < L; o++) back_rows_1(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
         PROF_START(b5);
         if (a->s_c == 1) {

@@ -36,7 +36,7 @@ forward in a custom autograd function that recomputes them instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
@@ -53,6 +53,9 @@ from .geometry import (
     to_sequences,
 )
 from .similarity_stats import similarity_scales
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = [
     "axial_attention_fast",
@@ -75,7 +78,7 @@ CHUNK_ELEMENTS = 1 << 17
 
 
 # --------------------------------------------------------------------------- projection
-def project_sequences(layer, x: torch.Tensor) -> torch.Tensor:
+def project_sequences(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> qkv sequences (N*heads, 2*dk+dv, L), BN applied.
 
     With ``bn_qkv`` in eval mode the BN is folded into the projection (one batched
@@ -146,7 +149,9 @@ class BlockTables:
     has_mask: bool
 
 
-def gather_tables(layer, block: Block, radius: Optional[int], dtype, device) -> BlockTables:
+def gather_tables(
+    layer: PositionSensitiveAxialAttention, block: Block, radius: Optional[int], dtype, device
+) -> BlockTables:
     q_pos = torch.arange(block.q_start, block.q_stop, block.q_step, device=device)
     k_pos = torch.arange(block.k0, block.k1, device=device)
     idx = pair_table_rows(q_pos, k_pos, layer.max_relative_distance)
@@ -224,7 +229,7 @@ def prepare_operands(
     return Operands(qo, qt, k, ko, v, qo.shape[2] - 1)
 
 
-def diagonal_logits(layer, q_qk, q_qr, k, k_kr) -> torch.Tensor:
+def diagonal_logits(layer: PositionSensitiveAxialAttention, q_qk, q_qr, k, k_kr) -> torch.Tensor:
     """Logit of each query with itself (offset 0), (nh, L_q). It is a member of every
     row, so subtracting it before exp2 cannot underflow a whole row; only a row whose
     maximum exceeds it by > 127 (log2 units) overflows, which :func:`attend` detects."""
@@ -279,7 +284,7 @@ def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
     return _ContiguousGrad.apply(x) if x.requires_grad else x
 
 
-def block_logits(layer, tabs: BlockTables, ops: Operands, block: Block):
+def block_logits(layer: PositionSensitiveAxialAttention, tabs: BlockTables, ops: Operands, block: Block):
     """Shifted log2-unit logits (nh_c, Bq, Wk) of one block for one chunk ``ops``."""
     o0, nq = block.out_start, block.num_queries
     qo = _narrow(ops.qo, 0, o0, o0 + nq)
@@ -301,7 +306,13 @@ def chunk_size_for(blocks, nh: int) -> int:
     return min(chunk_size(nh, b.num_queries, b.k1 - b.k0) for b in blocks)
 
 
-def attend(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1, return_lse: bool = False):
+def attend(
+    layer: PositionSensitiveAxialAttention,
+    qkv: torch.Tensor,
+    scales: torch.Tensor,
+    query_step: int = 1,
+    return_lse: bool = False,
+):
     """sum_p a_op v_p and sum_p a_op r^v_{p-o} for qkv (nh, 2dk+dv, L).
 
     Returns ``(sv, sve)``, each (nh, dv, L_out) with L_out = ceil(L / query_step)
@@ -328,7 +339,7 @@ def attend(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1, 
     return sv, sve
 
 
-def needs_grad(layer, qkv, scales) -> bool:
+def needs_grad(layer: PositionSensitiveAxialAttention, qkv, scales) -> bool:
     """Whether autograd records this call (an input or a table needs a gradient)."""
     if not torch.is_grad_enabled():
         return False
@@ -336,7 +347,7 @@ def needs_grad(layer, qkv, scales) -> bool:
     return qkv.requires_grad or scales.requires_grad or any(t is not None and t.requires_grad for t in tables)
 
 
-def _attend_blocks(layer, ops: Operands, blocks, radius, qkv, exact_max: bool):
+def _attend_blocks(layer: PositionSensitiveAxialAttention, ops: Operands, blocks, radius, qkv, exact_max: bool):
     nh = qkv.shape[0]
     chunks = split_operands(ops, chunk_size_for(blocks, nh))
     sv_parts, sve_parts, sum_parts, shift_parts = [], [], [], []
@@ -406,7 +417,7 @@ def finish_output(
 
 
 # --------------------------------------------------------------------------- entry point
-def run_layer(layer, x: torch.Tensor, core) -> torch.Tensor:
+def run_layer(layer: PositionSensitiveAxialAttention, x: torch.Tensor, core) -> torch.Tensor:
     """Shared driver: projection, similarity scales, ``core(layer, qkv, scales, step)``,
     output BN, stride."""
     batch, _, height, width = x.shape
@@ -427,11 +438,11 @@ def run_layer(layer, x: torch.Tensor, core) -> torch.Tensor:
     return y
 
 
-def _autograd_core(layer, qkv, scales, step):
+def _autograd_core(layer: PositionSensitiveAxialAttention, qkv, scales, step):
     return attend(layer, qkv, scales, step)
 
 
-def axial_attention_fast(layer, x: torch.Tensor) -> torch.Tensor:
+def axial_attention_fast(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """``impl="fast"``: the CPU fast path (training backward by autograd)."""
     y = cpu_kernel.forward_eval(layer, x)  # inference with the compiled kernel, when it applies
     if y is not None:

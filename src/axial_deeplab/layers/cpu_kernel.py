@@ -40,7 +40,7 @@ import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ from .geometry import (
     layer_query_step,
     offset_table_rows,
 )
+
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
 
 __all__ = [
     "available",
@@ -313,7 +316,7 @@ def _run_rows(lib, args: _Args, rows: int) -> bool:
     return not any(status)
 
 
-def _tables(layer, length: int):
+def _tables(layer: PositionSensitiveAxialAttention, length: int):
     """Relative tables gathered over offsets -(L-1)..L-1 (clipped to the reach), zero-padded."""
     offsets = offset_table_rows(layer, length)
     rqe = rke = rvt = None
@@ -326,7 +329,7 @@ def _tables(layer, length: int):
     return rqe, rke, rvt
 
 
-def supports(layer, t: torch.Tensor) -> bool:
+def supports(layer: PositionSensitiveAxialAttention, t: torch.Tensor) -> bool:
     return (
         t.dtype == torch.float32
         and t.device.type == "cpu"
@@ -335,7 +338,7 @@ def supports(layer, t: torch.Tensor) -> bool:
     )
 
 
-def kernel_operands(layer, length: int, scales: torch.Tensor, alpha_r=None, beta=None):
+def kernel_operands(layer: PositionSensitiveAxialAttention, length: int, scales: torch.Tensor, alpha_r=None, beta=None):
     """The kernel's per-layer operands for sequences of ``length``: similarity scales
     (2, heads) in log2 units, q.r^q table (dk, Jp), per-head k.r^k tables (heads, dk, Jp)
     pre-scaled, value table (2L-1, dvp) or per head (scaled by ``alpha_r``) with its head
@@ -412,7 +415,13 @@ def run_kernel(
     return _run_rows(_library(), args, nseq * heads * lq)
 
 
-def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int = 1, return_lse: bool = False):
+def attend_eval(
+    layer: PositionSensitiveAxialAttention,
+    qkv: torch.Tensor,
+    scales: torch.Tensor,
+    query_step: int = 1,
+    return_lse: bool = False,
+):
     """Same contract as :func:`.chunked.attend` (qkv (nh, 2dk+dv, L) -> sv, sve (nh, dv, Lq)
     [, lse]) for float32 CPU tensors without gradients; None when the kernel is unavailable."""
     if not supports(layer, qkv):
@@ -448,7 +457,7 @@ def attend_eval(layer, qkv: torch.Tensor, scales: torch.Tensor, query_step: int 
     return sv, sve
 
 
-def forward_eval(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
+def forward_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The whole layer in inference (all BNs in eval, no autograd, float32, no autocast), or
     None when not applicable.
 

@@ -31,7 +31,7 @@ from torch import nn
 from . import ops
 from .chunked import attend, needs_grad, run_layer
 from .dispatch import graph_recorder
-from .geometry import apply_stride, attention_radius, eval_bn, folded_constants, folded_projection, layer_query_step
+from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step
 from .recompute import recompute_backward
 from .similarity_stats import similarity_moments_rows, similarity_scales
 from .sync import should_sync
@@ -254,12 +254,7 @@ def run_layer_eval_op(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -
         *_tables(layer),
         alpha_r,
         beta,
-        layer.num_heads,
-        layer.key_depth,
-        layer.value_depth,
-        attention_radius(layer),
-        layer.max_relative_distance,
-        layer.use_qk,
+        *ops.layer_args(layer),
         layer.axis == "height",
         step,
     )
@@ -270,7 +265,7 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
     """The layer in position-major layout, the attention as ``axial_deeplab::attention_rows``
     (training, or inference with batch statistics)."""
     batch, cin, height, width = x.shape
-    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    heads, dv = layer.num_heads, layer.value_depth
     c = heads * dv
     if layer.axis == "height":  # sequences (b, w) along h
         rows_in = x.permute(0, 3, 2, 1)
@@ -286,12 +281,7 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
         scales,
         *_tables(layer),
         nseq,
-        heads,
-        dk,
-        dv,
-        attention_radius(layer),
-        layer.max_relative_distance,
-        layer.use_qk,
+        *ops.layer_args(layer),
         length,
     )
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]

@@ -18,16 +18,21 @@ g_sv / g_sve the incoming gradients of sum_p P v_p and sum_p P r^v_{p-o}:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import cpu_kernel
 from .chunked import block_logits, chunk_size_for, gather_tables, plan_blocks, prepare_operands, split_operands
 from .geometry import span_radius
 
+if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
+    from .axial_attention import PositionSensitiveAxialAttention
+
 __all__ = ["recompute_backward", "recompute_backward_torch"]
 
 
-def recompute_backward(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve):
+def recompute_backward(layer: PositionSensitiveAxialAttention, step, qkv, scales, sv, sve, lse, g_sv, g_sve):
     """Gradients ``(g_qkv, g_scales (3, heads), g_query_table, g_key_table, g_value_table)`` of
     :func:`.chunked.attend` with ``return_lse`` (a switched-off table's gradient is None): the C
     kernel where it takes the operands (query step 1, float32 CPU), else PyTorch."""
@@ -47,7 +52,7 @@ def recompute_backward(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve):
     return recompute_backward_torch(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve)
 
 
-def recompute_backward_torch(layer, step, qkv, scales, sv, sve, lse, g_sv, g_sve):
+def recompute_backward_torch(layer: PositionSensitiveAxialAttention, step, qkv, scales, sv, sve, lse, g_sv, g_sve):
     """:func:`recompute_backward` in PyTorch, block by block and chunk by chunk (any device, dtype, step)."""
     nh, c2, length = qkv.shape
     dk, dv, heads = layer.key_depth, layer.value_depth, layer.num_heads
