@@ -90,11 +90,18 @@ def test_local_moments_and_gradients_equal_the_explicit_logits(dtype, dk, span, 
 
 
 @pytest.mark.parametrize(
-    "span, reach, length",
-    [(9, None, 30), (None, 254, 6), (None, 3, 9)],  # local; global with a long table; offsets clipped
+    "span, reach, length, flags",
+    [
+        (9, None, 30, {}),  # local
+        (None, 254, 6, {}),  # global with a long table
+        (None, 3, 9, {}),  # offsets clipped
+        (None, 3, 9, {"use_qk": False}),  # global: the table Grams alone
+        (None, 3, 9, {"use_query_rpe": False}),  # one table term
+        (None, 3, 9, {"use_query_rpe": False, "use_key_rpe": False}),  # the q.k Grams alone
+    ],
 )
-def test_position_major_rows_give_the_same_moments(span, reach, length):
-    layer = make_layer(4, span, heads=3, max_relative_distance=reach)
+def test_position_major_rows_give_the_same_moments(span, reach, length, flags):
+    layer = make_layer(4, span, heads=3, max_relative_distance=reach, **flags)
     nseq, heads, dk = 4, 3, 4
     c2 = heads * (2 * dk + layer.value_depth)
     y = torch.randn(nseq * length, c2, generator=torch.Generator().manual_seed(2))

@@ -160,103 +160,127 @@ class RowMoments(torch.autograd.Function):
     ``y`` (N*L, heads*(2dk+dv)) (q and k read from it), with a closed-form backward that
     writes the gradient of ``y`` in its own layout. Returns (sums, sumsq) (3, heads) float64.
 
-    Per head, with Gx_n = sum_o x_no x_no^T (Gram matrices over positions, one batched
-    product over (n, h)), X_o = sum_n x_no x_no^T (over sequences, batched over (o, h)),
+    Per head, with Gx_n = sum_o x_no x_no^T (Gram matrices over positions, batched over
+    (n, h)), X_o = sum_n x_no x_no^T (over sequences, batched over (h, o)),
     R_o = sum_j counts[o, j] t_j and T_o = sum_j counts[o, j] t_j t_j^T:
     sum(q.k) = sum_n (sum_o q_no) . (sum_p k_np), sumsq(q.k) = sum_n <Gq_n, Gk_n>,
     sum(x.r) = sum_o (sum_n x_no) . R_o, sumsq(x.r) = sum_o <X_o, T_o>;
-    the derivatives follow term by term (d sumsq(q.k) / d q_no = 2 Gk_n q_no, etc.)."""
+    the derivatives follow term by term (d sumsq(q.k) / d q_no = 2 Gk_n q_no, etc.).
+
+    q and k are read from ``y`` once per family of Grams, straight into float64 (float32
+    products are exact there, so the Grams are exact up to float64 rounding) and into the
+    layout in which that family's blocks are contiguous (L, 2dk) or (N, 2dk) matrices:
+    (N, h, L, 2dk) for the Grams over positions, (h, L, N, 2dk) for those over sequences.
+    Copies whose innermost run is 2dk channels cost a fraction of the transposing ones
+    (positions or sequences innermost), and the products then run on contiguous blocks. The
+    backward runs its products on the same copies in the input's dtype (float32 products
+    run twice as fast as float64 ones) and writes the gradient of ``y`` with
+    one strided pass."""
 
     @staticmethod
     def forward(ctx, y, query_table, key_table, layer, nseq, length):
         heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
-        y4 = y.view(nseq, length, heads, 2 * dk + dv)
+        y4 = y.detach().view(nseq, length, heads, 2 * dk + dv)
         f64, d2 = torch.float64, 2 * dk
         zero = y.new_zeros(heads, dtype=f64)
         sums, sumsq = [zero, zero, zero], [zero, zero, zero]
         on_table = (layer.use_query_rpe and query_table is not None, layer.use_key_rpe and key_table is not None)
         saved = {}
-        qk = y4[..., :d2]  # q and k channels together: one copy and one product for both
-        if layer.use_qk:  # (N, h, 2d, L): Grams batched over (n, h)
-            xt32 = torch.empty(nseq, heads, d2, length, dtype=y.dtype).copy_(qk.permute(0, 2, 3, 1))
-            xt = xt32.to(f64)
-            gram = torch.bmm(xt.view(-1, d2, length), xt.view(-1, d2, length).transpose(1, 2))
-            gram = gram.view(nseq, heads, d2, d2)
-            xs = xt.sum(-1)  # (N, h, 2d)
-            sums[0] = (xs[..., :dk] * xs[..., dk:]).sum((0, 2))
+        x = None
+        if layer.use_qk:  # (N*h, 2d, 2d) Grams over positions; q and k together: one copy for both
+            x = torch.empty(nseq, heads, length, d2, dtype=f64, device=y.device)
+            x.permute(0, 2, 1, 3).copy_(y4[..., :d2])
+            xs = x.view(nseq * heads, length, d2)
+            gram = torch.bmm(xs.transpose(1, 2), xs).view(nseq, heads, d2, d2)
+            xsum = x.sum(2)  # (N, h, 2d)
+            sums[0] = (xsum[..., :dk] * xsum[..., dk:]).sum((0, 2))
             sumsq[0] = (gram[..., :dk, :dk] * gram[..., dk:, dk:]).sum((0, 2, 3))
-            saved["seq"] = (xt32, xs, gram)  # the backward is float32: its products are 10x faster
-        if any(on_table):  # (L, h, 2d, N): Grams batched over (o, h)
+            saved["seq"] = (xsum, gram)
+        if any(on_table):  # (h*L, 2d, 2d) Grams over sequences
             # only the rows of offsets -(L-1)..L-1 meet any pair: the other rows of a long table
             # (509 by default) would cost products of zeros
             reach = layer.max_relative_distance
             lo, hi = max(0, reach - (length - 1)), min(layer.table_rows, reach + length)
             counts = tuple(cnt[:, lo:hi] for cnt in _table_counts(layer, length, y.device))
             ctx.row_range = (lo, hi, layer.table_rows)
-            xl32 = torch.empty(length, heads, d2, nseq, dtype=y.dtype).copy_(qk.permute(1, 2, 3, 0))
-            xl = xl32.to(f64)
-            xx = torch.bmm(xl.view(-1, d2, nseq), xl.view(-1, d2, nseq).transpose(1, 2)).view(length, heads, d2, d2)
-            xsum = xl.sum(-1)  # (L, h, 2d)
-            saved["pos"] = (xl32, xsum, xx, counts)
+            tgram = y.new_zeros(length, d2, d2, dtype=f64)  # block-diagonal [T^q_o, T^k_o]
+            row_sum = y.new_zeros(length, d2, dtype=f64)  # [R^q_o, R^k_o]
+            tabs = {}
             for t, table in ((1, query_table), (2, key_table)):
-                if not on_table[t - 1]:
-                    continue
+                if on_table[t - 1]:
+                    c = slice(0, dk) if t == 1 else slice(dk, d2)
+                    tab = table.detach()[:, lo:hi].to(f64)
+                    row_sum[:, c] = counts[t - 1] @ tab.t()
+                    outer = (tab.t()[:, :, None] * tab.t()[:, None, :]).reshape(-1, dk * dk)
+                    tgram[:, c, c] = (counts[t - 1] @ outer).view(length, dk, dk)
+                    tabs[t] = tab
+            xp = torch.empty(heads, length, nseq, d2, dtype=f64, device=y.device)
+            xp.permute(2, 1, 0, 3).copy_(y4[..., :d2])  # (h, L, N, 2d): its (h, o) blocks contiguous
+            xx = torch.bmm(xp.view(-1, nseq, d2).transpose(1, 2), xp.view(-1, nseq, d2)).view(heads, length, d2, d2)
+            xsum_p = xp.sum(2)  # (h, L, 2d)
+            for t in tabs:
                 c = slice(0, dk) if t == 1 else slice(dk, d2)
-                tab = table.detach()[:, lo:hi].to(f64)
-                row_sum = counts[t - 1] @ tab.t()  # (L, d)
-                outer = (tab.t()[:, :, None] * tab.t()[:, None, :]).reshape(-1, dk * dk)
-                tgram = (counts[t - 1] @ outer).view(length, 1, dk, dk)  # (L, 1, d, d)
-                sums[t] = (xsum[..., c] * row_sum[:, None, :]).sum((0, 2))
-                sumsq[t] = (xx[..., c, c] * tgram).sum((0, 2, 3))
-                saved[t] = (tab, row_sum, tgram)
+                sums[t] = (xsum_p[..., c] * row_sum[:, c]).sum((1, 2))
+                sumsq[t] = (xx[..., c, c] * tgram[:, c, c]).sum((1, 2, 3))
+            # the backward's products run in the input's dtype (float32 ones are twice as fast), so
+            # the copies are kept in it: float64 ones would double the memory held for the backward
+            saved["pos"] = (xp.to(y.dtype), xx, xsum_p, row_sum, tgram, counts, tabs)
         ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.y_dtype = layer, nseq, length, saved, y.dtype
+        ctx.x, ctx.device = None if x is None else x.to(y.dtype), y.device
         return torch.stack(sums), torch.stack(sumsq)
 
     @staticmethod
     def backward(ctx, g_sums, g_sumsq):
-        layer, nseq, length, saved = ctx.layer, ctx.nseq, ctx.length, ctx.saved
+        layer, nseq, length, saved, x = ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.x
         heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
         f64, d2 = torch.float64, 2 * dk
-        g_sums = torch.zeros(3, heads, dtype=f64) if g_sums is None else g_sums.to(f64)
-        g_sumsq = torch.zeros(3, heads, dtype=f64) if g_sumsq is None else g_sumsq.to(f64)
-        g = None
+        dev = ctx.device
+        g_sums = torch.zeros(3, heads, dtype=f64, device=dev) if g_sums is None else g_sums.to(f64)
+        g_sumsq = torch.zeros(3, heads, dtype=f64, device=dev) if g_sumsq is None else g_sumsq.to(f64)
+        gx = None  # the gradient of the copy x (N, h, L, 2d), in the input's dtype
         if "seq" in saved:  # d/dq_no = a K_n + 2 b Gk_n q_no, d/dk_np = a Q_n + 2 b Gq_n k_np
-            xt, xs, gram = saved["seq"]
+            xsum, gram = saved["seq"]
             a, b = g_sums[0].view(1, heads, 1), 2 * g_sumsq[0].view(1, heads, 1, 1)
             w = torch.zeros_like(gram)
             w[..., :dk, :dk] = gram[..., dk:, dk:] * b
-            w[..., dk:, dk:] = gram[..., :dk, :dk] * b
-            gt = torch.bmm(w.view(-1, d2, d2).to(xt.dtype), xt.view(-1, d2, length)).view(xt.shape)
-            gt += (xs.roll(dk, -1) * a).unsqueeze(-1).to(xt.dtype)
-            g = gt.permute(0, 3, 1, 2)  # (N, L, h, 2d) view
+            w[..., dk:, dk:] = gram[..., :dk, :dk] * b  # symmetric: x w = (w x^T)^T
+            w_in = w.to(ctx.y_dtype).view(-1, d2, d2)
+            gx = torch.bmm(x.view(nseq * heads, length, d2), w_in).view(nseq, heads, length, d2)
+            gx += (xsum.roll(dk, -1) * a).unsqueeze(2).to(ctx.y_dtype)
         g_tables = [None, None]
         if "pos" in saved:  # d/dx_no = a R_o + 2 b T_o x_no
-            xl, xsum, xx, counts = saved["pos"]
-            w = xx.new_zeros(length, heads, d2, d2)
-            shift = xx.new_zeros(length, heads, d2)
-            for t in (1, 2):
-                if t not in saved:
-                    continue
+            xp, xx, xsum_p, row_sum, tgram, counts, tabs = saved["pos"]
+            a_hc, b_hc = xx.new_zeros(heads, d2), xx.new_zeros(heads, d2)  # per (head, channel)
+            for t in tabs:
                 c = slice(0, dk) if t == 1 else slice(dk, d2)
-                tab, row_sum, tgram = saved[t]
-                a, b = g_sums[t], 2 * g_sumsq[t]
-                w[..., c, c] = tgram * b.view(1, heads, 1, 1)
-                shift[..., c] = row_sum[:, None, :] * a.view(1, heads, 1)
-                # d/dt_j = sum_o counts[o, j] (sum_h a_h xsum_oh + 2 sum_h b_h X_oh t_j)
+                a_hc[:, c], b_hc[:, c] = g_sums[t].view(heads, 1), 2 * g_sumsq[t].view(heads, 1)
+            # d/dt_j = sum_o counts[o, j] (sum_nh a_h x_no + sum_nh 2 b_h x_no x_no^T t_j)
+            a_x = (xsum_p * a_hc[:, None, :]).sum(0)  # (L, 2d)
+            xb = (xx * b_hc[:, None, :, None]).sum(0)  # (L, 2d, 2d)
+            for t, tab in tabs.items():
+                c = slice(0, dk) if t == 1 else slice(dk, d2)
                 cnt = counts[t - 1]
-                g_tab = (cnt.t() @ (xsum[..., c] * a.view(1, heads, 1)).sum(1)).t()  # (d, rows)
-                xb = (xx[..., c, c] * b.view(1, heads, 1, 1)).sum(1).reshape(length, -1)
-                m = (cnt.t() @ xb).view(-1, dk, dk)
-                g_tab = g_tab + torch.bmm(m, tab.t().unsqueeze(-1)).squeeze(-1).t()
+                m = (cnt.t() @ xb[:, c, c].reshape(length, -1)).view(-1, dk, dk)
+                g_tab = cnt.t() @ a_x[:, c] + torch.bmm(m, tab.t().unsqueeze(-1)).squeeze(-1)  # (rows, d)
                 lo, hi, rows = ctx.row_range
-                g_tables[t - 1] = F.pad(g_tab, (lo, rows - hi)).to(ctx.y_dtype)
-            gl = torch.bmm(w.view(-1, d2, d2).to(xl.dtype), xl.view(-1, d2, nseq)).view(xl.shape)
-            gl += shift.unsqueeze(-1).to(xl.dtype)
-            gl = gl.permute(3, 0, 1, 2)  # (N, L, h, 2d) view
-            g = gl if g is None else g + gl
-        g_y = torch.zeros(nseq, length, heads, 2 * dk + dv, dtype=ctx.y_dtype)
-        if g is not None:
-            g_y[..., :d2] = g
+                g_tables[t - 1] = F.pad(g_tab.t(), (lo, rows - hi)).to(ctx.y_dtype)
+            # x_no^T (T_o diag(2b_h)) = 2b_h T_o x_no (T_o symmetric), batched over (h, o)
+            w = (tgram * b_hc[:, None, None, :]).view(-1, d2, d2).to(ctx.y_dtype)
+            gp = torch.bmm(xp.view(-1, nseq, d2), w)
+            gp = gp.view(heads, length, nseq, d2)
+            gp += (row_sum * a_hc[:, None, :]).to(ctx.y_dtype).unsqueeze(2)
+            gp = gp.permute(2, 1, 0, 3)  # (N, L, h, 2d) view
+        g_y = torch.empty(nseq, length, heads, 2 * dk + dv, dtype=ctx.y_dtype, device=dev)
+        g_y[..., d2:] = 0
+        g_qk = g_y[..., :d2]  # written with one strided pass
+        if gx is not None and "pos" in saved:
+            torch.add(gx.transpose(1, 2), gp, out=g_qk)
+        elif gx is not None:
+            g_qk.copy_(gx.transpose(1, 2))
+        elif "pos" in saved:
+            g_qk.copy_(gp)
+        else:
+            g_qk.zero_()
         g_rq = g_tables[0] if ctx.needs_input_grad[1] else None
         g_rk = g_tables[1] if ctx.needs_input_grad[2] else None
         return g_y.view(nseq * length, -1), g_rq, g_rk, None, None, None
