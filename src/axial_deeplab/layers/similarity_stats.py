@@ -273,7 +273,9 @@ class RowMoments(torch.autograd.Function):
         g_y = torch.empty(nseq, length, heads, 2 * dk + dv, dtype=ctx.y_dtype, device=dev)
         g_y[..., d2:] = 0
         g_qk = g_y[..., :d2]  # written with one strided pass
-        if gx is not None and "pos" in saved:
+        if gx is not None and "pos" in saved and torch.compiler.is_compiling():
+            g_qk.copy_(gx.transpose(1, 2) + gp)  # Dynamo refuses a non-contiguous out=
+        elif gx is not None and "pos" in saved:
             torch.add(gx.transpose(1, 2), gp, out=g_qk)
         elif gx is not None:
             g_qk.copy_(gx.transpose(1, 2))
