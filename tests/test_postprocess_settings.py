@@ -10,7 +10,7 @@ import torch
 from engine_testing import tiny_run
 
 from axial_deeplab.engine.builders import build_dataset, build_model, dataset_metadata
-from axial_deeplab.engine.config import Config, ConfigError, config_from_dict
+from axial_deeplab.engine.config import Config, config_from_dict
 from axial_deeplab.engine.evaluate import _reorder_classes, postprocess_outputs, postprocess_settings, raw_outputs
 from axial_deeplab.engine.predict import predict_panoptic
 from axial_deeplab.models.panoptic_deeplab import PanopticDeepLab
@@ -95,7 +95,7 @@ def test_python_override_wins_with_a_warning_and_per_call_overrides():
 def test_bad_eval_value_refused_naming_the_key():
     cfg = Config()
     cfg.eval.nms_kernel = 4
-    with pytest.raises(ConfigError, match=r"eval\.nms_kernel"):
+    with pytest.raises(ValueError, match=r"eval\.nms_kernel"):
         PostprocessSettings.from_config(cfg)
     with pytest.raises(ValueError, match="stuff_area"):
         PostprocessSettings(stuff_area=-1)

@@ -93,14 +93,12 @@ class PostprocessSettings:
     def from_config(cls, cfg) -> "PostprocessSettings":
         """The settings of a :class:`~axial_deeplab.engine.config.Config`'s ``eval`` section
         (``eval.threshold``, ``eval.nms_kernel``, ``eval.top_k``, ``eval.stuff_area``); a bad
-        value is refused naming its key."""
-        from .engine.config import ConfigError
-
+        value is refused with a ValueError naming its key (the engine's ConfigError is one)."""
         values = {f.name: getattr(cfg.eval, f.name) for f in dataclasses.fields(cls)}
         try:
             return cls(**values)
         except ValueError as e:
-            raise ConfigError(f"eval.{e}") from None
+            raise ValueError(f"eval.{e}") from None
 
     def replace(self, **changes) -> "PostprocessSettings":
         """A copy with ``changes``; an unknown name is refused, naming the known ones."""
