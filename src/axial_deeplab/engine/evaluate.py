@@ -419,9 +419,10 @@ def _evaluate_panoptic(
         dynamic_ncols=True,
         leave=False,
     )
+    settings = postprocess_settings(model, cfg)  # once per evaluation, not per batch
     for batch in batches:
         reraise_carried(batch)
-        for scored in _predict_batch(model, batch, cfg, device, metadata, class_map, at_original_size):
+        for scored in _predict_batch(model, batch, cfg, device, metadata, class_map, settings, at_original_size):
             for consumer in consumers:
                 consumer.process(scored)
     return scores.evaluate()
@@ -469,14 +470,13 @@ class ScoredImage:
     w: int
 
 
-def _predict_batch(model, batch, cfg: Config, device, metadata, class_map, at_original_size: bool):
+def _predict_batch(model, batch, cfg: Config, device, metadata, class_map, settings, at_original_size: bool):
     """The batch's images as :class:`ScoredImage`; images of different sizes run one at a time."""
     images = batch["image"]
     if isinstance(images, list):
         groups = [(img[None], [i]) for i, img in enumerate(images)]
     else:
         groups = [(images, list(range(len(images))))]
-    settings = postprocess_settings(model, cfg)
     for imgs, idxs in groups:
         raw = _reorder_classes(raw_outputs(model, imgs.to(device, non_blocking=True), cfg), class_map)
         results = postprocess_outputs(raw, metadata, settings, full=True)

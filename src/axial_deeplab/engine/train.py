@@ -415,28 +415,19 @@ def _make_evaluate(cfg: Config, data: _Data, model, device: torch.device, main: 
 
         if data.eval_set is None:
             data.eval_set = build_dataset(cfg, cfg.data.eval_split)
-        if other is not None:
+
+        def run(target, desc):
+            progress = cfg.train.progress and main
             return evaluate_model(
-                other,
-                data.eval_set,
-                cfg,
-                device,
-                metadata=data.metadata,
-                progress=cfg.train.progress and main,
-                desc=f"eval-ema@{step}",
+                target, data.eval_set, cfg, device, metadata=data.metadata, progress=progress, desc=desc
             )
+
+        if other is not None:
+            return run(other, f"eval-ema@{step}")
         bare = ckpt.unwrap_model(model)
         bare.eval()
         try:
-            return evaluate_model(
-                bare,
-                data.eval_set,
-                cfg,
-                device,
-                metadata=data.metadata,
-                progress=cfg.train.progress and main,
-                desc=f"eval@{step}",
-            )
+            return run(bare, f"eval@{step}")
         finally:
             bare.train()
 
