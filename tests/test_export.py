@@ -301,3 +301,50 @@ def test_banded_local_span_in_eval_equals_reference(span, length, axis, stride, 
     )
     assert torch.isfinite(y).all()
     assert rel_diff(y, y_ref) < 1e-5
+
+
+def _local_twins(span, axis="width"):
+    """(reference, banded) copies of one local-span layer in eval, BN statistics not the identity."""
+    torch.manual_seed(0)
+    ref = _randomise_bn(PositionSensitiveAxialAttention(8, 8, axis=axis, num_heads=2, span=span, impl="reference"))
+    banded = copy.deepcopy(ref).eval()
+    banded.impl = "banded"
+    return ref.eval(), banded
+
+
+@pytest.mark.parametrize("example_width", [40, 16])  # 40: the query blocks (b = 5) filled exactly
+def test_banded_dynamic_export_at_exact_block_multiples(example_width):
+    """The query blocks' padding is empty where the axis is a multiple of the block (r + 1): the
+    exported program must not be specialised to either case, at the example size or later."""
+    ref, banded = _local_twins(span=9)
+    h, w = torch.export.Dim("h", min=2, max=64), torch.export.Dim("w", min=2, max=128)
+    with torch.no_grad():
+        program = torch.export.export(
+            banded, (torch.randn(1, 8, 6, example_width),), dynamic_shapes={"x": {2: h, 3: w}}
+        ).module()
+    for height, width in [(6, 40), (6, 16), (5, 45), (7, 13), (3, 10), (4, 5), (2, 3)]:
+        x = torch.randn(1, 8, height, width) * 3
+        with torch.no_grad():
+            got, want = program(x), ref(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_onnx_dynamic_local_span_at_exact_block_multiples(tmp_path):
+    """The same layer through the ONNX exporter, exported at a width the blocks fill exactly: the
+    file runs in onnxruntime at widths that fill them and that do not."""
+    import onnxruntime as ort
+
+    ref, banded = _local_twins(span=9)
+    h, w = torch.export.Dim("h", min=2, max=64), torch.export.Dim("w", min=2, max=128)
+    path = str(tmp_path / "layer.onnx")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            banded, (torch.randn(1, 8, 6, 40),), dynamo=True, dynamic_shapes={"x": {2: h, 3: w}}, verbose=False
+        )
+    program.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for height, width in [(6, 40), (5, 45), (7, 13), (3, 4)]:
+        x = torch.randn(1, 8, height, width) * 3
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            assert rel_diff(got, ref(x)) < 1e-4

@@ -239,15 +239,32 @@ def axial_attention_banded(layer: PositionSensitiveAxialAttention, x: torch.Tens
     return _output(layer, sv, sve, B, H, W)
 
 
+def _far(dtype: torch.dtype) -> float:
+    """Added to the logit of a key out of reach (beyond the span or the axis) through a matmul:
+    exp() of it is exactly 0, like the -inf of a mask, and 0 times it is 0 (the keys in reach),
+    where -inf would give NaN. Finite in ``dtype`` (half of its most negative value)."""
+    return torch.finfo(dtype).min / 2
+
+
+def _per_query_product(a: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(n, h, x, X) times (c|p, X, Y) batched over X -> (n, h, X, Y): the relative terms, whose
+    table differs per query (or key). Written as transposes around one 3-D matmul batched over X,
+    which ONNX Runtime runs well ahead of the Einsum operator it would otherwise get."""
+    n, h, d, length = a.shape
+    out = torch.matmul(a.permute(3, 0, 1, 2).reshape(length, n * h, d), table)  # (X, n h, Y)
+    return out.reshape(length, n, h, table.shape[-1]).permute(1, 2, 0, 3)
+
+
 def _global_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor, radius=None) -> torch.Tensor:
     """The reference in inference as (queries x L) tensors, in few passes (what an exported
     graph pays for): global spans, and local ones on a short static axis. The similarity BN's
     scales go into q and k and its shifts are dropped (constant along each softmax row, they
     cancel); no concatenation or split of the logits; the output BN and the sum of the two
-    retrievals are one affine combination. Einsums, not matmuls with transposed operands: ONNX
-    Runtime runs those without copies. ``radius``: a local span's r, keys farther away get an
-    additive -inf (from sizes). With ``stride_mode="subsample"`` only the kept queries are
-    computed (every key still attended)."""
+    retrievals are one affine combination. Plain matmuls (q . k and a . v with transposed
+    operands, which ONNX Runtime fuses) and transposes around batched ones for the relative terms,
+    no Einsum. ``radius``: a local span's r, keys farther away get an additive -inf (from sizes).
+    With ``stride_mode="subsample"`` only the kept queries are computed (every key still
+    attended)."""
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
@@ -263,26 +280,33 @@ def _global_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor, radius
     sim = bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
     idx = pair_table_rows(queries, keys, layer.max_relative_distance)  # (L_o, L_p): table row
 
+    # keys beyond a local span (every query keeps its own key): _far() added through the q . r^q
+    # product (a channel of ones in q, a row of _far() or 0 in the table: no pass of its own), else -inf
+    far = None if radius is None else (keys[None, :] - queries[:, None]).abs() > radius
     terms = []
     if layer.use_qk:
-        terms.append(torch.einsum("nhco,nhcp->nhop", q * sim[0], k))
-    if layer.use_query_rpe:  # q_o . r^q_{p-o}
-        terms.append(torch.einsum("nhco,cop->nhop", q * sim[1], layer.query_table[:, idx]))
-    if layer.use_key_rpe:  # k_p . r^k_{p-o}
-        terms.append(torch.einsum("nhcp,cop->nhop", k * sim[2], layer.key_table[:, idx]))
+        terms.append(torch.matmul((q * sim[0]).transpose(-1, -2), k))
+    if layer.use_query_rpe:  # q_o . r^q_{p-o}: per query o, (c) x (c, p)
+        qs, table = q * sim[1], layer.query_table[:, idx]
+        if far is not None:
+            qs = torch.cat([qs, torch.ones_like(qs[:, :, :1])], dim=2)
+            table = torch.cat([table, torch.zeros_like(table[:1]).masked_fill(far, _far(table.dtype))])
+            far = None
+        terms.append(_per_query_product(qs, table.permute(1, 0, 2)))
+    if layer.use_key_rpe:  # k_p . r^k_{p-o}: per key p, (c) x (c, o)
+        terms.append(_per_query_product(k * sim[2], layer.key_table[:, idx].permute(2, 0, 1)).transpose(-1, -2))
     logits = sum(terms[1:], terms[0]) if terms else q.new_zeros(N, heads, q.shape[-1], L)
-    if radius is not None:  # keys beyond the span: an additive -inf (every query keeps its own key)
-        far = (keys[None, :] - queries[:, None]).abs() > radius
+    if far is not None:
         logits = logits + torch.zeros(far.shape, device=x.device, dtype=logits.dtype).masked_fill(far, float("-inf"))
     attn = torch.softmax(logits, dim=-1)  # over keys p
 
     scale, shift = bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
-    scale, shift = scale.reshape(1, heads, dv, 2), shift.reshape(1, heads, dv, 2)
-    out = torch.einsum("nhop,nhcp->nhco", attn, v) * scale[..., :1] + shift[..., :1]
-    if layer.use_value_rpe:
-        sve = torch.einsum("nhop,cop->nhco", attn, layer.value_table[:, idx])  # sum a * r^v_{p-o}
-        out = out + sve * scale[..., 1:] + shift[..., 1:]
-    out = out.reshape(N, heads * dv, out.shape[-1])
+    scale, shift = scale.reshape(1, heads, 1, dv, 2), shift.reshape(1, heads, 1, dv, 2)
+    out = torch.matmul(attn, v.transpose(-1, -2)) * scale[..., 0] + shift[..., 0]  # (n, h, o, c)
+    if layer.use_value_rpe:  # sum a * r^v_{p-o}: per query o, (p) x (p, c)
+        sve = _per_query_product(attn.transpose(-1, -2), layer.value_table[:, idx].permute(1, 2, 0))
+        out = out + sve * scale[..., 1] + shift[..., 1]
+    out = out.transpose(-1, -2).reshape(N, heads * dv, out.shape[-2])
     if step > 1:  # the queries were the strided ones already
         lq = out.shape[-1]
         return from_sequences(
@@ -291,16 +315,25 @@ def _global_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor, radius
     return apply_stride(from_sequences(out, layer.axis, B, H, W), layer)
 
 
+def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``t`` at ``index`` (1-D) along ``dim``: one gather (ONNX Gather) of whole rows, whose output
+    size is the index's. Used instead of padding to, or slicing at, a size derived from the axis
+    length: those compare sizes (is the padding empty? does the slice reach the end?), and
+    torch.export turns each comparison into a guard that fixes the graph to one side of it."""
+    return torch.index_select(t, dim, index)
+
+
 def _skew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     """(.., R, C) -> (.., R, width) with out[i, u] = x[i, u - i] (zero where u - i is outside
-    [0, C)); needs width + 1 >= C + R. Pad, reshape and slice: no gather, no mask."""
+    [0, C)); needs width + 1 >= C + R. Pad, reshape and slice by constant sizes: no guard, and
+    ONNX Runtime copies whole rows (a gather of single elements is many times slower)."""
     rows, cols = x.shape[-2], x.shape[-1]
     lead = x.shape[:-2]
     x = F.pad(x, (0, width + 1 - cols)).reshape(*lead, rows * (width + 1))
     return x[..., : rows * width].reshape(*lead, rows, width)
 
 
-def _unskew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+def _unskew_rows(x: torch.Tensor, width) -> torch.Tensor:
     """(.., R, C) -> (.., R, width) with out[i, j] = x[i, i + j] (the inverse of
     :func:`_skew_rows`); needs i + j < C for every entry kept."""
     rows, cols = x.shape[-2], x.shape[-1]
@@ -309,26 +342,33 @@ def _unskew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.reshape(*lead, rows, cols + 1)[..., :width]
 
 
-def _windows(t: torch.Tensor, blocks, b: int, w: int, left: int, right: int) -> torch.Tensor:
-    """(n, h, c, L) -> (n, h, blocks, w, c): the keys of block k's window, positions k * b + t of
-    the axis zero-padded by (left, right), in one gather of whole rows. The flat index is built
-    without broadcasting a (blocks, 1) column: traced where blocks is 1, a broadcast would fix
-    the exported graph to one block (a guard on a size that is 1), and other sizes would fail."""
-    t = F.pad(t, (left, right)).transpose(-1, -2)
+def _windows(t: torch.Tensor, blocks, b: int, w: int, r: int) -> torch.Tensor:
+    """(n, h, c, L) -> (n * h * blocks, w, c): block k's window of keys, positions k * b - r + t of
+    the axis (zeros beyond it), in one gather of whole rows. The padding is a constant (3r+1 covers
+    the last window whatever L mod b is); the flat index is built without broadcasting a
+    (blocks, 1) column: traced where blocks is 1, a broadcast would fix the exported graph to one
+    block (a guard on a size that is 1), and other sizes would fail. Three dimensions, contiguous:
+    the matmuls then fold no batch dimensions of strided views (which guards on sizes)."""
+    t = F.pad(t, (r, w)).transpose(-1, -2)
     flat = torch.arange(blocks * w, device=t.device)
     index = torch.div(flat, w, rounding_mode="floor") * b + torch.remainder(flat, w)
-    return torch.index_select(t, 2, index).reshape(*t.shape[:2], blocks, w, t.shape[-1])
+    return torch.index_select(t, 2, index).reshape(*t.shape[:2], blocks, w, t.shape[-1]).flatten(0, 2)
 
 
 def _banded_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """:func:`axial_attention_banded` in inference, in few passes over the (.., L, span) tensors
     (what an exported graph pays for). Logits live in query-relative form (o, j), key
-    p = o - r + j, so q . r^q, k . r^k and a . r^v are plain matmuls with the tables; only
-    q . k and a . v go through the query blocks, turned into and out of that form by a skew
-    (pad, reshape, slice). The similarity BN's scales go into q and k and its shifts are dropped
-    (constant along each softmax row); keys beyond the axis get -inf from sizes (the padding of
-    k . r^k, else an additive bias); the output BN and the sum of the two retrievals are one
-    affine combination; gradients and BN statistics: :func:`axial_attention_banded`."""
+    p = o - r + j, so q . r^q and a . r^v are plain matmuls with the tables; q . k and a . v go
+    through query blocks of b = r + 1 (block k's queries against its window of w = 3r + 1 keys),
+    turned into and out of the (o, j) form by skews (pad, reshape, slice by constant sizes), and
+    k . r^k is a (j, key) product skewed into (o, j). The queries are padded to whole blocks by a
+    gather (the last query repeated), the keys of k . r^k likewise (the edge keys repeated, then
+    pushed to exp() = 0 by an extra channel), and the output rows beyond L dropped by another
+    gather: no size is compared with another, so a dynamic export stays valid at every length
+    (an axis the blocks fill exactly included). The similarity BN's scales go into q and k and its
+    shifts are dropped (constant along each softmax row); the output BN and the sum of the two
+    retrievals are one affine combination; gradients and BN statistics:
+    :func:`axial_attention_banded`."""
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
@@ -342,32 +382,34 @@ def _banded_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> tor
     sim = bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
     blocks = _query_blocks(L, b)
     padded = blocks * b
-    q = F.pad(q, (0, padded - L))  # padded queries: rows sliced off at the end
+    o = torch.arange(padded, device=dev)  # query rows; those from L on repeat the last query
+    q = _take(q.transpose(-1, -2), 2, o.clamp(max=L - 1))  # (n, h, padded, c), contiguous
 
     terms = []
-    if layer.use_qk:  # block k's queries against its window of keys, then (i, t) -> (i, j = t - i)
-        qb = (q * sim[0]).reshape(N, heads, dk, blocks, b).permute(0, 1, 3, 4, 2)  # (n, h, k, i, c)
-        kw = _windows(k, blocks, b, w, r, padded - L + r)  # (n, h, k, t, c)
-        qk = torch.matmul(qb, kw.transpose(-1, -2))  # (n, h, k, i, t)
-        terms.append(_unskew_rows(qk, m).reshape(N, heads, padded, m))
+    if layer.use_qk:  # block k's queries against its window, then (i, t) -> (i, j = t - i)
+        qb = (q * sim[0]).reshape(N, heads, blocks, b, dk).flatten(0, 2)
+        qk = torch.matmul(qb, _windows(k, blocks, b, w, r).transpose(-1, -2))  # (n h k, i, t)
+        terms.append(_unskew_rows(qk, m).reshape(N, heads, blocks, b, m).flatten(2, 3))
     if layer.use_query_rpe:  # q_o . r^q_j
-        terms.append(torch.matmul((q * sim[1]).transpose(-1, -2), layer.query_table))
-    if layer.use_key_rpe:  # k_p . r^k_j at p = o - r + j: row j of (j, p) shifted by j - r; keys
-        # beyond the axis padded with -inf, which masks them
-        kr = torch.matmul(layer.key_table.t(), k * sim[2])  # (n, h, j, p)
-        kr = F.pad(kr, (r, padded - L + r), value=float("-inf"))
-        terms.append(_unskew_rows(kr, padded).transpose(-1, -2))  # [o, j] = kr[j, o - r + j]
+        terms.append(torch.matmul(q * sim[1], layer.query_table))
+    if layer.use_key_rpe:  # k_p . r^k_j for keys p = -r .. padded + r - 1, then (j, p) -> (o, j);
+        # keys beyond the axis (edge keys repeated) carry a channel that adds _far() to their logits
+        p = torch.arange(padded + 2 * r, device=dev) - r
+        far = ((p < 0) | (p >= L)).to(k.dtype)[:, None].expand(N, heads, padded + 2 * r, 1)
+        kp = torch.cat([_take((k * sim[2]).transpose(-1, -2), 2, p.clamp(0, L - 1)), far], dim=3)  # (n, h, p, c+1)
+        table = torch.cat([layer.key_table, torch.full_like(layer.key_table[:1], _far(k.dtype))])
+        kr = torch.matmul(table.t(), kp.transpose(-1, -2))  # (n, h, j, p)
+        terms.append(_unskew_rows(kr, padded).transpose(-1, -2))  # [o, j] = kr[j, o + j]
     logits = sum(terms[1:], terms[0])
     if not layer.use_key_rpe:  # keys beyond the axis: an additive -inf from sizes
-        o = torch.arange(padded, device=dev)[:, None]
-        p = o - r + torch.arange(m, device=dev)[None, :]
+        p = o[:, None] - r + torch.arange(m, device=dev)[None, :]
         logits = logits + torch.zeros(padded, m, device=dev, dtype=q.dtype).masked_fill(
             (p < 0) | (p >= L), float("-inf")
         )
     attn = torch.softmax(logits, dim=-1)  # over the span's keys
 
-    ab = _skew_rows(attn.reshape(N, heads, blocks, b, m), w)  # (n, h, k, i, t)
-    out = torch.matmul(ab, _windows(v, blocks, b, w, r, padded - L + r)).reshape(N, heads, padded, dv)
+    ab = _skew_rows(attn.reshape(N, heads, blocks, b, m).flatten(0, 2), w)  # (n h k, i, t)
+    out = torch.matmul(ab, _windows(v, blocks, b, w, r)).reshape(N, heads, blocks, b, dv).flatten(2, 3)
     scale, shift = bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
     scale, shift = scale.reshape(heads, 1, dv, 2), shift.reshape(heads, 1, dv, 2)
     if layer.use_value_rpe:  # sum a * r^v_j
@@ -375,5 +417,6 @@ def _banded_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> tor
         out = out * scale[..., 0] + sve * scale[..., 1] + (shift[..., 0] + shift[..., 1])
     else:
         out = out * scale[..., 0] + shift[..., 0]
-    y = from_sequences(out[:, :, :L].transpose(-1, -2).reshape(N, heads * dv, L), layer.axis, B, H, W)
+    out = _take(out, 2, torch.arange(L, device=dev))  # the real queries
+    y = from_sequences(out.transpose(-1, -2).reshape(N, heads * dv, L), layer.axis, B, H, W)
     return apply_stride(y, layer)
