@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -45,19 +47,65 @@ def test_recomputed_layer_equals_the_plain_layer_and_keeps_only_its_input(span, 
     assert kept1 == x.numel() * x.element_size() < kept0 / 5
 
 
-def test_recompute_is_off_in_eval_and_without_gradients(monkeypatch):
-    calls = []
-    real = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+def _kept_bytes(module, x):
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: kept.append(t.untyped_storage().nbytes()) or t, lambda t: t
+    ):
+        module(x)
+    return sum(kept)
+
+
+def test_recompute_is_off_in_eval_and_without_gradients():
     layer = PositionSensitiveAxialAttention(8, 8, num_heads=2, recompute_activations=True)
-    x = torch.randn(1, 8, 5, 5)
-    layer.eval()(x.requires_grad_(True)).sum().backward()
+    x = torch.randn(1, 8, 5, 5, requires_grad=True)
+    x_bytes = x.numel() * x.element_size()
+    assert _kept_bytes(layer.eval(), x) > 2 * x_bytes  # eval with gradients: the plain layer
     with torch.no_grad():
-        layer.train()(x)
-    assert calls == []
-    layer(x).sum().backward()
-    assert calls == [1]
+        assert _kept_bytes(layer.train(), x) == 0
+    assert _kept_bytes(layer.train(), x) == x_bytes  # training: only the input
     assert "recompute_activations=True" in repr(layer)
+
+
+class _StashOnCtx(torch.autograd.Function):
+    """Keeps a tensor as a plain ctx attribute (outside save_for_backward), as some kernels do."""
+
+    stashed = []
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.big = torch.ones(1000) * 2
+        _StashOnCtx.stashed.append(weakref.ref(ctx.big))
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.big[0]
+
+
+def test_nothing_of_the_first_forward_is_kept_not_even_ctx_attributes():
+    net = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    _StashOnCtx.stashed.clear()
+    y = run_recomputed(net, lambda t: _StashOnCtx.apply(net(t)), x)
+    gc.collect()
+    assert len(_StashOnCtx.stashed) == 1 and _StashOnCtx.stashed[0]() is None  # dropped after the forward
+    y.sum().backward()
+    assert len(_StashOnCtx.stashed) == 2  # replayed once, in the backward
+    assert torch.allclose(x.grad, 2 * net.weight.sum(0).expand(2, 3))
+
+
+def test_autograd_grad_returns_parameter_gradients():
+    """Gradients are returned to the caller, not accumulated into .grad behind its back."""
+    torch.manual_seed(0)
+    layer = PositionSensitiveAxialAttention(8, 8, num_heads=2, span=3).train()
+    x = torch.randn(1, 8, 6, 5, requires_grad=True)
+    want = torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()], allow_unused=True)
+    layer.recompute_activations = True
+    got = torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()], allow_unused=True)
+    assert all(p.grad is None for p in layer.parameters())
+    for a, b in zip(want, got):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_run_recomputed_replays_random_ops_alike():
@@ -87,3 +135,72 @@ def test_recompute_through_a_model_kwarg():
     on.train()(x).sum().backward()
     for (name, a), b in zip(model.named_parameters(), on.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_blocks_and_attention_recomputed_together_equal_the_plain_step(training):
+    """Whole-block recompute (timm's set_grad_checkpointing) around attention-layer recompute, in
+    training and in eval mode with gradients on (where the first pass must not take the
+    attention's inference path)."""
+    from axial_deeplab.models import create_model
+
+    torch.manual_seed(0)
+    plain = create_model("axial_resnet_tiny", num_classes=3, drop_path_rate=0.3)
+    both = create_model(
+        "axial_resnet_tiny", num_classes=3, drop_path_rate=0.3, attention_kw={"recompute_activations": True}
+    )
+    both.load_state_dict(plain.state_dict())
+    both.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for model in (plain, both):
+        model.train(training)
+        torch.manual_seed(1)  # the same drop-path draws
+        y = model(x)
+        grads.append((y, torch.autograd.grad(y.square().sum(), list(model.parameters()), allow_unused=True)))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for (name, _), a, b in zip(plain.named_parameters(), grads[0][1], grads[1][1]):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    for (name, a), b in zip(plain.named_buffers(), both.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_panoptic_grad_checkpointing_switches_the_backbone():
+    from axial_deeplab.models import create_model
+
+    model = create_model("panoptic_deeplab_r50", num_classes=3, backbone="axial_resnet_tiny")
+    model.set_grad_checkpointing(True)
+    assert model.backbone.grad_checkpointing
+    model.set_grad_checkpointing(False)
+    assert not model.backbone.grad_checkpointing
+
+
+def test_axial_block_recomputes_its_attention_pair_as_one():
+    """With both layers recomputed, the block keeps the pair's input but not the height layer's
+    output, and the step is unchanged."""
+    from axial_deeplab.models.axial_resnet import AxialBlock
+
+    torch.manual_seed(0)
+    plain = AxialBlock(16, 8, 16, num_heads=2, span=5).train()
+    torch.nn.init.normal_(plain.bn2.weight)  # gamma 0 would hide the branch's gradients
+    pair = copy.deepcopy(plain)
+    for layer in (pair.attn_h, pair.attn_w):
+        layer.recompute_activations = True
+    x = torch.randn(2, 16, 6, 7)
+    shapes = []
+
+    def pack(t):
+        shapes.append((tuple(t.shape), t.untyped_storage().data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        copy.deepcopy(pair)(x.clone().requires_grad_(True))
+    # conv1's output (BatchNorm's input), the pair's input and its output; layer by layer also the height layer's
+    assert len({ptr for shape, ptr in shapes if shape == (2, 8, 6, 7)}) == 3
+    y0, g0, _ = _step(plain, x)
+    y1, g1, _ = _step(pair, x)
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    for (name, a), b in zip(plain.named_parameters(), pair.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(plain.named_buffers(), pair.buffers()):
+        assert torch.equal(a, b), name

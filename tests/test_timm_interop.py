@@ -114,14 +114,16 @@ def test_grad_checkpointing_checkpoints_every_block_and_keeps_gradients_and_stat
     x = torch.rand(X64)
     plain(x).sum().backward()
 
+    from axial_deeplab.models import timm_api
+
     calls = []
-    real = torch.utils.checkpoint.checkpoint
+    real = timm_api.run_recomputed
 
-    def counting(fn, *args, **kwargs):
+    def counting(module, fn, x):
         calls.append(fn)
-        return real(fn, *args, **kwargs)
+        return real(module, fn, x)
 
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    monkeypatch.setattr(timm_api, "run_recomputed", counting)
     model.set_grad_checkpointing(True)
     with torch.no_grad():
         model.eval()(x)

@@ -1,35 +1,51 @@
-"""Recompute an attention layer's activations in the backward instead of keeping them.
+"""Recompute a module's activations in the backward instead of keeping them.
 
 Why: in training an axial-attention layer keeps, for its backward, the projection before and
-after its BatchNorm, the attention's own inputs and the two retrievals before the output
+after its BatchNorm, the attention's own inputs and outputs, the similarity-BN moments' copies
+of the queries and keys (float64 Grams among them) and the two retrievals before the output
 BatchNorm: several times its input. In an Axial-DeepLab-S training step these are most of the
-activation memory (about 60% of the saved tensors at 2x257x257). With recompute the layer keeps
-only its input (which the block's preceding ReLU keeps anyway) and the backward replays the
-layer's forward once, at the price of that forward's time.
+activation memory (about two thirds of what the graph holds at the end of the forward at
+1x257x257). With recompute the layer keeps only its input (which the block's preceding ReLU
+keeps anyway) and the backward replays the layer's forward once, at the price of that forward's
+time; an axial block replays its height and width layers as one, so the height layer's output
+is not kept either.
 
-``torch.utils.checkpoint`` (non-reentrant) does the replay. The one thing it would get wrong
-here is BatchNorm's running statistics, which the replay would update a second time; they are
-put back after the replay, so a training step with recompute equals one without: outputs,
-gradients and buffers (the replay's batch statistics are computed from the same input).
+How: an autograd Function runs ``fn`` with gradients off (the attention still takes its
+training path and batch statistics: the path is chosen by ``module.training``), keeps the input,
+and in the backward replays ``fn`` with gradients on and differentiates the replay with respect
+to the input and the module's parameters (``torch.autograd.grad``: gradients are returned, not
+accumulated behind autograd's back, so ``autograd.grad(loss, params)`` works as usual). Unlike
+``torch.utils.checkpoint``'s non-reentrant mode, which drops only what goes through
+``save_for_backward``, this keeps nothing of the first forward's graph, so tensors an
+autograd Function stores as plain ``ctx`` attributes (the similarity-BN moments do) are not
+kept either. The RNG state (drop path, dropout) and autocast state are replayed as they were,
+and BatchNorm's running statistics, which the replay would update a second time, are put back
+after it: a training step with recompute equals one without (outputs, gradients, buffers).
+Double backward through a recomputed module is not supported.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 __all__ = ["run_recomputed", "recompute_applies"]
 
 
+_REPLAYING = threading.local()
+
+
 def recompute_applies(module: nn.Module) -> bool:
     """Whether a call now would keep activations worth dropping: a training module with gradients
     on, in eager mode (torch.compile and tracing see the plain forward; Inductor makes its own
-    choice of what to keep)."""
+    choice of what to keep), and not inside another module's replay (whose graph lives only
+    for its own backward: recomputing inside it again would only add a forward)."""
     return (
         module.training
+        and not getattr(_REPLAYING, "depth", 0)
         and torch.is_grad_enabled()
         and not torch.jit.is_scripting()
         and not torch.jit.is_tracing()
@@ -37,25 +53,107 @@ def recompute_applies(module: nn.Module) -> bool:
     )
 
 
-def run_recomputed(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` with only ``x`` kept for the backward, which replays ``fn``; ``module``'s buffers
-    (BatchNorm running statistics and counters) are restored after the replay. Any module works
-    (timm-style ``set_grad_checkpointing`` runs whole blocks through it); random ops inside ``fn``
-    (drop path) replay alike, as ``torch.utils.checkpoint`` keeps the RNG state."""
-    replaying = False
+class _State:
+    """What the replay needs: the call, its module, and the RNG and autocast state of the first run."""
 
-    def body(inp: torch.Tensor) -> torch.Tensor:
-        nonlocal replaying
-        if not replaying:
-            replaying = True  # the next call is the backward's replay
-            return fn(inp)
-        buffers = [b for b in module.buffers() if b is not None]
+    def __init__(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+        self.module, self.fn = module, fn
+        self.device = x.device
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng: Optional[torch.Tensor] = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        self.autocast: List[Tuple[str, bool, torch.dtype]] = [
+            (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in sorted({"cpu", x.device.type})
+        ]
+
+    def replay(self, x: torch.Tensor, grad: torch.Tensor, wanted: Callable[[torch.Tensor], List[torch.Tensor]]):
+        """Gradients of ``fn``'s replay on ``x`` with respect to ``wanted(x)``; the module's buffers
+        are put back afterwards (not before: BatchNorm's backward reads the running statistics
+        its forward saved, and a copy into them would bump their version)."""
+        buffers = [b for b in self.module.buffers() if b is not None]
         kept = [b.detach().clone() for b in buffers]
+        devices = [self.device] if self.cuda_rng is not None else []
         try:
-            return fn(inp)
+            with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+                torch.set_rng_state(self.cpu_rng)
+                if self.cuda_rng is not None:
+                    torch.cuda.set_rng_state(self.cuda_rng, self.device)
+                _REPLAYING.depth = getattr(_REPLAYING, "depth", 0) + 1
+                try:
+                    with torch.enable_grad(), _autocast(self.autocast):
+                        out = self.fn(x)
+                finally:
+                    _REPLAYING.depth -= 1
+            inputs = wanted(x)
+            if not out.requires_grad:
+                return [None] * len(inputs)
+            return list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
         finally:
+            # only those the replay changed (BatchNorm's running statistics change in place without
+            # a version bump): a copy into another would bump its version, which the outer graph
+            # checks where it saved that buffer (a block's first BatchNorm, outside the replay)
             with torch.no_grad():
                 for b, v in zip(buffers, kept):
-                    b.copy_(v)
+                    if not torch.equal(b, v):
+                        b.copy_(v)
 
-    return torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False)
+
+class _autocast:
+    """Re-enter the recorded autocast state of each device type."""
+
+    def __init__(self, states):
+        self.contexts = [torch.autocast(t, dtype=dtype, enabled=on) for t, on, dtype in states]
+
+    def __enter__(self):
+        for c in self.contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.contexts):
+            c.__exit__(*exc)
+        return False
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state: _State, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        # gradients are off here (autograd.Function.forward): no graph, nothing kept but x. A
+        # module in eval mode runs with them on (its graph dropped at once), as the attention
+        # would otherwise take its inference path, whose rounding the replay would not share.
+        if state.module.training:
+            out = state.fn(x)
+        else:
+            with torch.enable_grad():
+                out = state.fn(x.detach()).detach()
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"run_recomputed: {type(state.module).__name__} must return one tensor, got {type(out)}")
+        ctx.state = state
+        ctx.save_for_backward(x)
+        # A view of an intermediate (the attention's output is a permuted one) would forbid the
+        # in-place ReLU after it; detached, it is a plain tensor. One of x is copied, so that an
+        # in-place op on the output cannot change the kept input.
+        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            return out.clone()
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        state: _State = ctx.state
+        params = list(state.module.parameters())
+        want_x, want_p = ctx.needs_input_grad[1], ctx.needs_input_grad[2:]
+
+        def wanted(xd: torch.Tensor) -> List[torch.Tensor]:
+            return ([xd] if want_x else []) + [p for p, need in zip(params, want_p) if need]
+
+        got = state.replay(x.detach().requires_grad_(want_x), grad, wanted)
+        g_x = got.pop(0) if want_x else None
+        return (None, g_x, *(got.pop(0) if need else None for need in want_p))
+
+
+def run_recomputed(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` with only ``x`` kept for the backward, which replays ``fn``. ``fn`` may read ``x``
+    and ``module``'s parameters (gradients reach those alone) and must return one tensor; its
+    buffers (BatchNorm running statistics and counters) are restored after the replay. Any module
+    works (timm-style ``set_grad_checkpointing`` runs whole blocks through it); random ops inside
+    ``fn`` (drop path) replay alike, as the RNG state is kept."""
+    return _Recompute.apply(_State(module, fn, x), x, *module.parameters())

@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
+from ..layers.activation_recompute import recompute_applies, run_recomputed
 from ..layers.attention2d import GlobalSelfAttention2d, LocalSelfAttention2d
 from ..layers.axial_attention import PositionSensitiveAxialAttention
 from .registry import register_model
@@ -228,7 +229,14 @@ class AxialBlock(_Bottleneck):
         )
 
     def spatial(self, x):
-        return self.relu(self.attn_w(self.attn_h(x)))
+        if self.attn_h.recompute_activations and self.attn_w.recompute_activations and recompute_applies(self):
+            # both layers recomputed as one: the height layer's output is not kept either, and
+            # each layer is still replayed once (inside a replay the layers run plain)
+            return self.relu(run_recomputed(self, self._attend, x))
+        return self.relu(self._attend(x))
+
+    def _attend(self, x):
+        return self.attn_w(self.attn_h(x))
 
 
 class ConvBottleneck(_Bottleneck):

@@ -361,6 +361,17 @@ class PanopticDeepLab(nn.Module):
         deeplab2 (which pads with 127.5 for its x / 127.5 - 1)."""
         return tuple(float(v) for v in self.pixel_mean.flatten().tolist())
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch, for the backbone: each of its blocks keeps only its input and is
+        recomputed in the backward (less activation memory for about one more backbone forward;
+        the step is unchanged, see ``layers.activation_recompute``). The decoders and heads keep
+        their activations."""
+        set_checkpointing = getattr(self.backbone, "set_grad_checkpointing", None)
+        if set_checkpointing is None:
+            raise ValueError(f"backbone {type(self.backbone).__name__} has no set_grad_checkpointing")
+        set_checkpointing(enable)
+
     def predict_raw(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Raw outputs at input resolution, in any mode: ``semantic_logits`` (B, C, H, W),
         ``center_heatmap`` (B, 1, H, W), ``offset_map`` (B, 2, H, W) as (dy, dx) in input pixels."""

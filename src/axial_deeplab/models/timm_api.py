@@ -4,7 +4,7 @@
 :class:`.axial_swidernet.HybridAxialResNet` the methods timm's models have, with timm's meaning:
 ``forward_features`` (the last, unpooled feature map), ``forward_head(x, pre_logits=False)``,
 ``get_classifier`` / ``reset_classifier(num_classes, global_pool=None)``,
-``set_grad_checkpointing`` (each block run under ``torch.utils.checkpoint``), ``group_matcher``
+``set_grad_checkpointing`` (each block's activations recomputed in backward), ``group_matcher``
 (layer-wise learning-rate decay), ``forward_intermediates`` and ``prune_intermediate_layers``
 (what ``timm.create_model(..., features_only=True)`` wraps). Feature index ``i`` is ``res{i+2}``:
 0 .. 3 are the outputs at strides 4, 8, 16, 32 (16 at output stride 16); the stem is not one.
@@ -275,10 +275,10 @@ class TimmModelMixin:
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Run every block under ``torch.utils.checkpoint`` (non-reentrant) while gradients are
-        on: activations recomputed in backward instead of kept. Unlike timm's, BatchNorm's running
-        statistics see each training batch once (restored after the replay), so a step equals one
-        without checkpointing (see ``layers.activation_recompute``)."""
+        """Run every block through ``layers.activation_recompute`` while gradients are on: only
+        each block's input is kept and its activations are recomputed in backward. Unlike timm's,
+        BatchNorm's running statistics see each training batch once (restored after the replay),
+        so a step equals one without checkpointing (see ``layers.activation_recompute``)."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
