@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import axial_deeplab
-from axial_deeplab.layers import PositionSensitiveAxialAttention, ops
+from axial_deeplab.layers import PositionSensitiveAxialAttention, moment_ops, ops
 
 
 def _layer(axis="height", span=None, impl="auto", **kw):
@@ -55,6 +55,77 @@ def test_opcheck_attention_rows_backward():
     out, lse = ops.attention_rows(*args)
     g_out = torch.randn_like(out)
     torch.library.opcheck(ops.attention_rows_backward, (*args[:5], out, lse, g_out, *args[5:]))
+
+
+def _grams_operands(dtype):
+    """Rows y (N*L, heads*(2dk+dv)) for 3 sequences of length 7, heads 2, dk 4, dv 8, and the
+    backward's weights (symmetric blocks, as the moments' objective gives)."""
+    gen = torch.Generator().manual_seed(1)
+    nseq, length, heads, dk, dv = 3, 7, 2, 4, 8
+
+    def sym(*shape):
+        w = torch.randn(*shape, dk, dk, generator=gen, dtype=dtype)
+        return w + w.transpose(-1, -2)
+
+    y = torch.randn(nseq * length, heads * (2 * dk + dv), generator=gen, dtype=dtype)
+    ws, cs = sym(nseq, heads, 2), torch.randn(nseq, heads, 2 * dk, generator=gen, dtype=dtype)
+    # bp: one scale per (head, block), as the moments' objective gives
+    tp, bp = sym(length, 2), torch.randn(heads, 2, 1, generator=gen, dtype=dtype).expand(-1, -1, dk).reshape(heads, -1)
+    cp = torch.randn(heads, length, 2 * dk, generator=gen, dtype=dtype)
+    return y, (nseq, length, heads, dk), (ws, cs, tp, bp, cp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_similarity_gram_operators(dtype):
+    # float32: the C kernel (when compiled); float64: the PyTorch code inside the operators
+    y, geo, weights = _grams_operands(dtype)
+    for families in [(True, True), (False, True), (True, False)]:
+        torch.library.opcheck(moment_ops.row_grams, (y, *geo, *families))
+    for ws_cs, tp_bp_cp in [(weights[:2], weights[2:]), (weights[:2], (None,) * 3), ((None,) * 2, weights[2:])]:
+        torch.library.opcheck(moment_ops.row_grams_backward, (y, *geo, *ws_cs, *tp_bp_cp))
+
+
+def test_similarity_gram_operators_equal_the_definition():
+    # the kernel (float32 rows) and the PyTorch code (float64 rows) against the sums written out
+    y32, (nseq, length, heads, dk), weights = _grams_operands(torch.float32)
+    x = y32.double().view(nseq, length, heads, -1)[..., : 2 * dk]  # (N, L, h, 2dk)
+    blocks = x.unflatten(-1, (2, dk))  # (N, L, h, 2, dk)
+    outer = blocks[..., :, None] * blocks[..., None, :]  # (N, L, h, 2, dk, dk)
+    want = (outer.sum(1), x.sum(1), outer.sum(0).transpose(0, 1), x.sum(0).transpose(0, 1))
+    # the objective whose gradient the backward operator forms, differentiated by autograd
+    ws, cs, tp, bp, cp = (w.double() for w in weights)
+    xg = blocks.clone().requires_grad_()
+    objective = (
+        0.5 * torch.einsum("nohtc,nhtcd,nohtd->", xg, ws, xg)
+        + torch.einsum("nohtc,nhtc->", xg, cs.view(nseq, heads, 2, dk))
+        + 0.5 * torch.einsum("nohtc,otcd,nohtd,htd->", xg, tp, xg, bp.view(heads, 2, dk))
+        + torch.einsum("nohtc,hotc->", xg, cp.view(heads, length, 2, dk))
+    )
+    (g_want,) = torch.autograd.grad(objective, xg)
+    for y in (y32, y32.double()):
+        got = moment_ops.row_grams(y, nseq, length, heads, dk, True, True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        g = moment_ops.row_grams_backward(y, nseq, length, heads, dk, *(w.to(y.dtype) for w in weights))
+        g4 = g.view(nseq, length, heads, -1)
+        torch.testing.assert_close(g4[..., : 2 * dk].double(), g_want.flatten(-2), rtol=1e-5, atol=1e-5)
+        assert not g4[..., 2 * dk :].any()  # the value channels get no gradient
+
+
+def test_compiled_training_forms_the_similarity_moments_in_the_operator():
+    # traced, the global-span moments are one operator node (the C kernel's), not batched products
+    graphs = []
+
+    def capture(gm, example_inputs):  # the graph and its subgraphs (an autograd.Function's bodies)
+        graphs.extend(str(m.graph) for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+        return gm.forward
+
+    torch._dynamo.reset()
+    net = nn.Sequential(_layer("height"), _layer("width")).train()
+    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend=capture)
+    compiled(torch.randn(2, 16, 6, 5)).sum().backward()
+    torch._dynamo.reset()
+    assert any("axial_deeplab.row_grams" in g for g in graphs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -300,9 +371,8 @@ def test_static_short_axis_exports_without_query_blocks():
         width = 4 * torch.export.Dim("w", min=2, max=16)
         dynamic = torch.export.export(layer, (torch.randn(1, 16, 3, 8),), dynamic_shapes={"x": {3: width}})
     assert pads(static) == 0 and pads(dynamic) > 0
-    # within the span and beyond it; a width the query blocks fill exactly (40 = 8 blocks of 5)
-    # trips a guard of torch.export's program (the blocks' padding is then empty)
-    for w in (8, 12, 44):
+    # within the span and beyond it, and a width the query blocks fill exactly (40 = 8 blocks of 5)
+    for w in (8, 12, 40, 44):
         xi = torch.randn(1, 16, 3, w)
         with torch.no_grad():
             torch.testing.assert_close(dynamic.module()(xi), layer(xi), rtol=1e-5, atol=1e-5)

@@ -1,15 +1,16 @@
 """The similarity-BN statistics of a local span (sums and sums of squares of every in-span
 logit of each term, and their gradients) against the logits formed explicitly in float64:
 the banded products of q.k, the table terms by band (deep heads) and by position Grams
-(shallow heads), terms switched off, the position-major entry point, and a large logit
-mean at a long axis, where a float32 sum of squares would cancel."""
+(shallow heads), terms switched off, the position-major entry point (its compiled Grams against
+its PyTorch ones), and a large logit mean at a long axis, where a float32 sum of squares would
+cancel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from axial_deeplab.layers import PositionSensitiveAxialAttention, similarity_stats
+from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, similarity_stats
 
 
 def make_layer(dk, span, heads=2, **kwargs):
@@ -150,3 +151,52 @@ def test_large_logit_mean_on_a_long_axis_keeps_the_variance_in_float32():
     logits = torch.einsum("nhco,nhcp->nhop", q, k)[:, :, inside]  # float32
     naive = (logits * logits).sum((0, 2)) / count - (logits.sum((0, 2)) / count) ** 2
     assert float(((naive.double() - want) / want).abs().max()) > 1e-3
+
+
+def _row_moments_and_grads(layer, y, nseq, length, weights):
+    tables = [t for t in layer.relative_table_parameters() if t is not None]
+    for t in tables:
+        t.grad = None
+    y = y.clone().requires_grad_(True)
+    sums, sumsq, _ = similarity_stats.similarity_moments_rows(layer, y, nseq, length)
+    ((sums * weights[0]).sum() + (sumsq * weights[1]).sum()).backward()
+    return [sums.detach(), sumsq.detach(), y.grad] + [torch.zeros_like(t) if t.grad is None else t.grad for t in tables]
+
+
+@pytest.mark.parametrize("dk", [3, 4, 8])  # the kernel's scalar, 4-wide and 8-wide loops
+@pytest.mark.parametrize(
+    "flags", [{}, {"use_qk": False}, {"use_query_rpe": False}, {"use_query_rpe": False, "use_key_rpe": False}]
+)
+def test_row_moments_kernel_equals_the_pytorch_grams(dk, flags, monkeypatch):
+    if not cpu_kernel.available():
+        pytest.skip("the C kernel is not built here (no C compiler)")
+    layer = make_layer(dk, None, heads=3, max_relative_distance=5, **flags)
+    nseq, length, heads = 5, 11, 3
+    c2 = heads * (2 * dk + layer.value_depth)
+    gen = torch.Generator().manual_seed(5)
+    y = 2.0 + torch.randn(nseq * length, c2, generator=gen)
+    weights = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
+    assert cpu_kernel.row_moments(y, nseq, length, heads, dk, True, True) is not None  # the kernel runs
+    got = _row_moments_and_grads(layer, y, nseq, length, weights)
+    monkeypatch.setattr(cpu_kernel, "ENABLED", False)
+    want = _row_moments_and_grads(layer, y, nseq, length, weights)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-9)
+    for g, w in zip(got[2:], want[2:], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+    g4 = got[2].view(nseq, length, heads, -1)
+    assert torch.count_nonzero(g4[..., 2 * dk :]) == 0  # the values take no part in the statistics
+
+
+def test_row_moments_keep_the_variance_of_large_logits():
+    # q, k ~ 10 +- 0.1 (logits ~ 400, spread ~ 5): the variance is ~1e-4 of the mean square
+    layer = make_layer(4, None, heads=2, max_relative_distance=40)
+    nseq, length, heads, dk = 3, 200, 2, 4
+    gen = torch.Generator().manual_seed(6)
+    y = 10.0 + 0.1 * torch.randn(nseq * length, heads * (2 * dk + layer.value_depth), generator=gen)
+    sums, sumsq, count = similarity_stats.similarity_moments_rows(layer, y, nseq, length)
+    y4 = y.view(nseq, length, heads, -1).permute(0, 2, 3, 1)
+    want_s, want_q = explicit_moments(layer, y4[:, :, :dk], y4[:, :, dk : 2 * dk])
+    var = sumsq / count - (sums / count) ** 2
+    want = want_q / count - (want_s / count) ** 2
+    torch.testing.assert_close(var, want, rtol=1e-6, atol=0)

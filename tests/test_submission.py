@@ -62,8 +62,8 @@ def _config(root, gt, **changes):
     cfg = tiny_run(
         experiment={"output_dir": str(root / "run")},
         data={"dataset": "coco_panoptic"},
-        solver={"optimizer": "adam", "lr": 0.01, "max_steps": 30, "batch_size": 3, "warmup_steps": 0},
-        train={"log_every": 30, "checkpoint_every": 30, "keep_checkpoints": 1, "eval_at_end": False},
+        solver={"optimizer": "adam", "lr": 0.01, "max_steps": 60, "batch_size": 3, "warmup_steps": 0},
+        train={"log_every": 60, "checkpoint_every": 60, "keep_checkpoints": 1, "eval_at_end": False},
         eval={"batch_size": 2, "threshold": 0.05},
     )
     cfg["data"]["options"] = {"train": split, "val": split}
@@ -440,8 +440,8 @@ def city(tmp_path_factory):
     cfg = tiny_run(
         experiment={"output_dir": str(root / "run")},
         data={"dataset": "cityscapes", "root": str(root), "train_split": "val"},
-        solver={"optimizer": "adam", "lr": 0.01, "max_steps": 30, "batch_size": 3, "warmup_steps": 0},
-        train={"log_every": 30, "checkpoint_every": 30, "keep_checkpoints": 1, "eval_at_end": False},
+        solver={"optimizer": "adam", "lr": 0.01, "max_steps": 60, "batch_size": 3, "warmup_steps": 0},
+        train={"log_every": 60, "checkpoint_every": 60, "keep_checkpoints": 1, "eval_at_end": False},
         eval={"batch_size": 2, "threshold": 0.05},
     )
     cfg["data"]["options"] = {}

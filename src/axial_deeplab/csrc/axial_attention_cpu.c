@@ -18,13 +18,15 @@
        cpu_kernel.py field for field;
      - the forward, in offset ("skewed") coordinates u = p - o: per block of query rows the
        logits, softmax and retrievals, and the loads of a sequence-head into scratch;
-     - AxialBackArgs (matches _BackArgs in cpu_kernel.py) and the backward passes.
+     - AxialBackArgs (matches _BackArgs in cpu_kernel.py) and the backward passes;
+     - the similarity-BN moments of a global span (Gram matrices of [q, k]) and their backward.
    Exported entry points (everything else is static):
      int64_t axial_attention_scratch_floats(const AxialArgs*)
      int     axial_attention_rows_f32(const AxialArgs*, int64_t r0, int64_t r1, float* scratch)
      int64_t axial_attention_backward_scratch_floats(const AxialBackArgs*)
      int     axial_attention_backward_f32(const AxialBackArgs*, int64_t nh0, int64_t nh1, float* scratch,
                                           float* g_rqe, float* g_rke, float* g_rvT, float* g_scale)
+     int     axial_moments_f32(...), axial_moments_backward_f32(...)   (signatures at their definitions)
    Each call handles a share of the rows (or sequence-heads) with its own scratch, so the
    caller runs shares on several threads; a nonzero return means the operands were refused
    and the caller falls back to its PyTorch implementation. */
@@ -1194,6 +1196,172 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
         g_scale[h] += a->use_qk ? (float)ga[0] : 0.0f;
         g_scale[H + h] += a->use_qr ? (float)ga[1] : 0.0f;
         g_scale[2 * H + h] += a->use_kr ? (float)ga[2] : 0.0f;
+    }
+    return 0;
+}
+
+/* Similarity-BN moments of a global span (RowMoments in layers/similarity_stats.py), straight
+   from the position-major projection y: row (n, o) at y + (n*L + o)*ys, head h's queries at
+   h*hs and keys at h*hs + dk of it; x_0 = q, x_1 = k (dk values each) per (n, o, h).
+     by sequence (by_position 0): gram[n, h, t] = sum_o x_t x_t^T, xsum[n, h] = sum_o [q, k], n in [i0, i1)
+     by position (by_position 1): gram[h, o, t] = sum_n x_t x_t^T, xsum[h, o] = sum_n [q, k], o in [i0, i1)
+   (gram blocks (2, dk, dk): the statistics need no q-k cross terms.) float32 products are exact
+   in float64, so the Grams are exact up to float64 rounding of the sums. The outputs are
+   zeroed by the caller. Rows are taken four at a time, so each Gram entry is loaded and
+   stored once per four rows; the loops are instantiated for the common dk (constant trip
+   counts), with a generic one for the rest. */
+typedef double v4df __attribute__((vector_size(32)));
+typedef float v4sf __attribute__((vector_size(16)));
+#define MOM_ROWS 4
+
+static inline __attribute__((always_inline)) void moments_loop(const float* y, int64_t nseq, int64_t L,
+                                                               int64_t heads, int64_t hs, int64_t ys,
+                                                               int64_t by_position, int64_t i0, int64_t i1,
+                                                               double* gram, double* xsum, const int64_t dk) {
+    double xb[MOM_ROWS][512];
+    const int64_t d2 = 2 * dk, inner = by_position ? nseq : L;
+    const int64_t jstride = (by_position ? L : 1) * ys;
+    for (int64_t i = i0; i < i1; i++) {
+        const float* first = y + (by_position ? i : i * L) * ys;
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t blk = by_position ? h * L + i : i * heads + h;
+            double* G = gram + blk * d2 * dk;
+            double* S = xsum + blk * d2;
+            for (int64_t j0 = 0; j0 < inner; j0 += MOM_ROWS) {
+                const int64_t nb = inner - j0 < MOM_ROWS ? inner - j0 : MOM_ROWS;
+                for (int64_t b = 0; b < MOM_ROWS; b++) {
+                    const float* xr = first + (j0 + b) * jstride + h * hs;
+                    for (int64_t c = 0; c < d2; c++) xb[b][c] = b < nb ? (double)xr[c] : 0.0;
+                }
+                for (int64_t c = 0; c < d2; c++) S[c] += xb[0][c] + xb[1][c] + xb[2][c] + xb[3][c];
+                for (int64_t t = 0; t < 2; t++) {
+                    double* Gt = G + t * dk * dk;
+                    const int64_t off = t * dk;
+                    if (dk % 4 == 0) {
+                        for (int64_t c = 0; c < dk; c++) {
+                            double* Gc = Gt + c * dk;
+                            for (int64_t e = 0; e < dk; e += 4) {
+                                v4df g, x0, x1, x2, x3;
+                                memcpy(&g, Gc + e, 32);
+                                memcpy(&x0, xb[0] + off + e, 32);
+                                memcpy(&x1, xb[1] + off + e, 32);
+                                memcpy(&x2, xb[2] + off + e, 32);
+                                memcpy(&x3, xb[3] + off + e, 32);
+                                g += xb[0][off + c] * x0 + xb[1][off + c] * x1 + xb[2][off + c] * x2 +
+                                     xb[3][off + c] * x3;
+                                memcpy(Gc + e, &g, 32);
+                            }
+                        }
+                    } else {
+                        for (int64_t c = 0; c < dk; c++)
+                            for (int64_t e = 0; e < dk; e++)
+                                for (int64_t b = 0; b < MOM_ROWS; b++)
+                                    Gt[c * dk + e] += xb[b][off + c] * xb[b][off + e];
+                    }
+                }
+            }
+        }
+    }
+}
+
+int axial_moments_f32(const float* y, int64_t nseq, int64_t L, int64_t heads, int64_t hs, int64_t ys,
+                      int64_t dk, int64_t by_position, int64_t i0, int64_t i1, double* gram, double* xsum) {
+    if (dk > 256 || dk < 1 || hs < 2 * dk || ys < heads * hs) return 1;
+    switch (dk) {
+        case 4: moments_loop(y, nseq, L, heads, hs, ys, by_position, i0, i1, gram, xsum, 4); break;
+        case 8: moments_loop(y, nseq, L, heads, hs, ys, by_position, i0, i1, gram, xsum, 8); break;
+        case 16: moments_loop(y, nseq, L, heads, hs, ys, by_position, i0, i1, gram, xsum, 16); break;
+        case 32: moments_loop(y, nseq, L, heads, hs, ys, by_position, i0, i1, gram, xsum, 32); break;
+        default: moments_loop(y, nseq, L, heads, hs, ys, by_position, i0, i1, gram, xsum, dk);
+    }
+    return 0;
+}
+
+/* Backward of the moments above (float32): for rows r = n*L + o in [r0, r1), each head h and
+   block t (queries 0, keys 1; c, e index the block's dk channels),
+     g[t, c] = cs[n, h, t, c] + sum_e x_t[e] ws[n, h, t][e][c]
+             + cp[h, o, t, c] + bp[h, t, c] sum_e x_t[e] tp[o, t][e][c]
+   and 0 in the row's other channels (the values), g laid out as y (rows of ys = heads*hs).
+   ws/cs (the Grams by sequence) or tp/bp/cp (by position: the position tables, shared by the
+   heads, with a per-head column scale) may be NULL (that family is absent). */
+/* two accumulators per product (even and odd e) halve the chains of dependent adds */
+#define MOM_BACK_BODY(VT, W, LD, SPLAT, ST)                                                        \
+    for (int64_t c = 0; c < dk; c += W) {                                                          \
+        VT acc = SPLAT(0.0f), acc1 = SPLAT(0.0f);                                                  \
+        if (Ws) {                                                                                  \
+            acc += LD(cs + bs * d2 + off + c);                                                     \
+            int64_t e = 0;                                                                         \
+            for (; e + 1 < dk; e += 2) {                                                           \
+                acc += SPLAT(xt[e]) * LD(Ws + e * dk + c);                                         \
+                acc1 += SPLAT(xt[e + 1]) * LD(Ws + (e + 1) * dk + c);                              \
+            }                                                                                      \
+            if (e < dk) acc += SPLAT(xt[e]) * LD(Ws + e * dk + c);                                 \
+        }                                                                                          \
+        if (Tp) {                                                                                  \
+            VT tq = SPLAT(0.0f), tq1 = SPLAT(0.0f);                                                \
+            int64_t e = 0;                                                                         \
+            for (; e + 1 < dk; e += 2) {                                                           \
+                tq += SPLAT(xt[e]) * LD(Tp + e * dk + c);                                          \
+                tq1 += SPLAT(xt[e + 1]) * LD(Tp + (e + 1) * dk + c);                               \
+            }                                                                                      \
+            if (e < dk) tq += SPLAT(xt[e]) * LD(Tp + e * dk + c);                                  \
+            acc += LD(cp + bp_ * d2 + off + c) + LD(bp + h * d2 + off + c) * (tq + tq1);           \
+        }                                                                                          \
+        ST(gt + c, acc + acc1);                                                                    \
+    }
+
+static inline v4sf load4(const float* p) { v4sf r; memcpy(&r, p, 16); return r; }
+static inline void store4(float* p, v4sf v) { memcpy(p, &v, 16); }
+static inline v4sf splat4(float x) { return (v4sf){x, x, x, x}; }
+static inline float load1(const float* p) { return *p; }
+static inline void store1(float* p, float v) { *p = v; }
+static inline float splat1(float x) { return x; }
+
+static inline __attribute__((always_inline)) void moments_back_loop(const float* y, int64_t L, int64_t heads,
+                                                                    int64_t hs, int64_t ys, const float* ws,
+                                                                    const float* cs, const float* tp,
+                                                                    const float* bp, const float* cp,
+                                                                    int64_t r0, int64_t r1, float* g,
+                                                                    const int64_t dk) {
+    const int64_t d2 = 2 * dk;
+    int64_t n = r0 / L, o = r0 % L;
+    for (int64_t r = r0; r < r1; r++, o++) {
+        if (o == L) o = 0, n++;
+        const float* row = y + r * ys;
+        float* grow = g + r * ys;
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t bs = n * heads + h, bp_ = h * L + o;
+            for (int64_t t = 0; t < 2; t++) {
+                const int64_t off = t * dk;
+                const float* xt = row + h * hs + off;
+                float* gt = grow + h * hs + off;
+                const float* Ws = ws ? ws + (bs * 2 + t) * dk * dk : NULL;
+                const float* Tp = tp ? tp + (o * 2 + t) * dk * dk : NULL;
+                if (dk % 8 == 0) {
+                    MOM_BACK_BODY(v8sf, 8, load8, splat8, store8)
+                } else if (dk % 4 == 0) {
+                    MOM_BACK_BODY(v4sf, 4, load4, splat4, store4)
+                } else {
+                    MOM_BACK_BODY(float, 1, load1, splat1, store1)
+                }
+            }
+            for (int64_t c = d2; c < hs; c++) grow[h * hs + c] = 0.0f;
+        }
+        for (int64_t c = heads * hs; c < ys; c++) grow[c] = 0.0f;
+    }
+}
+
+int axial_moments_backward_f32(const float* y, int64_t L, int64_t heads, int64_t hs, int64_t ys, int64_t dk,
+                               const float* ws, const float* cs, const float* tp, const float* bp, const float* cp,
+                               int64_t r0, int64_t r1, float* g) {
+    if (dk > 256 || dk < 1 || hs < 2 * dk || ys < heads * hs) return 1;
+    if ((ws && !cs) || (tp && (!bp || !cp))) return 1;
+    switch (dk) {
+        case 4: moments_back_loop(y, L, heads, hs, ys, ws, cs, tp, bp, cp, r0, r1, g, 4); break;
+        case 8: moments_back_loop(y, L, heads, hs, ys, ws, cs, tp, bp, cp, r0, r1, g, 8); break;
+        case 16: moments_back_loop(y, L, heads, hs, ys, ws, cs, tp, bp, cp, r0, r1, g, 16); break;
+        case 32: moments_back_loop(y, L, heads, hs, ys, ws, cs, tp, bp, cp, r0, r1, g, 32); break;
+        default: moments_back_loop(y, L, heads, hs, ys, ws, cs, tp, bp, cp, r0, r1, g, dk);
     }
     return 0;
 }

@@ -69,6 +69,8 @@ __all__ = [
     "eval_with_operands",
     "attention_backward",
     "backward_strided",
+    "row_moments",
+    "row_moments_backward",
     "ENABLED",
     "MAX_KEY_DEPTH",
 ]
@@ -257,6 +259,12 @@ def _compile() -> Optional[ctypes.CDLL]:
         fn = lib.axial_attention_backward_f32
         fn.argtypes = [ctypes.POINTER(_BackArgs), _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR]
         fn.restype = ctypes.c_int
+        fn = lib.axial_moments_f32
+        fn.argtypes = [_PTR] + [_I64] * 9 + [_PTR, _PTR]
+        fn.restype = ctypes.c_int
+        fn = lib.axial_moments_backward_f32
+        fn.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 5 + [_I64, _I64, _PTR]
+        fn.restype = ctypes.c_int
         return lib
     _warn_unbuilt(error)
     return None
@@ -295,6 +303,16 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return pool
 
 
+def _run_shares(share, workers: int) -> list:
+    """``[share(i) for i in range(workers)]``, shares 1.. on the pool and share 0 on the calling
+    thread (which would otherwise only wait): one thread handoff fewer per call, and no more
+    threads awake than torch threads."""
+    if workers == 1:
+        return [share(0)]
+    rest = [_pool(workers - 1).submit(share, i) for i in range(1, workers)]
+    return [share(0)] + [f.result() for f in rest]
+
+
 def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
@@ -312,7 +330,7 @@ def _run_rows(lib, args: _Args, rows: int) -> bool:
         scratch = torch.empty(scratch_size)
         return fn(ctypes.byref(args), r0, r1, scratch.data_ptr())
 
-    status = [share(0)] if workers == 1 else list(_pool(workers).map(share, range(workers)))
+    status = _run_shares(share, workers)
     return not any(status)
 
 
@@ -700,7 +718,7 @@ def backward_strided(
             g_s.data_ptr(),
         )
 
-    status = [share(0)] if workers == 1 else list(_pool(workers).map(share, range(workers)))
+    status = _run_shares(share, workers)
     if any(status):
         return None
     g_rqe = sum(b[0] for b in buffers)[:, : 2 * length - 1]
@@ -712,3 +730,80 @@ def backward_strided(
     g_rk = torch.zeros(dk, rows).index_add_(1, offsets, g_rke) if layer.use_key_rpe else None
     g_rv = torch.zeros(dv, rows).index_add_(1, offsets, g_rvT) if layer.use_value_rpe else None
     return g_scales, g_rq, g_rk, g_rv
+
+
+# --------------------------------------------------------------------------- similarity-BN moments
+def _split(lib_fn, total: int, min_share: int) -> bool:
+    """``lib_fn(i0, i1)`` over [0, total) in one share per torch thread (at least ``min_share``
+    items each); ctypes releases the GIL, so the shares run in parallel. True when all ran."""
+    if total == 0:
+        return True
+    workers = max(1, min(torch.get_num_threads(), total // max(1, min_share)))
+    return not any(_run_shares(lambda i: lib_fn(total * i // workers, total * (i + 1) // workers), workers))
+
+
+def _moments_library(y: torch.Tensor, dk: int):
+    """The loaded kernel when its moments functions take ``y`` (float32 CPU rows, dk <= 256), else None."""
+    if y.dtype != torch.float32 or y.device.type != "cpu" or y.dim() != 2 or dk > 256:
+        return None
+    return _library()
+
+
+def row_moments(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, by_sequence: bool, by_position: bool):
+    """Gram matrices of the queries and of the keys (q q^T, k k^T per (sequence n, position o,
+    head h)) of the position-major float32 projection ``y`` (N*L, heads*(2dk+dv)), accumulated
+    in float64: ``(gram (N, h, 2, dk, dk), xsum (N, h, 2dk))`` summed over positions when
+    ``by_sequence``, ``(gram (h, L, 2, dk, dk), xsum (h, L, 2dk))`` summed over sequences when
+    ``by_position`` (xsum: the sums of [q, k]; None for a family not asked for). None when the
+    kernel cannot take ``y``."""
+    lib = _moments_library(y, dk)
+    if lib is None:
+        return None
+    y = y.detach().contiguous()
+    ys = y.shape[1]
+    hs = ys // heads
+    out = []
+    for wanted, mode, blocks, inner in (
+        (by_sequence, 0, (nseq, heads), length),
+        (by_position, 1, (heads, length), nseq),
+    ):
+        if not wanted:
+            out.append(None)
+            continue
+        gram = torch.zeros(*blocks, 2, dk, dk, dtype=torch.float64)
+        xsum = torch.zeros(*blocks, 2 * dk, dtype=torch.float64)
+
+        def run(i0, i1, g=gram, s=xsum, mode=mode):
+            return lib.axial_moments_f32(
+                y.data_ptr(), nseq, length, heads, hs, ys, dk, mode, i0, i1, g.data_ptr(), s.data_ptr()
+            )
+
+        # each index i is `inner` rows of `heads` blocks: shares of at least ~4096 row-heads
+        if not _split(run, length if mode else nseq, -(-4096 // (inner * heads))):
+            return None
+        out.append((gram, xsum))
+    return tuple(out)
+
+
+def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, ws, cs, tp, bp, cp):
+    """Gradient (same layout as ``y``) of the moments' objective: for each (n, o, h) and block
+    t of x = [q, k] (t = 0 queries, 1 keys), g_t = x_t ws[n, h, t] + cs[n, h, t] +
+    bp[h, t] * (x_t tp[o, t]) + cp[h, o, t] in the q and k channels, 0 in the value channels;
+    ws (N, h, 2, dk, dk), cs (N, h, 2dk) (from the Grams over positions), tp (L, 2, dk, dk),
+    bp (h, 2dk), cp (h, L, 2dk) (over sequences: position tables shared by the heads, a
+    per-head column scale); either family may be None. None when the kernel cannot take it."""
+    lib = _moments_library(y, dk)
+    if lib is None:
+        return None
+    y = y.detach().contiguous()
+    ys = y.shape[1]
+    hs = ys // heads
+    ws, cs, tp, bp, cp = (None if t is None else t.detach().float().contiguous() for t in (ws, cs, tp, bp, cp))
+    g = torch.empty_like(y)
+
+    def run(r0, r1):
+        return lib.axial_moments_backward_f32(
+            y.data_ptr(), length, heads, hs, ys, dk, *(_ptr(t) for t in (ws, cs, tp, bp, cp)), r0, r1, g.data_ptr()
+        )
+
+    return g if _split(run, nseq * length, 256) else None

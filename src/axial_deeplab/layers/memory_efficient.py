@@ -119,6 +119,104 @@ class _SumHalves(torch.autograd.Function):
         return g.repeat(1, 2)
 
 
+class _RowsBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm of rows (M, C) with batch statistics (running statistics updated
+    in place, as ``F.batch_norm`` does), with a backward of two elementwise passes:
+    g_y = g * A + y * B + C per channel, from the weight and bias gradients. PyTorch's CPU
+    ``native_batch_norm_backward`` walks a (M, C) input one element per channel-row (several
+    times slower at the widths of the attention layers)."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps):
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            y, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(y, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, weight, mean, invstd = ctx.saved_tensors
+        g = g.contiguous()
+        _, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
+            g, y, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+        )
+        g_y = None
+        if ctx.needs_input_grad[0]:
+            m = y.shape[0]
+            a = weight * invstd
+            b = a * invstd * g_w / -m
+            c = a * g_b / -m - b * mean
+            g_y = torch.addcmul(c, g, a).addcmul_(y, b)
+        return g_y, g_w, g_b, None, None, None, None
+
+
+class _RowsBatchNormSumHalves(torch.autograd.Function):
+    """(M, 2C) rows -> BatchNorm with batch statistics (running statistics updated in place) ->
+    the two halves of each row added, (M, C), without the normalised (M, 2C) tensor: the output is
+    two multiply-adds of the halves, and the backward writes the (M, 2C) input gradient
+    A g + B y + C once, with no copy of the incoming gradient into both halves. On CPU each
+    fresh (M, 2C) tensor also costs its page faults."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps):
+        m, c2 = y.shape
+        c = c2 // 2
+        var, mean = torch.var_mean(y, 0, correction=0)
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None:
+            running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+        if running_var is not None:
+            running_var.mul_(1.0 - momentum).add_(var * (m / max(m - 1, 1)), alpha=momentum)
+        a = weight * invstd
+        shift = bias - mean * a
+        out = torch.addcmul(shift[:c] + shift[c:], y[:, :c], a[:c]).addcmul_(y[:, c:], a[c:])
+        ctx.save_for_backward(y, weight, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, weight, mean, invstd = ctx.saved_tensors
+        m, c2 = y.shape
+        c = c2 // 2
+        g = g.contiguous()
+        g_sum = g.sum(0)
+        # sum_m g[m, j] * y[m, r*C + j], in blocks of rows (no (M, 2C) product tensor)
+        gy = y.new_zeros(2, c)
+        y3 = y.view(m, 2, c)
+        step = max(1, (1 << 18) // max(1, c2))
+        for r0 in range(0, m, step):
+            gy += (g[r0 : r0 + step].unsqueeze(1) * y3[r0 : r0 + step]).sum(0)
+        g_b = torch.cat([g_sum, g_sum])
+        g_w = (gy.reshape(-1) - mean * g_b) * invstd
+        g_y = None
+        if ctx.needs_input_grad[0]:
+            a = weight * invstd
+            b = a * invstd * g_w / -m
+            shift = a * g_b / -m - b * mean
+            g_y = torch.empty_like(y)
+            for half in (slice(0, c), slice(c, c2)):
+                torch.addcmul(shift[half], g, a[half], out=g_y[:, half])
+                g_y[:, half].addcmul_(y[:, half], b[half])
+        return g_y, g_w, g_b, None, None, None, None
+
+
+def _batch_norm(y, mean, var, weight, bias, use_batch: bool, factor: float, eps: float) -> torch.Tensor:
+    """``F.batch_norm`` on rows, through :class:`_RowsBatchNorm` in eager training."""
+    if (
+        use_batch
+        and weight is not None
+        and bias is not None
+        and y.dim() == 2
+        and y.shape[0] > 1
+        and y.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+    ):
+        return _RowsBatchNorm.apply(y.contiguous(), weight, bias, mean, var, factor, eps)
+    return F.batch_norm(y, mean, var, weight, bias, use_batch, factor, eps)
+
+
 def _batch_norm_rows(bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``bn`` (BatchNorm1d/2d, same semantics) on rows (M, C) of channels, channel j of ``y``
     being the module's channel ``perm[j]`` when given."""
@@ -136,13 +234,44 @@ def _batch_norm_rows(bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None) -
         bias = bias[perm] if bias is not None else None
         mean_p = mean[perm] if mean is not None else None
         var_p = var[perm] if var is not None else None
-        out = F.batch_norm(y, mean_p, var_p, weight, bias, use_batch, factor, bn.eps)
+        out = _batch_norm(y, mean_p, var_p, weight, bias, use_batch, factor, bn.eps)
         if use_batch and mean is not None:
             with torch.no_grad():
                 mean.index_copy_(0, perm, mean_p)
                 var.index_copy_(0, perm, var_p)
         return out
-    return F.batch_norm(y, mean, var, weight, bias, use_batch, factor, bn.eps)
+    return _batch_norm(y, mean, var, weight, bias, use_batch, factor, bn.eps)
+
+
+def _fused_output_bn(bn, out: torch.Tensor) -> bool:
+    """Whether :class:`_RowsBatchNormSumHalves` takes the output BN: training with batch
+    statistics and an affine BN, eager, on CPU."""
+    return (
+        bn.training
+        and bn.affine
+        and out.dim() == 2
+        and out.shape[0] > 1
+        and out.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _output_batch_norm_sum(bn, out: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``_SumHalves(_batch_norm_rows(bn, out, perm))`` in training, through
+    :class:`_RowsBatchNormSumHalves`."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    keep = bn.track_running_stats and bn.running_mean is not None
+    mean_p = bn.running_mean[perm] if keep else None
+    var_p = bn.running_var[perm] if keep else None
+    y = _RowsBatchNormSumHalves.apply(out.contiguous(), bn.weight[perm], bn.bias[perm], mean_p, var_p, factor, bn.eps)
+    if keep:
+        with torch.no_grad():
+            bn.running_mean.index_copy_(0, perm, mean_p)
+            bn.running_var.index_copy_(0, perm, var_p)
+    return y
 
 
 # --------------------------------------------------------------------------- through the operators
@@ -286,8 +415,11 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
     )
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
     perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
-    out = _batch_norm_rows(layer.bn_output, out, perm)
-    out = _SumHalves.apply(out) if layer.use_value_rpe else out[:, :c]
+    if layer.use_value_rpe and _fused_output_bn(layer.bn_output, out):
+        out = _output_batch_norm_sum(layer.bn_output, out, perm)
+    else:
+        out = _batch_norm_rows(layer.bn_output, out, perm)
+        out = _SumHalves.apply(out) if layer.use_value_rpe else out[:, :c]
     if layer.axis == "height":
         y4 = out.reshape(batch, width, height, c).permute(0, 3, 2, 1)
     else:

@@ -16,11 +16,13 @@ the reference does.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernel, moment_ops
 from .geometry import in_span_pairs, pair_table_rows, span_radius
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
@@ -155,6 +157,19 @@ def _table_counts(layer: PositionSensitiveAxialAttention, length: int, device):
     return zeros.scatter_add(1, idx, ones), zeros.scatter_add(1, idx.t(), ones)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_counts(length: int, reach: int, rows: int, lo: int, hi: int, device: torch.device):
+    """:func:`_table_counts` columns [lo, hi), kept per geometry (they depend on positions only;
+    read, never written, by their users)."""
+    pos = torch.arange(length, device=device)
+    idx = pair_table_rows(pos, pos, reach)
+    ones = torch.ones(length, length, dtype=torch.float64, device=device)
+    zeros = torch.zeros(length, rows, dtype=torch.float64, device=device)
+    return tuple(
+        c[:, lo:hi].contiguous() for c in (zeros.scatter_add(1, idx, ones), zeros.scatter_add(1, idx.t(), ones))
+    )
+
+
 class RowMoments(torch.autograd.Function):
     """:func:`similarity_moments` of a global span for the position-major projection
     ``y`` (N*L, heads*(2dk+dv)) (q and k read from it), with a closed-form backward that
@@ -167,7 +182,13 @@ class RowMoments(torch.autograd.Function):
     sum(x.r) = sum_o (sum_n x_no) . R_o, sumsq(x.r) = sum_o <X_o, T_o>;
     the derivatives follow term by term (d sumsq(q.k) / d q_no = 2 Gk_n q_no, etc.).
 
-    q and k are read from ``y`` once per family of Grams, straight into float64 (float32
+    Only the q-q and k-k blocks of the Grams enter (no q-k cross terms), kept as (..., 2, dk, dk).
+    On CPU in float32 the compiled kernel (:func:`.cpu_kernel.row_moments`) forms both families
+    in one pass over ``y`` each, accumulating the float32 products (exact in float64) in float64,
+    and its backward (:func:`.cpu_kernel.row_moments_backward`) reads q and k from ``y`` again:
+    no copies at all (the eager PyTorch version below spent most of its time on them and on
+    batched products of tiny matrices). Elsewhere, q and k are read from ``y`` once per family
+    of Grams, straight into float64 (float32
     products are exact there, so the Grams are exact up to float64 rounding) and into the
     layout in which that family's blocks are contiguous (L, 2dk) or (N, 2dk) matrices:
     (N, h, L, 2dk) for the Grams over positions, (h, L, N, 2dk) for those over sequences.
@@ -187,23 +208,32 @@ class RowMoments(torch.autograd.Function):
         on_table = (layer.use_query_rpe and query_table is not None, layer.use_key_rpe and key_table is not None)
         saved = {}
         x = None
-        if layer.use_qk:  # (N*h, 2d, 2d) Grams over positions; q and k together: one copy for both
-            x = torch.empty(nseq, heads, length, d2, dtype=f64, device=y.device)
-            x.permute(0, 2, 1, 3).copy_(y4[..., :d2])
+        # the compiled kernel forms both families of Grams in float64 straight from y (no copies)
+        # (traced: through its operator, which torch.compile sees)
+        grams = moment_ops if torch.compiler.is_compiling() else cpu_kernel
+        fast = grams.row_moments(y, nseq, length, heads, dk, layer.use_qk, any(on_table))
+        if layer.use_qk and fast is not None:
+            gram, xsum = fast[0]
+        elif layer.use_qk:  # (N*h, 2d, 2d) Grams over positions; q and k together: one copy for both
+            x = _sequence_copy(y4, d2, f64)
             xs = x.view(nseq * heads, length, d2)
-            gram = torch.bmm(xs.transpose(1, 2), xs).view(nseq, heads, d2, d2)
+            gram = _diagonal_blocks(torch.bmm(xs.transpose(1, 2), xs).view(nseq, heads, d2, d2), dk)
             xsum = x.sum(2)  # (N, h, 2d)
+        if layer.use_qk:  # gram (N, h, 2, d, d): [Gq_n, Gk_n]
             sums[0] = (xsum[..., :dk] * xsum[..., dk:]).sum((0, 2))
-            sumsq[0] = (gram[..., :dk, :dk] * gram[..., dk:, dk:]).sum((0, 2, 3))
+            sumsq[0] = (gram[:, :, 0] * gram[:, :, 1]).sum((0, 2, 3))
             saved["seq"] = (xsum, gram)
         if any(on_table):  # (h*L, 2d, 2d) Grams over sequences
             # only the rows of offsets -(L-1)..L-1 meet any pair: the other rows of a long table
             # (509 by default) would cost products of zeros
             reach = layer.max_relative_distance
             lo, hi = max(0, reach - (length - 1)), min(layer.table_rows, reach + length)
-            counts = tuple(cnt[:, lo:hi] for cnt in _table_counts(layer, length, y.device))
+            if torch.compiler.is_compiling():  # traced: graph operations (a cache would hold fake tensors)
+                counts = tuple(cnt[:, lo:hi] for cnt in _table_counts(layer, length, y.device))
+            else:
+                counts = _cached_counts(length, reach, layer.table_rows, lo, hi, y.device)
             ctx.row_range = (lo, hi, layer.table_rows)
-            tgram = y.new_zeros(length, d2, d2, dtype=f64)  # block-diagonal [T^q_o, T^k_o]
+            tgram = y.new_zeros(length, 2, dk, dk, dtype=f64)  # [T^q_o, T^k_o]
             row_sum = y.new_zeros(length, d2, dtype=f64)  # [R^q_o, R^k_o]
             tabs = {}
             for t, table in ((1, query_table), (2, key_table)):
@@ -212,42 +242,46 @@ class RowMoments(torch.autograd.Function):
                     tab = table.detach()[:, lo:hi].to(f64)
                     row_sum[:, c] = counts[t - 1] @ tab.t()
                     outer = (tab.t()[:, :, None] * tab.t()[:, None, :]).reshape(-1, dk * dk)
-                    tgram[:, c, c] = (counts[t - 1] @ outer).view(length, dk, dk)
+                    tgram[:, t - 1] = (counts[t - 1] @ outer).view(length, dk, dk)
                     tabs[t] = tab
-            xp = torch.empty(heads, length, nseq, d2, dtype=f64, device=y.device)
-            xp.permute(2, 1, 0, 3).copy_(y4[..., :d2])  # (h, L, N, 2d): its (h, o) blocks contiguous
-            xx = torch.bmm(xp.view(-1, nseq, d2).transpose(1, 2), xp.view(-1, nseq, d2)).view(heads, length, d2, d2)
-            xsum_p = xp.sum(2)  # (h, L, 2d)
+            if fast is not None:
+                xp, (xx, xsum_p) = None, fast[1]
+            else:
+                xp = _position_copy(y4, d2, f64)
+                xx = torch.bmm(xp.view(-1, nseq, d2).transpose(1, 2), xp.view(-1, nseq, d2))
+                xx = _diagonal_blocks(xx.view(heads, length, d2, d2), dk)  # (h, L, 2, d, d)
+                xsum_p = xp.sum(2)  # (h, L, 2d)
             for t in tabs:
                 c = slice(0, dk) if t == 1 else slice(dk, d2)
                 sums[t] = (xsum_p[..., c] * row_sum[:, c]).sum((1, 2))
-                sumsq[t] = (xx[..., c, c] * tgram[:, c, c]).sum((1, 2, 3))
+                sumsq[t] = (xx[:, :, t - 1] * tgram[:, t - 1]).sum((1, 2, 3))
             # the backward's products run in the input's dtype (float32 ones are twice as fast), so
             # the copies are kept in it: float64 ones would double the memory held for the backward
-            saved["pos"] = (xp.to(y.dtype), xx, xsum_p, row_sum, tgram, counts, tabs)
+            saved["pos"] = (None if xp is None else xp.to(y.dtype), xx, xsum_p, row_sum, tgram, counts, tabs)
         ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.y_dtype = layer, nseq, length, saved, y.dtype
         ctx.x, ctx.device = None if x is None else x.to(y.dtype), y.device
+        # the kernel's backward reads q and k from y itself (kept for the attention's backward anyway)
+        ctx.y = y.detach() if fast is not None else None
         return torch.stack(sums), torch.stack(sumsq)
 
     @staticmethod
     def backward(ctx, g_sums, g_sumsq):
-        layer, nseq, length, saved, x = ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.x
-        heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+        layer, nseq, length, saved = ctx.layer, ctx.nseq, ctx.length, ctx.saved
+        heads, dk = layer.num_heads, layer.key_depth
         f64, d2 = torch.float64, 2 * dk
-        dev = ctx.device
+        dev, dtype = ctx.device, ctx.y_dtype
         g_sums = torch.zeros(3, heads, dtype=f64, device=dev) if g_sums is None else g_sums.to(f64)
         g_sumsq = torch.zeros(3, heads, dtype=f64, device=dev) if g_sumsq is None else g_sumsq.to(f64)
-        gx = None  # the gradient of the copy x (N, h, L, 2d), in the input's dtype
+        # d/dx_no = x_no (ws_n + wp_o) + cs_n + cp_o per head: ws, cs from the Grams over positions,
+        # wp, cp from those over sequences (x_no^T W = (W^T x_no)^T, every W symmetric)
+        ws = cs = tp = bp = cp = None
         if "seq" in saved:  # d/dq_no = a K_n + 2 b Gk_n q_no, d/dk_np = a Q_n + 2 b Gq_n k_np
             xsum, gram = saved["seq"]
             a, b = g_sums[0].view(1, heads, 1), 2 * g_sumsq[0].view(1, heads, 1, 1)
-            w = torch.zeros_like(gram)
-            w[..., :dk, :dk] = gram[..., dk:, dk:] * b
-            w[..., dk:, dk:] = gram[..., :dk, :dk] * b  # symmetric: x w = (w x^T)^T
-            w_in = w.to(ctx.y_dtype).view(-1, d2, d2)
-            gx = torch.bmm(x.view(nseq * heads, length, d2), w_in).view(nseq, heads, length, d2)
-            gx += (xsum.roll(dk, -1) * a).unsqueeze(2).to(ctx.y_dtype)
+            ws = gram.flip(2) * b.unsqueeze(-1)  # (N, h, 2, d, d): [b Gk_n, b Gq_n]
+            cs = xsum.roll(dk, -1) * a  # (N, h, 2d)
         g_tables = [None, None]
+        xp = None
         if "pos" in saved:  # d/dx_no = a R_o + 2 b T_o x_no
             xp, xx, xsum_p, row_sum, tgram, counts, tabs = saved["pos"]
             a_hc, b_hc = xx.new_zeros(heads, d2), xx.new_zeros(heads, d2)  # per (head, channel)
@@ -256,36 +290,93 @@ class RowMoments(torch.autograd.Function):
                 a_hc[:, c], b_hc[:, c] = g_sums[t].view(heads, 1), 2 * g_sumsq[t].view(heads, 1)
             # d/dt_j = sum_o counts[o, j] (sum_nh a_h x_no + sum_nh 2 b_h x_no x_no^T t_j)
             a_x = (xsum_p * a_hc[:, None, :]).sum(0)  # (L, 2d)
-            xb = (xx * b_hc[:, None, :, None]).sum(0)  # (L, 2d, 2d)
+            xb = (xx * b_hc.view(heads, 1, 2, dk, 1)[..., :1, :]).sum(0)  # (L, 2, d, d)
             for t, tab in tabs.items():
                 c = slice(0, dk) if t == 1 else slice(dk, d2)
                 cnt = counts[t - 1]
-                m = (cnt.t() @ xb[:, c, c].reshape(length, -1)).view(-1, dk, dk)
+                m = (cnt.t() @ xb[:, t - 1].reshape(length, -1)).view(-1, dk, dk)
                 g_tab = cnt.t() @ a_x[:, c] + torch.bmm(m, tab.t().unsqueeze(-1)).squeeze(-1)  # (rows, d)
                 lo, hi, rows = ctx.row_range
-                g_tables[t - 1] = F.pad(g_tab.t(), (lo, rows - hi)).to(ctx.y_dtype)
+                g_tables[t - 1] = F.pad(g_tab.t(), (lo, rows - hi)).to(dtype)
             # x_no^T (T_o diag(2b_h)) = 2b_h T_o x_no (T_o symmetric), batched over (h, o)
-            w = (tgram * b_hc[:, None, None, :]).view(-1, d2, d2).to(ctx.y_dtype)
-            gp = torch.bmm(xp.view(-1, nseq, d2), w)
-            gp = gp.view(heads, length, nseq, d2)
-            gp += (row_sum * a_hc[:, None, :]).to(ctx.y_dtype).unsqueeze(2)
-            gp = gp.permute(2, 1, 0, 3)  # (N, L, h, 2d) view
-        g_y = torch.empty(nseq, length, heads, 2 * dk + dv, dtype=ctx.y_dtype, device=dev)
-        g_y[..., d2:] = 0
-        g_qk = g_y[..., :d2]  # written with one strided pass
-        if gx is not None and "pos" in saved and torch.compiler.is_compiling():
-            g_qk.copy_(gx.transpose(1, 2) + gp)  # Dynamo refuses a non-contiguous out=
-        elif gx is not None and "pos" in saved:
-            torch.add(gx.transpose(1, 2), gp, out=g_qk)
-        elif gx is not None:
-            g_qk.copy_(gx.transpose(1, 2))
-        elif "pos" in saved:
-            g_qk.copy_(gp)
-        else:
-            g_qk.zero_()
+            tp, bp = tgram, b_hc
+            cp = row_sum[None] * a_hc[:, None, :]  # (h, L, 2d)
         g_rq = g_tables[0] if ctx.needs_input_grad[1] else None
         g_rk = g_tables[1] if ctx.needs_input_grad[2] else None
+        g_y = None
+        if ctx.y is not None:
+            grams = moment_ops if torch.compiler.is_compiling() else cpu_kernel
+            g_y = grams.row_moments_backward(ctx.y, nseq, length, heads, dk, ws, cs, tp, bp, cp)
+        if g_y is None:
+            g_y = _rows_gradient(ctx, ws, cs, tp, bp, cp, xp)
         return g_y.view(nseq * length, -1), g_rq, g_rk, None, None, None
+
+
+def _diagonal_blocks(g: torch.Tensor, dk: int) -> torch.Tensor:
+    """(..., 2d, 2d) -> (..., 2, d, d): the q-q and k-k blocks of Grams of [q, k]."""
+    return torch.stack([g[..., :dk, :dk], g[..., dk:, dk:]], -3)
+
+
+def _block_diagonal(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2, d, d) -> (..., 2d, 2d) with zero off-diagonal blocks."""
+    dk = b.shape[-1]
+    out = b.new_zeros(*b.shape[:-3], 2 * dk, 2 * dk)
+    out[..., :dk, :dk] = b[..., 0, :, :]
+    out[..., dk:, dk:] = b[..., 1, :, :]
+    return out
+
+
+def _sequence_copy(y4: torch.Tensor, d2: int, dtype) -> torch.Tensor:
+    """(N, L, h, c2h) rows -> (N, h, L, 2d) copy of [q, k]: the (n, h) blocks contiguous."""
+    nseq, length, heads, _ = y4.shape
+    x = torch.empty(nseq, heads, length, d2, dtype=dtype, device=y4.device)
+    x.permute(0, 2, 1, 3).copy_(y4[..., :d2])
+    return x
+
+
+def _position_copy(y4: torch.Tensor, d2: int, dtype) -> torch.Tensor:
+    """(N, L, h, c2h) rows -> (h, L, N, 2d) copy of [q, k]: the (h, o) blocks contiguous."""
+    nseq, length, heads, _ = y4.shape
+    xp = torch.empty(heads, length, nseq, d2, dtype=dtype, device=y4.device)
+    xp.permute(2, 1, 0, 3).copy_(y4[..., :d2])
+    return xp
+
+
+def _rows_gradient(ctx, ws, cs, tp, bp, cp, xp) -> torch.Tensor:
+    """:class:`RowMoments`' gradient of y (N, L, h, c2h) in PyTorch: batched products on the
+    copies of [q, k] (kept by the forward, or made again from y when the kernel made the
+    Grams), in the input's dtype, written into y's layout with one strided pass."""
+    layer, nseq, length, dtype = ctx.layer, ctx.nseq, ctx.length, ctx.y_dtype
+    heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
+    d2 = 2 * dk
+    y4 = None if ctx.y is None else ctx.y.view(nseq, length, heads, d2 + dv)
+    gx = gp = None
+    if ws is not None:
+        x = ctx.x if ctx.x is not None else _sequence_copy(y4, d2, dtype)
+        w = _block_diagonal(ws).to(dtype).view(-1, d2, d2)
+        gx = torch.bmm(x.view(nseq * heads, length, d2), w)
+        gx = gx.view(nseq, heads, length, d2)
+        gx += cs.to(dtype).unsqueeze(2)
+    if tp is not None:
+        xp = xp if xp is not None else _position_copy(y4, d2, dtype)
+        wp = (_block_diagonal(tp)[None] * bp[:, None, None, :]).to(dtype)  # (h, L, 2d, 2d)
+        gp = torch.bmm(xp.view(-1, nseq, d2), wp.view(-1, d2, d2)).view(heads, length, nseq, d2)
+        gp += cp.to(dtype).unsqueeze(2)
+        gp = gp.permute(2, 1, 0, 3)  # (N, L, h, 2d) view
+    g_y = torch.empty(nseq, length, heads, d2 + dv, dtype=dtype, device=ctx.device)
+    g_y[..., d2:] = 0
+    g_qk = g_y[..., :d2]  # written with one strided pass
+    if gx is not None and gp is not None and torch.compiler.is_compiling():
+        g_qk.copy_(gx.transpose(1, 2) + gp)  # Dynamo refuses a non-contiguous out=
+    elif gx is not None and gp is not None:
+        torch.add(gx.transpose(1, 2), gp, out=g_qk)
+    elif gx is not None:
+        g_qk.copy_(gx.transpose(1, 2))
+    elif gp is not None:
+        g_qk.copy_(gp)
+    else:
+        g_qk.zero_()
+    return g_y
 
 
 # --------------------------------------------------------------------------- local span

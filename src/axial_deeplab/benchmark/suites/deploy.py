@@ -20,7 +20,7 @@ from .base import Settings, Suite
 
 DEPLOY_CASES = [("axial_resnet_s", (1, 3, 224, 224)), ("axial_deeplab_s", (1, 3, 513, 1025))]
 QUICK_DEPLOY_CASES = [("axial_resnet_s", (1, 3, 224, 224)), ("axial_deeplab_s", (1, 3, 257, 513))]
-DEPLOY_TRAIN_CASES = [("axial_resnet_s", (4, 3, 224, 224))]
+DEPLOY_TRAIN_CASES = [("axial_resnet_s", (4, 3, 224, 224)), ("axial_deeplab_s", (2, 3, 257, 257))]
 QUICK_DEPLOY_TRAIN_CASES = [("axial_resnet_s", (2, 3, 160, 160))]
 
 DEPLOY_COLUMNS = [
@@ -68,11 +68,18 @@ def max_rel_diff(got, want) -> float:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], object]:
-    """One forward + cross-entropy + backward of a classifier (no optimizer step, so every
-    round sees the same weights; BatchNorm's running statistics still move, as in training)."""
+    """One forward + loss + backward (no optimizer step, so every round sees the same weights;
+    BatchNorm's running statistics still move, as in training). The loss: cross-entropy of a
+    classifier's logits; for a panoptic model's outputs (a dict), the mean square of each
+    output summed (a stand-in with the same backward through every head)."""
 
     def run():
-        loss = nn.functional.cross_entropy(model(x), labels)
+        out = model(x)
+        if isinstance(out, torch.Tensor):
+            loss = nn.functional.cross_entropy(out, labels)
+        else:
+            outs = out.values() if isinstance(out, dict) else out
+            loss = sum(t.float().square().mean() for t in outs if torch.is_tensor(t) and t.is_floating_point())
         loss.backward()
         return loss.detach()
 
@@ -146,7 +153,7 @@ def _eval_case(
 
     steps["eager"] = eager
     if with_compile:
-        compiled = torch.compile(model, dynamic=True, backend=compile_backend)
+        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=compile_backend)
 
         def run_compiled():
             with torch.no_grad():
@@ -185,14 +192,14 @@ def _eval_case(
 
 
 def _train_case(model, name, shape, device, repeats, log, clock, compile_backend) -> List[Result]:
-    """Eager against compiled training steps of one classifier at one batch shape."""
+    """Eager against compiled training steps of one model at one batch shape."""
     case = f"{name} {'x'.join(map(str, shape))}"
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
     labels = torch.randint(0, 10, (shape[0],), generator=gen).to(device)
     steps = {"eager": train_step(model, x, labels)}
     setup, notes = {}, {}
-    compiled = torch.compile(model, dynamic=True, backend=compile_backend)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=compile_backend)
     try:
         _, setup["compiled"] = _first_call(train_step(compiled, x, labels))
         steps["compiled"] = train_step(compiled, x, labels)

@@ -1,0 +1,75 @@
+"""The position-major path's BatchNorm of rows (M, C) in training, with its two-pass backward,
+against ``nn.BatchNorm1d``: outputs, input / weight / bias gradients and running statistics,
+also with the channels permuted (the output BN, whose channel 2j + r is ours r*C + j), and the
+output BN fused with the sum of its halves."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from axial_deeplab.layers import memory_efficient
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_rows_batch_norm_equals_batchnorm1d(permuted, momentum):
+    torch.manual_seed(0)
+    rows, channels = 37, 6
+    bn = nn.BatchNorm1d(channels, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels))
+        bn.bias.copy_(torch.randn(channels))
+    ref = copy.deepcopy(bn)
+    y = (3.0 + 2.0 * torch.randn(rows, channels)).requires_grad_(True)
+    g = torch.randn(rows, channels)
+    perm = torch.arange(channels).view(-1, 2).t().reshape(-1) if permuted else None
+    out = memory_efficient._batch_norm_rows(bn, y, perm)
+    out.backward(g)
+    y_ref = y.detach().clone().requires_grad_(True)
+    order = perm if permuted else torch.arange(channels)
+    inverse = torch.argsort(order)
+    # the module sees channel order[j] where we hold j: feed it in its own order
+    want = ref(y_ref[:, inverse])[:, order]
+    want.backward(g)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_output_batch_norm_with_summed_halves_equals_batchnorm1d_then_the_sum(momentum):
+    # the output BN of a layer with value tables: BN over (M, 2C) rows, channel order perm, then
+    # the halves [sv | sve] of each row added
+    torch.manual_seed(1)
+    rows, half = 29, 4
+    bn = nn.BatchNorm1d(2 * half, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(2 * half))
+        bn.bias.copy_(torch.randn(2 * half))
+    ref = copy.deepcopy(bn)
+    perm = torch.arange(2 * half).view(half, 2).t().reshape(-1)
+    y = (1.0 + 3.0 * torch.randn(rows, 2 * half)).requires_grad_(True)
+    g = torch.randn(rows, half)
+    for _ in range(2):  # twice: the running statistics are updated from their previous values
+        out = memory_efficient._output_batch_norm_sum(bn, y, perm)
+        y_ref = y.detach().clone().requires_grad_(True)
+        normed = ref(y_ref[:, torch.argsort(perm)])[:, perm]
+        want = normed[:, :half] + normed[:, half:]
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        y.grad = None
+        out.backward(g)
+        want.backward(g)
+        torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 2
