@@ -317,21 +317,25 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def _run_rows(lib, args: _Args, rows: int) -> bool:
-    """Split the rows over one thread per torch thread; ctypes releases the GIL."""
-    if rows == 0:
+def _split(lib_fn, total: int, min_share: int) -> bool:
+    """``lib_fn(i0, i1)`` over [0, total) in one share per torch thread (at least ``min_share``
+    items each); ctypes releases the GIL, so the shares run in parallel. True when all ran."""
+    if total == 0:
         return True
-    workers = max(1, min(torch.get_num_threads(), rows // 64 or 1))
+    workers = max(1, min(torch.get_num_threads(), total // max(1, min_share)))
+    return not any(_run_shares(lambda i: lib_fn(total * i // workers, total * (i + 1) // workers), workers))
+
+
+def _run_rows(lib, args: _Args, rows: int) -> bool:
+    """The forward kernel over the rows, split as :func:`_split` does (shares of at least 64 rows)."""
     fn = lib.axial_attention_rows_f32
     scratch_size = lib.axial_attention_scratch_floats(ctypes.byref(args))
 
-    def share(i):
-        r0, r1 = rows * i // workers, rows * (i + 1) // workers
+    def share(r0, r1):
         scratch = torch.empty(scratch_size)
         return fn(ctypes.byref(args), r0, r1, scratch.data_ptr())
 
-    status = _run_shares(share, workers)
-    return not any(status)
+    return _split(share, rows, 64)
 
 
 def _tables(layer: PositionSensitiveAxialAttention, length: int):
@@ -733,20 +737,16 @@ def backward_strided(
 
 
 # --------------------------------------------------------------------------- similarity-BN moments
-def _split(lib_fn, total: int, min_share: int) -> bool:
-    """``lib_fn(i0, i1)`` over [0, total) in one share per torch thread (at least ``min_share``
-    items each); ctypes releases the GIL, so the shares run in parallel. True when all ran."""
-    if total == 0:
-        return True
-    workers = max(1, min(torch.get_num_threads(), total // max(1, min_share)))
-    return not any(_run_shares(lambda i: lib_fn(total * i // workers, total * (i + 1) // workers), workers))
-
-
-def _moments_library(y: torch.Tensor, dk: int):
-    """The loaded kernel when its moments functions take ``y`` (float32 CPU rows, dk <= 256), else None."""
+def _moments_operands(y: torch.Tensor, heads: int, dk: int):
+    """``(lib, y, row stride, head stride)`` for the moments functions: the loaded kernel and ``y``
+    contiguous, when they take ``y`` (float32 CPU rows, dk <= 256); else None."""
     if y.dtype != torch.float32 or y.device.type != "cpu" or y.dim() != 2 or dk > 256:
         return None
-    return _library()
+    lib = _library()
+    if lib is None:
+        return None
+    y = y.detach().contiguous()
+    return lib, y, y.shape[1], y.shape[1] // heads
 
 
 def row_moments(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, by_sequence: bool, by_position: bool):
@@ -756,12 +756,10 @@ def row_moments(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, by
     ``by_sequence``, ``(gram (h, L, 2, dk, dk), xsum (h, L, 2dk))`` summed over sequences when
     ``by_position`` (xsum: the sums of [q, k]; None for a family not asked for). None when the
     kernel cannot take ``y``."""
-    lib = _moments_library(y, dk)
-    if lib is None:
+    operands = _moments_operands(y, heads, dk)
+    if operands is None:
         return None
-    y = y.detach().contiguous()
-    ys = y.shape[1]
-    hs = ys // heads
+    lib, y, ys, hs = operands
     out = []
     for wanted, mode, blocks, inner in (
         (by_sequence, 0, (nseq, heads), length),
@@ -792,12 +790,10 @@ def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk
     ws (N, h, 2, dk, dk), cs (N, h, 2dk) (from the Grams over positions), tp (L, 2, dk, dk),
     bp (h, 2dk), cp (h, L, 2dk) (over sequences: position tables shared by the heads, a
     per-head column scale); either family may be None. None when the kernel cannot take it."""
-    lib = _moments_library(y, dk)
-    if lib is None:
+    operands = _moments_operands(y, heads, dk)
+    if operands is None:
         return None
-    y = y.detach().contiguous()
-    ys = y.shape[1]
-    hs = ys // heads
+    lib, y, ys, hs = operands
     ws, cs, tp, bp, cp = (None if t is None else t.detach().float().contiguous() for t in (ws, cs, tp, bp, cp))
     g = torch.empty_like(y)
 
