@@ -59,7 +59,7 @@ def test_output_batch_norm_with_summed_halves_equals_batchnorm1d_then_the_sum(mo
     y = (1.0 + 3.0 * torch.randn(rows, 2 * half)).requires_grad_(True)
     g = torch.randn(rows, half)
     for _ in range(2):  # twice: the running statistics are updated from their previous values
-        out = memory_efficient._output_batch_norm_sum(bn, y, perm)
+        out = memory_efficient._output_batch_norm_sum(bn, y)
         y_ref = y.detach().clone().requires_grad_(True)
         normed = ref(y_ref[:, torch.argsort(perm)])[:, perm]
         want = normed[:, :half] + normed[:, half:]
@@ -73,3 +73,76 @@ def test_output_batch_norm_with_summed_halves_equals_batchnorm1d_then_the_sum(mo
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
     torch.testing.assert_close(bn.running_var, ref.running_var)
     assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+
+
+def test_output_batch_norm_with_summed_halves_writes_swapped_rows_and_reads_strided_gradients():
+    # rows (b, s, t) written out as (b, t, s, C) (the height layer's output, laid out for the width
+    # layer); the incoming gradient arrives in that layout, a strided view of the rows' order
+    torch.manual_seed(2)
+    b, s, t, half = 2, 3, 5, 4
+    bn = nn.BatchNorm1d(2 * half)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(2 * half))
+        bn.bias.copy_(torch.randn(2 * half))
+    ref = copy.deepcopy(bn)
+    perm = torch.arange(2 * half).view(half, 2).t().reshape(-1)
+    y = (1.0 - 2.0 * torch.randn(b * s * t, 2 * half)).requires_grad_(True)
+    g = torch.randn(b, t, s, half)
+
+    out = memory_efficient._output_batch_norm_sum(bn, y, (b, s, t))
+    assert out.shape == (b, t, s, half) and out.is_contiguous()
+    out.backward(g)
+
+    y_ref = y.detach().clone().requires_grad_(True)
+    normed = ref(y_ref[:, torch.argsort(perm)])[:, perm]
+    want = (normed[:, :half] + normed[:, half:]).view(b, s, t, half).transpose(1, 2)
+    want.backward(g)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+class _FreshGradient(torch.autograd.Function):
+    """Identity whose backward returns a fresh copy of its incoming gradient, kept in ``made``."""
+
+    made = []
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        _FreshGradient.made.append(g.clone())
+        return _FreshGradient.made[-1]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rows_batch_norm_input_gradient_written_over_a_fresh_incoming_gradient(in_place):
+    # the projection's BN writes its input gradient over the incoming one when told it is its own
+    # (same numbers either way); without the flag the incoming gradient is left as it was
+    torch.manual_seed(3)
+    rows, channels = 23, 6
+    bn = nn.BatchNorm1d(channels)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels))
+        bn.bias.copy_(torch.randn(channels))
+    ref = copy.deepcopy(bn)
+    y = (2.0 + torch.randn(rows, channels)).requires_grad_(True)
+    g = torch.randn(rows, channels)
+    _FreshGradient.made.clear()
+    out = _FreshGradient.apply(memory_efficient._batch_norm_rows(bn, y, grad_in_place=in_place))
+    out.backward(g)
+    y_ref = y.detach().clone().requires_grad_(True)
+    ref(y_ref).backward(g)
+    torch.testing.assert_close(out, ref(y_ref.detach()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    (incoming,) = _FreshGradient.made
+    if in_place:
+        torch.testing.assert_close(incoming, y.grad, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(incoming, g, rtol=0, atol=0)

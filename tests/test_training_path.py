@@ -139,8 +139,15 @@ def test_layer_pair_and_cumulative_running_stats_over_steps():
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
 
 
-def test_row_moments_and_their_gradients_equal_the_general_closed_form():
-    layer = make_layer(in_ch=6, out_ch=12, heads=3, key_ch=15, axis="width")  # dk = 5
+def _grad(table):
+    return None if table is None else table.grad
+
+
+@pytest.mark.parametrize("off", [None, "use_query_rpe", "use_key_rpe"])
+def test_row_moments_and_their_gradients_equal_the_general_closed_form(off):
+    # the two tables' terms run batched, a switched-off one as a table of zeros
+    kwargs = {} if off is None else {off: False}
+    layer = make_layer(in_ch=6, out_ch=12, heads=3, key_ch=15, axis="width", **kwargs)  # dk = 5
     nseq, length = 4, 6
     c2 = layer.qkv.weight.shape[0]
     y = torch.randn(nseq * length, c2, generator=torch.Generator().manual_seed(6), requires_grad=True)
@@ -148,17 +155,23 @@ def test_row_moments_and_their_gradients_equal_the_general_closed_form():
 
     sums, sumsq, count = similarity_stats.similarity_moments_rows(layer, y, nseq, length)
     ((sums * w_sums).sum() + (sumsq * w_sq).sum()).backward()
-    got = (sums.detach(), sumsq.detach(), y.grad, layer.query_table.grad, layer.key_table.grad)
+    got = (sums.detach(), sumsq.detach(), y.grad, _grad(layer.query_table), _grad(layer.key_table))
 
     ref_layer = copy.deepcopy(layer)
-    ref_layer.query_table.grad = ref_layer.key_table.grad = None
+    ref_layer.zero_grad(set_to_none=True)
     y_ref = y.detach().clone().requires_grad_(True)
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     qkv4 = y_ref.view(nseq, length, heads, 2 * dk + dv).permute(0, 2, 3, 1)
     sums_r, sumsq_r, count_r = similarity_stats.similarity_moments(ref_layer, qkv4[:, :, :dk], qkv4[:, :, dk : 2 * dk])
     ((sums_r * w_sums).sum() + (sumsq_r * w_sq).sum()).backward()
-    want = (sums_r.detach(), sumsq_r.detach(), y_ref.grad, ref_layer.query_table.grad, ref_layer.key_table.grad)
+    want = (sums_r.detach(), sumsq_r.detach(), y_ref.grad, _grad(ref_layer.query_table), _grad(ref_layer.key_table))
 
     assert count == count_r == nseq * length * length
     for name, a, b in zip(("sums", "sumsq", "grad y", "grad query table", "grad key table"), got, want):
+        if b is None:  # a switched-off table
+            assert a is None, name
+            continue
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    if off is not None:  # its term's statistics are exact zeros
+        term = 1 if off == "use_query_rpe" else 2
+        assert not sums[term].any() and not sumsq[term].any()

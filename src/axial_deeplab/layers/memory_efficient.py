@@ -124,15 +124,20 @@ class _RowsBatchNorm(torch.autograd.Function):
     in place, as ``F.batch_norm`` does), with a backward of two elementwise passes:
     g_y = g * A + y * B + C per channel, from the weight and bias gradients. PyTorch's CPU
     ``native_batch_norm_backward`` walks a (M, C) input one element per channel-row (several
-    times slower at the widths of the attention layers)."""
+    times slower at the widths of the attention layers).
+
+    ``grad_in_place``: the caller guarantees that the output's gradient reaches the backward as a
+    tensor nobody else holds (its consumers' gradients are fresh tensors, summed by autograd), so
+    the input gradient is written over it: no fresh (M, C) tensor and its page faults."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps):
+    def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps, grad_in_place=False):
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             y, weight, bias, running_mean, running_var, True, momentum, eps
         )
         ctx.save_for_backward(y, weight, mean, invstd)
         ctx.eps = eps
+        ctx.grad_in_place = grad_in_place
         return out
 
     @staticmethod
@@ -148,62 +153,101 @@ class _RowsBatchNorm(torch.autograd.Function):
             a = weight * invstd
             b = a * invstd * g_w / -m
             c = a * g_b / -m - b * mean
-            g_y = torch.addcmul(c, g, a).addcmul_(y, b)
-        return g_y, g_w, g_b, None, None, None, None
+            if ctx.grad_in_place and g.dtype == y.dtype and not torch.is_grad_enabled():
+                g_y = torch.addcmul(c, g, a, out=g).addcmul_(y, b)
+            else:
+                g_y = torch.addcmul(c, g, a).addcmul_(y, b)
+        return g_y, g_w, g_b, None, None, None, None, None
 
 
 class _RowsBatchNormSumHalves(torch.autograd.Function):
-    """(M, 2C) rows -> BatchNorm with batch statistics (running statistics updated in place) ->
-    the two halves of each row added, (M, C), without the normalised (M, 2C) tensor: the output is
-    two multiply-adds of the halves, and the backward writes the (M, 2C) input gradient
+    """(M, 2C) rows [sv | sve] -> BatchNorm with batch statistics (running statistics updated in
+    place) -> the two halves of each row added, (M, C), without the normalised (M, 2C) tensor: the
+    output is two multiply-adds of the halves, and the backward writes the (M, 2C) input gradient
     A g + B y + C once, with no copy of the incoming gradient into both halves. On CPU each
-    fresh (M, 2C) tensor also costs its page faults."""
+    fresh (M, 2C) tensor also costs its page faults.
+
+    ``weight``, ``bias`` and the running statistics are the module's own, in its channel order
+    (channel 2j + r is our r*C + j, retrieval r of value channel j): read and written through
+    strided (2, C) views, so no gather of them, no scatter back and no index node in the graph.
+
+    ``grid`` (B, S, T): the rows are (b, s, t) and the output is written (B, T, S, C), the two
+    inner row indices swapped (the height layer writes its rows (b, w, h) as (b, h, w): the width
+    layer, next in every axial block, then reads them as they lie, and its input gradient
+    comes back in that layout, read in place by the backward): no layout copy either way."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps):
+    def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps, grid=None):
         m, c2 = y.shape
         c = c2 // 2
-        var, mean = torch.var_mean(y, 0, correction=0)
-        invstd = torch.rsqrt(var + eps)
+        # the batch statistics of PyTorch's CPU BatchNorm (the same numbers as F.batch_norm's);
+        # torch.var_mean over the rows' outer dim is ~25x slower
+        mean, var = torch.batch_norm_update_stats(y, None, None, momentum)
+        mean2, var2 = mean.view(2, c), var.view(2, c)
         if running_mean is not None:
-            running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+            _ours(running_mean, c).mul_(1.0 - momentum).add_(mean2, alpha=momentum)
         if running_var is not None:
-            running_var.mul_(1.0 - momentum).add_(var * (m / max(m - 1, 1)), alpha=momentum)
-        a = weight * invstd
-        shift = bias - mean * a
-        out = torch.addcmul(shift[:c] + shift[c:], y[:, :c], a[:c]).addcmul_(y[:, c:], a[c:])
-        ctx.save_for_backward(y, weight, mean, invstd)
+            _ours(running_var, c).mul_(1.0 - momentum).add_(var2 * (m / max(m - 1, 1)), alpha=momentum)
+        invstd = torch.rsqrt(var2 + eps)  # (2, C), ours
+        a = _ours(weight, c) * invstd
+        shift = _ours(bias, c) - mean2 * a
+        if grid is None:
+            out = torch.addcmul(shift[0] + shift[1], y[:, :c], a[0]).addcmul_(y[:, c:], a[1])
+        else:
+            b, s, t = grid
+            out = y.new_empty(b, t, s, c)
+            y4 = y.view(b, s, t, c2)
+            torch.addcmul(shift[0] + shift[1], y4[..., :c], a[0], out=out.transpose(1, 2))
+            out.transpose(1, 2).addcmul_(y4[..., c:], a[1])
+        ctx.save_for_backward(y, weight, mean2, invstd)
+        ctx.grid = grid
         return out
 
     @staticmethod
     def backward(ctx, g):
-        y, weight, mean, invstd = ctx.saved_tensors
+        y, weight, mean, invstd = ctx.saved_tensors  # mean, invstd (2, C) in our order
         m, c2 = y.shape
         c = c2 // 2
-        g = g.contiguous()
-        g_sum = g.sum(0)
-        # sum_m g[m, j] * y[m, r*C + j], in blocks of rows (no (M, 2C) product tensor)
-        gy = y.new_zeros(2, c)
-        y3 = y.view(m, 2, c)
-        step = max(1, (1 << 18) // max(1, c2))
-        for r0 in range(0, m, step):
-            gy += (g[r0 : r0 + step].unsqueeze(1) * y3[r0 : r0 + step]).sum(0)
-        g_b = torch.cat([g_sum, g_sum])
-        g_w = (gy.reshape(-1) - mean * g_b) * invstd
-        g_y = None
+        # views with one index per row index, then (half, channel); g read where it lies
+        if ctx.grid is None:
+            rows, g_rows = (m,), g
+        else:
+            rows, g_rows = ctx.grid, g.transpose(1, 2)
+        dims = tuple(range(len(rows)))
+        g_half = g_rows.unsqueeze(-2)  # (..., 1, C): the same gradient for both halves
+        y_half = y.view(*rows, 2, c)
+        # sum over rows of g[., j] * y[., r*C + j]: the products formed in the input gradient's buffer,
+        # which is overwritten below (one (M, 2C) tensor in all, its pages touched once)
+        g_y = torch.empty_like(y)
+        g_y_half = g_y.view(*rows, 2, c)
+        gy = torch.mul(g_half, y_half, out=g_y_half).sum(dims)  # (2, C)
+        g_b = g_rows.sum(dims).expand(2, c)
+        g_w = (gy - mean * g_b) * invstd
         if ctx.needs_input_grad[0]:
-            a = weight * invstd
+            a = _ours(weight, c) * invstd
             b = a * invstd * g_w / -m
             shift = a * g_b / -m - b * mean
-            g_y = torch.empty_like(y)
-            for half in (slice(0, c), slice(c, c2)):
-                torch.addcmul(shift[half], g, a[half], out=g_y[:, half])
-                g_y[:, half].addcmul_(y[:, half], b[half])
-        return g_y, g_w, g_b, None, None, None, None
+            torch.addcmul(shift, y_half, b, out=g_y_half).addcmul_(g_half, a)  # shift + b y + a g
+        else:
+            g_y = None
+        return g_y, _module_order(g_w), _module_order(g_b), None, None, None, None, None
 
 
-def _batch_norm(y, mean, var, weight, bias, use_batch: bool, factor: float, eps: float) -> torch.Tensor:
-    """``F.batch_norm`` on rows, through :class:`_RowsBatchNorm` in eager training."""
+def _ours(t: torch.Tensor, c: int) -> torch.Tensor:
+    """A (2C,) per-channel vector of bn_output, in its order (2j + r), as a (2, C) view in ours (r, j)."""
+    return t.view(c, 2).t()
+
+
+def _module_order(t: torch.Tensor) -> torch.Tensor:
+    """(2, C) in our order (r, j) -> (2C,) in bn_output's (2j + r)."""
+    return t.t().reshape(-1)
+
+
+def _batch_norm(
+    y, mean, var, weight, bias, use_batch: bool, factor: float, eps: float, grad_in_place: bool = False
+) -> torch.Tensor:
+    """``F.batch_norm`` on rows, through :class:`_RowsBatchNorm` in eager training (``grad_in_place``
+    as there)."""
     if (
         use_batch
         and weight is not None
@@ -213,13 +257,15 @@ def _batch_norm(y, mean, var, weight, bias, use_batch: bool, factor: float, eps:
         and y.device.type == "cpu"
         and not torch.compiler.is_compiling()
     ):
-        return _RowsBatchNorm.apply(y.contiguous(), weight, bias, mean, var, factor, eps)
+        return _RowsBatchNorm.apply(y.contiguous(), weight, bias, mean, var, factor, eps, grad_in_place)
     return F.batch_norm(y, mean, var, weight, bias, use_batch, factor, eps)
 
 
-def _batch_norm_rows(bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _batch_norm_rows(
+    bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None, grad_in_place: bool = False
+) -> torch.Tensor:
     """``bn`` (BatchNorm1d/2d, same semantics) on rows (M, C) of channels, channel j of ``y``
-    being the module's channel ``perm[j]`` when given."""
+    being the module's channel ``perm[j]`` when given (``grad_in_place``: see :class:`_RowsBatchNorm`)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -240,7 +286,7 @@ def _batch_norm_rows(bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None) -
                 mean.index_copy_(0, perm, mean_p)
                 var.index_copy_(0, perm, var_p)
         return out
-    return _batch_norm(y, mean, var, weight, bias, use_batch, factor, bn.eps)
+    return _batch_norm(y, mean, var, weight, bias, use_batch, factor, bn.eps, grad_in_place)
 
 
 def _fused_output_bn(bn, out: torch.Tensor) -> bool:
@@ -256,22 +302,17 @@ def _fused_output_bn(bn, out: torch.Tensor) -> bool:
     )
 
 
-def _output_batch_norm_sum(bn, out: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``_SumHalves(_batch_norm_rows(bn, out, perm))`` in training, through
-    :class:`_RowsBatchNormSumHalves`."""
+def _output_batch_norm_sum(bn, out: torch.Tensor, grid=None) -> torch.Tensor:
+    """``_SumHalves(_batch_norm_rows(bn, out, perm))`` in training (``perm`` the interleaving of
+    :func:`run_layer_position_major`), through :class:`_RowsBatchNormSumHalves` (``grid`` as there)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     keep = bn.track_running_stats and bn.running_mean is not None
-    mean_p = bn.running_mean[perm] if keep else None
-    var_p = bn.running_var[perm] if keep else None
-    y = _RowsBatchNormSumHalves.apply(out.contiguous(), bn.weight[perm], bn.bias[perm], mean_p, var_p, factor, bn.eps)
-    if keep:
-        with torch.no_grad():
-            bn.running_mean.index_copy_(0, perm, mean_p)
-            bn.running_var.index_copy_(0, perm, var_p)
-    return y
+    mean = bn.running_mean if keep else None
+    var = bn.running_var if keep else None
+    return _RowsBatchNormSumHalves.apply(out.contiguous(), bn.weight, bn.bias, mean, var, factor, bn.eps, grid)
 
 
 # --------------------------------------------------------------------------- through the operators
@@ -403,7 +444,9 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
         rows_in = x.permute(0, 2, 3, 1)
         nseq, length = batch * height, width
     y = rows_in.reshape(nseq * length, cin) @ layer.qkv.weight.flatten(1).t()  # (N*L, C2)
-    y = _batch_norm_rows(layer.bn_qkv, y)
+    # the normalised projection feeds only the attention operator and the moments, whose backwards
+    # return fresh gradients: its gradient is ours to write over
+    y = _batch_norm_rows(layer.bn_qkv, y, grad_in_place=True)
     scales = similarity_scales(layer, None, None, moments=lambda: similarity_moments_rows(layer, y, nseq, length))
     out, _ = ops.attention_rows(
         y,
@@ -414,10 +457,14 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
         length,
     )
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
-    perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
+    if layer.use_value_rpe and _fused_output_bn(layer.bn_output, out) and layer.axis == "height":
+        # written (b, h, w, c): channels_last, as the width layer after it reads its input
+        y4 = _output_batch_norm_sum(layer.bn_output, out, (batch, width, height)).permute(0, 3, 1, 2)
+        return apply_stride(y4, layer)
     if layer.use_value_rpe and _fused_output_bn(layer.bn_output, out):
-        out = _output_batch_norm_sum(layer.bn_output, out, perm)
+        out = _output_batch_norm_sum(layer.bn_output, out)
     else:
+        perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
         out = _batch_norm_rows(layer.bn_output, out, perm)
         out = _SumHalves.apply(out) if layer.use_value_rpe else out[:, :c]
     if layer.axis == "height":

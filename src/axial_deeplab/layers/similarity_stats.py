@@ -165,9 +165,8 @@ def _cached_counts(length: int, reach: int, rows: int, lo: int, hi: int, device:
     idx = pair_table_rows(pos, pos, reach)
     ones = torch.ones(length, length, dtype=torch.float64, device=device)
     zeros = torch.zeros(length, rows, dtype=torch.float64, device=device)
-    return tuple(
-        c[:, lo:hi].contiguous() for c in (zeros.scatter_add(1, idx, ones), zeros.scatter_add(1, idx.t(), ones))
-    )
+    # (2, L, hi - lo): [per query, per key], the two tables' products then batched
+    return torch.stack([zeros.scatter_add(1, idx, ones), zeros.scatter_add(1, idx.t(), ones)])[:, :, lo:hi].contiguous()
 
 
 class RowMoments(torch.autograd.Function):
@@ -229,21 +228,25 @@ class RowMoments(torch.autograd.Function):
             reach = layer.max_relative_distance
             lo, hi = max(0, reach - (length - 1)), min(layer.table_rows, reach + length)
             if torch.compiler.is_compiling():  # traced: graph operations (a cache would hold fake tensors)
-                counts = tuple(cnt[:, lo:hi] for cnt in _table_counts(layer, length, y.device))
+                counts = torch.stack(_table_counts(layer, length, y.device))[:, :, lo:hi]
             else:
-                counts = _cached_counts(length, reach, layer.table_rows, lo, hi, y.device)
+                counts = _cached_counts(length, reach, layer.table_rows, lo, hi, y.device)  # (2, L, w)
             ctx.row_range = (lo, hi, layer.table_rows)
-            tgram = y.new_zeros(length, 2, dk, dk, dtype=f64)  # [T^q_o, T^k_o]
-            row_sum = y.new_zeros(length, d2, dtype=f64)  # [R^q_o, R^k_o]
-            tabs = {}
-            for t, table in ((1, query_table), (2, key_table)):
-                if on_table[t - 1]:
-                    c = slice(0, dk) if t == 1 else slice(dk, d2)
-                    tab = table.detach()[:, lo:hi].to(f64)
-                    row_sum[:, c] = counts[t - 1] @ tab.t()
-                    outer = (tab.t()[:, :, None] * tab.t()[:, None, :]).reshape(-1, dk * dk)
-                    tgram[:, t - 1] = (counts[t - 1] @ outer).view(length, dk, dk)
-                    tabs[t] = tab
+            # both tables in batched products, a switched-off one as zeros (its sums, Grams and
+            # gradients are then exact zeros): few operations, whatever the number of terms
+            tab_q = query_table.detach()[:, lo:hi] if on_table[0] else None
+            tab_k = key_table.detach()[:, lo:hi] if on_table[1] else None
+            tabs = torch.stack(
+                [
+                    tab_q if tab_q is not None else torch.zeros_like(tab_k),
+                    tab_k if tab_k is not None else torch.zeros_like(tab_q),
+                ]
+            ).to(f64)  # (2, d, w)
+            tabs_t = tabs.transpose(1, 2)  # (2, w, d)
+            row_sum2 = torch.bmm(counts, tabs_t)  # (2, L, d): [R^q_o, R^k_o]
+            outer = (tabs_t.unsqueeze(-1) * tabs_t.unsqueeze(-2)).view(2, -1, dk * dk)
+            tgram = torch.bmm(counts, outer).view(2, length, dk, dk).transpose(0, 1)  # (L, 2, d, d): [T^q_o, T^k_o]
+            row_sum = row_sum2.transpose(0, 1).reshape(length, d2)  # (L, 2d)
             if fast is not None:
                 xp, (xx, xsum_p) = None, fast[1]
             else:
@@ -251,13 +254,11 @@ class RowMoments(torch.autograd.Function):
                 xx = torch.bmm(xp.view(-1, nseq, d2).transpose(1, 2), xp.view(-1, nseq, d2))
                 xx = _diagonal_blocks(xx.view(heads, length, d2, d2), dk)  # (h, L, 2, d, d)
                 xsum_p = xp.sum(2)  # (h, L, 2d)
-            for t in tabs:
-                c = slice(0, dk) if t == 1 else slice(dk, d2)
-                sums[t] = (xsum_p[..., c] * row_sum[:, c]).sum((1, 2))
-                sumsq[t] = (xx[:, :, t - 1] * tgram[:, t - 1]).sum((1, 2, 3))
+            sums[1], sums[2] = (xsum_p * row_sum).view(heads, length, 2, dk).sum((1, 3)).t()
+            sumsq[1], sumsq[2] = (xx * tgram).sum((1, 3, 4)).t()
             # the backward's products run in the input's dtype (float32 ones are twice as fast), so
             # the copies are kept in it: float64 ones would double the memory held for the backward
-            saved["pos"] = (None if xp is None else xp.to(y.dtype), xx, xsum_p, row_sum, tgram, counts, tabs)
+            saved["pos"] = (None if xp is None else xp.to(y.dtype), xx, xsum_p, row_sum, tgram, counts, tabs, on_table)
         ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.y_dtype = layer, nseq, length, saved, y.dtype
         ctx.x, ctx.device = None if x is None else x.to(y.dtype), y.device
         # the kernel's backward reads q and k from y itself (kept for the attention's backward anyway)
@@ -283,21 +284,24 @@ class RowMoments(torch.autograd.Function):
         g_tables = [None, None]
         xp = None
         if "pos" in saved:  # d/dx_no = a R_o + 2 b T_o x_no
-            xp, xx, xsum_p, row_sum, tgram, counts, tabs = saved["pos"]
-            a_hc, b_hc = xx.new_zeros(heads, d2), xx.new_zeros(heads, d2)  # per (head, channel)
-            for t in tabs:
-                c = slice(0, dk) if t == 1 else slice(dk, d2)
-                a_hc[:, c], b_hc[:, c] = g_sums[t].view(heads, 1), 2 * g_sumsq[t].view(heads, 1)
-            # d/dt_j = sum_o counts[o, j] (sum_nh a_h x_no + sum_nh 2 b_h x_no x_no^T t_j)
+            xp, xx, xsum_p, row_sum, tgram, counts, tabs, on_table = saved["pos"]
+            coef = torch.stack([g_sums[1:], 2 * g_sumsq[1:]])  # (a or 2b, term, head)
+            if not all(on_table):  # a switched-off term contributes nothing
+                coef[:, on_table.index(False)] = 0.0
+            a_t, b_t = coef[0].t(), coef[1].t()  # (h, 2) per (head, term)
+            a_hc = a_t.unsqueeze(-1).expand(heads, 2, dk).reshape(heads, d2)  # per (head, channel)
+            b_hc = b_t.unsqueeze(-1).expand(heads, 2, dk).reshape(heads, d2)
+            # d/dt_j = sum_o counts[o, j] (sum_nh a_h x_no + sum_nh 2 b_h x_no x_no^T t_j), both tables batched
             a_x = (xsum_p * a_hc[:, None, :]).sum(0)  # (L, 2d)
-            xb = (xx * b_hc.view(heads, 1, 2, dk, 1)[..., :1, :]).sum(0)  # (L, 2, d, d)
-            for t, tab in tabs.items():
-                c = slice(0, dk) if t == 1 else slice(dk, d2)
-                cnt = counts[t - 1]
-                m = (cnt.t() @ xb[:, t - 1].reshape(length, -1)).view(-1, dk, dk)
-                g_tab = cnt.t() @ a_x[:, c] + torch.bmm(m, tab.t().unsqueeze(-1)).squeeze(-1)  # (rows, d)
-                lo, hi, rows = ctx.row_range
-                g_tables[t - 1] = F.pad(g_tab.t(), (lo, rows - hi)).to(dtype)
+            xb = (xx * b_t.view(heads, 1, 2, 1, 1)).sum(0)  # (L, 2, d, d)
+            cnt_t = counts.transpose(1, 2)  # (2, w, L)
+            m = torch.bmm(cnt_t, xb.transpose(0, 1).reshape(2, length, dk * dk)).view(2, -1, dk, dk)
+            tab_rows = tabs.transpose(1, 2).unsqueeze(-1)  # (2, w, d, 1)
+            g_tab = torch.bmm(cnt_t, a_x.view(length, 2, dk).transpose(0, 1)) + (m @ tab_rows).squeeze(-1)  # (2, w, d)
+            lo, hi, rows = ctx.row_range
+            for t in (0, 1):
+                if on_table[t]:
+                    g_tables[t] = F.pad(g_tab[t].t(), (lo, rows - hi)).to(dtype)
             # x_no^T (T_o diag(2b_h)) = 2b_h T_o x_no (T_o symmetric), batched over (h, o)
             tp, bp = tgram, b_hc
             cp = row_sum[None] * a_hc[:, None, :]  # (h, L, 2d)
