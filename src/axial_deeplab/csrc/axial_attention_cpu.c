@@ -8,7 +8,9 @@
 
    Built by axial_deeplab/layers/cpu_kernel.py: compiled on first use with the system C
    compiler (-O3 -fno-math-errno -fno-trapping-math -shared -fPIC, with -march=native when the
-   compiler takes it) into a cached shared library, called through ctypes. C with GCC / Clang
+   compiler takes it, and first with -fopenmp, linked against the OpenMP runtime torch has loaded:
+   see the *_shares entry points at the end) into a cached shared library, called through ctypes.
+   C with GCC / Clang
    vector extensions (8-float vectors); AVX and AVX-512 paths are chosen by the predefined
    macros of the target. -DAXIAL_PROFILE adds cycle counters per phase (x86).
 
@@ -27,6 +29,7 @@
      int     axial_attention_backward_f32(const AxialBackArgs*, int64_t nh0, int64_t nh1, float* scratch,
                                           float* g_rqe, float* g_rke, float* g_rvT, float* g_scale)
      int     axial_moments_f32(...), axial_moments_backward_f32(...)   (signatures at their definitions)
+     int     axial_openmp(void), axial_*_shares(...): the same split into shares on OpenMP threads
    Each call handles a share of the rows (or sequence-heads) with its own scratch, so the
    caller runs shares on several threads; a nonzero return means the operands were refused
    and the caller falls back to its PyTorch implementation. */
@@ -1364,4 +1367,75 @@ int axial_moments_backward_f32(const float* y, int64_t L, int64_t heads, int64_t
         default: moments_back_loop(y, L, heads, hs, ys, ws, cs, tp, bp, cp, r0, r1, g, dk);
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------- shares on torch's threads
+   The entry points above take one share of the work; the *_shares ones below split the work into
+   `workers` shares themselves and, when built with -fopenmp (linked against the OpenMP runtime
+   torch has loaded, so there is one pool of threads), run them on that runtime's team: the threads
+   torch's own operators use, instead of a second pool fighting them for the cores while torch's
+   workers spin-wait between operators. Share i covers [total*i/workers, total*(i+1)/workers) and
+   uses its own scratch (scratch + i*scratch_stride) and accumulators; a nonzero return means some
+   share refused its operands. Without OpenMP the shares run one after the other (the caller then
+   uses its own threads and the single-share entry points instead). */
+#ifdef _OPENMP
+#include <omp.h>
+#define SHARES_PRAGMA _Pragma("omp parallel for num_threads(workers) schedule(static, 1) reduction(|:bad) if(workers > 1)")
+#else
+#define SHARES_PRAGMA
+#endif
+
+int axial_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int axial_attention_rows_shares(const AxialArgs* a, int64_t total, int64_t workers, float* scratch,
+                                int64_t scratch_stride) {
+    int bad = 0;
+    SHARES_PRAGMA
+    for (int64_t i = 0; i < workers; i++)
+        bad |= axial_attention_rows_f32(a, total * i / workers, total * (i + 1) / workers, scratch + i * scratch_stride);
+    return bad;
+}
+
+/* g_rqe, g_rke: (workers, dk, Jp), g_rvT: (workers, dv, Jp), g_scale: (workers, 3, heads), one
+   block per share, summed by the caller. */
+int axial_attention_backward_shares(const AxialBackArgs* a, int64_t total, int64_t workers, float* scratch,
+                                    int64_t scratch_stride, float* g_rqe, float* g_rke, float* g_rvT,
+                                    float* g_scale) {
+    const int64_t tk = a->dk * a->Jp, tv = a->dv * a->Jp, ts = 3 * a->heads;
+    int bad = 0;
+    SHARES_PRAGMA
+    for (int64_t i = 0; i < workers; i++)
+        bad |= axial_attention_backward_f32(a, total * i / workers, total * (i + 1) / workers,
+                                            scratch + i * scratch_stride, g_rqe + i * tk, g_rke + i * tk,
+                                            g_rvT + i * tv, g_scale + i * ts);
+    return bad;
+}
+
+/* total: nseq (by sequence) or L (by position); shares write disjoint blocks of gram and xsum. */
+int axial_moments_shares(const float* y, int64_t nseq, int64_t L, int64_t heads, int64_t hs, int64_t ys, int64_t dk,
+                         int64_t by_position, int64_t total, int64_t workers, double* gram, double* xsum) {
+    int bad = 0;
+    SHARES_PRAGMA
+    for (int64_t i = 0; i < workers; i++)
+        bad |= axial_moments_f32(y, nseq, L, heads, hs, ys, dk, by_position, total * i / workers,
+                                 total * (i + 1) / workers, gram, xsum);
+    return bad;
+}
+
+/* total: nseq * L rows; shares write disjoint rows of g. */
+int axial_moments_backward_shares(const float* y, int64_t L, int64_t heads, int64_t hs, int64_t ys, int64_t dk,
+                                  const float* ws, const float* cs, const float* tp, const float* bp,
+                                  const float* cp, int64_t total, int64_t workers, float* g) {
+    int bad = 0;
+    SHARES_PRAGMA
+    for (int64_t i = 0; i < workers; i++)
+        bad |= axial_moments_backward_f32(y, L, heads, hs, ys, dk, ws, cs, tp, bp, cp, total * i / workers,
+                                          total * (i + 1) / workers, g);
+    return bad;
 }

@@ -20,8 +20,12 @@ The C source, ``axial_deeplab/csrc/axial_attention_cpu.c`` (package data), is co
 first use with the system C compiler (``$CC``, a command line such as ``"ccache gcc"``, else
 ``cc``/``gcc``/``clang``) into a cache directory (``$AXIAL_DEEPLAB_CACHE``, else
 ``$XDG_CACHE_HOME/axial_deeplab`` or ``~/.cache/axial_deeplab``), keyed by a hash of the
-source, the compiler command, its flags and the CPU, and loaded with ctypes, whose calls
-release the GIL, so a thread per torch thread runs a share of the rows. Without a compiler,
+source, the compiler command, its flags and the CPU, and loaded with ctypes. Where torch runs
+on OpenMP (Linux: its runtime, e.g. ``torch/lib/libgomp.so.1``, found in /proc/self/maps) the
+kernel is built with ``-fopenmp`` and linked against that same runtime, and splits its rows into
+one share per torch thread on torch's own OpenMP team: one pool of threads, not a second pool
+fighting torch's spin-waiting workers for the cores. If that build fails, a warning says why and
+the shares run on a Python thread pool (ctypes releases the GIL). Without a compiler,
 or with ``AXIAL_DEEPLAB_NO_C_KERNEL=1``, the fast path uses its PyTorch implementation
 instead (same results within float32 rounding); a build that fails warns once with the
 compiler's message and falls back the same way.
@@ -33,6 +37,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -137,7 +142,9 @@ class _BackArgs(ctypes.Structure):
 
 
 _lock = threading.Lock()
-_state = {"lib": None, "tried": False, "pools": {}}
+_state = {"lib": None, "tried": False, "pools": {}, "openmp": False}
+# Linux lists a process's libraries in /proc/self/maps; elsewhere the OpenMP build is not tried.
+_PROC_MAPS = os.path.exists("/proc/self/maps")
 
 
 def _cache_dir() -> str:
@@ -181,9 +188,14 @@ def _first_lines(text: str, lines: int = 20) -> str:
     return "\n".join(kept[:lines] + ([f"... ({more} more lines)"] if more > 0 else []))
 
 
-def _build(compiler: List[str], flags: List[str], source: bytes, target: str) -> Optional[str]:
+def _build(
+    compiler: List[str], flags: List[str], source: bytes, target: str, link: Optional[str] = None
+) -> Optional[str]:
     """Compile ``source`` into ``target`` (replaced atomically, so concurrent processes see a
-    whole file); None on success, else what went wrong with the compiler's message."""
+    whole file); None on success, else what went wrong with the compiler's message. With
+    ``link`` (a shared library's path) the object is compiled first and then linked against that
+    file alone: ``-fopenmp`` at the link would add the compiler's own OpenMP runtime, a second one
+    beside the one torch has loaded."""
     try:
         work = tempfile.mkdtemp(prefix="build_", dir=os.path.dirname(target))
     except OSError as e:
@@ -194,20 +206,43 @@ def _build(compiler: List[str], flags: List[str], source: bytes, target: str) ->
         out = os.path.join(work, "axial_attention_cpu.so")
         with open(src, "wb") as f:
             f.write(source)
-        cmd = [*compiler, *flags, src, "-o", out]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"`{shlex.join(cmd)}` failed: {e}"
-        if proc.returncode != 0:
-            message = (proc.stderr or proc.stdout).decode(errors="replace")
-            return f"`{shlex.join(cmd)}` exited with status {proc.returncode}:\n{_first_lines(message)}"
+        if link is None:
+            commands = [[*compiler, *flags, src, "-o", out]]
+        else:
+            obj = os.path.join(work, "axial_attention_cpu.o")
+            rpath = "-Wl,-rpath," + os.path.dirname(link)
+            commands = [[*compiler, *flags, "-c", src, "-o", obj], [*compiler, "-shared", obj, link, rpath, "-o", out]]
+        for cmd in commands:
+            try:
+                proc = subprocess.run(cmd, capture_output=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as e:
+                return f"`{shlex.join(cmd)}` failed: {e}"
+            if proc.returncode != 0:
+                message = (proc.stderr or proc.stdout).decode(errors="replace")
+                return f"`{shlex.join(cmd)}` exited with status {proc.returncode}:\n{_first_lines(message)}"
         os.replace(out, target)
         return None
     except OSError as e:
         return f"building {target}: {e}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _openmp_runtime():
+    """``(path, "")`` of the OpenMP runtime that torch's parallel backend has loaded into this
+    process (libgomp, libomp or libiomp5, as listed in /proc/self/maps), or ``(None, why not)``."""
+    if not torch.backends.openmp.is_available():
+        return None, "torch was built without OpenMP"
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError as e:
+        return None, f"cannot list the loaded libraries ({e})"
+    for line in maps.splitlines():
+        path = line.split(None, 5)[-1] if line.count(" ") >= 5 else ""
+        if re.match(r"lib(gomp|omp|iomp5)([-.].*)?\.so(\..*)?$", os.path.basename(path)) and os.path.isfile(path):
+            return path, ""
+    return None, "no OpenMP runtime (libgomp, libomp, libiomp5) is loaded in this process"
 
 
 def _warn_unbuilt(reason: str) -> None:
@@ -232,20 +267,29 @@ def _compile() -> Optional[ctypes.CDLL]:
         _warn_unbuilt(f"cannot read its C source ({e}); was the package installed with its data files?")
         return None
     common = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+    native = common + ["-march=native"]
+    # first with OpenMP, linked against torch's runtime: the shares then run on torch's own threads
+    runtime, openmp_error = _openmp_runtime() if _PROC_MAPS else (None, None)
+    attempts = [(native + ["-fopenmp"], runtime)] if runtime else []
+    attempts += [(native, None), (common, None)]  # the last for compilers without -march=native
     error = None
-    for flags in (common + ["-march=native"], common):  # the second for compilers without -march=native
+    for flags, link in attempts:
         key = hashlib.sha256(
-            b"\0".join([source, *(s.encode() for s in [*compiler, *flags, platform.machine(), _cpu_model()])])
+            b"\0".join(
+                [source, *(s.encode() for s in [*compiler, *flags, link or "", platform.machine(), _cpu_model()])]
+            )
         ).hexdigest()[:16]
         target = os.path.join(_cache_dir(), f"axial_attention_{key}.so")
         if not os.path.exists(target):
-            error = _build(compiler, flags, source, target)
+            error = _build(compiler, flags, source, target, link)
             if error is not None:
+                openmp_error = error if link else openmp_error
                 continue
         try:
             lib = ctypes.CDLL(target)
         except OSError as e:
             error = f"cannot load {target}: {e}"
+            openmp_error = error if link else openmp_error
             continue
         fn = lib.axial_attention_rows_f32
         fn.argtypes = [ctypes.POINTER(_Args), _I64, _I64, _PTR]
@@ -265,9 +309,31 @@ def _compile() -> Optional[ctypes.CDLL]:
         fn = lib.axial_moments_backward_f32
         fn.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 5 + [_I64, _I64, _PTR]
         fn.restype = ctypes.c_int
+        _declare_shares(lib)
+        _state["openmp"] = bool(lib.axial_openmp())
+        if openmp_error and not _state["openmp"]:
+            warnings.warn(
+                "axial attention C kernel built without OpenMP: its threads run beside torch's instead of on "
+                f"them, which scales worse with torch.get_num_threads(): {openmp_error}",
+                stacklevel=3,
+            )
         return lib
     _warn_unbuilt(error)
     return None
+
+
+def _declare_shares(lib: ctypes.CDLL) -> None:
+    """Signatures of the entry points that split the work into shares themselves."""
+    lib.axial_openmp.argtypes = []
+    lib.axial_openmp.restype = ctypes.c_int
+    lib.axial_attention_rows_shares.argtypes = [ctypes.POINTER(_Args), _I64, _I64, _PTR, _I64]
+    lib.axial_attention_backward_shares.argtypes = [ctypes.POINTER(_BackArgs), _I64, _I64, _PTR, _I64] + [_PTR] * 4
+    lib.axial_moments_shares.argtypes = [_PTR] + [_I64] * 9 + [_PTR, _PTR]
+    lib.axial_moments_backward_shares.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 5 + [_I64, _I64, _PTR]
+    for name in ("rows", "backward", "moments", "moments_backward"):
+        getattr(
+            lib, f"axial_{'attention_' if name in ('rows', 'backward') else ''}{name}_shares"
+        ).restype = ctypes.c_int
 
 
 def _library() -> Optional[ctypes.CDLL]:
@@ -317,19 +383,37 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
+def _workers(total: int, min_share: int) -> int:
+    """Shares of [0, total): one per torch thread, at least ``min_share`` items each."""
+    return max(1, min(torch.get_num_threads(), total // max(1, min_share)))
+
+
 def _split(lib_fn, total: int, min_share: int) -> bool:
-    """``lib_fn(i0, i1)`` over [0, total) in one share per torch thread (at least ``min_share``
-    items each); ctypes releases the GIL, so the shares run in parallel. True when all ran."""
+    """``lib_fn(i0, i1)`` over [0, total) in :func:`_workers` shares on Python threads (ctypes
+    releases the GIL, so they run in parallel): the path of a kernel built without OpenMP.
+    True when all ran."""
     if total == 0:
         return True
-    workers = max(1, min(torch.get_num_threads(), total // max(1, min_share)))
+    workers = _workers(total, min_share)
     return not any(_run_shares(lambda i: lib_fn(total * i // workers, total * (i + 1) // workers), workers))
 
 
+def _scratch_stride(floats: int) -> int:
+    """Floats between the scratch areas of two shares: a whole number of 64-byte lines."""
+    return -(-floats // 16) * 16
+
+
 def _run_rows(lib, args: _Args, rows: int) -> bool:
-    """The forward kernel over the rows, split as :func:`_split` does (shares of at least 64 rows)."""
-    fn = lib.axial_attention_rows_f32
+    """The forward kernel over the rows, in :func:`_workers` shares of at least 64 rows: on torch's
+    OpenMP threads when the kernel was built with OpenMP, else as :func:`_split` does."""
     scratch_size = lib.axial_attention_scratch_floats(ctypes.byref(args))
+    if rows == 0:
+        return True
+    if _state.get("openmp"):
+        workers, stride = _workers(rows, 64), _scratch_stride(scratch_size)
+        scratch = torch.empty(workers * stride)
+        return not lib.axial_attention_rows_shares(ctypes.byref(args), rows, workers, scratch.data_ptr(), stride)
+    fn = lib.axial_attention_rows_f32
 
     def share(r0, r1):
         scratch = torch.empty(scratch_size)
@@ -701,34 +785,34 @@ def backward_strided(
         _ptr(sv),
         _ptr(sve if layer.use_value_rpe else None),
     )
-    workers = max(1, min(torch.get_num_threads(), nh))
-    fn = lib.axial_attention_backward_f32
+    workers = _workers(nh, 1)
     scratch_size = lib.axial_attention_backward_scratch_floats(ctypes.byref(args))
-    buffers = [
-        (torch.zeros(dk, jp), torch.zeros(dk, jp), torch.zeros(dv, jp), torch.zeros(3, heads)) for _ in range(workers)
-    ]
+    # one block of table and scale gradients per share, summed below
+    sums = (torch.zeros(workers, dk, jp), torch.zeros(workers, dk, jp), torch.zeros(workers, dv, jp))
+    sums += (torch.zeros(workers, 3, heads),)
+    if _state.get("openmp"):
+        stride = _scratch_stride(scratch_size)
+        scratch = torch.empty(workers * stride)
+        ptrs = [t.data_ptr() for t in sums]
+        if lib.axial_attention_backward_shares(ctypes.byref(args), nh, workers, scratch.data_ptr(), stride, *ptrs):
+            return None
+    else:
+        fn = lib.axial_attention_backward_f32
 
-    def share(i):
-        g_rq, g_rk, g_rv, g_s = buffers[i]
-        scratch = torch.empty(scratch_size)
-        return fn(
-            ctypes.byref(args),
-            nh * i // workers,
-            nh * (i + 1) // workers,
-            scratch.data_ptr(),
-            g_rq.data_ptr(),
-            g_rk.data_ptr(),
-            g_rv.data_ptr(),
-            g_s.data_ptr(),
-        )
+        def share(i):
+            scratch = torch.empty(scratch_size)
+            return fn(
+                ctypes.byref(args),
+                nh * i // workers,
+                nh * (i + 1) // workers,
+                scratch.data_ptr(),
+                *(t[i].data_ptr() for t in sums),
+            )
 
-    status = _run_shares(share, workers)
-    if any(status):
-        return None
-    g_rqe = sum(b[0] for b in buffers)[:, : 2 * length - 1]
-    g_rke = sum(b[1] for b in buffers)[:, : 2 * length - 1]
-    g_rvT = sum(b[2] for b in buffers)[:, : 2 * length - 1]
-    g_scales = sum(b[3] for b in buffers)
+        if any(_run_shares(share, workers)):
+            return None
+    g_rqe, g_rke, g_rvT, g_scales = (t.sum(0) for t in sums)
+    g_rqe, g_rke, g_rvT = (t[:, : 2 * length - 1] for t in (g_rqe, g_rke, g_rvT))
     rows = layer.table_rows
     g_rq = torch.zeros(dk, rows).index_add_(1, offsets, g_rqe) if layer.use_query_rpe else None
     g_rk = torch.zeros(dk, rows).index_add_(1, offsets, g_rke) if layer.use_key_rpe else None
@@ -777,7 +861,24 @@ def row_moments(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, by
             )
 
         # each index i is `inner` rows of `heads` blocks: shares of at least ~4096 row-heads
-        if not _split(run, length if mode else nseq, -(-4096 // (inner * heads))):
+        total, min_share = (length if mode else nseq), -(-4096 // (inner * heads))
+        if _state.get("openmp"):
+            if total and lib.axial_moments_shares(
+                y.data_ptr(),
+                nseq,
+                length,
+                heads,
+                hs,
+                ys,
+                dk,
+                mode,
+                total,
+                _workers(total, min_share),
+                gram.data_ptr(),
+                xsum.data_ptr(),
+            ):
+                return None
+        elif not _split(run, total, min_share):
             return None
         out.append((gram, xsum))
     return tuple(out)
@@ -802,4 +903,11 @@ def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk
             y.data_ptr(), length, heads, hs, ys, dk, *(_ptr(t) for t in (ws, cs, tp, bp, cp)), r0, r1, g.data_ptr()
         )
 
-    return g if _split(run, nseq * length, 256) else None
+    total = nseq * length
+    if _state.get("openmp"):
+        pointers = (_ptr(t) for t in (ws, cs, tp, bp, cp))
+        bad = total and lib.axial_moments_backward_shares(
+            y.data_ptr(), length, heads, hs, ys, dk, *pointers, total, _workers(total, 256), g.data_ptr()
+        )
+        return None if bad else g
+    return g if _split(run, total, 256) else None
