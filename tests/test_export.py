@@ -286,6 +286,12 @@ def test_torch_jit_script_refuses_with_a_clear_error():
         (9, 30, "height", 2, "avgpool2d", (0, 1, 1, 0)),  # no k . r^k: the additive mask
         (11, 17, "width", 1, "subsample", (0, 0, 1, 1)),  # k . r^k alone
         (13, 40, "height", 2, "subsample", (1, 1, 0, 1)),
+        # a subsampling stride computes the kept queries only: k . r^k in the windows, or read
+        # along the diagonals of the (j, key) product every s-th key
+        (9, 30, "width", 2, "subsample", (1, 1, 1, 1)),
+        (7, 25, "height", 3, "subsample", (0, 1, 1, 1)),
+        (3, 11, "width", 3, "subsample", (1, 1, 1, 1)),
+        (1, 9, "height", 2, "subsample", (0, 1, 1, 1)),
     ],
 )
 def test_banded_local_span_in_eval_equals_reference(span, length, axis, stride, mode, terms):
@@ -303,10 +309,12 @@ def test_banded_local_span_in_eval_equals_reference(span, length, axis, stride, 
     assert rel_diff(y, y_ref) < 1e-5
 
 
-def _local_twins(span, axis="width"):
+def _local_twins(span, axis="width", stride=1):
     """(reference, banded) copies of one local-span layer in eval, BN statistics not the identity."""
     torch.manual_seed(0)
-    ref = _randomise_bn(PositionSensitiveAxialAttention(8, 8, axis=axis, num_heads=2, span=span, impl="reference"))
+    ref = _randomise_bn(
+        PositionSensitiveAxialAttention(8, 8, axis=axis, num_heads=2, span=span, stride=stride, impl="reference")
+    )
     banded = copy.deepcopy(ref).eval()
     banded.impl = "banded"
     return ref.eval(), banded
@@ -329,12 +337,19 @@ def test_banded_dynamic_export_at_exact_block_multiples(example_width):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
-def test_onnx_dynamic_local_span_at_exact_block_multiples(tmp_path):
-    """The same layer through the ONNX exporter, exported at a width the blocks fill exactly: the
-    file runs in onnxruntime at widths that fill them and that do not."""
+@pytest.mark.parametrize(
+    "stride, sizes",
+    [(1, [(6, 40), (5, 45), (7, 13), (3, 4)]), (2, [(6, 40), (5, 39), (7, 20), (3, 9), (4, 3), (2, 2)])],
+    ids=["stride1", "stride2"],
+)
+def test_onnx_dynamic_local_span_equals_reference(tmp_path, stride, sizes):
+    """A local-span layer through the ONNX exporter, exported with dynamic H and W at a width the
+    blocks fill exactly: the file runs in onnxruntime at widths that fill them and that do not.
+    With a subsampling stride 2 it computes only the queries it keeps, in blocks whose windows step
+    2 keys per query (b = 5 here): right at widths even and odd, and shorter than one block."""
     import onnxruntime as ort
 
-    ref, banded = _local_twins(span=9)
+    ref, banded = _local_twins(span=9, stride=stride)
     h, w = torch.export.Dim("h", min=2, max=64), torch.export.Dim("w", min=2, max=128)
     path = str(tmp_path / "layer.onnx")
     with torch.no_grad():
@@ -343,8 +358,10 @@ def test_onnx_dynamic_local_span_at_exact_block_multiples(tmp_path):
         )
     program.save(path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    for height, width in [(6, 40), (5, 45), (7, 13), (3, 4)]:
+    for height, width in sizes:
         x = torch.randn(1, 8, height, width) * 3
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
-            assert rel_diff(got, ref(x)) < 1e-4
+            want = ref(x)
+        assert got.shape == tuple(want.shape)
+        assert rel_diff(got, want) < 1e-4

@@ -6,7 +6,8 @@ on purpose: it is the oracle every faster path is tested against.
 :func:`axial_attention_banded` is the same math for local spans in O(L x span) memory, built
 from standard tensor ops only: the path ``axial-deeplab export`` decomposes the layer into. In
 inference it takes the form that exported graph runs fastest: query blocks for long or symbolic
-axes, plain (queries x L) tensors on a static axis with at most ``span`` queries.
+axes (a subsampling stride computes only the queries it keeps), plain (queries x L) tensors on a
+static axis where those are no larger than span x span.
 
 Neither path looks at tensor values in Python: masks and branches come from sizes and the
 layer's settings, so both trace (torch.export, ONNX, torch.jit.trace) with symbolic H and W.
@@ -186,11 +187,12 @@ def axial_attention_banded(layer: PositionSensitiveAxialAttention, x: torch.Tens
         length = x.shape[2] if layer.axis == "height" else x.shape[3]
         r = layer.max_relative_distance
         # a static length (a plain int; never a SymInt, so a dynamic export is not specialised)
-        # with at most m queries (a subsampling stride computes every s-th) takes the queries x L
-        # form, within L x m: exact when every key is in every query's span, else with an additive
-        # mask; ONNX Runtime runs it faster than the query blocks (their padding, windows and
-        # skews) there, and slower from about 2m queries on
-        if type(length) is int and num_queries(length, layer_query_step(layer)) <= 2 * r + 1:
+        # whose (queries x L) logits are no larger than m x m (a subsampling stride computes every
+        # s-th query) takes that form: exact when every key is in every query's span, else with an
+        # additive mask; ONNX Runtime runs it faster than the query blocks (their padding, windows
+        # and skews) there, and slower beyond (a stride-2 layer with m queries: blocks)
+        m = 2 * r + 1
+        if type(length) is int and num_queries(length, layer_query_step(layer)) * length <= m * m:
             return _global_eval(layer, x, radius=None if length - 1 <= r else r)
         return _banded_eval(layer, x)
     B, _, H, W = x.shape
@@ -323,83 +325,114 @@ def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(t, dim, index)
 
 
-def _skew_rows(x: torch.Tensor, width: int) -> torch.Tensor:
-    """(.., R, C) -> (.., R, width) with out[i, u] = x[i, u - i] (zero where u - i is outside
-    [0, C)); needs width + 1 >= C + R. Pad, reshape and slice by constant sizes: no guard, and
-    ONNX Runtime copies whole rows (a gather of single elements is many times slower)."""
+def _skew_rows(x: torch.Tensor, width: int, step: int = 1) -> torch.Tensor:
+    """(.., R, C) -> (.., R, width) with out[i, u] = x[i, u - step * i] (zero where u - step * i is
+    outside [0, C)); needs width + step >= C + step * (R - 1). Pad, reshape and slice by constant
+    sizes: no guard, and ONNX Runtime copies whole rows (a gather of single elements is many times
+    slower)."""
     rows, cols = x.shape[-2], x.shape[-1]
     lead = x.shape[:-2]
-    x = F.pad(x, (0, width + 1 - cols)).reshape(*lead, rows * (width + 1))
+    x = F.pad(x, (0, width + step - cols)).reshape(*lead, rows * (width + step))
     return x[..., : rows * width].reshape(*lead, rows, width)
 
 
-def _unskew_rows(x: torch.Tensor, width) -> torch.Tensor:
-    """(.., R, C) -> (.., R, width) with out[i, j] = x[i, i + j] (the inverse of
-    :func:`_skew_rows`); needs i + j < C for every entry kept."""
+def _unskew_rows(x: torch.Tensor, width, step: int = 1) -> torch.Tensor:
+    """(.., R, C) -> (.., R, width) with out[i, j] = x[i, step * i + j] (the inverse of
+    :func:`_skew_rows`); needs step * i + j < C for every entry kept."""
     rows, cols = x.shape[-2], x.shape[-1]
     lead = x.shape[:-2]
-    x = F.pad(x.reshape(*lead, rows * cols), (0, rows))
-    return x.reshape(*lead, rows, cols + 1)[..., :width]
+    x = F.pad(x.reshape(*lead, rows * cols), (0, step * rows))
+    return x.reshape(*lead, rows, cols + step)[..., :width]
 
 
-def _windows(t: torch.Tensor, blocks, b: int, w: int, r: int) -> torch.Tensor:
-    """(n, h, c, L) -> (n * h * blocks, w, c): block k's window of keys, positions k * b - r + t of
-    the axis (zeros beyond it), in one gather of whole rows. The padding is a constant (3r+1 covers
-    the last window whatever L mod b is); the flat index is built without broadcasting a
-    (blocks, 1) column: traced where blocks is 1, a broadcast would fix the exported graph to one
-    block (a guard on a size that is 1), and other sizes would fail. Three dimensions, contiguous:
-    the matmuls then fold no batch dimensions of strided views (which guards on sizes)."""
-    t = F.pad(t, (r, w)).transpose(-1, -2)
+def _diagonals(x: torch.Tensor, width, step: int = 1) -> torch.Tensor:
+    """(.., R, C) -> (.., R, width) with out[j, o] = x[j, j + step * o]: row j read from column j on,
+    every step-th column; needs j + step * o < C for every entry kept."""
+    rows, cols = x.shape[-2], x.shape[-1]
+    lead = x.shape[:-2]
+    x = F.pad(x.reshape(*lead, rows * cols), (0, rows)).reshape(*lead, rows, cols + 1)
+    return x[..., :width] if step == 1 else x[..., : step * width : step]
+
+
+def _windows(t: torch.Tensor, blocks, b: int, w: int, r: int, step: int = 1) -> torch.Tensor:
+    """(n, h, c, L) -> (n * h * blocks, w, c): block k's window of keys, positions
+    k * step * b - r + t of the axis (zeros beyond it), in one gather of whole rows. The padding is
+    a constant (w + (step - 1) b covers the last window whatever L mod (step b) is); the flat index
+    is built without broadcasting a (blocks, 1) column: traced where blocks is 1, a broadcast
+    would fix the exported graph to one block (a guard on a size that is 1), and other sizes would
+    fail. Three dimensions, contiguous: the matmuls then fold no batch dimensions of strided views
+    (which guards on sizes)."""
+    t = F.pad(t, (r, w + (step - 1) * b)).transpose(-1, -2)
     flat = torch.arange(blocks * w, device=t.device)
-    index = torch.div(flat, w, rounding_mode="floor") * b + torch.remainder(flat, w)
+    index = torch.div(flat, w, rounding_mode="floor") * (step * b) + torch.remainder(flat, w)
     return torch.index_select(t, 2, index).reshape(*t.shape[:2], blocks, w, t.shape[-1]).flatten(0, 2)
 
 
 def _banded_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
-    """:func:`axial_attention_banded` in inference, in few passes over the (.., L, span) tensors
-    (what an exported graph pays for). Logits live in query-relative form (o, j), key
-    p = o - r + j, so q . r^q and a . r^v are plain matmuls with the tables; q . k and a . v go
-    through query blocks of b = r + 1 (block k's queries against its window of w = 3r + 1 keys),
-    turned into and out of the (o, j) form by skews (pad, reshape, slice by constant sizes), and
-    k . r^k is a (j, key) product skewed into (o, j). The queries are padded to whole blocks by a
-    gather (the last query repeated), the keys of k . r^k likewise (the edge keys repeated, then
-    pushed to exp() = 0 by an extra channel), and the output rows beyond L dropped by another
-    gather: no size is compared with another, so a dynamic export stays valid at every length
-    (an axis the blocks fill exactly included). The similarity BN's scales go into q and k and its
-    shifts are dropped (constant along each softmax row); the output BN and the sum of the two
-    retrievals are one affine combination; gradients and BN statistics:
-    :func:`axial_attention_banded`."""
+    """:func:`axial_attention_banded` in inference, in few passes over the (.., queries, span)
+    tensors (what an exported graph pays for). Logits live in query-relative form (o, j), key
+    p = s o - r + j for the query at s o (s: the layer's query step, :func:`layer_query_step`; a
+    subsampling stride computes only the queries it keeps), so q . r^q and a . r^v are plain
+    matmuls with the tables; q . k and a . v go through blocks of b queries (block k's queries
+    against its window of w = s (b - 1) + 2r + 1 keys), turned into and out of the (o, j) form by
+    skews (pad, reshape, slice by constant sizes), and k . r^k is a (j, key) product read along
+    its diagonals into (o, j). The queries are padded to whole blocks by a gather (the last query
+    repeated), the keys of k . r^k likewise (the edge keys repeated, then pushed to exp() = 0 by an
+    extra channel), and the output rows beyond the queries dropped by another gather: no size is
+    compared with another, so a dynamic export stays valid at every length (an axis the blocks
+    fill exactly included). The similarity BN's scales go into q and k and its shifts are dropped
+    (constant along each softmax row); the output BN and the sum of the two retrievals are one
+    affine combination; gradients and BN statistics: :func:`axial_attention_banded`."""
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     r = layer.max_relative_distance
-    m, b, w = 2 * r + 1, r + 1, 3 * r + 1
+    s = layer_query_step(layer)
+    m = 2 * r + 1
+    b = r + 1 if s == 1 else (r + s) // s  # (r + s) // s: the fastest in ONNX Runtime at s = 2
+    w = s * (b - 1) + m
     dev = x.device
 
     qkv = to_sequences(layer.bn_qkv(layer.qkv(x)), layer.axis)
     N = qkv.shape[0]
     q, k, v = qkv.reshape(N, heads, 2 * dk + dv, L).split([dk, dk, dv], dim=2)  # (n, h, d, L)
     sim = bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
-    blocks = _query_blocks(L, b)
+    lq = L if s == 1 else (L + s - 1) // s  # the queries computed, at positions 0, s, 2s, ..
+    blocks = _query_blocks(lq, b)
     padded = blocks * b
-    o = torch.arange(padded, device=dev)  # query rows; those from L on repeat the last query
-    q = _take(q.transpose(-1, -2), 2, o.clamp(max=L - 1))  # (n, h, padded, c), contiguous
+    o = torch.arange(padded, device=dev).clamp(max=lq - 1) * s  # query rows; those past lq repeat the last
+    q = _take(q.transpose(-1, -2), 2, o)  # (n, h, padded, c), contiguous
 
+    # k . r^k in the blocks' windows when they are narrow enough (a strided layer: its diagonal
+    # reading of the (j, key) product below would cover every key, s times the queries)
+    windowed_kr = s > 1 and layer.use_qk and layer.use_key_rpe
     terms = []
-    if layer.use_qk:  # block k's queries against its window, then (i, t) -> (i, j = t - i)
+    if layer.use_qk:  # block k's queries against its window, then (i, t) -> (i, j = t - s i)
         qb = (q * sim[0]).reshape(N, heads, blocks, b, dk).flatten(0, 2)
-        qk = torch.matmul(qb, _windows(k, blocks, b, w, r).transpose(-1, -2))  # (n h k, i, t)
-        terms.append(_unskew_rows(qk, m).reshape(N, heads, blocks, b, m).flatten(2, 3))
+        kw = _windows(k, blocks, b, w, r, s)  # (n h k, t, c)
+        if windowed_kr:  # keys beyond the axis: a channel of ones in q, _far() in theirs
+            flat = torch.arange(blocks * w, device=dev)
+            pos = torch.div(flat, w, rounding_mode="floor") * (s * b) + torch.remainder(flat, w) - r
+            far = torch.zeros(blocks * w, device=dev, dtype=k.dtype).masked_fill((pos < 0) | (pos >= L), _far(k.dtype))
+            far = far.reshape(1, blocks, w, 1).expand(N * heads, blocks, w, 1).reshape(kw.shape[0], w, 1)
+            qb, kw = torch.cat([qb, torch.ones_like(qb[..., :1])], dim=-1), torch.cat([kw, far], dim=-1)
+        qk = torch.matmul(qb, kw.transpose(-1, -2))  # (n h k, i, t)
+        if windowed_kr:  # k_t . r^k_{t - s i}: per window key t, (c) x (c, i)
+            rows = (torch.arange(w, device=dev)[:, None] - s * torch.arange(b, device=dev)[None, :]).clamp(0, 2 * r)
+            kt = _windows(k * sim[2], blocks, b, w, r, s).transpose(0, 1)  # (t, n h k, c)
+            qk = qk + torch.matmul(kt, layer.key_table[:, rows].permute(1, 0, 2)).permute(1, 2, 0)
+        terms.append(_unskew_rows(qk, m, s).reshape(N, heads, blocks, b, m).flatten(2, 3))
     if layer.use_query_rpe:  # q_o . r^q_j
         terms.append(torch.matmul(q * sim[1], layer.query_table))
-    if layer.use_key_rpe:  # k_p . r^k_j for keys p = -r .. padded + r - 1, then (j, p) -> (o, j);
-        # keys beyond the axis (edge keys repeated) carry a channel that adds _far() to their logits
-        p = torch.arange(padded + 2 * r, device=dev) - r
-        far = ((p < 0) | (p >= L)).to(k.dtype)[:, None].expand(N, heads, padded + 2 * r, 1)
+    if layer.use_key_rpe and not windowed_kr:  # k_p . r^k_j for keys p = -r .. s padded + r - s,
+        # then (j, p) -> (o, j); keys beyond the axis (edge keys repeated) carry a channel that adds
+        # _far() to their logits
+        p = torch.arange(s * padded + m - s, device=dev) - r
+        far = ((p < 0) | (p >= L)).to(k.dtype)[:, None].expand(N, heads, p.shape[0], 1)
         kp = torch.cat([_take((k * sim[2]).transpose(-1, -2), 2, p.clamp(0, L - 1)), far], dim=3)  # (n, h, p, c+1)
         table = torch.cat([layer.key_table, torch.full_like(layer.key_table[:1], _far(k.dtype))])
         kr = torch.matmul(table.t(), kp.transpose(-1, -2))  # (n, h, j, p)
-        terms.append(_unskew_rows(kr, padded).transpose(-1, -2))  # [o, j] = kr[j, o + j]
+        terms.append(_diagonals(kr, padded, s).transpose(-1, -2))  # [o, j] = kr[j, j + s o]
     logits = sum(terms[1:], terms[0])
     if not layer.use_key_rpe:  # keys beyond the axis: an additive -inf from sizes
         p = o[:, None] - r + torch.arange(m, device=dev)[None, :]
@@ -408,8 +441,8 @@ def _banded_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> tor
         )
     attn = torch.softmax(logits, dim=-1)  # over the span's keys
 
-    ab = _skew_rows(attn.reshape(N, heads, blocks, b, m).flatten(0, 2), w)  # (n h k, i, t)
-    out = torch.matmul(ab, _windows(v, blocks, b, w, r)).reshape(N, heads, blocks, b, dv).flatten(2, 3)
+    ab = _skew_rows(attn.reshape(N, heads, blocks, b, m).flatten(0, 2), w, s)  # (n h k, i, t)
+    out = torch.matmul(ab, _windows(v, blocks, b, w, r, s)).reshape(N, heads, blocks, b, dv).flatten(2, 3)
     scale, shift = bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
     scale, shift = scale.reshape(heads, 1, dv, 2), shift.reshape(heads, 1, dv, 2)
     if layer.use_value_rpe:  # sum a * r^v_j
@@ -417,6 +450,9 @@ def _banded_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> tor
         out = out * scale[..., 0] + sve * scale[..., 1] + (shift[..., 0] + shift[..., 1])
     else:
         out = out * scale[..., 0] + shift[..., 0]
-    out = _take(out, 2, torch.arange(L, device=dev))  # the real queries
-    y = from_sequences(out.transpose(-1, -2).reshape(N, heads * dv, L), layer.axis, B, H, W)
-    return apply_stride(y, layer)
+    out = _take(out, 2, torch.arange(lq, device=dev))  # the real queries
+    out = out.transpose(-1, -2).reshape(N, heads * dv, lq)
+    if s > 1:  # the queries were the kept ones already
+        hq, wq = (lq, W) if layer.axis == "height" else (H, lq)
+        return from_sequences(out, layer.axis, B, hq, wq)
+    return apply_stride(from_sequences(out, layer.axis, B, H, W), layer)
