@@ -110,7 +110,7 @@ def run(args) -> int:
                 flags=("--replace",),
             )
         model, cfg, metadata = load_checkpoint_model(args.checkpoint, device, args.config, overrides)
-        model = compile_model(model, cfg)
+        model = compile_model(model, cfg, inference=True)
         split = args.split or cfg.data.eval_split
         dataset = build_dataset(cfg, split)
         kw = {}

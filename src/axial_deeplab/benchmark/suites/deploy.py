@@ -1,8 +1,8 @@
-"""Deployment: eager against ``torch.compile(dynamic=True)`` (eval forward, and a training
-step) and against ONNX Runtime (eval; the file ``axial-deeplab export`` writes, static size,
-CPU only), timed in turns in one process, each faster path checked against eager's outputs.
-Compiling and exporting whole models takes minutes on a CPU, so the command runs this suite
-only when ``--only deploy`` asks for it."""
+"""Deployment: eager against ``torch.compile(fullgraph=True, dynamic=True)`` (eval forward, with
+Inductor's freezing as ``evaluate`` compiles; and a training step) and against ONNX Runtime
+(eval; the file ``axial-deeplab export`` writes, static size, CPU only), timed in turns in one
+process, each faster path checked against eager's outputs. Compiling and exporting whole models
+takes minutes on a CPU, so the command runs this suite only when ``--only deploy`` asks for it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ...engine.builders import INFERENCE_COMPILE_OPTIONS
 from ..harness import Result, failure_note, measure, time_interleaved
 from ..report import progress, table
 from .base import Settings, Suite
@@ -153,7 +154,9 @@ def _eval_case(
 
     steps["eager"] = eager
     if with_compile:
-        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=compile_backend)
+        # as `evaluate` compiles (freezing); options exist for Inductor only
+        options = dict(INFERENCE_COMPILE_OPTIONS) if compile_backend == "inductor" else None
+        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=compile_backend, options=options)
 
         def run_compiled():
             with torch.no_grad():
@@ -162,7 +165,8 @@ def _eval_case(
         try:
             outputs["compiled"], setup["compiled"] = _first_call(run_compiled)
             steps["compiled"] = run_compiled
-            notes["compiled"] = f"compile {setup['compiled']:.1f} s ({compile_backend}, dynamic)"
+            frozen = ", freezing" if options else ""
+            notes["compiled"] = f"compile {setup['compiled']:.1f} s ({compile_backend}, dynamic{frozen})"
         except Exception as e:
             notes["compiled"] = failure_note(e)
     if with_onnx and device.type == "cpu":
