@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from ..layers.activation_recompute import recompute_applies, run_recomputed
@@ -233,7 +234,16 @@ class AxialBlock(_Bottleneck):
             # both layers recomputed as one: the height layer's output is not kept either, and
             # each layer is still replayed once (inside a replay the layers run plain)
             return self.relu(run_recomputed(self, self._attend, x))
-        return self.relu(self._attend(x))
+        return self._activate(self._attend(x))
+
+    def _activate(self, y):
+        """The activation after the width layer. Under autograd the attention's output is a view
+        (a permuted or strided one of the rows it computed), and an in-place ReLU on a view makes
+        the backward rebuild the whole base (``AsStridedBackward`` + ``CopySlices``), which costs
+        more than writing a new tensor; without autograd the in-place ReLU saves that tensor."""
+        if isinstance(self.relu, nn.ReLU) and y.requires_grad and torch.is_grad_enabled():
+            return torch.relu(y)
+        return self.relu(y)
 
     def _attend(self, x):
         return self.attn_w(self.attn_h(x))
