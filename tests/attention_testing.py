@@ -85,3 +85,29 @@ def kernel_eval(layer, x):
         y = cpu_kernel.forward_eval(layer, x)
     assert y is not None, "the compiled kernel did not take this input"
     return y
+
+
+_INTERPRETER = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, {tests!r})
+import {module}
+{module}._interpreter_main()
+"""
+
+
+def interpreter_results(module: str) -> dict:
+    """Run ``module._interpreter_main()`` (a test module beside this one) in a subprocess under
+    Triton's CPU interpreter (it must be set before triton is imported) and return the dict it
+    prints on its ``RESULTS`` line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = _INTERPRETER.format(tests=os.path.dirname(os.path.abspath(__file__)), module=module)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULTS ") :])

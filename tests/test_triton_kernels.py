@@ -14,10 +14,8 @@ shapes) and reports per check. The CUDA test runs the same comparison on a GPU.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
+import attention_testing
 import pytest
 import torch
 
@@ -271,6 +269,37 @@ def _check_untrusted_device_falls_back():
         SC._TRUST.update(saved[2])
 
 
+def _check_self_check_outside_compiled_graph():
+    """torch.compile(fullgraph=True, dynamic=True) of code that asks whether the kernels are
+    trusted: the check (which forks the RNG and runs its own autograd, nothing dynamo can trace)
+    runs once, eagerly, outside the graph, and the graph is built for its verdict; a verdict
+    already reached is used without checking again."""
+    saved = SC.SELF_CHECK_DEVICE_TYPES, dict(SC._TRUST)
+    key = ("cpu", TK.dot_precision())
+
+    def branch(x):
+        return x + 1 if SC.trusted(x.device) else x - 1
+
+    try:
+        SC.SELF_CHECK_DEVICE_TYPES = ("cpu",)
+        SC._TRUST.clear()
+        torch._dynamo.reset()
+        compiled = torch.compile(branch, fullgraph=True, dynamic=True, backend="eager")
+        assert compiled(torch.zeros(3)).tolist() == [1.0] * 3
+        assert SC._TRUST == {key: True}, SC._TRUST
+        SC._TRUST[key] = False  # a failed check (what trusted records for a wrong kernel)
+        torch._dynamo.reset()
+        assert (
+            torch.compile(branch, fullgraph=True, dynamic=True, backend="eager")(torch.zeros(4)).tolist() == [-1.0] * 4
+        )
+        assert SC._TRUST == {key: False}, "the check ran again"
+    finally:
+        torch._dynamo.reset()
+        SC.SELF_CHECK_DEVICE_TYPES = saved[0]
+        SC._TRUST.clear()
+        SC._TRUST.update(saved[1])
+
+
 SELF_CHECKS = {
     "self-check-passes": _check_self_check_passes,
     "self-check-catches-forward-error": lambda: _check_self_check_catches("attend_triton", 0, "output"),
@@ -278,26 +307,13 @@ SELF_CHECKS = {
         "attention_backward_triton", 2, "gradient of query_table"
     ),
     "untrusted-device-falls-back": _check_untrusted_device_falls_back,
+    "self-check-outside-compiled-graph": _check_self_check_outside_compiled_graph,
 }
-
-
-_SUBPROCESS = """
-import os, sys
-os.environ["TRITON_INTERPRET"] = "1"
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, {tests!r})
-import test_triton_kernels
-test_triton_kernels._interpreter_main()
-"""
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    code = _SUBPROCESS.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS ") :])
+    return attention_testing.interpreter_results("test_triton_kernels")
 
 
 @pytest.mark.parametrize("check", list(LAYER_CHECKS) + list(BACKWARD_CHECKS) + ["autotuned-launch"] + list(SELF_CHECKS))

@@ -4,7 +4,8 @@ Why: a kernel that compiles can still compute wrong on a GPU, Triton or driver i
 tested on, and the layer must not give a silent wrong answer. The first Triton layer on each
 GPU runs :func:`self_check` (a tiny layer through the kernels and through the reference on
 that GPU); should it fail, the layer warns once and runs the PyTorch memory-efficient path
-there instead (same results, slower).
+there instead (same results, slower). Under torch.compile the check still runs eagerly, once,
+outside the graph (dynamo calls it instead of tracing it); the compiled graph holds its verdict.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import triton_launch, triton_ops
 from .axial_attention import PositionSensitiveAxialAttention
@@ -46,17 +48,34 @@ def axial_attention_triton(layer: PositionSensitiveAxialAttention, x: torch.Tens
 
 def trusted(device: torch.device) -> bool:
     """Whether the Triton kernels may run on ``device``: :func:`self_check` once per process,
-    device and product precision; a failure warns once, naming the reason."""
+    device and product precision; a failure warns once, naming the reason.
+
+    Traced (torch.compile, torch.export) the check is not part of the graph: the verdict is
+    reached eagerly, outside the trace, and the graph is built for it (see :func:`_verdict_outside_trace`)."""
     if device.type not in SELF_CHECK_DEVICE_TYPES or os.environ.get("AXIAL_DEEPLAB_TRITON_SELF_CHECK", "1") in (
         "0",
         "false",
         "no",
     ):
         return True
+    if torch.compiler.is_compiling():
+        return _verdict_outside_trace(str(device), triton_launch.dot_precision())
+    return _verdict(str(device), triton_launch.dot_precision())
+
+
+def _key(device_name: str, precision: str) -> tuple:
+    device = torch.device(device_name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), triton_launch.dot_precision())
+    return str(device), precision
+
+
+def _verdict(device_name: str, precision: str) -> bool:
+    """The cached verdict for a device (named as ``str(device)``) and product precision, running
+    :func:`self_check` the first time."""
+    key = _key(device_name, precision)
     if key not in _TRUST:
+        device = torch.device(key[0])
         reason = self_check(device)
         _TRUST[key] = reason is None
         if reason is not None:
@@ -69,6 +88,19 @@ def trusted(device: torch.device) -> bool:
                 RuntimeWarning,
             )
     return _TRUST[key]
+
+
+@torch.compiler.assume_constant_result
+def _verdict_outside_trace(device_name: str, precision: str) -> bool:
+    """:func:`_verdict` while a graph is traced. Dynamo (torch.compile, strict export) runs this
+    eagerly rather than tracing it (the check forks the RNG and runs its own autograd, nothing a
+    graph holds, and ``fullgraph=True`` allows no break) and builds the graph for the result.
+    A Python-level tracer (non-strict export) would record the check through its dispatch modes:
+    there a verdict already reached is used, else the kernels are trusted (the check belongs on
+    the device that runs the exported program)."""
+    if is_in_torch_dispatch_mode():
+        return _TRUST.get(_key(device_name, precision), True)
+    return _verdict(device_name, precision)
 
 
 def self_check(device: torch.device) -> Optional[str]:
