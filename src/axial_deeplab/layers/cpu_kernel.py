@@ -238,10 +238,17 @@ def _openmp_runtime():
             maps = f.read()
     except OSError as e:
         return None, f"cannot list the loaded libraries ({e})"
+    found = []
     for line in maps.splitlines():
         path = line.split(None, 5)[-1] if line.count(" ") >= 5 else ""
         if re.match(r"lib(gomp|omp|iomp5)([-.].*)?\.so(\..*)?$", os.path.basename(path)) and os.path.isfile(path):
-            return path, ""
+            found.append(path)
+    # other packages bring their own copies (scikit-learn's libgomp-<hash>.so): torch's is the one
+    # its threads run on, in its wheel's lib folder; else (torch linked to a system runtime) the first
+    torch_lib = os.path.realpath(os.path.join(os.path.dirname(torch.__file__), "lib"))
+    ours = [p for p in found if os.path.dirname(os.path.realpath(p)) == torch_lib]
+    if ours or found:
+        return (ours or found)[0], ""
     return None, "no OpenMP runtime (libgomp, libomp, libiomp5) is loaded in this process"
 
 
@@ -263,6 +270,7 @@ def _compile() -> Optional[ctypes.CDLL]:
     try:
         with open(_SOURCE_PATH, "rb") as f:
             source = f.read()
+        source += _band_source()
     except OSError as e:
         _warn_unbuilt(f"cannot read its C source ({e}); was the package installed with its data files?")
         return None
@@ -310,6 +318,7 @@ def _compile() -> Optional[ctypes.CDLL]:
         fn.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 5 + [_I64, _I64, _PTR]
         fn.restype = ctypes.c_int
         _declare_shares(lib)
+        _declare_band(lib)
         _state["openmp"] = bool(lib.axial_openmp())
         if openmp_error and not _state["openmp"]:
             warnings.warn(
@@ -911,3 +920,95 @@ def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk
         )
         return None if bad else g
     return g if _split(run, total, 256) else None
+
+
+# --------------------------------------------------------------------------- band moments (local span)
+# A second source, compiled with the first into the same library (see its header comment).
+_BAND_SOURCE_PATH = os.path.join(os.path.dirname(_SOURCE_PATH), "axial_band_moments_cpu.c")
+
+
+def _band_source() -> bytes:
+    """The band-moments source, appended to the kernel's (its compiler messages keep its own name and lines)."""
+    with open(_BAND_SOURCE_PATH, "rb") as f:
+        return b'\n#line 1 "axial_band_moments_cpu.c"\n' + f.read()
+
+
+def _declare_band(lib: ctypes.CDLL) -> None:
+    """Signatures of the band-moments entry points (one share, or split into shares)."""
+    for name, inputs, outputs in (("moments", 5, 1), ("moments_backward", 6, 3)):
+        for kind in ("f32", "shares"):
+            fn = getattr(lib, f"axial_band_{name}_{kind}")
+            fn.argtypes = [_PTR] * inputs + [_I64, _I64] + [_PTR] * outputs
+            fn.restype = ctypes.c_int
+
+
+def _band_operands(q: torch.Tensor, k: torch.Tensor, tables, use_qk: bool, r: int, by_band: bool, gq=None):
+    """``(lib, dims, tables)`` for the band-moments functions, or None when they cannot take the
+    operands (not float32 CPU, key depth over 256, no kernel)."""
+    ok = q.dtype == k.dtype == torch.float32 and q.device.type == k.device.type == "cpu" and q.shape[2] <= 256
+    shape = (q.shape[2], 2 * r + 1)
+    if (
+        not ok
+        or q.shape != k.shape
+        or any(t is not None and (t.dtype, t.device.type, t.shape) != (torch.float32, "cpu", shape) for t in tables)
+    ):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    n, heads, d, length = q.shape
+    strides = [*q.stride(), *k.stride(), *(gq.stride() if gq is not None else (0, 0, 0, 0))]
+    use = [int(use_qk)] + [0 if t is None else 1 if by_band else 2 for t in tables]  # 2: by position Grams
+    dims = torch.tensor([n, heads, d, length, r, *use, *strides], dtype=torch.int64)
+    tabs = [None if t is None else t.detach().contiguous() for t in tables]
+    return lib, dims, tabs
+
+
+def band_moments(
+    q: torch.Tensor, k: torch.Tensor, tables, use_qk: bool, r: int, by_band: bool = True
+) -> Optional[torch.Tensor]:
+    """Sums and sums of squares, (2, 3, N*heads) float64, of the three similarity terms over the
+    in-span pairs |p - o| <= r of q, k (N, heads, d, L) (float32 views, any strides); ``tables``:
+    the (d, 2r+1) query and key tables, None for a term switched off; ``by_band`` False: their
+    terms from (d x d) Gram matrices of the rows each position meets (cheaper for small d). None
+    when the kernel cannot take them."""
+    operands = _band_operands(q, k, tables, use_qk, r, by_band)
+    if operands is None:
+        return None
+    lib, dims, (tq, tk) = operands
+    total = q.shape[0] * q.shape[1]
+    out = torch.zeros(2, 3, total, dtype=torch.float64)
+    args = (dims.data_ptr(), q.data_ptr(), k.data_ptr(), _ptr(tq), _ptr(tk))
+    if _state.get("openmp"):
+        bad = total and lib.axial_band_moments_shares(*args, total, _workers(total, 16), out.data_ptr())
+        return None if bad else out
+    return out if _split(lambda i0, i1: lib.axial_band_moments_f32(*args, i0, i1, out.data_ptr()), total, 16) else None
+
+
+def band_moments_backward(q, k, tables, use_qk: bool, r: int, by_band: bool, coef: torch.Tensor, gq, gk):
+    """Gradient of sum a_t sums_t + b_t sumsq_t (``coef`` (2, 3, heads): a and 2b) of
+    :func:`band_moments`: written into ``gq`` and ``gk`` (float32, the same strides as each other);
+    returns the tables' gradients (2, d, 2r+1) float64, or None when the kernel cannot take it."""
+    operands = _band_operands(q, k, tables, use_qk, r, by_band, gq)
+    if operands is None:
+        return None
+    lib, dims, (tq, tk) = operands
+    total = q.shape[0] * q.shape[1]
+    coef = coef.detach().to(torch.float32).contiguous()
+    args = (dims.data_ptr(), q.data_ptr(), k.data_ptr(), _ptr(tq), _ptr(tk), coef.data_ptr())
+    block = (2, q.shape[2], 2 * r + 1)
+    if _state.get("openmp"):
+        workers = _workers(total, 16) if total else 1
+        g_tab = torch.zeros(workers, *block, dtype=torch.float64)
+        bad = total and lib.axial_band_moments_backward_shares(
+            *args, total, workers, gq.data_ptr(), gk.data_ptr(), g_tab.data_ptr()
+        )
+        return None if bad else g_tab.sum(0)
+    workers = _workers(total, 16) if total else 1
+    g_tab = torch.zeros(workers, *block, dtype=torch.float64)
+
+    def share(i):
+        i0, i1 = total * i // workers, total * (i + 1) // workers
+        return lib.axial_band_moments_backward_f32(*args, i0, i1, gq.data_ptr(), gk.data_ptr(), g_tab[i].data_ptr())
+
+    return None if any(_run_shares(share, workers)) else g_tab.sum(0)

@@ -432,6 +432,13 @@ class BandMoments(torch.autograd.Function):
     """:func:`similarity_moments` of a local span, from the in-span logits themselves, block
     by block, with a closed-form backward that recomputes them.
 
+    On float32 CPU tensors the compiled kernel (:func:`.cpu_kernel.band_moments` and its
+    backward) walks the band itself, one (sequence, head) at a time in cache: no blocks of
+    logits, masks or operand copies in memory, the forward in float64 throughout (so at least as
+    exact as the products below) and the table terms of shallow heads from per-position Gram
+    matrices as here. The PyTorch implementation below serves float64, other devices and a
+    missing compiler (torch.compile traces the windowed Gram form instead).
+
     Why not the Gram form of a global span: windowed (d x d) Gram matrices need prefix sums of
     k_p k_p^T at every position (float64 tensors of d*d per position, gathers, autograd through
     all of it), while the band is only ~1.5 x span logits per query: batched products in the
@@ -459,6 +466,13 @@ class BandMoments(torch.autograd.Function):
             y4 = q.detach().view(n, length, heads, c2h)
             q, k = y4[..., :d].permute(0, 2, 3, 1), y4[..., d : 2 * d].permute(0, 2, 3, 1)
         n, heads, d, length = q.shape
+        ctx.kernel = None
+        tables_in = (query_table, key_table)
+        out = cpu_kernel.band_moments(q.detach(), k.detach(), tables_in, use_qk, r, tables_by_band)
+        if out is not None:  # the compiled band walk: float64 throughout, no blocks of logits in memory
+            ctx.kernel = (q.detach(), k.detach(), use_qk, r, tables_by_band)
+            ctx.save_for_backward(query_table, key_table)
+            return out[0].view(3, n, heads).sum(1), out[1].view(3, n, heads).sum(1)
         nh = n * heads
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         dev = q.device
@@ -540,6 +554,8 @@ class BandMoments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_sums, g_sumsq):
+        if ctx.kernel is not None:
+            return _band_kernel_backward(ctx, g_sums, g_sumsq)
         qa, ka_t, ka, qmask, kmask, grams = ctx.save
         n, heads, d, length, r, terms, in_dtype, dtype = ctx.args
         query_table, key_table = ctx.saved_tensors
@@ -607,6 +623,31 @@ class BandMoments(torch.autograd.Function):
         g_rq = g_tab[1].to(query_table.dtype) if 1 in g_tab and ctx.needs_input_grad[2] else None
         g_rk = g_tab[2].to(key_table.dtype) if 2 in g_tab and ctx.needs_input_grad[3] else None
         return g_q, g_k, g_rq, g_rk, None, None, None, None
+
+
+def _band_kernel_backward(ctx, g_sums, g_sumsq):
+    """:class:`BandMoments`' backward through the compiled band walk (its forward ran there too)."""
+    q, k, use_qk, r, by_band = ctx.kernel
+    query_table, key_table = ctx.saved_tensors
+    n, heads, d, length = q.shape
+    zero = torch.zeros(3, heads, dtype=torch.float64)
+    coef = torch.stack([zero if g_sums is None else g_sums, zero if g_sumsq is None else 2 * g_sumsq])
+    if ctx.rows is not None:  # the gradient of y in its own layout, the value channels zero
+        c2h = ctx.rows[-1]
+        g_y = torch.zeros(n, length, heads, c2h, dtype=q.dtype)
+        gq, gk = g_y[..., :d].permute(0, 2, 3, 1), g_y[..., d : 2 * d].permute(0, 2, 3, 1)
+    else:
+        gq, gk = torch.empty(2, n, heads, d, length, dtype=q.dtype).unbind(0)
+    g_tab = cpu_kernel.band_moments_backward(q, k, (query_table, key_table), use_qk, r, by_band, coef, gq, gk)
+    if g_tab is None:
+        raise RuntimeError("the band-moments C kernel refused its backward after running the forward")
+    g_rq = g_tab[0].to(query_table.dtype) if query_table is not None and ctx.needs_input_grad[2] else None
+    g_rk = g_tab[1].to(key_table.dtype) if key_table is not None and ctx.needs_input_grad[3] else None
+    if ctx.rows is not None:
+        return g_y.view(n * length, heads * ctx.rows[-1]), None, g_rq, g_rk, None, None, None, None
+    g_q = gq if ctx.needs_input_grad[0] else None
+    g_k = gk if ctx.needs_input_grad[1] else None
+    return g_q, g_k, g_rq, g_rk, None, None, None, None
 
 
 def _gram_backward(
