@@ -14,6 +14,17 @@ from torch import nn
 from axial_deeplab.layers import memory_efficient
 
 
+def _assert_same_step(out, want, y, y_ref, bn, ref):
+    """Output, input and parameter gradients, and running statistics of our BN step equal the
+    module's."""
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
 @pytest.mark.parametrize("permuted", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_rows_batch_norm_equals_batchnorm1d(permuted, momentum):
@@ -35,12 +46,7 @@ def test_rows_batch_norm_equals_batchnorm1d(permuted, momentum):
     # the module sees channel order[j] where we hold j: feed it in its own order
     want = ref(y_ref[:, inverse])[:, order]
     want.backward(g)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.running_mean, ref.running_mean)
-    torch.testing.assert_close(bn.running_var, ref.running_var)
+    _assert_same_step(out, want, y, y_ref, bn, ref)
     assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
 
 
@@ -97,12 +103,7 @@ def test_output_batch_norm_with_summed_halves_writes_swapped_rows_and_reads_stri
     normed = ref(y_ref[:, torch.argsort(perm)])[:, perm]
     want = (normed[:, :half] + normed[:, half:]).view(b, s, t, half).transpose(1, 2)
     want.backward(g)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.running_mean, ref.running_mean)
-    torch.testing.assert_close(bn.running_var, ref.running_var)
+    _assert_same_step(out, want, y, y_ref, bn, ref)
 
 
 class _FreshGradient(torch.autograd.Function):
