@@ -407,6 +407,16 @@ def _split(lib_fn, total: int, min_share: int) -> bool:
     return not any(_run_shares(lambda i: lib_fn(total * i // workers, total * (i + 1) // workers), workers))
 
 
+def _run_split(lib, stem: str, args: tuple, outs: tuple, total: int, min_share: int) -> bool:
+    """A kernel whose entry points are ``<stem>_f32(*args, i0, i1, *outs)`` and
+    ``<stem>_shares(*args, total, workers, *outs)``, over [0, total): on torch's OpenMP threads
+    when the kernel was built with OpenMP, else as :func:`_split` does. True when all ran."""
+    if _state.get("openmp"):
+        return not (total and getattr(lib, stem + "_shares")(*args, total, _workers(total, min_share), *outs))
+    fn = getattr(lib, stem + "_f32")
+    return _split(lambda i0, i1: fn(*args, i0, i1, *outs), total, min_share)
+
+
 def _scratch_stride(floats: int) -> int:
     """Floats between the scratch areas of two shares: a whole number of 64-byte lines."""
     return -(-floats // 16) * 16
@@ -864,30 +874,10 @@ def row_moments(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, by
         gram = torch.zeros(*blocks, 2, dk, dk, dtype=torch.float64)
         xsum = torch.zeros(*blocks, 2 * dk, dtype=torch.float64)
 
-        def run(i0, i1, g=gram, s=xsum, mode=mode):
-            return lib.axial_moments_f32(
-                y.data_ptr(), nseq, length, heads, hs, ys, dk, mode, i0, i1, g.data_ptr(), s.data_ptr()
-            )
-
         # each index i is `inner` rows of `heads` blocks: shares of at least ~4096 row-heads
         total, min_share = (length if mode else nseq), -(-4096 // (inner * heads))
-        if _state.get("openmp"):
-            if total and lib.axial_moments_shares(
-                y.data_ptr(),
-                nseq,
-                length,
-                heads,
-                hs,
-                ys,
-                dk,
-                mode,
-                total,
-                _workers(total, min_share),
-                gram.data_ptr(),
-                xsum.data_ptr(),
-            ):
-                return None
-        elif not _split(run, total, min_share):
+        args = (y.data_ptr(), nseq, length, heads, hs, ys, dk, mode)
+        if not _run_split(lib, "axial_moments", args, (gram.data_ptr(), xsum.data_ptr()), total, min_share):
             return None
         out.append((gram, xsum))
     return tuple(out)
@@ -907,19 +897,8 @@ def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk
     ws, cs, tp, bp, cp = (None if t is None else t.detach().float().contiguous() for t in (ws, cs, tp, bp, cp))
     g = torch.empty_like(y)
 
-    def run(r0, r1):
-        return lib.axial_moments_backward_f32(
-            y.data_ptr(), length, heads, hs, ys, dk, *(_ptr(t) for t in (ws, cs, tp, bp, cp)), r0, r1, g.data_ptr()
-        )
-
-    total = nseq * length
-    if _state.get("openmp"):
-        pointers = (_ptr(t) for t in (ws, cs, tp, bp, cp))
-        bad = total and lib.axial_moments_backward_shares(
-            y.data_ptr(), length, heads, hs, ys, dk, *pointers, total, _workers(total, 256), g.data_ptr()
-        )
-        return None if bad else g
-    return g if _split(run, total, 256) else None
+    args = (y.data_ptr(), length, heads, hs, ys, dk, *(_ptr(t) for t in (ws, cs, tp, bp, cp)))
+    return g if _run_split(lib, "axial_moments_backward", args, (g.data_ptr(),), nseq * length, 256) else None
 
 
 # --------------------------------------------------------------------------- band moments (local span)
@@ -979,10 +958,7 @@ def band_moments(
     total = q.shape[0] * q.shape[1]
     out = torch.zeros(2, 3, total, dtype=torch.float64)
     args = (dims.data_ptr(), q.data_ptr(), k.data_ptr(), _ptr(tq), _ptr(tk))
-    if _state.get("openmp"):
-        bad = total and lib.axial_band_moments_shares(*args, total, _workers(total, 16), out.data_ptr())
-        return None if bad else out
-    return out if _split(lambda i0, i1: lib.axial_band_moments_f32(*args, i0, i1, out.data_ptr()), total, 16) else None
+    return out if _run_split(lib, "axial_band_moments", args, (out.data_ptr(),), total, 16) else None
 
 
 def band_moments_backward(q, k, tables, use_qk: bool, r: int, by_band: bool, coef: torch.Tensor, gq, gk):
@@ -996,16 +972,13 @@ def band_moments_backward(q, k, tables, use_qk: bool, r: int, by_band: bool, coe
     total = q.shape[0] * q.shape[1]
     coef = coef.detach().to(torch.float32).contiguous()
     args = (dims.data_ptr(), q.data_ptr(), k.data_ptr(), _ptr(tq), _ptr(tk), coef.data_ptr())
-    block = (2, q.shape[2], 2 * r + 1)
+    workers = _workers(total, 16) if total else 1
+    g_tab = torch.zeros(workers, 2, q.shape[2], 2 * r + 1, dtype=torch.float64)  # one block per share
     if _state.get("openmp"):
-        workers = _workers(total, 16) if total else 1
-        g_tab = torch.zeros(workers, *block, dtype=torch.float64)
         bad = total and lib.axial_band_moments_backward_shares(
             *args, total, workers, gq.data_ptr(), gk.data_ptr(), g_tab.data_ptr()
         )
         return None if bad else g_tab.sum(0)
-    workers = _workers(total, 16) if total else 1
-    g_tab = torch.zeros(workers, *block, dtype=torch.float64)
 
     def share(i):
         i0, i1 = total * i // workers, total * (i + 1) // workers
