@@ -181,6 +181,14 @@ def test_operator_path_equals_reference(dtype):
         torch.testing.assert_close(fast(x), ref(x), **tol)
 
 
+def _assert_grads_close(got, want):
+    """Compiled vs eager gradients. BatchNorm bias gradients are sums over every position that
+    cancel to near zero; the float32 rounding of their summands (of the size of the tensor's
+    largest element), not of the result, bounds how far two summation orders differ."""
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 + 1e-5 * float(b.abs().max()))
+
+
 def _grads(net, x):
     x = x.clone().requires_grad_()
     y = net(x)
@@ -223,8 +231,7 @@ def test_compile_layer_pair_training_step_no_recompile(no_recompile):
         y, g = _grads(net, x)
         yc, gc = _grads(compiled, x)
         torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
-        for a, b in zip(gc, g):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        _assert_grads_close(gc, g)
     # the running statistics advanced the same way
     for a, b in zip(twin.buffers(), net.buffers()):
         torch.testing.assert_close(a, b)
@@ -244,8 +251,7 @@ def test_compile_training_across_the_span_no_recompile(no_recompile):
         y, g = _grads(net, x)
         yc, gc = _grads(compiled, x)
         torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
-        for a, b in zip(gc, g):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        _assert_grads_close(gc, g)
 
 
 def test_similarity_pair_count_and_span_radius_are_symbolic_safe():

@@ -689,12 +689,12 @@ typedef struct {
 /* Per-row inputs of a block of rows, scaled for the passes. */
 typedef struct {
     float qa[BROWS][MAXDK], qb[BROWS][MAXDK];        /* log2-unit a_qk q, a_qr q (logits)            */
-    float cqk[BROWS][MAXDK], cqr[BROWS][MAXDK];      /* natural-unit a_qk q, a_qr q (gradients)      */
-    float q[BROWS][MAXDK];                           /* raw queries (term-scale gradients)           */
-    float gs[BROWS][4 * MAXDK], gse[BROWS][4 * MAXDK];
+    const float *q[BROWS], *gs[BROWS], *gse[BROWS];  /* each row's raw queries and incoming gradients */
     float lse[BROWS], delta[BROWS];
-    const float *qL, *gsL, *gseL, *dL; /* the sequence-head's queries (L, dk), incoming gradients (L, dv)
-                                          of sv and sve, and delta (L), gathered before its rows */
+    const float *qL, *gsL, *gseL, *dL; /* the sequence-head's queries (row o at qL + o*q_rs), incoming
+                                          gradients of sv and sve (rows g_rs and ge_rs apart; ge_rs 0:
+                                          one row of zeros) and delta (L) */
+    int64_t q_rs, g_rs, ge_rs;
 } BackRows;
 
 static int64_t back_row_floats(int64_t L) { return round16(L + 48); }
@@ -756,12 +756,14 @@ typedef struct { int64_t L, Lp, Zs, Jp, o, U0, M8, K0, K8, sh0, t0; } BackGeom;
 
 /* out[cc][j] = sum of the lanes of acc[cc][j]; eight of them at once by a transpose. */
 AI void row_sums(const int R, const int CK, v8sf (*acc)[BROWS], float (*out)[BROWS]) {
-    if (R == 4 && CK == 2 && BROWS == 4) {
-        v8sf t[8];
-        for (int cc = 0; cc < 2; cc++)
-            for (int j = 0; j < 4; j++) t[cc * 4 + j] = acc[cc][j];
-        transpose8(t);
-        store8(&out[0][0], ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])));
+    if (R == 4 && CK % 2 == 0 && BROWS == 4) {
+        for (int c2 = 0; c2 < CK; c2 += 2) {
+            v8sf t[8];
+            for (int cc = 0; cc < 2; cc++)
+                for (int j = 0; j < 4; j++) t[cc * 4 + j] = acc[c2 + cc][j];
+            transpose8(t);
+            store8(&out[c2][0], ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])));
+        }
     } else
         for (int cc = 0; cc < CK; cc++)
             for (int j = 0; j < R; j++) out[cc][j] = hsum8(acc[cc][j]);
@@ -776,11 +778,11 @@ AI void back_keys(const int R, const int CK, const AxialBackArgs* a, const BackG
                   float aqk, float aqr, float akr, float* gbase, float* g_rqe, float* g_rke, double* gq, v8sf* g2v) {
     const int64_t Lp = G->Lp, Zs = G->Zs, Jp = G->Jp, o = G->o;
     const v8sf ck = splat8(akr);
-    v8sf acc[2][BROWS], cq[2][BROWS];
+    v8sf acc[4][BROWS], cq[4][BROWS];
     for (int cc = 0; cc < CK; cc++)
         for (int j = 0; j < R; j++) {
             acc[cc][j] = splat8(0.0f);
-            cq[cc][j] = splat8(w->cqk[j][c + cc]);
+            cq[cc][j] = splat8(aqk * w->q[j][c + cc]);
         }
     for (int64_t pb = 0; pb < G->K8; pb += 8) {
         const int64_t p = G->K0 + pb;
@@ -798,12 +800,12 @@ AI void back_keys(const int R, const int CK, const AxialBackArgs* a, const BackG
             store8(gk, g);
         }
     }
-    float sk[2][BROWS], sr[2][BROWS];
+    float sk[4][BROWS], sr[4][BROWS];
     row_sums(R, CK, acc, sk);
     for (int cc = 0; cc < CK; cc++)
         for (int j = 0; j < R; j++) {
             acc[cc][j] = splat8(0.0f);
-            cq[cc][j] = splat8(w->cqr[j][c + cc]);
+            cq[cc][j] = splat8(aqr * w->q[j][c + cc]);
         }
     v8sf g2 = *g2v;
     for (int64_t m = 0; m < G->M8; m += 8) {
@@ -874,10 +876,12 @@ AI void back_values(const int R, const int CV, const AxialBackArgs* a, const Bac
    vector once for the R rows and read keys, values, P and dY at a shift of one per row. In key
    coordinates the key and value gradients of the R rows coincide: each accumulator vector is
    read and written once per R rows, P and dY read at the row's shift. ga: (3) scale gradients. */
-AI void back_rows(const int R, const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, const float* kT,
-                  const float* vT, float* gkT, float* gvT, float* dyb, float* pbb, BackRows* w,
-                  float* g_rqe, float* g_rke, float* g_rvT, double* ga) {
-    const int64_t L = a->L, Lp = L + 32, Zs = back_row_floats(L), Jp = a->Jp, dk = a->dk, dv = a->dv;
+AI void back_rows(const int R, const int64_t DK, const int64_t DV, const AxialBackArgs* a, int64_t n, int64_t h,
+                  int64_t o, const float* kT, const float* vT, float* gkT, float* gvT, float* dyb, float* pbb,
+                  BackRows* w, float* g_rqe, float* g_rke, float* g_rvT, double* ga) {
+    /* DK, DV: the depths as constants (0: read from a) */
+    const int64_t L = a->L, Lp = L + 32, Zs = back_row_floats(L), Jp = a->Jp;
+    const int64_t dk = DK ? DK : a->dk, dv = DV ? DV : a->dv;
     const int64_t H = a->heads, nh = n * H + h;
     const int64_t rad = a->radius < 0 ? L - 1 : imin(a->radius, L - 1);
     const float LOG2E = 1.4426950408889634f;
@@ -891,17 +895,15 @@ AI void back_rows(const int R, const AxialBackArgs* a, int64_t n, int64_t h, int
         const int64_t oj = o + j;
         lo[j] = imax(-oj, -rad);
         hi[j] = imin(L - oj, rad + 1);
-        const float* qr = w->qL + oj * dk;
+        const float* qr = w->qL + oj * w->q_rs;
         for (int64_t c = 0; c < dk; c++) {
             const float qv = qr[c];
             w->qa[j][c] = LOG2E * aqk * qv;
             w->qb[j][c] = LOG2E * aqr * qv;
-            w->cqk[j][c] = aqk * qv;
-            w->cqr[j][c] = aqr * qv;
-            w->q[j][c] = qv;
         }
-        memcpy(w->gs[j], w->gsL + oj * dv, sizeof(float) * dv);
-        memcpy(w->gse[j], w->gseL + oj * dv, sizeof(float) * dv);
+        w->q[j] = qr;
+        w->gs[j] = w->gsL + oj * w->g_rs;
+        w->gse[j] = w->gseL + oj * w->ge_rs;
         w->delta[j] = w->dL[oj];
         w->lse[j] = a->lse[nh * L + oj];
     }
@@ -962,16 +964,23 @@ AI void back_rows(const int R, const AxialBackArgs* a, int64_t n, int64_t h, int
     ga[2] += hsum8(g2v);
 }
 
-static void back_rows_4(const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, const float* kT, const float* vT,
-                        float* gkT, float* gvT, float* dyb, float* pbb, BackRows* w, float* g_rqe, float* g_rke,
-                        float* g_rvT, double* ga) {
-    back_rows(4, a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, w, g_rqe, g_rke, g_rvT, ga);
-}
-static void back_rows_1(const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, const float* kT, const float* vT,
-                        float* gkT, float* gvT, float* dyb, float* pbb, BackRows* w, float* g_rqe, float* g_rke,
-                        float* g_rvT, double* ga) {
-    back_rows(1, a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, w, g_rqe, g_rke, g_rvT, ga);
-}
+/* The rows' passes with the small depths of Axial-ResNets' first stages as constants (dk 4, dv 8
+   and dk 8, dv 16: loops over channels unrolled), and for any depth. */
+typedef void (*BackRowsFn)(const AxialBackArgs*, int64_t, int64_t, int64_t, const float*, const float*, float*,
+                           float*, float*, float*, BackRows*, float*, float*, float*, double*);
+#define BACK_ROWS_FN(name, R, DK, DV)                                                                            \
+    static void name(const AxialBackArgs* a, int64_t n, int64_t h, int64_t o, const float* kT, const float* vT, \
+                     float* gkT, float* gvT, float* dyb, float* pbb, BackRows* w, float* g_rqe, float* g_rke,  \
+                     float* g_rvT, double* ga) {                                                                \
+        back_rows(R, DK, DV, a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, w, g_rqe, g_rke, g_rvT, ga);             \
+    }
+BACK_ROWS_FN(back_rows_4, 4, 0, 0)
+BACK_ROWS_FN(back_rows_1, 1, 0, 0)
+BACK_ROWS_FN(back_rows_4_d4v8, 4, 4, 8)
+BACK_ROWS_FN(back_rows_1_d4v8, 1, 4, 8)
+BACK_ROWS_FN(back_rows_4_d8v16, 4, 8, 16)
+BACK_ROWS_FN(back_rows_1_d8v16, 1, 8, 16)
+#undef BACK_ROWS_FN
 
 /* Position-major sequence-head data (position p, channel ch at x[p * xs + ch], ch < nch) <->
    channel rows (rows[ch][p]): whole 8x8 blocks by transposes in registers, the rest one by one.
@@ -998,27 +1007,23 @@ static void transpose_rows(float* x, int64_t xs, int64_t L, int64_t nch, float* 
         }
 }
 
-/* Position-major layout (s_c == g_c == 1): queries, incoming gradients and delta of every head
-   of sequence n into rows_in (per head: (L, dk), (L, dv), (L, dv), (L)), reading each position's
-   rows of qkv, the gradients and the forward's outputs front to back, once for all heads. */
+/* Position-major layout (s_c == g_c == 1): delta of every head of sequence n into rows_in (per
+   head at L * (dk + 2 * dv) of its head_floats), reading each position's rows of the gradients and
+   the forward's outputs front to back, once for all heads (the rows' queries and incoming
+   gradients are read where they are). */
 static void sweep_sequence(const AxialBackArgs* a, int64_t n, float* rows_in) {
     const int64_t L = a->L, dk = a->dk, dv = a->dv, H = a->heads, head_floats = L * (dk + 2 * dv + 1);
+    if (a->delta) {
+        for (int64_t h = 0; h < H; h++)
+            memcpy(rows_in + h * head_floats + L * (dk + 2 * dv), a->delta + (n * H + h) * L, sizeof(float) * L);
+        return;
+    }
     for (int64_t p = 0; p < L; p++)
         for (int64_t h = 0; h < H; h++) {
-            float* qL = rows_in + h * head_floats;
-            float* gl = qL + L * dk + p * dv;
-            float* el = gl + L * dv;
-            float* dL = qL + L * (dk + 2 * dv);
-            const float* qp = a->qkv + n * a->s_n + h * a->s_h + p * a->s_p;
+            float* dL = rows_in + h * head_floats + L * (dk + 2 * dv);
             const int64_t g = n * a->g_n + h * a->g_h + p * a->g_o;
-            for (int64_t c = 0; c < dk; c++) qL[p * dk + c] = qp[c];
-            for (int64_t c = 0; c < dv; c++) gl[c] = a->gsv[g + c];
-            if (a->use_rv)
-                for (int64_t c = 0; c < dv; c++) el[c] = a->gsve[g + c];
-            if (a->delta) {
-                dL[p] = a->delta[(n * H + h) * L + p];
-                continue;
-            }
+            const float* gl = a->gsv + g;
+            const float* el = a->use_rv ? a->gsve + g : 0;
             /* delta_o = sum_c g_sv sv + g_sve sve, 8 channels at a time */
             const float* sp = a->osv + g;
             const float* ep = a->use_rv ? a->osve + g : 0;
@@ -1124,6 +1129,9 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
         rows[c] = c < dk ? kT + c * Lp : vT + (c - dk) * Lp;
         grows[c] = c < dk ? gkT + c * Lp : gvT + (c - dk) * Lp;
     }
+    BackRowsFn rows4 = back_rows_4, rows1 = back_rows_1;
+    if (dk == 4 && dv == 8) rows4 = back_rows_4_d4v8, rows1 = back_rows_1_d4v8;
+    if (dk == 8 && dv == 16) rows4 = back_rows_4_d8v16, rows1 = back_rows_1_d8v16;
     for (int64_t nh = nh0; nh < nh1; nh++) {
         const int64_t n = nh / H, h = nh % H;
         PROF_START(b4);
@@ -1175,6 +1183,18 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
         w.gsL = gsL;
         w.gseL = gseL;
         w.dL = dL;
+        w.q_rs = dk;
+        w.g_rs = w.ge_rs = dv;
+        if (position_major) { /* queries and gradients read in place; gseL: zeros without the value term */
+            w.qL = base;
+            w.q_rs = a->s_p;
+            w.gsL = a->gsv + n * a->g_n + h * a->g_h;
+            w.g_rs = a->g_o;
+            if (a->use_rv) {
+                w.gseL = a->gsve + n * a->g_n + h * a->g_h;
+                w.ge_rs = a->g_o;
+            }
+        }
         for (int64_t c = 0; c < dk; c++) memset(gkT + c * Lp, 0, sizeof(float) * L);
         for (int64_t c = 0; c < dv; c++) memset(gvT + c * Lp, 0, sizeof(float) * L);
         PROF_ADD_B(4, b4);
@@ -1182,10 +1202,10 @@ int axial_attention_backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh
         int64_t o = 0;
         for (; o + BROWS <= L; o += BROWS) {
             back_ahead(a, &ahead);
-            back_rows_4(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
+            rows4(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
         }
         if (o < L) back_ahead(a, &ahead);
-        for (; o < L; o++) back_rows_1(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
+        for (; o < L; o++) rows1(a, n, h, o, kT, vT, gkT, gvT, dyb, pbb, &w, g_rqe, g_rke, g_rvT, ga);
         PROF_START(b5);
         if (a->s_c == 1) {
             transpose_rows(gbase + dk, a->s_p, L, dk + dv, grows, 0);
