@@ -74,10 +74,19 @@ def test_the_compiler_gets_the_shipped_source_byte_for_byte(monkeypatch, tmp_pat
         assert not cpu_kernel.available()
     with open(cpu_kernel._SOURCE_PATH, "rb") as f:
         shipped = f.read()
-    with open(os.path.join(os.path.dirname(cpu_kernel._SOURCE_PATH), "axial_band_moments_cpu.c"), "rb") as f:
-        band = f.read()  # the second source, compiled in the same unit under its own name and lines
-    assert (tmp_path / "seen.c").read_bytes() == shipped + b'\n#line 1 "axial_band_moments_cpu.c"\n' + band
-    assert b"int axial_attention_rows_f32(" in shipped and b"int axial_band_moments_f32(" in band
+    want = shipped
+    # the other sources, compiled in the same unit under their own names and lines
+    others = {
+        "axial_band_moments_cpu.c": b"int axial_band_moments_f32(",
+        "axial_rows_batchnorm_cpu.c": b"int axial_obn_",
+    }
+    for name, entry in others.items():
+        with open(os.path.join(os.path.dirname(cpu_kernel._SOURCE_PATH), name), "rb") as f:
+            text = f.read()
+        assert entry in text
+        want += b'\n#line 1 "' + name.encode() + b'"\n' + text
+    assert (tmp_path / "seen.c").read_bytes() == want
+    assert b"int axial_attention_rows_f32(" in shipped
 
 
 def test_a_missing_compiler_binary_is_reported(monkeypatch, tmp_path):

@@ -147,3 +147,39 @@ def test_rows_batch_norm_input_gradient_written_over_a_fresh_incoming_gradient(i
         torch.testing.assert_close(incoming, y.grad, rtol=0, atol=0)
     else:
         torch.testing.assert_close(incoming, g, rtol=0, atol=0)
+
+
+def test_output_batch_norm_kernel_over_many_blocks_equals_float64():
+    # the C functions behind the output BN: rows (b, s, t) over several 256-row blocks, shared out
+    # over two threads, an odd channel count, the gradient a strided (transposed) view
+    from axial_deeplab.layers import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler: the output BN runs its PyTorch form")
+    torch.manual_seed(3)
+    b, s, t, c = 3, 5, 41, 13
+    y = 2.0 + torch.randn(b * s * t, 2 * c)
+    g = torch.randn(b, t, s, c).transpose(1, 2)  # (b, s, t, C) rows, not contiguous
+    coef = torch.randn(3, c)
+    y64, g64 = y.double().view(b, s, t, 2 * c), g.double()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = torch.empty(b, t, s, c)
+        assert cpu_kernel.output_bn_forward(y, coef, out.transpose(1, 2), (b, s, t))
+        sums = cpu_kernel.output_bn_sums(y, g, (b, s, t))
+        coef2 = torch.randn(3, 2, c)
+        gy = cpu_kernel.output_bn_backward(y, g, coef2, (b, s, t))
+    finally:
+        torch.set_num_threads(threads)
+    c64 = coef.double()
+    want = c64[0] * y64[..., :c] + c64[1] * y64[..., c:] + c64[2]
+    torch.testing.assert_close(out.transpose(1, 2).double(), want, rtol=1e-5, atol=1e-5)
+    want_sums = torch.stack(
+        [(g64 * y64[..., :c]).sum((0, 1, 2)), (g64 * y64[..., c:]).sum((0, 1, 2)), g64.sum((0, 1, 2))]
+    )
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-4)
+    a, bb, sh = coef2.double()
+    halves = torch.stack([y64[..., :c], y64[..., c:]], -2)  # (b, s, t, 2, C)
+    want_gy = sh + bb * halves + a * g64.unsqueeze(-2)
+    torch.testing.assert_close(gy.double().view(b, s, t, 2, c), want_gy, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,9 @@ row's log-sum-exp). The training backward (:func:`attention_backward`, and
 :func:`backward_strided` for operands in any strided layout) recomputes each row's
 attention from that log-sum-exp.
 
-The C source, ``axial_deeplab/csrc/axial_attention_cpu.c`` (package data), is compiled on
+The C sources, ``axial_deeplab/csrc/axial_attention_cpu.c`` with the band moments
+(``axial_band_moments_cpu.c``) and the output BatchNorm of training (``axial_rows_batchnorm_cpu.c``)
+appended (package data), are compiled as one unit on
 first use with the system C compiler (``$CC``, a command line such as ``"ccache gcc"``, else
 ``cc``/``gcc``/``clang``) into a cache directory (``$AXIAL_DEEPLAB_CACHE``, else
 ``$XDG_CACHE_HOME/axial_deeplab`` or ``~/.cache/axial_deeplab``), keyed by a hash of the
@@ -270,7 +272,7 @@ def _compile() -> Optional[ctypes.CDLL]:
     try:
         with open(_SOURCE_PATH, "rb") as f:
             source = f.read()
-        source += _band_source()
+        source += _extra_sources()
     except OSError as e:
         _warn_unbuilt(f"cannot read its C source ({e}); was the package installed with its data files?")
         return None
@@ -319,6 +321,7 @@ def _compile() -> Optional[ctypes.CDLL]:
         fn.restype = ctypes.c_int
         _declare_shares(lib)
         _declare_band(lib)
+        _declare_output_bn(lib)
         _state["openmp"] = bool(lib.axial_openmp())
         if openmp_error and not _state["openmp"]:
             warnings.warn(
@@ -901,15 +904,22 @@ def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk
     return g if _run_split(lib, "axial_moments_backward", args, (g.data_ptr(),), nseq * length, 256) else None
 
 
+# --------------------------------------------------------------------------- the other C sources
+# Compiled with the first into the same library (see their header comments).
+_EXTRA_SOURCES = ("axial_band_moments_cpu.c", "axial_rows_batchnorm_cpu.c")
+
+
+def _extra_sources() -> bytes:
+    """The band-moments and output-BatchNorm sources, appended to the kernel's (their compiler
+    messages keep their own names and lines)."""
+    parts = []
+    for name in _EXTRA_SOURCES:
+        with open(os.path.join(os.path.dirname(_SOURCE_PATH), name), "rb") as f:
+            parts.append(b'\n#line 1 "' + name.encode() + b'"\n' + f.read())
+    return b"".join(parts)
+
+
 # --------------------------------------------------------------------------- band moments (local span)
-# A second source, compiled with the first into the same library (see its header comment).
-_BAND_SOURCE_PATH = os.path.join(os.path.dirname(_SOURCE_PATH), "axial_band_moments_cpu.c")
-
-
-def _band_source() -> bytes:
-    """The band-moments source, appended to the kernel's (its compiler messages keep its own name and lines)."""
-    with open(_BAND_SOURCE_PATH, "rb") as f:
-        return b'\n#line 1 "axial_band_moments_cpu.c"\n' + f.read()
 
 
 def _declare_band(lib: ctypes.CDLL) -> None:
@@ -985,3 +995,70 @@ def band_moments_backward(q, k, tables, use_qk: bool, r: int, by_band: bool, coe
         return lib.axial_band_moments_backward_f32(*args, i0, i1, gq.data_ptr(), gk.data_ptr(), g_tab[i].data_ptr())
 
     return None if any(_run_shares(share, workers)) else g_tab.sum(0)
+
+
+# --------------------------------------------------------------------------- output BatchNorm on rows
+def _declare_output_bn(lib: ctypes.CDLL) -> None:
+    """Signatures of the output-BatchNorm entry points (one share, or split into shares)."""
+    for name, inputs in (("forward", 3), ("sums", 3), ("backward", 4)):
+        for kind in ("f32", "shares"):
+            fn = getattr(lib, f"axial_obn_{name}_{kind}")
+            fn.argtypes = [_PTR] * inputs + [_I64, _I64, _PTR]
+            fn.restype = ctypes.c_int
+
+
+def _output_bn_dims(y: torch.Tensor, rows: torch.Tensor, grid) -> Optional[torch.Tensor]:
+    """dims of the C functions for y (M, 2C) and the (M, C) tensor ``rows`` viewed as ``grid``
+    (B, S, T) rows, or None when they cannot take them (not float32 CPU, y not contiguous,
+    channels not at unit stride, no kernel)."""
+    b, s, t = grid
+    c = y.shape[1] // 2
+    if not (
+        y.dtype == rows.dtype == torch.float32
+        and y.device.type == rows.device.type == "cpu"
+        and y.is_contiguous()
+        and rows.shape == (b, s, t, c)
+        and (c <= 1 or rows.stride(3) == 1)
+        and _library() is not None
+    ):
+        return None
+    return torch.tensor([b, s, t, c, *rows.stride()[:3]], dtype=torch.int64)
+
+
+def output_bn_forward(y: torch.Tensor, coef: torch.Tensor, out: torch.Tensor, grid) -> bool:
+    """out (seen as (B, S, T, C) rows) = a0 y[:, :C] + a1 y[:, C:] + shift, ``coef`` (3, C):
+    a0, a1, shift. False when the kernel cannot take the operands (nothing written)."""
+    dims = _output_bn_dims(y, out, grid)
+    if dims is None:
+        return False
+    coef = coef.detach().to(torch.float32).contiguous()
+    args = (dims.data_ptr(), y.data_ptr(), coef.data_ptr())
+    return _run_split(_library(), "axial_obn_forward", args, (out.data_ptr(),), y.shape[0], 1024)
+
+
+def output_bn_sums(y: torch.Tensor, g: torch.Tensor, grid) -> Optional[torch.Tensor]:
+    """(3, C) float64: sum over rows of g y[:, :C], g y[:, C:] and g, with g (seen as (B, S, T, C)
+    rows) the gradient of the output; None when the kernel cannot take the operands. Summed in
+    float32 over blocks of 256 rows, then in float64 (the result does not depend on threads)."""
+    dims = _output_bn_dims(y, g, grid)
+    if dims is None:
+        return None
+    m, c = y.shape[0], y.shape[1] // 2
+    blocks = -(-m // 256)
+    part = torch.empty(blocks, 3, c, dtype=torch.float64)
+    args = (dims.data_ptr(), y.data_ptr(), g.data_ptr())
+    if not _run_split(_library(), "axial_obn_sums", args, (part.data_ptr(),), blocks, 4):
+        return None
+    return part.sum(0)
+
+
+def output_bn_backward(y: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, grid) -> Optional[torch.Tensor]:
+    """The input gradient (M, 2C): shift + b y + a g per half, ``coef`` (3, 2, C): a, b, shift;
+    None when the kernel cannot take the operands."""
+    dims = _output_bn_dims(y, g, grid)
+    if dims is None:
+        return None
+    coef = coef.detach().to(torch.float32).contiguous()
+    gy = torch.empty_like(y)
+    args = (dims.data_ptr(), y.data_ptr(), g.data_ptr(), coef.data_ptr())
+    return gy if _run_split(_library(), "axial_obn_backward", args, (gy.data_ptr(),), y.shape[0], 1024) else None

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import cpu_kernel, ops
 from .chunked import attend, needs_grad, run_layer
 from .dispatch import graph_recorder
 from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step
@@ -191,14 +191,13 @@ class _RowsBatchNormSumHalves(torch.autograd.Function):
         invstd = torch.rsqrt(var2 + eps)  # (2, C), ours
         a = _ours(weight, c) * invstd
         shift = _ours(bias, c) - mean2 * a
-        if grid is None:
-            out = torch.addcmul(shift[0] + shift[1], y[:, :c], a[0]).addcmul_(y[:, c:], a[1])
-        else:
-            b, s, t = grid
-            out = y.new_empty(b, t, s, c)
+        b, s, t = grid if grid is not None else (m, 1, 1)
+        out = y.new_empty(b, t, s, c) if grid is not None else y.new_empty(m, c)
+        rows = out.transpose(1, 2) if grid is not None else out.view(m, 1, 1, c)  # (b, s, t, C)
+        if not cpu_kernel.output_bn_forward(y, torch.stack([a[0], a[1], shift[0] + shift[1]]), rows, (b, s, t)):
             y4 = y.view(b, s, t, c2)
-            torch.addcmul(shift[0] + shift[1], y4[..., :c], a[0], out=out.transpose(1, 2))
-            out.transpose(1, 2).addcmul_(y4[..., c:], a[1])
+            torch.addcmul(shift[0] + shift[1], y4[..., :c], a[0], out=rows)
+            rows.addcmul_(y4[..., c:], a[1])
         ctx.save_for_backward(y, weight, mean2, invstd)
         ctx.grid = grid
         return out
@@ -213,6 +212,10 @@ class _RowsBatchNormSumHalves(torch.autograd.Function):
             rows, g_rows = (m,), g
         else:
             rows, g_rows = ctx.grid, g.transpose(1, 2)
+        fast = _output_bn_backward_c(y, g_rows, ctx.grid or (m, 1, 1), weight, mean, invstd, ctx.needs_input_grad[0])
+        if fast is not None:
+            g_y, g_w, g_b = fast
+            return g_y, _module_order(g_w), _module_order(g_b), None, None, None, None, None
         dims = tuple(range(len(rows)))
         g_half = g_rows.unsqueeze(-2)  # (..., 1, C): the same gradient for both halves
         y_half = y.view(*rows, 2, c)
@@ -231,6 +234,29 @@ class _RowsBatchNormSumHalves(torch.autograd.Function):
         else:
             g_y = None
         return g_y, _module_order(g_w), _module_order(g_b), None, None, None, None, None
+
+
+def _output_bn_backward_c(y, g_rows, grid, weight, mean, invstd, input_grad: bool):
+    """:class:`_RowsBatchNormSumHalves`'s backward by the C kernel (one pass for the sums, one
+    for the input gradient, no (M, 2C) products stored): (g_y, g_w, g_b), or None when the kernel
+    cannot take the operands."""
+    m, c = y.shape[0], y.shape[1] // 2
+    rows = g_rows if g_rows.dim() == 4 else g_rows.view(m, 1, 1, c) if g_rows.is_contiguous() else None
+    sums = cpu_kernel.output_bn_sums(y, rows, grid) if rows is not None else None
+    if sums is None:
+        return None
+    sums = sums.to(y.dtype)
+    gy, g_b = sums[:2], sums[2].expand(2, c)
+    g_w = (gy - mean * g_b) * invstd
+    g_y = None
+    if input_grad:
+        a = _ours(weight, c) * invstd
+        b = a * invstd * g_w / -m
+        shift = a * g_b / -m - b * mean
+        g_y = cpu_kernel.output_bn_backward(y, rows, torch.stack([a, b, shift]), grid)
+        if g_y is None:
+            return None
+    return g_y, g_w, g_b
 
 
 def _ours(t: torch.Tensor, c: int) -> torch.Tensor:
