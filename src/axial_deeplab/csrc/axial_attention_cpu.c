@@ -692,8 +692,8 @@ typedef struct {
     const float *q[BROWS], *gs[BROWS], *gse[BROWS];  /* each row's raw queries and incoming gradients */
     float lse[BROWS], delta[BROWS];
     const float *qL, *gsL, *gseL, *dL; /* the sequence-head's queries (row o at qL + o*q_rs), incoming
-                                          gradients of sv and sve (rows g_rs and ge_rs apart; ge_rs 0:
-                                          one row of zeros) and delta (L) */
+                                          gradients of sv and sve (rows g_rs and ge_rs apart; rows of
+                                          zeros without the value term) and delta (L) */
     int64_t q_rs, g_rs, ge_rs;
 } BackRows;
 

@@ -14,13 +14,14 @@
 
    Rows are m = (b S + s) T + t; y and gy are contiguous (M, 2C); the (M, C) output and gradient
    are at any row strides (the height layer's output is written with s and t swapped), channels at
-   unit stride: dims = [B, S, T, C, stride_b, stride_s, stride_t] of that (M, C) tensor.
+   unit stride: dims = [B, S, T, C, stride_b, stride_s, stride_t] of that (M, C) tensor, then the
+   rows per block of the sums (the caller sizes `part` by it).
 
    Built by axial_deeplab/layers/cpu_kernel.py into the same library as axial_attention_cpu.c (the
    sources are compiled as one unit; every name here is static or starts with axial_obn_). Exported:
      int axial_obn_forward_f32(dims, y, coef, r0, r1, out)         coef (3, C): a0, a1, s0 + s1
      int axial_obn_sums_f32(dims, y, g, k0, k1, part)              part (blocks, 3, C) float64:
-         per block of AXIAL_OBN_BLOCK rows, sum g y0, sum g y1, sum g (the caller adds the blocks,
+         per block of dims[7] rows, sum g y0, sum g y1, sum g (the caller adds the blocks,
          so the result does not depend on how the rows were shared out)
      int axial_obn_backward_f32(dims, y, g, coef, r0, r1, gy)      coef (3, 2, C): a, b, s'
      and the *_shares forms: the same split into `workers` shares (OpenMP threads when built with
@@ -28,8 +29,6 @@
 
 #include <stdint.h>
 #include <stdlib.h>
-
-#define AXIAL_OBN_BLOCK 256
 
 static const float* obn_row(const int64_t* dims, const float* base, int64_t m) {
     const int64_t S = dims[1], T = dims[2];
@@ -50,14 +49,14 @@ int axial_obn_forward_f32(const int64_t* dims, const float* y, const float* coef
 }
 
 int axial_obn_sums_f32(const int64_t* dims, const float* y, const float* g, int64_t k0, int64_t k1, double* part) {
-    const int64_t M = dims[0] * dims[1] * dims[2], C = dims[3];
+    const int64_t M = dims[0] * dims[1] * dims[2], C = dims[3], block = dims[7];
     float* acc = malloc(sizeof(float) * 3 * C);
     if (!acc) return 1;
     for (int64_t k = k0; k < k1; k++) {
         for (int64_t j = 0; j < 3 * C; j++) acc[j] = 0.0f;
         float *s0 = acc, *s1 = acc + C, *sg = acc + 2 * C;
-        const int64_t m1 = (k + 1) * AXIAL_OBN_BLOCK < M ? (k + 1) * AXIAL_OBN_BLOCK : M;
-        for (int64_t m = k * AXIAL_OBN_BLOCK; m < m1; m++) {
+        const int64_t m1 = (k + 1) * block < M ? (k + 1) * block : M;
+        for (int64_t m = k * block; m < m1; m++) {
             const float* yr = y + m * 2 * C;
             const float* gr = obn_row(dims, g, m);
             for (int64_t j = 0; j < C; j++) {

@@ -998,6 +998,9 @@ def band_moments_backward(q, k, tables, use_qk: bool, r: int, by_band: bool, coe
 
 
 # --------------------------------------------------------------------------- output BatchNorm on rows
+_OUTPUT_BN_BLOCK = 256  # rows per float32 partial sum of :func:`output_bn_sums`
+
+
 def _declare_output_bn(lib: ctypes.CDLL) -> None:
     """Signatures of the output-BatchNorm entry points (one share, or split into shares)."""
     for name, inputs in (("forward", 3), ("sums", 3), ("backward", 4)):
@@ -1022,7 +1025,7 @@ def _output_bn_dims(y: torch.Tensor, rows: torch.Tensor, grid) -> Optional[torch
         and _library() is not None
     ):
         return None
-    return torch.tensor([b, s, t, c, *rows.stride()[:3]], dtype=torch.int64)
+    return torch.tensor([b, s, t, c, *rows.stride()[:3], _OUTPUT_BN_BLOCK], dtype=torch.int64)
 
 
 def output_bn_forward(y: torch.Tensor, coef: torch.Tensor, out: torch.Tensor, grid) -> bool:
@@ -1044,7 +1047,7 @@ def output_bn_sums(y: torch.Tensor, g: torch.Tensor, grid) -> Optional[torch.Ten
     if dims is None:
         return None
     m, c = y.shape[0], y.shape[1] // 2
-    blocks = -(-m // 256)
+    blocks = -(-m // _OUTPUT_BN_BLOCK)
     part = torch.empty(blocks, 3, c, dtype=torch.float64)
     args = (dims.data_ptr(), y.data_ptr(), g.data_ptr())
     if not _run_split(_library(), "axial_obn_sums", args, (part.data_ptr(),), blocks, 4):

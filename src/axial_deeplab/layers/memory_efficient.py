@@ -191,72 +191,54 @@ class _RowsBatchNormSumHalves(torch.autograd.Function):
         invstd = torch.rsqrt(var2 + eps)  # (2, C), ours
         a = _ours(weight, c) * invstd
         shift = _ours(bias, c) - mean2 * a
-        b, s, t = grid if grid is not None else (m, 1, 1)
-        out = y.new_empty(b, t, s, c) if grid is not None else y.new_empty(m, c)
-        rows = out.transpose(1, 2) if grid is not None else out.view(m, 1, 1, c)  # (b, s, t, C)
+        # rows (b, s, t) written as (b, t, s, C); without a grid, (m, 1, 1): plain (M, C) rows
+        b, s, t = grid or (m, 1, 1)
+        out = y.new_empty(b, t, s, c)
+        rows = out.transpose(1, 2)  # (b, s, t, C)
         if not cpu_kernel.output_bn_forward(y, torch.stack([a[0], a[1], shift[0] + shift[1]]), rows, (b, s, t)):
             y4 = y.view(b, s, t, c2)
             torch.addcmul(shift[0] + shift[1], y4[..., :c], a[0], out=rows)
             rows.addcmul_(y4[..., c:], a[1])
         ctx.save_for_backward(y, weight, mean2, invstd)
         ctx.grid = grid
-        return out
+        return out if grid is not None else out.view(m, c)
 
     @staticmethod
     def backward(ctx, g):
         y, weight, mean, invstd = ctx.saved_tensors  # mean, invstd (2, C) in our order
         m, c2 = y.shape
         c = c2 // 2
-        # views with one index per row index, then (half, channel); g read where it lies
-        if ctx.grid is None:
-            rows, g_rows = (m,), g
-        else:
-            rows, g_rows = ctx.grid, g.transpose(1, 2)
-        fast = _output_bn_backward_c(y, g_rows, ctx.grid or (m, 1, 1), weight, mean, invstd, ctx.needs_input_grad[0])
-        if fast is not None:
-            g_y, g_w, g_b = fast
-            return g_y, _module_order(g_w), _module_order(g_b), None, None, None, None, None
-        dims = tuple(range(len(rows)))
+        # (b, s, t, C) and (b, s, t, half, C) views of the rows; g read where it lies
+        grid = ctx.grid or (m, 1, 1)
+        g_rows = g.transpose(1, 2) if ctx.grid is not None else g[:, None, None, :]
         g_half = g_rows.unsqueeze(-2)  # (..., 1, C): the same gradient for both halves
-        y_half = y.view(*rows, 2, c)
-        # sum over rows of g[., j] * y[., r*C + j]: the products formed in the input gradient's buffer,
-        # which is overwritten below (one (M, 2C) tensor in all, its pages touched once)
-        g_y = torch.empty_like(y)
-        g_y_half = g_y.view(*rows, 2, c)
-        gy = torch.mul(g_half, y_half, out=g_y_half).sum(dims)  # (2, C)
-        g_b = g_rows.sum(dims).expand(2, c)
+        y_half = y.view(*grid, 2, c)
+        g_y = None
+        # sum over rows of g[., j] * y[., r*C + j] and of g: in one C pass, else with the products
+        # formed in the input gradient's buffer, which is overwritten below (one (M, 2C) tensor in
+        # all, its pages touched once)
+        sums = cpu_kernel.output_bn_sums(y, g_rows, grid)
+        if sums is not None:
+            gy, g_b = sums[:2].to(y.dtype), sums[2].to(y.dtype)
+        else:
+            g_y = torch.empty_like(y)
+            gy = torch.mul(g_half, y_half, out=g_y.view(*grid, 2, c)).sum((0, 1, 2))  # (2, C)
+            g_b = g_rows.sum((0, 1, 2))
+        g_b = g_b.expand(2, c)
         g_w = (gy - mean * g_b) * invstd
         if ctx.needs_input_grad[0]:
             a = _ours(weight, c) * invstd
             b = a * invstd * g_w / -m
             shift = a * g_b / -m - b * mean
-            torch.addcmul(shift, y_half, b, out=g_y_half).addcmul_(g_half, a)  # shift + b y + a g
+            fast = None if sums is None else cpu_kernel.output_bn_backward(y, g_rows, torch.stack([a, b, shift]), grid)
+            if fast is not None:
+                g_y = fast
+            else:  # shift + b y + a g
+                g_y = g_y if g_y is not None else torch.empty_like(y)
+                torch.addcmul(shift, y_half, b, out=g_y.view(*grid, 2, c)).addcmul_(g_half, a)
         else:
             g_y = None
         return g_y, _module_order(g_w), _module_order(g_b), None, None, None, None, None
-
-
-def _output_bn_backward_c(y, g_rows, grid, weight, mean, invstd, input_grad: bool):
-    """:class:`_RowsBatchNormSumHalves`'s backward by the C kernel (one pass for the sums, one
-    for the input gradient, no (M, 2C) products stored): (g_y, g_w, g_b), or None when the kernel
-    cannot take the operands."""
-    m, c = y.shape[0], y.shape[1] // 2
-    rows = g_rows if g_rows.dim() == 4 else g_rows.view(m, 1, 1, c) if g_rows.is_contiguous() else None
-    sums = cpu_kernel.output_bn_sums(y, rows, grid) if rows is not None else None
-    if sums is None:
-        return None
-    sums = sums.to(y.dtype)
-    gy, g_b = sums[:2], sums[2].expand(2, c)
-    g_w = (gy - mean * g_b) * invstd
-    g_y = None
-    if input_grad:
-        a = _ours(weight, c) * invstd
-        b = a * invstd * g_w / -m
-        shift = a * g_b / -m - b * mean
-        g_y = cpu_kernel.output_bn_backward(y, rows, torch.stack([a, b, shift]), grid)
-        if g_y is None:
-            return None
-    return g_y, g_w, g_b
 
 
 def _ours(t: torch.Tensor, c: int) -> torch.Tensor:
