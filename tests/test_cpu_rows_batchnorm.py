@@ -149,9 +149,11 @@ def test_rows_batch_norm_input_gradient_written_over_a_fresh_incoming_gradient(i
         torch.testing.assert_close(incoming, g, rtol=0, atol=0)
 
 
-def test_output_batch_norm_kernel_over_many_blocks_equals_float64():
+@pytest.mark.parametrize("gradient", ["rows_swapped", "channels_outer", "expanded"])
+def test_output_batch_norm_kernel_over_many_blocks_equals_float64(gradient):
     # the C functions behind the output BN: rows (b, s, t) over several 256-row blocks, shared out
-    # over two threads, an odd channel count, the gradient a strided (transposed) view
+    # over two threads, an odd channel count, the gradient a strided view: rows swapped (the height
+    # layer's), channels outermost (an NCHW gradient) or one value everywhere (the backward of a sum)
     from axial_deeplab.layers import cpu_kernel
 
     if not cpu_kernel.available():
@@ -159,7 +161,12 @@ def test_output_batch_norm_kernel_over_many_blocks_equals_float64():
     torch.manual_seed(3)
     b, s, t, c = 3, 5, 41, 13
     y = 2.0 + torch.randn(b * s * t, 2 * c)
-    g = torch.randn(b, t, s, c).transpose(1, 2)  # (b, s, t, C) rows, not contiguous
+    if gradient == "rows_swapped":
+        g = torch.randn(b, t, s, c).transpose(1, 2)  # (b, s, t, C) rows, not contiguous
+    elif gradient == "channels_outer":
+        g = torch.randn(b, c, s, t).permute(0, 2, 3, 1)
+    else:
+        g = torch.randn(()).expand(b, s, t, c)
     coef = torch.randn(3, c)
     y64, g64 = y.double().view(b, s, t, 2 * c), g.double()
     threads = torch.get_num_threads()

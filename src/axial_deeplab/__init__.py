@@ -2,7 +2,16 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_model", "is_model", "list_models", "load_model", "Predictor", "PanopticResult"]
+__all__ = [
+    "__version__",
+    "create_model",
+    "is_model",
+    "list_models",
+    "load_model",
+    "Predictor",
+    "PanopticResult",
+    "keep_freed_memory",
+]
 
 _REGISTRY_NAMES = ("create_model", "is_model", "list_models")
 _INFERENCE_NAMES = ("load_model", "Predictor", "PanopticResult")
@@ -19,4 +28,8 @@ def __getattr__(name):
         from . import inference
 
         return getattr(inference, name)
+    if name == "keep_freed_memory":
+        from .cpu_memory import keep_freed_memory
+
+        return keep_freed_memory
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ import importlib
 import os
 import sys
 
+from .cpu_memory import keep_freed_memory
 from .errors import UserError, output_error  # noqa: F401  (the commands import UserError from here)
 
 COMMAND_MODULES = [
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    # a command's training or inference steps would page-fault their tensors in again each step
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, ValueError) as e:

@@ -13,9 +13,10 @@
    the forward and two for the backward, and the products are never stored.
 
    Rows are m = (b S + s) T + t; y and gy are contiguous (M, 2C); the (M, C) output and gradient
-   are at any row strides (the height layer's output is written with s and t swapped), channels at
-   unit stride: dims = [B, S, T, C, stride_b, stride_s, stride_t] of that (M, C) tensor, then the
-   rows per block of the sums (the caller sizes `part` by it).
+   are at any row strides (the height layer's output is written with s and t swapped): dims =
+   [B, S, T, C, stride_b, stride_s, stride_t] of that (M, C) tensor, then the rows per block of the
+   sums (the caller sizes `part` by it), then the channel stride of the gradient g (the output, written
+   here, has unit stride; a gradient may come at any, e.g. 0 from the backward of a sum).
 
    Built by axial_deeplab/layers/cpu_kernel.py into the same library as axial_attention_cpu.c (the
    sources are compiled as one unit; every name here is static or starts with axial_obn_). Exported:
@@ -48,17 +49,27 @@ int axial_obn_forward_f32(const int64_t* dims, const float* y, const float* coef
     return 0;
 }
 
+/* Row m of the gradient g as C contiguous floats: in place when its channels are at unit stride,
+   else gathered into buf (the loops over channels then run on vectors either way). */
+static inline const float* obn_gradient_row(const int64_t* dims, const float* g, int64_t m, float* buf) {
+    const float* gr = obn_row(dims, g, m);
+    const int64_t C = dims[3], gc = dims[8];
+    if (gc == 1) return gr;
+    for (int64_t j = 0; j < C; j++) buf[j] = gr[j * gc];
+    return buf;
+}
+
 int axial_obn_sums_f32(const int64_t* dims, const float* y, const float* g, int64_t k0, int64_t k1, double* part) {
     const int64_t M = dims[0] * dims[1] * dims[2], C = dims[3], block = dims[7];
-    float* acc = malloc(sizeof(float) * 3 * C);
+    float* acc = malloc(sizeof(float) * 4 * C);
     if (!acc) return 1;
+    float *s0 = acc, *s1 = acc + C, *sg = acc + 2 * C, *buf = acc + 3 * C;
     for (int64_t k = k0; k < k1; k++) {
         for (int64_t j = 0; j < 3 * C; j++) acc[j] = 0.0f;
-        float *s0 = acc, *s1 = acc + C, *sg = acc + 2 * C;
         const int64_t m1 = (k + 1) * block < M ? (k + 1) * block : M;
         for (int64_t m = k * block; m < m1; m++) {
             const float* yr = y + m * 2 * C;
-            const float* gr = obn_row(dims, g, m);
+            const float* gr = obn_gradient_row(dims, g, m, buf);
             for (int64_t j = 0; j < C; j++) {
                 s0[j] += gr[j] * yr[j];
                 s1[j] += gr[j] * yr[C + j];
@@ -76,15 +87,18 @@ int axial_obn_backward_f32(const int64_t* dims, const float* y, const float* g, 
                            int64_t r1, float* gy) {
     const int64_t C = dims[3];
     const float *a = coef, *b = coef + 2 * C, *sh = coef + 4 * C; /* each (2, C) */
+    float* buf = dims[8] == 1 ? NULL : malloc(sizeof(float) * C);
+    if (dims[8] != 1 && !buf) return 1;
     for (int64_t m = r0; m < r1; m++) {
         const float* yr = y + m * 2 * C;
-        const float* gr = obn_row(dims, g, m);
+        const float* gr = obn_gradient_row(dims, g, m, buf);
         float* o = gy + m * 2 * C;
         for (int64_t j = 0; j < C; j++) {
             o[j] = sh[j] + b[j] * yr[j] + a[j] * gr[j];
             o[C + j] = sh[C + j] + b[C + j] * yr[C + j] + a[C + j] * gr[j];
         }
     }
+    free(buf);
     return 0;
 }
 

@@ -1010,10 +1010,10 @@ def _declare_output_bn(lib: ctypes.CDLL) -> None:
             fn.restype = ctypes.c_int
 
 
-def _output_bn_dims(y: torch.Tensor, rows: torch.Tensor, grid) -> Optional[torch.Tensor]:
+def _output_bn_dims(y: torch.Tensor, rows: torch.Tensor, grid, gradient: bool = False) -> Optional[torch.Tensor]:
     """dims of the C functions for y (M, 2C) and the (M, C) tensor ``rows`` viewed as ``grid``
-    (B, S, T) rows, or None when they cannot take them (not float32 CPU, y not contiguous,
-    channels not at unit stride, no kernel)."""
+    (B, S, T) rows, or None when they cannot take them (not float32 CPU, y not contiguous, no
+    kernel, or an output whose channels are not at unit stride; a ``gradient`` is read at any)."""
     b, s, t = grid
     c = y.shape[1] // 2
     if not (
@@ -1021,11 +1021,12 @@ def _output_bn_dims(y: torch.Tensor, rows: torch.Tensor, grid) -> Optional[torch
         and y.device.type == rows.device.type == "cpu"
         and y.is_contiguous()
         and rows.shape == (b, s, t, c)
-        and (c <= 1 or rows.stride(3) == 1)
+        and (gradient or c <= 1 or rows.stride(3) == 1)
         and _library() is not None
     ):
         return None
-    return torch.tensor([b, s, t, c, *rows.stride()[:3], _OUTPUT_BN_BLOCK], dtype=torch.int64)
+    channel_stride = rows.stride(3) if c > 1 else 1
+    return torch.tensor([b, s, t, c, *rows.stride()[:3], _OUTPUT_BN_BLOCK, channel_stride], dtype=torch.int64)
 
 
 def output_bn_forward(y: torch.Tensor, coef: torch.Tensor, out: torch.Tensor, grid) -> bool:
@@ -1043,7 +1044,7 @@ def output_bn_sums(y: torch.Tensor, g: torch.Tensor, grid) -> Optional[torch.Ten
     """(3, C) float64: sum over rows of g y[:, :C], g y[:, C:] and g, with g (seen as (B, S, T, C)
     rows) the gradient of the output; None when the kernel cannot take the operands. Summed in
     float32 over blocks of 256 rows, then in float64 (the result does not depend on threads)."""
-    dims = _output_bn_dims(y, g, grid)
+    dims = _output_bn_dims(y, g, grid, gradient=True)
     if dims is None:
         return None
     m, c = y.shape[0], y.shape[1] // 2
@@ -1058,7 +1059,7 @@ def output_bn_sums(y: torch.Tensor, g: torch.Tensor, grid) -> Optional[torch.Ten
 def output_bn_backward(y: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, grid) -> Optional[torch.Tensor]:
     """The input gradient (M, 2C): shift + b y + a g per half, ``coef`` (3, 2, C): a, b, shift;
     None when the kernel cannot take the operands."""
-    dims = _output_bn_dims(y, g, grid)
+    dims = _output_bn_dims(y, g, grid, gradient=True)
     if dims is None:
         return None
     coef = coef.detach().to(torch.float32).contiguous()
