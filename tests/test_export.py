@@ -337,6 +337,24 @@ def test_banded_dynamic_export_at_exact_block_multiples(example_width):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_onnx_static_global_span_with_as_many_sequences_as_positions(tmp_path, stride):
+    """A global-span layer exported at a fixed size where the sequences (batch x the other axis)
+    are as many as the positions along the axis, as in a square image at batch 1: the exporter's
+    graph optimisations must not mistake one dimension for the other."""
+    import onnxruntime as ort
+
+    ref, banded = _local_twins(span=None, axis="height", stride=stride)
+    x = torch.randn(1, 8, 12, 12) * 3
+    path = str(tmp_path / "layer.onnx")
+    with torch.no_grad():
+        torch.onnx.export(banded, (x,), dynamo=True, verbose=False).save(path)
+        want = ref(x)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert rel_diff(got, want) < 1e-4
+
+
 @pytest.mark.parametrize(
     "stride, sizes",
     [(1, [(6, 40), (5, 45), (7, 13), (3, 4)]), (2, [(6, 40), (5, 39), (7, 20), (3, 9), (4, 3), (2, 2)])],

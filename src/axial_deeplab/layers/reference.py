@@ -248,25 +248,24 @@ def _far(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
-def _per_query_product(a: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(n, h, x, X) times (c|p, X, Y) batched over X -> (n, h, X, Y): the relative terms, whose
-    table differs per query (or key). Written as transposes around one 3-D matmul batched over X,
-    which ONNX Runtime runs well ahead of the Einsum operator it would otherwise get."""
-    n, h, d, length = a.shape
-    out = torch.matmul(a.permute(3, 0, 1, 2).reshape(length, n * h, d), table)  # (X, n h, Y)
-    return out.reshape(length, n, h, table.shape[-1]).permute(1, 2, 0, 3)
-
-
 def _global_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor, radius=None) -> torch.Tensor:
     """The reference in inference as (queries x L) tensors, in few passes (what an exported
     graph pays for): global spans, and local ones on a short static axis. The similarity BN's
     scales go into q and k and its shifts are dropped (constant along each softmax row, they
     cancel); no concatenation or split of the logits; the output BN and the sum of the two
-    retrievals are one affine combination. Plain matmuls (q . k and a . v with transposed
-    operands, which ONNX Runtime fuses) and transposes around batched ones for the relative terms,
-    no Einsum. ``radius``: a local span's r, keys farther away get an additive -inf (from sizes).
-    With ``stride_mode="subsample"`` only the kept queries are computed (every key still
-    attended)."""
+    retrievals are one affine combination. ``radius``: a local span's r, keys farther away get an
+    additive -inf (from sizes). With ``stride_mode="subsample"`` only the kept queries are
+    computed (every key still attended).
+
+    Plain 3-D matmuls, no Einsum. The logits are (n h, o, p): q . k and a . v are matmuls batched
+    over n h. A relative term's table differs per query (or key), so it is a matmul batched over o
+    (or p) instead, whose output must be transposed into the logits' layout: q . r^q is
+    (o, n h, p), k . r^k is (p, n h, o), one transpose each, both moving a single axis (which
+    ONNX Runtime does fast; others are many times slower). a . r^v reads the attention as
+    (o, n h, p): a transpose of the two leading dimensions of a matmul input, which ONNX Runtime
+    folds into the matmul. n h stays one dimension throughout: the ONNX exporter's optimizer turns a
+    reshape to 3-D, product with a 3-D table, reshape back into one 4-D product, which broadcasts
+    the table over n instead (wrong values, no error, where n equals L)."""
     B, _, H, W = x.shape
     L = H if layer.axis == "height" else W
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
@@ -279,6 +278,7 @@ def _global_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor, radius
     queries = keys if step == 1 else torch.arange(0, L, step, device=x.device)
     if step > 1:
         q = q[..., ::step]
+    lq = q.shape[-1]
     sim = bn_affine(layer.bn_similarity)[0].reshape(3, 1, heads, 1, 1)
     idx = pair_table_rows(queries, keys, layer.max_relative_distance)  # (L_o, L_p): table row
 
@@ -287,30 +287,35 @@ def _global_eval(layer: PositionSensitiveAxialAttention, x: torch.Tensor, radius
     far = None if radius is None else (keys[None, :] - queries[:, None]).abs() > radius
     terms = []
     if layer.use_qk:
-        terms.append(torch.matmul((q * sim[0]).transpose(-1, -2), k))
-    if layer.use_query_rpe:  # q_o . r^q_{p-o}: per query o, (c) x (c, p)
+        qs = (q * sim[0]).reshape(N * heads, dk, lq)
+        terms.append(torch.matmul(qs.transpose(-1, -2), k.reshape(N * heads, dk, L)))
+    if layer.use_query_rpe:  # q_o . r^q_{p-o}: per query o, (n h, c) x (c, p)
         qs, table = q * sim[1], layer.query_table[:, idx]
         if far is not None:
             qs = torch.cat([qs, torch.ones_like(qs[:, :, :1])], dim=2)
             table = torch.cat([table, torch.zeros_like(table[:1]).masked_fill(far, _far(table.dtype))])
             far = None
-        terms.append(_per_query_product(qs, table.permute(1, 0, 2)))
-    if layer.use_key_rpe:  # k_p . r^k_{p-o}: per key p, (c) x (c, o)
-        terms.append(_per_query_product(k * sim[2], layer.key_table[:, idx].permute(2, 0, 1)).transpose(-1, -2))
-    logits = sum(terms[1:], terms[0]) if terms else q.new_zeros(N, heads, q.shape[-1], L)
+        qs = qs.reshape(N * heads, qs.shape[2], lq).permute(2, 0, 1)
+        terms.append(torch.matmul(qs, table.permute(1, 0, 2)).transpose(0, 1))
+    if layer.use_key_rpe:  # k_p . r^k_{p-o}: per key p, (n h, c) x (c, o)
+        ks = (k * sim[2]).reshape(N * heads, dk, L).permute(2, 0, 1)
+        terms.append(torch.matmul(ks, layer.key_table[:, idx].permute(2, 0, 1)).permute(1, 2, 0))
+    logits = sum(terms[1:], terms[0]) if terms else q.new_zeros(N * heads, lq, L)
     if far is not None:
         logits = logits + torch.zeros(far.shape, device=x.device, dtype=logits.dtype).masked_fill(far, float("-inf"))
-    attn = torch.softmax(logits, dim=-1)  # over keys p
+    attn = torch.softmax(logits, dim=-1)  # (n h, o, p), over keys p
 
     scale, shift = bn_affine(layer.bn_output)  # channels interleaved [a.v, a.r^v] per value channel
-    scale, shift = scale.reshape(1, heads, 1, dv, 2), shift.reshape(1, heads, 1, dv, 2)
-    out = torch.matmul(attn, v.transpose(-1, -2)) * scale[..., 0] + shift[..., 0]  # (n, h, o, c)
-    if layer.use_value_rpe:  # sum a * r^v_{p-o}: per query o, (p) x (p, c)
-        sve = _per_query_product(attn.transpose(-1, -2), layer.value_table[:, idx].permute(1, 2, 0))
-        out = out + sve * scale[..., 1] + shift[..., 1]
-    out = out.transpose(-1, -2).reshape(N, heads * dv, out.shape[-2])
+    scale, shift = scale.reshape(heads, 1, dv, 2), shift.reshape(heads, 1, dv, 2)
+    out = torch.matmul(attn, v.reshape(N * heads, dv, L).transpose(-1, -2)).reshape(N, heads, lq, dv)
+    if layer.use_value_rpe:  # sum a * r^v_{p-o}: per query o, (n h, p) x (p, c)
+        sve = torch.matmul(attn.transpose(0, 1), layer.value_table[:, idx].permute(1, 2, 0))
+        sve = sve.transpose(0, 1).reshape(N, heads, lq, dv)
+        out = out * scale[..., 0] + sve * scale[..., 1] + (shift[..., 0] + shift[..., 1])
+    else:
+        out = out * scale[..., 0] + shift[..., 0]
+    out = out.transpose(-1, -2).reshape(N, heads * dv, lq)
     if step > 1:  # the queries were the strided ones already
-        lq = out.shape[-1]
         return from_sequences(
             out, layer.axis, B, lq if layer.axis == "height" else H, W if layer.axis == "height" else lq
         )
