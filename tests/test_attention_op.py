@@ -128,6 +128,83 @@ def test_compiled_training_forms_the_similarity_moments_in_the_operator():
     assert any("axial_deeplab.row_grams" in g for g in graphs)
 
 
+def _band_operands(length, with_tables=(True, True), seed=2):
+    """q, k (3, 2, 4, L) float32 strided views of one projection (as the training path reads
+    them), local span radius 2: tables (4, 5) or None."""
+    gen = torch.Generator().manual_seed(seed)
+    nseq, heads, dk, r = 3, 2, 4, 2
+    y = torch.randn(nseq, length, heads, 2 * dk + 8, generator=gen).permute(0, 2, 3, 1)  # (N, h, c2h, L) view
+    q, k = y[:, :, :dk], y[:, :, dk : 2 * dk]
+    tables = [torch.randn(dk, 2 * r + 1, generator=gen) if on else None for on in with_tables]
+    return q, k, tables, r
+
+
+@pytest.mark.skipif(not moment_ops.band_kernel_applies(torch.empty(1, 1, 4, 1)), reason="no C compiler")
+def test_opcheck_band_moment_operators():
+    q, k, (tq, tk), r = _band_operands(9)
+    coef = torch.randn(2, 3, 2, dtype=torch.float64)
+    for by_band in (True, False):
+        for tables in ((tq, tk), (None, tk), (tq, None)):
+            torch.library.opcheck(moment_ops.band_moments, (q, k, *tables, True, r, by_band))
+            torch.library.opcheck(moment_ops.band_moments_backward, (q, k, *tables, True, r, by_band, coef))
+
+
+@pytest.mark.skipif(not moment_ops.band_kernel_applies(torch.empty(1, 1, 4, 1)), reason="no C compiler")
+@pytest.mark.parametrize("length, by_band", [(3, True), (9, True), (9, False)])
+def test_band_moment_operators_equal_the_windowed_gram_form(length, by_band):
+    # the compiled path's Function (the C band walk as operators) against the traced form it
+    # replaces, run in float64: the sums and the gradients of q, k and both tables; length 3 has
+    # every key in the span of radius 2 (a symbolic length takes the local form whatever it is);
+    # by_band False: the table terms from per-position Gram matrices
+    from unittest import mock
+
+    from axial_deeplab.layers.similarity_stats import BandMomentsOp, similarity_moments
+
+    q, k, (tq, tk), r = _band_operands(length)
+    layer = _layer("width", span=2 * r + 1).train()
+    with torch.no_grad():
+        layer.query_table.copy_(tq), layer.key_table.copy_(tk)
+    a, b = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+
+    def grads(fn, q, k, module):
+        q, k = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+        sums, sumsq = fn(q, k)
+        ((a * sums).sum() + (b * sumsq).sum()).backward()
+        tables = (module._parameters["query_table"], module._parameters["key_table"])  # the slices' parameters
+        return sums.detach(), sumsq.detach(), q.grad, k.grad, *(t.grad for t in tables)
+
+    got = grads(
+        lambda q, k: BandMomentsOp.apply(q, k, layer.query_table, layer.key_table, True, r, by_band), q, k, layer
+    )
+    twin = _layer("width", span=2 * r + 1).double().train()
+    twin.load_state_dict(layer.state_dict())
+    with (
+        mock.patch("torch.compiler.is_compiling", return_value=True),
+        mock.patch.object(moment_ops, "band_kernel_applies", return_value=False),
+    ):
+        want = grads(lambda q, k: similarity_moments(twin, q, k)[:2], q.double(), k.double(), twin)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+
+
+def test_compiled_training_forms_the_local_span_moments_in_the_operator():
+    # traced, the local-span moments are the band walk's operator nodes, not windowed Gram products
+    if not moment_ops.band_kernel_applies(torch.empty(1, 1, 4, 1)):
+        pytest.skip("no C compiler: the traced form is the windowed Gram one")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.extend(str(m.graph) for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+        return gm.forward
+
+    torch._dynamo.reset()
+    net = nn.Sequential(_layer("height", span=5), _layer("width", span=5)).train()
+    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend=capture)
+    compiled(torch.randn(2, 16, 9, 11)).sum().backward()
+    torch._dynamo.reset()
+    assert any("axial_deeplab.band_moments" in g for g in graphs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_attention_eval(dtype):
     layer = _layer("width", span=3).to(dtype).eval()

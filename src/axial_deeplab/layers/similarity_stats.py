@@ -29,7 +29,14 @@ from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
     from .axial_attention import PositionSensitiveAxialAttention
 
-__all__ = ["similarity_moments", "similarity_moments_rows", "similarity_scales", "RowMoments", "BandMoments"]
+__all__ = [
+    "similarity_moments",
+    "similarity_moments_rows",
+    "similarity_scales",
+    "RowMoments",
+    "BandMoments",
+    "BandMomentsOp",
+]
 
 
 def similarity_moments(layer: PositionSensitiveAxialAttention, q: torch.Tensor, k: torch.Tensor):
@@ -43,14 +50,19 @@ def similarity_moments(layer: PositionSensitiveAxialAttention, q: torch.Tensor, 
       sum_o q_o^T (sum_p k_p k_p^T) q_o (Gram matrices); q.r^q and k.r^k the same with the
       table rows each position meets, whose sums and Grams depend on positions only.
     * local span (eager): :class:`BandMoments`, the in-span logits block by block (L x ~1.5
-      span per head, never L x L); traced by torch.compile, the windowed Gram form below
-      (prefix sums of k_p k_p^T), which has no data-dependent loop.
+      span per head, never L x L); traced by torch.compile, the same C band walk as operators
+      (:class:`BandMomentsOp`) where it can run, else the windowed Gram form below (prefix sums
+      of k_p k_p^T), which has no data-dependent loop.
     """
     n, heads, dk, length = q.shape
     device = q.device
     r = span_radius(layer, length)
     if r is not None and not torch.compiler.is_compiling():
         return _local_moments(layer, q, k, r)
+    if r is not None and moment_ops.band_kernel_applies(q):  # traced: the band kernel as an operator
+        tables = (layer.query_table if layer.use_query_rpe else None, layer.key_table if layer.use_key_rpe else None)
+        sums, sumsq = BandMomentsOp.apply(q, k, *tables, layer.use_qk, r, dk * dk > 2 * (2 * r + 1))
+        return sums, sumsq, n * in_span_pairs(length, r)
     pos = torch.arange(length, device=device)
     if r is None:
         mask = None
@@ -648,6 +660,32 @@ def _band_kernel_backward(ctx, g_sums, g_sumsq):
     g_q = gq if ctx.needs_input_grad[0] else None
     g_k = gk if ctx.needs_input_grad[1] else None
     return g_q, g_k, g_rq, g_rk, None, None, None, None
+
+
+class BandMomentsOp(torch.autograd.Function):
+    """:class:`BandMoments` through the operators ``axial_deeplab::band_moments`` and its backward
+    (:mod:`.moment_ops`): the same C band walk, visible to ``torch.compile`` (which traces this
+    instead of the eager class, whose ctypes calls it cannot see). q, k (N, heads, d, L) float32
+    CPU at any strides, tables (d, 2r+1) or None; returns (sums, sumsq), (3, heads) float64."""
+
+    @staticmethod
+    def forward(ctx, q, k, query_table, key_table, use_qk, r, by_band):
+        n, heads = q.shape[0], q.shape[1]
+        out = moment_ops.band_moments(q, k, query_table, key_table, use_qk, r, by_band)
+        ctx.save_for_backward(q, k, query_table, key_table)
+        ctx.args = (use_qk, r, by_band)
+        return out[0].view(3, n, heads).sum(1), out[1].view(3, n, heads).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_sums, g_sumsq):
+        q, k, query_table, key_table = ctx.saved_tensors
+        use_qk, r, by_band = ctx.args
+        zero = q.new_zeros(3, q.shape[1], dtype=torch.float64)
+        coef = torch.stack([zero if g_sums is None else g_sums, zero if g_sumsq is None else 2 * g_sumsq])
+        gq, gk, g_tab = moment_ops.band_moments_backward(q, k, query_table, key_table, use_qk, r, by_band, coef)
+        g_rq = g_tab[0].to(query_table.dtype) if query_table is not None else None
+        g_rk = g_tab[1].to(key_table.dtype) if key_table is not None else None
+        return gq, gk, g_rq, g_rk, None, None, None
 
 
 def _gram_backward(
