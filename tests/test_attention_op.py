@@ -1,6 +1,10 @@
 """The attention as registered PyTorch operators: opcheck, torch.compile and torch.export of
 the default path, equal to eager and to the reference."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -203,6 +207,35 @@ def test_compiled_training_forms_the_local_span_moments_in_the_operator():
     compiled(torch.randn(2, 16, 9, 11)).sum().backward()
     torch._dynamo.reset()
     assert any("axial_deeplab.band_moments" in g for g in graphs)
+
+
+def test_compiled_training_whose_trace_builds_the_kernel():
+    # a fresh process whose first use of the C kernel is while torch.compile traces (fullgraph):
+    # the build's lock is not traced, and the local-span moments still take the band operators
+    code = textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel
+
+        def layer(axis):
+            return PositionSensitiveAxialAttention(16, 16, axis=axis, num_heads=2, span=5)
+
+        graphs = []
+
+        def capture(gm, example_inputs):
+            graphs.extend(str(m.graph) for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+            return gm.forward
+
+        net = nn.Sequential(layer("height"), layer("width")).train()
+        torch.compile(net, fullgraph=True, dynamic=True, backend=capture)(torch.randn(2, 16, 9, 11)).sum().backward()
+        print(cpu_kernel.available(), any("axial_deeplab.band_moments" in g for g in graphs))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    built, in_graph = out.stdout.split()[-2:]
+    assert in_graph == built  # the operators exactly when the kernel is built
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

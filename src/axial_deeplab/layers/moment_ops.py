@@ -132,6 +132,13 @@ def row_moments_backward(y: Tensor, nseq: int, length: int, heads: int, dk: int,
 
 
 # --------------------------------------------------------------------------- local span: the band walk
+@torch.compiler.assume_constant_result
+def _kernel_built() -> bool:
+    """Whether the C kernel is built (building it on the first call). A constant while tracing:
+    the call is made, not traced (a first build takes a lock, which Dynamo cannot enter)."""
+    return cpu_kernel.available()
+
+
 def band_kernel_applies(q: Tensor) -> bool:
     """Whether the band operators can run on q (and a k like it): float32 on CPU, key depth within
     the kernel's limit, and the C kernel built. Decided from dtype, device and sizes only."""
@@ -139,7 +146,7 @@ def band_kernel_applies(q: Tensor) -> bool:
         q.dtype == torch.float32
         and q.device.type == "cpu"
         and q.shape[2] <= cpu_kernel.MAX_KEY_DEPTH
-        and cpu_kernel.available()
+        and _kernel_built()
     )
 
 
