@@ -57,12 +57,8 @@ def similarity_moments(layer: PositionSensitiveAxialAttention, q: torch.Tensor, 
     n, heads, dk, length = q.shape
     device = q.device
     r = span_radius(layer, length)
-    if r is not None and not torch.compiler.is_compiling():
+    if r is not None and (not torch.compiler.is_compiling() or moment_ops.band_kernel_applies(q)):
         return _local_moments(layer, q, k, r)
-    if r is not None and moment_ops.band_kernel_applies(q):  # traced: the band kernel as an operator
-        tables = (layer.query_table if layer.use_query_rpe else None, layer.key_table if layer.use_key_rpe else None)
-        sums, sumsq = BandMomentsOp.apply(q, k, *tables, layer.use_qk, r, dk * dk > 2 * (2 * r + 1))
-        return sums, sumsq, n * in_span_pairs(length, r)
     pos = torch.arange(length, device=device)
     if r is None:
         mask = None
@@ -405,8 +401,9 @@ def _local_moments(
     layer: PositionSensitiveAxialAttention, q: torch.Tensor, k: Optional[torch.Tensor], r: int, rows=None
 ):
     """:func:`similarity_moments` of a local span of radius r < L - 1: q.k from the band of
-    in-span logits (:class:`BandMoments`); q.r^q and k.r^k the same way for deep heads, else
-    (d*d small against the span) from position-only table Grams (d x d per position,
+    in-span logits (:class:`BandMoments`; traced by torch.compile, the same C band walk as
+    operators, :class:`BandMomentsOp`, on q and k views); q.r^q and k.r^k the same way for deep
+    heads, else (d*d small against the span) from position-only table Grams (d x d per position,
     shared by every sequence)."""
     n, heads, d, length = q.shape if rows is None else (rows[0], rows[2], rows[3], rows[1])
     tables = (
@@ -414,7 +411,10 @@ def _local_moments(
         layer.key_table if layer.use_key_rpe else None,
     )
     by_band = d * d > 2 * (2 * r + 1)
-    sums, sumsq = BandMoments.apply(q, k, *tables, layer.use_qk, r, by_band, rows)
+    if torch.compiler.is_compiling():
+        sums, sumsq = BandMomentsOp.apply(q, k, *tables, layer.use_qk, r, by_band)
+    else:
+        sums, sumsq = BandMoments.apply(q, k, *tables, layer.use_qk, r, by_band, rows)
     return sums, sumsq, n * in_span_pairs(length, r)
 
 
