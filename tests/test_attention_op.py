@@ -191,22 +191,51 @@ def test_band_moment_operators_equal_the_windowed_gram_form(length, by_band):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
 
 
+@pytest.mark.skipif(not moment_ops.band_kernel_applies(torch.empty(1, 1, 4, 1)), reason="no C compiler")
+def test_band_moments_backward_rows_writes_the_views_gradients_in_the_rows_layout():
+    gen = torch.Generator().manual_seed(5)
+    nseq, length, heads, dk, dv, r = 3, 9, 2, 4, 8, 2
+    y = torch.randn(nseq * length, heads * (2 * dk + dv), generator=gen)
+    tq, tk = (torch.randn(dk, 2 * r + 1, generator=gen) for _ in range(2))
+    coef = torch.randn(2, 3, heads, dtype=torch.float64, generator=gen)
+    q, k = moment_ops.band_views(y, nseq, length, heads, dk)
+    for by_band in (True, False):
+        args = (y, nseq, length, heads, dk, tq, tk, True, r, by_band, coef)
+        torch.library.opcheck(moment_ops.band_moments_backward_rows, args)
+        g_y, g_tab = moment_ops.band_moments_backward_rows(*args)
+        gq, gk, want_tab = moment_ops.band_moments_backward(q, k, tq, tk, True, r, by_band, coef)
+        got_q, got_k = moment_ops.band_views(g_y, nseq, length, heads, dk)
+        torch.testing.assert_close(got_q, gq, rtol=0, atol=0)
+        torch.testing.assert_close(got_k, gk, rtol=0, atol=0)
+        torch.testing.assert_close(g_tab, want_tab, rtol=0, atol=0)
+        assert not g_y.view(nseq, length, heads, -1)[..., 2 * dk :].any()  # the value channels
+
+
 def test_compiled_training_forms_the_local_span_moments_in_the_operator():
-    # traced, the local-span moments are the band walk's operator nodes, not windowed Gram products
+    # traced, the local-span moments are the band walk's operator nodes, not windowed Gram products;
+    # their backward writes the rows' layout, and the output BN is its operator
     if not moment_ops.band_kernel_applies(torch.empty(1, 1, 4, 1)):
         pytest.skip("no C compiler: the traced form is the windowed Gram one")
+    from torch._dynamo.backends.common import aot_autograd
+
     graphs = []
 
     def capture(gm, example_inputs):
-        graphs.extend(str(m.graph) for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
-        return gm.forward
+        graphs.append(str(gm.graph))
+        return gm
 
     torch._dynamo.reset()
     net = nn.Sequential(_layer("height", span=5), _layer("width", span=5)).train()
-    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend=capture)
+    backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend=backend)
     compiled(torch.randn(2, 16, 9, 11)).sum().backward()
     torch._dynamo.reset()
-    assert any("axial_deeplab.band_moments" in g for g in graphs)
+    forward, backward = graphs
+    assert "axial_deeplab.band_moments.default" in forward
+    assert "axial_deeplab.output_bn_sum.default" in forward
+    assert "axial_deeplab.band_moments_backward_rows.default" in backward
+    assert "axial_deeplab.output_bn_sum_backward.default" in backward
+    assert "native_batch_norm_backward" in backward  # the projection's BN: still traced
 
 
 def test_compiled_training_whose_trace_builds_the_kernel():

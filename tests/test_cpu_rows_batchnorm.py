@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from axial_deeplab.layers import memory_efficient
+from axial_deeplab.layers.row_batch_norm import output_batch_norm_sum, output_bn_sum, output_bn_sum_backward
 
 
 def _assert_same_step(out, want, y, y_ref, bn, ref):
@@ -65,7 +66,7 @@ def test_output_batch_norm_with_summed_halves_equals_batchnorm1d_then_the_sum(mo
     y = (1.0 + 3.0 * torch.randn(rows, 2 * half)).requires_grad_(True)
     g = torch.randn(rows, half)
     for _ in range(2):  # twice: the running statistics are updated from their previous values
-        out = memory_efficient._output_batch_norm_sum(bn, y)
+        out = output_batch_norm_sum(bn, y)
         y_ref = y.detach().clone().requires_grad_(True)
         normed = ref(y_ref[:, torch.argsort(perm)])[:, perm]
         want = normed[:, :half] + normed[:, half:]
@@ -95,14 +96,15 @@ def test_output_batch_norm_with_summed_halves_writes_swapped_rows_and_reads_stri
     y = (1.0 - 2.0 * torch.randn(b * s * t, 2 * half)).requires_grad_(True)
     g = torch.randn(b, t, s, half)
 
-    out = memory_efficient._output_batch_norm_sum(bn, y, (b, s, t))
-    assert out.shape == (b, t, s, half) and out.is_contiguous()
-    out.backward(g)
+    out = output_batch_norm_sum(bn, y, (b, s, t), swap=True)
+    assert out.shape == (b, half, t, s) and out.is_contiguous(memory_format=torch.channels_last)
+    out.backward(g.permute(0, 3, 1, 2))
 
     y_ref = y.detach().clone().requires_grad_(True)
     normed = ref(y_ref[:, torch.argsort(perm)])[:, perm]
     want = (normed[:, :half] + normed[:, half:]).view(b, s, t, half).transpose(1, 2)
     want.backward(g)
+    want = want.permute(0, 3, 1, 2)
     _assert_same_step(out, want, y, y_ref, bn, ref)
 
 
@@ -190,3 +192,43 @@ def test_output_batch_norm_kernel_over_many_blocks_equals_float64(gradient):
     halves = torch.stack([y64[..., :c], y64[..., c:]], -2)  # (b, s, t, 2, C)
     want_gy = sh + bb * halves + a * g64.unsqueeze(-2)
     torch.testing.assert_close(gy.double().view(b, s, t, 2, c), want_gy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grid, swap", [(None, False), ((2, 3, 5), True), ((2, 3, 5), False)])
+def test_opcheck_output_bn_sum(dtype, grid, swap):
+    # float32 takes the C kernels (where built), float64 the PyTorch form of the same operator
+    torch.manual_seed(4)
+    m, half = 30, 4
+    y = (1.0 + 2.0 * torch.randn(m, 2 * half, dtype=dtype)).requires_grad_(True)
+    weight = torch.randn(2 * half, dtype=dtype, requires_grad=True)
+    bias = torch.randn(2 * half, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(output_bn_sum, (y, weight, bias, 1e-5, grid, swap))
+    g = torch.randn(m, half, dtype=dtype)
+    if grid is not None:  # (B, C, T, S) or unswapped (B, C, S, T), channels_last as the output
+        inner = (grid[2], grid[1]) if swap else (grid[1], grid[2])
+        g = torch.randn(grid[0], *inner, half, dtype=dtype).permute(0, 3, 1, 2)
+    mean, var = torch.randn(2, half, dtype=dtype), torch.rand(2, half, dtype=dtype) + 0.5
+    for input_grad in (True, False):
+        args = (g, y.detach(), weight.detach(), mean, var, 1e-5, grid, swap, input_grad)
+        torch.library.opcheck(output_bn_sum_backward, args)
+
+
+def test_output_batch_norm_sum_float64_equals_float32_kernels():
+    # the PyTorch form (float64) and the C kernels (float32) give the same step
+    torch.manual_seed(5)
+    b, s, t, half = 2, 3, 7, 5
+    y = 1.0 + 2.0 * torch.randn(b * s * t, 2 * half, dtype=torch.float64)
+    g = torch.randn(b, t, s, half, dtype=torch.float64).permute(0, 3, 1, 2)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        bn = nn.BatchNorm1d(2 * half).to(dtype)
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 2.0, 2 * half))
+            bn.bias.copy_(torch.linspace(-1.0, 1.0, 2 * half))
+        yd = y.to(dtype).detach().requires_grad_(True)
+        out = output_batch_norm_sum(bn, yd, (b, s, t), swap=True)
+        out.backward(g.to(dtype))
+        results.append([out, yd.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
+    for a, want in zip(results[1], results[0]):
+        torch.testing.assert_close(a.double(), want, rtol=1e-4, atol=1e-5)

@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernel, ops
+from . import ops
 from .chunked import attend, needs_grad, run_layer
 from .dispatch import graph_recorder
 from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step
 from .recompute import recompute_backward
+from .row_batch_norm import output_batch_norm_sum
 from .similarity_stats import similarity_moments_rows, similarity_scales
 from .sync import should_sync
 
@@ -160,97 +161,6 @@ class _RowsBatchNorm(torch.autograd.Function):
         return g_y, g_w, g_b, None, None, None, None, None
 
 
-class _RowsBatchNormSumHalves(torch.autograd.Function):
-    """(M, 2C) rows [sv | sve] -> BatchNorm with batch statistics (running statistics updated in
-    place) -> the two halves of each row added, (M, C), without the normalised (M, 2C) tensor: the
-    output is two multiply-adds of the halves, and the backward writes the (M, 2C) input gradient
-    A g + B y + C once, with no copy of the incoming gradient into both halves. On CPU each
-    fresh (M, 2C) tensor also costs its page faults.
-
-    ``weight``, ``bias`` and the running statistics are the module's own, in its channel order
-    (channel 2j + r is our r*C + j, retrieval r of value channel j): read and written through
-    strided (2, C) views, so no gather of them, no scatter back and no index node in the graph.
-
-    ``grid`` (B, S, T): the rows are (b, s, t) and the output is written (B, T, S, C), the two
-    inner row indices swapped (the height layer writes its rows (b, w, h) as (b, h, w): the width
-    layer, next in every axial block, then reads them as they lie, and its input gradient
-    comes back in that layout, read in place by the backward): no layout copy either way."""
-
-    @staticmethod
-    def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps, grid=None):
-        m, c2 = y.shape
-        c = c2 // 2
-        # the batch statistics of PyTorch's CPU BatchNorm (the same numbers as F.batch_norm's);
-        # torch.var_mean over the rows' outer dim is ~25x slower
-        mean, var = torch.batch_norm_update_stats(y, None, None, momentum)
-        mean2, var2 = mean.view(2, c), var.view(2, c)
-        if running_mean is not None:
-            _ours(running_mean, c).mul_(1.0 - momentum).add_(mean2, alpha=momentum)
-        if running_var is not None:
-            _ours(running_var, c).mul_(1.0 - momentum).add_(var2 * (m / max(m - 1, 1)), alpha=momentum)
-        invstd = torch.rsqrt(var2 + eps)  # (2, C), ours
-        a = _ours(weight, c) * invstd
-        shift = _ours(bias, c) - mean2 * a
-        # rows (b, s, t) written as (b, t, s, C); without a grid, (m, 1, 1): plain (M, C) rows
-        b, s, t = grid or (m, 1, 1)
-        out = y.new_empty(b, t, s, c)
-        rows = out.transpose(1, 2)  # (b, s, t, C)
-        if not cpu_kernel.output_bn_forward(y, torch.stack([a[0], a[1], shift[0] + shift[1]]), rows, (b, s, t)):
-            y4 = y.view(b, s, t, c2)
-            torch.addcmul(shift[0] + shift[1], y4[..., :c], a[0], out=rows)
-            rows.addcmul_(y4[..., c:], a[1])
-        ctx.save_for_backward(y, weight, mean2, invstd)
-        ctx.grid = grid
-        return out if grid is not None else out.view(m, c)
-
-    @staticmethod
-    def backward(ctx, g):
-        y, weight, mean, invstd = ctx.saved_tensors  # mean, invstd (2, C) in our order
-        m, c2 = y.shape
-        c = c2 // 2
-        # (b, s, t, C) and (b, s, t, half, C) views of the rows; g read where it lies
-        grid = ctx.grid or (m, 1, 1)
-        g_rows = g.transpose(1, 2) if ctx.grid is not None else g[:, None, None, :]
-        g_half = g_rows.unsqueeze(-2)  # (..., 1, C): the same gradient for both halves
-        y_half = y.view(*grid, 2, c)
-        g_y = None
-        # sum over rows of g[., j] * y[., r*C + j] and of g: in one C pass, else with the products
-        # formed in the input gradient's buffer, which is overwritten below (one (M, 2C) tensor in
-        # all, its pages touched once)
-        sums = cpu_kernel.output_bn_sums(y, g_rows, grid)
-        if sums is not None:
-            gy, g_b = sums[:2].to(y.dtype), sums[2].to(y.dtype)
-        else:
-            g_y = torch.empty_like(y)
-            gy = torch.mul(g_half, y_half, out=g_y.view(*grid, 2, c)).sum((0, 1, 2))  # (2, C)
-            g_b = g_rows.sum((0, 1, 2))
-        g_b = g_b.expand(2, c)
-        g_w = (gy - mean * g_b) * invstd
-        if ctx.needs_input_grad[0]:
-            a = _ours(weight, c) * invstd
-            b = a * invstd * g_w / -m
-            shift = a * g_b / -m - b * mean
-            fast = None if sums is None else cpu_kernel.output_bn_backward(y, g_rows, torch.stack([a, b, shift]), grid)
-            if fast is not None:
-                g_y = fast
-            else:  # shift + b y + a g
-                g_y = g_y if g_y is not None else torch.empty_like(y)
-                torch.addcmul(shift, y_half, b, out=g_y.view(*grid, 2, c)).addcmul_(g_half, a)
-        else:
-            g_y = None
-        return g_y, _module_order(g_w), _module_order(g_b), None, None, None, None, None
-
-
-def _ours(t: torch.Tensor, c: int) -> torch.Tensor:
-    """A (2C,) per-channel vector of bn_output, in its order (2j + r), as a (2, C) view in ours (r, j)."""
-    return t.view(c, 2).t()
-
-
-def _module_order(t: torch.Tensor) -> torch.Tensor:
-    """(2, C) in our order (r, j) -> (2C,) in bn_output's (2j + r)."""
-    return t.t().reshape(-1)
-
-
 def _batch_norm(
     y, mean, var, weight, bias, use_batch: bool, factor: float, eps: float, grad_in_place: bool = False
 ) -> torch.Tensor:
@@ -298,29 +208,9 @@ def _batch_norm_rows(
 
 
 def _fused_output_bn(bn, out: torch.Tensor) -> bool:
-    """Whether :class:`_RowsBatchNormSumHalves` takes the output BN: training with batch
-    statistics and an affine BN, eager, on CPU."""
-    return (
-        bn.training
-        and bn.affine
-        and out.dim() == 2
-        and out.shape[0] > 1
-        and out.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _output_batch_norm_sum(bn, out: torch.Tensor, grid=None) -> torch.Tensor:
-    """``_SumHalves(_batch_norm_rows(bn, out, perm))`` in training (``perm`` the interleaving of
-    :func:`run_layer_position_major`), through :class:`_RowsBatchNormSumHalves` (``grid`` as there)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    keep = bn.track_running_stats and bn.running_mean is not None
-    mean = bn.running_mean if keep else None
-    var = bn.running_var if keep else None
-    return _RowsBatchNormSumHalves.apply(out.contiguous(), bn.weight, bn.bias, mean, var, factor, bn.eps, grid)
+    """Whether ``axial_deeplab::output_bn_sum`` (:mod:`.row_batch_norm`) takes the output BN:
+    training with batch statistics and an affine BN, on CPU."""
+    return bn.training and bn.affine and out.dim() == 2 and out.shape[0] > 1 and out.device.type == "cpu"
 
 
 # --------------------------------------------------------------------------- through the operators
@@ -465,26 +355,27 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
         length,
     )
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
-    if layer.use_value_rpe and _fused_output_bn(layer.bn_output, out) and layer.axis == "height":
-        # written (b, h, w, c): channels_last, as the width layer after it reads its input
-        y4 = _output_batch_norm_sum(layer.bn_output, out, (batch, width, height)).permute(0, 3, 1, 2)
-        return apply_stride(y4, layer)
     if layer.use_value_rpe and _fused_output_bn(layer.bn_output, out):
-        out = _output_batch_norm_sum(layer.bn_output, out)
-    else:
-        perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
-        out = _batch_norm_rows(layer.bn_output, out, perm)
-        out = _SumHalves.apply(out) if layer.use_value_rpe else out[:, :c]
+        # (b, c, h, w) laid out (b, h, w, c), channels_last, as the width layer after a height
+        # layer reads its input: the height layer's rows (b, w, h) are written swapped
+        grid = (batch, width, height) if layer.axis == "height" else (batch, height, width)
+        y4 = output_batch_norm_sum(layer.bn_output, out, grid, swap=layer.axis == "height")
+        return apply_stride(y4, layer)
+    perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
+    out = _batch_norm_rows(layer.bn_output, out, perm)
+    out = _SumHalves.apply(out) if layer.use_value_rpe else out[:, :c]
     if layer.axis == "height":
         y4 = out.reshape(batch, width, height, c).permute(0, 3, 2, 1)
     else:
         y4 = out.reshape(batch, height, width, c).permute(0, 3, 1, 2)  # channels_last
-    if torch.compiler.is_compiling():
-        # a graph node, not a view: Inductor (dynamic shapes) cannot order the symbolic strides of
-        # a 4-D view it would keep channels_last for a convolution and fails; the copy fuses
-        # into the kernel that forms `out`
-        y4 = y4.clone(memory_format=torch.preserve_format)
-    return apply_stride(y4, layer)
+    return apply_stride(_graph_node(y4), layer)
+
+
+def _graph_node(y4: torch.Tensor) -> torch.Tensor:
+    """Traced, a copy of the 4-D view ``y4`` of the layer's rows (a graph node, not a view):
+    Inductor (dynamic shapes) cannot order the symbolic strides of a channels_last 4-D view and
+    fails; in eager the view itself."""
+    return y4.clone(memory_format=torch.preserve_format) if torch.compiler.is_compiling() else y4
 
 
 def axial_attention_memory_efficient(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:

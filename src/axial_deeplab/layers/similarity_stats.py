@@ -36,6 +36,7 @@ __all__ = [
     "RowMoments",
     "BandMoments",
     "BandMomentsOp",
+    "BandMomentsRowsOp",
 ]
 
 
@@ -411,7 +412,9 @@ def _local_moments(
         layer.key_table if layer.use_key_rpe else None,
     )
     by_band = d * d > 2 * (2 * r + 1)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and rows is not None:
+        sums, sumsq = BandMomentsRowsOp.apply(q, *tables, *rows[:4], layer.use_qk, r, by_band)
+    elif torch.compiler.is_compiling():
         sums, sumsq = BandMomentsOp.apply(q, k, *tables, layer.use_qk, r, by_band)
     else:
         sums, sumsq = BandMoments.apply(q, k, *tables, layer.use_qk, r, by_band, rows)
@@ -688,6 +691,34 @@ class BandMomentsOp(torch.autograd.Function):
         return gq, gk, g_rq, g_rk, None, None, None
 
 
+class BandMomentsRowsOp(torch.autograd.Function):
+    """:class:`BandMomentsOp` for q and k read from the position-major rows ``y``
+    (N*L, heads*(2dk+dv)): the backward writes the gradient in the rows' layout
+    (``axial_deeplab::band_moments_backward_rows``), which the traced graph adds to the
+    projection's other gradients elementwise."""
+
+    @staticmethod
+    def forward(ctx, y, query_table, key_table, nseq, length, heads, dk, use_qk, r, by_band):
+        q, k = moment_ops.band_views(y, nseq, length, heads, dk)
+        out = moment_ops.band_moments(q, k, query_table, key_table, use_qk, r, by_band)
+        ctx.save_for_backward(y, query_table, key_table)
+        ctx.args = (nseq, length, heads, dk, use_qk, r, by_band)
+        return out[0].view(3, nseq, heads).sum(1), out[1].view(3, nseq, heads).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_sums, g_sumsq):
+        y, query_table, key_table = ctx.saved_tensors
+        nseq, length, heads, dk, use_qk, r, by_band = ctx.args
+        zero = y.new_zeros(3, heads, dtype=torch.float64)
+        coef = torch.stack([zero if g_sums is None else g_sums, zero if g_sumsq is None else 2 * g_sumsq])
+        g_y, g_tab = moment_ops.band_moments_backward_rows(
+            y, nseq, length, heads, dk, query_table, key_table, use_qk, r, by_band, coef
+        )
+        g_rq = g_tab[0].to(query_table.dtype) if query_table is not None else None
+        g_rk = g_tab[1].to(key_table.dtype) if key_table is not None else None
+        return g_y, g_rq, g_rk, None, None, None, None, None, None, None
+
+
 def _gram_backward(
     saved, mask: torch.Tensor, table: torch.Tensor, a: torch.Tensor, b2: torch.Tensor, n: int, heads: int
 ):
@@ -730,10 +761,10 @@ def similarity_moments_rows(layer: PositionSensitiveAxialAttention, y: torch.Ten
     if span_radius(layer, length) is None:
         sums, sumsq = RowMoments.apply(y, layer.query_table, layer.key_table, layer, nseq, length)
         return sums, sumsq, nseq * length * length
-    if not torch.compiler.is_compiling():
+    q, k = moment_ops.band_views(y, nseq, length, heads, dk)
+    if not torch.compiler.is_compiling() or moment_ops.band_kernel_applies(q):
         return _local_moments(layer, y, None, span_radius(layer, length), rows=(nseq, length, heads, dk, 2 * dk + dv))
-    qkv4 = y.view(nseq, length, heads, 2 * dk + dv).permute(0, 2, 3, 1)  # (N, heads, c2h, L) view
-    return similarity_moments(layer, qkv4[:, :, :dk], qkv4[:, :, dk : 2 * dk])
+    return similarity_moments(layer, q, k)
 
 
 def _at_least_one(n):

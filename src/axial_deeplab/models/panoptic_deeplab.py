@@ -82,6 +82,19 @@ def _bn(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
 
 
+class ChannelsLastConv2d(nn.Conv2d):
+    """A conv that reads its input channels_last on CPU. Why: oneDNN's depthwise 5x5 backward
+    runs ~2x faster on channels_last tensors (28 against 53 ms at 2x288x65x65, one thread), and
+    under ``torch.compile`` Inductor keeps grouped convolutions NCHW unless told otherwise (it
+    doubled their backward in a compiled Axial-DeepLab-S step). In eager a channels_last input (the
+    axial backbone's features are) passes through as it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 class ConvBNReLU(nn.Sequential):
     def __init__(
         self,
@@ -94,8 +107,9 @@ class ConvBNReLU(nn.Sequential):
         bn_momentum: float = 0.1,
     ):
         padding = dilation * (kernel - 1) // 2
+        conv = ChannelsLastConv2d if groups > 1 else nn.Conv2d  # depthwise: see ChannelsLastConv2d
         super().__init__(
-            nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, groups=groups, bias=False),
+            conv(cin, cout, kernel, padding=padding, dilation=dilation, groups=groups, bias=False),
             _bn(cout, bn_eps, bn_momentum),
             nn.ReLU(inplace=True),
         )
