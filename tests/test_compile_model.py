@@ -3,7 +3,7 @@ are tested on the attention operators in tests/test_attention_op.py.)"""
 
 import torch
 
-from axial_deeplab.engine.builders import INFERENCE_COMPILE_OPTIONS, compile_model
+from axial_deeplab.engine.builders import INFERENCE_COMPILE_OPTIONS, TRAINING_COMPILE_OPTIONS, compile_model
 from axial_deeplab.engine.config import Config
 
 
@@ -66,4 +66,15 @@ def test_training_compile_has_no_freezing(monkeypatch):
     calls = _spy(monkeypatch)
     model = _Panoptic()
     compile_model(model, _cfg(True), dynamic=False)
-    assert calls == [(model, {"dynamic": False})]
+    assert calls == [(model, {"dynamic": False, "options": TRAINING_COMPILE_OPTIONS})]
+    assert "freezing" not in TRAINING_COMPILE_OPTIONS
+
+
+def test_training_compile_forces_the_channels_last_backward_on_cpu_only(monkeypatch):
+    calls = _spy(monkeypatch)
+    model = _Panoptic()
+    compile_model(model, _cfg(True))
+    assert calls[-1][1]["options"] == {"force_layout_optimization": True}
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    compile_model(model, _cfg(True))
+    assert calls[-1] == (model, {"dynamic": True})

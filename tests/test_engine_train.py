@@ -362,4 +362,4 @@ def test_experiment_compile_runs_the_model_through_torch_compile(tmp_path, monke
     train(_config(tmp_path / "off", solver={"max_steps": 1}, train={"eval_at_end": False}))
     assert calls == []
     train(_config(tmp_path / "on", experiment={"compile": True}, solver={"max_steps": 1}, train={"eval_at_end": False}))
-    assert calls == [{"dynamic": False}]
+    assert calls == [{"dynamic": False, "options": {"force_layout_optimization": True}}]  # on CPU

@@ -272,11 +272,27 @@ def build_loss(cfg: Config, metadata=None):
 # once instead of in every call (applies to calls under torch.no_grad / inference_mode).
 INFERENCE_COMPILE_OPTIONS = {"freezing": True}
 
+# Inductor options for a training step on CPU. Inductor decides the convolutions' layout per graph
+# and counts only forward convolutions, so a backward graph keeps NCHW: its convolution
+# backwards then guard on the symbolic strides (a dynamic-shape step recompiles at every new
+# size) and oneDNN runs them slower (the 5x5 depthwise backward at half speed). Forcing the
+# layout optimisation gives the backward graph the forward's channels_last: no recompiles, and a
+# compiled Axial-DeepLab-S step's convolution backwards 356 -> 265 ms (eager: 260).
+TRAINING_COMPILE_OPTIONS = {"force_layout_optimization": True}
+
+
+def training_compile_options(model) -> dict:
+    """:data:`TRAINING_COMPILE_OPTIONS` for a model on CPU, else none (Inductor's own layout
+    choice stands on GPUs)."""
+    param = next(iter(model.parameters()), None)
+    return dict(TRAINING_COMPILE_OPTIONS) if param is None or param.device.type == "cpu" else {}
+
 
 def compile_model(model, cfg: Config, dynamic: bool = True, inference: bool = False):
     """``torch.compile(model, dynamic=dynamic)`` when ``experiment.compile`` asks for it, else the
-    model itself. Evaluation images come in many sizes (dynamic); training crops have one size
-    (static: a training step with symbolic sizes compiles, but its compile takes far longer).
+    model itself; training on CPU with :data:`TRAINING_COMPILE_OPTIONS`. Evaluation images come in
+    many sizes (dynamic); training crops have one size (static: a training step with symbolic
+    sizes compiles, but its compile takes far longer).
 
     ``inference``: the weights no longer change (``evaluate``): compiled with
     :data:`INFERENCE_COMPILE_OPTIONS` (Inductor's freezing). A panoptic model is evaluated through
@@ -287,7 +303,10 @@ def compile_model(model, cfg: Config, dynamic: bool = True, inference: bool = Fa
     import torch
 
     if not inference:
-        return torch.compile(model, dynamic=dynamic)
+        options = training_compile_options(model)
+        return (
+            torch.compile(model, dynamic=dynamic, options=options) if options else torch.compile(model, dynamic=dynamic)
+        )
     options = dict(INFERENCE_COMPILE_OPTIONS)
     compiled = torch.compile(model, dynamic=dynamic, options=options)
     if callable(getattr(model, "predict_raw", None)):

@@ -30,7 +30,6 @@ __all__ = [
     "row_moments_backward",
     "band_moments",
     "band_moments_backward",
-    "band_moments_backward_rows",
     "band_views",
     "band_kernel_applies",
 ]
@@ -213,41 +212,3 @@ def band_views(y: Tensor, nseq: int, length: int, heads: int, dk: int) -> Tuple[
     """(q, k) (N, heads, dk, L) views of the position-major rows ``y`` (N*L, heads*(2dk+dv))."""
     qkv4 = y.view(nseq, length, heads, -1).permute(0, 2, 3, 1)  # (N, heads, c2h, L)
     return qkv4[:, :, :dk], qkv4[:, :, dk : 2 * dk]
-
-
-@torch.library.custom_op(f"{_NS}::band_moments_backward_rows", mutates_args=())
-def band_moments_backward_rows(
-    y: Tensor,
-    nseq: int,
-    length: int,
-    heads: int,
-    dk: int,
-    query_table: Optional[Tensor],
-    key_table: Optional[Tensor],
-    use_qk: bool,
-    r: int,
-    by_band: bool,
-    coef: Tensor,
-) -> Tuple[Tensor, Tensor]:
-    """:func:`band_moments_backward` of q, k read from the rows ``y`` (:func:`band_views`), the
-    gradient written in the rows' layout: (g_y (N*L, C2), zero in the value channels, and the
-    tables' (2, d, 2r+1) float64). Why: returned as separate (N, heads, d, L) tensors, the traced
-    graph adds them into the rows gradient through a per-element gather (a compiled
-    Axial-DeepLab-S step spent ~250 ms there, against the kernel's ~150 ms)."""
-    y = y.detach().contiguous()
-    g_y = torch.empty_like(y)
-    g_y.view(nseq, length, heads, -1)[..., 2 * dk :] = 0
-    q, k = band_views(y, nseq, length, heads, dk)
-    gq, gk = band_views(g_y, nseq, length, heads, dk)
-    g_tab = cpu_kernel.band_moments_backward(q, k, (query_table, key_table), use_qk, r, by_band, coef, gq, gk)
-    if g_tab is None:
-        raise RuntimeError(f"the band-moments C kernel refused its backward for rows {tuple(y.shape)} {y.dtype}")
-    return g_y, g_tab
-
-
-@band_moments_backward_rows.register_fake
-def _(y, nseq, length, heads, dk, query_table, key_table, use_qk, r, by_band, coef):
-    return (
-        torch.empty_like(y, memory_format=torch.contiguous_format),
-        y.new_empty(2, dk, 2 * r + 1, dtype=torch.float64),
-    )

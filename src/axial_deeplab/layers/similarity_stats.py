@@ -17,7 +17,8 @@ the reference does.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Optional
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ __all__ = [
     "BandMoments",
     "BandMomentsOp",
     "BandMomentsRowsOp",
+    "band_moments_rows",
+    "band_moments_backward_rows",
 ]
 
 
@@ -693,17 +696,18 @@ class BandMomentsOp(torch.autograd.Function):
 
 class BandMomentsRowsOp(torch.autograd.Function):
     """:class:`BandMomentsOp` for q and k read from the position-major rows ``y``
-    (N*L, heads*(2dk+dv)): the backward writes the gradient in the rows' layout
-    (``axial_deeplab::band_moments_backward_rows``), which the traced graph adds to the
-    projection's other gradients elementwise."""
+    (N*L, heads*(2dk+dv)), through ``axial_deeplab::band_moments_rows`` and its backward
+    (below): the backward writes the gradient in the rows' layout, which the traced graph adds to
+    the projection's other gradients elementwise, and an axis that the span covers takes the
+    global span's Gram form inside the operators (traced with a symbolic length, every
+    local-span layer comes here, whatever its axis)."""
 
     @staticmethod
     def forward(ctx, y, query_table, key_table, nseq, length, heads, dk, use_qk, r, by_band):
-        q, k = moment_ops.band_views(y, nseq, length, heads, dk)
-        out = moment_ops.band_moments(q, k, query_table, key_table, use_qk, r, by_band)
+        out = band_moments_rows(y, query_table, key_table, nseq, length, heads, dk, use_qk, r, by_band)
         ctx.save_for_backward(y, query_table, key_table)
         ctx.args = (nseq, length, heads, dk, use_qk, r, by_band)
-        return out[0].view(3, nseq, heads).sum(1), out[1].view(3, nseq, heads).sum(1)
+        return out[0], out[1]
 
     @staticmethod
     def backward(ctx, g_sums, g_sumsq):
@@ -711,12 +715,110 @@ class BandMomentsRowsOp(torch.autograd.Function):
         nseq, length, heads, dk, use_qk, r, by_band = ctx.args
         zero = y.new_zeros(3, heads, dtype=torch.float64)
         coef = torch.stack([zero if g_sums is None else g_sums, zero if g_sumsq is None else 2 * g_sumsq])
-        g_y, g_tab = moment_ops.band_moments_backward_rows(
-            y, nseq, length, heads, dk, query_table, key_table, use_qk, r, by_band, coef
+        g_y, g_tab = band_moments_backward_rows(
+            y, query_table, key_table, nseq, length, heads, dk, use_qk, r, by_band, coef
         )
         g_rq = g_tab[0].to(query_table.dtype) if query_table is not None else None
         g_rk = g_tab[1].to(key_table.dtype) if key_table is not None else None
         return g_y, g_rq, g_rk, None, None, None, None, None, None, None
+
+
+def _covered_moments(y, tables, nseq: int, length: int, heads: int, dk: int, use_qk: bool, r: int, coef=None):
+    """Inside the rows operators, an axis no longer than the span (r >= L - 1): every pair is in
+    span, so the moments are the global span's, from (d x d) Gram matrices (:class:`RowMoments`'
+    forward and, given ``coef`` (a, 2b), its backward, called directly: the operators run below
+    autograd), in ~1/4 of the band walk's time at Axial-DeepLab-S's deep layers. The tables
+    (d, 2r+1) are the span's rows: a reach of r. Returns (2, 3, heads), or (g_y, g_tab)."""
+    tq, tk = (None if t is None else t.detach() for t in tables)
+    geo = SimpleNamespace(
+        num_heads=heads,
+        key_depth=dk,
+        value_depth=y.shape[1] // heads - 2 * dk,
+        use_qk=use_qk,
+        use_query_rpe=tq is not None,
+        use_key_rpe=tk is not None,
+        max_relative_distance=r,
+        table_rows=2 * r + 1,
+    )
+    ctx = SimpleNamespace(needs_input_grad=(True, tq is not None, tk is not None))
+    sums, sumsq = RowMoments.forward(ctx, y, tq, tk, geo, nseq, length)
+    if coef is None:
+        return torch.stack([sums, sumsq])
+    g_y, g_rq, g_rk = RowMoments.backward(ctx, coef[0], coef[1] / 2)[:3]
+    g_tab = y.new_zeros(2, dk, 2 * r + 1, dtype=torch.float64)
+    for t, g in enumerate((g_rq, g_rk)):
+        if g is not None:
+            g_tab[t] = g
+    return g_y.contiguous(), g_tab
+
+
+@torch.library.custom_op("axial_deeplab::band_moments_rows", mutates_args=())
+def band_moments_rows(
+    y: torch.Tensor,
+    query_table: Optional[torch.Tensor],
+    key_table: Optional[torch.Tensor],
+    nseq: int,
+    length: int,
+    heads: int,
+    dk: int,
+    use_qk: bool,
+    r: int,
+    by_band: bool,
+) -> torch.Tensor:
+    """(sums, sumsq) (2, 3, heads) float64 of the similarity terms over the in-span pairs of q, k
+    read from the rows ``y`` (:func:`.moment_ops.band_views`): the C band walk, or the Gram form
+    where the span covers the axis (:func:`_covered_moments`)."""
+    y = y.detach().contiguous()
+    if r >= length - 1:
+        return _covered_moments(y, (query_table, key_table), nseq, length, heads, dk, use_qk, r)
+    q, k = moment_ops.band_views(y, nseq, length, heads, dk)
+    out = moment_ops.band_moments(q, k, query_table, key_table, use_qk, r, by_band)
+    return out.view(2, 3, nseq, heads).sum(2)
+
+
+@band_moments_rows.register_fake
+def _(y, query_table, key_table, nseq, length, heads, dk, use_qk, r, by_band):
+    return y.new_empty(2, 3, heads, dtype=torch.float64)
+
+
+@torch.library.custom_op("axial_deeplab::band_moments_backward_rows", mutates_args=())
+def band_moments_backward_rows(
+    y: torch.Tensor,
+    query_table: Optional[torch.Tensor],
+    key_table: Optional[torch.Tensor],
+    nseq: int,
+    length: int,
+    heads: int,
+    dk: int,
+    use_qk: bool,
+    r: int,
+    by_band: bool,
+    coef: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_t a_t sums_t + b_t sumsq_t (``coef`` (2, 3, heads): a and 2b) of
+    :func:`band_moments_rows`: (g_y (N*L, C2) in the rows' layout, zero in the value channels;
+    the tables' (2, d, 2r+1) float64). Why the rows' layout: returned as (N, heads, d, L) tensors,
+    the traced graph added them into the rows gradient through a per-element gather (a compiled
+    Axial-DeepLab-S step spent ~250 ms there, against the kernel's ~150 ms)."""
+    y = y.detach().contiguous()
+    if r >= length - 1:
+        return _covered_moments(y, (query_table, key_table), nseq, length, heads, dk, use_qk, r, coef)
+    g_y = torch.empty_like(y)
+    g_y.view(nseq, length, heads, -1)[..., 2 * dk :] = 0
+    q, k = moment_ops.band_views(y, nseq, length, heads, dk)
+    gq, gk = moment_ops.band_views(g_y, nseq, length, heads, dk)
+    g_tab = cpu_kernel.band_moments_backward(q, k, (query_table, key_table), use_qk, r, by_band, coef, gq, gk)
+    if g_tab is None:
+        raise RuntimeError(f"the band-moments C kernel refused its backward for rows {tuple(y.shape)} {y.dtype}")
+    return g_y, g_tab
+
+
+@band_moments_backward_rows.register_fake
+def _(y, query_table, key_table, nseq, length, heads, dk, use_qk, r, by_band, coef):
+    return (
+        torch.empty_like(y, memory_format=torch.contiguous_format),
+        y.new_empty(2, dk, 2 * r + 1, dtype=torch.float64),
+    )
 
 
 def _gram_backward(

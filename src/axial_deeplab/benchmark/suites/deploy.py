@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ...engine.builders import INFERENCE_COMPILE_OPTIONS
+from ...engine.builders import INFERENCE_COMPILE_OPTIONS, training_compile_options
 from ..harness import Result, failure_note, measure, time_interleaved
 from ..report import progress, table
 from .base import Settings, Suite
@@ -203,11 +203,14 @@ def _train_case(model, name, shape, device, repeats, log, clock, compile_backend
     labels = torch.randint(0, 10, (shape[0],), generator=gen).to(device)
     steps = {"eager": train_step(model, x, labels)}
     setup, notes = {}, {}
-    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=compile_backend)
+    # as `train` compiles (on CPU, the backward's convolutions channels_last); options are Inductor's
+    options = training_compile_options(model) if compile_backend == "inductor" else None
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=compile_backend, options=options or None)
     try:
         _, setup["compiled"] = _first_call(train_step(compiled, x, labels))
         steps["compiled"] = train_step(compiled, x, labels)
-        notes["compiled"] = f"compile {setup['compiled']:.1f} s ({compile_backend}, dynamic)"
+        forced = ", layout forced" if options else ""
+        notes["compiled"] = f"compile {setup['compiled']:.1f} s ({compile_backend}, dynamic{forced})"
     except Exception as e:
         notes["compiled"] = failure_note(e)
     return _deploy_rows(case, "train", steps, setup, notes, None, {}, repeats, device, log, clock)
