@@ -52,7 +52,7 @@ def output_bn_sum(
     written as (b, t, s, C)); mean and the biased variance (2, C) in our order."""
     m, c2 = y.shape
     c = c2 // 2
-    y = y.detach()
+    y = y.detach().contiguous()
     # the batch statistics of PyTorch's CPU BatchNorm (the same numbers as F.batch_norm's);
     # torch.var_mean over the rows' outer dim is ~25x slower
     mean, var = torch.batch_norm_update_stats(y, None, None, 0.0)
@@ -113,7 +113,7 @@ def output_bn_sum_backward(
     module's channel order."""
     m, c2 = y.shape
     c = c2 // 2
-    y, g = y.detach(), g.detach()
+    y, g = y.detach().contiguous(), g.detach()
     invstd = torch.rsqrt(var + eps)  # (2, C), ours
     # (b, s, t, C) and (b, s, t, half, C) views of the rows; g read where it lies
     full = _rows_grid(m, grid)
