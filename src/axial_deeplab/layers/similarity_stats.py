@@ -686,12 +686,22 @@ class BandMomentsOp(torch.autograd.Function):
     def backward(ctx, g_sums, g_sumsq):
         q, k, query_table, key_table = ctx.saved_tensors
         use_qk, r, by_band = ctx.args
-        zero = q.new_zeros(3, q.shape[1], dtype=torch.float64)
-        coef = torch.stack([zero if g_sums is None else g_sums, zero if g_sumsq is None else 2 * g_sumsq])
+        coef = _band_coef(g_sums, g_sumsq, q, q.shape[1])
         gq, gk, g_tab = moment_ops.band_moments_backward(q, k, query_table, key_table, use_qk, r, by_band, coef)
-        g_rq = g_tab[0].to(query_table.dtype) if query_table is not None else None
-        g_rk = g_tab[1].to(key_table.dtype) if key_table is not None else None
-        return gq, gk, g_rq, g_rk, None, None, None
+        return gq, gk, *_table_grads(g_tab, query_table, key_table), None, None, None
+
+
+def _band_coef(g_sums, g_sumsq, like: torch.Tensor, heads: int) -> torch.Tensor:
+    """The band operators' ``coef`` (2, 3, heads) float64, a and 2b, from the gradients of the
+    sums and sums of squares (None: zeros)."""
+    zero = like.new_zeros(3, heads, dtype=torch.float64)
+    return torch.stack([zero if g_sums is None else g_sums, zero if g_sumsq is None else 2 * g_sumsq])
+
+
+def _table_grads(g_tab: torch.Tensor, query_table, key_table):
+    """(g_rq, g_rk) in the tables' dtypes from the band operators' (2, d, 2r+1) float64, None for
+    a switched-off table."""
+    return tuple(None if t is None else g_tab[i].to(t.dtype) for i, t in enumerate((query_table, key_table)))
 
 
 class BandMomentsRowsOp(torch.autograd.Function):
@@ -713,14 +723,11 @@ class BandMomentsRowsOp(torch.autograd.Function):
     def backward(ctx, g_sums, g_sumsq):
         y, query_table, key_table = ctx.saved_tensors
         nseq, length, heads, dk, use_qk, r, by_band = ctx.args
-        zero = y.new_zeros(3, heads, dtype=torch.float64)
-        coef = torch.stack([zero if g_sums is None else g_sums, zero if g_sumsq is None else 2 * g_sumsq])
+        coef = _band_coef(g_sums, g_sumsq, y, heads)
         g_y, g_tab = band_moments_backward_rows(
             y, query_table, key_table, nseq, length, heads, dk, use_qk, r, by_band, coef
         )
-        g_rq = g_tab[0].to(query_table.dtype) if query_table is not None else None
-        g_rk = g_tab[1].to(key_table.dtype) if key_table is not None else None
-        return g_y, g_rq, g_rk, None, None, None, None, None, None, None
+        return g_y, *_table_grads(g_tab, query_table, key_table), None, None, None, None, None, None, None
 
 
 def _covered_moments(y, tables, nseq: int, length: int, heads: int, dk: int, use_qk: bool, r: int, coef=None):
