@@ -59,6 +59,7 @@ from .axial_resnet import (
     make_shortcut,
 )
 from .registry import register_model
+from .resize import resize_bilinear
 from .timm_api import TimmModelMixin, take_indices
 
 __all__ = ["HybridAxialResNet", "BasicBlock", "ResizedFuse", "BACKBONE_TYPES", "DROP_PATH_SCHEDULES"]
@@ -430,19 +431,13 @@ class ResizedFuse(nn.Module):
         for x, proj in zip(features, self.projections):
             h, w = x.shape[-2:]
             if isinstance(proj, nn.Identity):
-                y = _resize(x, size)
+                y = resize_bilinear(x, size)
             elif ((h + 1) // 2, (w + 1) // 2) == size:
                 y = proj(self.act(x)[:, :, ::2, ::2])
             else:
-                y = _resize(proj(self.act(x)), size)
+                y = resize_bilinear(proj(self.act(x)), size)
             total = total + y
         return total
-
-
-def _resize(x, size):
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 def _axial_swidernet(default_layer_multiplier: float, **kwargs) -> HybridAxialResNet:

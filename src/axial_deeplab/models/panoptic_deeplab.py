@@ -39,6 +39,7 @@ from torch import nn
 
 from ..postprocess import PostprocessSettings
 from .registry import create_model, register_model
+from .resize import resize_bilinear
 
 __all__ = [
     "PanopticDeepLab",
@@ -163,12 +164,6 @@ class ASPP(nn.Module):
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
 
 
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-
-
 class SingleDecoder(nn.Module):
     """res5 projection, then fusion with res3 and res2 (1x1 projection, upsample, concat, 5x5 dw-sep)."""
 
@@ -199,7 +194,7 @@ class SingleDecoder(nn.Module):
         x = self.aspp(high)
         for low, project, fuse in zip(lows, self.projections, self.fusions):
             low = project(low)
-            x = fuse(torch.cat([_resize(x, low.shape[-2:]), low], dim=1))
+            x = fuse(torch.cat([resize_bilinear(x, low.shape[-2:]), low], dim=1))
         return x
 
 
@@ -218,14 +213,14 @@ def resize_outputs(outputs: Dict[str, torch.Tensor], size) -> Dict[str, torch.Te
     out = dict(outputs)
     for key in ("semantic_logits", "center_heatmap"):
         if key in out:
-            out[key] = _resize(out[key], size)
+            out[key] = resize_bilinear(out[key], size)
     if "offset_map" in out:
         offsets = out["offset_map"]
         h_in, w_in = offsets.shape[-2:]
         h_out, w_out = size
         scale_y = (h_out - 1) / (h_in - 1) if h_in > 1 else h_out / h_in
         scale_x = (w_out - 1) / (w_in - 1) if w_in > 1 else w_out / w_in
-        offsets = _resize(offsets, size)
+        offsets = resize_bilinear(offsets, size)
         # per channel with the scalars themselves: a traced export keeps them symbolic in H and W
         out["offset_map"] = torch.cat([offsets[:, :1] * scale_y, offsets[:, 1:] * scale_x], dim=1)
     return out
