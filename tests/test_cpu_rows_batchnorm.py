@@ -232,3 +232,27 @@ def test_output_batch_norm_sum_float64_equals_float32_kernels():
         results.append([out, yd.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
     for a, want in zip(results[1], results[0]):
         torch.testing.assert_close(a.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_output_bn_sum_backward_reads_any_gradient_layout(swap):
+    # a strided layer's gradient arrives NCHW (its slice backward), a sum's expanded (stride 0);
+    # every layout gives the channels_last gradient's numbers exactly
+    torch.manual_seed(6)
+    b, s, t, half = 2, 5, 7, 6
+    y = 1.0 + 2.0 * torch.randn(b * s * t, 2 * half)
+    weight = torch.randn(2 * half)
+    mean, var = torch.randn(2, half), torch.rand(2, half) + 0.5
+    inner = (t, s) if swap else (s, t)
+    g = torch.randn(b, half, *inner)
+    layouts = {
+        "nchw": g.contiguous(),
+        "sliced nchw": torch.randn(b, half, 2 * inner[0], inner[1])[:, :, ::2].copy_(g),
+        "expanded": g[:, :1, :1, :1].expand_as(g),
+    }
+    for name, grad in layouts.items():
+        dense = grad.contiguous(memory_format=torch.channels_last)
+        want = output_bn_sum_backward(dense, y, weight, mean, var, 1e-5, (b, s, t), swap, True)
+        got = output_bn_sum_backward(grad, y, weight, mean, var, 1e-5, (b, s, t), swap, True)
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w, rtol=0, atol=0, msg=name)
