@@ -1,6 +1,6 @@
-"""The decoders' bilinear resize: eager and exported it is F.interpolate; compiled it is the
-operator pair axial_deeplab::resize_bilinear(_backward), equal to it in values, gradients and
-layout."""
+"""The decoders' bilinear resize: eager, exported and compiled for inference it is
+F.interpolate; compiled for training it is the operator pair
+axial_deeplab::resize_bilinear(_backward), equal to it in values, gradients and layout."""
 
 import pytest
 import torch
@@ -87,6 +87,23 @@ def test_compiled_resize_is_the_operator_and_equals_eager():
     want.sum().backward()
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_inference_keeps_the_decomposition():
+    # without a gradient Inductor gets the gathers it can fuse with the neighbouring operations
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        out = torch.compile(lambda t: resize_bilinear(t, (9, 9)), fullgraph=True, backend=capture)(x)
+    torch._dynamo.reset()
+    assert "axial_deeplab" not in graphs[0]
+    torch.testing.assert_close(out, F.interpolate(x, size=(9, 9), mode="bilinear", align_corners=True))
 
 
 def test_exported_resize_is_the_standard_operator():

@@ -1,12 +1,14 @@
 """Bilinear resize with aligned corners (deeplab2's resize), the one the decoders and heads use.
 
-Eager, exported and traced models call ``F.interpolate``. While ``torch.compile`` traces, the
-resize is the operator ``axial_deeplab::resize_bilinear`` (and its backward) instead, so the
-compiled graph keeps ATen's upsample kernels: traced as it is, ``F.interpolate`` decomposes into
+Eager, exported and traced models call ``F.interpolate``. While ``torch.compile`` traces a
+tensor that needs a gradient, the resize is the operator ``axial_deeplab::resize_bilinear`` (and
+its backward) instead, so the compiled training graph keeps ATen's upsample kernels: traced as it
+is, ``F.interpolate`` decomposes into
 index gathers whose backward is a scatter-add (``index_put`` with accumulation) that Inductor's
 CPU code runs several times slower than ATen's ``upsample_bilinear2d_backward``. Measured on the
 compiled Axial-DeepLab-S training step at 2x3x257x257 (one thread): Inductor's kernels 277 ->
-199 ms, for 30 ms of ATen upsample forward + backward.
+199 ms, for 30 ms of ATen upsample forward + backward. A compiled inference graph keeps the
+decomposition, which Inductor fuses with its neighbours (the decoder's concatenation).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     itself when it already has that size."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if x.requires_grad and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return torch.ops.axial_deeplab.resize_bilinear(x, size[0], size[1])
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
