@@ -2,13 +2,13 @@
 
 Eager, exported and traced models call ``F.interpolate``. While ``torch.compile`` traces a
 tensor that needs a gradient, the resize is the operator ``axial_deeplab::resize_bilinear`` (and
-its backward) instead, so the compiled training graph keeps ATen's upsample kernels: traced as it
-is, ``F.interpolate`` decomposes into
-index gathers whose backward is a scatter-add (``index_put`` with accumulation) that Inductor's
-CPU code runs several times slower than ATen's ``upsample_bilinear2d_backward``. Measured on the
-compiled Axial-DeepLab-S training step at 2x3x257x257 (one thread): Inductor's kernels 277 ->
-199 ms, for 30 ms of ATen upsample forward + backward. A compiled inference graph keeps the
-decomposition, which Inductor fuses with its neighbours (the decoder's concatenation).
+its backward) instead, so the compiled training graph keeps ATen's upsample kernels. Traced as
+it is, ``F.interpolate`` decomposes into index gathers whose backward is a scatter-add
+(``index_put`` with accumulation) that Inductor's CPU code runs several times slower than ATen's
+``upsample_bilinear2d_backward``: on the compiled Axial-DeepLab-S training step at 2x3x257x257
+(one thread) Inductor's kernels went 277 -> 196 ms, for ~30 ms of ATen upsample forward +
+backward. A compiled inference graph keeps the decomposition, which Inductor fuses with its
+neighbours (the decoder's concatenation).
 """
 
 from __future__ import annotations
