@@ -390,6 +390,27 @@ def test_compile_layer_pair_training_step_no_recompile(no_recompile):
         torch.testing.assert_close(a, b)
 
 
+def test_compile_strided_pair_training_step_no_recompile(no_recompile):
+    # the first block of a stage: both layers subsample (their gradient is built channels_last
+    # by _SubsampleKeepingLayout, traced here through AOT autograd), an in-place ReLU after
+    torch.manual_seed(0)
+
+    def strided():
+        return nn.Sequential(_layer("height", stride=2), _layer("width", span=5, stride=2), nn.ReLU(inplace=True))
+
+    net, twin = strided().train(), strided().train()
+    twin.load_state_dict(net.state_dict())
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in SIZES:
+        x = torch.randn(shape)
+        net.zero_grad(), twin.zero_grad()
+        y, g = _grads(net, x)
+        yc, gc = _grads(compiled, x)
+        assert y.shape[-2:] == ((shape[2] + 1) // 2, (shape[3] + 1) // 2)
+        torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+        _assert_grads_close(gc, g)
+
+
 def test_inductor_training_step_with_a_convolution_no_recompile(no_recompile):
     # Inductor itself (C++ codegen, ~1 min here): the operators' outputs and gradients in its
     # graphs, and a convolution behind the attention, whose backward guards on its symbolic
@@ -475,6 +496,30 @@ def test_compile_narrow_model_training_step():
     for a, b in zip(gc, g):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_compile_narrow_panoptic_training_step_three_sizes_no_recompile(no_recompile):
+    # AOT autograd (the graphs Inductor gets) of a whole Axial-DeepLab training step at sizes whose
+    # strided layers see lengths of both parities: no recompile, outputs and gradients equal eager
+    # (a strided slice in the graph had guarded on the parity; the operator subsamples instead)
+    net = _narrow("axial_deeplab_s", num_classes=4, thing_ids=[2, 3]).train()
+    twin = _narrow("axial_deeplab_s", num_classes=4, thing_ids=[2, 3]).train()
+    twin.load_state_dict(net.state_dict())
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
+
+    def step(model, x):
+        out = model(x)
+        loss = sum(out[k].square().mean() for k in ("semantic_logits", "center_heatmap", "offset_map"))
+        loss.backward()
+        return [out[k].detach() for k in ("semantic_logits", "center_heatmap", "offset_map")]
+
+    for shape in [(2, 3, 64, 96), (2, 3, 72, 112), (2, 3, 65, 97)]:
+        x = torch.randn(shape)
+        net.zero_grad(), twin.zero_grad()
+        want, got = step(net, x), step(compiled, x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        _assert_grads_close([p.grad for p in twin.parameters()], [p.grad for p in net.parameters()])
 
 
 @pytest.mark.parametrize("name", ["axial_resnet_s", "axial_deeplab_s"])

@@ -256,3 +256,30 @@ def test_output_bn_sum_backward_reads_any_gradient_layout(swap):
         got = output_bn_sum_backward(grad, y, weight, mean, var, 1e-5, (b, s, t), swap, True)
         for a, w in zip(got, want):
             torch.testing.assert_close(a, w, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_bn_sum_step_keeps_every_step_th_position(swap, dtype):
+    # a strided layer's subsample inside the operator: its output is the full output's every
+    # step-th t, its backward the full backward of a gradient that is zero at the dropped t
+    torch.manual_seed(7)
+    b, s, t, half, step = 2, 3, 7, 4, 2
+    y = (1.0 + 2.0 * torch.randn(b * s * t, 2 * half, dtype=dtype)).requires_grad_(True)
+    weight = torch.randn(2 * half, dtype=dtype, requires_grad=True)
+    bias = torch.randn(2 * half, dtype=dtype, requires_grad=True)
+    grid = (b, s, t)
+    torch.library.opcheck(output_bn_sum, (y, weight, bias, 1e-5, grid, swap, step))
+    full, mean, var = output_bn_sum(y.detach(), weight.detach(), bias.detach(), 1e-5, grid, swap)
+    kept, mean2, var2 = output_bn_sum(y.detach(), weight.detach(), bias.detach(), 1e-5, grid, swap, step)
+    dim = 2 if swap else 3
+    want = full[(slice(None),) * dim + (slice(None, None, step),)]
+    assert kept.shape == want.shape and kept.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(kept, want) and torch.equal(mean2, mean) and torch.equal(var2, var)
+    g = torch.randn(kept.shape, dtype=dtype)
+    g_full = torch.zeros_like(full)
+    g_full[(slice(None),) * dim + (slice(None, None, step),)] = g
+    args = (y.detach(), weight.detach(), mean, var, 1e-5, grid, swap, True)
+    torch.library.opcheck(output_bn_sum_backward, (g, *args, step))
+    for a, w in zip(output_bn_sum_backward(g, *args, step), output_bn_sum_backward(g_full, *args)):
+        torch.testing.assert_close(a, w, rtol=0, atol=0)

@@ -359,9 +359,11 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
         # (b, c, h, w) laid out (b, h, w, c), channels_last, as the width layer after a height
         # layer reads its input: the height layer's rows (b, w, h) are written swapped
         grid = (batch, width, height) if layer.axis == "height" else (batch, height, width)
-        y4 = output_batch_norm_sum(layer.bn_output, out, grid, swap=layer.axis == "height")
         if layer.stride > 1 and layer.stride_mode == "subsample":
-            return _SubsampleKeepingLayout.apply(y4, 2 if layer.axis == "height" else 3, layer.stride)
+            # the operator keeps every stride-th position itself (its gradient comes back
+            # channels_last; a slice in the graph would guard on the length's parity)
+            return output_batch_norm_sum(layer.bn_output, out, grid, swap=layer.axis == "height", step=layer.stride)
+        y4 = output_batch_norm_sum(layer.bn_output, out, grid, swap=layer.axis == "height")
         return apply_stride(y4, layer)
     perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
     out = _batch_norm_rows(layer.bn_output, out, perm)
@@ -371,27 +373,6 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
     else:
         y4 = out.reshape(batch, height, width, c).permute(0, 3, 1, 2)  # channels_last
     return apply_stride(_graph_node(y4), layer)
-
-
-class _SubsampleKeepingLayout(torch.autograd.Function):
-    """Every ``s``-th position along ``dim`` of the layer's output (``apply_stride``'s subsample),
-    as a copy, with the gradient laid out as the output was (channels_last, zeros elsewhere).
-    Autograd's slice backward builds a contiguous (NCHW) zero tensor instead, which the output
-    BatchNorm's backward must then transpose (2x64x129x129, the first block of Axial-DeepLab-S at
-    2x3x257x257: that backward 18-29 ms in the training step with the transposing copy, 64 ms
-    gathering without it, 9.8 ms with this). A copy rather than a view: the block's in-place
-    ReLU follows."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, dim: int, s: int) -> torch.Tensor:
-        ctx.dim, ctx.s, ctx.size, ctx.strides = dim, s, y.shape, y.stride()
-        return y[(slice(None),) * dim + (slice(None, None, s),)].clone(memory_format=torch.preserve_format)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        grad = torch.empty_strided(ctx.size, ctx.strides, dtype=g.dtype, device=g.device).zero_()
-        grad[(slice(None),) * ctx.dim + (slice(None, None, ctx.s),)].copy_(g)
-        return grad, None, None
 
 
 def _graph_node(y4: torch.Tensor) -> torch.Tensor:

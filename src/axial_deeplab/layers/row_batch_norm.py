@@ -43,13 +43,24 @@ def _rows_grid(m: int, grid: Optional[Sequence[int]]):
 
 @torch.library.custom_op(f"{_NS}::output_bn_sum", mutates_args=())
 def output_bn_sum(
-    y: Tensor, weight: Tensor, bias: Tensor, eps: float, grid: Optional[Sequence[int]], swap: bool
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    grid: Optional[Sequence[int]],
+    swap: bool,
+    step: int = 1,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(M, 2C) rows [sv | sve] -> (out, mean, var): the rows normalised with their batch
     statistics and the module's affine ``weight``, ``bias`` (2C,) in its channel order (channel
     2j + r is our r*C + j), the two halves added; out (M, C), or for rows (b, s, t) of ``grid``
     (B, S, T) a channels_last 4-D tensor: (B, C, S, T), or (B, C, T, S) with ``swap`` (the rows
-    written as (b, t, s, C)); mean and the biased variance (2, C) in our order."""
+    written as (b, t, s, C)); mean and the biased variance (2, C) in our order.
+
+    ``step`` > 1 (with a grid): only every ``step``-th t is output (a strided layer's subsample;
+    the statistics still cover every row). Done here rather than by slicing the output in the
+    graph: traced with symbolic sizes, a strided slice guards on the parity of the length, and a
+    training step recompiled at each new parity."""
     m, c2 = y.shape
     c = c2 // 2
     y = y.detach().contiguous()
@@ -67,7 +78,20 @@ def output_bn_sum(
         y4 = y.view(b, s, t, c2)
         torch.addcmul(shift[0] + shift[1], y4[..., :c], a[0], out=rows)
         rows.addcmul_(y4[..., c:], a[1])
+    if step > 1:
+        kept = _kept_grid(grid, step)
+        sub = _output_like(y, None, c, kept, swap)
+        _as_rows(sub, kept, swap).copy_(rows[:, :, ::step])
+        out = sub
     return out, mean2.clone(), var2.clone()
+
+
+def _kept_grid(grid, step: int):
+    """The grid (B, S, ceil(T / step)) of the rows a strided layer keeps."""
+    if grid is None:
+        raise ValueError("output_bn_sum: a step > 1 needs the rows' grid")
+    b, s, t = grid
+    return b, s, (t + step - 1) // step
 
 
 def _output_like(y: Tensor, m, c, grid, swap: bool) -> Tensor:
@@ -90,10 +114,11 @@ def _as_rows(t4: Tensor, grid, swap: bool) -> Tensor:
 
 
 @output_bn_sum.register_fake
-def _(y, weight, bias, eps, grid, swap):
+def _(y, weight, bias, eps, grid, swap, step=1):
     m, c2 = y.shape
     c = c2 // 2
-    return _output_like(y, m, c, grid, swap), y.new_empty(2, c), y.new_empty(2, c)
+    out_grid = _kept_grid(grid, step) if step > 1 else grid
+    return _output_like(y, m, c, out_grid, swap), y.new_empty(2, c), y.new_empty(2, c)
 
 
 @torch.library.custom_op(f"{_NS}::output_bn_sum_backward", mutates_args=())
@@ -107,13 +132,19 @@ def output_bn_sum_backward(
     grid: Optional[Sequence[int]],
     swap: bool,
     input_grad: bool,
+    step: int = 1,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(g_y, g_weight, g_bias) of :func:`output_bn_sum` for the output gradient ``g`` (read at any
-    strides); g_y (M, 2C), an empty tensor unless ``input_grad``; the parameters' (2C,) in the
-    module's channel order."""
+    strides; with ``step`` > 1, of the kept rows only); g_y (M, 2C), an empty tensor unless
+    ``input_grad``; the parameters' (2C,) in the module's channel order."""
     m, c2 = y.shape
     c = c2 // 2
     y, g = y.detach().contiguous(), g.detach()
+    if step > 1:  # the dropped rows' gradient is zero
+        kept = _kept_grid(grid, step)
+        full = _output_like(y, m, c, grid, swap).zero_()
+        _as_rows(full, grid, swap)[:, :, ::step].copy_(_as_rows(g, kept, swap))
+        g = full
     if grid is not None and g.stride(1) > 1:
         # channels apart (an NCHW gradient, e.g. from a strided layer's slice backward): the
         # kernels would gather each row's channels one cache line apart (2x64x129x129: 20.8 ms
@@ -154,7 +185,7 @@ def output_bn_sum_backward(
 
 
 @output_bn_sum_backward.register_fake
-def _(g, y, weight, mean, var, eps, grid, swap, input_grad):
+def _(g, y, weight, mean, var, eps, grid, swap, input_grad, step=1):
     return (
         torch.empty_like(y, memory_format=torch.contiguous_format) if input_grad else y.new_empty(0),
         weight.new_empty(weight.shape),
@@ -163,34 +194,35 @@ def _(g, y, weight, mean, var, eps, grid, swap, input_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    y, weight, _, eps, grid, swap = inputs
+    y, weight, _, eps, grid, swap, step = inputs
     _, mean, var = output
     ctx.save_for_backward(y, weight, mean, var)
-    ctx.eps, ctx.grid, ctx.swap = eps, grid, swap
+    ctx.eps, ctx.grid, ctx.swap, ctx.step = eps, grid, swap, step
 
 
 def _backward(ctx, g, g_mean, g_var):
     y, weight, mean, var = ctx.saved_tensors
     need_y, need_w, need_b = ctx.needs_input_grad[:3]
     if not (need_y or need_w or need_b):
-        return None, None, None, None, None, None
-    g_y, g_w, g_b = output_bn_sum_backward(g, y, weight, mean, var, ctx.eps, ctx.grid, ctx.swap, need_y)
-    return (g_y if need_y else None), (g_w if need_w else None), (g_b if need_b else None), None, None, None
+        return None, None, None, None, None, None, None
+    g_y, g_w, g_b = output_bn_sum_backward(g, y, weight, mean, var, ctx.eps, ctx.grid, ctx.swap, need_y, ctx.step)
+    return (g_y if need_y else None), (g_w if need_w else None), (g_b if need_b else None), None, None, None, None
 
 
 output_bn_sum.register_autograd(_backward, setup_context=_setup_context)
 
 
-def output_batch_norm_sum(bn, y: Tensor, grid=None, swap: bool = False) -> Tensor:
+def output_batch_norm_sum(bn, y: Tensor, grid=None, swap: bool = False, step: int = 1) -> Tensor:
     """``bn`` (a training-mode affine BatchNorm over 2C channels, channel 2j + r holding retrieval
     r of value channel j) on the rows ``y`` (M, 2C) = [sv | sve] with batch statistics, then the
     halves added: :func:`output_bn_sum` (``grid``, ``swap`` as there), and the module's running statistics updated as
-    ``F.batch_norm`` does (through strided (2, C) views: no gather, no scatter back)."""
+    ``F.batch_norm`` does (through strided (2, C) views: no gather, no scatter back). ``step``:
+    a strided layer's subsample along t, as in :func:`output_bn_sum`."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    out, mean, var = output_bn_sum(y, bn.weight, bn.bias, bn.eps, grid, swap)
+    out, mean, var = output_bn_sum(y, bn.weight, bn.bias, bn.eps, grid, swap, step)
     if bn.track_running_stats and bn.running_mean is not None:
         m, c = y.shape[0], y.shape[1] // 2
         with torch.no_grad():
