@@ -370,14 +370,15 @@ def test_compile_layer_pair_eval_no_graph_break_no_recompile(no_recompile):
             torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-5)
 
 
-def test_compile_layer_pair_training_step_no_recompile(no_recompile):
-    # aot_eager: the same Dynamo capture and autograd graphs as inductor, without C++ codegen
-    # (an inductor compile of the backward takes minutes on a small CPU)
+def _compiled_training_matches_eager(make):
+    """A module from ``make`` and its AOT-compiled twin (aot_eager: the same Dynamo capture and
+    autograd graphs as inductor, without C++ codegen) at every size of SIZES: outputs and
+    gradients equal, running statistics advanced the same way; the outputs' sizes."""
     torch.manual_seed(0)
-    net = _pair().train()
-    twin = _pair().train()
+    net, twin = make().train(), make().train()
     twin.load_state_dict(net.state_dict())
     compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
+    sizes = []
     for shape in SIZES:
         x = torch.randn(shape)
         net.zero_grad(), twin.zero_grad()
@@ -385,30 +386,25 @@ def test_compile_layer_pair_training_step_no_recompile(no_recompile):
         yc, gc = _grads(compiled, x)
         torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
         _assert_grads_close(gc, g)
-    # the running statistics advanced the same way
+        sizes.append(tuple(y.shape[-2:]))
     for a, b in zip(twin.buffers(), net.buffers()):
         torch.testing.assert_close(a, b)
+    return sizes
+
+
+def test_compile_layer_pair_training_step_no_recompile(no_recompile):
+    # (an inductor compile of the backward takes minutes on a small CPU)
+    assert _compiled_training_matches_eager(_pair) == [s[-2:] for s in SIZES]
 
 
 def test_compile_strided_pair_training_step_no_recompile(no_recompile):
-    # the first block of a stage: both layers subsample (their gradient is built channels_last
-    # by _SubsampleKeepingLayout, traced here through AOT autograd), an in-place ReLU after
-    torch.manual_seed(0)
-
+    # the first block of a stage: both layers subsample (inside the output BN operator, whose
+    # backward gets the kept rows' gradient), lengths of both parities, an in-place ReLU after
     def strided():
         return nn.Sequential(_layer("height", stride=2), _layer("width", span=5, stride=2), nn.ReLU(inplace=True))
 
-    net, twin = strided().train(), strided().train()
-    twin.load_state_dict(net.state_dict())
-    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
-    for shape in SIZES:
-        x = torch.randn(shape)
-        net.zero_grad(), twin.zero_grad()
-        y, g = _grads(net, x)
-        yc, gc = _grads(compiled, x)
-        assert y.shape[-2:] == ((shape[2] + 1) // 2, (shape[3] + 1) // 2)
-        torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
-        _assert_grads_close(gc, g)
+    sizes = _compiled_training_matches_eager(strided)
+    assert sizes == [((h + 1) // 2, (w + 1) // 2) for _, _, h, w in SIZES]
 
 
 def test_inductor_training_step_with_a_convolution_no_recompile(no_recompile):
