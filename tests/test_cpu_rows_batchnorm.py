@@ -236,7 +236,7 @@ def test_output_batch_norm_sum_float64_equals_float32_kernels():
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_output_bn_sum_backward_reads_any_gradient_layout(swap):
-    # a strided layer's gradient arrives NCHW (its slice backward), a sum's expanded (stride 0);
+    # a gradient may arrive NCHW (a slice's backward builds one), a sum's expanded (stride 0);
     # every layout gives the channels_last gradient's numbers exactly
     torch.manual_seed(6)
     b, s, t, half = 2, 5, 7, 6

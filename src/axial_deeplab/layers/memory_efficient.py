@@ -359,12 +359,11 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
         # (b, c, h, w) laid out (b, h, w, c), channels_last, as the width layer after a height
         # layer reads its input: the height layer's rows (b, w, h) are written swapped
         grid = (batch, width, height) if layer.axis == "height" else (batch, height, width)
-        if layer.stride > 1 and layer.stride_mode == "subsample":
-            # the operator keeps every stride-th position itself (its gradient comes back
-            # channels_last; a slice in the graph would guard on the length's parity)
-            return output_batch_norm_sum(layer.bn_output, out, grid, swap=layer.axis == "height", step=layer.stride)
-        y4 = output_batch_norm_sum(layer.bn_output, out, grid, swap=layer.axis == "height")
-        return apply_stride(y4, layer)
+        # a subsample is kept by the operator itself (its gradient comes back channels_last; a
+        # slice in the graph would guard on the length's parity); pooling modes stay after it
+        step = layer.stride if layer.stride_mode == "subsample" else 1
+        y4 = output_batch_norm_sum(layer.bn_output, out, grid, swap=layer.axis == "height", step=step)
+        return y4 if step > 1 else apply_stride(y4, layer)
     perm = torch.arange(2 * c, device=x.device).view(c, 2).t().reshape(-1)
     out = _batch_norm_rows(layer.bn_output, out, perm)
     out = _SumHalves.apply(out) if layer.use_value_rpe else out[:, :c]
