@@ -55,7 +55,15 @@ def assert_equal_runs(got, want, tol, what) -> None:
     y_ref, grads_ref, buffers_ref = want
     close_scaled(y, y_ref, tol, f"{what}: output")
     assert grads.keys() == grads_ref.keys()
+    # the similarity BN's shift adds one constant to a row's logits, which the softmax cancels:
+    # its gradient is 0 up to rounding, and the rounding scales with the layer's other gradients
+    # (compared relative to themselves, ~1e-5 of noise fails on some CPUs' summation orders)
+    scale = max(1.0, *(float(g.abs().max()) for n, g in grads_ref.items() if g is not None and g.numel()))
     for name in grads_ref:
+        if name.endswith("bn_similarity.bias") and grads_ref[name] is not None:
+            for side, g in (("got", grads[name]), ("reference", grads_ref[name])):
+                assert float(g.abs().max()) <= 4 * tol * scale, f"{what}: grad {name} ({side}) is not ~0: {g}"
+            continue
         close_scaled(grads[name], grads_ref[name], tol, f"{what}: grad {name}")
     for name in buffers_ref:
         close_scaled(buffers[name].double(), buffers_ref[name].double(), tol, f"{what}: buffer {name}")

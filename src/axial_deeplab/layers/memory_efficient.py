@@ -127,22 +127,31 @@ class _RowsBatchNorm(torch.autograd.Function):
     ``native_batch_norm_backward`` walks a (M, C) input one element per channel-row (several
     times slower at the widths of the attention layers).
 
+    The output is formed as ``addcmul(beta, y, alpha)`` from the per-channel affine terms, which
+    are returned too (non-differentiable): the same call on the same operands gives the same
+    bits again, so a caller can drop the output and recompute it (:func:`_recomputed_in_backward`).
+
     ``grad_in_place``: the caller guarantees that the output's gradient reaches the backward as a
     tensor nobody else holds (its consumers' gradients are fresh tensors, summed by autograd), so
     the input gradient is written over it: no fresh (M, C) tensor and its page faults."""
 
     @staticmethod
     def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps, grad_in_place=False):
-        out, mean, invstd = torch.ops.aten.native_batch_norm(
-            y, weight, bias, running_mean, running_var, True, momentum, eps
-        )
+        # batch mean and biased variance in one pass, the running statistics updated as
+        # native_batch_norm does (unbiased variance); then the output in one more pass
+        mean, var = torch.batch_norm_update_stats(y, running_mean, running_var, momentum)
+        invstd = torch.rsqrt(var + eps)
+        alpha = weight.detach() * invstd
+        beta = bias.detach() - mean * alpha
+        out = torch.addcmul(beta, y, alpha)
         ctx.save_for_backward(y, weight, mean, invstd)
         ctx.eps = eps
         ctx.grad_in_place = grad_in_place
-        return out
+        ctx.mark_non_differentiable(alpha, beta)
+        return out, alpha, beta
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_alpha, _g_beta):
         y, weight, mean, invstd = ctx.saved_tensors
         g = g.contiguous()
         _, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
@@ -162,10 +171,20 @@ class _RowsBatchNorm(torch.autograd.Function):
 
 
 def _batch_norm(
-    y, mean, var, weight, bias, use_batch: bool, factor: float, eps: float, grad_in_place: bool = False
-) -> torch.Tensor:
+    y,
+    mean,
+    var,
+    weight,
+    bias,
+    use_batch: bool,
+    factor: float,
+    eps: float,
+    grad_in_place: bool = False,
+    affine: bool = False,
+):
     """``F.batch_norm`` on rows, through :class:`_RowsBatchNorm` in eager training (``grad_in_place``
-    as there)."""
+    as there). ``affine``: returns ``(out, (alpha, beta))``, the affine terms that formed ``out``
+    from ``y``, or ``(out, None)`` where ``F.batch_norm`` ran."""
     if (
         use_batch
         and weight is not None
@@ -175,15 +194,78 @@ def _batch_norm(
         and y.device.type == "cpu"
         and not torch.compiler.is_compiling()
     ):
-        return _RowsBatchNorm.apply(y.contiguous(), weight, bias, mean, var, factor, eps, grad_in_place)
-    return F.batch_norm(y, mean, var, weight, bias, use_batch, factor, eps)
+        out, alpha, beta = _RowsBatchNorm.apply(y.contiguous(), weight, bias, mean, var, factor, eps, grad_in_place)
+        return (out, (alpha, beta)) if affine else out
+    out = F.batch_norm(y, mean, var, weight, bias, use_batch, factor, eps)
+    return (out, None) if affine else out
+
+
+def _outer_saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are already active (``torch.utils.checkpoint``'s non-reentrant
+    mode, ``torch.autograd.graph.save_on_cpu``): ours would hide the tensors saved here from them
+    (the innermost hooks win), so they are left to those."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+class _Recomputed:
+    """What a saved tensor that views the normalised projection is packed as: its view geometry."""
+
+    __slots__ = ("size", "stride", "offset")
+
+    def __init__(self, t: torch.Tensor):
+        self.size, self.stride, self.offset = t.shape, t.stride(), t.storage_offset()
+
+
+# Off only to compare against keeping the normalised projection (tests).
+RECOMPUTE_NORMALIZED_PROJECTION = True
+
+
+def _recomputed_in_backward(out: torch.Tensor, y: torch.Tensor, affine):
+    """A context in which every tensor saved for the backward that views ``out`` (the normalised
+    projection, ``addcmul(beta, y, alpha)``) is dropped and formed again from ``y`` when the
+    backward unpacks it: the same call on the same operands, so the same bits. ``y`` is kept for
+    the BatchNorm's backward anyway, so this saves one (M, C2) tensor per layer (the attention and
+    moments operators' copy of the projection) for one elementwise pass per unpack. Eager training
+    only (``affine`` None, tracing or no gradients: no hooks)."""
+    import contextlib
+
+    if affine is None or not RECOMPUTE_NORMALIZED_PROJECTION or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    if torch.compiler.is_compiling() or _outer_saved_tensor_hooks():
+        return contextlib.nullcontext()
+    alpha, beta = affine
+    # the closures hold neither ``out`` (it is to be freed) nor its storage: only its address
+    storage, device = out.untyped_storage().data_ptr(), out.device
+    state = {"full": None, "packed": 0, "unpacked": 0}
+
+    def pack(t: torch.Tensor):
+        if t.device == device and t.untyped_storage().data_ptr() == storage:
+            state["packed"] += 1
+            return _Recomputed(t)
+        return t
+
+    def unpack(p):
+        if not isinstance(p, _Recomputed):
+            return p
+        full = state["full"]
+        if full is None:
+            full = torch.addcmul(beta, y, alpha)
+        state["unpacked"] += 1
+        # kept while another saved view of it is still to be unpacked (the attention's and the
+        # moments' backwards run one after the other)
+        state["full"] = full if state["unpacked"] < state["packed"] else None
+        return full.as_strided(p.size, p.stride, p.offset)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _batch_norm_rows(
-    bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None, grad_in_place: bool = False
-) -> torch.Tensor:
+    bn, y: torch.Tensor, perm: Optional[torch.Tensor] = None, grad_in_place: bool = False, affine: bool = False
+):
     """``bn`` (BatchNorm1d/2d, same semantics) on rows (M, C) of channels, channel j of ``y``
-    being the module's channel ``perm[j]`` when given (``grad_in_place``: see :class:`_RowsBatchNorm`)."""
+    being the module's channel ``perm[j]`` when given (``grad_in_place``: see :class:`_RowsBatchNorm`;
+    ``affine`` as in :func:`_batch_norm`, without ``perm``)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -204,7 +286,7 @@ def _batch_norm_rows(
                 mean.index_copy_(0, perm, mean_p)
                 var.index_copy_(0, perm, var_p)
         return out
-    return _batch_norm(y, mean, var, weight, bias, use_batch, factor, bn.eps, grad_in_place)
+    return _batch_norm(y, mean, var, weight, bias, use_batch, factor, bn.eps, grad_in_place, affine)
 
 
 def _fused_output_bn(bn, out: torch.Tensor) -> bool:
@@ -341,19 +423,21 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
     else:  # sequences (b, h) along w
         rows_in = x.permute(0, 2, 3, 1)
         nseq, length = batch * height, width
-    y = rows_in.reshape(nseq * length, cin) @ layer.qkv.weight.flatten(1).t()  # (N*L, C2)
+    projection = rows_in.reshape(nseq * length, cin) @ layer.qkv.weight.flatten(1).t()  # (N*L, C2)
     # the normalised projection feeds only the attention operator and the moments, whose backwards
     # return fresh gradients: its gradient is ours to write over
-    y = _batch_norm_rows(layer.bn_qkv, y, grad_in_place=True)
-    scales = similarity_scales(layer, None, None, moments=lambda: similarity_moments_rows(layer, y, nseq, length))
-    out, _ = ops.attention_rows(
-        y,
-        scales,
-        *_tables(layer),
-        nseq,
-        *ops.layer_args(layer),
-        length,
-    )
+    y, affine = _batch_norm_rows(layer.bn_qkv, projection, grad_in_place=True, affine=True)
+    # their backwards form it again from the projection rather than keep it
+    with _recomputed_in_backward(y, projection, affine):
+        scales = similarity_scales(layer, None, None, moments=lambda: similarity_moments_rows(layer, y, nseq, length))
+        out, _ = ops.attention_rows(
+            y,
+            scales,
+            *_tables(layer),
+            nseq,
+            *ops.layer_args(layer),
+            length,
+        )
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
     if layer.use_value_rpe and _fused_output_bn(layer.bn_output, out):
         # (b, c, h, w) laid out (b, h, w, c), channels_last, as the width layer after a height

@@ -273,8 +273,9 @@ class RowMoments(torch.autograd.Function):
             saved["pos"] = (None if xp is None else xp.to(y.dtype), xx, xsum_p, row_sum, tgram, counts, tabs, on_table)
         ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.y_dtype = layer, nseq, length, saved, y.dtype
         ctx.x, ctx.device = None if x is None else x.to(y.dtype), y.device
-        # the kernel's backward reads q and k from y itself (kept for the attention's backward anyway)
-        ctx.y = y.detach() if fast is not None else None
+        # the kernel's backward reads q and k from y itself (kept for the attention's backward anyway;
+        # saved, not held, so that saved-tensor hooks see it)
+        ctx.save_for_backward(y if fast is not None else None)
         return torch.stack(sums), torch.stack(sumsq)
 
     @staticmethod
@@ -320,11 +321,13 @@ class RowMoments(torch.autograd.Function):
         g_rq = g_tables[0] if ctx.needs_input_grad[1] else None
         g_rk = g_tables[1] if ctx.needs_input_grad[2] else None
         g_y = None
-        if ctx.y is not None:
+        (y,) = ctx.saved_tensors
+        y = None if y is None else y.detach()
+        if y is not None:
             grams = moment_ops if torch.compiler.is_compiling() else cpu_kernel
-            g_y = grams.row_moments_backward(ctx.y, nseq, length, heads, dk, ws, cs, tp, bp, cp)
+            g_y = grams.row_moments_backward(y, nseq, length, heads, dk, ws, cs, tp, bp, cp)
         if g_y is None:
-            g_y = _rows_gradient(ctx, ws, cs, tp, bp, cp, xp)
+            g_y = _rows_gradient(ctx, y, ws, cs, tp, bp, cp, xp)
         return g_y.view(nseq * length, -1), g_rq, g_rk, None, None, None
 
 
@@ -358,14 +361,14 @@ def _position_copy(y4: torch.Tensor, d2: int, dtype) -> torch.Tensor:
     return xp
 
 
-def _rows_gradient(ctx, ws, cs, tp, bp, cp, xp) -> torch.Tensor:
+def _rows_gradient(ctx, y, ws, cs, tp, bp, cp, xp) -> torch.Tensor:
     """:class:`RowMoments`' gradient of y (N, L, h, c2h) in PyTorch: batched products on the
     copies of [q, k] (kept by the forward, or made again from y when the kernel made the
     Grams), in the input's dtype, written into y's layout with one strided pass."""
     layer, nseq, length, dtype = ctx.layer, ctx.nseq, ctx.length, ctx.y_dtype
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     d2 = 2 * dk
-    y4 = None if ctx.y is None else ctx.y.view(nseq, length, heads, d2 + dv)
+    y4 = None if y is None else y.view(nseq, length, heads, d2 + dv)
     gx = gp = None
     if ws is not None:
         x = ctx.x if ctx.x is not None else _sequence_copy(y4, d2, dtype)
@@ -479,6 +482,7 @@ class BandMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, query_table, key_table, use_qk, r, tables_by_band=True, rows=None):
         ctx.rows = rows
+        q_in, k_in = q, k
         if rows is not None:  # q is the position-major projection y (N*L, heads*c2h), k is None
             n, length, heads, d, c2h = rows
             y4 = q.detach().view(n, length, heads, c2h)
@@ -488,8 +492,9 @@ class BandMoments(torch.autograd.Function):
         tables_in = (query_table, key_table)
         out = cpu_kernel.band_moments(q.detach(), k.detach(), tables_in, use_qk, r, tables_by_band)
         if out is not None:  # the compiled band walk: float64 throughout, no blocks of logits in memory
-            ctx.kernel = (q.detach(), k.detach(), use_qk, r, tables_by_band)
-            ctx.save_for_backward(query_table, key_table)
+            # the inputs saved (not views of them held), so that saved-tensor hooks see them
+            ctx.kernel = (use_qk, r, tables_by_band)
+            ctx.save_for_backward(query_table, key_table, q_in, k_in)
             return out[0].view(3, n, heads).sum(1), out[1].view(3, n, heads).sum(1)
         nh = n * heads
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -645,8 +650,14 @@ class BandMoments(torch.autograd.Function):
 
 def _band_kernel_backward(ctx, g_sums, g_sumsq):
     """:class:`BandMoments`' backward through the compiled band walk (its forward ran there too)."""
-    q, k, use_qk, r, by_band = ctx.kernel
-    query_table, key_table = ctx.saved_tensors
+    use_qk, r, by_band = ctx.kernel
+    query_table, key_table, q, k = ctx.saved_tensors
+    if ctx.rows is not None:  # q is the position-major projection: its q and k channels as views
+        n, length, heads, d, c2h = ctx.rows
+        y4 = q.detach().view(n, length, heads, c2h)
+        q, k = y4[..., :d].permute(0, 2, 3, 1), y4[..., d : 2 * d].permute(0, 2, 3, 1)
+    else:
+        q, k = q.detach(), k.detach()
     n, heads, d, length = q.shape
     zero = torch.zeros(3, heads, dtype=torch.float64)
     coef = torch.stack([zero if g_sums is None else g_sums, zero if g_sumsq is None else 2 * g_sumsq])
@@ -730,6 +741,14 @@ class BandMomentsRowsOp(torch.autograd.Function):
         return g_y, *_table_grads(g_tab, query_table, key_table), None, None, None, None, None, None, None
 
 
+class _PlainContext(SimpleNamespace):
+    """The context of an autograd Function whose forward and backward are called directly (inside
+    an operator, below autograd): saved tensors are plain references."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
 def _covered_moments(y, tables, nseq: int, length: int, heads: int, dk: int, use_qk: bool, r: int, coef=None):
     """Inside the rows operators, an axis no longer than the span (r >= L - 1): every pair is in
     span, so the moments are the global span's, from (d x d) Gram matrices (:class:`RowMoments`'
@@ -747,7 +766,7 @@ def _covered_moments(y, tables, nseq: int, length: int, heads: int, dk: int, use
         max_relative_distance=r,
         table_rows=2 * r + 1,
     )
-    ctx = SimpleNamespace(needs_input_grad=(True, tq is not None, tk is not None))
+    ctx = _PlainContext(needs_input_grad=(True, tq is not None, tk is not None))
     sums, sumsq = RowMoments.forward(ctx, y, tq, tk, geo, nseq, length)
     if coef is None:
         return torch.stack([sums, sumsq])
