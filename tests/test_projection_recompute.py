@@ -16,7 +16,13 @@ import pytest
 import torch
 from attention_testing import forward_backward, randomize_batch_norms
 
-from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, memory_efficient, ops
+from axial_deeplab.layers import (
+    PositionSensitiveAxialAttention,
+    activation_recompute,
+    cpu_kernel,
+    memory_efficient,
+    ops,
+)
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernel.available(),
@@ -115,6 +121,10 @@ def test_no_hooks_without_gradients_or_while_tracing(monkeypatch):
     # another's saved-tensor hooks (offloading, torch.utils.checkpoint) are left in charge
     with torch.autograd.graph.save_on_cpu():
         assert isinstance(memory_efficient._recomputed_in_backward(out, y, affine), contextlib.nullcontext)
+    # the replay of an activation-recomputed forward: its graph is differentiated at once
+    monkeypatch.setattr(activation_recompute._REPLAYING, "depth", 1, raising=False)
+    assert isinstance(memory_efficient._recomputed_in_backward(out, y, affine), contextlib.nullcontext)
+    monkeypatch.setattr(activation_recompute._REPLAYING, "depth", 0)
     # torch.compile's partitioner decides what its graphs keep
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert isinstance(memory_efficient._recomputed_in_backward(out, y, affine), contextlib.nullcontext)

@@ -1,7 +1,8 @@
 """Recompute a module's activations in the backward instead of keeping them.
 
-Why: in training an axial-attention layer keeps, for its backward, the projection before and
-after its BatchNorm, the attention's own inputs and outputs, the similarity-BN moments' copies
+Why: in training an axial-attention layer keeps, for its backward, the projection before its
+BatchNorm (after it too, except on the eager CPU path, which forms it again), the attention's
+own inputs and outputs, the similarity-BN moments' copies
 of the queries and keys (float64 Grams among them) and the two retrievals before the output
 BatchNorm: several times its input. In an Axial-DeepLab-S training step these are most of the
 activation memory (about two thirds of what the graph holds at the end of the forward at
@@ -17,7 +18,7 @@ to the input and the module's parameters (``torch.autograd.grad``: gradients are
 accumulated behind autograd's back, so ``autograd.grad(loss, params)`` works as usual). Unlike
 ``torch.utils.checkpoint``'s non-reentrant mode, which drops only what goes through
 ``save_for_backward``, this keeps nothing of the first forward's graph, so tensors an
-autograd Function stores as plain ``ctx`` attributes (the similarity-BN moments do) are not
+autograd Function stores as plain ``ctx`` attributes (the moments' PyTorch forms do) are not
 kept either. The RNG state (drop path, dropout) and autocast state are replayed as they were,
 and BatchNorm's running statistics, which the replay would update a second time, are put back
 after it: a training step with recompute equals one without (outputs, gradients, buffers).
@@ -32,10 +33,15 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["run_recomputed", "recompute_applies"]
+__all__ = ["run_recomputed", "recompute_applies", "replaying"]
 
 
 _REPLAYING = threading.local()
+
+
+def replaying() -> bool:
+    """Whether this thread is inside a backward's replay of a recomputed forward."""
+    return bool(getattr(_REPLAYING, "depth", 0))
 
 
 def recompute_applies(module: nn.Module) -> bool:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .activation_recompute import replaying
 from .chunked import attend, needs_grad, run_layer
 from .dispatch import graph_recorder
 from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step
@@ -231,6 +232,8 @@ def _recomputed_in_backward(out: torch.Tensor, y: torch.Tensor, affine):
     import contextlib
 
     if affine is None or not RECOMPUTE_NORMALIZED_PROJECTION or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    if replaying():  # a recomputed forward's graph is differentiated at once: nothing to gain
         return contextlib.nullcontext()
     if torch.compiler.is_compiling() or _outer_saved_tensor_hooks():
         return contextlib.nullcontext()
