@@ -124,6 +124,8 @@ typedef struct {
     int64_t o_bs, o_ns, o_hs, o_rs; /* out2 NULL: out = sv + sve (+ beta); else sv -> out, sve -> out2 */
     const float* beta;       /* (heads, dvp) added to out, or NULL                                      */
     float* lse;              /* (nseq*heads, Lq) log2-sum-exp2 of each row, or NULL                     */
+    const float* bias;       /* (heads, 2dk+dv) added to qkv as it is loaded (eval: the folded          */
+                             /* projection's bias), or NULL                                             */
 } AxialArgs;
 
 #define MAXDK 256
@@ -315,6 +317,28 @@ static void load_one(const AxialArgs* a, const Seq* s, const float* base, float*
             }
         for (int64_t c = 0; c < dv; c++)
             for (int64_t p = 0; p < L; p++) vt[(pad + p) * dvp + c] = base[(2 * dk + c) * sc + p * sp];
+    }
+}
+
+/* The projection's bias of one head (q, k, v channels) added to its loaded slot, valid positions
+   only (the zero padding stays zero). Eval passes the folded bias here rather than in qkv: the
+   matrix product then writes qkv without a first pass copying the bias into it. */
+static void add_bias(const AxialArgs* a, const Seq* s, float* slot, const float* b) {
+    const int64_t L = a->L, dk = a->dk, dv = a->dv, Lk = s->Lk, pad = s->pad, dvp = s->dvp;
+    float* kt = slot;
+    float* vt = kt + dk * Lk;
+    float* qs = vt + Lk * dvp;
+    for (int64_t c = 0; c < dk; c++) {
+        const float bq = b[c], bk = b[dk + c];
+        float* qr = qs + c * L;
+        float* kr = kt + c * Lk + pad;
+        for (int64_t p = 0; p < L; p++) qr[p] += bq;
+        for (int64_t p = 0; p < L; p++) kr[p] += bk;
+    }
+    const float* bv = b + 2 * dk;
+    for (int64_t p = 0; p < L; p++) {
+        float* row = vt + (pad + p) * dvp;
+        for (int64_t c = 0; c < dv; c++) row[c] += bv[c];
     }
 }
 
@@ -643,6 +667,9 @@ int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* 
             if (s.head_group > 1) {
                 if (n != loaded) {
                     load_heads(a, &s, a->qkv + nb * a->s_b + ni * a->s_n, slots);
+                    if (a->bias)
+                        for (int64_t hh = 0; hh < a->heads; hh++)
+                            add_bias(a, &s, slots + hh * s.slot, a->bias + hh * (2 * a->dk + a->dv));
                     loaded = n;
                     if (n + 1 < a->nseq) {
                         const Ahead next = {a->qkv + nb1 * a->s_b + ni1 * a->s_n, 0, 0, 0, ahead.step};
@@ -652,6 +679,7 @@ int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* 
                 use_sequence(a, &s, n, h, slots + h * s.slot);
             } else {
                 load_one(a, &s, a->qkv + nb * a->s_b + ni * a->s_n + h * a->s_h, slots);
+                if (a->bias) add_bias(a, &s, slots, a->bias + h * (2 * a->dk + a->dv));
                 if (n + 1 < a->nseq)  /* the same head of the next sequence */
                     prefetch_sequence(a, a->qkv + nb1 * a->s_b + ni1 * a->s_n + h * a->s_h);
                 use_sequence(a, &s, n, h, slots);
