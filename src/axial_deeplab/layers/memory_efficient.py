@@ -22,6 +22,7 @@ The sequence-layout function above stays the path of other devices and the opera
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -229,8 +230,6 @@ def _recomputed_in_backward(out: torch.Tensor, y: torch.Tensor, affine):
     the BatchNorm's backward anyway, so this saves one (M, C2) tensor per layer (the attention and
     moments operators' copy of the projection) for one elementwise pass per unpack. Eager training
     only (``affine`` None, tracing or no gradients: no hooks)."""
-    import contextlib
-
     if affine is None or not RECOMPUTE_NORMALIZED_PROJECTION or not torch.is_grad_enabled():
         return contextlib.nullcontext()
     if replaying():  # a recomputed forward's graph is differentiated at once: nothing to gain
