@@ -58,7 +58,7 @@ def assert_equal_runs(got, want, tol, what) -> None:
     # the similarity BN's shift adds one constant to a row's logits, which the softmax cancels:
     # its gradient is 0 up to rounding, and the rounding scales with the layer's other gradients
     # (compared relative to themselves, ~1e-5 of noise fails on some CPUs' summation orders)
-    scale = max(1.0, *(float(g.abs().max()) for n, g in grads_ref.items() if g is not None and g.numel()))
+    scale = max(1.0, *(float(g.abs().max()) for g in grads_ref.values() if g is not None and g.numel()))
     for name in grads_ref:
         if name.endswith("bn_similarity.bias") and grads_ref[name] is not None:
             for side, g in (("got", grads[name]), ("reference", grads_ref[name])):

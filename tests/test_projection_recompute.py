@@ -9,6 +9,7 @@ replaced; torch.compile's path does not use the hooks."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import weakref
 
@@ -138,7 +139,7 @@ def test_inside_torch_utils_checkpoint(monkeypatch):
     layer = make_layer(**CASES["local span"])
     x = torch.randn(2, 16, 11, 13)
     _, grads, _, _ = forward_backward(layer, "memory_efficient", x)
-    ck = __import__("copy").deepcopy(layer)
+    ck = copy.deepcopy(layer)
     ck.impl = "memory_efficient"
     xc = x.clone().requires_grad_()
     y = checkpoint(ck.train(), xc, use_reentrant=False)

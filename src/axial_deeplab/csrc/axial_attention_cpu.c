@@ -320,11 +320,12 @@ static void load_one(const AxialArgs* a, const Seq* s, const float* base, float*
     }
 }
 
-/* The projection's bias of one head (q, k, v channels) added to its loaded slot, valid positions
-   only (the zero padding stays zero). Eval passes the folded bias here rather than in qkv: the
-   matrix product then writes qkv without a first pass copying the bias into it. */
-static void add_bias(const AxialArgs* a, const Seq* s, float* slot, const float* b) {
+/* Head h's projection bias (q, k, v channels) added to its loaded slot, valid positions only
+   (the zero padding stays zero). Eval passes the folded bias here rather than in qkv: the matrix
+   product then writes qkv without a first pass copying the bias into it. */
+static void add_bias(const AxialArgs* a, const Seq* s, float* slot, int64_t h) {
     const int64_t L = a->L, dk = a->dk, dv = a->dv, Lk = s->Lk, pad = s->pad, dvp = s->dvp;
+    const float* b = a->bias + h * (2 * dk + dv);
     float* kt = slot;
     float* vt = kt + dk * Lk;
     float* qs = vt + Lk * dvp;
@@ -668,8 +669,7 @@ int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* 
                 if (n != loaded) {
                     load_heads(a, &s, a->qkv + nb * a->s_b + ni * a->s_n, slots);
                     if (a->bias)
-                        for (int64_t hh = 0; hh < a->heads; hh++)
-                            add_bias(a, &s, slots + hh * s.slot, a->bias + hh * (2 * a->dk + a->dv));
+                        for (int64_t hh = 0; hh < a->heads; hh++) add_bias(a, &s, slots + hh * s.slot, hh);
                     loaded = n;
                     if (n + 1 < a->nseq) {
                         const Ahead next = {a->qkv + nb1 * a->s_b + ni1 * a->s_n, 0, 0, 0, ahead.step};
@@ -679,7 +679,7 @@ int axial_attention_rows_f32(const AxialArgs* a, int64_t r0, int64_t r1, float* 
                 use_sequence(a, &s, n, h, slots + h * s.slot);
             } else {
                 load_one(a, &s, a->qkv + nb * a->s_b + ni * a->s_n + h * a->s_h, slots);
-                if (a->bias) add_bias(a, &s, slots, a->bias + h * (2 * a->dk + a->dv));
+                if (a->bias) add_bias(a, &s, slots, h);
                 if (n + 1 < a->nseq)  /* the same head of the next sequence */
                     prefetch_sequence(a, a->qkv + nb1 * a->s_b + ni1 * a->s_n + h * a->s_h);
                 use_sequence(a, &s, n, h, slots);

@@ -122,6 +122,12 @@ class _SumHalves(torch.autograd.Function):
         return g.repeat(1, 2)
 
 
+def _normalised(y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The BatchNorm's output from its per-channel affine terms: the one call that both the forward
+    and :func:`_recomputed_in_backward` make, so the recomputation gives the same bits."""
+    return torch.addcmul(beta, y, alpha)
+
+
 class _RowsBatchNorm(torch.autograd.Function):
     """Training-mode BatchNorm of rows (M, C) with batch statistics (running statistics updated
     in place, as ``F.batch_norm`` does), with a backward of two elementwise passes:
@@ -129,7 +135,7 @@ class _RowsBatchNorm(torch.autograd.Function):
     ``native_batch_norm_backward`` walks a (M, C) input one element per channel-row (several
     times slower at the widths of the attention layers).
 
-    The output is formed as ``addcmul(beta, y, alpha)`` from the per-channel affine terms, which
+    The output is formed by :func:`_normalised` from the per-channel affine terms, which
     are returned too (non-differentiable): the same call on the same operands gives the same
     bits again, so a caller can drop the output and recompute it (:func:`_recomputed_in_backward`).
 
@@ -145,7 +151,7 @@ class _RowsBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         alpha = weight.detach() * invstd
         beta = bias.detach() - mean * alpha
-        out = torch.addcmul(beta, y, alpha)
+        out = _normalised(y, alpha, beta)
         ctx.save_for_backward(y, weight, mean, invstd)
         ctx.eps = eps
         ctx.grad_in_place = grad_in_place
@@ -225,7 +231,7 @@ RECOMPUTE_NORMALIZED_PROJECTION = True
 
 def _recomputed_in_backward(out: torch.Tensor, y: torch.Tensor, affine):
     """A context in which every tensor saved for the backward that views ``out`` (the normalised
-    projection, ``addcmul(beta, y, alpha)``) is dropped and formed again from ``y`` when the
+    projection, ``_normalised(y, alpha, beta)``) is dropped and formed again from ``y`` when the
     backward unpacks it: the same call on the same operands, so the same bits. ``y`` is kept for
     the BatchNorm's backward anyway, so this saves one (M, C2) tensor per layer (the attention and
     moments operators' copy of the projection) for one elementwise pass per unpack. Eager training
@@ -252,7 +258,7 @@ def _recomputed_in_backward(out: torch.Tensor, y: torch.Tensor, affine):
             return p
         full = state["full"]
         if full is None:
-            full = torch.addcmul(beta, y, alpha)
+            full = _normalised(y, alpha, beta)
         state["unpacked"] += 1
         # kept while another saved view of it is still to be unpacked (the attention's and the
         # moments' backwards run one after the other)
