@@ -153,3 +153,75 @@ def test_a_failed_openmp_build_warns_once_and_the_shares_run_on_python_threads(m
         y = cpu_kernel.forward_eval(layer, x)
     assert y is not None and cpu_kernel._state["pools"]  # it ran, on the Python pool
     torch.testing.assert_close(y, reference_eval(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_shares_write_no_common_pair_of_cache_lines(three_threads, monkeypatch):
+    # Two cores writing one 64-byte line, or the two lines of an aligned 128-byte pair (a core's
+    # adjacent-line prefetcher fetches both), pass it between their caches on every write: the
+    # backward's per-share table gradients laid end to end cost it a third of its time on two
+    # threads. Every share's scratch and accumulator block starts a whole pair after the previous
+    # one's end.
+    for floats in (1, 31, 32, 33, 1000, 4097):
+        stride = cpu_kernel._scratch_stride(floats)
+        assert stride % 32 == 0 and stride >= floats + 32
+    lib = cpu_kernel._library()
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            if name != "axial_attention_backward_shares":
+                return fn
+
+            def recorded(args, total, workers, scratch, scratch_stride, grads, grads_stride):
+                calls.append((workers, scratch, scratch_stride, grads, grads_stride, args._obj))
+                return fn(args, total, workers, scratch, scratch_stride, grads, grads_stride)
+
+            return recorded
+
+    if not cpu_kernel._state["openmp"]:
+        pytest.skip("the shares' blocks are laid out by the OpenMP entry point")
+    monkeypatch.setattr(cpu_kernel, "_library", lambda: Recording())
+    x = torch.randn(2, 6, 11, 13, generator=torch.Generator().manual_seed(3))
+    forward_backward(_layer("width", 0), "memory_efficient", x)
+    assert calls
+    for workers, scratch, scratch_stride, grads, grads_stride, args in calls:
+        assert workers == 3
+        used = lib.axial_attention_backward_scratch_floats(cpu_kernel.ctypes.byref(args))
+        for base, stride, size in (
+            (scratch, scratch_stride, used),
+            (grads, grads_stride, (2 * args.dk + args.dv) * args.Jp + 3 * args.heads),
+        ):
+            assert base % 64 == 0 and (stride * 4) % 128 == 0 and stride * 4 >= size * 4 + 128
+
+
+def test_deep_heads_moments_split_into_shares_that_agree_with_one(three_threads, monkeypatch):
+    # dk 16 (Axial-ResNet's third stage): rows of 2 dk^2 products each, so a few sequences already
+    # make a share; every Gram block and gradient row is one share's alone, so the results agree
+    # to the last bit with one share
+    nseq, length, heads, dk, dv = 56, 14, 8, 16, 32
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(nseq * length, heads * (2 * dk + dv), generator=gen)
+    ws = torch.randn(nseq, heads, 2, dk, dk, generator=gen)
+    cs = torch.randn(nseq, heads, 2 * dk, generator=gen)
+    tp = torch.randn(length, 2, dk, dk, generator=gen)
+    bp = torch.randn(heads, 2 * dk, generator=gen)
+    cp = torch.randn(heads, length, 2 * dk, generator=gen)
+    workers = []
+    workers_of = cpu_kernel._workers
+    monkeypatch.setattr(
+        cpu_kernel, "_workers", lambda total, least: workers.append(workers_of(total, least)) or workers[-1]
+    )
+
+    def run():
+        grams = cpu_kernel.row_moments(y, nseq, length, heads, dk, True, True)
+        return [t for pair in grams for t in pair] + [
+            cpu_kernel.row_moments_backward(y, nseq, length, heads, dk, ws, cs, tp, bp, cp)
+        ]
+
+    three = run()
+    assert workers == [3, 3, 3]  # by sequence, by position, the backward
+    torch.set_num_threads(1)
+    one = run()
+    for a, b in zip(three, one, strict=True):
+        assert torch.equal(a, b)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import re
@@ -339,7 +340,7 @@ def _declare_shares(lib: ctypes.CDLL) -> None:
     lib.axial_openmp.argtypes = []
     lib.axial_openmp.restype = ctypes.c_int
     lib.axial_attention_rows_shares.argtypes = [ctypes.POINTER(_Args), _I64, _I64, _PTR, _I64]
-    lib.axial_attention_backward_shares.argtypes = [ctypes.POINTER(_BackArgs), _I64, _I64, _PTR, _I64] + [_PTR] * 4
+    lib.axial_attention_backward_shares.argtypes = [ctypes.POINTER(_BackArgs), _I64, _I64, _PTR, _I64, _PTR, _I64]
     lib.axial_moments_shares.argtypes = [_PTR] + [_I64] * 9 + [_PTR, _PTR]
     lib.axial_moments_backward_shares.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 5 + [_I64, _I64, _PTR]
     for name in ("rows", "backward", "moments", "moments_backward"):
@@ -421,8 +422,12 @@ def _run_split(lib, stem: str, args: tuple, outs: tuple, total: int, min_share: 
 
 
 def _scratch_stride(floats: int) -> int:
-    """Floats between the scratch areas of two shares: a whole number of 64-byte lines."""
-    return -(-floats // 16) * 16
+    """Floats between the starts of two shares' areas (scratch, accumulators) of ``floats`` each:
+    whole pairs of 64-byte lines, with one pair between them. Shares on two cores that write one
+    line, or the two lines of a pair (which a core's adjacent-line prefetcher fetches together),
+    pass it between their caches on every write: the backward's table gradients laid end to end
+    cost it a third of its time on two threads."""
+    return -(-floats // 32) * 32 + 32
 
 
 def _run_rows(lib, args: _Args, rows: int) -> bool:
@@ -817,14 +822,17 @@ def backward_strided(
     )
     workers = _workers(nh, 1)
     scratch_size = lib.axial_attention_backward_scratch_floats(ctypes.byref(args))
-    # one block of table and scale gradients per share, summed below
-    sums = (torch.zeros(workers, dk, jp), torch.zeros(workers, dk, jp), torch.zeros(workers, dv, jp))
-    sums += (torch.zeros(workers, 3, heads),)
+    # one block of table and scale gradients per share (g_rqe, g_rke, g_rvT, g_scale), summed below,
+    # :func:`_scratch_stride` apart
+    sizes = (dk * jp, dk * jp, dv * jp, 3 * heads)
+    grads = torch.zeros(workers, _scratch_stride(sum(sizes)))
+    parts = [grads[:, a : a + n] for a, n in zip(itertools.accumulate((0,) + sizes[:-1]), sizes)]
     if _state.get("openmp"):
         stride = _scratch_stride(scratch_size)
         scratch = torch.empty(workers * stride)
-        ptrs = [t.data_ptr() for t in sums]
-        if lib.axial_attention_backward_shares(ctypes.byref(args), nh, workers, scratch.data_ptr(), stride, *ptrs):
+        if lib.axial_attention_backward_shares(
+            ctypes.byref(args), nh, workers, scratch.data_ptr(), stride, grads.data_ptr(), grads.shape[1]
+        ):
             return None
     else:
         fn = lib.axial_attention_backward_f32
@@ -836,13 +844,14 @@ def backward_strided(
                 nh * i // workers,
                 nh * (i + 1) // workers,
                 scratch.data_ptr(),
-                *(t[i].data_ptr() for t in sums),
+                *(t[i].data_ptr() for t in parts),
             )
 
         if any(_run_shares(share, workers)):
             return None
-    g_rqe, g_rke, g_rvT, g_scales = (t.sum(0) for t in sums)
-    g_rqe, g_rke, g_rvT = (t[:, : 2 * length - 1] for t in (g_rqe, g_rke, g_rvT))
+    g_rqe, g_rke, g_rvT, g_scales = (t.sum(0) for t in parts)
+    g_rqe, g_rke, g_rvT = (t.view(d, jp)[:, : 2 * length - 1] for t, d in zip((g_rqe, g_rke, g_rvT), (dk, dk, dv)))
+    g_scales = g_scales.view(3, heads)
     rows = layer.table_rows
     g_rq = torch.zeros(dk, rows).index_add_(1, offsets, g_rqe) if layer.use_query_rpe else None
     g_rk = torch.zeros(dk, rows).index_add_(1, offsets, g_rke) if layer.use_key_rpe else None
@@ -861,6 +870,12 @@ def _moments_operands(y: torch.Tensor, heads: int, dk: int):
         return None
     y = y.detach().contiguous()
     return lib, y, y.shape[1], y.shape[1] // heads
+
+
+# Products (float32 x float32 into float64) per share of the moments kernels: 4096 row-heads of the
+# shallowest heads (dk 4); deeper heads' rows have dk^2 times the work, so they split into shares
+# sooner (Axial-ResNet's dk 16 and 32 stages ran on one thread of two before).
+_MOMENTS_SHARE = 131072
 
 
 def row_moments(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, by_sequence: bool, by_position: bool):
@@ -885,8 +900,8 @@ def row_moments(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, by
         gram = torch.zeros(*blocks, 2, dk, dk, dtype=torch.float64)
         xsum = torch.zeros(*blocks, 2 * dk, dtype=torch.float64)
 
-        # each index i is `inner` rows of `heads` blocks: shares of at least ~4096 row-heads
-        total, min_share = (length if mode else nseq), -(-4096 // (inner * heads))
+        # each index i is `inner` rows of `heads` blocks of 2 dk^2 products
+        total, min_share = (length if mode else nseq), -(-_MOMENTS_SHARE // (inner * heads * 2 * dk * dk))
         args = (y.data_ptr(), nseq, length, heads, hs, ys, dk, mode)
         if not _run_split(lib, "axial_moments", args, (gram.data_ptr(), xsum.data_ptr()), total, min_share):
             return None
@@ -909,7 +924,8 @@ def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk
     g = torch.empty_like(y)
 
     args = (y.data_ptr(), length, heads, hs, ys, dk, *(_ptr(t) for t in (ws, cs, tp, bp, cp)))
-    return g if _run_split(lib, "axial_moments_backward", args, (g.data_ptr(),), nseq * length, 256) else None
+    rows = -(-_MOMENTS_SHARE // (heads * 4 * dk * dk))  # a row: per head ~4 dk^2 products (q, k by ws, tp)
+    return g if _run_split(lib, "axial_moments_backward", args, (g.data_ptr(),), nseq * length, rows) else None
 
 
 # --------------------------------------------------------------------------- the other C sources
