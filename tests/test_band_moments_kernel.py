@@ -62,25 +62,32 @@ def counted(monkeypatch):
     return calls
 
 
-CASES = [  # (d, r, length, use_qk, query table, key table, by band)
-    (4, 4, 50, True, True, True, False),  # the model's shape: tables by position Grams
-    (4, 4, 50, True, True, True, True),
-    (16, 3, 29, True, True, True, True),
-    (5, 6, 23, True, False, True, True),  # no specialised loop for d = 5
-    (2, 4, 17, False, True, True, False),
-    (8, 7, 9, True, True, False, False),  # every window reaches across the axis
-    (3, 1, 5, True, True, True, True),
+CASES = [  # (heads, d, r, length, use_qk, query table, key table, by band)
+    (2, 4, 4, 50, True, True, True, False),  # tables by position Grams
+    (2, 4, 4, 50, True, True, True, True),
+    (2, 16, 3, 29, True, True, True, True),
+    (2, 5, 6, 23, True, False, True, True),  # no specialised loop for d = 5
+    (2, 2, 4, 17, False, True, True, False),
+    (2, 8, 7, 9, True, True, False, False),  # every window reaches across the axis
+    (2, 3, 1, 5, True, True, True, True),
+    # eight heads at once (d <= 8, tables by position Grams or off; q.k by window Grams)
+    (8, 4, 32, 129, True, True, True, False),  # Axial-DeepLab's span 65 at stage 1
+    (8, 8, 32, 65, True, True, True, False),  # and at stage 2
+    (16, 4, 5, 23, True, False, True, False),
+    (8, 3, 2, 9, True, True, False, False),  # no specialised loop for d = 3
+    (8, 8, 7, 9, False, True, True, False),
+    (8, 4, 4, 50, True, True, True, True),  # tables by band: head by head
 ]
 
 
-@pytest.mark.parametrize("d, r, length, use_qk, on_q, on_k, by_band", CASES)
-def test_the_kernel_gives_the_explicit_moments_and_gradients(counted, d, r, length, use_qk, on_q, on_k, by_band):
+@pytest.mark.parametrize("heads, d, r, length, use_qk, on_q, on_k, by_band", CASES)
+def test_the_kernel_gives_the_explicit_moments_and_gradients(counted, heads, d, r, length, use_qk, on_q, on_k, by_band):
     gen = torch.Generator().manual_seed(d * 100 + length)
-    q = torch.randn(3, 2, d, length, generator=gen) + 0.5
-    k = torch.randn(3, 2, d, length, generator=gen) - 0.3
+    q = torch.randn(3, heads, d, length, generator=gen) + 0.5
+    k = torch.randn(3, heads, d, length, generator=gen) - 0.3
     tq = torch.randn(d, 2 * r + 1, generator=gen) if on_q else None
     tk = torch.randn(d, 2 * r + 1, generator=gen) if on_k else None
-    weights = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, 3, heads, generator=gen, dtype=torch.float64)
     got = run(lambda *a: BandMoments.apply(*a, use_qk, r, by_band, None), q, k, tq, tk, weights)
     assert counted == {"fwd": 1, "bwd": 1}
     want = run(
@@ -99,8 +106,9 @@ def test_the_kernel_gives_the_explicit_moments_and_gradients(counted, d, r, leng
         torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
-def test_position_major_rows_match_the_pytorch_path_and_leave_the_values_alone(counted, monkeypatch):
-    n, length, heads, d, dv, r = 3, 21, 2, 4, 6, 5
+@pytest.mark.parametrize("heads", [2, 8])  # 8: the heads together
+def test_position_major_rows_match_the_pytorch_path_and_leave_the_values_alone(counted, monkeypatch, heads):
+    n, length, d, dv, r = 3, 21, 4, 6, 5
     c2h = 2 * d + dv
     gen = torch.Generator().manual_seed(7)
     y = torch.randn(n * length, heads * c2h, generator=gen)
@@ -124,31 +132,40 @@ def test_position_major_rows_match_the_pytorch_path_and_leave_the_values_alone(c
     assert torch.count_nonzero(g4[..., 2 * d :]) == 0 and torch.count_nonzero(g4[..., : 2 * d]) > 0
 
 
-def test_two_threads_give_the_one_thread_result(counted):
+@pytest.mark.parametrize("openmp", [True, False])
+def test_threads_give_the_one_thread_result(counted, monkeypatch, openmp):
+    # 7 sequences of 16 heads over 1, 2 and 3 threads (the heads in groups of eight): every
+    # sequence is one share's, so each head takes the same path whatever the split
+    if openmp and not cpu_kernel._state.get("openmp"):
+        pytest.skip("the kernel was built without OpenMP")
+    monkeypatch.setitem(cpu_kernel._state, "openmp", openmp)
     gen = torch.Generator().manual_seed(9)
-    q, k = torch.randn(4, 8, 4, 40, generator=gen), torch.randn(4, 8, 4, 40, generator=gen)
+    q, k = torch.randn(7, 16, 4, 40, generator=gen), torch.randn(7, 16, 4, 40, generator=gen)
     tq, tk = torch.randn(4, 9, generator=gen), torch.randn(4, 9, generator=gen)
-    weights = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, 3, 16, generator=gen, dtype=torch.float64)
     threads = torch.get_num_threads()
     results = []
     try:
-        for t in (1, 2):
+        for t in (1, 2, 3):
             torch.set_num_threads(t)
             results.append(run(lambda *a: BandMoments.apply(*a, True, 4, False, None), q, k, tq, tk, weights))
     finally:
         torch.set_num_threads(threads)
-    one, two = results
-    for a, b in zip(one[:4], two[:4]):  # each (sequence, head) is one share's alone
-        assert torch.equal(a, b)
-    for a, b in zip(one[4:], two[4:]):  # the tables' gradients: shares summed in another order
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    one = results[0]
+    for other in results[1:]:
+        for a, b in zip(one[:4], other[:4]):  # each (sequence, head) is one share's alone
+            assert torch.equal(a, b)
+        for a, b in zip(one[4:], other[4:]):  # the tables' gradients: shares summed in another order
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_a_large_logit_mean_keeps_the_variance(counted):
-    # logits ~ 400 with a spread ~ 1: the variance is ~1e-5 of the mean square
+@pytest.mark.parametrize("heads", [2, 8])
+def test_a_large_logit_mean_keeps_the_variance(counted, heads):
+    # logits ~ 400 with a spread ~ 1: the variance is ~1e-5 of the mean square (eight heads
+    # together square uncentred window Grams: ~11 of float64's digits remain, the band keeps all)
     gen = torch.Generator().manual_seed(4)
-    q = 10.0 + 0.1 * torch.randn(2, 2, 4, 300, generator=gen)
-    k = 10.0 + 0.1 * torch.randn(2, 2, 4, 300, generator=gen)
+    q = 10.0 + 0.1 * torch.randn(2, heads, 4, 300, generator=gen)
+    k = 10.0 + 0.1 * torch.randn(2, heads, 4, 300, generator=gen)
     sums, sumsq = BandMoments.apply(q, k, None, None, True, 16, False, None)
     want_s, want_q = explicit(q.double(), k.double(), None, None, True, 16)
     count = 2 * sum(min(300, o + 17) - max(0, o - 16) for o in range(300))

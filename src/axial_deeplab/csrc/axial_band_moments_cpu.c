@@ -13,6 +13,8 @@
    closed form (window sums of k and of the table columns), then the squares of the logits centred on
    each (n, h)'s exact mean c, so sumsq = sum (x - c)^2 + 2 c sum x - pairs c^2 keeps every digit of
    the variance however large the mean. The backward runs in float32, as the products it replaces did.
+   Shallow heads eight at a time (the section "eight heads at once" below) take q.k from windowed Gram
+   matrices instead, as the PyTorch reference does, in float64 forward and backward.
 
    Built by axial_deeplab/layers/cpu_kernel.py into the same library as axial_attention_cpu.c (the
    two sources are compiled as one unit; every name here is static or starts with axial_band_).
@@ -208,6 +210,227 @@ static int band_dims(const int64_t* v, BandDims* s) {
     return s->d < 1 || s->d > BAND_MAXD || s->L < 1 || s->r < 0;
 }
 
+/* ---------------------------------------------------------------- eight heads at once
+   Shallow heads (d <= 8) with the table terms in Gram form: per head, the walk above is mostly fixed
+   work per position on scalars (loads at the head's stride, window sums, d x d products) and the
+   q.k band of 2r+1 logits. Here eight heads of a sequence go together, one head per lane of float64
+   vectors, and q.k comes from the windowed Gram matrix W_o of the keys (as the PyTorch reference
+   forms it), slid along the axis: each k_p k_p^T added once and taken away once, then q_o^T W_o q_o;
+   the backward slides the queries' window Gram V too (the span is symmetric: the queries that meet
+   key p are p's window) for dq_o = a sum_p k_p + b W_o q_o and dk_p = a sum_o q_o + b V_p k_p.
+   About 3d^2 vector operations per position for eight heads, against 8(2r+1)(d+3) for the band.
+   The Gram form squares uncentred sums, as the reference's: the variance keeps about
+   16 - log10(mean^2 / variance) digits of float64. */
+typedef double band_v8d __attribute__((vector_size(64)));
+
+static inline band_v8d band_splat8d(double x) { return (band_v8d){x, x, x, x, x, x, x, x}; }
+static inline band_v8d band_gather8d(const float* p, int64_t stride) {
+    band_v8d v;
+    for (int h = 0; h < 8; h++) v[h] = p[h * stride];
+    return v;
+}
+static inline double band_hsum8d(band_v8d v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+/* whether a sequence-head group goes eight heads at once: d <= 8 and no term by band but q.k */
+static int band_eight_heads(const BandDims* s) {
+    return s->heads % 8 == 0 && s->d <= 8 && s->use[1] != 1 && s->use[2] != 1;
+}
+
+/* q, k of heads h0..h0+7 of sequence n as (L, d) vectors over the heads; floats: 2 L d vectors */
+static void band8_load(const BandDims* s, const float* q, const float* k, int64_t n, int64_t h0, band_v8d* Q,
+                       band_v8d* K) {
+    const int64_t d = s->d, L = s->L;
+    const float* qb = q + n * s->qs[0] + h0 * s->qs[1];
+    const float* kb = k + n * s->ks[0] + h0 * s->ks[1];
+    for (int64_t o = 0; o < L; o++)
+        for (int64_t c = 0; c < d; c++) {
+            Q[o * d + c] = band_gather8d(qb + c * s->qs[2] + o * s->qs[3], s->qs[1]);
+            K[o * d + c] = band_gather8d(kb + c * s->ks[2] + o * s->ks[3], s->ks[1]);
+        }
+}
+
+/* W += sign x x^T, sum += sign x (lanes: heads) */
+BAND_AI void band8_slide_k(band_v8d* W, band_v8d* sum, const band_v8d* x, int64_t d, double sign) {
+    for (int64_t c = 0; c < d; c++) {
+        const band_v8d sx = sign * x[c];
+        sum[c] += sx;
+        for (int64_t e = 0; e < d; e++) W[c * d + e] += sx * x[e];
+    }
+}
+
+/* W x (W symmetric d x d of vectors) */
+BAND_AI void band8_times_k(const band_v8d* W, const band_v8d* x, int64_t d, band_v8d* wx) {
+    for (int64_t c = 0; c < d; c++) {
+        band_v8d acc = W[c * d] * x[0];
+        for (int64_t e = 1; e < d; e++) acc += W[c * d + e] * x[e];
+        wx[c] = acc;
+    }
+}
+
+/* x^T T x and x . R for a table term in Gram form (T, R shared by the heads) */
+BAND_AI void band8_table_k(const band_v8d* x, const double* T, const double* R, int64_t d, band_v8d* sum,
+                           band_v8d* sq) {
+    for (int64_t c = 0; c < d; c++) {
+        band_v8d tx = T[c * d] * x[0];
+        for (int64_t e = 1; e < d; e++) tx += T[c * d + e] * x[e];
+        *sq += x[c] * tx;
+        *sum += R[c] * x[c];
+    }
+}
+
+/* Sums and sums of squares of heads h0..h0+7 of sequence n into out (as axial_band_moments_f32);
+   pt: the tables' R_o and T_o (Gram form); ws: 2 L d + d d + d vectors */
+BAND_AI void band8_forward_k(const BandDims* s, const float* q, const float* k, const double* pt, int64_t n,
+                             int64_t h0, int64_t d, band_v8d* ws, double* out) {
+    const int64_t L = s->L, r = s->r, nh = s->n * s->heads, i0 = n * s->heads + h0;
+    band_v8d *Q = ws, *K = Q + L * d, *W = K + L * d, *ks = W + d * d;
+    band8_load(s, q, k, n, h0, Q, K);
+    for (int64_t j = 0; j < d * d + d; j++) W[j] = band_splat8d(0.0);
+    band_v8d sum[3], sq[3], wx[8];
+    for (int t = 0; t < 3; t++) sum[t] = sq[t] = band_splat8d(0.0);
+    int64_t in = 0, gone = 0; /* W and ks hold the keys [gone, in) */
+    for (int64_t o = 0; o < L; o++) {
+        const band_v8d* x = Q + o * d;
+        if (s->use[0]) {
+            const int64_t lo = band_max(0, o - r), hi = band_min(L, o + r + 1);
+            for (; in < hi; in++) band8_slide_k(W, ks, K + in * d, d, 1.0);
+            for (; gone < lo; gone++) band8_slide_k(W, ks, K + gone * d, d, -1.0);
+            band8_times_k(W, x, d, wx);
+            for (int64_t c = 0; c < d; c++) {
+                sq[0] += x[c] * wx[c];
+                sum[0] += x[c] * ks[c];
+            }
+        }
+        for (int t = 1; t < 3; t++)
+            if (s->use[t]) {
+                const double* R = pt + (t - 1) * L * (d + d * d);
+                band8_table_k(t == 1 ? x : K + o * d, R + L * d + o * d * d, R + o * d, d, &sum[t], &sq[t]);
+            }
+    }
+    for (int t = 0; t < 3; t++)
+        for (int h = 0; h < 8; h++) {
+            out[t * nh + i0 + h] = s->use[t] ? sum[t][h] : 0.0;
+            out[(3 + t) * nh + i0 + h] = s->use[t] ? sq[t][h] : 0.0;
+        }
+}
+
+static void band8_forward(const BandDims* s, const float* q, const float* k, const double* pt, int64_t n, int64_t h0,
+                          band_v8d* ws, double* out) {
+    switch (s->d) {
+    case 4: band8_forward_k(s, q, k, pt, n, h0, 4, ws, out); break;
+    case 8: band8_forward_k(s, q, k, pt, n, h0, 8, ws, out); break;
+    default: band8_forward_k(s, q, k, pt, n, h0, s->d, ws, out);
+    }
+}
+
+/* The backward of heads h0..h0+7 of sequence n: gq, gk written at the gradient strides; for each
+   table term in Gram form, a x_o and b x_o x_o^T (upper triangle) added per head lane into acc
+   (band8_acc_floats vectors, summed over the lanes into the per-head walk's A_o and P_o by
+   band8_reduce). ws: 4 L d + 2 d d + 2 d vectors */
+static int64_t band8_acc_vectors(int64_t L, int64_t d) { return 2 * L * (d + d * (d + 1) / 2); }
+
+BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k, const float* coef, band_v8d* acc,
+                              const double* pg, int64_t n, int64_t h0, int64_t d, band_v8d* ws, float* gq,
+                              float* gk) {
+    const int64_t L = s->L, r = s->r, H = s->heads, gt = 2 * L * (d + d * d), tri = d * (d + 1) / 2;
+    band_v8d *Q = ws, *K = Q + L * d, *gQ = K + L * d, *gK = gQ + L * d;
+    band_v8d *W = gK + L * d, *V = W + d * d, *ks = V + d * d, *qs = ks + d;
+    band8_load(s, q, k, n, h0, Q, K);
+    for (int64_t j = 0; j < 2 * L * d + 2 * d * d + 2 * d; j++) gQ[j] = band_splat8d(0.0);
+    band_v8d a[3], b[3];
+    for (int t = 0; t < 3; t++)
+        for (int h = 0; h < 8; h++) a[t][h] = coef[t * H + h0 + h], b[t][h] = coef[(3 + t) * H + h0 + h];
+    if (s->use[0]) {
+        band_v8d wq[8], vk[8];
+        int64_t in = 0, gone = 0;
+        for (int64_t o = 0; o < L; o++) {
+            const int64_t lo = band_max(0, o - r), hi = band_min(L, o + r + 1);
+            for (; in < hi; in++) {
+                band8_slide_k(W, ks, K + in * d, d, 1.0);
+                band8_slide_k(V, qs, Q + in * d, d, 1.0);
+            }
+            for (; gone < lo; gone++) {
+                band8_slide_k(W, ks, K + gone * d, d, -1.0);
+                band8_slide_k(V, qs, Q + gone * d, d, -1.0);
+            }
+            band8_times_k(W, Q + o * d, d, wq);
+            band8_times_k(V, K + o * d, d, vk);
+            for (int64_t c = 0; c < d; c++) {
+                gQ[o * d + c] += a[0] * ks[c] + b[0] * wq[c];
+                gK[o * d + c] += a[0] * qs[c] + b[0] * vk[c];
+            }
+        }
+    }
+    for (int t = 1; t < 3; t++) {
+        if (!s->use[t]) continue;
+        const double *R = pg + (t - 1) * gt, *T = R + L * d;
+        const band_v8d* X = t == 1 ? Q : K;
+        band_v8d* gX = t == 1 ? gQ : gK;
+        for (int64_t o = 0; o < L; o++) { /* d/dx_o = a R_o + b T_o x_o */
+            const band_v8d* x = X + o * d;
+            const double* To = T + o * d * d;
+            band_v8d* Ao = acc + ((t - 1) * L + o) * (d + tri);
+            band_v8d* Po = Ao + d;
+            for (int64_t c = 0; c < d; c++) {
+                band_v8d tx = To[c * d] * x[0];
+                for (int64_t e = 1; e < d; e++) tx += To[c * d + e] * x[e];
+                gX[o * d + c] += a[t] * R[o * d + c] + b[t] * tx;
+                Ao[c] += a[t] * x[c];
+                const band_v8d bx = b[t] * x[c];
+                for (int64_t e = c; e < d; e++) *Po++ += bx * x[e];
+            }
+        }
+    }
+    float* gqb = gq + n * s->gs[0] + h0 * s->gs[1];
+    float* gkb = gk + n * s->gs[0] + h0 * s->gs[1];
+    for (int64_t o = 0; o < L; o++)
+        for (int64_t c = 0; c < d; c++)
+            for (int h = 0; h < 8; h++) {
+                gqb[h * s->gs[1] + c * s->gs[2] + o * s->gs[3]] = (float)gQ[o * d + c][h];
+                gkb[h * s->gs[1] + c * s->gs[2] + o * s->gs[3]] = (float)gK[o * d + c][h];
+            }
+}
+
+static void band8_backward(const BandDims* s, const float* q, const float* k, const float* coef, band_v8d* acc,
+                           const double* pg, int64_t n, int64_t h0, band_v8d* ws, float* gq, float* gk) {
+    switch (s->d) {
+    case 4: band8_backward_k(s, q, k, coef, acc, pg, n, h0, 4, ws, gq, gk); break;
+    case 8: band8_backward_k(s, q, k, coef, acc, pg, n, h0, 8, ws, gq, gk); break;
+    default: band8_backward_k(s, q, k, coef, acc, pg, n, h0, s->d, ws, gq, gk);
+    }
+}
+
+/* the lanes of acc summed into the per-head walk's A_o and P_o (P symmetric) of each table term */
+static void band8_reduce(const BandDims* s, const band_v8d* acc, double* pg) {
+    const int64_t L = s->L, d = s->d, gt = 2 * L * (d + d * d), tri = d * (d + 1) / 2;
+    for (int t = 1; t < 3; t++) {
+        if (!s->use[t]) continue;
+        double *A = pg + (t - 1) * gt + L * (d + d * d), *P = A + L * d;
+        for (int64_t o = 0; o < L; o++) {
+            const band_v8d* Ao = acc + ((t - 1) * L + o) * (d + tri);
+            const band_v8d* Po = Ao + d;
+            for (int64_t c = 0; c < d; c++) {
+                A[o * d + c] += band_hsum8d(Ao[c]);
+                for (int64_t e = c; e < d; e++) {
+                    const double v = band_hsum8d(*Po++);
+                    P[(o * d + c) * d + e] += v;
+                    if (e != c) P[(o * d + e) * d + c] += v;
+                }
+            }
+        }
+    }
+}
+
+/* vectors of 64 bytes, aligned (malloc's 16 bytes are not), zeroed */
+static band_v8d* band8_scratch(int64_t vectors) {
+    void* p = NULL;
+    if (posix_memalign(&p, 64, (size_t)(vectors > 0 ? vectors : 1) * sizeof(band_v8d))) return NULL;
+    memset(p, 0, (size_t)(vectors > 0 ? vectors : 1) * sizeof(band_v8d));
+    return (band_v8d*)p;
+}
+
 int axial_band_moments_f32(const int64_t* dims, const float* q, const float* k, const float* rq, const float* rk,
                            int64_t nh0, int64_t nh1, double* out) {
     BandDims s;
@@ -239,8 +462,14 @@ int axial_band_moments_f32(const int64_t* dims, const float* q, const float* k, 
             tqpre[(j + 1) * d + ch] = tqpre[j * d + ch] + tq[ch * mt + j];
             tkpre[(j + 1) * d + ch] = tkpre[j * d + ch] + tk[ch * mt + j];
         }
+    band_v8d* eight = band_eight_heads(&s) ? band8_scratch(2 * L * d + d * d + d) : NULL;
     for (int64_t i = nh0; i < nh1; i++) {
         const int64_t bn = i / s.heads, bh = i % s.heads;
+        if (eight && bh % 8 == 0 && i + 8 <= nh1) { /* heads bh..bh+7 together */
+            band8_forward(&s, q, k, pt, bn, bh, eight, out);
+            i += 7;
+            continue;
+        }
         const float* qi = q + bn * s.qs[0] + bh * s.qs[1];
         const float* ki = k + bn * s.ks[0] + bh * s.ks[1];
         if (i + 1 < nh1) { /* the next sequence-head's operands, while this one's band runs */
@@ -292,6 +521,7 @@ int axial_band_moments_f32(const int64_t* dims, const float* q, const float* k, 
     }
     free(buf);
     free(pt);
+    free(eight);
     return 0;
 }
 
@@ -328,8 +558,16 @@ int axial_band_moments_backward_f32(const int64_t* dims, const float* q, const f
             if (s.use[t] == 2)
                 band_position_tables(t == 1 ? rq : rk, d, L, r, t == 2, pg + (t - 1) * gt, pg + (t - 1) * gt + L * d);
     }
+    /* eight heads at once: their scratch, then the lanes' table-gradient terms */
+    band_v8d* eight = band_eight_heads(&s) ? band8_scratch(4 * L * d + 2 * d * d + 2 * d + band8_acc_vectors(L, d)) : NULL;
+    band_v8d* eight_acc = eight ? eight + 4 * L * d + 2 * d * d + 2 * d : NULL;
     for (int64_t i = nh0; i < nh1; i++) {
         const int64_t bn = i / H, bh = i % H;
+        if (eight && bh % 8 == 0 && i + 8 <= nh1) { /* heads bh..bh+7 together */
+            band8_backward(&s, q, k, coef, eight_acc, pg, bn, bh, eight, gq, gk);
+            i += 7;
+            continue;
+        }
         const float* qi = q + bn * s.qs[0] + bh * s.qs[1];
         const float* ki = k + bn * s.ks[0] + bh * s.ks[1];
         if (i + 1 < nh1) { /* the next sequence-head's operands and this one's gradient lines */
@@ -376,6 +614,7 @@ int axial_band_moments_backward_f32(const int64_t* dims, const float* q, const f
                 gki[ch * s.gs[2] + o * s.gs[3]] = gkc[ch * ld + o] + gkp[o * d + ch];
             }
     }
+    if (eight && pg) band8_reduce(&s, eight_acc, pg);
     /* the tables' gradients: summed over this share's sequence-heads in float32 rows, added in float64;
        in Gram form d/dr_j = sum over the positions o that meet row j of (A_o + P_o r_j) */
     for (int64_t ch = 0; ch < d; ch++)
@@ -401,6 +640,7 @@ int axial_band_moments_backward_f32(const int64_t* dims, const float* q, const f
     }
     free(buf);
     free(pg);
+    free(eight);
     return 0;
 }
 
@@ -410,13 +650,22 @@ int axial_band_moments_backward_f32(const int64_t* dims, const float* q, const f
 #define BAND_SHARES_PRAGMA
 #endif
 
+/* Share i of `workers` over the sequence-heads [0, total) in whole sequences (dims[1] heads each):
+   every head of a sequence in one share, so a head takes the same path (alone or in a group of
+   eight) whatever the number of threads. The Python side (_share_bounds) splits the same way. */
+static int64_t band_share_start(const int64_t* dims, int64_t total, int64_t workers, int64_t i) {
+    const int64_t heads = dims[1] > 0 ? dims[1] : 1, units = total / heads;
+    return i >= workers ? total : heads * (units * i / workers);
+}
+
 /* shares write disjoint columns of out */
 int axial_band_moments_shares(const int64_t* dims, const float* q, const float* k, const float* rq, const float* rk,
                               int64_t total, int64_t workers, double* out) {
     int bad = 0;
     BAND_SHARES_PRAGMA
     for (int64_t i = 0; i < workers; i++)
-        bad |= axial_band_moments_f32(dims, q, k, rq, rk, total * i / workers, total * (i + 1) / workers, out);
+        bad |= axial_band_moments_f32(dims, q, k, rq, rk, band_share_start(dims, total, workers, i),
+                                      band_share_start(dims, total, workers, i + 1), out);
     return bad;
 }
 
@@ -428,7 +677,8 @@ int axial_band_moments_backward_shares(const int64_t* dims, const float* q, cons
     int bad = 0;
     BAND_SHARES_PRAGMA
     for (int64_t i = 0; i < workers; i++)
-        bad |= axial_band_moments_backward_f32(dims, q, k, rq, rk, coef, total * i / workers,
-                                               total * (i + 1) / workers, gq, gk, gtab + i * block);
+        bad |= axial_band_moments_backward_f32(dims, q, k, rq, rk, coef, band_share_start(dims, total, workers, i),
+                                               band_share_start(dims, total, workers, i + 1), gq, gk,
+                                               gtab + i * block);
     return bad;
 }

@@ -48,7 +48,7 @@ import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -401,24 +401,33 @@ def _workers(total: int, min_share: int) -> int:
     return max(1, min(torch.get_num_threads(), total // max(1, min_share)))
 
 
-def _split(lib_fn, total: int, min_share: int) -> bool:
-    """``lib_fn(i0, i1)`` over [0, total) in :func:`_workers` shares on Python threads (ctypes
-    releases the GIL, so they run in parallel): the path of a kernel built without OpenMP.
-    True when all ran."""
+def _share_bounds(total: int, workers: int, unit: int = 1, i: int = 0) -> Tuple[int, int]:
+    """Share ``i`` of ``workers`` over [0, total), in whole units of ``unit`` items (the C
+    ``*_shares`` entry points split the same way)."""
+    units = total // unit
+    end = total if i == workers - 1 else unit * (units * (i + 1) // workers)
+    return unit * (units * i // workers), end
+
+
+def _split(lib_fn, total: int, min_share: int, unit: int = 1) -> bool:
+    """``lib_fn(i0, i1)`` over [0, total) in :func:`_workers` shares (whole ``unit`` s) on Python
+    threads (ctypes releases the GIL, so they run in parallel): the path of a kernel built without
+    OpenMP. True when all ran."""
     if total == 0:
         return True
     workers = _workers(total, min_share)
-    return not any(_run_shares(lambda i: lib_fn(total * i // workers, total * (i + 1) // workers), workers))
+    return not any(_run_shares(lambda i: lib_fn(*_share_bounds(total, workers, unit, i)), workers))
 
 
-def _run_split(lib, stem: str, args: tuple, outs: tuple, total: int, min_share: int) -> bool:
+def _run_split(lib, stem: str, args: tuple, outs: tuple, total: int, min_share: int, unit: int = 1) -> bool:
     """A kernel whose entry points are ``<stem>_f32(*args, i0, i1, *outs)`` and
     ``<stem>_shares(*args, total, workers, *outs)``, over [0, total): on torch's OpenMP threads
-    when the kernel was built with OpenMP, else as :func:`_split` does. True when all ran."""
+    when the kernel was built with OpenMP, else as :func:`_split` does (``unit``: as the C entry
+    point splits). True when all ran."""
     if _state.get("openmp"):
         return not (total and getattr(lib, stem + "_shares")(*args, total, _workers(total, min_share), *outs))
     fn = getattr(lib, stem + "_f32")
-    return _split(lambda i0, i1: fn(*args, i0, i1, *outs), total, min_share)
+    return _split(lambda i0, i1: fn(*args, i0, i1, *outs), total, min_share, unit)
 
 
 def _scratch_stride(floats: int) -> int:
@@ -992,7 +1001,10 @@ def band_moments(
     total = q.shape[0] * q.shape[1]
     out = torch.zeros(2, 3, total, dtype=torch.float64)
     args = (dims.data_ptr(), q.data_ptr(), k.data_ptr(), _ptr(tq), _ptr(tk))
-    return out if _run_split(lib, "axial_band_moments", args, (out.data_ptr(),), total, 16) else None
+    # shares of whole sequences (every head of one in one share, so a head takes the same path,
+    # alone or in a group of eight, and gives the same bits whatever the number of threads)
+    heads = q.shape[1]
+    return out if _run_split(lib, "axial_band_moments", args, (out.data_ptr(),), total, 16, heads) else None
 
 
 def band_moments_backward(q, k, tables, use_qk: bool, r: int, by_band: bool, coef: torch.Tensor, gq, gk):
@@ -1015,7 +1027,7 @@ def band_moments_backward(q, k, tables, use_qk: bool, r: int, by_band: bool, coe
         return None if bad else g_tab.sum(0)
 
     def share(i):
-        i0, i1 = total * i // workers, total * (i + 1) // workers
+        i0, i1 = _share_bounds(total, workers, q.shape[1], i)  # whole sequences, as band_moments
         return lib.axial_band_moments_backward_f32(*args, i0, i1, gq.data_ptr(), gk.data_ptr(), g_tab[i].data_ptr())
 
     return None if any(_run_shares(share, workers)) else g_tab.sum(0)

@@ -457,8 +457,13 @@ class BandMoments(torch.autograd.Function):
     backward) walks the band itself, one (sequence, head) at a time in cache: no blocks of
     logits, masks or operand copies in memory, the forward in float64 throughout (so at least as
     exact as the products below) and the table terms of shallow heads from per-position Gram
-    matrices as here. The PyTorch implementation below serves float64, other devices and a
-    missing compiler (torch.compile traces the windowed Gram form instead).
+    matrices as here. Heads of depth <= 8 in groups of eight (the models' first stages) go
+    through it together, one per lane of float64 vectors, with q.k from windowed Gram matrices
+    of the keys slid along the axis (the reference's form, :func:`_windowed_gram_quadratic`;
+    its variance keeps ~16 - log10(mean^2 / variance) digits rather than all of them): 2.9-3.2x
+    faster forward + backward at Axial-DeepLab-S's local layers. The PyTorch implementation below
+    serves float64, other devices and a missing compiler (torch.compile traces the windowed Gram
+    form instead).
 
     Why not the Gram form of a global span: windowed (d x d) Gram matrices need prefix sums of
     k_p k_p^T at every position (float64 tensors of d*d per position, gathers, autograd through
