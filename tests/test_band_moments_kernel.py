@@ -77,6 +77,9 @@ CASES = [  # (heads, d, r, length, use_qk, query table, key table, by band)
     (8, 3, 2, 9, True, True, False, False),  # no specialised loop for d = 3
     (8, 8, 7, 9, False, True, True, False),
     (8, 4, 4, 50, True, True, True, True),  # tables by band: head by head
+    (8, 16, 32, 65, True, True, True, False),  # Axial-DeepLab's stages 3 and 4 at 513x1025
+    (8, 32, 6, 19, True, True, True, False),
+    (8, 12, 3, 11, True, True, False, False),  # no specialised loop for d = 12
 ]
 
 
@@ -173,3 +176,9 @@ def test_a_large_logit_mean_keeps_the_variance(counted, heads):
     want_var = want_q[0] / count - (want_s[0] / count) ** 2
     torch.testing.assert_close(var, want_var, rtol=1e-6, atol=0)
     assert counted["fwd"] == 1
+
+
+def test_heads_in_groups_of_eight_take_the_tables_by_gram_up_to_depth_32():
+    assert not cpu_kernel.band_tables_by_band(32, 32, 8) and not cpu_kernel.band_tables_by_band(16, 4, 16)
+    assert cpu_kernel.band_tables_by_band(64, 32, 8) and cpu_kernel.band_tables_by_band(16, 32, 4)
+    assert not cpu_kernel.band_tables_by_band(4, 32, 2)  # shallow heads one at a time: Grams too

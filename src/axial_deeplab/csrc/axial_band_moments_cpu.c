@@ -167,23 +167,31 @@ static inline void band_rows(int64_t o, int64_t L, int64_t r, int key, int64_t* 
     *j1 = key ? band_min(2 * r + 1, o + r + 1) : band_min(2 * r + 1, L - o + r);
 }
 
-/* per position o: R_o = sum of the rows it meets (L, d) and T_o = sum of their r r^T (L, d, d), float64 */
-static void band_position_tables(const float* tab, int64_t d, int64_t L, int64_t r, int key, double* R, double* T) {
+/* per position o: R_o = sum of the rows it meets (L, d) and T_o = sum of their r r^T (L, d, d), float64,
+   as differences of prefix sums over the rows (m d^2 + L d^2 operations, in vectors over e, where
+   the direct sums took L m d^2 in chains of dependent adds: 15% of a d = 32 layer's moments). Returns
+   nonzero when out of memory. */
+static int band_position_tables(const float* tab, int64_t d, int64_t L, int64_t r, int key, double* R, double* T) {
     const int64_t m = 2 * r + 1;
+    double* pre = (double*)calloc((size_t)((m + 1) * (d + d * d)), sizeof(double)); /* (m+1, d), (m+1, d, d) */
+    if (!pre) return 1;
+    double *ps = pre, *pt = pre + (m + 1) * d;
+    for (int64_t j = 0; j < m; j++)
+        for (int64_t c = 0; c < d; c++) {
+            const double rc = tab[c * m + j];
+            ps[(j + 1) * d + c] = ps[j * d + c] + rc;
+            const double* below = pt + (j * d + c) * d;
+            double* row = pt + ((j + 1) * d + c) * d;
+            for (int64_t e = 0; e < d; e++) row[e] = below[e] + rc * tab[e * m + j];
+        }
     for (int64_t o = 0; o < L; o++) {
         int64_t j0, j1;
         band_rows(o, L, r, key, &j0, &j1);
-        for (int64_t c = 0; c < d; c++) {
-            double rs = 0;
-            for (int64_t j = j0; j < j1; j++) rs += tab[c * m + j];
-            R[o * d + c] = rs;
-            for (int64_t e = 0; e < d; e++) {
-                double t = 0;
-                for (int64_t j = j0; j < j1; j++) t += (double)tab[c * m + j] * tab[e * m + j];
-                T[(o * d + c) * d + e] = t;
-            }
-        }
+        for (int64_t c = 0; c < d; c++) R[o * d + c] = ps[j1 * d + c] - ps[j0 * d + c];
+        for (int64_t ce = 0; ce < d * d; ce++) T[o * d * d + ce] = pt[j1 * d * d + ce] - pt[j0 * d * d + ce];
     }
+    free(pre);
+    return 0;
 }
 
 /* x^T T x in float64, x float64 (d,) */
@@ -211,17 +219,19 @@ static int band_dims(const int64_t* v, BandDims* s) {
 }
 
 /* ---------------------------------------------------------------- eight heads at once
-   Shallow heads (d <= 8) with the table terms in Gram form: per head, the walk above is mostly fixed
+   Heads of depth d <= 32 (BAND8_MAXD) in groups of eight, with the table terms in Gram form: per head, the walk above is mostly fixed
    work per position on scalars (loads at the head's stride, window sums, d x d products) and the
    q.k band of 2r+1 logits. Here eight heads of a sequence go together, one head per lane of float64
    vectors, and q.k comes from the windowed Gram matrix W_o of the keys (as the PyTorch reference
    forms it), slid along the axis: each k_p k_p^T added once and taken away once, then q_o^T W_o q_o;
    the backward slides the queries' window Gram V too (the span is symmetric: the queries that meet
    key p are p's window) for dq_o = a sum_p k_p + b W_o q_o and dk_p = a sum_o q_o + b V_p k_p.
-   About 3d^2 vector operations per position for eight heads, against 8(2r+1)(d+3) for the band.
+   About 3d^2 vector operations per position for eight heads, against 8(2r+1)(d+3) for the band
+   (at d = 32 and span 65, 3072 against 18200; the tables' terms d^2 each, against 8(2r+1)d).
    The Gram form squares uncentred sums, as the reference's: the variance keeps about
    16 - log10(mean^2 / variance) digits of float64. */
 typedef double band_v8d __attribute__((vector_size(64)));
+#define BAND8_MAXD 32
 
 static inline band_v8d band_splat8d(double x) { return (band_v8d){x, x, x, x, x, x, x, x}; }
 static inline band_v8d band_gather8d(const float* p, int64_t stride) {
@@ -233,9 +243,10 @@ static inline double band_hsum8d(band_v8d v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
-/* whether a sequence-head group goes eight heads at once: d <= 8 and no term by band but q.k */
+/* whether a sequence-head group goes eight heads at once: d <= BAND8_MAXD and no term by band but
+   q.k (the caller asks for the tables' Gram form then: cpu_kernel.band_tables_by_band) */
 static int band_eight_heads(const BandDims* s) {
-    return s->heads % 8 == 0 && s->d <= 8 && s->use[1] != 1 && s->use[2] != 1;
+    return s->heads % 8 == 0 && s->d <= BAND8_MAXD && s->use[1] != 1 && s->use[2] != 1;
 }
 
 /* q, k of heads h0..h0+7 of sequence n as (L, d) vectors over the heads; floats: 2 L d vectors */
@@ -288,7 +299,7 @@ BAND_AI void band8_forward_k(const BandDims* s, const float* q, const float* k, 
     band_v8d *Q = ws, *K = Q + L * d, *W = K + L * d, *ks = W + d * d;
     band8_load(s, q, k, n, h0, Q, K);
     for (int64_t j = 0; j < d * d + d; j++) W[j] = band_splat8d(0.0);
-    band_v8d sum[3], sq[3], wx[8];
+    band_v8d sum[3], sq[3], wx[BAND8_MAXD];
     for (int t = 0; t < 3; t++) sum[t] = sq[t] = band_splat8d(0.0);
     int64_t in = 0, gone = 0; /* W and ks hold the keys [gone, in) */
     for (int64_t o = 0; o < L; o++) {
@@ -321,20 +332,17 @@ static void band8_forward(const BandDims* s, const float* q, const float* k, con
     switch (s->d) {
     case 4: band8_forward_k(s, q, k, pt, n, h0, 4, ws, out); break;
     case 8: band8_forward_k(s, q, k, pt, n, h0, 8, ws, out); break;
+    case 16: band8_forward_k(s, q, k, pt, n, h0, 16, ws, out); break;
+    case 32: band8_forward_k(s, q, k, pt, n, h0, 32, ws, out); break;
     default: band8_forward_k(s, q, k, pt, n, h0, s->d, ws, out);
     }
 }
 
-/* The backward of heads h0..h0+7 of sequence n: gq, gk written at the gradient strides; for each
-   table term in Gram form, a x_o and b x_o x_o^T (upper triangle) added per head lane into acc
-   (band8_acc_floats vectors, summed over the lanes into the per-head walk's A_o and P_o by
-   band8_reduce). ws: 4 L d + 2 d d + 2 d vectors */
-static int64_t band8_acc_vectors(int64_t L, int64_t d) { return 2 * L * (d + d * (d + 1) / 2); }
-
-BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k, const float* coef, band_v8d* acc,
-                              const double* pg, int64_t n, int64_t h0, int64_t d, band_v8d* ws, float* gq,
-                              float* gk) {
-    const int64_t L = s->L, r = s->r, H = s->heads, gt = 2 * L * (d + d * d), tri = d * (d + 1) / 2;
+/* The backward of heads h0..h0+7 of sequence n: gq, gk written at the gradient strides (the tables'
+   own gradient terms come from band8_table_terms). ws: 4 L d + 2 d d + 2 d vectors */
+BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k, const float* coef, const double* pg,
+                              int64_t n, int64_t h0, int64_t d, band_v8d* ws, float* gq, float* gk) {
+    const int64_t L = s->L, r = s->r, H = s->heads, gt = 2 * L * (d + d * d);
     band_v8d *Q = ws, *K = Q + L * d, *gQ = K + L * d, *gK = gQ + L * d;
     band_v8d *W = gK + L * d, *V = W + d * d, *ks = V + d * d, *qs = ks + d;
     band8_load(s, q, k, n, h0, Q, K);
@@ -343,7 +351,7 @@ BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k,
     for (int t = 0; t < 3; t++)
         for (int h = 0; h < 8; h++) a[t][h] = coef[t * H + h0 + h], b[t][h] = coef[(3 + t) * H + h0 + h];
     if (s->use[0]) {
-        band_v8d wq[8], vk[8];
+        band_v8d wq[BAND8_MAXD], vk[BAND8_MAXD];
         int64_t in = 0, gone = 0;
         for (int64_t o = 0; o < L; o++) {
             const int64_t lo = band_max(0, o - r), hi = band_min(L, o + r + 1);
@@ -371,15 +379,10 @@ BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k,
         for (int64_t o = 0; o < L; o++) { /* d/dx_o = a R_o + b T_o x_o */
             const band_v8d* x = X + o * d;
             const double* To = T + o * d * d;
-            band_v8d* Ao = acc + ((t - 1) * L + o) * (d + tri);
-            band_v8d* Po = Ao + d;
             for (int64_t c = 0; c < d; c++) {
                 band_v8d tx = To[c * d] * x[0];
                 for (int64_t e = 1; e < d; e++) tx += To[c * d + e] * x[e];
                 gX[o * d + c] += a[t] * R[o * d + c] + b[t] * tx;
-                Ao[c] += a[t] * x[c];
-                const band_v8d bx = b[t] * x[c];
-                for (int64_t e = c; e < d; e++) *Po++ += bx * x[e];
             }
         }
     }
@@ -393,26 +396,49 @@ BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k,
             }
 }
 
-static void band8_backward(const BandDims* s, const float* q, const float* k, const float* coef, band_v8d* acc,
-                           const double* pg, int64_t n, int64_t h0, band_v8d* ws, float* gq, float* gk) {
+static void band8_backward(const BandDims* s, const float* q, const float* k, const float* coef, const double* pg,
+                           int64_t n, int64_t h0, band_v8d* ws, float* gq, float* gk) {
     switch (s->d) {
-    case 4: band8_backward_k(s, q, k, coef, acc, pg, n, h0, 4, ws, gq, gk); break;
-    case 8: band8_backward_k(s, q, k, coef, acc, pg, n, h0, 8, ws, gq, gk); break;
-    default: band8_backward_k(s, q, k, coef, acc, pg, n, h0, s->d, ws, gq, gk);
+    case 4: band8_backward_k(s, q, k, coef, pg, n, h0, 4, ws, gq, gk); break;
+    case 8: band8_backward_k(s, q, k, coef, pg, n, h0, 8, ws, gq, gk); break;
+    case 16: band8_backward_k(s, q, k, coef, pg, n, h0, 16, ws, gq, gk); break;
+    case 32: band8_backward_k(s, q, k, coef, pg, n, h0, 32, ws, gq, gk); break;
+    default: band8_backward_k(s, q, k, coef, pg, n, h0, s->d, ws, gq, gk);
     }
 }
 
-/* the lanes of acc summed into the per-head walk's A_o and P_o (P symmetric) of each table term */
-static void band8_reduce(const BandDims* s, const band_v8d* acc, double* pg) {
-    const int64_t L = s->L, d = s->d, gt = 2 * L * (d + d * d), tri = d * (d + 1) / 2;
+/* For each table term in Gram form, A_o += sum of a x_o and P_o += sum of b x_o x_o^T over the share's
+   groups of eight heads [i0, i1) (whole groups): position by position, so that P_o's vectors stay in
+   L1 while every group adds to them (a per-position array of them, swept once per group, was most of
+   a d = 32 backward); the lanes summed into the per-head walk's A_o and P_o (P symmetric) at the end. */
+BAND_AI void band8_table_terms_k(const BandDims* s, const float* q, const float* k, const float* coef, int64_t i0,
+                                 int64_t i1, int64_t d, double* pg) {
+    const int64_t L = s->L, H = s->heads, gt = 2 * L * (d + d * d);
+    band_v8d Pacc[BAND8_MAXD * (BAND8_MAXD + 1) / 2], Aacc[BAND8_MAXD], x[BAND8_MAXD];
     for (int t = 1; t < 3; t++) {
         if (!s->use[t]) continue;
         double *A = pg + (t - 1) * gt + L * (d + d * d), *P = A + L * d;
+        const float* src = t == 1 ? q : k;
+        const int64_t* st = t == 1 ? s->qs : s->ks;
         for (int64_t o = 0; o < L; o++) {
-            const band_v8d* Ao = acc + ((t - 1) * L + o) * (d + tri);
-            const band_v8d* Po = Ao + d;
+            for (int64_t j = 0; j < d * (d + 1) / 2; j++) Pacc[j] = band_splat8d(0.0);
+            for (int64_t c = 0; c < d; c++) Aacc[c] = band_splat8d(0.0);
+            for (int64_t i = i0; i + 8 <= i1; i += 8) {
+                const int64_t n = i / H, h0 = i % H;
+                band_v8d a, b;
+                for (int h = 0; h < 8; h++) a[h] = coef[t * H + h0 + h], b[h] = coef[(3 + t) * H + h0 + h];
+                const float* base = src + n * st[0] + h0 * st[1] + o * st[3];
+                for (int64_t c = 0; c < d; c++) x[c] = band_gather8d(base + c * st[2], st[1]);
+                band_v8d* Po = Pacc;
+                for (int64_t c = 0; c < d; c++) {
+                    Aacc[c] += a * x[c];
+                    const band_v8d bx = b * x[c];
+                    for (int64_t e = c; e < d; e++) *Po++ += bx * x[e];
+                }
+            }
+            const band_v8d* Po = Pacc;
             for (int64_t c = 0; c < d; c++) {
-                A[o * d + c] += band_hsum8d(Ao[c]);
+                A[o * d + c] += band_hsum8d(Aacc[c]);
                 for (int64_t e = c; e < d; e++) {
                     const double v = band_hsum8d(*Po++);
                     P[(o * d + c) * d + e] += v;
@@ -420,6 +446,17 @@ static void band8_reduce(const BandDims* s, const band_v8d* acc, double* pg) {
                 }
             }
         }
+    }
+}
+
+static void band8_table_terms(const BandDims* s, const float* q, const float* k, const float* coef, int64_t i0,
+                              int64_t i1, double* pg) {
+    switch (s->d) {
+    case 4: band8_table_terms_k(s, q, k, coef, i0, i1, 4, pg); break;
+    case 8: band8_table_terms_k(s, q, k, coef, i0, i1, 8, pg); break;
+    case 16: band8_table_terms_k(s, q, k, coef, i0, i1, 16, pg); break;
+    case 32: band8_table_terms_k(s, q, k, coef, i0, i1, 32, pg); break;
+    default: band8_table_terms_k(s, q, k, coef, i0, i1, s->d, pg);
     }
 }
 
@@ -451,9 +488,12 @@ int axial_band_moments_f32(const int64_t* dims, const float* q, const float* k, 
             return 1;
         }
         for (int t = 1; t < 3; t++)
-            if (s.use[t] == 2)
-                band_position_tables(t == 1 ? rq : rk, d, L, r, t == 2, pt + (t - 1) * L * (d + d * d),
-                                     pt + (t - 1) * L * (d + d * d) + L * d);
+            if (s.use[t] == 2 && band_position_tables(t == 1 ? rq : rk, d, L, r, t == 2, pt + (t - 1) * L * (d + d * d),
+                                                      pt + (t - 1) * L * (d + d * d) + L * d)) {
+                free(buf);
+                free(pt);
+                return 1;
+            }
     }
     for (int64_t ch = 0; ch < d; ch++)
         for (int64_t j = 0; j < m; j++) {
@@ -555,17 +595,22 @@ int axial_band_moments_backward_f32(const int64_t* dims, const float* q, const f
             return 1;
         }
         for (int t = 1; t < 3; t++)
-            if (s.use[t] == 2)
-                band_position_tables(t == 1 ? rq : rk, d, L, r, t == 2, pg + (t - 1) * gt, pg + (t - 1) * gt + L * d);
+            if (s.use[t] == 2 &&
+                band_position_tables(t == 1 ? rq : rk, d, L, r, t == 2, pg + (t - 1) * gt, pg + (t - 1) * gt + L * d)) {
+                free(buf);
+                free(pg);
+                return 1;
+            }
     }
-    /* eight heads at once: their scratch, then the lanes' table-gradient terms */
-    band_v8d* eight = band_eight_heads(&s) ? band8_scratch(4 * L * d + 2 * d * d + 2 * d + band8_acc_vectors(L, d)) : NULL;
-    band_v8d* eight_acc = eight ? eight + 4 * L * d + 2 * d * d + 2 * d : NULL;
+    /* eight heads at once (whole groups: the shares are whole sequences) */
+    band_v8d* eight = band_eight_heads(&s) ? band8_scratch(4 * L * d + 2 * d * d + 2 * d) : NULL;
+    int64_t groups_end = nh0; /* the groups of eight heads run are [nh0, groups_end) */
     for (int64_t i = nh0; i < nh1; i++) {
         const int64_t bn = i / H, bh = i % H;
-        if (eight && bh % 8 == 0 && i + 8 <= nh1) { /* heads bh..bh+7 together */
-            band8_backward(&s, q, k, coef, eight_acc, pg, bn, bh, eight, gq, gk);
+        if (eight && bh % 8 == 0 && i + 8 <= nh1 && i == groups_end) { /* heads bh..bh+7 together */
+            band8_backward(&s, q, k, coef, pg, bn, bh, eight, gq, gk);
             i += 7;
+            groups_end = i + 1;
             continue;
         }
         const float* qi = q + bn * s.qs[0] + bh * s.qs[1];
@@ -614,7 +659,7 @@ int axial_band_moments_backward_f32(const int64_t* dims, const float* q, const f
                 gki[ch * s.gs[2] + o * s.gs[3]] = gkc[ch * ld + o] + gkp[o * d + ch];
             }
     }
-    if (eight && pg) band8_reduce(&s, eight_acc, pg);
+    if (eight && pg) band8_table_terms(&s, q, k, coef, nh0, groups_end, pg);
     /* the tables' gradients: summed over this share's sequence-heads in float32 rows, added in float64;
        in Gram form d/dr_j = sum over the positions o that meet row j of (A_o + P_o r_j) */
     for (int64_t ch = 0; ch < d; ch++)

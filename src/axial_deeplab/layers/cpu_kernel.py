@@ -964,6 +964,17 @@ def _declare_band(lib: ctypes.CDLL) -> None:
             fn.restype = ctypes.c_int
 
 
+def band_tables_by_band(d: int, r: int, heads: int) -> bool:
+    """Whether the local-span moments form the table terms (q.r^q, k.r^k) from the band of 2r+1
+    products per position and head rather than from (d x d) Gram matrices of the rows each
+    position meets: for deep heads one at a time (d*d against the span), never for heads in groups
+    of eight up to d = 32, which the C walk takes eight at a time in Gram form (the header of
+    axial_band_moments_cpu.c)."""
+    if heads % 8 == 0 and d <= 32:
+        return False
+    return d * d > 2 * (2 * r + 1)
+
+
 def _band_operands(q: torch.Tensor, k: torch.Tensor, tables, use_qk: bool, r: int, by_band: bool, gq=None):
     """``(lib, dims, tables)`` for the band-moments functions, or None when they cannot take the
     operands (not float32 CPU, key depth over 256, no kernel)."""

@@ -410,14 +410,15 @@ def _local_moments(
     """:func:`similarity_moments` of a local span of radius r < L - 1: q.k from the band of
     in-span logits (:class:`BandMoments`; traced by torch.compile, the same C band walk as
     operators, :class:`BandMomentsOp`, on q and k views); q.r^q and k.r^k the same way for deep
-    heads, else (d*d small against the span) from position-only table Grams (d x d per position,
-    shared by every sequence)."""
+    heads one at a time, else (d*d small against the span, or heads in groups of eight up to
+    d = 32: :func:`.cpu_kernel.band_tables_by_band`) from position-only table Grams (d x d per
+    position, shared by every sequence)."""
     n, heads, d, length = q.shape if rows is None else (rows[0], rows[2], rows[3], rows[1])
     tables = (
         layer.query_table if layer.use_query_rpe else None,
         layer.key_table if layer.use_key_rpe else None,
     )
-    by_band = d * d > 2 * (2 * r + 1)
+    by_band = cpu_kernel.band_tables_by_band(d, r, heads)
     if torch.compiler.is_compiling() and rows is not None:
         sums, sumsq = BandMomentsRowsOp.apply(q, *tables, *rows[:4], layer.use_qk, r, by_band)
     elif torch.compiler.is_compiling():
@@ -457,7 +458,7 @@ class BandMoments(torch.autograd.Function):
     backward) walks the band itself, one (sequence, head) at a time in cache: no blocks of
     logits, masks or operand copies in memory, the forward in float64 throughout (so at least as
     exact as the products below) and the table terms of shallow heads from per-position Gram
-    matrices as here. Heads of depth <= 8 in groups of eight (the models' first stages) go
+    matrices as here. Heads of depth <= 32 in groups of eight (every local layer of the models) go
     through it together, one per lane of float64 vectors, with q.k from windowed Gram matrices
     of the keys slid along the axis (the reference's form, :func:`_windowed_gram_quadratic`;
     its variance keeps ~16 - log10(mean^2 / variance) digits rather than all of them): 2.9-3.2x
