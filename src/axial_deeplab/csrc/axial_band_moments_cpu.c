@@ -338,11 +338,16 @@ static void band8_forward(const BandDims* s, const float* q, const float* k, con
     }
 }
 
-/* The backward of heads h0..h0+7 of sequence n: gq, gk written at the gradient strides (the tables'
-   own gradient terms come from band8_table_terms). ws: 4 L d + 2 d d + 2 d vectors */
-BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k, const float* coef, const double* pg,
-                              int64_t n, int64_t h0, int64_t d, band_v8d* ws, float* gq, float* gk) {
-    const int64_t L = s->L, r = s->r, H = s->heads, gt = 2 * L * (d + d * d);
+/* The backward of heads h0..h0+7 of sequence n: gq, gk written at the gradient strides; for each
+   table term in Gram form, a x_o and b x_o x_o^T (upper triangle) added per head lane into acc
+   (band8_acc_floats vectors, summed over the lanes into the per-head walk's A_o and P_o by
+   band8_reduce). ws: 4 L d + 2 d d + 2 d vectors */
+static int64_t band8_acc_vectors(int64_t L, int64_t d) { return 2 * L * (d + d * (d + 1) / 2); }
+
+BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k, const float* coef, band_v8d* acc,
+                              const double* pg, int64_t n, int64_t h0, int64_t d, band_v8d* ws, float* gq,
+                              float* gk) {
+    const int64_t L = s->L, r = s->r, H = s->heads, gt = 2 * L * (d + d * d), tri = d * (d + 1) / 2;
     band_v8d *Q = ws, *K = Q + L * d, *gQ = K + L * d, *gK = gQ + L * d;
     band_v8d *W = gK + L * d, *V = W + d * d, *ks = V + d * d, *qs = ks + d;
     band8_load(s, q, k, n, h0, Q, K);
@@ -379,10 +384,15 @@ BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k,
         for (int64_t o = 0; o < L; o++) { /* d/dx_o = a R_o + b T_o x_o */
             const band_v8d* x = X + o * d;
             const double* To = T + o * d * d;
+            band_v8d* Ao = acc + ((t - 1) * L + o) * (d + tri);
+            band_v8d* Po = Ao + d;
             for (int64_t c = 0; c < d; c++) {
                 band_v8d tx = To[c * d] * x[0];
                 for (int64_t e = 1; e < d; e++) tx += To[c * d + e] * x[e];
                 gX[o * d + c] += a[t] * R[o * d + c] + b[t] * tx;
+                Ao[c] += a[t] * x[c];
+                const band_v8d bx = b[t] * x[c];
+                for (int64_t e = c; e < d; e++) *Po++ += bx * x[e];
             }
         }
     }
@@ -396,49 +406,28 @@ BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k,
             }
 }
 
-static void band8_backward(const BandDims* s, const float* q, const float* k, const float* coef, const double* pg,
-                           int64_t n, int64_t h0, band_v8d* ws, float* gq, float* gk) {
+static void band8_backward(const BandDims* s, const float* q, const float* k, const float* coef, band_v8d* acc,
+                           const double* pg, int64_t n, int64_t h0, band_v8d* ws, float* gq, float* gk) {
     switch (s->d) {
-    case 4: band8_backward_k(s, q, k, coef, pg, n, h0, 4, ws, gq, gk); break;
-    case 8: band8_backward_k(s, q, k, coef, pg, n, h0, 8, ws, gq, gk); break;
-    case 16: band8_backward_k(s, q, k, coef, pg, n, h0, 16, ws, gq, gk); break;
-    case 32: band8_backward_k(s, q, k, coef, pg, n, h0, 32, ws, gq, gk); break;
-    default: band8_backward_k(s, q, k, coef, pg, n, h0, s->d, ws, gq, gk);
+    case 4: band8_backward_k(s, q, k, coef, acc, pg, n, h0, 4, ws, gq, gk); break;
+    case 8: band8_backward_k(s, q, k, coef, acc, pg, n, h0, 8, ws, gq, gk); break;
+    case 16: band8_backward_k(s, q, k, coef, acc, pg, n, h0, 16, ws, gq, gk); break;
+    case 32: band8_backward_k(s, q, k, coef, acc, pg, n, h0, 32, ws, gq, gk); break;
+    default: band8_backward_k(s, q, k, coef, acc, pg, n, h0, s->d, ws, gq, gk);
     }
 }
 
-/* For each table term in Gram form, A_o += sum of a x_o and P_o += sum of b x_o x_o^T over the share's
-   groups of eight heads [i0, i1) (whole groups): position by position, so that P_o's vectors stay in
-   L1 while every group adds to them (a per-position array of them, swept once per group, was most of
-   a d = 32 backward); the lanes summed into the per-head walk's A_o and P_o (P symmetric) at the end. */
-BAND_AI void band8_table_terms_k(const BandDims* s, const float* q, const float* k, const float* coef, int64_t i0,
-                                 int64_t i1, int64_t d, double* pg) {
-    const int64_t L = s->L, H = s->heads, gt = 2 * L * (d + d * d);
-    band_v8d Pacc[BAND8_MAXD * (BAND8_MAXD + 1) / 2], Aacc[BAND8_MAXD], x[BAND8_MAXD];
+/* the lanes of acc summed into the per-head walk's A_o and P_o (P symmetric) of each table term */
+static void band8_reduce(const BandDims* s, const band_v8d* acc, double* pg) {
+    const int64_t L = s->L, d = s->d, gt = 2 * L * (d + d * d), tri = d * (d + 1) / 2;
     for (int t = 1; t < 3; t++) {
         if (!s->use[t]) continue;
         double *A = pg + (t - 1) * gt + L * (d + d * d), *P = A + L * d;
-        const float* src = t == 1 ? q : k;
-        const int64_t* st = t == 1 ? s->qs : s->ks;
         for (int64_t o = 0; o < L; o++) {
-            for (int64_t j = 0; j < d * (d + 1) / 2; j++) Pacc[j] = band_splat8d(0.0);
-            for (int64_t c = 0; c < d; c++) Aacc[c] = band_splat8d(0.0);
-            for (int64_t i = i0; i + 8 <= i1; i += 8) {
-                const int64_t n = i / H, h0 = i % H;
-                band_v8d a, b;
-                for (int h = 0; h < 8; h++) a[h] = coef[t * H + h0 + h], b[h] = coef[(3 + t) * H + h0 + h];
-                const float* base = src + n * st[0] + h0 * st[1] + o * st[3];
-                for (int64_t c = 0; c < d; c++) x[c] = band_gather8d(base + c * st[2], st[1]);
-                band_v8d* Po = Pacc;
-                for (int64_t c = 0; c < d; c++) {
-                    Aacc[c] += a * x[c];
-                    const band_v8d bx = b * x[c];
-                    for (int64_t e = c; e < d; e++) *Po++ += bx * x[e];
-                }
-            }
-            const band_v8d* Po = Pacc;
+            const band_v8d* Ao = acc + ((t - 1) * L + o) * (d + tri);
+            const band_v8d* Po = Ao + d;
             for (int64_t c = 0; c < d; c++) {
-                A[o * d + c] += band_hsum8d(Aacc[c]);
+                A[o * d + c] += band_hsum8d(Ao[c]);
                 for (int64_t e = c; e < d; e++) {
                     const double v = band_hsum8d(*Po++);
                     P[(o * d + c) * d + e] += v;
@@ -446,17 +435,6 @@ BAND_AI void band8_table_terms_k(const BandDims* s, const float* q, const float*
                 }
             }
         }
-    }
-}
-
-static void band8_table_terms(const BandDims* s, const float* q, const float* k, const float* coef, int64_t i0,
-                              int64_t i1, double* pg) {
-    switch (s->d) {
-    case 4: band8_table_terms_k(s, q, k, coef, i0, i1, 4, pg); break;
-    case 8: band8_table_terms_k(s, q, k, coef, i0, i1, 8, pg); break;
-    case 16: band8_table_terms_k(s, q, k, coef, i0, i1, 16, pg); break;
-    case 32: band8_table_terms_k(s, q, k, coef, i0, i1, 32, pg); break;
-    default: band8_table_terms_k(s, q, k, coef, i0, i1, s->d, pg);
     }
 }
 
@@ -602,15 +580,14 @@ int axial_band_moments_backward_f32(const int64_t* dims, const float* q, const f
                 return 1;
             }
     }
-    /* eight heads at once (whole groups: the shares are whole sequences) */
-    band_v8d* eight = band_eight_heads(&s) ? band8_scratch(4 * L * d + 2 * d * d + 2 * d) : NULL;
-    int64_t groups_end = nh0; /* the groups of eight heads run are [nh0, groups_end) */
+    /* eight heads at once: their scratch, then the lanes' table-gradient terms */
+    band_v8d* eight = band_eight_heads(&s) ? band8_scratch(4 * L * d + 2 * d * d + 2 * d + band8_acc_vectors(L, d)) : NULL;
+    band_v8d* eight_acc = eight ? eight + 4 * L * d + 2 * d * d + 2 * d : NULL;
     for (int64_t i = nh0; i < nh1; i++) {
         const int64_t bn = i / H, bh = i % H;
-        if (eight && bh % 8 == 0 && i + 8 <= nh1 && i == groups_end) { /* heads bh..bh+7 together */
-            band8_backward(&s, q, k, coef, pg, bn, bh, eight, gq, gk);
+        if (eight && bh % 8 == 0 && i + 8 <= nh1) { /* heads bh..bh+7 together */
+            band8_backward(&s, q, k, coef, eight_acc, pg, bn, bh, eight, gq, gk);
             i += 7;
-            groups_end = i + 1;
             continue;
         }
         const float* qi = q + bn * s.qs[0] + bh * s.qs[1];
@@ -659,7 +636,7 @@ int axial_band_moments_backward_f32(const int64_t* dims, const float* q, const f
                 gki[ch * s.gs[2] + o * s.gs[3]] = gkc[ch * ld + o] + gkp[o * d + ch];
             }
     }
-    if (eight && pg) band8_table_terms(&s, q, k, coef, nh0, groups_end, pg);
+    if (eight && pg) band8_reduce(&s, eight_acc, pg);
     /* the tables' gradients: summed over this share's sequence-heads in float32 rows, added in float64;
        in Gram form d/dr_j = sum over the positions o that meet row j of (A_o + P_o r_j) */
     for (int64_t ch = 0; ch < d; ch++)
