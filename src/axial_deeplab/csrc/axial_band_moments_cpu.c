@@ -13,8 +13,8 @@
    closed form (window sums of k and of the table columns), then the squares of the logits centred on
    each (n, h)'s exact mean c, so sumsq = sum (x - c)^2 + 2 c sum x - pairs c^2 keeps every digit of
    the variance however large the mean. The backward runs in float32, as the products it replaces did.
-   Shallow heads eight at a time (the section "eight heads at once" below) take q.k from windowed Gram
-   matrices instead, as the PyTorch reference does, in float64 forward and backward.
+   Heads in groups of eight up to d = 32 (the section "eight heads at once" below) take q.k from
+   windowed Gram matrices instead, as the PyTorch reference does, in float64 forward and backward.
 
    Built by axial_deeplab/layers/cpu_kernel.py into the same library as axial_attention_cpu.c (the
    two sources are compiled as one unit; every name here is static or starts with axial_band_).
@@ -280,13 +280,18 @@ BAND_AI void band8_times_k(const band_v8d* W, const band_v8d* x, int64_t d, band
     }
 }
 
+/* row c of T x for a table term's T_o (shared by the heads; T symmetric) */
+BAND_AI band_v8d band8_table_row_k(const double* T, const band_v8d* x, int64_t d, int64_t c) {
+    band_v8d tx = T[c * d] * x[0];
+    for (int64_t e = 1; e < d; e++) tx += T[c * d + e] * x[e];
+    return tx;
+}
+
 /* x^T T x and x . R for a table term in Gram form (T, R shared by the heads) */
 BAND_AI void band8_table_k(const band_v8d* x, const double* T, const double* R, int64_t d, band_v8d* sum,
                            band_v8d* sq) {
     for (int64_t c = 0; c < d; c++) {
-        band_v8d tx = T[c * d] * x[0];
-        for (int64_t e = 1; e < d; e++) tx += T[c * d + e] * x[e];
-        *sq += x[c] * tx;
+        *sq += x[c] * band8_table_row_k(T, x, d, c);
         *sum += R[c] * x[c];
     }
 }
@@ -340,7 +345,7 @@ static void band8_forward(const BandDims* s, const float* q, const float* k, con
 
 /* The backward of heads h0..h0+7 of sequence n: gq, gk written at the gradient strides; for each
    table term in Gram form, a x_o and b x_o x_o^T (upper triangle) added per head lane into acc
-   (band8_acc_floats vectors, summed over the lanes into the per-head walk's A_o and P_o by
+   (band8_acc_vectors, summed over the lanes into the per-head walk's A_o and P_o by
    band8_reduce). ws: 4 L d + 2 d d + 2 d vectors */
 static int64_t band8_acc_vectors(int64_t L, int64_t d) { return 2 * L * (d + d * (d + 1) / 2); }
 
@@ -387,9 +392,7 @@ BAND_AI void band8_backward_k(const BandDims* s, const float* q, const float* k,
             band_v8d* Ao = acc + ((t - 1) * L + o) * (d + tri);
             band_v8d* Po = Ao + d;
             for (int64_t c = 0; c < d; c++) {
-                band_v8d tx = To[c * d] * x[0];
-                for (int64_t e = 1; e < d; e++) tx += To[c * d + e] * x[e];
-                gX[o * d + c] += a[t] * R[o * d + c] + b[t] * tx;
+                gX[o * d + c] += a[t] * R[o * d + c] + b[t] * band8_table_row_k(To, x, d, c);
                 Ao[c] += a[t] * x[c];
                 const band_v8d bx = b[t] * x[c];
                 for (int64_t e = c; e < d; e++) *Po++ += bx * x[e];
