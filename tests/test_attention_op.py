@@ -61,6 +61,44 @@ def test_opcheck_attention_rows_backward():
     torch.library.opcheck(ops.attention_rows_backward, (*args[:5], out, lse, g_out, *args[5:]))
 
 
+@pytest.mark.parametrize("dtype,radius,value_table", [(torch.float32, -1, True), (torch.float64, 2, False)])
+def test_eager_entry_equals_the_operator(dtype, radius, value_table):
+    # eager calls skip the operator's dispatch: same implementations, same outputs and gradients
+    args = _rows_args(dtype, radius, value_table)
+    assert ops.attention_rows_entry(args[0]) is not ops.attention_rows
+    results = []
+    for run in (ops.attention_rows, ops.attention_rows_entry(args[0])):
+        out, lse = run(*args)
+        g = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+        tensors = [t for t in args[:5] if t is not None]
+        results.append((out, lse, torch.autograd.grad(out, tensors, g)))
+    (out, lse, grads), (out2, lse2, grads2) = results
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    assert len(grads) == len(grads2) >= 4
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
+    assert not lse2.requires_grad  # an auxiliary output, as the operator's
+
+
+def test_eager_training_calls_no_operator(monkeypatch):
+    # the layer in eager training reaches the implementations without the operators' dispatch
+    from axial_deeplab.layers import row_batch_norm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an operator was called in eager mode")
+
+    monkeypatch.setattr(ops, "attention_rows", refuse)
+    monkeypatch.setattr(row_batch_norm, "output_bn_sum", refuse)
+    layer = _layer("height").train()
+    out = layer(torch.randn(2, 16, 5, 6, requires_grad=True))
+    out.sum().backward()
+    assert layer.qkv.weight.grad is not None and layer.bn_output.weight.grad is not None
+    # and traced code does reach them (the operators are what torch.compile sees)
+    with pytest.raises(AssertionError, match="an operator was called"):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        layer(torch.randn(2, 16, 5, 6))
+
+
 def _grams_operands(dtype):
     """Rows y (N*L, heads*(2dk+dv)) for 3 sequences of length 7, heads 2, dk 4, dv 8, and the
     backward's weights (symmetric blocks, as the moments' objective gives)."""

@@ -283,3 +283,25 @@ def test_output_bn_sum_step_keeps_every_step_th_position(swap, dtype):
     torch.library.opcheck(output_bn_sum_backward, (g, *args, step))
     for a, w in zip(output_bn_sum_backward(g, *args, step), output_bn_sum_backward(g_full, *args)):
         torch.testing.assert_close(a, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grid, swap, step", [(None, False, 1), ((2, 3, 5), True, 2)])
+def test_eager_entry_equals_the_operator(dtype, grid, swap, step):
+    # output_batch_norm_sum's eager Function: the operator's implementations and backward, bit for bit
+    from axial_deeplab.layers.row_batch_norm import _OutputBnSumEager
+
+    torch.manual_seed(5)
+    m, half = 30, 4
+    y = (1.0 + 2.0 * torch.randn(m, 2 * half, dtype=dtype)).requires_grad_(True)
+    weight = torch.randn(2 * half, dtype=dtype, requires_grad=True)
+    bias = torch.randn(2 * half, dtype=dtype, requires_grad=True)
+    results = []
+    for run in (output_bn_sum, _OutputBnSumEager.apply):
+        out, mean, var = run(y, weight, bias, 1e-5, grid, swap, step)
+        g = torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape)
+        results.append((out, mean, var, torch.autograd.grad(out, (y, weight, bias), g)))
+    for a, b in zip(results[0][:3], results[1][:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[0][3], results[1][3]):
+        assert torch.equal(a, b)

@@ -140,6 +140,8 @@ class _BackArgs(ctypes.Structure):
             ("gqkv", _PTR),
             ("osv", _PTR),
             ("osve", _PTR),
+            ("yscale", _PTR),
+            ("yshift", _PTR),
         ]
     )
 
@@ -318,7 +320,7 @@ def _compile() -> Optional[ctypes.CDLL]:
         fn.argtypes = [_PTR] + [_I64] * 9 + [_PTR, _PTR]
         fn.restype = ctypes.c_int
         fn = lib.axial_moments_backward_f32
-        fn.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 5 + [_I64, _I64, _PTR]
+        fn.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 7 + [_I64, _I64, _PTR]
         fn.restype = ctypes.c_int
         _declare_shares(lib)
         _declare_band(lib)
@@ -342,7 +344,7 @@ def _declare_shares(lib: ctypes.CDLL) -> None:
     lib.axial_attention_rows_shares.argtypes = [ctypes.POINTER(_Args), _I64, _I64, _PTR, _I64]
     lib.axial_attention_backward_shares.argtypes = [ctypes.POINTER(_BackArgs), _I64, _I64, _PTR, _I64, _PTR, _I64]
     lib.axial_moments_shares.argtypes = [_PTR] + [_I64] * 9 + [_PTR, _PTR]
-    lib.axial_moments_backward_shares.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 5 + [_I64, _I64, _PTR]
+    lib.axial_moments_backward_shares.argtypes = [_PTR] + [_I64] * 5 + [_PTR] * 7 + [_I64, _I64, _PTR]
     for name in ("rows", "backward", "moments", "moments_backward"):
         getattr(
             lib, f"axial_{'attention_' if name in ('rows', 'backward') else ''}{name}_shares"
@@ -775,6 +777,7 @@ def backward_strided(
     g_qkv: torch.Tensor,
     sv=None,
     sve=None,
+    affine: Optional[torch.Tensor] = None,
 ):
     """The backward kernel on operands where they lie: qkv element (n, h, ch, p) at
     ``n*s_n + h*s_h + ch*s_c + p*s_p`` (``q_strides``) of ``qkv``; its gradient is written
@@ -783,6 +786,9 @@ def backward_strided(
     (``g_strides``, shared by ``g_sv`` and ``g_sve``); lse, delta contiguous (nseq*heads, L).
     With ``delta`` None the kernel forms delta_o = sum_c g_sv*sv + g_sve*sve itself from the
     forward's ``sv``, ``sve`` (same strides as the incoming gradients).
+    ``affine`` (2, C2) float32 or None: ``qkv`` (position-major rows) is the projection before its
+    BatchNorm and the attention's input was ``affine[0] * qkv + affine[1]`` per channel, applied by the
+    kernel as it loads; ``g_qkv`` is then the gradient of that input.
     Returns (g_scales (3, heads), g_query_table, g_key_table, g_value_table), or None."""
     lib = _library()
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
@@ -828,6 +834,8 @@ def backward_strided(
         g_qkv.data_ptr(),
         _ptr(sv),
         _ptr(sve if layer.use_value_rpe else None),
+        _ptr(None if affine is None else affine[0]),
+        _ptr(None if affine is None else affine[1]),
     )
     workers = _workers(nh, 1)
     scratch_size = lib.axial_attention_backward_scratch_floats(ctypes.byref(args))
@@ -918,13 +926,27 @@ def row_moments(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, by
     return tuple(out)
 
 
-def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk: int, ws, cs, tp, bp, cp):
+def row_moments_backward(
+    y: torch.Tensor,
+    nseq: int,
+    length: int,
+    heads: int,
+    dk: int,
+    ws,
+    cs,
+    tp,
+    bp,
+    cp,
+    affine: Optional[torch.Tensor] = None,
+):
     """Gradient (same layout as ``y``) of the moments' objective: for each (n, o, h) and block
     t of x = [q, k] (t = 0 queries, 1 keys), g_t = x_t ws[n, h, t] + cs[n, h, t] +
     bp[h, t] * (x_t tp[o, t]) + cp[h, o, t] in the q and k channels, 0 in the value channels;
     ws (N, h, 2, dk, dk), cs (N, h, 2dk) (from the Grams over positions), tp (L, 2, dk, dk),
     bp (h, 2dk), cp (h, L, 2dk) (over sequences: position tables shared by the heads, a
-    per-head column scale); either family may be None. None when the kernel cannot take it."""
+    per-head column scale); either family may be None. ``affine`` (2, C2) float32 or None: ``y`` is
+    the projection before its BatchNorm and x is read from ``affine[0] * y + affine[1]`` (as in
+    :func:`backward_strided`). None when the kernel cannot take it."""
     operands = _moments_operands(y, heads, dk)
     if operands is None:
         return None
@@ -932,7 +954,8 @@ def row_moments_backward(y: torch.Tensor, nseq: int, length: int, heads: int, dk
     ws, cs, tp, bp, cp = (None if t is None else t.detach().float().contiguous() for t in (ws, cs, tp, bp, cp))
     g = torch.empty_like(y)
 
-    args = (y.data_ptr(), length, heads, hs, ys, dk, *(_ptr(t) for t in (ws, cs, tp, bp, cp)))
+    scale, shift = (None, None) if affine is None else affine
+    args = (y.data_ptr(), length, heads, hs, ys, dk, *(_ptr(t) for t in (ws, cs, tp, bp, cp, scale, shift)))
     rows = -(-_MOMENTS_SHARE // (heads * 4 * dk * dk))  # a row: per head ~4 dk^2 products (q, k by ws, tp)
     return g if _run_split(lib, "axial_moments_backward", args, (g.data_ptr(),), nseq * length, rows) else None
 

@@ -22,7 +22,6 @@ The sequence-layout function above stays the path of other devices and the opera
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -30,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .activation_recompute import replaying
 from .chunked import attend, needs_grad, run_layer
 from .dispatch import graph_recorder
 from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step
@@ -122,12 +120,6 @@ class _SumHalves(torch.autograd.Function):
         return g.repeat(1, 2)
 
 
-def _normalised(y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """The BatchNorm's output from its per-channel affine terms: the one call that both the forward
-    and :func:`_recomputed_in_backward` make, so the recomputation gives the same bits."""
-    return torch.addcmul(beta, y, alpha)
-
-
 class _RowsBatchNorm(torch.autograd.Function):
     """Training-mode BatchNorm of rows (M, C) with batch statistics (running statistics updated
     in place, as ``F.batch_norm`` does), with a backward of two elementwise passes:
@@ -135,9 +127,10 @@ class _RowsBatchNorm(torch.autograd.Function):
     ``native_batch_norm_backward`` walks a (M, C) input one element per channel-row (several
     times slower at the widths of the attention layers).
 
-    The output is formed by :func:`_normalised` from the per-channel affine terms, which
-    are returned too (non-differentiable): the same call on the same operands gives the same
-    bits again, so a caller can drop the output and recompute it (:func:`_recomputed_in_backward`).
+    The output is formed as ``alpha * y + beta`` from the per-channel affine terms, which are
+    returned too (non-differentiable): its consumers can keep ``y`` (which this keeps anyway) and
+    them for their backwards instead of the output (the ``source`` and ``affine`` of
+    ``ops.attention_rows`` and of the moments), so the output is freed after the forward.
 
     ``grad_in_place``: the caller guarantees that the output's gradient reaches the backward as a
     tensor nobody else holds (its consumers' gradients are fresh tensors, summed by autograd), so
@@ -151,7 +144,7 @@ class _RowsBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         alpha = weight.detach() * invstd
         beta = bias.detach() - mean * alpha
-        out = _normalised(y, alpha, beta)
+        out = torch.addcmul(beta, y, alpha)
         ctx.save_for_backward(y, weight, mean, invstd)
         ctx.eps = eps
         ctx.grad_in_place = grad_in_place
@@ -208,64 +201,8 @@ def _batch_norm(
     return (out, None) if affine else out
 
 
-def _outer_saved_tensor_hooks() -> bool:
-    """Whether saved-tensor hooks are already active (``torch.utils.checkpoint``'s non-reentrant
-    mode, ``torch.autograd.graph.save_on_cpu``): ours would hide the tensors saved here from them
-    (the innermost hooks win), so they are left to those."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
-
-
-class _Recomputed:
-    """What a saved tensor that views the normalised projection is packed as: its view geometry."""
-
-    __slots__ = ("size", "stride", "offset")
-
-    def __init__(self, t: torch.Tensor):
-        self.size, self.stride, self.offset = t.shape, t.stride(), t.storage_offset()
-
-
 # Off only to compare against keeping the normalised projection (tests).
 RECOMPUTE_NORMALIZED_PROJECTION = True
-
-
-def _recomputed_in_backward(out: torch.Tensor, y: torch.Tensor, affine):
-    """A context in which every tensor saved for the backward that views ``out`` (the normalised
-    projection, ``_normalised(y, alpha, beta)``) is dropped and formed again from ``y`` when the
-    backward unpacks it: the same call on the same operands, so the same bits. ``y`` is kept for
-    the BatchNorm's backward anyway, so this saves one (M, C2) tensor per layer (the attention and
-    moments operators' copy of the projection) for one elementwise pass per unpack. Eager training
-    only (``affine`` None, tracing or no gradients: no hooks)."""
-    if affine is None or not RECOMPUTE_NORMALIZED_PROJECTION or not torch.is_grad_enabled():
-        return contextlib.nullcontext()
-    if replaying():  # a recomputed forward's graph is differentiated at once: nothing to gain
-        return contextlib.nullcontext()
-    if torch.compiler.is_compiling() or _outer_saved_tensor_hooks():
-        return contextlib.nullcontext()
-    alpha, beta = affine
-    # the closures hold neither ``out`` (it is to be freed) nor its storage: only its address
-    storage, device = out.untyped_storage().data_ptr(), out.device
-    state = {"full": None, "packed": 0, "unpacked": 0}
-
-    def pack(t: torch.Tensor):
-        if t.device == device and t.untyped_storage().data_ptr() == storage:
-            state["packed"] += 1
-            return _Recomputed(t)
-        return t
-
-    def unpack(p):
-        if not isinstance(p, _Recomputed):
-            return p
-        full = state["full"]
-        if full is None:
-            full = _normalised(y, alpha, beta)
-        state["unpacked"] += 1
-        # kept while another saved view of it is still to be unpacked (the attention's and the
-        # moments' backwards run one after the other)
-        state["full"] = full if state["unpacked"] < state["packed"] else None
-        return full.as_strided(p.size, p.stride, p.offset)
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _batch_norm_rows(
@@ -435,17 +372,26 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
     # the normalised projection feeds only the attention operator and the moments, whose backwards
     # return fresh gradients: its gradient is ours to write over
     y, affine = _batch_norm_rows(layer.bn_qkv, projection, grad_in_place=True, affine=True)
-    # their backwards form it again from the projection rather than keep it
-    with _recomputed_in_backward(y, projection, affine):
-        scales = similarity_scales(layer, None, None, moments=lambda: similarity_moments_rows(layer, y, nseq, length))
-        out, _ = ops.attention_rows(
-            y,
-            scales,
-            *_tables(layer),
-            nseq,
-            *ops.layer_args(layer),
-            length,
-        )
+    # their backwards keep the projection (kept for the BatchNorm's backward anyway) and the affine
+    # terms instead, and their kernels apply those as they load: y is freed after the forward
+    source = None
+    if affine is not None and RECOMPUTE_NORMALIZED_PROJECTION:
+        source, affine = projection, torch.stack(affine)
+    else:
+        affine = None
+    scales = similarity_scales(
+        layer, None, None, moments=lambda: similarity_moments_rows(layer, y, nseq, length, source, affine)
+    )
+    out, _ = ops.attention_rows_entry(y)(
+        y,
+        scales,
+        *_tables(layer),
+        nseq,
+        *ops.layer_args(layer),
+        length,
+        source,
+        affine,
+    )
     # bn_output's channel 2j + r is retrieval r of value channel j; ours are [sv | sve]
     if layer.use_value_rpe and _fused_output_bn(layer.bn_output, out):
         # (b, c, h, w) laid out (b, h, w, c), channels_last, as the width layer after a height

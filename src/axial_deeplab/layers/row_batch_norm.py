@@ -41,8 +41,7 @@ def _rows_grid(m: int, grid: Optional[Sequence[int]]):
     return tuple(grid) if grid is not None else (m, 1, 1)
 
 
-@torch.library.custom_op(f"{_NS}::output_bn_sum", mutates_args=())
-def output_bn_sum(
+def _output_bn_sum(
     y: Tensor,
     weight: Tensor,
     bias: Tensor,
@@ -86,6 +85,10 @@ def output_bn_sum(
     return out, mean2.clone(), var2.clone()
 
 
+# the implementation stays a plain function too: eager calls skip the operator (_OutputBnSumEager)
+output_bn_sum = torch.library.custom_op(f"{_NS}::output_bn_sum", mutates_args=())(_output_bn_sum)
+
+
 def _kept_grid(grid, step: int):
     """The grid (B, S, ceil(T / step)) of the rows a strided layer keeps."""
     if grid is None:
@@ -121,8 +124,7 @@ def _(y, weight, bias, eps, grid, swap, step=1):
     return _output_like(y, m, c, out_grid, swap), y.new_empty(2, c), y.new_empty(2, c)
 
 
-@torch.library.custom_op(f"{_NS}::output_bn_sum_backward", mutates_args=())
-def output_bn_sum_backward(
+def _output_bn_sum_backward(
     g: Tensor,
     y: Tensor,
     weight: Tensor,
@@ -184,6 +186,11 @@ def output_bn_sum_backward(
     return g_y, _module_order(g_w), _module_order(g_b)
 
 
+output_bn_sum_backward = torch.library.custom_op(f"{_NS}::output_bn_sum_backward", mutates_args=())(
+    _output_bn_sum_backward
+)
+
+
 @output_bn_sum_backward.register_fake
 def _(g, y, weight, mean, var, eps, grid, swap, input_grad, step=1):
     return (
@@ -200,16 +207,34 @@ def _setup_context(ctx, inputs, output):
     ctx.eps, ctx.grid, ctx.swap, ctx.step = eps, grid, swap, step
 
 
-def _backward(ctx, g, g_mean, g_var):
+def _backward(ctx, g, g_mean, g_var, backward=None):
     y, weight, mean, var = ctx.saved_tensors
     need_y, need_w, need_b = ctx.needs_input_grad[:3]
     if not (need_y or need_w or need_b):
         return None, None, None, None, None, None, None
-    g_y, g_w, g_b = output_bn_sum_backward(g, y, weight, mean, var, ctx.eps, ctx.grid, ctx.swap, need_y, ctx.step)
+    g_y, g_w, g_b = (backward or output_bn_sum_backward)(
+        g, y, weight, mean, var, ctx.eps, ctx.grid, ctx.swap, need_y, ctx.step
+    )
     return (g_y if need_y else None), (g_w if need_w else None), (g_b if need_b else None), None, None, None, None
 
 
 output_bn_sum.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _OutputBnSumEager(torch.autograd.Function):
+    """:func:`output_bn_sum` with its registered autograd, for eager calls: the same implementations
+    and backward without the custom operator's dispatch (as ``ops._AttentionRowsEager``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, mean, var = _output_bn_sum(*inputs)
+        _setup_context(ctx, inputs, (out, mean, var))
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, g, g_mean, g_var):
+        return _backward(ctx, g, g_mean, g_var, backward=_output_bn_sum_backward)
 
 
 def output_batch_norm_sum(bn, y: Tensor, grid=None, swap: bool = False, step: int = 1) -> Tensor:
@@ -222,7 +247,11 @@ def output_batch_norm_sum(bn, y: Tensor, grid=None, swap: bool = False, step: in
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    out, mean, var = output_bn_sum(y, bn.weight, bn.bias, bn.eps, grid, swap, step)
+    # eager: the implementations without the operator's dispatch (_OutputBnSumEager); traced: the operator
+    eager = type(y) is Tensor and not torch.compiler.is_compiling()
+    out, mean, var = (_OutputBnSumEager.apply if eager else output_bn_sum)(
+        y, bn.weight, bn.bias, bn.eps, grid, swap, step
+    )
     if bn.track_running_stats and bn.running_mean is not None:
         m, c = y.shape[0], y.shape[1] // 2
         with torch.no_grad():

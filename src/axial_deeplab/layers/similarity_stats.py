@@ -210,7 +210,7 @@ class RowMoments(torch.autograd.Function):
     one strided pass."""
 
     @staticmethod
-    def forward(ctx, y, query_table, key_table, layer, nseq, length):
+    def forward(ctx, y, query_table, key_table, layer, nseq, length, source=None, affine=None):
         heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
         y4 = y.detach().view(nseq, length, heads, 2 * dk + dv)
         f64, d2 = torch.float64, 2 * dk
@@ -273,9 +273,11 @@ class RowMoments(torch.autograd.Function):
             saved["pos"] = (None if xp is None else xp.to(y.dtype), xx, xsum_p, row_sum, tgram, counts, tabs, on_table)
         ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.y_dtype = layer, nseq, length, saved, y.dtype
         ctx.x, ctx.device = None if x is None else x.to(y.dtype), y.device
-        # the kernel's backward reads q and k from y itself (kept for the attention's backward anyway;
-        # saved, not held, so that saved-tensor hooks see it)
-        ctx.save_for_backward(y if fast is not None else None)
+        # the kernel's backward reads q and k from y itself (saved, not held, so that saved-tensor hooks
+        # see it), or with ``source`` (y = affine[0] * source + affine[1], a BatchNorm's output) from the
+        # BatchNorm's input, which that BatchNorm keeps anyway, the affine terms applied as it reads
+        kept = (y, None) if source is None or affine is None else (source, affine)
+        ctx.save_for_backward(*(kept if fast is not None else (None, None)))
         return torch.stack(sums), torch.stack(sumsq)
 
     @staticmethod
@@ -321,14 +323,18 @@ class RowMoments(torch.autograd.Function):
         g_rq = g_tables[0] if ctx.needs_input_grad[1] else None
         g_rk = g_tables[1] if ctx.needs_input_grad[2] else None
         g_y = None
-        (y,) = ctx.saved_tensors
+        y, affine = ctx.saved_tensors
         y = None if y is None else y.detach()
-        if y is not None:
+        if y is not None and affine is not None and not torch.compiler.is_compiling():
+            g_y = cpu_kernel.row_moments_backward(y, nseq, length, heads, dk, ws, cs, tp, bp, cp, affine.detach())
+            if g_y is None:  # the kernel refused: the BatchNorm's output formed again
+                y = torch.addcmul(affine[1], y, affine[0]).detach()
+        elif y is not None:
             grams = moment_ops if torch.compiler.is_compiling() else cpu_kernel
             g_y = grams.row_moments_backward(y, nseq, length, heads, dk, ws, cs, tp, bp, cp)
         if g_y is None:
             g_y = _rows_gradient(ctx, y, ws, cs, tp, bp, cp, xp)
-        return g_y.view(nseq * length, -1), g_rq, g_rk, None, None, None
+        return g_y.view(nseq * length, -1), g_rq, g_rk, None, None, None, None, None
 
 
 def _diagonal_blocks(g: torch.Tensor, dk: int) -> torch.Tensor:
@@ -405,14 +411,20 @@ BAND_CHUNK_ELEMENTS = 1 << 18
 
 
 def _local_moments(
-    layer: PositionSensitiveAxialAttention, q: torch.Tensor, k: Optional[torch.Tensor], r: int, rows=None
+    layer: PositionSensitiveAxialAttention,
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    r: int,
+    rows=None,
+    source: Optional[torch.Tensor] = None,
+    affine: Optional[torch.Tensor] = None,
 ):
     """:func:`similarity_moments` of a local span of radius r < L - 1: q.k from the band of
     in-span logits (:class:`BandMoments`; traced by torch.compile, the same C band walk as
     operators, :class:`BandMomentsOp`, on q and k views); q.r^q and k.r^k the same way for deep
     heads one at a time, else (d*d small against the span, or heads in groups of eight up to
     d = 32: :func:`.cpu_kernel.band_tables_by_band`) from position-only table Grams (d x d per
-    position, shared by every sequence)."""
+    position, shared by every sequence). ``source``, ``affine``: as in :func:`similarity_moments_rows`."""
     n, heads, d, length = q.shape if rows is None else (rows[0], rows[2], rows[3], rows[1])
     tables = (
         layer.query_table if layer.use_query_rpe else None,
@@ -424,7 +436,7 @@ def _local_moments(
     elif torch.compiler.is_compiling():
         sums, sumsq = BandMomentsOp.apply(q, k, *tables, layer.use_qk, r, by_band)
     else:
-        sums, sumsq = BandMoments.apply(q, k, *tables, layer.use_qk, r, by_band, rows)
+        sums, sumsq = BandMoments.apply(q, k, *tables, layer.use_qk, r, by_band, rows, source, affine)
     return sums, sumsq, n * in_span_pairs(length, r)
 
 
@@ -486,9 +498,12 @@ class BandMoments(torch.autograd.Function):
     (sums, sumsq), (3, heads) float64."""
 
     @staticmethod
-    def forward(ctx, q, k, query_table, key_table, use_qk, r, tables_by_band=True, rows=None):
+    def forward(ctx, q, k, query_table, key_table, use_qk, r, tables_by_band=True, rows=None, source=None, affine=None):
         ctx.rows = rows
         q_in, k_in = q, k
+        if rows is not None and source is not None and affine is not None:
+            # q is a BatchNorm's output affine[0] * source + affine[1]: the backward keeps its input
+            q_in = source
         if rows is not None:  # q is the position-major projection y (N*L, heads*c2h), k is None
             n, length, heads, d, c2h = rows
             y4 = q.detach().view(n, length, heads, c2h)
@@ -500,7 +515,7 @@ class BandMoments(torch.autograd.Function):
         if out is not None:  # the compiled band walk: float64 throughout, no blocks of logits in memory
             # the inputs saved (not views of them held), so that saved-tensor hooks see them
             ctx.kernel = (use_qk, r, tables_by_band)
-            ctx.save_for_backward(query_table, key_table, q_in, k_in)
+            ctx.save_for_backward(query_table, key_table, q_in, k_in, affine if q_in is not q else None)
             return out[0].view(3, n, heads).sum(1), out[1].view(3, n, heads).sum(1)
         nh = n * heads
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -651,13 +666,15 @@ class BandMoments(torch.autograd.Function):
             g_k = gk_t.view(n, heads, d, length).to(in_dtype) if ctx.needs_input_grad[1] else None
         g_rq = g_tab[1].to(query_table.dtype) if 1 in g_tab and ctx.needs_input_grad[2] else None
         g_rk = g_tab[2].to(key_table.dtype) if 2 in g_tab and ctx.needs_input_grad[3] else None
-        return g_q, g_k, g_rq, g_rk, None, None, None, None
+        return g_q, g_k, g_rq, g_rk, None, None, None, None, None, None
 
 
 def _band_kernel_backward(ctx, g_sums, g_sumsq):
     """:class:`BandMoments`' backward through the compiled band walk (its forward ran there too)."""
     use_qk, r, by_band = ctx.kernel
-    query_table, key_table, q, k = ctx.saved_tensors
+    query_table, key_table, q, k, affine = ctx.saved_tensors
+    if affine is not None:  # q is the BatchNorm's input: its output formed again
+        q = torch.addcmul(affine[1], q.detach(), affine[0])
     if ctx.rows is not None:  # q is the position-major projection: its q and k channels as views
         n, length, heads, d, c2h = ctx.rows
         y4 = q.detach().view(n, length, heads, c2h)
@@ -679,10 +696,10 @@ def _band_kernel_backward(ctx, g_sums, g_sumsq):
     g_rq = g_tab[0].to(query_table.dtype) if query_table is not None and ctx.needs_input_grad[2] else None
     g_rk = g_tab[1].to(key_table.dtype) if key_table is not None and ctx.needs_input_grad[3] else None
     if ctx.rows is not None:
-        return g_y.view(n * length, heads * ctx.rows[-1]), None, g_rq, g_rk, None, None, None, None
+        return g_y.view(n * length, heads * ctx.rows[-1]), None, g_rq, g_rk, None, None, None, None, None, None
     g_q = gq if ctx.needs_input_grad[0] else None
     g_k = gk if ctx.needs_input_grad[1] else None
-    return g_q, g_k, g_rq, g_rk, None, None, None, None
+    return g_q, g_k, g_rq, g_rk, None, None, None, None, None, None
 
 
 class BandMomentsOp(torch.autograd.Function):
@@ -887,17 +904,26 @@ def _augmented_table(table: torch.Tensor, term: int, shift: torch.Tensor, dtype,
     return out
 
 
-def similarity_moments_rows(layer: PositionSensitiveAxialAttention, y: torch.Tensor, nseq: int, length: int):
+def similarity_moments_rows(
+    layer: PositionSensitiveAxialAttention,
+    y: torch.Tensor,
+    nseq: int,
+    length: int,
+    source: Optional[torch.Tensor] = None,
+    affine: Optional[torch.Tensor] = None,
+):
     """:func:`similarity_moments` for the position-major projection ``y`` (N*L, C2):
     the closed-form-backward :class:`RowMoments` for a global span, else the general
-    function on strided views."""
+    function on strided views. ``source``, ``affine``: as for ``ops.attention_rows`` (y is a
+    BatchNorm's output ``affine[0] * source + affine[1]``; the backward keeps ``source`` instead)."""
     heads, dk, dv = layer.num_heads, layer.key_depth, layer.value_depth
     if span_radius(layer, length) is None:
-        sums, sumsq = RowMoments.apply(y, layer.query_table, layer.key_table, layer, nseq, length)
+        sums, sumsq = RowMoments.apply(y, layer.query_table, layer.key_table, layer, nseq, length, source, affine)
         return sums, sumsq, nseq * length * length
     q, k = moment_ops.band_views(y, nseq, length, heads, dk)
     if not torch.compiler.is_compiling() or moment_ops.band_kernel_applies(q):
-        return _local_moments(layer, y, None, span_radius(layer, length), rows=(nseq, length, heads, dk, 2 * dk + dv))
+        rows = (nseq, length, heads, dk, 2 * dk + dv)
+        return _local_moments(layer, y, None, span_radius(layer, length), rows=rows, source=source, affine=affine)
     return similarity_moments(layer, q, k)
 
 
