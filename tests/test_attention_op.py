@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import axial_deeplab
-from axial_deeplab.layers import PositionSensitiveAxialAttention, moment_ops, ops
+from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel, moment_ops, ops
 
 
 def _layer(axis="height", span=None, impl="auto", **kw):
@@ -639,3 +639,28 @@ def test_static_short_axis_exports_without_query_blocks():
         xi = torch.randn(1, 16, 3, w)
         with torch.no_grad():
             torch.testing.assert_close(dynamic.module()(xi), layer(xi), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the kernel is not built")
+def test_large_logits_flush_tiny_weights_and_leave_the_thread_as_it_was():
+    # logits up to ~180 (log2 units) give weights far below float32's normal range; the kernels
+    # flush them (denormals cost a microcode assist per multiply-add) and stay equal to float64
+    gen = torch.Generator().manual_seed(7)
+    nseq, length, heads, dk, dv, dist = 4, 24, 2, 4, 8, 30
+    qkv = torch.randn(nseq * length, heads * (2 * dk + dv), generator=gen)
+    tables = [torch.randn(d, 2 * dist + 1, generator=gen) for d in (dk, dk, dv)]
+    scales = torch.full((3, heads), 6.0)
+    args = (nseq, heads, dk, dv, -1, dist, True)
+    out, lse = ops.attention_rows(qkv, scales, *tables, *args)
+    assert float(lse.max() - lse.min()) > 100  # rows whose smallest weights are denormal in float32
+    out64, lse64 = ops.attention_rows(qkv.double(), scales.double(), *(t.double() for t in tables), *args)
+    torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=1e-5)
+    g = torch.randn(out.shape, generator=gen)
+    got = ops.attention_rows_backward(qkv, scales, *tables, out, lse, g, *args)
+    want = ops.attention_rows_backward(
+        qkv.double(), scales.double(), *(t.double() for t in tables), out64, lse64, g.double(), *args
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
+    # the thread's floating-point mode is restored: float32 denormals still come out of torch
+    assert float(torch.tensor([1e-38]) * 0.01) != 0.0
