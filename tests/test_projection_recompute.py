@@ -46,7 +46,7 @@ def test_kept_source_gives_the_gradients_of_keeping_the_projection(case, monkeyp
     layer = make_layer(**CASES[case])
     x = torch.randn(2, 16, 11, 13)
     y, grads, buffers, _ = forward_backward(layer, "memory_efficient", x)
-    monkeypatch.setattr(memory_efficient, "RECOMPUTE_NORMALIZED_PROJECTION", False)
+    monkeypatch.setattr(memory_efficient, "FREE_NORMALIZED_PROJECTION", False)
     y_kept, grads_kept, buffers_kept, _ = forward_backward(layer, "memory_efficient", x)
     assert torch.equal(y, y_kept)  # the forward is the same
     for name in buffers:
@@ -91,7 +91,7 @@ def test_normalised_projection_is_freed_after_forward(case, monkeypatch):
     x = torch.randn(2, 16, 11, 13)
     assert not _normalised_projection_alive_after_forward(layer, x.clone(), monkeypatch)
     # and the check can fail: kept when the recompute is off
-    monkeypatch.setattr(memory_efficient, "RECOMPUTE_NORMALIZED_PROJECTION", False)
+    monkeypatch.setattr(memory_efficient, "FREE_NORMALIZED_PROJECTION", False)
     assert _normalised_projection_alive_after_forward(layer, x.clone(), monkeypatch)
 
 

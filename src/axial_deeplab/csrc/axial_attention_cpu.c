@@ -1162,6 +1162,7 @@ static int backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh1, float*
     const int position_major = a->s_c == 1 && a->g_c == 1;
     int64_t swept = -1; /* the sequence whose heads' rows are in rows_in (position-major) */
     float *qL = rows_in, *gsL, *gseL, *dL;
+    if (a->yscale && (!a->yshift || !position_major)) return 1;
     memset(scratch, 0, sizeof(float) * axial_attention_backward_scratch_floats(a));
     BackRows w;
     BackAhead ahead;
@@ -1172,7 +1173,6 @@ static int backward_f32(const AxialBackArgs* a, int64_t nh0, int64_t nh1, float*
         rows[c] = c < dk ? kT + c * Lp : vT + (c - dk) * Lp;
         grows[c] = c < dk ? gkT + c * Lp : gvT + (c - dk) * Lp;
     }
-    if (a->yscale && (!a->yshift || !position_major)) return 1;
     BackRowsFn rows4 = back_rows_4, rows1 = back_rows_1;
     if (dk == 4 && dv == 8) rows4 = back_rows_4_d4v8, rows1 = back_rows_1_d4v8;
     if (dk == 8 && dv == 16) rows4 = back_rows_4_d8v16, rows1 = back_rows_1_d8v16;

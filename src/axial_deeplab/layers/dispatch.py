@@ -204,6 +204,12 @@ def graph_recorder() -> Optional[str]:
     return "torch.jit.trace" if tracing else None
 
 
+def runs_eagerly(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` may skip a ``torch.library`` operator's dispatch for its plain
+    implementation: a plain tensor (not fake, not a subclass) outside torch.compile / export."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def tracing_refusal(what: str) -> Refusal:
     """Why a path that ``what`` (e.g. "calls the C kernel through ctypes") cannot run while
     torch.jit.trace or ONNX export records the graph, or None when neither does."""

@@ -202,3 +202,10 @@ def folded_constants(layer: PositionSensitiveAxialAttention) -> dict:
         cached = (key, {})
         layer.__dict__["_axial_folded_constants"] = cached  # a plain attribute: not state, not a buffer
     return cached[1]
+
+
+def normalised(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """A training BatchNorm's output ``scale * y + shift`` from its input and per-channel affine
+    terms: the one call the qkv BatchNorm's forward and every backward that forms its output again
+    make, so that output comes out with the same bits each time."""
+    return torch.addcmul(shift, y, scale)

@@ -31,7 +31,7 @@ from torch import nn
 from . import ops
 from .chunked import attend, needs_grad, run_layer
 from .dispatch import graph_recorder
-from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step
+from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step, normalised
 from .recompute import recompute_backward
 from .row_batch_norm import output_batch_norm_sum
 from .similarity_stats import similarity_moments_rows, similarity_scales
@@ -127,10 +127,11 @@ class _RowsBatchNorm(torch.autograd.Function):
     ``native_batch_norm_backward`` walks a (M, C) input one element per channel-row (several
     times slower at the widths of the attention layers).
 
-    The output is formed as ``alpha * y + beta`` from the per-channel affine terms, which are
-    returned too (non-differentiable): its consumers can keep ``y`` (which this keeps anyway) and
-    them for their backwards instead of the output (the ``source`` and ``affine`` of
-    ``ops.attention_rows`` and of the moments), so the output is freed after the forward.
+    The output is formed as ``alpha * y + beta`` (:func:`.geometry.normalised`) from the
+    per-channel affine terms, which are returned too (non-differentiable): its consumers can keep
+    ``y`` (which this keeps anyway) and them for their backwards instead of the output (the
+    ``source`` and ``affine`` of ``ops.attention_rows`` and of the moments), so the output is freed
+    after the forward.
 
     ``grad_in_place``: the caller guarantees that the output's gradient reaches the backward as a
     tensor nobody else holds (its consumers' gradients are fresh tensors, summed by autograd), so
@@ -144,7 +145,7 @@ class _RowsBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         alpha = weight.detach() * invstd
         beta = bias.detach() - mean * alpha
-        out = torch.addcmul(beta, y, alpha)
+        out = normalised(y, alpha, beta)
         ctx.save_for_backward(y, weight, mean, invstd)
         ctx.eps = eps
         ctx.grad_in_place = grad_in_place
@@ -202,7 +203,7 @@ def _batch_norm(
 
 
 # Off only to compare against keeping the normalised projection (tests).
-RECOMPUTE_NORMALIZED_PROJECTION = True
+FREE_NORMALIZED_PROJECTION = True
 
 
 def _batch_norm_rows(
@@ -375,7 +376,7 @@ def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Te
     # their backwards keep the projection (kept for the BatchNorm's backward anyway) and the affine
     # terms instead, and their kernels apply those as they load: y is freed after the forward
     source = None
-    if affine is not None and RECOMPUTE_NORMALIZED_PROJECTION:
+    if affine is not None and FREE_NORMALIZED_PROJECTION:
         source, affine = projection, torch.stack(affine)
     else:
         affine = None

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from . import cpu_kernel
 from .chunked import attend
-from .geometry import attention_radius
+from .dispatch import runs_eagerly
+from .geometry import attention_radius, normalised
 from .recompute import recompute_backward
 
 if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
@@ -225,11 +226,9 @@ def _attention_rows_backward(
     length = qkv.shape[0] // nseq
     c2, c = qkv.shape[1], heads * dv
     grads = None
-    if affine is not None:
-        affine = affine.detach().contiguous()
-        if not (_rows_kernel_applies(geo, qkv) and affine.dtype == torch.float32):  # the input formed again
-            qkv, affine = torch.addcmul(affine[1], qkv, affine[0]), None
-    if _rows_kernel_applies(geo, qkv) and out.dtype == g_out.dtype == torch.float32:
+    affine = None if affine is None else affine.detach().contiguous()
+    kernel_dtypes = out.dtype == g_out.dtype == torch.float32 and (affine is None or affine.dtype == torch.float32)
+    if _rows_kernel_applies(geo, qkv) and kernel_dtypes:
         g_qkv = torch.empty_like(qkv)
         # delta = sum_c g_sv*sv + g_sve*sve is formed in the kernel
         grads = cpu_kernel.backward_strided(
@@ -251,8 +250,8 @@ def _attention_rows_backward(
         )
         if grads is not None:
             grads = (g_qkv, *grads)
-    if grads is None and affine is not None:  # the kernel refused: the input formed again
-        qkv = torch.addcmul(affine[1], qkv, affine[0])
+    if grads is None and affine is not None:  # no kernel, or it refused: the attention's input formed again
+        qkv = normalised(qkv, affine[0], affine[1])
     if grads is None:
 
         def seq(t):
@@ -359,7 +358,7 @@ class _AttentionRowsEager(torch.autograd.Function):
 def attention_rows_entry(qkv: Tensor):
     """:func:`attention_rows` as eager code calls it (:class:`_AttentionRowsEager`: plain
     tensors outside tracing), else the operator itself (torch.compile / export, fake tensors)."""
-    if type(qkv) is torch.Tensor and not torch.compiler.is_compiling():
+    if runs_eagerly(qkv):
         return _AttentionRowsEager.apply
     return attention_rows
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernel
+from .dispatch import runs_eagerly
 
 __all__ = ["output_bn_sum", "output_bn_sum_backward", "output_batch_norm_sum"]
 
@@ -248,8 +249,7 @@ def output_batch_norm_sum(bn, y: Tensor, grid=None, swap: bool = False, step: in
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     # eager: the implementations without the operator's dispatch (_OutputBnSumEager); traced: the operator
-    eager = type(y) is Tensor and not torch.compiler.is_compiling()
-    out, mean, var = (_OutputBnSumEager.apply if eager else output_bn_sum)(
+    out, mean, var = (_OutputBnSumEager.apply if runs_eagerly(y) else output_bn_sum)(
         y, bn.weight, bn.bias, bn.eps, grid, swap, step
     )
     if bn.track_running_stats and bn.running_mean is not None:

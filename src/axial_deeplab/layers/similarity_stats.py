@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernel, moment_ops
-from .geometry import in_span_pairs, pair_table_rows, span_radius
+from .geometry import in_span_pairs, normalised, pair_table_rows, span_radius
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
 if TYPE_CHECKING:  # the layer's type, for annotations only (axial_attention imports this module)
@@ -328,7 +328,7 @@ class RowMoments(torch.autograd.Function):
         if y is not None and affine is not None and not torch.compiler.is_compiling():
             g_y = cpu_kernel.row_moments_backward(y, nseq, length, heads, dk, ws, cs, tp, bp, cp, affine.detach())
             if g_y is None:  # the kernel refused: the BatchNorm's output formed again
-                y = torch.addcmul(affine[1], y, affine[0]).detach()
+                y = normalised(y, affine[0], affine[1]).detach()
         elif y is not None:
             grams = moment_ops if torch.compiler.is_compiling() else cpu_kernel
             g_y = grams.row_moments_backward(y, nseq, length, heads, dk, ws, cs, tp, bp, cp)
@@ -500,10 +500,9 @@ class BandMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, query_table, key_table, use_qk, r, tables_by_band=True, rows=None, source=None, affine=None):
         ctx.rows = rows
-        q_in, k_in = q, k
-        if rows is not None and source is not None and affine is not None:
-            # q is a BatchNorm's output affine[0] * source + affine[1]: the backward keeps its input
-            q_in = source
+        # q (rows) a BatchNorm's output affine[0] * source + affine[1]: the backward keeps its input
+        keep_source = rows is not None and source is not None and affine is not None
+        q_in, k_in = (source if keep_source else q), k
         if rows is not None:  # q is the position-major projection y (N*L, heads*c2h), k is None
             n, length, heads, d, c2h = rows
             y4 = q.detach().view(n, length, heads, c2h)
@@ -515,7 +514,7 @@ class BandMoments(torch.autograd.Function):
         if out is not None:  # the compiled band walk: float64 throughout, no blocks of logits in memory
             # the inputs saved (not views of them held), so that saved-tensor hooks see them
             ctx.kernel = (use_qk, r, tables_by_band)
-            ctx.save_for_backward(query_table, key_table, q_in, k_in, affine if q_in is not q else None)
+            ctx.save_for_backward(query_table, key_table, q_in, k_in, affine if keep_source else None)
             return out[0].view(3, n, heads).sum(1), out[1].view(3, n, heads).sum(1)
         nh = n * heads
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -674,7 +673,7 @@ def _band_kernel_backward(ctx, g_sums, g_sumsq):
     use_qk, r, by_band = ctx.kernel
     query_table, key_table, q, k, affine = ctx.saved_tensors
     if affine is not None:  # q is the BatchNorm's input: its output formed again
-        q = torch.addcmul(affine[1], q.detach(), affine[0])
+        q = normalised(q.detach(), affine[0], affine[1])
     if ctx.rows is not None:  # q is the position-major projection: its q and k channels as views
         n, length, heads, d, c2h = ctx.rows
         y4 = q.detach().view(n, length, heads, c2h)
