@@ -5,7 +5,9 @@ and their kernels apply those as they load. Tested: outputs and running statisti
 the normalised projection, gradients within float32 rounding of it, on global spans (the Gram
 moments) and local ones (the band moments), both axes, a strided layer; the tensor is really freed
 after the forward; the kernels with the affine terms equal to the kernels on the normalised input;
-the operator's PyTorch backward (float64) forms the input again, bit for bit."""
+the operator's PyTorch backward (float64) forms the input again, bit for bit. The projection keeps
+the layer's input, not the rows it reads from it (a copy for the height axis), with gradients
+bit-identical to autograd's product."""
 
 from __future__ import annotations
 
@@ -177,3 +179,60 @@ def test_moments_backward_kernel_applies_the_affine_terms():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     plain = cpu_kernel.row_moments_backward(y, nseq, length, heads, dk, ws, cs, tp, bp, cp)
     assert not torch.allclose(plain, want, rtol=1e-3, atol=1e-3)
+
+
+def _plain_projection(layer, x):
+    return memory_efficient._rows_of(x, layer.axis) @ layer.qkv.weight.flatten(1).t()
+
+
+def _copies_of_input_kept(layer, x) -> int:
+    """How many tensors the forward keeps for the backward that hold x's values in storage of
+    their own (the rows of x copied), x itself aside."""
+    x = x.detach().clone().requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = layer.train()(x)
+    base = x.untyped_storage().data_ptr()
+    rows = memory_efficient._rows_of(x.detach(), layer.axis)
+    copies = sum(
+        1 for t in kept if t.untyped_storage().data_ptr() != base and t.shape == rows.shape and torch.equal(t, rows)
+    )
+    out.sum().backward()
+    return copies
+
+
+INPUT_LAYOUTS = {
+    "height": ("height", torch.contiguous_format),
+    "height channels_last": ("height", torch.channels_last),
+    "width": ("width", torch.contiguous_format),
+    "width channels_last": ("width", torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INPUT_LAYOUTS))
+def test_projection_keeps_the_input_not_a_copy_of_its_rows(case, monkeypatch):
+    axis, layout = INPUT_LAYOUTS[case]
+    layer = make_layer(axis=axis)
+    layer.impl = "memory_efficient"
+    x = torch.randn(2, 16, 11, 13).contiguous(memory_format=layout)
+    assert _copies_of_input_kept(layer, x) == 0
+    # and the check can fail: autograd's product keeps the rows, a copy unless they are a view
+    monkeypatch.setattr(memory_efficient, "_projection", _plain_projection)
+    view = axis == "width" and layout == torch.channels_last
+    assert _copies_of_input_kept(layer, x) == (0 if view else 1)
+
+
+@pytest.mark.parametrize("case", sorted(INPUT_LAYOUTS))
+def test_projection_gradients_are_autograds(case, monkeypatch):
+    axis, layout = INPUT_LAYOUTS[case]
+    layer = make_layer(axis=axis, span=5 if axis == "width" else None)
+    x = torch.randn(2, 16, 11, 13).contiguous(memory_format=layout)
+    y, grads, buffers, _ = forward_backward(layer, "memory_efficient", x)
+    monkeypatch.setattr(memory_efficient, "_projection", _plain_projection)
+    y_ref, grads_ref, buffers_ref, _ = forward_backward(layer, "memory_efficient", x)
+    assert torch.equal(y, y_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads_ref[name]), name
+    for name in buffers:
+        assert torch.equal(buffers[name], buffers_ref[name]), name

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import ops
 from .chunked import attend, needs_grad, run_layer
-from .dispatch import graph_recorder
+from .dispatch import graph_recorder, runs_eagerly
 from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step, normalised
 from .recompute import recompute_backward
 from .row_batch_norm import output_batch_norm_sum
@@ -118,6 +118,56 @@ class _SumHalves(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g.repeat(1, 2)
+
+
+def _rows_of(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """(B, C, H, W) -> (N*L, C): the layer's position-major rows, sequence by sequence (a view
+    for a channels_last input along the width, else a copy)."""
+    return (x.permute(0, 3, 2, 1) if axis == "height" else x.permute(0, 2, 3, 1)).reshape(-1, x.shape[1])
+
+
+def _input_of(rows: torch.Tensor, shape, axis: str) -> torch.Tensor:
+    """The inverse of :func:`_rows_of`: rows (N*L, C) as a (B, C, H, W) view."""
+    batch, c, height, width = shape
+    if axis == "height":
+        return rows.view(batch, width, height, c).permute(0, 3, 2, 1)
+    return rows.view(batch, height, width, c).permute(0, 3, 1, 2)
+
+
+class _ProjectRows(torch.autograd.Function):
+    """(x (B, C, H, W), weight (C2, C)) -> the rows of x (:func:`_rows_of`) @ weight.t(),
+    keeping x itself for the weight's gradient and forming the rows again in the backward.
+
+    Why: autograd's product would keep the rows, which for the height axis (and an NCHW input
+    along the width) are a copy of x, beside x, which the block's ReLU before the layer keeps
+    anyway: 28 of the 658 MiB that an Axial-DeepLab-S training step at 2x3x257x257 keeps for its
+    backward, 38 of 667 for Axial-ResNet-S at 4x3x224x224. Forming them again costs one copy of
+    the input per layer in the backward. The products are autograd's own (bit-identical
+    gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, axis):
+        ctx.save_for_backward(x, weight)
+        ctx.axis = axis
+        return _rows_of(x, axis) @ weight.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g_x = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_x = _input_of(g @ weight, x.shape, ctx.axis)
+        if ctx.needs_input_grad[1]:
+            g_w = (_rows_of(x, ctx.axis).t() @ g).t()  # as autograd's mm backward forms it
+        return g_x, g_w, None
+
+
+def _projection(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
+    """The qkv projection of ``x``'s rows (N*L, C2); in eager training through :class:`_ProjectRows`."""
+    weight = layer.qkv.weight.flatten(1)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and runs_eagerly(x):
+        return _ProjectRows.apply(x, weight, layer.axis)
+    return _rows_of(x, layer.axis) @ weight.t()
 
 
 class _RowsBatchNorm(torch.autograd.Function):
@@ -360,16 +410,14 @@ def run_layer_eval_op(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -
 def run_layer_position_major(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """The layer in position-major layout, the attention as ``axial_deeplab::attention_rows``
     (training, or inference with batch statistics)."""
-    batch, cin, height, width = x.shape
+    batch, _, height, width = x.shape
     heads, dv = layer.num_heads, layer.value_depth
     c = heads * dv
     if layer.axis == "height":  # sequences (b, w) along h
-        rows_in = x.permute(0, 3, 2, 1)
         nseq, length = batch * width, height
     else:  # sequences (b, h) along w
-        rows_in = x.permute(0, 2, 3, 1)
         nseq, length = batch * height, width
-    projection = rows_in.reshape(nseq * length, cin) @ layer.qkv.weight.flatten(1).t()  # (N*L, C2)
+    projection = _projection(layer, x)  # (N*L, C2)
     # the normalised projection feeds only the attention operator and the moments, whose backwards
     # return fresh gradients: its gradient is ours to write over
     y, affine = _batch_norm_rows(layer.bn_qkv, projection, grad_in_place=True, affine=True)
