@@ -1,4 +1,5 @@
-"""Recomputing an attention layer's activations in the backward: the same step, less memory."""
+"""Recomputing an attention layer's activations in the backward: the same step, less memory; the
+replay reuses the first forward's batch statistics and refuses to replay down another path."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import weakref
 import pytest
 import torch
 
-from axial_deeplab.layers import PositionSensitiveAxialAttention
-from axial_deeplab.layers.activation_recompute import run_recomputed
+from axial_deeplab.layers import PositionSensitiveAxialAttention, cpu_kernel
+from axial_deeplab.layers.activation_recompute import reused, run_recomputed
 
 
 def _step(module, x):
@@ -204,3 +205,73 @@ def test_axial_block_recomputes_its_attention_pair_as_one():
         assert torch.equal(a.grad, b.grad), name
     for (name, a), b in zip(plain.named_buffers(), pair.buffers()):
         assert torch.equal(a, b), name
+
+
+def _statistics_passes(monkeypatch, layer, x):
+    """How many times one step of ``layer`` runs the batch statistics' passes (BatchNorm's and
+    the band moments' kernel): (in the forward, in the backward)."""
+    calls = []
+    stats, band = torch.batch_norm_update_stats, cpu_kernel.band_moments
+    with monkeypatch.context() as m:
+        m.setattr(torch, "batch_norm_update_stats", lambda *a: calls.append(1) or stats(*a))
+        m.setattr(cpu_kernel, "band_moments", lambda *a: calls.append(1) or band(*a))
+        y = layer(x.clone().requires_grad_())
+        forward = len(calls)
+        y.sum().backward()
+    return forward, len(calls) - forward
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler: the band moments' kernel is not built")
+def test_replay_reuses_the_first_forwards_statistics(monkeypatch):
+    torch.manual_seed(0)
+    plain = PositionSensitiveAxialAttention(16, 16, axis="width", num_heads=2, span=5).train()
+    x = torch.randn(2, 16, 7, 9)
+    recomputed = copy.deepcopy(plain)
+    recomputed.recompute_activations = True
+    forward, backward = _statistics_passes(monkeypatch, recomputed, x)
+    assert forward == _statistics_passes(monkeypatch, plain, x)[0] >= 3  # qkv BN, moments, output BN
+    assert backward == 0
+    # and the count can fail: where the sites compute every time, the replay makes them all again
+    for module in ("memory_efficient", "row_batch_norm", "similarity_stats"):
+        monkeypatch.setattr(f"axial_deeplab.layers.{module}.reused", lambda key, compute: compute())
+    assert _statistics_passes(monkeypatch, recomputed, x) == (forward, forward)
+
+
+class _Switching(torch.nn.Module):
+    """A module whose replay asks for other statistics than its first forward recorded."""
+
+    def __init__(self, keys):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.keys = list(keys)
+
+    def forward(self, x):
+        for key in self.keys.pop(0):
+            x = x * reused(key, lambda: x.detach().mean())
+        return x * self.scale
+
+
+@pytest.mark.parametrize(
+    "keys,message",
+    [
+        ([["a", "b"], ["a", "c"]], "asked for 'c' where the first forward recorded 'b'"),
+        ([["a"], ["a", "b"]], "asked for 'b' where the first forward recorded 'nothing'"),
+        ([["a", "b"], ["a"]], "used 1 of the 2 statistics"),
+    ],
+)
+def test_a_replay_down_another_path_is_refused(keys, message):
+    module = _Switching(keys).train()
+    x = torch.randn(4, requires_grad=True)
+    y = run_recomputed(module, module.forward, x)
+    with pytest.raises(RuntimeError, match=message):
+        y.sum().backward()
+
+
+def test_replayed_statistics_are_the_recorded_ones():
+    module = _Switching([["a"], ["a"]]).train()
+    x = torch.randn(4, requires_grad=True)
+    y = run_recomputed(module, module.forward, x)
+    y.sum().backward()
+    # y = x * mean(x) * scale with the mean a constant (recorded, not differentiated)
+    torch.testing.assert_close(x.grad, torch.full_like(x, float(x.detach().mean())))
+    assert reused("outside", lambda: 7) == 7  # outside a recomputed module: computed

@@ -23,6 +23,12 @@ kept either. The RNG state (drop path, dropout) and autocast state are replayed 
 and BatchNorm's running statistics, which the replay would update a second time, are put back
 after it: a training step with recompute equals one without (outputs, gradients, buffers).
 Double backward through a recomputed module is not supported.
+
+The replay reuses the first forward's batch statistics (:func:`reused`: the qkv and output
+BatchNorms' means and variances, the similarity moments' Grams): it runs on the same input, so
+they are the same numbers, and their passes over the activations were about a quarter of a
+replay's time. Each is checked against the site and shapes that recorded it; a replay that
+takes another path stops with an error rather than reading another layer's statistics.
 """
 
 from __future__ import annotations
@@ -33,10 +39,61 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["run_recomputed", "recompute_applies", "replaying"]
+__all__ = ["run_recomputed", "recompute_applies", "replaying", "reused"]
 
 
 _REPLAYING = threading.local()
+_TAPE = threading.local()
+
+
+class _Tape:
+    """Values in call order, each with its key: written by a recomputed module's first forward,
+    read back by its replays (``position`` None while recording)."""
+
+    def __init__(self):
+        self.entries: List[Tuple[object, object]] = []
+        self.position: Optional[int] = None
+
+
+class _using_tape:
+    """This thread's tape for the duration: recorded into (``read`` False) or read from."""
+
+    def __init__(self, tape: _Tape, read: bool):
+        self.tape, self.read = tape, read
+
+    def __enter__(self):
+        self.outer = getattr(_TAPE, "tape", None)
+        self.tape.position = 0 if self.read else None
+        _TAPE.tape = self.tape
+
+    def __exit__(self, *exc):
+        _TAPE.tape = self.outer
+        return False
+
+
+def reused(key, compute: Callable[[], object]):
+    """``compute()``; inside a recomputed module, its first forward's value in the replay.
+
+    For batch statistics, whose passes over the activations a replay need not make again: the
+    first forward records ``compute()``'s value, the replay returns it (the same numbers: same
+    input, same kernels). ``key`` (the site and its operands' shapes) must be the one recorded at
+    that point, else the replay took another path and this raises. Outside a recomputed module,
+    and while tracing, just ``compute()``."""
+    tape = getattr(_TAPE, "tape", None)
+    if tape is None or torch.compiler.is_compiling():
+        return compute()
+    if tape.position is None:
+        value = compute()
+        tape.entries.append((key, value))
+        return value
+    if tape.position >= len(tape.entries) or tape.entries[tape.position][0] != key:
+        recorded = tape.entries[tape.position][0] if tape.position < len(tape.entries) else "nothing"
+        raise RuntimeError(
+            f"recomputed activations: the replay asked for {key!r} where the first forward recorded "
+            f"{recorded!r} (the module took another path in its replay)"
+        )
+    tape.position += 1
+    return tape.entries[tape.position - 1][1]
 
 
 def replaying() -> bool:
@@ -70,6 +127,12 @@ class _State:
         self.autocast: List[Tuple[str, bool, torch.dtype]] = [
             (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in sorted({"cpu", x.device.type})
         ]
+        self.tape = _Tape()
+
+    def first_run(self, x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)``, its batch statistics recorded for the replays."""
+        with _using_tape(self.tape, read=False):
+            return self.fn(x)
 
     def replay(self, x: torch.Tensor, grad: torch.Tensor, wanted: Callable[[torch.Tensor], List[torch.Tensor]]):
         """Gradients of ``fn``'s replay on ``x`` with respect to ``wanted(x)``; the module's buffers
@@ -85,10 +148,16 @@ class _State:
                     torch.cuda.set_rng_state(self.cuda_rng, self.device)
                 _REPLAYING.depth = getattr(_REPLAYING, "depth", 0) + 1
                 try:
-                    with torch.enable_grad(), _autocast(self.autocast):
+                    with torch.enable_grad(), _autocast(self.autocast), _using_tape(self.tape, read=True):
                         out = self.fn(x)
                 finally:
                     _REPLAYING.depth -= 1
+            if self.tape.position != len(self.tape.entries):
+                raise RuntimeError(
+                    f"recomputed activations: the replay of {type(self.module).__name__} used "
+                    f"{self.tape.position} of the {len(self.tape.entries)} statistics its first forward "
+                    "recorded (the module took another path in its replay)"
+                )
             inputs = wanted(x)
             if not out.requires_grad:
                 return [None] * len(inputs)
@@ -126,7 +195,7 @@ class _Recompute(torch.autograd.Function):
         # module in eval mode runs with them on (its graph dropped at once), as the attention
         # would otherwise take its inference path, whose rounding the replay would not share.
         if state.module.training:
-            out = state.fn(x)
+            out = state.first_run(x)
         else:
             with torch.enable_grad():
                 out = state.fn(x.detach()).detach()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .activation_recompute import reused
 from .chunked import attend, needs_grad, run_layer
 from .dispatch import graph_recorder, runs_eagerly
 from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step, normalised
@@ -191,7 +192,10 @@ class _RowsBatchNorm(torch.autograd.Function):
     def forward(ctx, y, weight, bias, running_mean, running_var, momentum, eps, grad_in_place=False):
         # batch mean and biased variance in one pass, the running statistics updated as
         # native_batch_norm does (unbiased variance); then the output in one more pass
-        mean, var = torch.batch_norm_update_stats(y, running_mean, running_var, momentum)
+        mean, var = reused(
+            ("qkv batch norm", tuple(y.shape)),
+            lambda: torch.batch_norm_update_stats(y, running_mean, running_var, momentum),
+        )
         invstd = torch.rsqrt(var + eps)
         alpha = weight.detach() * invstd
         beta = bias.detach() - mean * alpha

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernel
+from .activation_recompute import reused
 from .dispatch import runs_eagerly
 
 __all__ = ["output_bn_sum", "output_bn_sum_backward", "output_batch_norm_sum"]
@@ -66,7 +67,8 @@ def _output_bn_sum(
     y = y.detach().contiguous()
     # the batch statistics of PyTorch's CPU BatchNorm (the same numbers as F.batch_norm's);
     # torch.var_mean over the rows' outer dim is ~25x slower
-    mean, var = torch.batch_norm_update_stats(y, None, None, 0.0)
+    # (a recomputed layer's replay reuses its first forward's)
+    mean, var = reused(("output batch norm", tuple(y.shape)), lambda: torch.batch_norm_update_stats(y, None, None, 0.0))
     mean2, var2 = mean.view(2, c), var.view(2, c)
     invstd = torch.rsqrt(var2 + eps)
     a = _ours(weight.detach(), c) * invstd

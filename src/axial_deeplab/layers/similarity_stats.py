@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernel, moment_ops
+from .activation_recompute import reused
 from .geometry import in_span_pairs, normalised, pair_table_rows, span_radius
 from .sync import all_reduce_count, differentiable_all_reduce, should_sync
 
@@ -510,7 +511,10 @@ class BandMoments(torch.autograd.Function):
         n, heads, d, length = q.shape
         ctx.kernel = None
         tables_in = (query_table, key_table)
-        out = cpu_kernel.band_moments(q.detach(), k.detach(), tables_in, use_qk, r, tables_by_band)
+        out = reused(
+            ("band moments", tuple(q.shape), r),
+            lambda: cpu_kernel.band_moments(q.detach(), k.detach(), tables_in, use_qk, r, tables_by_band),
+        )
         if out is not None:  # the compiled band walk: float64 throughout, no blocks of logits in memory
             # the inputs saved (not views of them held), so that saved-tensor hooks see them
             ctx.kernel = (use_qk, r, tables_by_band)
