@@ -200,3 +200,29 @@ def test_row_moments_keep_the_variance_of_large_logits():
     var = sumsq / count - (sums / count) ** 2
     want = want_q / count - (want_s / count) ** 2
     torch.testing.assert_close(var, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_moments_keep_their_grams_in_the_inputs_dtype(dtype):
+    """The forward sums in float64; what it keeps for the backward (the Grams over positions and
+    over sequences, tens of MiB in a training step) is in the input's dtype, and the gradients
+    stay those of float64 Grams within float32 rounding."""
+    layer = make_layer(4, None, heads=3, max_relative_distance=5).to(dtype)
+    nseq, length, heads, dk = 5, 11, 3, 4
+    gen = torch.Generator().manual_seed(7)
+    y = torch.randn(nseq * length, heads * (2 * dk + layer.value_depth), generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
+    rows = y.to(dtype, copy=True).requires_grad_(True)
+    sums, sumsq, _ = similarity_stats.similarity_moments_rows(layer, rows, nseq, length)
+    saved = (
+        sums.grad_fn.saved
+    )  # the Function's context: (sums, Grams) by sequence, (copy, Grams, sums, ...) by position
+    kept = [*saved["seq"], *saved["pos"][1:3]]
+    assert [tuple(t.shape) for t in kept] == [(nseq, heads, 2 * dk), (nseq, heads, 2, dk, dk)] + [
+        (heads, length, 2, dk, dk),
+        (heads, length, 2 * dk),
+    ]
+    assert all(t.dtype == dtype for t in kept)
+    ((sums * weights[0]).sum() + (sumsq * weights[1]).sum()).backward()
+    want = _row_moments_and_grads(layer.double(), y, nseq, length, weights)
+    torch.testing.assert_close(rows.grad.double(), want[2], rtol=1e-5, atol=1e-5)

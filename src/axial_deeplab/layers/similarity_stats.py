@@ -234,7 +234,9 @@ class RowMoments(torch.autograd.Function):
         if layer.use_qk:  # gram (N, h, 2, d, d): [Gq_n, Gk_n]
             sums[0] = (xsum[..., :dk] * xsum[..., dk:]).sum((0, 2))
             sumsq[0] = (gram[:, :, 0] * gram[:, :, 1]).sum((0, 2, 3))
-            saved["seq"] = (xsum, gram)
+            # kept for the backward in the input's dtype: float64 Grams would hold ~10% of an
+            # Axial-DeepLab-S training step's peak; the backward's products are in that dtype anyway
+            saved["seq"] = (xsum.to(y.dtype), gram.to(y.dtype))
         if any(on_table):  # (h*L, 2d, 2d) Grams over sequences
             # only the rows of offsets -(L-1)..L-1 meet any pair: the other rows of a long table
             # (509 by default) would cost products of zeros
@@ -271,7 +273,16 @@ class RowMoments(torch.autograd.Function):
             sumsq[1], sumsq[2] = (xx * tgram).sum((1, 3, 4)).t()
             # the backward's products run in the input's dtype (float32 ones are twice as fast), so
             # the copies are kept in it: float64 ones would double the memory held for the backward
-            saved["pos"] = (None if xp is None else xp.to(y.dtype), xx, xsum_p, row_sum, tgram, counts, tabs, on_table)
+            saved["pos"] = (
+                None if xp is None else xp.to(y.dtype),
+                xx.to(y.dtype),
+                xsum_p.to(y.dtype),
+                row_sum,
+                tgram,
+                counts,
+                tabs,
+                on_table,
+            )
         ctx.layer, ctx.nseq, ctx.length, ctx.saved, ctx.y_dtype = layer, nseq, length, saved, y.dtype
         ctx.x, ctx.device = None if x is None else x.to(y.dtype), y.device
         # the kernel's backward reads q and k from y itself (saved, not held, so that saved-tensor hooks
