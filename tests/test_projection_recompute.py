@@ -236,3 +236,63 @@ def test_projection_gradients_are_autograds(case, monkeypatch):
         assert torch.equal(grads[name], grads_ref[name]), name
     for name in buffers:
         assert torch.equal(buffers[name], buffers_ref[name]), name
+
+
+def _pair(stride=1, seed=0):
+    torch.manual_seed(seed)
+    pair = torch.nn.Sequential(
+        PositionSensitiveAxialAttention(16, 16, axis="height", num_heads=2, stride=stride, max_relative_distance=6),
+        PositionSensitiveAxialAttention(16, 16, axis="width", num_heads=2, stride=stride, max_relative_distance=6),
+    )
+    for layer in pair:
+        randomize_batch_norms(layer)
+        layer.impl = "memory_efficient"
+    return pair.train()
+
+
+def _pair_step(pair, x, between=None):
+    """Output, gradients and the number of saved tensors holding the height layer's output."""
+    pair = copy.deepcopy(pair)
+    x = x.detach().clone().requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        h = pair[0](x)
+        if between is not None:
+            h = between(h)
+        y = pair[1](h)
+    holding = sum(1 for t in kept if t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr())
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    (y * g).sum().backward()
+    grads = {"input": x.grad, **{n: p.grad for n, p in pair.named_parameters()}}
+    return y.detach(), grads, holding
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_width_layer_forms_the_height_output_again(stride, monkeypatch):
+    """The width layer keeps not its input, the height layer's output, but forms it again from what
+    that layer's output BatchNorm keeps: the same gradients, bit for bit."""
+    pair, x = _pair(stride), torch.randn(2, 16, 9, 11)
+    y, grads, holding = _pair_step(pair, x)
+    assert holding == 0
+    monkeypatch.setattr(memory_efficient, "FORM_INPUT_AGAIN", False)
+    y_ref, grads_ref, holding_ref = _pair_step(pair, x)
+    assert holding_ref == 1  # the check can fail: kept when not formed again
+    assert torch.equal(y, y_ref) and grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads_ref[name]), name
+
+
+def test_height_output_changed_in_place_is_kept_as_it_is(monkeypatch):
+    """An in-place change between the layers: the output cannot be formed again from the BatchNorm's
+    input, so it is kept, and the gradients are those of the changed input."""
+    pair, x = _pair(), torch.randn(2, 16, 9, 11)
+
+    def between(h):
+        return h.mul_(2.0)
+
+    y, grads, holding = _pair_step(pair, x, between)
+    assert holding == 1
+    monkeypatch.setattr(memory_efficient, "FORM_INPUT_AGAIN", False)
+    y_ref, grads_ref, _ = _pair_step(pair, x, between)
+    for name in grads:
+        assert torch.equal(grads[name], grads_ref[name]), name

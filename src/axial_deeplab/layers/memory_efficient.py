@@ -34,7 +34,7 @@ from .chunked import attend, needs_grad, run_layer
 from .dispatch import graph_recorder, runs_eagerly
 from .geometry import apply_stride, eval_bn, folded_constants, folded_projection, layer_query_step, normalised
 from .recompute import recompute_backward
-from .row_batch_norm import output_batch_norm_sum
+from .row_batch_norm import formed_from, normalised_sum, output_batch_norm_sum
 from .similarity_stats import similarity_moments_rows, similarity_scales
 from .sync import should_sync
 
@@ -137,38 +137,55 @@ def _input_of(rows: torch.Tensor, shape, axis: str) -> torch.Tensor:
 
 class _ProjectRows(torch.autograd.Function):
     """(x (B, C, H, W), weight (C2, C)) -> the rows of x (:func:`_rows_of`) @ weight.t(),
-    keeping x itself for the weight's gradient and forming the rows again in the backward.
+    keeping x itself for the weight's gradient, or nothing of it where x is another layer's
+    output BatchNorm sum (``formed``, :func:`.row_batch_norm.formed_from`), and forming the rows
+    again in the backward.
 
     Why: autograd's product would keep the rows, which for the height axis (and an NCHW input
     along the width) are a copy of x, beside x, which the block's ReLU before the layer keeps
     anyway: 28 of the 658 MiB that an Axial-DeepLab-S training step at 2x3x257x257 keeps for its
-    backward, 38 of 667 for Axial-ResNet-S at 4x3x224x224. Forming them again costs one copy of
-    the input per layer in the backward. The products are autograd's own (bit-identical
-    gradients)."""
+    backward, 38 of 667 for Axial-ResNet-S at 4x3x224x224. And the width layer's input, the
+    height layer's output, is kept by nothing else: it is formed again from the height layer's
+    output BatchNorm input, which that BatchNorm keeps anyway (peaks 633 -> 612 MiB for that
+    Axial-DeepLab-S step, 648 -> 623 for that Axial-ResNet-S one). Forming them again costs one
+    copy of the input per layer in the backward (for the width layer, one pass over the height
+    layer's two retrievals). The products are autograd's own (bit-identical gradients)."""
 
     @staticmethod
-    def forward(ctx, x, weight, axis):
-        ctx.save_for_backward(x, weight)
-        ctx.axis = axis
+    def forward(ctx, x, weight, axis, formed=None):
+        if formed is None:
+            ctx.save_for_backward(x, weight)
+        else:  # (y, coef, grid, swap, step): x = normalised_sum(y, coef, grid, swap, step)
+            ctx.save_for_backward(formed[0], weight, formed[1])
+        ctx.axis, ctx.shape, ctx.formed = axis, x.shape, None if formed is None else formed[2:]
         return _rows_of(x, axis) @ weight.t()
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
+        if ctx.formed is None:
+            x, weight = ctx.saved_tensors
+        else:
+            y, weight, coef = ctx.saved_tensors
+            x = normalised_sum(y, coef, *ctx.formed) if ctx.needs_input_grad[1] else None
         g_x = g_w = None
         if ctx.needs_input_grad[0]:
-            g_x = _input_of(g @ weight, x.shape, ctx.axis)
+            g_x = _input_of(g @ weight, ctx.shape, ctx.axis)
         if ctx.needs_input_grad[1]:
             g_w = (_rows_of(x, ctx.axis).t() @ g).t()  # as autograd's mm backward forms it
-        return g_x, g_w, None
+        return g_x, g_w, None, None
 
 
 def _projection(layer: PositionSensitiveAxialAttention, x: torch.Tensor) -> torch.Tensor:
     """The qkv projection of ``x``'s rows (N*L, C2); in eager training through :class:`_ProjectRows`."""
     weight = layer.qkv.weight.flatten(1)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and runs_eagerly(x):
-        return _ProjectRows.apply(x, weight, layer.axis)
+        formed = formed_from(x) if FORM_INPUT_AGAIN else None
+        return _ProjectRows.apply(x, weight, layer.axis, formed)
     return _rows_of(x, layer.axis) @ weight.t()
+
+
+# Off only to compare against keeping another layer's output that feeds the projection (tests).
+FORM_INPUT_AGAIN = True
 
 
 class _RowsBatchNorm(torch.autograd.Function):

@@ -15,6 +15,7 @@ module's running statistics from them (:func:`output_batch_norm_sum`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -24,7 +25,7 @@ from . import cpu_kernel
 from .activation_recompute import reused
 from .dispatch import runs_eagerly
 
-__all__ = ["output_bn_sum", "output_bn_sum_backward", "output_batch_norm_sum"]
+__all__ = ["output_bn_sum", "output_bn_sum_backward", "output_batch_norm_sum", "formed_from", "normalised_sum"]
 
 _NS = "axial_deeplab"
 
@@ -43,7 +44,7 @@ def _rows_grid(m: int, grid: Optional[Sequence[int]]):
     return tuple(grid) if grid is not None else (m, 1, 1)
 
 
-def _output_bn_sum(
+def _output_bn_sum_parts(
     y: Tensor,
     weight: Tensor,
     bias: Tensor,
@@ -51,12 +52,13 @@ def _output_bn_sum(
     grid: Optional[Sequence[int]],
     swap: bool,
     step: int = 1,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(M, 2C) rows [sv | sve] -> (out, mean, var): the rows normalised with their batch
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(M, 2C) rows [sv | sve] -> (out, mean, var, coef): the rows normalised with their batch
     statistics and the module's affine ``weight``, ``bias`` (2C,) in its channel order (channel
     2j + r is our r*C + j), the two halves added; out (M, C), or for rows (b, s, t) of ``grid``
     (B, S, T) a channels_last 4-D tensor: (B, C, S, T), or (B, C, T, S) with ``swap`` (the rows
-    written as (b, t, s, C)); mean and the biased variance (2, C) in our order.
+    written as (b, t, s, C)); mean and the biased variance (2, C) in our order; coef (3, C) the
+    terms that formed out from y (:func:`normalised_sum`).
 
     ``step`` > 1 (with a grid): only every ``step``-th t is output (a strided layer's subsample;
     the statistics still cover every row). Done here rather than by slicing the output in the
@@ -73,19 +75,44 @@ def _output_bn_sum(
     invstd = torch.rsqrt(var2 + eps)
     a = _ours(weight.detach(), c) * invstd
     shift = _ours(bias.detach(), c) - mean2 * a
+    coef = torch.stack([a[0], a[1], shift[0] + shift[1]])
+    return normalised_sum(y, coef, grid, swap, step), mean2.clone(), var2.clone(), coef
+
+
+def normalised_sum(y: Tensor, coef: Tensor, grid: Optional[Sequence[int]], swap: bool, step: int = 1) -> Tensor:
+    """The output of :func:`output_bn_sum` from its input ``y`` (M, 2C) and ``coef`` (3, C): a0, a1
+    and shift, out = a0 y[:, :C] + a1 y[:, C:] + shift (``grid``, ``swap``, ``step`` as there). The
+    one home of that formula: a backward that forms the output again (:func:`formed_from`) gets
+    the forward's numbers bit for bit."""
+    m, c2 = y.shape
+    c = c2 // 2
+    y = y.detach().contiguous()
     b, s, t = _rows_grid(m, grid)
     out = _output_like(y, m, c, grid, swap)
     rows = _as_rows(out, grid, swap)  # (b, s, t, C)
-    if not cpu_kernel.output_bn_forward(y, torch.stack([a[0], a[1], shift[0] + shift[1]]), rows, (b, s, t)):
+    if not cpu_kernel.output_bn_forward(y, coef, rows, (b, s, t)):
         y4 = y.view(b, s, t, c2)
-        torch.addcmul(shift[0] + shift[1], y4[..., :c], a[0], out=rows)
-        rows.addcmul_(y4[..., c:], a[1])
+        torch.addcmul(coef[2], y4[..., :c], coef[0], out=rows)
+        rows.addcmul_(y4[..., c:], coef[1])
     if step > 1:
         kept = _kept_grid(grid, step)
         sub = _output_like(y, None, c, kept, swap)
         _as_rows(sub, kept, swap).copy_(rows[:, :, ::step])
         out = sub
-    return out, mean2.clone(), var2.clone()
+    return out
+
+
+def _output_bn_sum(
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    grid: Optional[Sequence[int]],
+    swap: bool,
+    step: int = 1,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, mean, var): see :func:`_output_bn_sum_parts`."""
+    return _output_bn_sum_parts(y, weight, bias, eps, grid, swap, step)[:3]
 
 
 # the implementation stays a plain function too: eager calls skip the operator (_OutputBnSumEager)
@@ -230,14 +257,29 @@ class _OutputBnSumEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, mean, var = _output_bn_sum(*inputs)
+        out, mean, var, coef = _output_bn_sum_parts(*inputs)
         _setup_context(ctx, inputs, (out, mean, var))
         ctx.mark_non_differentiable(mean, var)
+        # how to form the output again (formed_from): from the input, which is saved above
+        ctx.formed = (weakref.ref(inputs[0]), coef, *inputs[4:])
         return out, mean, var
 
     @staticmethod
     def backward(ctx, g, g_mean, g_var):
         return _backward(ctx, g, g_mean, g_var, backward=_output_bn_sum_backward)
+
+
+def formed_from(x: Tensor):
+    """``(y, coef, grid, swap, step)`` from which :func:`normalised_sum` forms ``x`` again, when
+    ``x`` is, unchanged, the output of an eager :func:`output_batch_norm_sum` whose graph still holds
+    its input ``y`` (detached here); else None. For a consumer that would keep ``x`` for its
+    backward: it can keep ``y`` (which that graph keeps anyway) and the small ``coef`` instead."""
+    node = x.grad_fn
+    formed = getattr(node, "formed", None) if node is not None else None
+    if formed is None or getattr(node, "formed_version", None) != x._version:
+        return None
+    y = formed[0]()
+    return None if y is None else (y.detach(), *formed[1:])
 
 
 def output_batch_norm_sum(bn, y: Tensor, grid=None, swap: bool = False, step: int = 1) -> Tensor:
@@ -251,9 +293,12 @@ def output_batch_norm_sum(bn, y: Tensor, grid=None, swap: bool = False, step: in
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     # eager: the implementations without the operator's dispatch (_OutputBnSumEager); traced: the operator
-    out, mean, var = (_OutputBnSumEager.apply if runs_eagerly(y) else output_bn_sum)(
+    eager = runs_eagerly(y)
+    out, mean, var = (_OutputBnSumEager.apply if eager else output_bn_sum)(
         y, bn.weight, bn.bias, bn.eps, grid, swap, step
     )
+    if eager and out.grad_fn is not None and hasattr(out.grad_fn, "formed"):
+        out.grad_fn.formed_version = out._version  # formed_from: changed in place after this, not formed again
     if bn.track_running_stats and bn.running_mean is not None:
         m, c = y.shape[0], y.shape[1] // 2
         with torch.no_grad():
