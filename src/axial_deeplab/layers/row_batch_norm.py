@@ -44,7 +44,7 @@ def _rows_grid(m: int, grid: Optional[Sequence[int]]):
     return tuple(grid) if grid is not None else (m, 1, 1)
 
 
-def _output_bn_sum_parts(
+def _output_bn_sum(
     y: Tensor,
     weight: Tensor,
     bias: Tensor,
@@ -52,13 +52,12 @@ def _output_bn_sum_parts(
     grid: Optional[Sequence[int]],
     swap: bool,
     step: int = 1,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(M, 2C) rows [sv | sve] -> (out, mean, var, coef): the rows normalised with their batch
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(M, 2C) rows [sv | sve] -> (out, mean, var): the rows normalised with their batch
     statistics and the module's affine ``weight``, ``bias`` (2C,) in its channel order (channel
     2j + r is our r*C + j), the two halves added; out (M, C), or for rows (b, s, t) of ``grid``
     (B, S, T) a channels_last 4-D tensor: (B, C, S, T), or (B, C, T, S) with ``swap`` (the rows
-    written as (b, t, s, C)); mean and the biased variance (2, C) in our order; coef (3, C) the
-    terms that formed out from y (:func:`normalised_sum`).
+    written as (b, t, s, C)); mean and the biased variance (2, C) in our order.
 
     ``step`` > 1 (with a grid): only every ``step``-th t is output (a strided layer's subsample;
     the statistics still cover every row). Done here rather than by slicing the output in the
@@ -72,11 +71,17 @@ def _output_bn_sum_parts(
     # (a recomputed layer's replay reuses its first forward's)
     mean, var = reused(("output batch norm", tuple(y.shape)), lambda: torch.batch_norm_update_stats(y, None, None, 0.0))
     mean2, var2 = mean.view(2, c), var.view(2, c)
-    invstd = torch.rsqrt(var2 + eps)
-    a = _ours(weight.detach(), c) * invstd
-    shift = _ours(bias.detach(), c) - mean2 * a
-    coef = torch.stack([a[0], a[1], shift[0] + shift[1]])
-    return normalised_sum(y, coef, grid, swap, step), mean2.clone(), var2.clone(), coef
+    coef = _sum_terms(mean2, var2, weight, bias, eps)
+    return normalised_sum(y, coef, grid, swap, step), mean2.clone(), var2.clone()
+
+
+def _sum_terms(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """(3, C): a0, a1 and the summed shift that form :func:`output_bn_sum`'s output from its input,
+    for the batch ``mean`` and ``var`` (2, C) in our order and the module's affine terms."""
+    c = mean.shape[1]
+    a = _ours(weight.detach(), c) * torch.rsqrt(var + eps)
+    shift = _ours(bias.detach(), c) - mean * a
+    return torch.stack([a[0], a[1], shift[0] + shift[1]])
 
 
 def normalised_sum(y: Tensor, coef: Tensor, grid: Optional[Sequence[int]], swap: bool, step: int = 1) -> Tensor:
@@ -100,19 +105,6 @@ def normalised_sum(y: Tensor, coef: Tensor, grid: Optional[Sequence[int]], swap:
         _as_rows(sub, kept, swap).copy_(rows[:, :, ::step])
         out = sub
     return out
-
-
-def _output_bn_sum(
-    y: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    eps: float,
-    grid: Optional[Sequence[int]],
-    swap: bool,
-    step: int = 1,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(out, mean, var): see :func:`_output_bn_sum_parts`."""
-    return _output_bn_sum_parts(y, weight, bias, eps, grid, swap, step)[:3]
 
 
 # the implementation stays a plain function too: eager calls skip the operator (_OutputBnSumEager)
@@ -257,11 +249,13 @@ class _OutputBnSumEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, mean, var, coef = _output_bn_sum_parts(*inputs)
+        out, mean, var = _output_bn_sum(*inputs)
         _setup_context(ctx, inputs, (out, mean, var))
         ctx.mark_non_differentiable(mean, var)
-        # how to form the output again (formed_from): from the input, which is saved above
-        ctx.formed = (weakref.ref(inputs[0]), coef, *inputs[4:])
+        # how to form the output again (formed_from): from the input, which is saved above, and
+        # the terms the forward used (formed again from its statistics: the same numbers)
+        y, weight, bias, eps = inputs[:4]
+        ctx.formed = (weakref.ref(y), _sum_terms(mean, var, weight, bias, eps), *inputs[4:])
         return out, mean, var
 
     @staticmethod
